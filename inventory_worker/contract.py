@@ -1,0 +1,276 @@
+"""The message contract: one pydantic model per input and output message.
+
+The worker validates every input body with these models before it reaches PostgreSQL;
+the README and tests are written against them. What an event *does* to stock is decided
+by the stored procedures in sql/procedures/, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+PRODUCT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+
+ProductId = Annotated[str, StringConstraints(pattern=PRODUCT_ID_PATTERN)]
+OrderId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Quantity = Annotated[int, Field(ge=1, le=1_000_000, strict=True)]
+
+INPUT_TYPES = ("order.placed", "order.cancelled", "order.completed", "stock.adjusted")
+OUTPUT_TYPES = (
+    "inventory.reserved",
+    "inventory.rejected",
+    "inventory.released",
+    "inventory.committed",
+    "inventory.expired",
+    "inventory.adjusted",
+    "inventory.adjustment_rejected",
+    "inventory.low_stock",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OrderLine(_Strict):
+    product_id: ProductId
+    quantity: Quantity
+
+
+class OrderPlaced(_Strict):
+    order_id: OrderId
+    lines: Annotated[list[OrderLine], Field(min_length=1, max_length=100)]
+    reservation_ttl_seconds: Annotated[int, Field(ge=1, le=31_536_000, strict=True)] | None = None
+
+    @field_validator("lines")
+    @classmethod
+    def _distinct_products(cls, lines: list[OrderLine]) -> list[OrderLine]:
+        seen: set[str] = set()
+        for line in lines:
+            if line.product_id in seen:
+                raise ValueError(f"product {line.product_id} appears twice in one order")
+            seen.add(line.product_id)
+        return lines
+
+
+class OrderCancelled(_Strict):
+    order_id: OrderId
+
+
+class OrderCompleted(_Strict):
+    order_id: OrderId
+
+
+class StockAdjusted(_Strict):
+    product_id: ProductId
+    delta: Annotated[int, Field(ge=-1_000_000_000, le=1_000_000_000, strict=True)] | None = None
+    on_hand: Annotated[int, Field(ge=0, le=1_000_000_000_000, strict=True)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+    low_stock_threshold: Annotated[int, Field(ge=0, le=1_000_000_000, strict=True)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StockAdjusted:
+        if (self.delta is None) == (self.on_hand is None):
+            raise ValueError("exactly one of 'delta' and 'on_hand' is required")
+        return self
+
+
+DATA_MODELS: dict[str, type[_Strict]] = {
+    "order.placed": OrderPlaced,
+    "order.cancelled": OrderCancelled,
+    "order.completed": OrderCompleted,
+    "stock.adjusted": StockAdjusted,
+}
+
+
+class Envelope(_Strict):
+    id: uuid.UUID
+    type: Literal["order.placed", "order.cancelled", "order.completed", "stock.adjusted"]
+    occurred_at: AwareDatetime
+    data: dict[str, Any]
+
+
+class InvalidMessage(Exception):
+    """A body that can never be applied: it goes to the dead-letter queue with this reason."""
+
+
+class Event(BaseModel):
+    """A validated input event, ready for the store."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    type: str
+    occurred_at: datetime
+    data: dict[str, Any]
+
+    def for_store(self) -> dict[str, Any]:
+        return {"id": str(self.id), "type": self.type, "data": self.data}
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{prefix}{loc}: {err['msg']}" if loc else f"{prefix.rstrip('.')}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_event(body: bytes, routing_key: str | None = None, max_bytes: int | None = None) -> Event:
+    """Bytes off the wire to a validated Event, or InvalidMessage saying why not."""
+    if max_bytes is not None and len(body) > max_bytes:
+        raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessage(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidMessage("body is not JSON: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise InvalidMessage("body is not a JSON object")
+    try:
+        envelope = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidMessage(_describe(exc)) from None
+    if routing_key is not None and routing_key != envelope.type:
+        raise InvalidMessage(f"type {envelope.type!r} does not match routing key {routing_key!r}")
+    try:
+        data = DATA_MODELS[envelope.type].model_validate(envelope.data)
+    except ValidationError as exc:
+        raise InvalidMessage(_describe(exc, "data.")) from None
+    return Event(
+        id=envelope.id,
+        type=envelope.type,
+        occurred_at=envelope.occurred_at,
+        data=data.model_dump(mode="json", exclude_none=True),
+    )
+
+
+def make_event(type_: str, data: dict[str, Any], event_id: uuid.UUID | None = None) -> dict[str, Any]:
+    """A contract-valid input body (used by the `publish` command and the tests)."""
+    from datetime import timezone
+
+    body = {
+        "id": str(event_id or uuid.uuid4()),
+        "type": type_,
+        "occurred_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "data": data,
+    }
+    parse_event(json.dumps(body).encode())  # refuse to send what the worker would dead-letter
+    return body
+
+
+# ---- output messages (documented and checked in tests) --------------------------------------
+
+
+class LineOut(_Strict):
+    product_id: str
+    quantity: int
+
+
+class Shortage(_Strict):
+    product_id: str
+    requested: int
+    available: int
+
+
+class Reserved(_Strict):
+    order_id: str
+    lines: list[LineOut]
+    expires_at: AwareDatetime
+
+
+class Rejected(_Strict):
+    order_id: str
+    reason: Literal["insufficient_stock", "unknown_product", "order_cancelled", "reservation_expired"]
+    shortages: list[Shortage]
+
+
+class Released(_Strict):
+    order_id: str
+    lines: list[LineOut]
+    reason: Literal["cancelled"]
+
+
+class Committed(_Strict):
+    order_id: str
+    lines: list[LineOut]
+
+
+class Expired(_Strict):
+    order_id: str
+    lines: list[LineOut]
+    expired_at: AwareDatetime
+
+
+class Adjusted(_Strict):
+    product_id: str
+    on_hand: int
+    reserved: int
+    available: int
+
+
+class AdjustmentRejected(_Strict):
+    product_id: str
+    reason: Literal["negative_on_hand", "below_reserved"]
+    on_hand: int
+    reserved: int
+    requested: int
+
+
+class LowStock(_Strict):
+    product_id: str
+    available: int
+    threshold: int
+
+
+OUTPUT_MODELS: dict[str, type[_Strict]] = {
+    "inventory.reserved": Reserved,
+    "inventory.rejected": Rejected,
+    "inventory.released": Released,
+    "inventory.committed": Committed,
+    "inventory.expired": Expired,
+    "inventory.adjusted": Adjusted,
+    "inventory.adjustment_rejected": AdjustmentRejected,
+    "inventory.low_stock": LowStock,
+}
+
+
+class OutputEnvelope(_Strict):
+    id: uuid.UUID
+    type: Literal[OUTPUT_TYPES]  # type: ignore[valid-type]
+    occurred_at: AwareDatetime
+    causation_id: uuid.UUID
+    data: dict[str, Any]
+
+
+def validate_output(body: dict[str, Any]) -> None:
+    """Raises ValidationError if a result event breaks the documented contract."""
+    env = OutputEnvelope.model_validate(body)
+    OUTPUT_MODELS[env.type].model_validate(env.data)
+
+
+__all__ = [
+    "Event",
+    "InvalidMessage",
+    "INPUT_TYPES",
+    "OUTPUT_TYPES",
+    "PRODUCT_ID_PATTERN",
+    "make_event",
+    "parse_event",
+    "validate_output",
+]

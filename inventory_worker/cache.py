@@ -1,0 +1,89 @@
+"""Redis adapter: a versioned cache of stock figures.
+
+Each product is one key, `{key_prefix}stock:{product_id}`, holding the JSON the HTTP endpoint
+serves as is. Writes go through a Lua script that compares versions on the server, so when
+processes race the cache never goes back to older figures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from .config import RedisSettings
+
+# KEYS[1] the product key; ARGV[1] the JSON, ARGV[2] its version, ARGV[3] TTL in seconds.
+# The version sits first in the stored JSON, so it is read without decoding the whole value.
+_PUT_IF_NEWER = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local v = tonumber(string.match(cur, '^{"version": ?(%d+)'))
+  if v and v >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
+
+def encode_figures(figures: dict[str, Any]) -> bytes:
+    """The cached and served representation; `version` first (see the Lua script)."""
+    return json.dumps(
+        {
+            "version": int(figures["version"]),
+            "product_id": figures["product_id"],
+            "on_hand": int(figures["on_hand"]),
+            "reserved": int(figures["reserved"]),
+            "available": int(figures["available"]),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+class StockCache:
+    def __init__(self, settings: RedisSettings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.client = client or make_client(settings)
+        self._put = self.client.register_script(_PUT_IF_NEWER)
+
+    def key(self, product_id: str) -> str:
+        return f"{self.settings.key_prefix}stock:{product_id}"
+
+    def put_many(self, figures: Iterable[dict[str, Any]]) -> int:
+        """Writes figures that are newer than what is cached; returns how many were written."""
+        items = list(figures)
+        if not items:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for f in items:
+            self._put(
+                keys=[self.key(f["product_id"])],
+                args=[encode_figures(f), int(f["version"]), self.settings.cache_ttl_seconds],
+                client=pipe,
+            )
+        return sum(int(r) for r in pipe.execute())
+
+    def get(self, product_id: str) -> bytes | None:
+        return self.client.get(self.key(product_id))
+
+    def delete(self, product_id: str) -> None:
+        self.client.delete(self.key(product_id))
+
+    def ping(self) -> None:
+        self.client.ping()
+
+
+def make_client(settings: RedisSettings) -> redis.Redis:
+    return redis.Redis(
+        host=settings.host,
+        port=settings.port,
+        db=settings.db,
+        password=settings.password or None,
+        socket_timeout=settings.socket_timeout_seconds,
+        socket_connect_timeout=settings.socket_timeout_seconds,
+        health_check_interval=30,
+    )

@@ -1,0 +1,159 @@
+"""`inventory-worker`: migrate, run, publish, stock."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from .config import ConfigError, Settings, load_settings
+
+EXIT_USAGE = 2
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from .migrations import migrate
+
+    applied = migrate(settings.database)
+    if applied:
+        for name in applied:
+            print(f"applied {name}")
+    else:
+        print("database is up to date")
+    return 0
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from .logs import configure
+    from .migrations import pending
+    from .supervisor import run
+
+    configure(settings.logging, process="supervisor")
+    todo = pending(settings.database)
+    if todo:
+        print("the database needs migrating first (inventory-worker migrate): " + ", ".join(todo),
+              file=sys.stderr)
+        return 1
+    return run(settings, processes=args.processes)
+
+
+def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from . import amqp
+    from .contract import InvalidMessage, make_event
+
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        print(f"--data is not JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        body = make_event(args.type, data, event_id=args.id)
+    except InvalidMessage as exc:
+        print(f"not a valid {args.type} event: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    conn = amqp.connect(settings.rabbitmq)
+    try:
+        channel = conn.channel()
+        amqp.declare_topology(channel, settings.rabbitmq)
+        amqp.Publisher(channel, settings.rabbitmq).publish_input(body)
+    finally:
+        conn.close()
+    print(json.dumps(body))
+    return 0
+
+
+def _stock(settings: Settings, args: argparse.Namespace) -> int:
+    from .contract import PRODUCT_ID_PATTERN
+    from .store import Store
+    import re
+
+    if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
+        print("invalid product id: 1 to 64 characters of letters, digits and ._:-", file=sys.stderr)
+        return EXIT_USAGE
+    store = Store(settings.database)
+    try:
+        figures = store.stock(args.product_id)
+    finally:
+        store.close()
+    if figures is None:
+        print(f"unknown product: {args.product_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(figures))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inventory-worker",
+        description="Keeps an online shop's stock right: consumes order events from RabbitMQ, "
+        "applies them to PostgreSQL exactly once in effect, publishes the results.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML config file (default: $INVENTORY_CONFIG, else config/config.yaml if present); "
+        "INVENTORY_* environment variables override it",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="create the database if missing and apply sql/ migrations")
+    p.set_defaults(func=_migrate)
+
+    p = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="consumer processes (default: worker.processes, else the number of CPUs)")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("publish", help="publish one input event through the message contract")
+    p.add_argument("type", choices=["order.placed", "order.cancelled", "order.completed", "stock.adjusted"])
+    p.add_argument("--data", required=True, metavar="JSON", help='the event\'s data, e.g. \'{"order_id": "o-1"}\'')
+    p.add_argument("--id", metavar="UUID", help="the idempotency key (default: a new UUID)")
+    p.set_defaults(func=_publish)
+
+    p = sub.add_parser("stock", help="print a product's figures from PostgreSQL")
+    p.add_argument("product_id")
+    p.set_defaults(func=_stock)
+    return parser
+
+
+Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "processes", None) is not None and args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if getattr(args, "id", None) is not None:
+        import uuid
+
+        try:
+            args.id = uuid.UUID(args.id)
+        except ValueError:
+            parser.error("--id must be a UUID")
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"inventory-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    func: Command = args.func
+    try:
+        return func(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clean one-line error for operators; --debug-like detail in logs
+        from .store import TransientError
+
+        import psycopg2
+        import pika.exceptions
+
+        if isinstance(exc, (TransientError, psycopg2.OperationalError, pika.exceptions.AMQPError, OSError)):
+            print(f"inventory-worker: cannot reach a dependency: {str(exc).strip() or type(exc).__name__}",
+                  file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The AMQP loop of one consumer process: receive a batch, apply it, ack it, publish results.
+
+For each batch, in this order:
+  1. parse every body; one that breaks the contract goes to the DLQ with the reason;
+  2. apply the valid events in ONE PostgreSQL transaction (stored procedures; idempotent);
+  3. write the new figures to Redis (version-checked);
+  4. ack the whole batch with one `multiple=True` ack: only after the commit;
+  5. publish the result events with confirms; their outbox rows are marked published in the
+     next batch's transaction (or at once when idle). A crash anywhere leaves either an
+     unacked message (redelivered, absorbed by the idempotency table) or an unpublished
+     outbox row (published later by the relay with the same id).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import tenacity
+
+from . import amqp, metrics
+from .cache import StockCache
+from .config import Settings
+from .contract import INPUT_TYPES, Event, InvalidMessage, parse_event
+from .logs import get_logger
+from .store import Outcome, OutgoingMessage, PermanentError, Store, TransientError
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Delivery:
+    method: Any
+    properties: Any
+    body: bytes
+    received: float
+
+    @property
+    def tag(self) -> int:
+        return self.method.delivery_tag
+
+
+class Stopping(Exception):
+    """Shutdown was asked for while waiting to retry; the batch stays unacked (redelivered)."""
+
+
+def backoff_retrying(
+    stop: threading.Event | Any, sleep: Callable[[float], None], dependency: str, what: str
+) -> tenacity.Retrying:
+    """Retry TransientError with exponential backoff and jitter until it works or we stop."""
+
+    def _before_sleep(state: tenacity.RetryCallState) -> None:
+        metrics.RETRIES.labels(dependency).inc()
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("retrying", dependency=dependency, what=what, attempt=state.attempt_number,
+                    error=str(exc), wait_seconds=round(state.next_action.sleep, 3) if state.next_action else None)
+
+    def _sleep(seconds: float) -> None:
+        if stop.is_set():
+            raise Stopping()
+        sleep(seconds)
+
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TransientError),
+        wait=tenacity.wait_exponential_jitter(initial=0.05, max=5.0),
+        stop=lambda state: stop.is_set(),
+        sleep=_sleep,
+        before_sleep=_before_sleep,
+        reraise=True,
+    )
+
+
+class Consumer:
+    def __init__(self, settings: Settings, stop: threading.Event | Any) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
+        self.cache = StockCache(settings.redis)
+        self._to_mark: list[int] = []  # confirmed outbox ids not yet marked published
+        self._stale_cache: set[str] = set()  # products whose cache write failed
+        self.attached = False
+
+    # -- outer loop: (re)connect with backoff -----------------------------------------------
+
+    def run(self) -> None:
+        delay = 0.1
+        while not self.stop.is_set():
+            try:
+                self._consume()
+                delay = 0.1
+            except Stopping:
+                break
+            except amqp.CONNECTION_ERRORS as exc:
+                self.attached = False
+                metrics.RETRIES.labels("rabbitmq").inc()
+                log.warning("rabbitmq connection lost; reconnecting", error=repr(exc), wait_seconds=delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        self._flush_marks(final=True)
+        self.store.close()
+
+    def _consume(self) -> None:
+        w = self.settings.worker
+        conn = amqp.connect(self.settings.rabbitmq)
+        try:
+            channel = conn.channel()
+            amqp.declare_topology(channel, self.settings.rabbitmq)
+            channel.basic_qos(prefetch_count=max(2 * w.batch_size, 10))
+            publisher = amqp.Publisher(conn.channel(), self.settings.rabbitmq)
+            buffer: list[Delivery] = []
+
+            def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
+                buffer.append(Delivery(method, properties, body, time.monotonic()))
+
+            consumer_tag = channel.basic_consume(self.settings.rabbitmq.queue, on_message_callback=on_message)
+            self.attached = True
+            log.info("consuming", queue=self.settings.rabbitmq.queue, batch_size=w.batch_size)
+            max_wait = w.batch_max_wait_ms / 1000.0
+            while not self.stop.is_set():
+                conn.process_data_events(time_limit=0.2 if not buffer else 0)
+                if not buffer:
+                    self._idle()
+                    continue
+                deadline = buffer[0].received + max_wait
+                while len(buffer) < w.batch_size and (remaining := deadline - time.monotonic()) > 0:
+                    conn.process_data_events(time_limit=remaining)
+                batch = buffer[: w.batch_size]
+                del buffer[: w.batch_size]
+                self._handle(conn, channel, publisher, batch)
+            # Graceful stop: no new deliveries; finish what we already hold.
+            channel.basic_cancel(consumer_tag)
+            self.attached = False
+            while buffer:
+                batch = buffer[: w.batch_size]
+                del buffer[: w.batch_size]
+                self._handle(conn, channel, publisher, batch)
+            self._flush_marks(final=True)
+        finally:
+            self.attached = False
+            try:
+                conn.close()
+            except Exception:  # already closed or broken: nothing more to do
+                pass
+
+    # -- one batch --------------------------------------------------------------------------
+
+    def _handle(self, conn: Any, channel: Any, publisher: amqp.Publisher, batch: list[Delivery]) -> None:
+        max_bytes = self.settings.worker.max_message_bytes
+        valid: list[tuple[Delivery, Event]] = []
+        for d in batch:
+            try:
+                valid.append((d, parse_event(d.body, d.method.routing_key, max_bytes)))
+            except InvalidMessage as exc:
+                self._dead_letter(publisher, d, str(exc), "invalid")
+        if not valid:
+            channel.basic_ack(batch[-1].tag, multiple=True)
+            return
+        # After a crash every unacked message comes back: apply those one by one, so that a
+        # message that kills its worker cannot drag innocent ones to the delivery limit.
+        if len(valid) > 1 and any(d.method.redelivered for d, _ in valid):
+            done_upto = 0
+            for item in valid:
+                self._apply_and_ack(conn, channel, publisher, [item], ack_tag=item[0].tag)
+                done_upto = item[0].tag
+            if batch[-1].tag > done_upto:  # trailing dead-lettered messages
+                channel.basic_ack(batch[-1].tag, multiple=True)
+            return
+        self._apply_and_ack(conn, channel, publisher, valid, ack_tag=batch[-1].tag)
+
+    def _apply_and_ack(
+        self,
+        conn: Any,
+        channel: Any,
+        publisher: amqp.Publisher,
+        items: list[tuple[Delivery, Event]],
+        ack_tag: int,
+    ) -> None:
+        results = self._apply(conn, items)
+        products: dict[str, dict[str, Any]] = {}
+        outgoing: list[OutgoingMessage] = []
+        for (d, ev), res in zip(items, results):
+            if isinstance(res, PermanentError):
+                self._dead_letter(publisher, d, f"refused by the database: {res}", "refused")
+                continue
+            for f in res.products:
+                products[f["product_id"]] = f  # later events in the batch carry newer versions
+            outgoing.extend(res.messages)
+        self._write_cache(list(products.values()))
+        channel.basic_ack(ack_tag, multiple=True)
+        now = time.monotonic()
+        for (d, ev), res in zip(items, results):
+            if isinstance(res, Outcome):
+                metrics.EVENTS.labels(ev.type, res.outcome).inc()
+                metrics.EVENT_SECONDS.observe(now - d.received)
+                log.info(
+                    "event handled",
+                    event_id=str(ev.id),
+                    type=ev.type,
+                    order_id=ev.data.get("order_id"),
+                    product_id=ev.data.get("product_id"),
+                    outcome=res.outcome,
+                    results=[m.routing_key for m in res.messages],
+                    duration_ms=round((now - d.received) * 1000, 2),
+                    **({"status": res.detail["status"]} if "status" in res.detail else {}),
+                )
+        metrics.BATCH_SIZE.observe(len(items))
+        self._publish(publisher, outgoing)
+
+    def _apply(self, conn: Any, items: list[tuple[Delivery, Event]]) -> list[Outcome | PermanentError]:
+        """Applies items in one transaction; isolates the ones the database refuses."""
+        events = [ev.for_store() for _, ev in items]
+        try:
+            outcomes: list[Outcome | PermanentError] = list(self._retrying_apply(conn, events))
+            return outcomes
+        except PermanentError as exc:
+            if len(items) == 1:
+                return [exc]
+        # One bad event spoils its batch: apply them one at a time to find it.
+        return [r for item in items for r in self._apply(conn, [item])]
+
+    def _retrying_apply(self, conn: Any, events: Sequence[dict[str, Any]]) -> list[Outcome]:
+        for attempt in backoff_retrying(self.stop, conn.sleep, "postgresql", "apply batch"):
+            with attempt:
+                marks = list(self._to_mark)
+                results = self.store.apply_batch(events, mark_published=marks)
+                del self._to_mark[: len(marks)]
+                return results
+        raise AssertionError("unreachable")
+
+    # -- after the commit -------------------------------------------------------------------
+
+    def _publish(self, publisher: amqp.Publisher, messages: list[OutgoingMessage]) -> None:
+        if not messages:
+            return
+        started = time.monotonic()
+        publisher.publish_results(messages)  # a connection error here: the relay publishes later
+        metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
+        metrics.RESULTS_PUBLISHED.labels("direct").inc(len(messages))
+        self._to_mark.extend(m.outbox_id for m in messages)
+
+    def _dead_letter(self, publisher: amqp.Publisher, d: Delivery, reason: str, kind: str) -> None:
+        publisher.dead_letter(d.body, d.properties, d.method.routing_key, reason)
+        metrics.DEAD_LETTERED.labels(kind).inc()
+        metrics.EVENTS.labels(d.method.routing_key if d.method.routing_key in INPUT_TYPES else "unknown",
+                              "dead_lettered").inc()
+        log.warning("message dead-lettered", reason=reason, routing_key=d.method.routing_key,
+                    message_id=getattr(d.properties, "message_id", None), outcome="dead_lettered")
+
+    def _write_cache(self, figures: list[dict[str, Any]]) -> None:
+        if not figures:
+            return
+        try:
+            self.cache.put_many(figures)
+        except Exception as exc:  # Redis down: PostgreSQL stays right; refill the cache later
+            metrics.CACHE_WRITE_ERRORS.inc()
+            if len(self._stale_cache) < 100_000:
+                self._stale_cache.update(f["product_id"] for f in figures)
+            log.warning("cache write failed; will retry", error=repr(exc), products=len(figures))
+
+    def _idle(self) -> None:
+        self._flush_marks()
+        if self._stale_cache:
+            ids = list(self._stale_cache)[:1000]
+            try:
+                self.cache.put_many(self.store.figures(ids))
+                self._stale_cache.difference_update(ids)
+            except Exception:  # still down; try again at the next idle moment
+                pass
+
+    def _flush_marks(self, final: bool = False) -> None:
+        if not self._to_mark:
+            return
+        marks = list(self._to_mark)
+        try:
+            self.store.mark_published(marks)
+            del self._to_mark[: len(marks)]
+        except TransientError as exc:
+            # Unmarked rows are merely published again by the relay (same id): harmless.
+            if final:
+                log.warning("could not mark results published", error=str(exc), count=len(marks))
+

@@ -1,0 +1,196 @@
+"""The read-only HTTP endpoint: stock figures from Redis, health and metrics.
+
+`ReadAPI.handle()` is the whole behaviour, independent of any server; `serve()` puts it behind
+the standard library's threading HTTP server. Routes:
+  GET /inventory/{product_id}  figures from Redis; on a miss from PostgreSQL (and Redis refilled)
+  GET /healthz                 the process is alive
+  GET /readyz                  PostgreSQL, Redis and RabbitMQ reachable, else 503 naming which
+  GET /metrics                 Prometheus exposition of every worker process
+Every other method is 405: there is no write path.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from . import amqp, metrics
+from .cache import StockCache, encode_figures
+from .config import Settings
+from .contract import PRODUCT_ID_PATTERN
+from .logs import get_logger
+from .store import Store
+
+log = get_logger(__name__)
+
+_PRODUCT_ID = re.compile(PRODUCT_ID_PATTERN)
+JSON = "application/json"
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = JSON
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, json.dumps({"error": message}).encode(), JSON, headers or [])
+
+
+class StorePool:
+    """A few PostgreSQL connections shared by the HTTP threads (cache misses and /readyz)."""
+
+    def __init__(self, settings: Settings, size: int = 4) -> None:
+        self._free: queue.LifoQueue[Store] = queue.LifoQueue()
+        for _ in range(size):
+            self._free.put(Store(settings.database))
+
+    @contextmanager
+    def store(self) -> Iterator[Store]:
+        s = self._free.get(timeout=10)
+        try:
+            yield s
+        finally:
+            self._free.put(s)
+
+
+class ReadAPI:
+    def __init__(
+        self,
+        settings: Settings,
+        cache: StockCache | None = None,
+        stores: StorePool | None = None,
+        extra_ready_checks: Mapping[str, Callable[[], None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache or StockCache(settings.redis)
+        self.stores = stores or StorePool(settings)
+        self.ready_checks: dict[str, Callable[[], None]] = {
+            "postgresql": self._check_postgresql,
+            "redis": self.cache.ping,
+            "rabbitmq": self._check_rabbitmq,
+            **(extra_ready_checks or {}),
+        }
+
+    def handle(self, method: str, path: str, headers: Mapping[str, str], client: str = "") -> Response:
+        route, resp = self._route(method, path)
+        metrics.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
+        return resp
+
+    def _route(self, method: str, target: str) -> tuple[str, Response]:
+        path = target.split("?", 1)[0]
+        if path.startswith("/inventory/"):
+            route = "/inventory/{product_id}"
+        elif path in ("/healthz", "/readyz", "/metrics"):
+            route = path
+        else:
+            return "other", error(404, "not found")
+        if method not in ("GET", "HEAD"):
+            return route, error(405, "method not allowed: this endpoint is read-only", [("Allow", "GET, HEAD")])
+        if route == "/healthz":
+            return route, Response(200, b'{"status":"ok"}')
+        if route == "/readyz":
+            return route, self._readyz()
+        if route == "/metrics":
+            body, ctype = metrics.exposition()
+            return route, Response(200, body, ctype)
+        return route, self._stock(path[len("/inventory/"):])
+
+    def _stock(self, product_id: str) -> Response:
+        if not _PRODUCT_ID.fullmatch(product_id):
+            return error(400, "invalid product id: 1 to 64 characters of letters, digits and ._:-")
+        try:
+            cached = self.cache.get(product_id)
+        except Exception as exc:
+            log.warning("cache read failed; reading PostgreSQL", error=repr(exc))
+            cached = None
+        if cached is not None:
+            metrics.CACHE.labels("hit").inc()
+            return Response(200, cached)
+        metrics.CACHE.labels("miss").inc()
+        try:
+            with self.stores.store() as store:
+                figures = store.stock(product_id)
+        except Exception as exc:
+            log.warning("stock read failed", error=repr(exc))
+            return error(503, "stock figures are unavailable right now")
+        if figures is None:
+            return error(404, "unknown product")
+        try:
+            self.cache.put_many([figures])
+        except Exception as exc:  # serve the figures anyway
+            log.warning("cache refill failed", error=repr(exc))
+        return Response(200, encode_figures(figures))
+
+    def _readyz(self) -> Response:
+        failing = {}
+        for name, check in self.ready_checks.items():
+            try:
+                check()
+            except Exception as exc:
+                failing[name] = str(exc) or type(exc).__name__
+        if failing:
+            body = {"status": "unavailable", "failing": sorted(failing), "detail": failing}
+            return Response(503, json.dumps(body).encode())
+        return Response(200, json.dumps({"status": "ready", "checks": sorted(self.ready_checks)}).encode())
+
+    def _check_postgresql(self) -> None:
+        with self.stores.store() as store:
+            store.ping()
+
+    def _check_rabbitmq(self) -> None:
+        conn = amqp.connect(self.settings.rabbitmq)
+        try:
+            conn.channel().queue_declare(self.settings.rabbitmq.queue, passive=True)
+        finally:
+            conn.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: ReadAPI
+    server_version = "inventory-worker"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+
+    def _serve(self) -> None:
+        resp = self.api.handle(self.command, self.path, self.headers, self.client_address[0])
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(resp.body)))
+        for k, v in resp.headers:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(resp.body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:  # access logs would drown the event log
+        pass
+
+
+def make_server(api: ReadAPI, host: str, port: int) -> ThreadingHTTPServer:
+    handler = type("Handler", (_Handler,), {"api": api})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(settings: Settings, stop: threading.Event | Any) -> None:
+    api = ReadAPI(settings)
+    server = make_server(api, settings.http.host, settings.http.port)
+    log.info("http listening", host=settings.http.host, port=server.server_address[1])
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    stop.wait()
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,142 @@
+"""Background duties of each consumer process, on their own connections:
+
+- the outbox relay: publishes result events whose process died between commit and confirm
+  (rows older than `outbox_relay_min_age_seconds`), with their original message ids. Every
+  process runs it; `FOR UPDATE SKIP LOCKED` keeps two relays off the same rows.
+- the expiry sweeper: releases reservations past their deadline. Exactly one sweeper is active
+  in the whole cluster: the process holding a PostgreSQL session advisory lock. The lock dies
+  with its connection, so when the holder dies another process takes over at its next tick.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from . import amqp, metrics
+from .cache import StockCache
+from .config import Settings
+from .logs import get_logger
+from .store import SWEEPER_LOCK_KEY, Store, TransientError
+
+log = get_logger(__name__)
+
+
+class Maintenance(threading.Thread):
+    def __init__(self, settings: Settings, stop: threading.Event | Any, sweeper: bool = True) -> None:
+        super().__init__(name="maintenance", daemon=True)
+        self.settings = settings
+        self.stop = stop
+        self.sweeper_enabled = sweeper
+        self.store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
+        self.cache = StockCache(settings.redis)
+        self._conn: Any = None
+        self._publisher: amqp.Publisher | None = None
+        self._leader_conn: Any = None  # the PostgreSQL connection our advisory lock lives on
+
+    @property
+    def is_sweeper(self) -> bool:
+        conn = self.store._conn
+        return conn is not None and not conn.closed and conn is self._leader_conn
+
+    def run(self) -> None:
+        w = self.settings.worker
+        interval = min(w.sweep_interval_seconds, w.outbox_relay_interval_seconds)
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                self.tick()
+            except (TransientError, *amqp.CONNECTION_ERRORS) as exc:
+                log.warning("maintenance tick failed; will retry", error=repr(exc))
+                self._drop_amqp()
+            except Exception:
+                log.exception("maintenance tick crashed; will retry")
+                self._drop_amqp()
+            self.stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        self._drop_amqp()
+        self.store.close()
+
+    def tick(self) -> None:
+        if self._conn is not None and self._conn.is_open:
+            self._conn.process_data_events(time_limit=0)  # keep heartbeats flowing while idle
+        if self.sweeper_enabled:
+            self._sweep()
+        self._relay()
+
+    # -- expiry -----------------------------------------------------------------------------
+
+    def _try_lead(self) -> bool:
+        if self.is_sweeper:
+            return True
+        with self.store.transaction() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (SWEEPER_LOCK_KEY,))
+            got = cur.fetchone()[0]
+        if got:
+            self._leader_conn = self.store._conn
+            log.info("expiry sweeper active in this process")
+        return got
+
+    def _sweep(self) -> None:
+        if not self._try_lead():
+            return
+        limit = self.settings.worker.sweep_batch_size
+        while not self.stop.is_set():
+            count, messages, figures = self.store.expire_reservations(limit)
+            if count == 0:
+                return
+            metrics.EXPIRED.inc(count)
+            log.info("reservations expired", count=count)
+            try:
+                self.cache.put_many(figures)
+            except Exception as exc:  # the cache is only a cache; TTL bounds staleness
+                metrics.CACHE_WRITE_ERRORS.inc()
+                log.warning("cache write failed after expiry", error=repr(exc))
+            self._publish_now(messages)
+            if count < limit:
+                return
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    def _relay(self) -> None:
+        w = self.settings.worker
+        while not self.stop.is_set():
+            with self.store.claim_unpublished(w.outbox_relay_min_age_seconds, 500) as rows:
+                if not rows:
+                    return
+                self._publisher_ready().publish_results(rows)
+                metrics.RESULTS_PUBLISHED.labels("relay").inc(len(rows))
+                log.info("outbox relay published", count=len(rows))
+            if len(rows) < 500:
+                return
+
+    def _publish_now(self, messages: list[Any]) -> None:
+        """Publishes freshly committed results; on failure the relay picks them up later."""
+        if not messages:
+            return
+        try:
+            self._publisher_ready().publish_results(messages)
+        except amqp.CONNECTION_ERRORS as exc:
+            log.warning("publish failed; the relay will retry", error=repr(exc))
+            self._drop_amqp()
+            return
+        metrics.RESULTS_PUBLISHED.labels("direct").inc(len(messages))
+        self.store.mark_published([m.outbox_id for m in messages])
+
+    def _publisher_ready(self) -> amqp.Publisher:
+        if self._publisher is None or self._conn is None or not self._conn.is_open:
+            self._drop_amqp()
+            self._conn = amqp.connect(self.settings.rabbitmq)
+            self._publisher = amqp.Publisher(self._conn.channel(), self.settings.rabbitmq)
+        else:
+            self._conn.process_data_events(time_limit=0)  # service heartbeats
+        return self._publisher
+
+    def _drop_amqp(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # already broken
+                pass
+        self._conn = None
+        self._publisher = None

@@ -1,0 +1,77 @@
+"""Prometheus metrics, shared by every process of one worker.
+
+The supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh folder before it starts any child,
+so each child writes its samples there and /metrics (in the HTTP process) sums them up.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess
+
+EVENTS = Counter(
+    "inventory_events_total",
+    "Input events handled, by type and outcome (reserved, rejected, duplicate, dead_lettered, ...).",
+    ["type", "outcome"],
+)
+EVENT_SECONDS = Histogram(
+    "inventory_event_processing_seconds",
+    "Time from receiving a message to acking it.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCH_SIZE = Histogram(
+    "inventory_batch_size_messages",
+    "Messages applied per PostgreSQL transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+DEAD_LETTERED = Counter(
+    "inventory_dead_lettered_total", "Messages sent to the dead-letter queue by the worker.", ["reason"]
+)
+RETRIES = Counter(
+    "inventory_retries_total", "Retries after a transient failure, by dependency.", ["dependency"]
+)
+RESULTS_PUBLISHED = Counter(
+    "inventory_results_published_total", "Result events confirmed by the broker, by path.", ["path"]
+)
+PUBLISH_SECONDS = Histogram(
+    "inventory_publish_seconds",
+    "Time to publish one batch of result events until the broker confirmed it.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+OUTBOX_BACKLOG = Gauge(
+    "inventory_outbox_backlog_messages",
+    "Result events recorded but not yet confirmed by the broker.",
+    multiprocess_mode="max",
+)
+EXPIRED = Counter("inventory_reservations_expired_total", "Reservations released by expiry.")
+CACHE = Counter("inventory_cache_requests_total", "Stock cache look-ups by result.", ["result"])
+CACHE_WRITE_ERRORS = Counter("inventory_cache_write_errors_total", "Failed writes to the Redis cache.")
+HTTP_REQUESTS = Counter(
+    "inventory_http_requests_total", "HTTP requests by route and status.", ["route", "status"]
+)
+PROCESS_RESTARTS = Counter(
+    "inventory_process_restarts_total", "Child processes restarted by the supervisor.", ["role"]
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of every process's metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

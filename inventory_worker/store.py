@@ -1,0 +1,187 @@
+"""PostgreSQL adapter: calls the stored procedures; holds no stock rules of its own.
+
+Errors are sorted in two kinds, because the consumer treats them differently:
+- TransientError: the connection dropped, a deadlock or serialization failure, the server
+  restarting. The same work is retried (after reconnecting); nothing is lost.
+- PermanentError: the database refuses this data (an argument check or a constraint). Retrying
+  cannot help; the offending message is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+
+from .config import DatabaseSettings
+
+# Leader election for the per-cluster singletons (expiry sweeper).
+SWEEPER_LOCK_KEY = 0x1A7E_0002
+
+
+class TransientError(Exception):
+    """Retry the same work later; it may succeed."""
+
+
+class PermanentError(Exception):
+    """The data itself is refused; retrying cannot succeed."""
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    outbox_id: int
+    message_id: str
+    routing_key: str
+    body: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> OutgoingMessage:
+        return cls(int(m["outbox_id"]), str(m["message_id"]), m["routing_key"], m["body"])
+
+
+@dataclass
+class Outcome:
+    """What applying one input event did."""
+
+    outcome: str
+    messages: list[OutgoingMessage] = field(default_factory=list)
+    products: list[dict[str, Any]] = field(default_factory=list)
+    order_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> Outcome:
+        return cls(
+            outcome=r["outcome"],
+            messages=[OutgoingMessage.from_json(m) for m in r.get("messages", [])],
+            products=list(r.get("products", [])),
+            order_id=r.get("order_id"),
+            detail={k: v for k, v in r.items() if k not in ("outcome", "messages", "products", "order_id")},
+        )
+
+
+def _classify(exc: psycopg2.Error) -> Exception:
+    if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
+        return PermanentError(f"{type(exc).__name__}: {exc.pgerror or exc}".strip())
+    return TransientError(f"{type(exc).__name__}: {(exc.pgerror or str(exc)).strip()}")
+
+
+class Store:
+    def __init__(self, settings: DatabaseSettings, default_ttl_seconds: int = 900) -> None:
+        self.settings = settings
+        self.default_ttl_seconds = default_ttl_seconds
+        self._conn: psycopg2.extensions.connection | None = None
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connect(self) -> psycopg2.extensions.connection:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = psycopg2.connect(**self.settings.dsn())
+            except psycopg2.Error as exc:
+                raise TransientError(f"cannot connect to PostgreSQL: {str(exc).strip()}") from exc
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+        self._conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg2.extensions.cursor]:
+        """One transaction; errors come out as TransientError or PermanentError."""
+        conn = self.connect()
+        try:
+            with conn:  # commit on success, rollback on error
+                with conn.cursor() as cur:
+                    yield cur
+        except psycopg2.Error as exc:
+            if conn.closed:
+                self._conn = None
+            raise _classify(exc) from exc
+        except BaseException:
+            if conn.closed:
+                self._conn = None
+            raise
+
+    # -- events -----------------------------------------------------------------------------
+
+    def apply_batch(
+        self, events: Sequence[dict[str, Any]], mark_published: Sequence[int] = ()
+    ) -> list[Outcome]:
+        """Applies the events (each {"id", "type", "data"}) in one transaction, in order.
+
+        `mark_published` lets the caller fold the previous batch's confirmed outbox ids into
+        this same commit instead of paying for a transaction of their own.
+        """
+        with self.transaction() as cur:
+            if mark_published:
+                cur.execute("SELECT mark_published(%s)", (list(mark_published),))
+            cur.execute(
+                "SELECT apply_events(%s::jsonb, %s)",
+                (json.dumps(list(events)), self.default_ttl_seconds),
+            )
+            results = cur.fetchone()[0]
+        return [Outcome.from_json(r) for r in results]
+
+    def mark_published(self, outbox_ids: Sequence[int]) -> None:
+        if not outbox_ids:
+            return
+        with self.transaction() as cur:
+            cur.execute("SELECT mark_published(%s)", (list(outbox_ids),))
+
+    @contextmanager
+    def claim_unpublished(self, min_age_seconds: float, limit: int) -> Iterator[list[OutgoingMessage]]:
+        """Outbox rows left unpublished, locked (other relays skip them) until the block ends.
+
+        The block publishes them; if it returns normally they are marked published, if it
+        raises they are released for the next try.
+        """
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT id, message_id, routing_key, body"
+                "  FROM claim_unpublished(make_interval(secs => %s), %s)",
+                (min_age_seconds, limit),
+            )
+            rows = [OutgoingMessage(r[0], str(r[1]), r[2], r[3]) for r in cur.fetchall()]
+            yield rows
+            if rows:
+                cur.execute("SELECT mark_published(%s)", ([m.outbox_id for m in rows],))
+
+    def expire_reservations(self, limit: int) -> tuple[int, list[OutgoingMessage], list[dict[str, Any]]]:
+        with self.transaction() as cur:
+            cur.execute("SELECT expire_reservations(%s)", (limit,))
+            r = cur.fetchone()[0]
+        return (
+            int(r["expired"]),
+            [OutgoingMessage.from_json(m) for m in r["messages"]],
+            list(r["products"]),
+        )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def stock(self, product_id: str) -> dict[str, Any] | None:
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT product_figures(p) FROM products p WHERE product_id = %s", (product_id,)
+            )
+            row = cur.fetchone()
+        return row[0] if row else None
+
+    def figures(self, product_ids: Sequence[str]) -> list[dict[str, Any]]:
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT product_figures(p) FROM products p WHERE product_id = ANY(%s)", (list(product_ids),)
+            )
+            return [r[0] for r in cur.fetchall()]
+
+    def ping(self) -> None:
+        with self.transaction() as cur:
+            cur.execute("SELECT 1")

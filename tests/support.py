@@ -1,0 +1,311 @@
+"""Test helpers shared by every test layer: isolated settings, a bus client, a worker runner.
+
+Each pytest run gets its own PostgreSQL database, its own RabbitMQ exchanges and queues and
+its own Redis key prefix (all suffixed with a run id), so runs never collide, even when
+several share one set of services.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg2
+import redis
+
+from inventory_worker.config import Settings
+from inventory_worker.contract import make_event
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def uid(prefix: str = "P") -> str:
+    """A product or order id unique to this test (tests share one database per run)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def isolated_settings(base: Settings, run_id: str) -> Settings:
+    rmq = base.rabbitmq
+    return base.model_copy(
+        update={
+            "database": base.database.model_copy(update={"dbname": f"inventory_test_{run_id}"}),
+            "redis": base.redis.model_copy(update={"key_prefix": f"inventory-test:{run_id}:"}),
+            "rabbitmq": rmq.model_copy(
+                update={
+                    "exchange": f"orders.{run_id}",
+                    "queue": f"inventory.orders.{run_id}",
+                    "events_exchange": f"inventory.events.{run_id}",
+                    "dead_letter_exchange": f"inventory.dlx.{run_id}",
+                    "dead_letter_queue": f"inventory.orders.dlq.{run_id}",
+                }
+            ),
+            "http": base.http.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
+            "logging": base.logging.model_copy(update={"format": "json"}),
+        }
+    )
+
+
+def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
+    """The settings as INVENTORY_* variables, for a worker started as a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
+    env["INVENTORY_CONFIG"] = str(REPO / "config" / "config.yaml")
+    data = settings.model_dump(mode="json")
+    for section, values in data.items():
+        for key, value in values.items():
+            if value is None:
+                continue
+            env[f"INVENTORY_{section.upper()}__{key.upper()}"] = (
+                json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            )
+    for key, value in extra.items():
+        env[key] = str(value)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+# ---- RabbitMQ -----------------------------------------------------------------------------
+
+
+class Bus:
+    """Publishes input events and collects result events and dead letters, for one test."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+        self.channel = self.conn.channel()
+        self.channel.confirm_delivery()
+        from inventory_worker.amqp import declare_topology
+
+        declare_topology(self.channel, settings.rabbitmq)
+        result = self.channel.queue_declare("", exclusive=True, auto_delete=True)
+        self.results_queue = result.method.queue
+        self.channel.queue_bind(self.results_queue, settings.rabbitmq.events_exchange, routing_key="#")
+        self.results: list[dict[str, Any]] = []
+        self.result_props: list[Any] = []
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+    def publish(self, type_: str, data: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
+        body = make_event(type_, data, event_id=uuid.UUID(event_id) if event_id else None)
+        self.publish_raw(json.dumps(body).encode(), routing_key=type_)
+        return body
+
+    def publish_raw(self, body: bytes, routing_key: str, properties: pika.BasicProperties | None = None) -> None:
+        self.channel.basic_publish(
+            self.settings.rabbitmq.exchange,
+            routing_key,
+            body,
+            properties=properties or pika.BasicProperties(delivery_mode=2, content_type="application/json"),
+        )
+
+    def drain(self) -> None:
+        while True:
+            method, props, body = self.channel.basic_get(self.results_queue, auto_ack=True)
+            if method is None:
+                return
+            self.results.append(json.loads(body))
+            self.result_props.append(props)
+
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 15.0
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drain()
+            if predicate(self.results):
+                return self.results
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout}s; results so far: "
+                    + json.dumps([(r["type"], r["data"]) for r in self.results])[:3000]
+                )
+            self.conn.sleep(0.05)
+
+    def results_for(self, causation_id: str) -> list[dict[str, Any]]:
+        self.drain()
+        return [r for r in self.results if r["causation_id"] == causation_id]
+
+    def wait_result(self, causation_id: str, type_: str | None = None, timeout: float = 15.0) -> dict[str, Any]:
+        def found(rs: list[dict[str, Any]]) -> bool:
+            return any(r["causation_id"] == causation_id and (type_ is None or r["type"] == type_) for r in rs)
+
+        rs = self.wait_for(found, timeout)
+        return next(r for r in rs if r["causation_id"] == causation_id and (type_ is None or r["type"] == type_))
+
+    def dead_letters(self, requeue: bool = True) -> list[tuple[Any, bytes]]:
+        """Every message now in the DLQ (left there unless requeue=False)."""
+        out = []
+        ch = self.conn.channel()
+        try:
+            while True:
+                method, props, body = ch.basic_get(self.settings.rabbitmq.dead_letter_queue, auto_ack=False)
+                if method is None:
+                    break
+                out.append((props, body))
+            # closing the channel returns the unacked ones to the queue
+        finally:
+            if requeue:
+                ch.close()
+            else:
+                ch.basic_ack(0, multiple=True)
+                ch.close()
+        return out
+
+
+def delete_topology(settings: Settings) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+    try:
+        ch = conn.channel()
+        r = settings.rabbitmq
+        for q in (r.queue, r.dead_letter_queue):
+            ch.queue_delete(q)
+        for x in (r.exchange, r.events_exchange, r.dead_letter_exchange):
+            ch.exchange_delete(x)
+    finally:
+        conn.close()
+
+
+# ---- PostgreSQL and Redis -----------------------------------------------------------------
+
+
+def drop_database(settings: Settings) -> None:
+    conn = psycopg2.connect(**settings.database.dsn(dbname="postgres"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{settings.database.dbname}" WITH (FORCE)')
+    finally:
+        conn.close()
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis(host=settings.redis.host, port=settings.redis.port, db=settings.redis.db,
+                       password=settings.redis.password or None)
+
+
+def delete_redis_keys(settings: Settings) -> None:
+    client = redis_client(settings)
+    keys = list(client.scan_iter(match=settings.redis.key_prefix + "*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i : i + 500])
+
+
+@contextmanager
+def pg(settings: Settings) -> Iterator[Any]:
+    conn = psycopg2.connect(**settings.database.dsn())
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
+
+
+def figures(settings: Settings, product_id: str) -> tuple[int, int] | None:
+    with pg(settings) as cur:
+        cur.execute("SELECT on_hand, reserved FROM products WHERE product_id = %s", (product_id,))
+        row = cur.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+# ---- the worker as a real process ---------------------------------------------------------
+
+
+class WorkerProcess:
+    """`inventory-worker run` in a subprocess, configured only through the environment."""
+
+    def __init__(self, settings: Settings, processes: int = 2, extra_env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.settings = settings
+        self.processes = processes
+        self.env = settings_env(settings, **(extra_env or {}))
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> WorkerProcess:
+        self._log_file = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inventory_worker", "run", "--processes", str(self.processes)],
+            env=self.env,
+            cwd=REPO,
+            stdout=self._log_file,
+            stderr=self._log_file,
+            start_new_session=True,
+        )
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.http.port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early with {self.proc.returncode}; log: {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/readyz", timeout=2) as r:
+                    if r.status == 200 and self._consumers_attached():
+                        return
+            except Exception:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout}s; log: {self.log_path}")
+
+    def _consumers_attached(self) -> bool:
+        conn = pika.BlockingConnection(pika.URLParameters(str(self.settings.rabbitmq.url)))
+        try:
+            q = conn.channel().queue_declare(self.settings.rabbitmq.queue, passive=True)
+            return q.method.consumer_count >= self.processes
+        finally:
+            conn.close()
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, timeout: float = 40.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log_file not in (None, subprocess.DEVNULL):
+            self._log_file.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: the supervisor and every child."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

@@ -181,7 +181,7 @@ class Consumer:
         results = self._apply(conn, items)
         products: dict[str, dict[str, Any]] = {}
         outgoing: list[OutgoingMessage] = []
-        for (d, ev), res in zip(items, results):
+        for (d, _), res in zip(items, results, strict=True):
             if isinstance(res, PermanentError):
                 self._dead_letter(publisher, d, f"refused by the database: {res}", "refused")
                 continue
@@ -191,7 +191,7 @@ class Consumer:
         self._write_cache(list(products.values()))
         channel.basic_ack(ack_tag, multiple=True)
         now = time.monotonic()
-        for (d, ev), res in zip(items, results):
+        for (d, ev), res in zip(items, results, strict=True):
             if isinstance(res, Outcome):
                 metrics.EVENTS.labels(ev.type, res.outcome).inc()
                 metrics.EVENT_SECONDS.observe(now - d.received)

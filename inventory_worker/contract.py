@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
+from datetime import datetime, UTC
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -162,12 +162,11 @@ def parse_event(body: bytes, routing_key: str | None = None, max_bytes: int | No
 
 def make_event(type_: str, data: dict[str, Any], event_id: uuid.UUID | None = None) -> dict[str, Any]:
     """A contract-valid input body (used by the `publish` command and the tests)."""
-    from datetime import timezone
 
     body = {
         "id": str(event_id or uuid.uuid4()),
         "type": type_,
-        "occurred_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "data": data,
     }
     parse_event(json.dumps(body).encode())  # refuse to send what the worker would dead-letter

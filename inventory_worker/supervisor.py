@@ -45,7 +45,7 @@ def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int)
     configure(settings.logging, process=role, pid=os.getpid())
     stop = _child_stop_event(shared_stop, parent_pid)
     if role == "http":
-        from .http import serve
+        from .http_server import serve
 
         serve(settings, stop)
         return

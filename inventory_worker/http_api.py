@@ -1,7 +1,6 @@
-"""The read-only HTTP endpoint: stock figures from Redis, health and metrics.
+"""The read-only HTTP API: what each request gets, independent of any HTTP server.
 
-`ReadAPI.handle()` is the whole behaviour, independent of any server; `serve()` puts it behind
-the standard library's threading HTTP server. Routes:
+`ReadAPI.handle()` is the whole behaviour; `http_server.py` puts it behind a server. Routes:
   GET /inventory/{product_id}  figures from Redis; on a miss from PostgreSQL (and Redis refilled)
   GET /healthz                 the process is alive
   GET /readyz                  PostgreSQL, Redis and RabbitMQ reachable, else 503 naming which
@@ -14,12 +13,9 @@ from __future__ import annotations
 import json
 import queue
 import re
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from . import amqp, metrics
 from .cache import StockCache, encode_figures
@@ -153,44 +149,3 @@ class ReadAPI:
             conn.channel().queue_declare(self.settings.rabbitmq.queue, passive=True)
         finally:
             conn.close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    api: ReadAPI
-    server_version = "inventory-worker"
-    sys_version = ""
-    protocol_version = "HTTP/1.1"
-
-    def _serve(self) -> None:
-        resp = self.api.handle(self.command, self.path, self.headers, self.client_address[0])
-        self.send_response(resp.status)
-        self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
-        for k, v in resp.headers:
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(resp.body)
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _serve
-
-    def log_message(self, format: str, *args: Any) -> None:  # access logs would drown the event log
-        pass
-
-
-def make_server(api: ReadAPI, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"api": api})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
-
-
-def serve(settings: Settings, stop: threading.Event | Any) -> None:
-    api = ReadAPI(settings)
-    server = make_server(api, settings.http.host, settings.http.port)
-    log.info("http listening", host=settings.http.host, port=server.server_address[1])
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    thread.start()
-    stop.wait()
-    server.shutdown()
-    server.server_close()

@@ -309,3 +309,25 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+# ---- HTTP ---------------------------------------------------------------------------------
+
+# The bearer token every test worker accepts with the role inventory:read (see WorkerProcess).
+TEST_TOKEN = "test-token-not-a-secret"
+
+
+def http_get(url: str, token: str | None = TEST_TOKEN, method: str = "GET",
+             headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One request; returns (status, headers, body) for every status, errors included."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, headers=dict(headers or {}))
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers.items()), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()

@@ -1,9 +1,8 @@
 """The shortest end-to-end path: adjust, place, read back over HTTP."""
 
 import json
-import urllib.request
 
-from ..support import uid
+from ..support import http_get, uid
 
 
 def test_adjust_then_place_is_seen_over_http(worker, bus, settings):
@@ -14,6 +13,7 @@ def test_adjust_then_place_is_seen_over_http(worker, bus, settings):
     placed = bus.publish("order.placed", {"order_id": uid("O"), "lines": [{"product_id": sku, "quantity": 3}]})
     reserved = bus.wait_result(placed["id"], "inventory.reserved")
     assert reserved["data"]["lines"] == [{"product_id": sku, "quantity": 3}]
-    with urllib.request.urlopen(f"{worker.base_url}/inventory/{sku}") as r:
-        body = json.loads(r.read())
+    status, _, raw = http_get(f"{worker.base_url}/inventory/{sku}")
+    assert status == 200
+    body = json.loads(raw)
     assert (body["on_hand"], body["reserved"], body["available"]) == (10, 3, 7)

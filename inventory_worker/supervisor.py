@@ -3,9 +3,11 @@
   supervisor (this process) ─┬─ consumer-0 … consumer-N-1   AMQP batches + maintenance thread
                              └─ http                        the read-only endpoint
 
-A child that dies is restarted (with backoff if it keeps dying). SIGTERM or SIGINT: every
-child stops consuming, finishes and acks what it holds, and exits; children still alive
-after the grace period are killed. Children exit by themselves if the supervisor vanishes.
+A child that dies is restarted (with backoff if it keeps dying); so is a consumer whose
+heartbeat is older than `worker.heartbeat_timeout_seconds` (stuck: killed first). SIGTERM or
+SIGINT: every child stops consuming, finishes and acks what it holds, and exits; children
+still alive after the grace period are killed. Children exit by themselves if the
+supervisor vanishes. Under systemd (Type=notify) it reports READY, WATCHDOG and STOPPING.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import systemd
 from .config import Settings
+from .health import ConsumerSlot, ProcessHealth
 from .logs import configure, get_logger
 
 log = get_logger(__name__)
@@ -41,20 +45,24 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
     return local
 
 
-def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int) -> None:
+def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
+               health: ProcessHealth | None = None) -> None:
     configure(settings.logging, process=role, pid=os.getpid())
     stop = _child_stop_event(shared_stop, parent_pid)
     if role == "http":
         from .http_server import serve
 
-        serve(settings, stop)
+        serve(settings, stop, health)
         return
     from .consumer import Consumer
     from .maintenance import Maintenance
 
-    maintenance = Maintenance(settings, stop)
+    index = int(role.rsplit("-", 1)[1])
+    slot = ConsumerSlot(health, index)
+    slot.beat()
+    maintenance = Maintenance(settings, stop, measure=index == 0)
     maintenance.start()
-    Consumer(settings, stop).run()
+    Consumer(settings, stop, slot).run()
     maintenance.join(timeout=5)
     log.info("consumer stopped")
 
@@ -82,11 +90,18 @@ class Supervisor:
         if settings.http.enabled:
             roles.append("http")
         self.children = [Child(role) for role in roles]
+        self.health = ProcessHealth(self.ctx, self.processes)
+
+    def _slot(self, child: Child) -> int | None:
+        return int(child.role.rsplit("-", 1)[1]) if child.role.startswith("consumer-") else None
 
     def _start(self, child: Child) -> None:
+        slot = self._slot(child)
+        if slot is not None:
+            self.health.set_attached(slot, False)
         child.process = self.ctx.Process(
             target=child_main,
-            args=(child.role, self.settings, self.stop, os.getpid()),
+            args=(child.role, self.settings, self.stop, os.getpid(), self.health),
             name=child.role,
         )
         child.process.start()
@@ -103,32 +118,56 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("worker starting", processes=self.processes, http_port=self.settings.http.port
                  if self.settings.http.enabled else None)
+        for role in {c.role.split("-")[0] for c in self.children}:
+            for reason in ("died", "stuck"):
+                metrics.PROCESS_RESTARTS.labels(role, reason)  # exported as 0 from the start
         for child in self.children:
             self._start(child)
+        timeout = self.settings.worker.heartbeat_timeout_seconds
+        watchdog = systemd.watchdog_interval()
+        ready = False
+        next_watchdog = 0.0
+        stuck_reason: dict[str, str] = {}
         while not self._stop_requested:
             time.sleep(0.2)
             now = time.monotonic()
             for child in self.children:
                 p = child.process
+                slot = self._slot(child)
                 if p is not None and p.is_alive():
                     if now - child.started > 30:
                         child.failures = 0
+                    # A child just (re)started has had no chance to beat yet.
+                    if slot is not None and min(self.health.age(slot), now - child.started) > timeout:
+                        log.error("process stuck; killing it", role=child.role, child_pid=p.pid,
+                                  heartbeat_age_seconds=round(self.health.age(slot), 1))
+                        p.kill()
+                        stuck_reason[child.role] = "stuck"
                     continue
-                if p is not None:  # it died on its own
+                if p is not None:  # it died on its own, or was killed as stuck
                     p.join()
                     metrics.mark_process_dead(p.pid)
-                    metrics.PROCESS_RESTARTS.labels(child.role.split("-")[0]).inc()
+                    reason = stuck_reason.pop(child.role, "died")
+                    metrics.PROCESS_RESTARTS.labels(child.role.split("-")[0], reason).inc()
                     child.failures += 1
                     delay = min(0.5 * 2 ** (child.failures - 1), 30.0)
                     child.next_start = now + delay
-                    log.error("process died; restarting", role=child.role, exitcode=p.exitcode,
-                              restart_in_seconds=delay)
+                    log.error("process ended; restarting", role=child.role, exitcode=p.exitcode,
+                              reason=reason, restart_in_seconds=delay)
                     child.process = None
                 if now >= child.next_start and not self._stop_requested:
                     self._start(child)
+            if not ready and not self.health.detached():
+                ready = True
+                systemd.notify("READY=1\nSTATUS=consuming")
+                log.info("worker ready: every consumer attached")
+            if watchdog and now >= next_watchdog and not self.health.stuck(timeout):
+                systemd.notify("WATCHDOG=1")
+                next_watchdog = now + watchdog
         return self._shutdown()
 
     def _shutdown(self) -> int:
+        systemd.notify("STOPPING=1")
         self.stop.set()
         grace = self.settings.worker.shutdown_grace_seconds
         log.info("stopping", grace_seconds=grace)
@@ -155,6 +194,9 @@ def run(settings: Settings, processes: int | None = None) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_dir = tempfile.mkdtemp(prefix="inventory-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    from . import metrics  # first imported here, after the folder is set: see metrics.py
+
+    metrics.reset_multiprocess_dir()
     try:
         return Supervisor(settings, processes).run()
     finally:

@@ -194,11 +194,22 @@ def run(settings: Settings, processes: int | None = None) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_dir = tempfile.mkdtemp(prefix="inventory-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
-    from . import metrics  # first imported here, after the folder is set: see metrics.py
-
-    metrics.reset_multiprocess_dir()
+    else:  # a folder given to us (e.g. a Kubernetes emptyDir that outlives a container)
+        _empty_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     try:
         return Supervisor(settings, processes).run()
     finally:
         if own_dir:
             shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _empty_metrics_dir(path: str) -> None:
+    """Files of a previous run (pids are reused in containers) would be summed into this one's.
+
+    Runs before prometheus_client is imported in this process: the metrics module opens its
+    files at import, and deleting them afterwards would leave it writing to unlinked files.
+    """
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))

@@ -86,7 +86,7 @@ def _stock(settings: Settings, args: argparse.Namespace) -> int:
 def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     from .dlq import DeadLetterQueue
 
-    ids = set(args.message_id or [])
+    ids = set(getattr(args, "message_id", None) or [])
 
     def selected(m: object) -> bool:
         return not ids or getattr(m, "message_id", None) in ids

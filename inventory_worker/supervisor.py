@@ -38,7 +38,8 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
 
     def watch() -> None:
         while not local.is_set():
-            if shared_stop.wait(0.5) or os.getppid() != parent_pid:
+            time.sleep(0.2)
+            if shared_stop.value or os.getppid() != parent_pid:
                 local.set()
 
     threading.Thread(target=watch, name="stop-watch", daemon=True).start()
@@ -82,9 +83,10 @@ class Supervisor:
         self.settings = settings
         self.processes = processes or settings.worker.processes or os.cpu_count() or 1
         self.ctx = multiprocessing.get_context("spawn")
-        self.stop = self.ctx.Event()
-        # Set by the signal handler; the shared event is set from the main loop, never from a
-        # handler (it may interrupt a wait on that same event and deadlock on its lock).
+        # A plain shared byte, polled by the children. Not a multiprocessing.Event: its set()
+        # waits for every waiter to wake, and blocks for ever on a child killed while waiting.
+        self.stop = self.ctx.RawValue("b", 0)
+        # Set by the signal handler; the shared flag is set from the main loop.
         self._stop_requested = False
         roles = [f"consumer-{i}" for i in range(self.processes)]
         if settings.http.enabled:
@@ -161,14 +163,14 @@ class Supervisor:
                 ready = True
                 systemd.notify("READY=1\nSTATUS=consuming")
                 log.info("worker ready: every consumer attached")
-            if watchdog and now >= next_watchdog and not self.health.stuck(timeout):
+            if ready and watchdog and now >= next_watchdog and not self.health.stuck(timeout):
                 systemd.notify("WATCHDOG=1")
                 next_watchdog = now + watchdog
         return self._shutdown()
 
     def _shutdown(self) -> int:
         systemd.notify("STOPPING=1")
-        self.stop.set()
+        self.stop.value = 1
         grace = self.settings.worker.shutdown_grace_seconds
         log.info("stopping", grace_seconds=grace)
         deadline = time.monotonic() + grace

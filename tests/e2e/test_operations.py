@@ -357,7 +357,7 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
         delete_topology(s)
 
 
-def test_readyz_and_healthz_follow_the_consumer_slots(settings):
+def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: the queues exist
     """/readyz waits for every consumer to attach; /healthz fails on a stale heartbeat."""
     import multiprocessing
 

@@ -290,6 +290,7 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
         elapsed = time.monotonic() - started
         w.stop()
         assert rc == 0
+        print(f"SIGTERM to exit: {elapsed:.2f}s (grace {grace}s)")
         assert elapsed < grace, f"took {elapsed:.1f}s, grace is {grace}s"
         assert "killed after the grace period" not in w.log_path.read_text()
         msgs = notify.drain()

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import systemd
 from .config import Settings
-from .health import ConsumerSlot, ProcessHealth
+from .health import ConsumerSlot, ProcessHealth, startup_allowance
 from .logs import configure, get_logger
 
 log = get_logger(__name__)
@@ -60,7 +60,7 @@ def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
 
     index = int(role.rsplit("-", 1)[1])
     slot = ConsumerSlot(health, index)
-    slot.beat()
+    slot.starting()  # the consumer's loop beats as RUNNING
     maintenance = Maintenance(settings, stop, measure=index == 0)
     maintenance.start()
     Consumer(settings, stop, slot).run()
@@ -106,9 +106,15 @@ class Supervisor:
             args=(child.role, self.settings, self.stop, os.getpid(), self.health),
             name=child.role,
         )
+        child.started = time.monotonic()  # before start(): the child's first beat comes after
         child.process.start()
-        child.started = time.monotonic()
         log.info("process started", role=child.role, child_pid=child.process.pid)
+
+    def _stuck(self, child: Child, slot: int, now: float, timeout: float) -> bool:
+        # `started` is on the same monotonic clock as the beats (see health.py).
+        if self.health.last_beat(slot) < child.started:  # this process has not beaten yet
+            return now - child.started > startup_allowance(timeout)
+        return self.health.is_stuck(slot, timeout)
 
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
@@ -139,8 +145,7 @@ class Supervisor:
                 if p is not None and p.is_alive():
                     if now - child.started > 30:
                         child.failures = 0
-                    # A child just (re)started has had no chance to beat yet.
-                    if slot is not None and min(self.health.age(slot), now - child.started) > timeout:
+                    if slot is not None and self._stuck(child, slot, now, timeout):
                         log.error("process stuck; killing it", role=child.role, child_pid=p.pid,
                                   heartbeat_age_seconds=round(self.health.age(slot), 1))
                         p.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
@@ -10,6 +11,12 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from inventory_worker import asyncapi
+
+from ..support import REPO
+
+# The official AsyncAPI 3.0.0 JSON Schema, from the npm package @asyncapi/specs (make test
+# fetches it; see the Makefile).
+SPEC_SCHEMA = REPO / ".cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$id.json"
 from inventory_worker.contract import INPUT_TYPES, OUTPUT_TYPES, InvalidMessage, parse_event, validate_output
 
 
@@ -38,6 +45,18 @@ def _refs(node):
     elif isinstance(node, list):
         for v in node:
             yield from _refs(v)
+
+
+def test_document_is_valid_asyncapi_3(doc):
+    if not SPEC_SCHEMA.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SPEC_SCHEMA} is missing: run `make asyncapi-specs` (needs npm)")
+        pytest.skip("the AsyncAPI JSON Schema is not fetched: `make asyncapi-specs` (needs npm)")
+    from jsonschema import Draft7Validator
+
+    errors = [f"{list(e.path)}: {e.message[:200]}" for e in Draft7Validator(json.loads(SPEC_SCHEMA.read_text()))
+              .iter_errors(doc)]
+    assert errors == []
 
 
 def test_every_message_has_a_channel_and_operation_and_every_ref_resolves(doc):

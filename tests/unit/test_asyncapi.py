@@ -11,13 +11,13 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from inventory_worker import asyncapi
+from inventory_worker.contract import INPUT_TYPES, OUTPUT_TYPES, InvalidMessage, parse_event, validate_output
 
 from ..support import REPO
 
 # The official AsyncAPI 3.0.0 JSON Schema, from the npm package @asyncapi/specs (make test
 # fetches it; see the Makefile).
 SPEC_SCHEMA = REPO / ".cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$id.json"
-from inventory_worker.contract import INPUT_TYPES, OUTPUT_TYPES, InvalidMessage, parse_event, validate_output
 
 
 def test_committed_document_matches_the_models():

@@ -333,7 +333,7 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
 
 
 def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
-    s = own_settings(settings, heartbeat_timeout_seconds=3.0)
+    s = own_settings(settings, heartbeat_timeout_seconds=4.0)
     bus = Bus(s)
     w = WorkerProcess(s, processes=1, log_path=logs_dir / f"stuck-{uuid.uuid4().hex[:6]}.log").start()
     try:

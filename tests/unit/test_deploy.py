@@ -107,6 +107,21 @@ CRD_SCHEMAS = {
                         "scheme": {"enum": ["http", "https"]},
                         "interval": _DURATION, "scrapeTimeout": _DURATION,
                         "honorLabels": {"type": "boolean"}}}}}}}},
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _METADATA, "spec": {
+            "type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
+                "groups": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+                    "properties": {"name": {"type": "string"}, "interval": _DURATION, "rules": {
+                        "type": "array", "items": {
+                            "type": "object", "required": ["expr"], "additionalProperties": False,
+                            "properties": {
+                                "alert": {"type": "string"}, "record": {"type": "string"},
+                                "expr": {"type": ["string", "integer"]}, "for": _DURATION,
+                                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "annotations": {"type": "object",
+                                                "additionalProperties": {"type": "string"}}}}}}}}}}}},
     ("keda.sh/v1alpha1", "ScaledObject"): {
         "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
         "properties": {"apiVersion": {}, "kind": {}, "metadata": _METADATA, "spec": {
@@ -158,7 +173,7 @@ def test_every_manifest_validates():
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(f"{path.name}: {exc.message} at {list(exc.path)}")
     assert seen == {"ConfigMap", "Secret", "Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget",
-                    "ScaledObject"}
+                    "ScaledObject", "PrometheusRule"}
 
 
 def test_kustomization_ties_every_manifest_but_the_secret_example():
@@ -216,6 +231,16 @@ def test_keda_scales_the_deployment_on_the_configured_queue(tmp_path):
     assert sm["port"] in svc_ports and sm["path"] == "/metrics"
 
 
+def test_alert_rules_pass_promtool_and_name_exported_metrics(tmp_path):
+    spec = _by_kind()["PrometheusRule"]["spec"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": spec["groups"]}))
+    r = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    exprs = [rule["expr"] for g in spec["groups"] for rule in g["rules"]]
+    assert _unknown_metrics(exprs) == set()
+
+
 # ---- Grafana ------------------------------------------------------------------------------
 
 
@@ -232,14 +257,19 @@ def _exported_metric_names() -> set[str]:
     return {n for n in names if n.startswith("inventory_")}
 
 
-def test_dashboard_uses_only_exported_metrics_and_covers_the_essentials():
-    dash = json.loads((DEPLOY / "grafana" / "inventory-worker.json").read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+def _unknown_metrics(exprs: list[str]) -> set[str]:
     used = {m for e in exprs for m in re.findall(r"\binventory_[a-z_]+\b", e)}
     exported = _exported_metric_names()
     # Labelled counters only show samples once used: compare families, with their suffixes.
     families = {re.sub(r"_(total|bucket|sum|count|created)$", "", n) for n in exported}
-    unknown = {m for m in used if m not in exported and re.sub(r"_(total|bucket|sum|count)$", "", m) not in families}
+    return {m for m in used if m not in exported and re.sub(r"_(total|bucket|sum|count)$", "", m) not in families}
+
+
+def test_dashboard_uses_only_exported_metrics_and_covers_the_essentials():
+    dash = json.loads((DEPLOY / "grafana" / "inventory-worker.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"\binventory_[a-z_]+\b", e)}
+    unknown = _unknown_metrics(exprs)
     assert not unknown, f"dashboard names metrics the worker does not export: {unknown}"
     for essential in ("inventory_events_total", "inventory_event_processing_seconds_bucket",
                       "inventory_outbox_backlog_messages", "inventory_dead_letter_queue_messages",

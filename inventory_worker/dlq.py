@@ -70,7 +70,7 @@ def _reason(properties: Any) -> str:
         d = deaths[0]
         reason = d.get("reason")
         return f"rabbitmq: {reason.decode() if isinstance(reason, bytes) else reason}" + (
-            f" (delivered {d.get('count')} times)" if d.get("count") else "")
+            f" (dead-lettered {d.get('count')} times)" if d.get("count") else "")
     return "unknown"
 
 

@@ -20,7 +20,9 @@ import pika
 from . import amqp
 from .config import RabbitMQSettings
 
-INTERNAL_HEADERS = ("x-inventory-error", "x-original-routing-key", "x-original-exchange")
+# Not carried over to a replayed message: ours describe the refusal, x-delivery-count is the
+# DLQ's own count (a quorum queue counts each time `list` hands a message back).
+INTERNAL_HEADERS = ("x-inventory-error", "x-original-routing-key", "x-original-exchange", "x-delivery-count")
 
 
 @dataclass

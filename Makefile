@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
+ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
-.PHONY: run test migrate install clean
+.PHONY: run test migrate install clean asyncapi-specs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +25,12 @@ migrate: $(STAMP)
 	$(BIN)/inventory-worker migrate
 
 ## The whole suite, against real PostgreSQL, Redis and RabbitMQ (each run isolated).
-test: $(STAMP)
+test: $(STAMP) asyncapi-specs
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+asyncapi-specs:
+	@test -f '$(ASYNCAPI_SPECS)' || ! command -v npm >/dev/null || \
+	  npm install --silent --no-audit --no-fund --prefix .cache/asyncapi-specs @asyncapi/specs@6.11.1
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

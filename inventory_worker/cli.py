@@ -1,4 +1,4 @@
-"""`inventory-worker`: migrate, run, publish, stock."""
+"""`inventory-worker`: migrate, run, publish, stock, dlq, cache."""
 
 from __future__ import annotations
 
@@ -83,6 +83,44 @@ def _stock(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from .dlq import DeadLetterQueue
+
+    ids = set(getattr(args, "message_id", None) or [])
+
+    def selected(m: object) -> bool:
+        return not ids or getattr(m, "message_id", None) in ids
+
+    dlq = DeadLetterQueue(settings.rabbitmq)
+    try:
+        if args.dlq_command == "list":
+            for m in dlq.messages(args.limit):
+                print(json.dumps(m.summary()))
+            return 0
+        if args.dlq_command == "replay":
+            done = dlq.replay(selected, args.limit)
+            for m in done:
+                print(json.dumps({"replayed": m.message_id, "routing_key": m.routing_key}))
+            print(f"replayed {len(done)} message(s) to exchange {settings.rabbitmq.exchange}", file=sys.stderr)
+            return 0
+        if not args.yes:
+            print("purge deletes dead-lettered messages for good: add --yes", file=sys.stderr)
+            return EXIT_USAGE
+        count = len(dlq.drop(selected, args.limit)) if ids or args.limit else dlq.purge()
+        print(f"purged {count} message(s) from {settings.rabbitmq.dead_letter_queue}", file=sys.stderr)
+        return 0
+    finally:
+        dlq.close()
+
+
+def _cache(settings: Settings, args: argparse.Namespace) -> int:
+    from .cache_rebuild import rebuild
+
+    report = rebuild(settings)
+    print(json.dumps({"products": report.products, "written": report.written}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inventory-worker",
@@ -114,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stock", help="print a product's figures from PostgreSQL")
     p.add_argument("product_id")
     p.set_defaults(func=_stock)
+
+    p = sub.add_parser("dlq", help="inspect, replay or purge dead-lettered messages")
+    dsub = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    for name, text in (("list", "print each dead-lettered message as a JSON line (left in place)"),
+                       ("replay", "publish them again to the input exchange, with their routing key"),
+                       ("purge", "delete them")):
+        d = dsub.add_parser(name, help=text)
+        d.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+        if name != "list":
+            d.add_argument("--message-id", action="append", metavar="ID",
+                           help="only the message with this AMQP message id (repeatable)")
+        if name == "purge":
+            d.add_argument("--yes", action="store_true", help="really delete")
+    p.set_defaults(func=_dlq)
+
+    p = sub.add_parser("cache", help="the Redis stock cache")
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    csub.add_parser("rebuild", help="refill Redis from PostgreSQL (version-checked, safe while running)")
+    p.set_defaults(func=_cache)
     return parser
 
 

@@ -88,6 +88,12 @@ class WorkerSettings(BaseModel):
     sweep_interval_seconds: float = Field(1.0, gt=0)
     sweep_batch_size: int = Field(500, ge=1, le=100_000)
     shutdown_grace_seconds: float = Field(25.0, gt=0)
+    # A consumer whose main loop has not beaten for this long is stuck: /healthz fails and the
+    # supervisor kills and restarts it.
+    heartbeat_timeout_seconds: float = Field(60.0, gt=0)
+    # How often the cluster-wide gauges (outbox backlog, active reservations, DLQ depth) are
+    # measured, by one consumer process per worker.
+    metrics_interval_seconds: float = Field(15.0, gt=0)
 
 
 class HTTPSettings(BaseModel):

@@ -25,6 +25,7 @@ from . import amqp, metrics
 from .cache import StockCache
 from .config import Settings
 from .contract import INPUT_TYPES, Event, InvalidMessage, parse_event
+from .health import ConsumerSlot
 from .logs import get_logger
 from .store import Outcome, OutgoingMessage, PermanentError, Store, TransientError
 
@@ -74,20 +75,38 @@ def backoff_retrying(
 
 
 class Consumer:
-    def __init__(self, settings: Settings, stop: threading.Event | Any) -> None:
+    def __init__(self, settings: Settings, stop: threading.Event | Any, slot: ConsumerSlot | None = None) -> None:
         self.settings = settings
         self.stop = stop
+        self.slot = slot or ConsumerSlot(None, 0)  # heartbeat and attachment, read by /healthz, /readyz
         self.store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
         self.cache = StockCache(settings.redis)
         self._to_mark: list[int] = []  # confirmed outbox ids not yet marked published
         self._stale_cache: set[str] = set()  # products whose cache write failed
-        self.attached = False
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @attached.setter
+    def attached(self, value: bool) -> None:
+        self._attached = value
+        self.slot.set_attached(value)
+
+    def _sleep(self, conn: Any, seconds: float) -> None:
+        """Waits between retries, still beating: waiting for a dependency is not being stuck."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self.stop.is_set():
+            self.slot.beat()
+            conn.sleep(min(left, 1.0))
 
     # -- outer loop: (re)connect with backoff -----------------------------------------------
 
     def run(self) -> None:
         delay = 0.1
         while not self.stop.is_set():
+            self.slot.beat()
             try:
                 self._consume()
                 delay = 0.1
@@ -98,6 +117,7 @@ class Consumer:
                 metrics.RETRIES.labels("rabbitmq").inc()
                 log.warning("rabbitmq connection lost; reconnecting", error=repr(exc), wait_seconds=delay)
                 self.stop.wait(delay)
+                self.slot.beat()
                 delay = min(delay * 2, 5.0)
         self._flush_marks(final=True)
         self.store.close()
@@ -120,6 +140,7 @@ class Consumer:
             log.info("consuming", queue=self.settings.rabbitmq.queue, batch_size=w.batch_size)
             max_wait = w.batch_max_wait_ms / 1000.0
             while not self.stop.is_set():
+                self.slot.beat()
                 conn.process_data_events(time_limit=0.2 if not buffer else 0)
                 if not buffer:
                     self._idle()
@@ -222,7 +243,7 @@ class Consumer:
         return [r for item in items for r in self._apply(conn, [item])]
 
     def _retrying_apply(self, conn: Any, events: Sequence[dict[str, Any]]) -> list[Outcome]:
-        for attempt in backoff_retrying(self.stop, conn.sleep, "postgresql", "apply batch"):
+        for attempt in backoff_retrying(self.stop, lambda s: self._sleep(conn, s), "postgresql", "apply batch"):
             with attempt:
                 marks = list(self._to_mark)
                 results = self.store.apply_batch(events, mark_published=marks)

@@ -2,8 +2,9 @@
 
 `ReadAPI.handle()` is the whole behaviour; `http_server.py` puts it behind a server. Routes:
   GET /inventory/{product_id}  figures from Redis; on a miss from PostgreSQL (and Redis refilled)
-  GET /healthz                 the process is alive
-  GET /readyz                  PostgreSQL, Redis and RabbitMQ reachable, else 503 naming which
+  GET /healthz                 the worker is alive: no consumer process stuck, else 503
+  GET /readyz                  PostgreSQL, Redis and RabbitMQ reachable and every consumer
+                               attached to its queue, else 503 naming which check fails
   GET /metrics                 Prometheus exposition of every worker process
 Every other method is 405: there is no write path.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ class ReadAPI:
         cache: StockCache | None = None,
         stores: StorePool | None = None,
         extra_ready_checks: Mapping[str, Callable[[], None]] | None = None,
+        liveness_checks: Mapping[str, Callable[[], None]] | None = None,
     ) -> None:
         self.settings = settings
         self.cache = cache or StockCache(settings.redis)
@@ -76,10 +79,14 @@ class ReadAPI:
             "rabbitmq": self._check_rabbitmq,
             **(extra_ready_checks or {}),
         }
+        # Each raises when the worker is alive but wedged (e.g. a consumer's heartbeat is stale).
+        self.liveness_checks: dict[str, Callable[[], None]] = dict(liveness_checks or {})
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], client: str = "") -> Response:
+        started = time.perf_counter()
         route, resp = self._route(method, path)
         metrics.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
+        metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
         return resp
 
     def _route(self, method: str, target: str) -> tuple[str, Response]:
@@ -93,7 +100,7 @@ class ReadAPI:
         if method not in ("GET", "HEAD"):
             return route, error(405, "method not allowed: this endpoint is read-only", [("Allow", "GET, HEAD")])
         if route == "/healthz":
-            return route, Response(200, b'{"status":"ok"}')
+            return route, self._run_checks(self.liveness_checks, "ok", "unhealthy")
         if route == "/readyz":
             return route, self._readyz()
         if route == "/metrics":
@@ -128,16 +135,20 @@ class ReadAPI:
         return Response(200, encode_figures(figures))
 
     def _readyz(self) -> Response:
+        return self._run_checks(self.ready_checks, "ready", "unavailable")
+
+    @staticmethod
+    def _run_checks(checks: Mapping[str, Callable[[], None]], ok: str, bad: str) -> Response:
         failing = {}
-        for name, check in self.ready_checks.items():
+        for name, check in checks.items():
             try:
                 check()
             except Exception as exc:
                 failing[name] = str(exc) or type(exc).__name__
         if failing:
-            body = {"status": "unavailable", "failing": sorted(failing), "detail": failing}
+            body = {"status": bad, "failing": sorted(failing), "detail": failing}
             return Response(503, json.dumps(body).encode())
-        return Response(200, json.dumps({"status": "ready", "checks": sorted(self.ready_checks)}).encode())
+        return Response(200, json.dumps({"status": ok, "checks": sorted(checks)}).encode())
 
     def _check_postgresql(self) -> None:
         with self.stores.store() as store:

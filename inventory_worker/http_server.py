@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .config import Settings
+from .health import ProcessHealth
 from .http_api import ReadAPI
 from .logs import get_logger
 
@@ -43,8 +44,24 @@ def make_server(api: ReadAPI, host: str, port: int) -> ThreadingHTTPServer:
     return server
 
 
-def serve(settings: Settings, stop: threading.Event | Any) -> None:
-    api = ReadAPI(settings)
+def health_checks(health: ProcessHealth, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(readiness, liveness) checks on the consumer processes, for ReadAPI."""
+
+    def attached() -> None:
+        if missing := health.detached():
+            raise RuntimeError("not attached to the queue: " + ", ".join(f"consumer-{i}" for i in missing))
+
+    def heartbeats() -> None:
+        if stuck := health.stuck(timeout):
+            raise RuntimeError(f"no heartbeat for more than {timeout:g}s: "
+                               + ", ".join(f"consumer-{i} ({health.age(i):.1f}s)" for i in stuck))
+
+    return {"consumers": attached}, {"consumers": heartbeats}
+
+
+def serve(settings: Settings, stop: threading.Event | Any, health: ProcessHealth | None = None) -> None:
+    ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds) if health else ({}, {})
+    api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)
     server = make_server(api, settings.http.host, settings.http.port)
     log.info("http listening", host=settings.http.host, port=server.server_address[1])
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)

@@ -6,6 +6,8 @@
 - the expiry sweeper: releases reservations past their deadline. Exactly one sweeper is active
   in the whole cluster: the process holding a PostgreSQL session advisory lock. The lock dies
   with its connection, so when the holder dies another process takes over at its next tick.
+- the gauges (one process per worker, `measure=True`): outbox backlog, active reservations
+  and DLQ depth, every `worker.metrics_interval_seconds`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ log = get_logger(__name__)
 
 
 class Maintenance(threading.Thread):
-    def __init__(self, settings: Settings, stop: threading.Event | Any, sweeper: bool = True) -> None:
+    def __init__(self, settings: Settings, stop: threading.Event | Any, sweeper: bool = True,
+                 measure: bool = False) -> None:
         super().__init__(name="maintenance", daemon=True)
         self.settings = settings
         self.stop = stop
         self.sweeper_enabled = sweeper
+        self.measure = measure
+        self._next_measure = 0.0
         self.store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
         self.cache = StockCache(settings.redis)
         self._conn: Any = None
@@ -63,6 +68,25 @@ class Maintenance(threading.Thread):
         if self.sweeper_enabled:
             self._sweep()
         self._relay()
+        if self.measure and time.monotonic() >= self._next_measure:
+            self._next_measure = time.monotonic() + self.settings.worker.metrics_interval_seconds
+            self._measure()
+
+    # -- gauges -----------------------------------------------------------------------------
+
+    def _measure(self) -> None:
+        f = self.store.operational_figures()
+        metrics.OUTBOX_BACKLOG.set(f["outbox_backlog"])
+        metrics.OUTBOX_OLDEST_AGE.set(f["outbox_oldest_age_seconds"])
+        metrics.ACTIVE_RESERVATIONS.set(f["active_reservations"])
+        self._publisher_ready()  # the connection we publish on also answers the depth
+        channel = self._conn.channel()
+        try:
+            q = channel.queue_declare(self.settings.rabbitmq.dead_letter_queue, passive=True)
+            metrics.DLQ_DEPTH.set(q.method.message_count)
+        finally:
+            if channel.is_open:
+                channel.close()
 
     # -- expiry -----------------------------------------------------------------------------
 
@@ -104,7 +128,9 @@ class Maintenance(threading.Thread):
             with self.store.claim_unpublished(w.outbox_relay_min_age_seconds, 500) as rows:
                 if not rows:
                     return
+                started = time.monotonic()
                 self._publisher_ready().publish_results(rows)
+                metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
                 metrics.RESULTS_PUBLISHED.labels("relay").inc(len(rows))
                 log.info("outbox relay published", count=len(rows))
             if len(rows) < 500:
@@ -114,8 +140,10 @@ class Maintenance(threading.Thread):
         """Publishes freshly committed results; on failure the relay picks them up later."""
         if not messages:
             return
+        started = time.monotonic()
         try:
             self._publisher_ready().publish_results(messages)
+            metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
         except amqp.CONNECTION_ERRORS as exc:
             log.warning("publish failed; the relay will retry", error=repr(exc))
             self._drop_amqp()

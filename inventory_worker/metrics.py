@@ -1,7 +1,10 @@
 """Prometheus metrics, shared by every process of one worker.
 
-The supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh folder before it starts any child,
-so each child writes its samples there and /metrics (in the HTTP process) sums them up.
+The supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh (or emptied) folder before it
+starts any child, so each child writes its samples there and /metrics (in the HTTP process)
+sums them up. Counters and histograms add up across processes. The cluster-wide gauges are
+measured by one consumer process and use `livemostrecent`: the latest value written by a
+live process, so a dead process's last value does not linger.
 """
 
 from __future__ import annotations
@@ -49,8 +52,23 @@ PUBLISH_SECONDS = Histogram(
 )
 OUTBOX_BACKLOG = Gauge(
     "inventory_outbox_backlog_messages",
-    "Result events recorded but not yet confirmed by the broker.",
-    multiprocess_mode="max",
+    "Result events recorded in the outbox and not yet marked published (whole database).",
+    multiprocess_mode="livemostrecent",
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    "inventory_outbox_oldest_unpublished_age_seconds",
+    "Age of the oldest result event not yet marked published; 0 when none.",
+    multiprocess_mode="livemostrecent",
+)
+ACTIVE_RESERVATIONS = Gauge(
+    "inventory_reservations_active",
+    "Orders holding a live reservation (whole database).",
+    multiprocess_mode="livemostrecent",
+)
+DLQ_DEPTH = Gauge(
+    "inventory_dead_letter_queue_messages",
+    "Messages waiting in the dead-letter queue.",
+    multiprocess_mode="livemostrecent",
 )
 EXPIRED = Counter("inventory_reservations_expired_total", "Reservations released by expiry.")
 CACHE = Counter("inventory_cache_requests_total", "Stock cache look-ups by result.", ["result"])
@@ -58,8 +76,16 @@ CACHE_WRITE_ERRORS = Counter("inventory_cache_write_errors_total", "Failed write
 HTTP_REQUESTS = Counter(
     "inventory_http_requests_total", "HTTP requests by route and status.", ["route", "status"]
 )
+HTTP_SECONDS = Histogram(
+    "inventory_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route.",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 PROCESS_RESTARTS = Counter(
-    "inventory_process_restarts_total", "Child processes restarted by the supervisor.", ["role"]
+    "inventory_process_restarts_total",
+    "Child processes restarted by the supervisor, by role and reason (died, stuck).",
+    ["role", "reason"],
 )
 
 

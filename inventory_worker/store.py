@@ -182,6 +182,19 @@ class Store:
             )
             return [r[0] for r in cur.fetchall()]
 
+    def operational_figures(self) -> dict[str, float]:
+        """Cluster-wide figures for the gauges; both counts walk small partial indexes."""
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
+                "  FROM outbox WHERE published_at IS NULL"
+            )
+            backlog, oldest = cur.fetchone()
+            cur.execute("SELECT count(*) FROM orders WHERE status = 'reserved'")
+            (reservations,) = cur.fetchone()
+        return {"outbox_backlog": int(backlog), "outbox_oldest_age_seconds": float(oldest),
+                "active_reservations": int(reservations)}
+
     def ping(self) -> None:
         with self.transaction() as cur:
             cur.execute("SELECT 1")

@@ -3,9 +3,11 @@
   supervisor (this process) ─┬─ consumer-0 … consumer-N-1   AMQP batches + maintenance thread
                              └─ http                        the read-only endpoint
 
-A child that dies is restarted (with backoff if it keeps dying). SIGTERM or SIGINT: every
-child stops consuming, finishes and acks what it holds, and exits; children still alive
-after the grace period are killed. Children exit by themselves if the supervisor vanishes.
+A child that dies is restarted (with backoff if it keeps dying); so is a consumer whose
+heartbeat is older than `worker.heartbeat_timeout_seconds` (stuck: killed first). SIGTERM or
+SIGINT: every child stops consuming, finishes and acks what it holds, and exits; children
+still alive after the grace period are killed. Children exit by themselves if the
+supervisor vanishes. Under systemd (Type=notify) it reports READY, WATCHDOG and STOPPING.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import systemd
 from .config import Settings
+from .health import ConsumerSlot, ProcessHealth, startup_allowance
 from .logs import configure, get_logger
 
 log = get_logger(__name__)
@@ -34,27 +38,32 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
 
     def watch() -> None:
         while not local.is_set():
-            if shared_stop.wait(0.5) or os.getppid() != parent_pid:
+            time.sleep(0.2)
+            if shared_stop.value or os.getppid() != parent_pid:
                 local.set()
 
     threading.Thread(target=watch, name="stop-watch", daemon=True).start()
     return local
 
 
-def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int) -> None:
+def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
+               health: ProcessHealth | None = None) -> None:
     configure(settings.logging, process=role, pid=os.getpid())
     stop = _child_stop_event(shared_stop, parent_pid)
     if role == "http":
         from .http_server import serve
 
-        serve(settings, stop)
+        serve(settings, stop, health)
         return
     from .consumer import Consumer
     from .maintenance import Maintenance
 
-    maintenance = Maintenance(settings, stop)
+    index = int(role.rsplit("-", 1)[1])
+    slot = ConsumerSlot(health, index)
+    slot.starting()  # the consumer's loop beats as RUNNING
+    maintenance = Maintenance(settings, stop, measure=index == 0)
     maintenance.start()
-    Consumer(settings, stop).run()
+    Consumer(settings, stop, slot).run()
     maintenance.join(timeout=5)
     log.info("consumer stopped")
 
@@ -74,24 +83,38 @@ class Supervisor:
         self.settings = settings
         self.processes = processes or settings.worker.processes or os.cpu_count() or 1
         self.ctx = multiprocessing.get_context("spawn")
-        self.stop = self.ctx.Event()
-        # Set by the signal handler; the shared event is set from the main loop, never from a
-        # handler (it may interrupt a wait on that same event and deadlock on its lock).
+        # A plain shared byte, polled by the children. Not a multiprocessing.Event: its set()
+        # waits for every waiter to wake, and blocks for ever on a child killed while waiting.
+        self.stop = self.ctx.RawValue("b", 0)
+        # Set by the signal handler; the shared flag is set from the main loop.
         self._stop_requested = False
         roles = [f"consumer-{i}" for i in range(self.processes)]
         if settings.http.enabled:
             roles.append("http")
         self.children = [Child(role) for role in roles]
+        self.health = ProcessHealth(self.ctx, self.processes)
+
+    def _slot(self, child: Child) -> int | None:
+        return int(child.role.rsplit("-", 1)[1]) if child.role.startswith("consumer-") else None
 
     def _start(self, child: Child) -> None:
+        slot = self._slot(child)
+        if slot is not None:
+            self.health.set_attached(slot, False)
         child.process = self.ctx.Process(
             target=child_main,
-            args=(child.role, self.settings, self.stop, os.getpid()),
+            args=(child.role, self.settings, self.stop, os.getpid(), self.health),
             name=child.role,
         )
+        child.started = time.monotonic()  # before start(): the child's first beat comes after
         child.process.start()
-        child.started = time.monotonic()
         log.info("process started", role=child.role, child_pid=child.process.pid)
+
+    def _stuck(self, child: Child, slot: int, now: float, timeout: float) -> bool:
+        # `started` is on the same monotonic clock as the beats (see health.py).
+        if self.health.last_beat(slot) < child.started:  # this process has not beaten yet
+            return now - child.started > startup_allowance(timeout)
+        return self.health.is_stuck(slot, timeout)
 
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
@@ -103,33 +126,56 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("worker starting", processes=self.processes, http_port=self.settings.http.port
                  if self.settings.http.enabled else None)
+        for role in {c.role.split("-")[0] for c in self.children}:
+            for reason in ("died", "stuck"):
+                metrics.PROCESS_RESTARTS.labels(role, reason)  # exported as 0 from the start
         for child in self.children:
             self._start(child)
+        timeout = self.settings.worker.heartbeat_timeout_seconds
+        watchdog = systemd.watchdog_interval()
+        ready = False
+        next_watchdog = 0.0
+        stuck_reason: dict[str, str] = {}
         while not self._stop_requested:
             time.sleep(0.2)
             now = time.monotonic()
             for child in self.children:
                 p = child.process
+                slot = self._slot(child)
                 if p is not None and p.is_alive():
                     if now - child.started > 30:
                         child.failures = 0
+                    if slot is not None and self._stuck(child, slot, now, timeout):
+                        log.error("process stuck; killing it", role=child.role, child_pid=p.pid,
+                                  heartbeat_age_seconds=round(self.health.age(slot), 1))
+                        p.kill()
+                        stuck_reason[child.role] = "stuck"
                     continue
-                if p is not None:  # it died on its own
+                if p is not None:  # it died on its own, or was killed as stuck
                     p.join()
                     metrics.mark_process_dead(p.pid)
-                    metrics.PROCESS_RESTARTS.labels(child.role.split("-")[0]).inc()
+                    reason = stuck_reason.pop(child.role, "died")
+                    metrics.PROCESS_RESTARTS.labels(child.role.split("-")[0], reason).inc()
                     child.failures += 1
                     delay = min(0.5 * 2 ** (child.failures - 1), 30.0)
                     child.next_start = now + delay
-                    log.error("process died; restarting", role=child.role, exitcode=p.exitcode,
-                              restart_in_seconds=delay)
+                    log.error("process ended; restarting", role=child.role, exitcode=p.exitcode,
+                              reason=reason, restart_in_seconds=delay)
                     child.process = None
                 if now >= child.next_start and not self._stop_requested:
                     self._start(child)
+            if not ready and not self.health.detached():
+                ready = True
+                systemd.notify("READY=1\nSTATUS=consuming")
+                log.info("worker ready: every consumer attached")
+            if ready and watchdog and now >= next_watchdog and not self.health.stuck(timeout):
+                systemd.notify("WATCHDOG=1")
+                next_watchdog = now + watchdog
         return self._shutdown()
 
     def _shutdown(self) -> int:
-        self.stop.set()
+        systemd.notify("STOPPING=1")
+        self.stop.value = 1
         grace = self.settings.worker.shutdown_grace_seconds
         log.info("stopping", grace_seconds=grace)
         deadline = time.monotonic() + grace
@@ -155,8 +201,22 @@ def run(settings: Settings, processes: int | None = None) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_dir = tempfile.mkdtemp(prefix="inventory-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    else:  # a folder given to us (e.g. a Kubernetes emptyDir that outlives a container)
+        _empty_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     try:
         return Supervisor(settings, processes).run()
     finally:
         if own_dir:
             shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _empty_metrics_dir(path: str) -> None:
+    """Files of a previous run (pids are reused in containers) would be summed into this one's.
+
+    Runs before prometheus_client is imported in this process: the metrics module opens its
+    files at import, and deleting them afterwards would leave it writing to unlinked files.
+    """
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))

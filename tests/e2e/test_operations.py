@@ -1,0 +1,401 @@
+"""Operating a live worker: metrics, event logs, DLQ and cache tools, SIGTERM, stuck children.
+
+Each test here runs its own worker on its own queues and exchanges (the run's database and
+Redis prefix are shared), so the session's worker cannot take its messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+
+from inventory_worker.config import Settings
+from inventory_worker.contract import make_event
+
+from ..support import (
+    REPO,
+    Bus,
+    WorkerProcess,
+    delete_topology,
+    free_port,
+    http_get,
+    pg,
+    redis_client,
+    settings_env,
+    uid,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def own_settings(settings: Settings, **worker: object) -> Settings:
+    tag = uuid.uuid4().hex[:6]
+    r = settings.rabbitmq
+    return settings.model_copy(update={
+        "rabbitmq": r.model_copy(update={
+            name: f"{getattr(r, name)}.{tag}"
+            for name in ("exchange", "queue", "events_exchange", "dead_letter_exchange", "dead_letter_queue")}),
+        "worker": settings.worker.model_copy(update=worker),
+        "http": settings.http.model_copy(update={"port": free_port()}),
+    })
+
+
+def poll(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def scrape(worker: WorkerProcess) -> str:
+    status, _, body = http_get(worker.base_url + "/metrics")
+    assert status == 200
+    return body.decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in an exposition, or None if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "inventory_worker", *args], env=settings_env(settings),
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def log_lines(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.received: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.received.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.received
+
+
+@pytest.fixture(scope="module")
+def ops(settings: Settings, logs_dir: Path, tmp_path_factory) -> Iterator[tuple[WorkerProcess, Bus]]:
+    """A worker (2 consumers) measuring its gauges twice a second, and a bus on its queues."""
+    s = own_settings(settings, metrics_interval_seconds=0.5)
+    bus = Bus(s)
+    w = WorkerProcess(s, processes=2, log_path=logs_dir / f"ops-{uuid.uuid4().hex[:6]}.log").start()
+    yield w, bus
+    w.stop()
+    bus.close()
+    delete_topology(s)
+
+
+# ---- metrics and logs ---------------------------------------------------------------------
+
+
+def test_metrics_move_with_traffic_and_pass_promtool(ops):
+    worker, bus = ops
+    sku, order = uid("SKU"), uid("O")
+    adjusts = [bus.publish("stock.adjusted", {"product_id": sku, "delta": 1}) for _ in range(5)]
+    placed = bus.publish("order.placed", {"order_id": order, "lines": [{"product_id": sku, "quantity": 2}]})
+    too_big = bus.publish("order.placed", {"order_id": uid("O"), "lines": [{"product_id": sku, "quantity": 99}]})
+    bus.publish_raw(b"not json", routing_key="order.placed")
+    bus.wait_result(placed["id"], "inventory.reserved")
+    bus.wait_result(too_big["id"], "inventory.rejected")
+    for a in adjusts:
+        bus.wait_result(a["id"], "inventory.adjusted")
+    redis_client(worker.settings).delete(f"{worker.settings.redis.key_prefix}stock:{sku}")  # a cold cache
+    for _ in range(3):
+        assert http_get(f"{worker.base_url}/inventory/{sku}")[0] == 200
+    assert http_get(f"{worker.base_url}/inventory/{uid('NOPE')}")[0] == 404
+
+    # The gauges are measured every 0.5 s by one consumer; the DLQ holds our one bad message.
+    def dlq_measured():
+        t = scrape(worker)
+        return t if sample(t, "inventory_dead_letter_queue_messages") == 1 else None
+
+    text = poll(dlq_measured, what="DLQ depth gauge = 1")
+    assert sample(text, "inventory_events_total", type="stock.adjusted", outcome="adjusted") == 5
+    assert sample(text, "inventory_events_total", type="order.placed", outcome="reserved") == 1
+    assert sample(text, "inventory_events_total", type="order.placed", outcome="rejected") == 1
+    assert sample(text, "inventory_events_total", type="order.placed", outcome="dead_lettered") == 1
+    assert sample(text, "inventory_dead_lettered_total", reason="invalid") == 1
+    # Receive-to-ack latency: one observation per applied event, summed over both consumers.
+    assert sample(text, "inventory_event_processing_seconds_count") == 7
+    assert sample(text, "inventory_publish_seconds_count") >= 1
+    assert sample(text, "inventory_results_published_total", path="direct") >= 7
+    # One miss refilled the cache, then hits; the unknown product is a miss too.
+    assert sample(text, "inventory_cache_requests_total", result="miss") == 2
+    assert sample(text, "inventory_cache_requests_total", result="hit") == 2
+    assert sample(text, "inventory_http_requests_total", route="/inventory/{product_id}", status="200") == 3
+    assert sample(text, "inventory_http_requests_total", route="/inventory/{product_id}", status="404") == 1
+    assert sample(text, "inventory_http_request_duration_seconds_count", route="/inventory/{product_id}") == 4
+    # The gauge is the database-wide count (nothing else changes it while this test runs).
+    with pg(worker.settings) as cur:
+        cur.execute("SELECT count(*) FROM orders WHERE status = 'reserved'")
+        live = cur.fetchone()[0]
+    assert live >= 1
+    poll(lambda: sample(scrape(worker), "inventory_reservations_active") == live, what=f"reservations gauge = {live}")
+    assert sample(text, "inventory_outbox_backlog_messages") is not None
+    assert sample(text, "inventory_process_restarts_total", role="consumer", reason="died") == 0
+    assert sample(text, "inventory_process_restarts_total", role="consumer", reason="stuck") == 0
+
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_one_json_log_line_per_event_handled(ops):
+    worker, bus = ops
+    sku, order = uid("SKU"), uid("O")
+    adj = bus.publish("stock.adjusted", {"product_id": sku, "delta": 4})
+    bus.wait_result(adj["id"])  # two consumers: the order must not overtake the stock
+    placed = bus.publish("order.placed", {"order_id": order, "lines": [{"product_id": sku, "quantity": 1}]})
+    bus.wait_result(placed["id"], "inventory.reserved")
+
+    def handled():
+        lines = [x for x in log_lines(worker.log_path) if x.get("event") == "event handled"
+                 and x.get("event_id") in (adj["id"], placed["id"])]
+        return lines if len(lines) >= 2 else None
+
+    lines = poll(handled, what="two 'event handled' lines")
+    assert len(lines) == 2  # one each, not more
+    by_id = {x["event_id"]: x for x in lines}
+    p = by_id[placed["id"]]
+    assert (p["type"], p["order_id"], p["outcome"]) == ("order.placed", order, "reserved")
+    a = by_id[adj["id"]]
+    assert (a["type"], a["product_id"], a["outcome"]) == ("stock.adjusted", sku, "adjusted")
+    for x in lines:
+        assert isinstance(x["duration_ms"], (int, float)) and x["duration_ms"] >= 0
+        assert x["level"] == "info" and x["process"].startswith("consumer-") and "timestamp" in x
+
+
+# ---- operator tools ------------------------------------------------------------------------
+
+
+def test_dlq_list_replay_purge(ops):
+    worker, bus = ops
+    s = worker.settings
+    bus.channel.queue_purge(s.rabbitmq.dead_letter_queue)  # what the metrics test left
+    sku = uid("SKU")
+    # A valid event that was dead-lettered (as when the database refused it for a reason since
+    # fixed), put there as the worker does it, and a body that is not JSON, refused by the worker.
+    good = {"id": str(uuid.uuid4()), "type": "stock.adjusted", "occurred_at": "2026-01-01T00:00:00Z",
+            "data": {"product_id": sku, "delta": 7}}
+    bus.channel.basic_publish(
+        s.rabbitmq.dead_letter_exchange, "stock.adjusted", json.dumps(good).encode(),
+        properties=pika.BasicProperties(message_id=good["id"], content_type="application/json", delivery_mode=2,
+                                        headers={"x-inventory-error": "refused by the database: test",
+                                                 "x-original-routing-key": "stock.adjusted"}))
+    bad_id = str(uuid.uuid4())
+    bus.publish_raw(b"{broken", routing_key="order.cancelled",
+                    properties=pika.BasicProperties(message_id=bad_id, delivery_mode=2))
+    poll(lambda: bus.channel.queue_declare(s.rabbitmq.dead_letter_queue, passive=True).method.message_count == 2,
+         what="two dead letters")
+
+    listed = {m["message_id"]: m for m in map(json.loads, cli(s, "dlq", "list").stdout.splitlines())}
+    assert listed[good["id"]]["routing_key"] == "stock.adjusted"
+    assert listed[good["id"]]["body"]["data"] == {"product_id": sku, "delta": 7}
+    assert listed[bad_id]["routing_key"] == "order.cancelled"
+    assert "not JSON" in listed[bad_id]["reason"]
+
+    r = cli(s, "dlq", "replay", "--message-id", good["id"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"replayed": good["id"], "routing_key": "stock.adjusted"}
+    assert bus.wait_result(good["id"], "inventory.adjusted")["data"]["on_hand"] == 7
+    remaining = [json.loads(x)["message_id"] for x in cli(s, "dlq", "list").stdout.splitlines()]
+    assert remaining == [bad_id]
+
+    assert cli(s, "dlq", "purge").returncode == 2  # refuses without --yes
+    assert cli(s, "dlq", "purge", "--yes").returncode == 0
+    assert cli(s, "dlq", "list").stdout == ""
+
+
+def test_cache_rebuild_refills_redis_without_going_back(ops):
+    worker, bus = ops
+    s = worker.settings
+    a, b, c = uid("SKU"), uid("SKU"), uid("SKU")
+    for sku in (a, b, c):
+        bus.wait_result(bus.publish("stock.adjusted", {"product_id": sku, "on_hand": 10})["id"])
+    r = redis_client(s)
+    key = s.redis.key_prefix + "stock:"
+    r.delete(key + a)  # lost
+    r.set(key + b, json.dumps({"version": 0, "product_id": b, "on_hand": 3, "reserved": 0, "available": 3}))
+    newer = json.dumps({"version": 999, "product_id": c, "on_hand": 1, "reserved": 0, "available": 1})
+    r.set(key + c, newer)  # as if written by a newer change: a rebuild must not undo it
+
+    out = cli(s, "cache", "rebuild")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["products"] >= 3 and report["written"] >= 2
+    for sku in (a, b):
+        cached = json.loads(r.get(key + sku))
+        assert (cached["on_hand"], cached["available"], cached["version"]) == (10, 10, 1)
+        assert r.ttl(key + sku) > 0
+    assert r.get(key + c).decode() == newer
+
+
+# ---- process behaviour ---------------------------------------------------------------------
+
+
+def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, tmp_path):
+    grace = 15.0
+    s = own_settings(settings, shutdown_grace_seconds=grace)
+    bus = Bus(s)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    products = [uid("SKU") for _ in range(5)]
+    n = 1000
+    ids = []
+    try:
+        # Queued before the worker starts, so the SIGTERM lands in the middle of the burst.
+        # Published without per-message confirms (fast), then counted in the queue.
+        ch = bus.conn.channel()
+        for i in range(n):
+            body = make_event("stock.adjusted", {"product_id": products[i % 5], "delta": 1})
+            ch.basic_publish(s.rabbitmq.exchange, "stock.adjusted", json.dumps(body).encode(),
+                             properties=pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
+            ids.append(body["id"])
+        poll(lambda: ch.queue_declare(s.rabbitmq.queue, passive=True).method.message_count == n,
+             what=f"{n} messages queued")
+        ch.close()
+        w = WorkerProcess(s, processes=2, log_path=logs_dir / f"sigterm-{uuid.uuid4().hex[:6]}.log",
+                          extra_env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+        w.start(wait_ready=False)
+        bus.wait_for(lambda rs: len(rs) >= n // 10, timeout=60)
+        started = time.monotonic()
+        w.proc.send_signal(signal.SIGTERM)
+        rc = w.proc.wait(grace + 10)
+        elapsed = time.monotonic() - started
+        w.stop()
+        assert rc == 0
+        print(f"SIGTERM to exit: {elapsed:.2f}s (grace {grace}s)")
+        assert elapsed < grace, f"took {elapsed:.1f}s, grace is {grace}s"
+        assert "killed after the grace period" not in w.log_path.read_text()
+        msgs = notify.drain()
+        assert msgs[0].startswith("READY=1") and "WATCHDOG=1" in msgs and msgs[-1] == "STOPPING=1"
+
+        with pg(s) as cur:
+            cur.execute("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,))
+            applied_first = cur.fetchone()[0]
+            # Everything applied before the stop had its results published and marked so.
+            cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL"
+                        "   AND body->>'causation_id' = ANY(%s)", (ids,))
+            unpublished = cur.fetchone()[0]
+        assert 0 < applied_first < n, "the SIGTERM should land mid-burst"
+        assert unpublished == 0
+
+        w2 = WorkerProcess(s, processes=2, log_path=logs_dir / f"sigterm2-{uuid.uuid4().hex[:6]}.log").start()
+        try:
+            bus.wait_for(lambda rs: len({r["causation_id"] for r in rs}) >= n, timeout=90)
+        finally:
+            assert w2.stop() == 0
+        with pg(s) as cur:
+            cur.execute("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,))
+            assert cur.fetchone()[0] == n
+            cur.execute("SELECT sum(on_hand) FROM products WHERE product_id = ANY(%s)", (products,))
+            assert cur.fetchone()[0] == n  # each +1 applied exactly once
+        assert {r["causation_id"] for r in bus.results} == set(ids)
+    finally:
+        bus.close()
+        delete_topology(s)
+
+
+def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
+    s = own_settings(settings, heartbeat_timeout_seconds=4.0)
+    bus = Bus(s)
+    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"stuck-{uuid.uuid4().hex[:6]}.log").start()
+    try:
+        assert http_get(w.base_url + "/healthz")[0] == 200
+
+        def consumer_pids() -> list[int]:
+            return [x["child_pid"] for x in log_lines(w.log_path)
+                    if x.get("event") == "process started" and x.get("role") == "consumer-0"]
+
+        (stuck_pid,) = consumer_pids()
+        os.kill(stuck_pid, signal.SIGSTOP)
+        status, _, body = poll(lambda: (r := http_get(w.base_url + "/healthz", timeout=5))[0] == 503 and r,
+                               interval=0.05, what="/healthz 503")
+        assert json.loads(body)["failing"] == ["consumers"]
+        assert "consumer-0" in json.loads(body)["detail"]["consumers"]
+
+        new_pid = poll(lambda: [p for p in consumer_pids() if p != stuck_pid], what="a new consumer-0")[0]
+        poll(lambda: http_get(w.base_url + "/healthz")[0] == 200, what="/healthz 200 again")
+        poll(lambda: http_get(w.base_url + "/readyz")[0] == 200, what="/readyz 200 again")
+        assert not os.path.exists(f"/proc/{stuck_pid}/status") or "zombie" in Path(
+            f"/proc/{stuck_pid}/status").read_text()
+        assert new_pid != stuck_pid
+        text = scrape(w)
+        assert sample(text, "inventory_process_restarts_total", role="consumer", reason="stuck") == 1
+        assert sample(text, "inventory_process_restarts_total", role="consumer", reason="died") == 0
+        sku = uid("SKU")  # and the new consumer works
+        assert bus.wait_result(bus.publish("stock.adjusted", {"product_id": sku, "delta": 2})["id"],
+                               "inventory.adjusted")["data"]["on_hand"] == 2
+    finally:
+        assert w.stop() == 0
+        bus.close()
+        delete_topology(s)
+
+
+def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: the queues exist
+    """/readyz waits for every consumer to attach; /healthz fails on a stale heartbeat."""
+    import multiprocessing
+
+    from inventory_worker.health import ProcessHealth
+    from inventory_worker.http_api import ReadAPI
+    from inventory_worker.http_server import health_checks
+
+    health = ProcessHealth(multiprocessing.get_context("spawn"), 2)
+    ready, live = health_checks(health, timeout=0.5)
+    api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)
+    health.set_attached(0, True)
+    r = api.handle("GET", "/readyz", {})
+    assert r.status == 503 and json.loads(r.body)["failing"] == ["consumers"]
+    assert "consumer-1" in json.loads(r.body)["detail"]["consumers"]
+    health.set_attached(1, True)
+    assert api.handle("GET", "/readyz", {}).status == 200
+    health.beat(0)
+    health.beat(1)
+    assert api.handle("GET", "/healthz", {}).status == 200
+    time.sleep(0.6)
+    health.beat(0)
+    r = api.handle("GET", "/healthz", {})
+    assert r.status == 503 and re.search(r"consumer-1 \(\d", json.loads(r.body)["detail"]["consumers"])
+    # A process still starting (imports, first connections) is allowed more than the timeout.
+    health.starting(1)
+    time.sleep(0.6)
+    health.beat(0)
+    assert api.handle("GET", "/healthz", {}).status == 200

@@ -10,6 +10,7 @@ Topology (names from config):
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from .config import RabbitMQSettings
+from .config import RabbitMQSettings, reveal
 from .contract import INPUT_TYPES
 from .store import OutgoingMessage
 
@@ -39,6 +40,14 @@ def connection_parameters(settings: RabbitMQSettings) -> pika.URLParameters:
     params.connection_attempts = 1
     params.socket_timeout = 5
     params.client_properties = {"connection_name": "inventory-worker"}
+    if reveal(settings.password):
+        params.credentials = pika.PlainCredentials(params.credentials.username, reveal(settings.password))
+    if settings.url.scheme == "amqps":
+        # Verify the broker's certificate and host name (pika's URL default checks neither).
+        context = ssl.create_default_context(cafile=settings.ca_file)
+        if settings.cert_file:
+            context.load_cert_chain(settings.cert_file, settings.key_file)
+        params.ssl_options = pika.SSLOptions(context, server_hostname=settings.url.host)
     return params
 
 

@@ -78,12 +78,4 @@ class StockCache:
 
 
 def make_client(settings: RedisSettings) -> redis.Redis:
-    return redis.Redis(
-        host=settings.host,
-        port=settings.port,
-        db=settings.db,
-        password=settings.password or None,
-        socket_timeout=settings.socket_timeout_seconds,
-        socket_connect_timeout=settings.socket_timeout_seconds,
-        health_check_interval=30,
-    )
+    return redis.Redis(**settings.client_kwargs(), health_check_interval=30)

@@ -5,21 +5,34 @@
   GET /healthz                 the process is alive
   GET /readyz                  PostgreSQL, Redis and RabbitMQ reachable, else 503 naming which
   GET /metrics                 Prometheus exposition of every worker process
+  GET /openapi.json            the OpenAPI 3 description of this API (docs/openapi.json)
 Every other method is 405: there is no write path.
+
+Every request passes the same gates, in this order, before any route code runs:
+  1. input bounds: request line (414), header count and size (431), method (405);
+  2. routes that need a role (auth.py): the rate limit, per token or else per client address
+     (ratelimit.py: 429, or 503 when Redis cannot say), then the token (401) and its roles (403);
+  3. the route itself; a product id that breaks the contract's rules is 400 before it is used.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 
 from . import amqp, metrics
+from .auth import Authenticator, Principal
 from .cache import StockCache, encode_figures
 from .config import Settings
+from .ratelimit import Decision, RateLimiter, RateLimitUnavailable
 from .contract import PRODUCT_ID_PATTERN
 from .logs import get_logger
 from .store import Store
@@ -40,6 +53,23 @@ class Response:
 
 def error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
     return Response(status, json.dumps({"error": message}).encode(), JSON, headers or [])
+
+
+@cache
+def openapi_document() -> bytes:
+    """docs/openapi.json, from a checkout or a wheel install (INVENTORY_DOCS_DIR overrides)."""
+    env = os.environ.get("INVENTORY_DOCS_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parent.parent / "docs",
+                   Path(sys.prefix) / "share" / "inventory-worker" / "docs"]
+    for c in candidates:
+        if (c / "openapi.json").is_file():
+            return (c / "openapi.json").read_bytes()
+    raise FileNotFoundError("cannot find docs/openapi.json; set INVENTORY_DOCS_DIR")
+
+
+_ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+_INVENTORY = "/inventory/"
 
 
 class StorePool:
@@ -70,6 +100,11 @@ class ReadAPI:
         self.settings = settings
         self.cache = cache or StockCache(settings.redis)
         self.stores = stores or StorePool(settings)
+        self.auth = Authenticator(settings.auth)
+        self.limiter = RateLimiter(self.cache.client, settings.redis.key_prefix)
+        if not self.auth.has_tokens:
+            log.warning("no API tokens configured: /inventory answers 401 to everyone "
+                        "(create one with `inventory-worker token create NAME --role inventory:read`)")
         self.ready_checks: dict[str, Callable[[], None]] = {
             "postgresql": self._check_postgresql,
             "redis": self.cache.ping,
@@ -78,28 +113,77 @@ class ReadAPI:
         }
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], client: str = "") -> Response:
-        route, resp = self._route(method, path)
+        route, resp = self._route(method, path, headers, client)
         metrics.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
         return resp
 
-    def _route(self, method: str, target: str) -> tuple[str, Response]:
+    def _route(self, method: str, target: str, headers: Mapping[str, str], client: str) -> tuple[str, Response]:
+        limits = self.settings.http
+        # "METHOD SP target SP HTTP/1.1": the server adapter bounds the raw line too.
+        if len(method) + len(target) + 10 > limits.max_request_line_bytes:
+            return "other", error(414, "request line too long")
+        items = list(headers.items())
+        if len(items) > limits.max_headers or sum(len(k) + len(v) + 4 for k, v in items) > limits.max_header_bytes:
+            return "other", error(431, "request header fields too large")
         path = target.split("?", 1)[0]
-        if path.startswith("/inventory/"):
+        if path.startswith(_INVENTORY):
             route = "/inventory/{product_id}"
-        elif path in ("/healthz", "/readyz", "/metrics"):
+        elif path in _ROUTES:
             route = path
         else:
-            return "other", error(404, "not found")
+            route = "other"
         if method not in ("GET", "HEAD"):
             return route, error(405, "method not allowed: this endpoint is read-only", [("Allow", "GET, HEAD")])
+        if route == "other":
+            return route, error(404, "not found")
+        role = self.auth.required_role(route)
+        if role is None:
+            return route, self._open(route)
+        principal = self.auth.authenticate(headers)
+        try:
+            decision = self._limit(principal, client)
+        except RateLimitUnavailable as exc:
+            log.warning("rate limiter unavailable; refusing the request", error=str(exc))
+            return route, error(503, "rate limiter unavailable; try again shortly", [("Retry-After", "1")])
+        limit_headers = decision.headers() if decision is not None else []
+        if decision is not None and not decision.allowed:
+            return route, error(429, "too many requests", limit_headers)
+        if principal is None:
+            challenge = 'Bearer realm="inventory"'
+            if headers.get("Authorization") or headers.get("authorization"):
+                challenge += ', error="invalid_token"'
+            return route, error(401, "a valid bearer token is required", [("WWW-Authenticate", challenge)]
+                                + limit_headers)
+        if role not in principal.roles:
+            return route, error(403, f"this token lacks the role {role}",
+                                [("WWW-Authenticate", f'Bearer realm="inventory", error="insufficient_scope", '
+                                                      f'scope="{role}"')] + limit_headers)
+        resp = self._stock(path[len(_INVENTORY):]) if route != "/metrics" else self._metrics()
+        resp.headers.extend(limit_headers)
+        return route, resp
+
+    def _limit(self, principal: Principal | None, client: str) -> Decision | None:
+        """One request counted against its client's limit; None when rate limiting is off."""
+        rl = self.settings.rate_limit
+        if not rl.enabled:
+            return None
+        if principal is not None:
+            return self.limiter.check("token", principal.name, principal.rate_per_second or rl.rate_per_second,
+                                      principal.burst or rl.burst)
+        return self.limiter.check("addr", client or "unknown", rl.anonymous_rate_per_second, rl.anonymous_burst)
+
+    def _open(self, route: str) -> Response:
         if route == "/healthz":
-            return route, Response(200, b'{"status":"ok"}')
+            return Response(200, b'{"status":"ok"}')
         if route == "/readyz":
-            return route, self._readyz()
-        if route == "/metrics":
-            body, ctype = metrics.exposition()
-            return route, Response(200, body, ctype)
-        return route, self._stock(path[len("/inventory/"):])
+            return self._readyz()
+        if route == "/openapi.json":
+            return Response(200, openapi_document())
+        return self._metrics()
+
+    def _metrics(self) -> Response:
+        body, ctype = metrics.exposition()
+        return Response(200, body, ctype)
 
     def _stock(self, product_id: str) -> Response:
         if not _PRODUCT_ID.fullmatch(product_id):
@@ -135,7 +219,9 @@ class ReadAPI:
             except Exception as exc:
                 failing[name] = str(exc) or type(exc).__name__
         if failing:
-            body = {"status": "unavailable", "failing": sorted(failing), "detail": failing}
+            # The probe is open to anyone: the body names what fails, the log says why.
+            log.warning("not ready", failing=failing)
+            body = {"status": "unavailable", "failing": sorted(failing)}
             return Response(503, json.dumps(body).encode())
         return Response(200, json.dumps({"status": "ready", "checks": sorted(self.ready_checks)}).encode())
 

@@ -56,10 +56,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors found while parsing, as JSON like every other error; the connection is closed."""
-        body = json.dumps({"error": message or HTTPStatus(code).phrase}).encode()
+        """Errors found while parsing, as JSON like every other error; the connection is closed.
+
+        The standard phrase only: the library's messages echo the client's bytes.
+        """
+        phrase = HTTPStatus(code).phrase
+        body = json.dumps({"error": phrase.lower()}).encode()
         self.close_connection = True
-        self.send_response(code, message)
+        self.request_version = "HTTP/1.1"  # always a status line, even for an HTTP/0.9-looking request
+        self.send_response(code, phrase)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")

@@ -120,11 +120,12 @@ class RabbitMQSettings(BaseModel):
     heartbeat_seconds: int = Field(30, ge=0)
     # Replaces the password in `url` (so the URL can live in config and the password in a secret).
     password: SecretStr = SecretStr("")
-    # TLS for amqps:// URLs: the broker's certificate is verified against ca_file (else the
-    # system CAs) and its host name checked; cert_file/key_file for mutual TLS.
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    # TLS for amqps:// URLs: the broker's certificate is verified against cafile (else the
+    # system CAs) and its host name checked; certfile/keyfile for mutual TLS. (No name here
+    # ends in _file: INVENTORY_*_FILE means "read the value from this file".)
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
 
     @field_validator("url")
     @classmethod

@@ -253,14 +253,14 @@ def environ_with_files(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment with every INVENTORY_X_FILE=path replaced by INVENTORY_X=<the file's text>.
 
     One trailing newline is dropped (as `echo` and most secret tools write one). Setting both
-    X and X_FILE is refused: which one wins would be a guess.
+    X (non-empty) and X_FILE is refused: which one wins would be a guess.
     """
     env = dict(environ)
     for name, path in environ.items():
         if not (name.upper().startswith(ENV_PREFIX) and name.upper().endswith(FILE_SUFFIX)):
             continue
         target = name[: -len(FILE_SUFFIX)]
-        if target in environ:
+        if environ.get(target):
             raise ConfigError(f"both {target} and {name} are set: use one")
         try:
             text = Path(path).read_text()

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from urllib.parse import unquote
 
 from . import amqp, metrics
 from .auth import Authenticator, Principal
@@ -185,7 +186,13 @@ class ReadAPI:
         body, ctype = metrics.exposition()
         return Response(200, body, ctype)
 
-    def _stock(self, product_id: str) -> Response:
+    def _stock(self, segment: str) -> Response:
+        # Percent-decoded first ("%3A" is ":"), then held to the contract's rules: what passes
+        # is letters, digits and ._:- only, safe for every key and query it is used in.
+        try:
+            product_id = unquote(segment, errors="strict")
+        except UnicodeDecodeError:
+            product_id = ""
         if not _PRODUCT_ID.fullmatch(product_id):
             return error(400, "invalid product id: 1 to 64 characters of letters, digits and ._:-")
         try:

@@ -130,6 +130,12 @@ def test_an_unknown_product_is_404(api_url):
     assert http_get(f"{api_url}/inventory/{uid('NOPE')}")[0] == 404
 
 
+def test_a_percent_encoded_id_is_the_same_product(api_url, product):
+    status, _, body = http_get(f"{api_url}/inventory/{product.replace('-', '%2D')}")
+    assert status == 200 and json.loads(body)["product_id"] == product
+    assert http_get(f"{api_url}/inventory/%FF%FE")[0] == 400  # not UTF-8
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "FOO"])
 def test_only_get_and_head(api_url, product, method):
     status, raw = raw_request(api_url, f"{method} /inventory/{product} HTTP/1.1\r\nHost: x\r\n"

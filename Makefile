@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test migrate install clean
+.PHONY: run test fuzz migrate install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ migrate: $(STAMP)
 ## The whole suite, against real PostgreSQL, Redis and RabbitMQ (each run isolated).
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## Longer fuzzing than the suite's bounded runs: schemathesis against a live worker (2000 cases
+## per operation) and 20000 random and near-valid messages through RabbitMQ. Minutes, not seconds.
+fuzz: $(STAMP)
+	INVENTORY_FUZZ_EXAMPLES=$${INVENTORY_FUZZ_EXAMPLES:-2000} INVENTORY_FUZZ_TIMEOUT=3000 \
+	INVENTORY_FUZZ_MESSAGES=$${INVENTORY_FUZZ_MESSAGES:-20000} INVENTORY_FUZZ_SEED=$${INVENTORY_FUZZ_SEED:-$$RANDOM} \
+	$(BIN)/pytest -o timeout=3600 tests/e2e/test_message_fuzz.py \
+	    tests/e2e/test_http_security.py::test_schemathesis_finds_no_difference_from_the_document $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

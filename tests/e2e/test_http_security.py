@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def test_schemathesis_finds_no_difference_from_the_document(worker, bus, tmp_pat
     cmd = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{worker.base_url}/openapi.json",
            "--checks", "all", "--max-examples", examples, "--header", f"Authorization: Bearer {TEST_TOKEN}",
            "--generation-database", "none", "--no-color", "--workers", "2", "--seed", os.environ.get(
-               "INVENTORY_FUZZ_SEED", "4"), "--report", "junit", "--report-dir", str(tmp_path)]
+               "INVENTORY_FUZZ_SEED") or str(random.randrange(2**32)), "--report", "junit", "--report-dir", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=float(os.environ.get("INVENTORY_FUZZ_TIMEOUT", 120)),
                        cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

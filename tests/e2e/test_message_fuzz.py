@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 import uuid
 from typing import Any
 
 import pika
-from hypothesis import HealthCheck, Phase, assume, given
+from hypothesis import HealthCheck, Phase, assume, given, seed
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
@@ -118,6 +119,10 @@ def test_random_and_near_valid_messages_end_in_the_dlq_and_change_nothing(settin
         sent: dict[str, bytes] = {}
         controls: list[str] = []
 
+        fuzz_seed = int(os.environ.get("INVENTORY_FUZZ_SEED") or random.randrange(2**32))
+        print(f"fuzz seed: {fuzz_seed} (INVENTORY_FUZZ_SEED={fuzz_seed} repeats this run)")
+
+        @seed(fuzz_seed)
         @hsettings(max_examples=int(os.environ.get("INVENTORY_FUZZ_MESSAGES", "2000")), deadline=None, database=None,
                    phases=[Phase.generate], suppress_health_check=list(HealthCheck))
         @given(msg=st.one_of(near_valid(products), random_message()), hdrs=headers, ctype=content_types,

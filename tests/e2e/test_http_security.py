@@ -90,7 +90,7 @@ def test_every_status_the_server_gives_is_documented(worker, bus):
 def test_schemathesis_finds_no_difference_from_the_document(worker, bus, tmp_path):
     """Every documented operation, generated and near-valid inputs, every check schemathesis has
     (status codes, schemas, headers, content types, auth enforced, unsupported methods ...)."""
-    examples = os.environ.get("INVENTORY_FUZZ_EXAMPLES", "40")
+    examples = os.environ.get("INVENTORY_FUZZ_EXAMPLES", "120")
     cmd = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{worker.base_url}/openapi.json",
            "--checks", "all", "--max-examples", examples, "--header", f"Authorization: Bearer {TEST_TOKEN}",
            "--generation-database", "none", "--no-color", "--workers", "2", "--seed", os.environ.get(

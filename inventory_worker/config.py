@@ -162,6 +162,8 @@ class HTTPSettings(BaseModel):
     max_headers: int = Field(50, ge=1, le=100)
     # A connection idle this long is closed (slow clients cannot hold threads forever).
     client_timeout_seconds: float = Field(10.0, gt=0)
+    # Connections served at once; more are answered 503 at once and closed.
+    max_connections: int = Field(256, ge=1, le=100_000)
 
 
 class TokenSettings(BaseModel):

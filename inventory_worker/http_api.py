@@ -22,6 +22,8 @@ import os
 import queue
 import re
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,6 +71,7 @@ def openapi_document() -> bytes:
     raise FileNotFoundError("cannot find docs/openapi.json; set INVENTORY_DOCS_DIR")
 
 
+READY_CACHE_SECONDS = 1.0
 _ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 _INVENTORY = "/inventory/"
 
@@ -101,6 +104,8 @@ class ReadAPI:
         self.settings = settings
         self.cache = cache or StockCache(settings.redis)
         self.stores = stores or StorePool(settings)
+        self._ready_lock = threading.Lock()
+        self._ready_cache: tuple[float, tuple[int, bytes]] | None = None
         self.auth = Authenticator(settings.auth)
         self.limiter = RateLimiter(self.cache.client, settings.redis.key_prefix)
         if not self.auth.has_tokens:
@@ -219,6 +224,17 @@ class ReadAPI:
         return Response(200, encode_figures(figures))
 
     def _readyz(self) -> Response:
+        """The probe is open to anyone: one check per READY_CACHE_SECONDS however many ask, so a
+        flood of probes cannot turn into a flood of connections to the dependencies."""
+        with self._ready_lock:
+            now = time.monotonic()
+            if self._ready_cache is None or now - self._ready_cache[0] >= READY_CACHE_SECONDS:
+                result = self._check_ready()
+                self._ready_cache = (time.monotonic(), result)
+            status, body = self._ready_cache[1]
+        return Response(status, body)
+
+    def _check_ready(self) -> tuple[int, bytes]:
         failing = {}
         for name, check in self.ready_checks.items():
             try:
@@ -229,8 +245,8 @@ class ReadAPI:
             # The probe is open to anyone: the body names what fails, the log says why.
             log.warning("not ready", failing=failing)
             body = {"status": "unavailable", "failing": sorted(failing)}
-            return Response(503, json.dumps(body).encode())
-        return Response(200, json.dumps({"status": "ready", "checks": sorted(self.ready_checks)}).encode())
+            return 503, json.dumps(body).encode()
+        return 200, json.dumps({"status": "ready", "checks": sorted(self.ready_checks)}).encode()
 
     def _check_postgresql(self) -> None:
         with self.stores.store() as store:

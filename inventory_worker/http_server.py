@@ -1,7 +1,8 @@
 """Serves the ReadAPI (http_api.py) over HTTP/1.1 with the standard library's threading server.
 
 The adapter bounds what it reads before the API sees anything: the request line (414), the
-header section (431, through http.client's own limits), and idle connections (a timeout).
+header section (431, through http.client's own limits), idle connections (a timeout) and how
+many connections it serves at once (beyond http.max_connections: 503 and close).
 Every method reaches ReadAPI.handle, which answers all but GET and HEAD with 405.
 """
 
@@ -76,11 +77,43 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: 33\r\n\r\n" + b'{"error": "too many connections"}')
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, up to http.max_connections; beyond that 503 and close."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def make_server(api: ReadAPI, host: str, port: int) -> ThreadingHTTPServer:
     handler = type("Handler", (_Handler,), {"api": api, "timeout": api.settings.http.client_timeout_seconds})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _BoundedServer((host, port), handler, api.settings.http.max_connections)
 
 
 def serve(settings: Settings, stop: threading.Event | Any) -> None:

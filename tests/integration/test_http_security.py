@@ -219,3 +219,38 @@ def test_no_tokens_configured_everyone_gets_401_and_a_warning(settings, product,
     with serving(s) as base:
         assert http_get(f"{base}/inventory/{product}")[0] == 401
     assert "no API tokens configured" in capsys.readouterr().err
+
+
+def test_connections_beyond_the_cap_get_503_and_idle_ones_are_dropped(settings):
+    import time
+
+    s = settings.model_copy(update={"http": settings.http.model_copy(
+        update={"max_connections": 2, "client_timeout_seconds": 1.0})})
+    with serving(s) as base:
+        host, port = base.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]  # say nothing
+        try:
+            deadline = time.monotonic() + 10
+            while True:  # the two idle connections hold both slots
+                status, headers, body = http_get(f"{base}/healthz", token=None)
+                if status == 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert status == 503 and json.loads(body) == {"error": "too many connections"}
+            for sock in idle:  # the server drops them after client_timeout_seconds
+                assert sock.recv(1) == b""
+            deadline = time.monotonic() + 10
+            while http_get(f"{base}/healthz", token=None)[0] != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_readiness_probes_are_checked_at_most_once_a_second(settings, bus):
+    api = ReadAPI(settings)
+    calls = []
+    api.ready_checks["counted"] = lambda: calls.append(1)
+    statuses = [api.handle("GET", "/readyz", {}).status for _ in range(50)]
+    assert statuses == [200] * 50 and len(calls) == 1

@@ -99,3 +99,12 @@ def test_schemathesis_finds_no_difference_from_the_document(worker, bus, tmp_pat
                        cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "generated" in r.stdout
+
+
+def test_a_worker_without_tokens_starts_refuses_everyone_and_says_why(settings, start_worker):
+    s = settings.model_copy(update={"auth": settings.auth.model_copy(update={"tokens": []})})
+    w = start_worker(processes=1, settings_override=s)  # ready: /readyz and /healthz stay open
+    status, headers, _ = http_get(f"{w.base_url}/inventory/{uid()}")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    w.stop()
+    assert "no API tokens configured" in w.log_path.read_text()

@@ -254,3 +254,27 @@ def test_readiness_probes_are_checked_at_most_once_a_second(settings, bus):
     api.ready_checks["counted"] = lambda: calls.append(1)
     statuses = [api.handle("GET", "/readyz", {}).status for _ in range(50)]
     assert statuses == [200] * 50 and len(calls) == 1
+
+
+def test_wrong_credentials_leave_no_secret_in_answers_or_logs(settings, product, capsys, caplog):
+    from pydantic import AnyUrl, SecretStr
+
+    from inventory_worker.config import LoggingSettings
+    from inventory_worker.logs import configure
+
+    secret = "Wr0ng-" + uid("pw")  # sent to Redis and RabbitMQ
+    configure(LoggingSettings(format="json"))
+    s = settings.model_copy(update={
+        "redis": settings.redis.model_copy(update={"password": SecretStr(secret)}),
+        "rabbitmq": settings.rabbitmq.model_copy(update={
+            "url": AnyUrl(str(settings.rabbitmq.url).replace("guest:guest@", f"guest:{secret}@"))}),
+    })
+    with serving(s) as base:
+        bodies = [http_get(f"{base}{path}", token=tok)[2] for path, tok in [
+            ("/readyz", None), (f"/inventory/{product}", TEST_TOKEN), (f"/inventory/{product}", secret),
+            ("/metrics", None)]]
+    logs = capsys.readouterr()
+    assert json.loads(bodies[0])["failing"] == ["rabbitmq"]  # (this Redis takes any password)
+    assert "not ready" in logs.err  # the reasons are logged ...
+    for text in [*(b.decode() for b in bodies), logs.out, logs.err, caplog.text]:
+        assert secret not in text  # ... without the password

@@ -108,6 +108,7 @@ class ReadAPI:
         self._ready_cache: tuple[float, tuple[int, bytes]] | None = None
         self.auth = Authenticator(settings.auth)
         self.limiter = RateLimiter(self.cache.client, settings.redis.key_prefix)
+        self._limiter_warned_at = -1e9
         if not self.auth.has_tokens:
             log.warning("no API tokens configured: /inventory answers 401 to everyone "
                         "(create one with `inventory-worker token create NAME --role inventory:read`)")
@@ -149,7 +150,9 @@ class ReadAPI:
         try:
             decision = self._limit(principal, client)
         except RateLimitUnavailable as exc:
-            log.warning("rate limiter unavailable; refusing the request", error=str(exc))
+            if time.monotonic() - self._limiter_warned_at > 10:  # one line per 10 s, not one per request
+                self._limiter_warned_at = time.monotonic()
+                log.warning("rate limiter unavailable; refusing requests with 503", error=str(exc))
             return route, error(503, "rate limiter unavailable; try again shortly", [("Retry-After", "1")])
         limit_headers = decision.headers() if decision is not None else []
         if decision is not None and not decision.allowed:

@@ -32,7 +32,9 @@ from inventory_worker.contract import make_event
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The bearer token every test worker accepts with the role inventory:read (see isolated_settings).
+# The bearer token every test worker accepts with the role inventory:read: isolated_settings puts
+# it in the settings, settings_env in every worker's environment (INVENTORY_AUTH__TOKENS='[]'
+# in extra_env starts a worker without it).
 TEST_TOKEN = "test-token-not-a-secret"
 TEST_TOKEN_SETTINGS = TokenSettings(
     name="test", roles=["inventory:read"], sha256=hashlib.sha256(TEST_TOKEN.encode()).hexdigest(),
@@ -82,6 +84,9 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
         for key, value in model:
             if isinstance(value, SecretStr):
                 data[section][key] = value.get_secret_value()
+    tokens = data["auth"]["tokens"]
+    if not any(t["name"] == TEST_TOKEN_SETTINGS.name for t in tokens):  # settings not made by isolated_settings
+        tokens.append(TEST_TOKEN_SETTINGS.model_dump(mode="json"))
     for section, values in data.items():
         for key, value in values.items():
             if value is None:

@@ -102,8 +102,7 @@ def test_schemathesis_finds_no_difference_from_the_document(worker, bus, tmp_pat
 
 
 def test_a_worker_without_tokens_starts_refuses_everyone_and_says_why(settings, start_worker):
-    s = settings.model_copy(update={"auth": settings.auth.model_copy(update={"tokens": []})})
-    w = start_worker(processes=1, settings_override=s)  # ready: /readyz and /healthz stay open
+    w = start_worker(processes=1, INVENTORY_AUTH__TOKENS="[]")  # ready: /readyz and /healthz stay open
     status, headers, _ = http_get(f"{w.base_url}/inventory/{uid()}")
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
     w.stop()

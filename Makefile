@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
 ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
-.PHONY: run test migrate install clean asyncapi-specs
+.PHONY: run test fuzz migrate install clean asyncapi-specs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: $(STAMP) asyncapi-specs
 asyncapi-specs:
 	@test -f '$(ASYNCAPI_SPECS)' || ! command -v npm >/dev/null || \
 	  npm install --silent --no-audit --no-fund --prefix .cache/asyncapi-specs @asyncapi/specs@6.11.1
+## Longer fuzzing than the suite's bounded runs: schemathesis against a live worker (2000 cases
+## per operation) and 20000 random and near-valid messages through RabbitMQ. Minutes, not seconds.
+fuzz: $(STAMP)
+	INVENTORY_FUZZ_EXAMPLES=$${INVENTORY_FUZZ_EXAMPLES:-2000} INVENTORY_FUZZ_TIMEOUT=3000 \
+	INVENTORY_FUZZ_MESSAGES=$${INVENTORY_FUZZ_MESSAGES:-20000} INVENTORY_FUZZ_SEED=$${INVENTORY_FUZZ_SEED:-$$RANDOM} \
+	$(BIN)/pytest -o timeout=3600 tests/e2e/test_message_fuzz.py \
+	    tests/e2e/test_http_security.py::test_schemathesis_finds_no_difference_from_the_document $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

@@ -10,14 +10,16 @@ Topology (names from config):
 from __future__ import annotations
 
 import json
+import ssl
 import time
+from urllib.parse import unquote
 from collections.abc import Sequence
 from typing import Any
 
 import pika
 import pika.exceptions
 
-from .config import RabbitMQSettings
+from .config import RabbitMQSettings, reveal
 from .contract import INPUT_TYPES
 from .store import OutgoingMessage
 
@@ -33,12 +35,26 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def connection_parameters(settings: RabbitMQSettings) -> pika.URLParameters:
-    params = pika.URLParameters(str(settings.url))
+    url = settings.url
+    password = reveal(settings.password)
+    if password:  # the URL may carry a user name only; the password comes from its own setting
+        netloc = f"{url.host}:{url.port}" if url.port else str(url.host)
+        params = pika.URLParameters(str(url).replace(str(url).split("//", 1)[1].split("/", 1)[0], netloc, 1))
+    else:
+        params = pika.URLParameters(str(url))
     params.heartbeat = settings.heartbeat_seconds
     params.blocked_connection_timeout = 60
     params.connection_attempts = 1
     params.socket_timeout = 5
     params.client_properties = {"connection_name": "inventory-worker"}
+    if password:
+        params.credentials = pika.PlainCredentials(unquote(url.username or "guest"), password)
+    if settings.url.scheme == "amqps":
+        # Verify the broker's certificate and host name (pika's URL default checks neither).
+        context = ssl.create_default_context(cafile=settings.cafile)
+        if settings.certfile:
+            context.load_cert_chain(settings.certfile, settings.keyfile)
+        params.ssl_options = pika.SSLOptions(context, server_hostname=settings.url.host)
     return params
 
 

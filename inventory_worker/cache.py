@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from .config import RedisSettings
 
@@ -78,12 +80,7 @@ class StockCache:
 
 
 def make_client(settings: RedisSettings) -> redis.Redis:
-    return redis.Redis(
-        host=settings.host,
-        port=settings.port,
-        db=settings.db,
-        password=settings.password or None,
-        socket_timeout=settings.socket_timeout_seconds,
-        socket_connect_timeout=settings.socket_timeout_seconds,
-        health_check_interval=30,
-    )
+    # One quick retry, no multi-second backoff: callers (the HTTP request path, the consumer's
+    # cache write) have their own fallbacks and must not hang while Redis is down.
+    return redis.Redis(**settings.client_kwargs(), health_check_interval=30,
+                       retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))

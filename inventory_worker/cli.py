@@ -1,9 +1,10 @@
-"""`inventory-worker`: migrate, run, publish, stock, dlq, cache."""
+"""`inventory-worker`: migrate, run, publish, stock, dlq, cache, token."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -121,6 +122,20 @@ def _cache(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_create(settings: Settings, args: argparse.Namespace) -> int:
+    from .auth import new_token, token_config
+
+    token = new_token()
+    entry = token_config(args.name, args.role, token)
+    print(f"New token for {args.name!r}, shown only this once; give it to the client and keep no copy:\n")
+    print(f"  {token}\n")
+    print("Add it to the configuration under auth.tokens (only its hash is stored):\n")
+    print(f"  - {json.dumps(entry)}\n")
+    print("or, with no config file, in the environment (this variable holds the whole list):\n")
+    print(f"  INVENTORY_AUTH__TOKENS='{json.dumps([entry])}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inventory-worker",
@@ -171,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     csub.add_parser("rebuild", help="refill Redis from PostgreSQL (version-checked, safe while running)")
     p.set_defaults(func=_cache)
+    p = sub.add_parser("token", help="manage API tokens for the HTTP endpoint")
+    token_sub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    t = token_sub.add_parser("create", help="print a new random token once, and the config entry to add")
+    t.add_argument("name", help="who the token is for (letters, digits and ._-), shown in logs")
+    t.add_argument("--role", action="append", required=True, metavar="ROLE",
+                   help="a role of the token (repeatable): inventory:read for GET /inventory/..., "
+                   "or the role set as auth.metrics_role")
+    t.set_defaults(func=_token_create)
     return parser
 
 
@@ -182,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "processes", None) is not None and args.processes < 1:
         parser.error("--processes must be at least 1")
+    if getattr(args, "func", None) is _token_create:
+        from .config import TokenSettings
+
+        if not re.fullmatch(TokenSettings.model_fields["name"].metadata[0].pattern, args.name):
+            parser.error("token NAME must be 1 to 64 letters, digits and ._-")
     if getattr(args, "id", None) is not None:
         import uuid
 

@@ -1,8 +1,16 @@
-"""Serves the ReadAPI (http_api.py) over HTTP/1.1 with the standard library's threading server."""
+"""Serves the ReadAPI (http_api.py) over HTTP/1.1 with the standard library's threading server.
+
+The adapter bounds what it reads before the API sees anything: the request line (414), the
+header section (431, through http.client's own limits), idle connections (a timeout) and how
+many connections it serves at once (beyond http.max_connections: 503 and close).
+Every method reaches ReadAPI.handle, which answers all but GET and HEAD with 405.
+"""
 
 from __future__ import annotations
 
+import json
 import threading
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,17 +39,82 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(resp.body)
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _serve
+    def handle_one_request(self) -> None:
+        max_line = self.api.settings.http.max_request_line_bytes
+        try:
+            self.raw_requestline = self.rfile.readline(max_line + 1)
+            if len(self.raw_requestline) > max_line:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():  # it has sent 400/431/505 itself
+                return
+            self._serve()  # any method: the API decides (405 for all but GET/HEAD)
+            self.wfile.flush()
+        except TimeoutError:
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found while parsing, as JSON like every other error; the connection is closed.
+
+        The standard phrase only: the library's messages echo the client's bytes.
+        """
+        phrase = HTTPStatus(code).phrase
+        body = json.dumps({"error": phrase.lower()}).encode()
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"  # always a status line, even for an HTTP/0.9-looking request
+        self.send_response(code, phrase)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # access logs would drown the event log
         pass
 
 
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: 33\r\n\r\n" + b'{"error": "too many connections"}')
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, up to http.max_connections; beyond that 503 and close."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def make_server(api: ReadAPI, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"api": api})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    handler = type("Handler", (_Handler,), {"api": api, "timeout": api.settings.http.client_timeout_seconds})
+    return _BoundedServer((host, port), handler, api.settings.http.max_connections)
 
 
 def health_checks(health: ProcessHealth, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:

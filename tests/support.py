@@ -7,6 +7,7 @@ several share one set of services.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -24,10 +25,20 @@ import pika
 import psycopg2
 import redis
 
-from inventory_worker.config import Settings
+from pydantic import SecretStr
+
+from inventory_worker.config import Settings, TokenSettings
 from inventory_worker.contract import make_event
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The bearer token every test worker accepts with the role inventory:read: isolated_settings puts
+# it in the settings, settings_env in every worker's environment (INVENTORY_AUTH__TOKENS='[]'
+# in extra_env starts a worker without it).
+TEST_TOKEN = "test-token-not-a-secret"
+TEST_TOKEN_SETTINGS = TokenSettings(
+    name="test", roles=["inventory:read"], sha256=hashlib.sha256(TEST_TOKEN.encode()).hexdigest(),
+    rate_per_second=1_000_000, burst=1_000_000)
 
 
 def uid(prefix: str = "P") -> str:
@@ -58,6 +69,8 @@ def isolated_settings(base: Settings, run_id: str) -> Settings:
             ),
             "http": base.http.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
             "logging": base.logging.model_copy(update={"format": "json"}),
+            # Every test worker accepts TEST_TOKEN (see http_get), with no practical rate limit.
+            "auth": base.auth.model_copy(update={"tokens": [TEST_TOKEN_SETTINGS]}),
         }
     )
 
@@ -67,6 +80,13 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
     env["INVENTORY_CONFIG"] = str(REPO / "config" / "config.yaml")
     data = settings.model_dump(mode="json")
+    for section, model in settings:  # secrets are masked by model_dump: take their real values
+        for key, value in model:
+            if isinstance(value, SecretStr):
+                data[section][key] = value.get_secret_value()
+    tokens = data["auth"]["tokens"]
+    if not any(t["name"] == TEST_TOKEN_SETTINGS.name for t in tokens):  # settings not made by isolated_settings
+        tokens.append(TEST_TOKEN_SETTINGS.model_dump(mode="json"))
     for section, values in data.items():
         for key, value in values.items():
             if value is None:
@@ -200,8 +220,7 @@ def drop_database(settings: Settings) -> None:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis(host=settings.redis.host, port=settings.redis.port, db=settings.redis.db,
-                       password=settings.redis.password or None)
+    return redis.Redis(**settings.redis.client_kwargs())
 
 
 def delete_redis_keys(settings: Settings) -> None:
@@ -313,8 +332,6 @@ class WorkerProcess:
 
 # ---- HTTP ---------------------------------------------------------------------------------
 
-# The bearer token every test worker accepts with the role inventory:read (see WorkerProcess).
-TEST_TOKEN = "test-token-not-a-secret"
 
 
 def http_get(url: str, token: str | None = TEST_TOKEN, method: str = "GET",

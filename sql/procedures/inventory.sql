@@ -330,7 +330,7 @@ DECLARE
     v_result jsonb;
 BEGIN
     PERFORM check_arg(p_event_id IS NOT NULL, 'id');
-    PERFORM check_arg(jsonb_typeof(p_data) = 'object', 'data');
+    PERFORM check_event_data(p_type, p_data);  -- sql/procedures/checks.sql
     INSERT INTO processed_events (event_id, type) VALUES (p_event_id, p_type) ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('outcome', 'duplicate', 'messages', '[]'::jsonb, 'products', '[]'::jsonb);

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -350,7 +349,9 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
         status, _, body = poll(lambda: (r := http_get(w.base_url + "/healthz", timeout=5))[0] == 503 and r,
                                interval=0.05, what="/healthz 503")
         assert json.loads(body)["failing"] == ["consumers"]
-        assert "consumer-0" in json.loads(body)["detail"]["consumers"]
+        poll(lambda: any("consumer-0" in str(x.get("failing", {}).get("consumers", ""))
+                         for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
+             what="the log naming the stuck consumer")
 
         new_pid = poll(lambda: [p for p in consumer_pids() if p != stuck_pid], what="a new consumer-0")[0]
         poll(lambda: http_get(w.base_url + "/healthz")[0] == 200, what="/healthz 200 again")
@@ -379,23 +380,26 @@ def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: th
     from inventory_worker.http_server import health_checks
 
     health = ProcessHealth(multiprocessing.get_context("spawn"), 2)
-    ready, live = health_checks(health, timeout=0.5)
+    ready, live = health_checks(health, timeout=2.0)  # generous: this machine may be loaded
     api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)
     health.set_attached(0, True)
     r = api.handle("GET", "/readyz", {})
     assert r.status == 503 and json.loads(r.body)["failing"] == ["consumers"]
-    assert "consumer-1" in json.loads(r.body)["detail"]["consumers"]
+    with pytest.raises(Exception, match="consumer-1"):
+        ready["consumers"]()
     health.set_attached(1, True)
     assert api.handle("GET", "/readyz", {}).status == 200
     health.beat(0)
     health.beat(1)
     assert api.handle("GET", "/healthz", {}).status == 200
-    time.sleep(0.6)
+    time.sleep(2.2)
     health.beat(0)
     r = api.handle("GET", "/healthz", {})
-    assert r.status == 503 and re.search(r"consumer-1 \(\d", json.loads(r.body)["detail"]["consumers"])
+    assert r.status == 503 and json.loads(r.body)["failing"] == ["consumers"]
+    with pytest.raises(Exception, match=r"consumer-1 \(\d"):
+        live["consumers"]()
     # A process still starting (imports, first connections) is allowed more than the timeout.
     health.starting(1)
-    time.sleep(0.6)
+    time.sleep(2.2)
     health.beat(0)
     assert api.handle("GET", "/healthz", {}).status == 200

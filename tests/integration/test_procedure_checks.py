@@ -1,0 +1,100 @@
+"""The stored procedures check their own arguments: malformed data handed straight to
+apply_event (past the Python contract) is refused and leaves stock, ledger and idempotency
+table untouched."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from ..support import pg, uid
+
+
+@pytest.fixture(scope="module")
+def sku(settings) -> str:
+    p = uid("SKU")
+    with pg(settings) as cur:
+        cur.execute("SELECT apply_event(%s, 'stock.adjusted', %s::jsonb)",
+                    (str(uuid.uuid4()), json.dumps({"product_id": p, "delta": 10})))
+    return p
+
+
+def state(settings, product_id: str) -> tuple:
+    with pg(settings) as cur:
+        cur.execute("SELECT on_hand, reserved, low_stock_threshold, version FROM products WHERE product_id = %s",
+                    (product_id,))
+        row = cur.fetchone()
+        cur.execute("SELECT count(*) FROM stock_movements WHERE product_id = %s", (product_id,))
+        return row, cur.fetchone()[0]
+
+
+BAD = [
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": "5"}]}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 2.5}]}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 0}]}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1000001}]}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "price": 3}]}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}] * 2}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": []}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}] + [
+        {"product_id": f"x{i}", "quantity": 1} for i in range(100)]}),
+    ("order.placed", lambda p: {"order_id": 7, "lines": [{"product_id": p, "quantity": 1}]}),
+    ("order.placed", lambda p: {"order_id": "", "lines": [{"product_id": p, "quantity": 1}]}),
+    ("order.placed", lambda p: {"order_id": "o" * 201, "lines": [{"product_id": p, "quantity": 1}]}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}],
+                                "reservation_ttl_seconds": -1}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p + "'; --", "quantity": 1}]}),
+    ("order.placed", lambda p: {"order_id": "o", "lines": {"product_id": p, "quantity": 1}}),
+    ("order.cancelled", lambda p: {"order_id": ["o"]}),
+    ("order.completed", lambda p: {"order_id": "o", "extra": 1}),
+    ("stock.adjusted", lambda p: {"product_id": p, "delta": "5"}),
+    ("stock.adjusted", lambda p: {"product_id": p, "delta": 1e3}),
+    ("stock.adjusted", lambda p: {"product_id": p, "delta": 10**10}),
+    ("stock.adjusted", lambda p: {"product_id": p, "on_hand": -1}),
+    ("stock.adjusted", lambda p: {"product_id": p, "delta": 1, "on_hand": 5}),
+    ("stock.adjusted", lambda p: {"product_id": p}),
+    ("stock.adjusted", lambda p: {"product_id": p, "delta": 1, "reason": "r" * 501}),
+    ("stock.adjusted", lambda p: {"product_id": p, "delta": 1, "low_stock_threshold": -3}),
+    ("stock.adjusted", lambda p: {"product_id": p, "delta": 1, "note": "x"}),
+    ("stock.adjusted", lambda p: {"product_id": [p], "delta": 1}),
+    ("stock.dropped", lambda p: {"product_id": p, "delta": 1}),
+    (None, lambda p: {"product_id": p, "delta": 1}),
+]
+
+
+@pytest.mark.parametrize("type_,make", BAD, ids=[f"{t}-{i}" for i, (t, _) in enumerate(BAD)])
+def test_malformed_data_is_refused_and_changes_nothing(settings, sku, type_, make):
+    before = state(settings, sku)
+    event_id = str(uuid.uuid4())
+    with pytest.raises(psycopg2.errors.InvalidParameterValue, match="invalid event"):
+        with pg(settings) as cur:
+            cur.execute("SELECT apply_event(%s, %s, %s::jsonb)", (event_id, type_, json.dumps(make(sku))))
+    assert state(settings, sku) == before
+    with pg(settings) as cur:
+        cur.execute("SELECT count(*) FROM processed_events WHERE event_id = %s", (event_id,))
+        assert cur.fetchone()[0] == 0  # a corrected message with the same id can still be applied
+
+
+def test_non_object_data_is_refused(settings):
+    with pytest.raises(psycopg2.errors.InvalidParameterValue):
+        with pg(settings) as cur:
+            cur.execute("SELECT apply_event(%s, 'order.cancelled', '[1]'::jsonb)", (str(uuid.uuid4()),))
+
+
+def test_the_checks_let_every_valid_form_through(settings, sku):
+    order = uid("O")
+    with pg(settings) as cur:
+        for type_, data in [
+            ("stock.adjusted", {"product_id": sku, "on_hand": 12, "reason": "count", "low_stock_threshold": 2}),
+            ("order.placed", {"order_id": order, "lines": [{"product_id": sku, "quantity": 3}],
+                              "reservation_ttl_seconds": 60}),
+            ("order.completed", {"order_id": order}),
+            ("order.cancelled", {"order_id": uid("O")}),
+        ]:
+            cur.execute("SELECT apply_event(%s, %s, %s::jsonb)->>'outcome'", (str(uuid.uuid4()), type_, json.dumps(data)))
+            assert cur.fetchone()[0] in ("adjusted", "reserved", "committed", "cancel_recorded")
+    assert state(settings, sku)[0][:2] == (9, 0)

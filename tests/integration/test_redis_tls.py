@@ -1,0 +1,78 @@
+"""The worker's Redis client over real TLS: a private redis-server with a certificate signed by
+a CA made here. With the CA configured the cache and the rate limiter work; without it, or
+without TLS, nothing is served (503), never unlimited."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from inventory_worker.cache import StockCache
+from inventory_worker.config import RedisSettings
+from inventory_worker.ratelimit import RateLimiter, RateLimitUnavailable
+
+from ..support import free_port, uid
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory):
+    d = tmp_path_factory.mktemp("redis-tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=inventory-test-ca", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=localhost", cwd=d)
+    (d / "ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "1", "-extfile", "ext", cwd=d)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "server.pem", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.pem",
+         "--tls-auth-clients", "no", "--save", "", "--appendonly", "no"],
+        cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = RedisSettings(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(d / "ca.pem"),
+                             key_prefix=f"tls:{uid()}:")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                StockCache(settings).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("the private TLS redis-server did not start")
+                time.sleep(0.1)
+        yield settings
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cache_and_rate_limiter_work_over_verified_tls(tls_redis):
+    cache = StockCache(tls_redis)
+    assert cache.put_many([{"product_id": "P-1", "version": 1, "on_hand": 3, "reserved": 1, "available": 2}]) == 1
+    assert cache.get("P-1").startswith(b'{"version":1')
+    limiter = RateLimiter(cache.client, tls_redis.key_prefix)
+    assert [limiter.check("token", "t", 0.01, 2).allowed for _ in range(3)] == [True, True, False]
+
+
+def test_an_untrusted_certificate_or_plain_text_is_refused(tls_redis):
+    untrusted = tls_redis.model_copy(update={"ssl_ca_certs": None})  # system CAs: did not sign it
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        StockCache(untrusted).ping()
+    limiter = RateLimiter(StockCache(untrusted).client, "x:")
+    with pytest.raises(RateLimitUnavailable):
+        limiter.check("token", "t", 1, 1)
+    with pytest.raises(redis.ConnectionError):
+        StockCache(tls_redis.model_copy(update={"ssl": False})).ping()

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AnyUrl, BaseModel, Field, ValidationError, field_validator
+from pydantic import AnyUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,7 +21,13 @@ from pydantic_settings import (
 DEFAULT_CONFIG_PATH = Path("config/config.yaml")
 
 
-class DatabaseSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key (`database.hots`, INVENTORY_DATABASE__HOTS) is refused, not silently
+    # replaced by the default: a worker must not quietly run against the wrong services.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatabaseSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(5432, ge=1, le=65535)
     user: str = "postgres"
@@ -44,7 +50,7 @@ class DatabaseSettings(BaseModel):
         return kwargs
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(6379, ge=1, le=65535)
     db: int = Field(0, ge=0)
@@ -54,7 +60,7 @@ class RedisSettings(BaseModel):
     socket_timeout_seconds: float = Field(2.0, gt=0)
 
 
-class RabbitMQSettings(BaseModel):
+class RabbitMQSettings(_Section):
     url: AnyUrl = AnyUrl("amqp://guest:guest@127.0.0.1:5672/%2F")
     exchange: str = "orders"
     queue: str = "inventory.orders"
@@ -73,7 +79,7 @@ class RabbitMQSettings(BaseModel):
         return v
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(_Section):
     # None: one consumer process per CPU.
     processes: int | None = Field(None, ge=1, le=256)
     # Up to this many messages are applied in one PostgreSQL transaction and acked together.
@@ -90,13 +96,13 @@ class WorkerSettings(BaseModel):
     shutdown_grace_seconds: float = Field(25.0, gt=0)
 
 
-class HTTPSettings(BaseModel):
+class HTTPSettings(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
 
 
-class LoggingSettings(BaseModel):
+class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # auto: JSON lines, or human-readable console output when stderr is a terminal.
     format: Literal["auto", "json", "console"] = "auto"

@@ -156,6 +156,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
     elif DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
     _yaml_path = path
+    where = f" (from {path} and INVENTORY_* environment)" if path else " (from INVENTORY_* environment)"
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -163,9 +164,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
             problems.append(f"{key}: {err['msg']}")
-        where = f" (from {path} and INVENTORY_* environment)" if path else " (from INVENTORY_* environment)"
         raise ConfigError("invalid configuration" + where + ":\n  " + "\n  ".join(problems)) from None
-    except Exception as exc:  # YAML syntax errors and the like
-        raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+    except Exception as exc:  # YAML syntax errors, an INVENTORY_<SECTION> that is not JSON, ...
+        raise ConfigError(f"cannot read configuration{where}: {exc}") from None
     finally:
         _yaml_path = None

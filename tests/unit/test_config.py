@@ -201,7 +201,7 @@ def test_password_not_in_message_from_yaml(tmp_path, text):
 
 
 def test_password_not_in_message_from_a_broken_env_section(monkeypatch):
-    monkeypatch.setenv("INVENTORY_DATABASE", '{"password": "%s", ' % SECRET)
+    monkeypatch.setenv("INVENTORY_DATABASE", '{"password": "' + SECRET + '", ')
     assert SECRET not in refused()
 
 

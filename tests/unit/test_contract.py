@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from inventory_worker.contract import InvalidMessage, make_event, parse_event, validate_output
 
@@ -257,5 +258,5 @@ def test_validate_output_checks_envelope_and_data():
         {**ok, "data": {**ok["data"], "extra": 1}},
         {**ok, "data": {"product_id": "A", "on_hand": 1}},
     ):
-        with pytest.raises(Exception):
+        with pytest.raises(ValidationError):
             validate_output(bad)

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .config import RedisSettings
 
@@ -86,4 +88,9 @@ def make_client(settings: RedisSettings) -> redis.Redis:
         socket_timeout=settings.socket_timeout_seconds,
         socket_connect_timeout=settings.socket_timeout_seconds,
         health_check_interval=30,
+        # No retries inside the client: every caller copes with a failed call (the consumer
+        # refills the cache later, HTTP reads PostgreSQL). redis-py's default (10 retries with
+        # backoff, at the client and again at the connection level) stalled every batch and
+        # request for up to ~50 s while Redis was unreachable.
+        retry=Retry(NoBackoff(), 0),
     )

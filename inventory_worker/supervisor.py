@@ -26,24 +26,28 @@ from .logs import configure, get_logger
 log = get_logger(__name__)
 
 
-def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
-    """A local event set by the supervisor's stop, a SIGTERM to this child, or orphaning."""
+def _child_stop_event(parent_pid: int) -> threading.Event:
+    """A local event set by a SIGTERM to this child (the supervisor's stop) or by orphaning.
+
+    A signal, not a shared multiprocessing.Event: a child killed while waiting on such an
+    Event stays counted as a sleeper, and the supervisor's set() then waits for it forever.
+    """
     local = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which decides
     signal.signal(signal.SIGTERM, lambda *_: local.set())
 
     def watch() -> None:
-        while not local.is_set():
-            if shared_stop.wait(0.5) or os.getppid() != parent_pid:
+        while not local.wait(0.5):
+            if os.getppid() != parent_pid:
                 local.set()
 
     threading.Thread(target=watch, name="stop-watch", daemon=True).start()
     return local
 
 
-def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int) -> None:
+def child_main(role: str, settings: Settings, parent_pid: int) -> None:
     configure(settings.logging, process=role, pid=os.getpid())
-    stop = _child_stop_event(shared_stop, parent_pid)
+    stop = _child_stop_event(parent_pid)
     if role == "http":
         from .http_server import serve
 
@@ -74,9 +78,7 @@ class Supervisor:
         self.settings = settings
         self.processes = processes or settings.worker.processes or os.cpu_count() or 1
         self.ctx = multiprocessing.get_context("spawn")
-        self.stop = self.ctx.Event()
-        # Set by the signal handler; the shared event is set from the main loop, never from a
-        # handler (it may interrupt a wait on that same event and deadlock on its lock).
+        # Set by the signal handler; the children are signalled from the main loop.
         self._stop_requested = False
         roles = [f"consumer-{i}" for i in range(self.processes)]
         if settings.http.enabled:
@@ -86,7 +88,7 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         child.process = self.ctx.Process(
             target=child_main,
-            args=(child.role, self.settings, self.stop, os.getpid()),
+            args=(child.role, self.settings, os.getpid()),
             name=child.role,
         )
         child.process.start()
@@ -129,7 +131,9 @@ class Supervisor:
         return self._shutdown()
 
     def _shutdown(self) -> int:
-        self.stop.set()
+        for child in self.children:
+            if child.process is not None:
+                child.process.terminate()  # SIGTERM: each child finishes what it holds and exits
         grace = self.settings.worker.shutdown_grace_seconds
         log.info("stopping", grace_seconds=grace)
         deadline = time.monotonic() + grace

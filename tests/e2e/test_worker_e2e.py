@@ -355,7 +355,8 @@ def test_http_errors(worker):
         status, _, raw = http_get(f"{worker.base_url}/inventory/{bad}")
         assert status == 400, bad
         assert "error" in json.loads(raw)
-    for path in ("/inventory/SKU-1", "/healthz", "/readyz", "/metrics"):
+    assert http_get(worker.base_url + "/no-such-path")[0] == 404
+    for path in ("/inventory/SKU-1", "/healthz", "/readyz", "/metrics", "/", "/no-such-path"):
         for method in ("POST", "PUT", "DELETE", "PATCH"):
             status, headers, raw = http_get(worker.base_url + path, method=method)
             assert status == 405, (method, path)

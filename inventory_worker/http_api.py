@@ -89,9 +89,12 @@ class ReadAPI:
         elif path in ("/healthz", "/readyz", "/metrics"):
             route = path
         else:
-            return "other", error(404, "not found")
+            route = "other"
+        # Before the 404: there is no write method on any path, known or not.
         if method not in ("GET", "HEAD"):
             return route, error(405, "method not allowed: this endpoint is read-only", [("Allow", "GET, HEAD")])
+        if route == "other":
+            return route, error(404, "not found")
         if route == "/healthz":
             return route, Response(200, b'{"status":"ok"}')
         if route == "/readyz":

@@ -20,7 +20,17 @@ import pytest
 
 from inventory_worker.contract import make_event, validate_output
 
-from ..support import Bus, figures, free_port, http_get, pg, redis_client, uid, with_own_queues
+from ..support import (
+    Bus,
+    delete_topology,
+    figures,
+    free_port,
+    http_get,
+    pg,
+    redis_client,
+    uid,
+    with_own_queues,
+)
 
 
 class Tap:
@@ -381,6 +391,7 @@ def test_readyz_names_redis_when_redis_is_unreachable(start_worker, settings):
     s = with_own_queues(settings, uuid.uuid4().hex[:8])
     s = s.model_copy(update={"redis": s.redis.model_copy(update={"port": free_port(),
                                                                  "socket_timeout_seconds": 1})})
+    w = None
     try:
         w = start_worker(processes=1, wait_ready=False, settings_override=s)
         deadline = time.monotonic() + 40
@@ -398,10 +409,9 @@ def test_readyz_names_redis_when_redis_is_unreachable(start_worker, settings):
         body = json.loads(raw)
         assert body["failing"] == ["redis"]
         assert http_get(w.base_url + "/healthz")[0] == 200  # alive, just not ready
-        w.stop()
     finally:
-        from ..support import delete_topology
-
+        if w is not None:
+            w.stop()  # before its queues go, or its consumer would declare them again
         delete_topology(s)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .config import RedisSettings
@@ -80,7 +80,8 @@ class StockCache:
 
 
 def make_client(settings: RedisSettings) -> redis.Redis:
-    # One quick retry, no multi-second backoff: callers (the HTTP request path, the consumer's
-    # cache write) have their own fallbacks and must not hang while Redis is down.
-    return redis.Redis(**settings.client_kwargs(), health_check_interval=30,
-                       retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
+    # No retries inside the client: every caller copes with a failed call (the consumer
+    # refills the cache later, HTTP reads PostgreSQL). redis-py's default (retries with
+    # backoff, at the client and again at the connection level) stalled every batch and
+    # request for up to ~50 s while Redis was unreachable.
+    return redis.Redis(**settings.client_kwargs(), health_check_interval=30, retry=Retry(NoBackoff(), 0))

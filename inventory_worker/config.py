@@ -15,8 +15,9 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import AnyUrl, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import AnyUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
+    SettingsError,
     BaseSettings,
     EnvSettingsSource,
     PydanticBaseSettingsSource,
@@ -37,7 +38,13 @@ def reveal(value: SecretStr | str | None) -> str:
     return value or ""
 
 
-class DatabaseSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key (`database.hots`, INVENTORY_DATABASE__HOTS) is refused, not silently
+    # replaced by the default: a worker must not quietly run against the wrong services.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatabaseSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(5432, ge=1, le=65535)
     user: str = "postgres"
@@ -68,7 +75,7 @@ class DatabaseSettings(BaseModel):
         return kwargs
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(6379, ge=1, le=65535)
     db: int = Field(0, ge=0)
@@ -108,7 +115,7 @@ class RedisSettings(BaseModel):
         return kwargs
 
 
-class RabbitMQSettings(BaseModel):
+class RabbitMQSettings(_Section):
     url: AnyUrl = AnyUrl("amqp://guest:guest@127.0.0.1:5672/%2F")
     exchange: str = "orders"
     queue: str = "inventory.orders"
@@ -135,7 +142,7 @@ class RabbitMQSettings(BaseModel):
         return v
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(_Section):
     # None: one consumer process per CPU.
     processes: int | None = Field(None, ge=1, le=256)
     # Up to this many messages are applied in one PostgreSQL transaction and acked together.
@@ -158,7 +165,7 @@ class WorkerSettings(BaseModel):
     metrics_interval_seconds: float = Field(15.0, gt=0)
 
 
-class HTTPSettings(BaseModel):
+class HTTPSettings(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
@@ -214,7 +221,7 @@ class RateLimitSettings(BaseModel):
     anonymous_burst: int = Field(10, ge=1)
 
 
-class LoggingSettings(BaseModel):
+class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # auto: JSON lines, or human-readable console output when stderr is a terminal.
     format: Literal["auto", "json", "console"] = "auto"
@@ -300,6 +307,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
     elif DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
     _yaml_path = path
+    where = f" (from {path} and INVENTORY_* environment)" if path else " (from INVENTORY_* environment)"
     try:
         return Settings(**overrides)
     except ConfigError:
@@ -309,11 +317,13 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
             problems.append(f"{key}: {err['msg']}")
-        where = f" (from {path} and INVENTORY_* environment)" if path else " (from INVENTORY_* environment)"
         raise ConfigError("invalid configuration" + where + ":\n  " + "\n  ".join(problems)) from None
-    except Exception as exc:  # YAML syntax errors and the like: no text of the file (it may hold secrets)
+    except Exception as exc:  # YAML syntax errors, an INVENTORY_<SECTION> that is not JSON, ...
+        # No text of the file or the value: it may hold secrets. pydantic-settings' own error
+        # names only the field and the source, never the value.
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"cannot read configuration {path}: {type(exc).__name__}{where}") from None
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = str(exc) if isinstance(exc, SettingsError) else type(exc).__name__
+        raise ConfigError(f"cannot read configuration{where}: {what}{at}") from None
     finally:
         _yaml_path = None

@@ -67,7 +67,9 @@ def backoff_retrying(
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TransientError),
         wait=tenacity.wait_exponential_jitter(initial=0.05, max=5.0),
-        stop=lambda state: stop.is_set(),
+        # Never give up by itself: once stopping, _sleep raises Stopping (with reraise=True a
+        # stop condition here would re-raise the TransientError and crash the consumer).
+        stop=tenacity.stop_never,
         sleep=_sleep,
         before_sleep=_before_sleep,
         reraise=True,

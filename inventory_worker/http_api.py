@@ -147,6 +147,7 @@ class ReadAPI:
             route = path
         else:
             route = "other"
+        # Before the 404: there is no write method on any path, known or not.
         if method not in ("GET", "HEAD"):
             return route, error(405, "method not allowed: this endpoint is read-only", [("Allow", "GET, HEAD")])
         if route == "other":

@@ -31,7 +31,7 @@ log = get_logger(__name__)
 
 
 def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
-    """A local event set by the supervisor's stop, a SIGTERM to this child, or orphaning."""
+    """A local event set by the supervisor's stop flag, a SIGTERM to this child, or orphaning."""
     local = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which decides
     signal.signal(signal.SIGTERM, lambda *_: local.set())

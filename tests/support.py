@@ -193,6 +193,14 @@ class Bus:
         return out
 
 
+def with_own_queues(settings: Settings, tag: str) -> Settings:
+    """The same settings with exchanges and queues of their own: a worker no other test feeds."""
+    r = settings.rabbitmq
+    names = ("exchange", "queue", "events_exchange", "dead_letter_exchange", "dead_letter_queue")
+    return settings.model_copy(
+        update={"rabbitmq": r.model_copy(update={k: f"{getattr(r, k)}.{tag}" for k in names})})
+
+
 def delete_topology(settings: Settings) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     try:

@@ -137,8 +137,9 @@ BEGIN
     PERFORM check_arg(v_ttl BETWEEN 1 AND 31536000, 'reservation_ttl_seconds');
     PERFORM check_arg(jsonb_typeof(v_lines) = 'array'
                       AND jsonb_array_length(v_lines) BETWEEN 1 AND 100, 'lines');
-    PERFORM check_arg(bool_and(valid_product_id(x->>'product_id')
-                               AND (x->>'quantity')::bigint BETWEEN 1 AND 1000000)
+    -- coalesce: bool_and skips NULLs, so a line without a quantity must count as false.
+    PERFORM check_arg(bool_and(coalesce(valid_product_id(x->>'product_id')
+                                        AND (x->>'quantity')::bigint BETWEEN 1 AND 1000000, false))
                       AND count(DISTINCT x->>'product_id') = count(*), 'lines')
        FROM jsonb_array_elements(v_lines) x;
 

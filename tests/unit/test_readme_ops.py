@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from inventory_worker.config import Settings
 
@@ -25,6 +25,8 @@ def _table(after_heading: str) -> list[list[str]]:
 
 
 def _shown(value: object) -> str:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
     if value is None:
         return ""
     if value == "":

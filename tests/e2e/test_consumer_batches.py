@@ -1,0 +1,202 @@
+"""The consumer's batch path, for real: one transaction per batch, a message the database
+refuses isolated from its batch, redelivered messages applied one by one, ack only after commit.
+
+A worker of its own (one consumer, own queues) waits up to 400 ms to fill a batch, so a burst
+of messages is applied as one batch. The message PostgreSQL refuses although it passes the
+contract: an order id holding a NUL character (JSON allows it, PostgreSQL text cannot store it).
+It is the only such message: every other database check (product id pattern, quantity range,
+order id length, thresholds >= 0) is enforced identically, or more strictly, by the contract.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pika
+import psycopg2
+import pytest
+
+from inventory_worker.contract import make_event
+from inventory_worker.store import Store
+
+from ..support import Bus, WorkerProcess, delete_topology, figures, free_port, pg, uid, with_own_queues
+
+REFUSED_ORDER_ID = "o-\u0000-nul"
+
+
+@pytest.fixture(scope="module")
+def own(settings):
+    s = with_own_queues(settings, uuid.uuid4().hex[:8])
+    s = s.model_copy(update={
+        "worker": s.worker.model_copy(update={"batch_max_wait_ms": 400}),
+        "http": s.http.model_copy(update={"port": free_port()}),
+    })
+    yield s
+    delete_topology(s)
+
+
+@pytest.fixture(scope="module")
+def batch_worker(own, logs_dir):
+    w = WorkerProcess(own, processes=1, log_path=logs_dir / "batch-worker.log").start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def own_bus(own):
+    b = Bus(own)
+    yield b
+    b.close()
+
+
+def publish_burst(bus: Bus, items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Publishes quickly, so that the worker takes them as one batch; returns the bodies."""
+    bodies = []
+    for type_, data in items:
+        if type_ == "garbage":
+            body = {"id": str(uuid.uuid4()), "raw": b"\x00 not json"}
+            bus.publish_raw(body["raw"], "order.placed", pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
+        else:
+            body = make_event(type_, data)
+            bus.publish_raw(json.dumps(body).encode(), type_,
+                            pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
+        bodies.append(body)
+    return bodies
+
+
+def results_by_cause(bus: Bus) -> dict[str, list[dict[str, Any]]]:
+    bus.drain()
+    out: dict[str, dict[str, dict]] = {}
+    for r in bus.results:
+        out.setdefault(r["causation_id"], {})[r["id"]] = r  # deduplicated by id
+    return {k: list(v.values()) for k, v in out.items()}
+
+
+def wait_results(bus: Bus, expected: dict[str, list[str]], timeout: float = 40.0) -> dict[str, list[dict]]:
+    """Waits until each event id has exactly the result types listed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = results_by_cause(bus)
+        types = {eid: sorted(r["type"] for r in got.get(eid, [])) for eid in expected}
+        if all(types[eid] == sorted(t) for eid, t in expected.items()):
+            bus.conn.sleep(0.3)
+            got = results_by_cause(bus)
+            assert {eid: sorted(r["type"] for r in got.get(eid, [])) for eid in expected} == {
+                eid: sorted(t) for eid, t in expected.items()}, "extra results arrived"
+            return got
+        assert time.monotonic() < deadline, f"results so far: {types}"
+        bus.conn.sleep(0.1)
+
+
+def wait_dead_letters(bus: Bus, reasons: dict[str, str], timeout: float = 30.0) -> dict[str, list[str]]:
+    """Waits until each message id is in the DLQ; returns their x-inventory-error headers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found: dict[str, list[str]] = {}
+        for props, _ in bus.dead_letters():
+            if props.message_id in reasons:
+                found.setdefault(props.message_id, []).append(props.headers["x-inventory-error"])
+        if set(found) == set(reasons):
+            for mid, reason in reasons.items():
+                assert all(reason in r for r in found[mid]), found[mid]
+            return found
+        assert time.monotonic() < deadline, f"dead letters so far: {found}"
+        time.sleep(0.2)
+
+
+def test_a_refused_message_is_isolated_from_its_batch(batch_worker, own_bus, settings):
+    x, y = uid("X"), uid("Y")
+    o1, o2 = uid("O"), uid("O")
+    bodies = publish_burst(own_bus, [
+        ("stock.adjusted", {"product_id": x, "delta": 5}),
+        ("order.placed", {"order_id": o1, "lines": [{"product_id": x, "quantity": 2}]}),
+        ("order.cancelled", {"order_id": REFUSED_ORDER_ID}),
+        ("garbage", None),
+        ("order.placed", {"order_id": o2, "lines": [{"product_id": x, "quantity": 1}]}),
+        ("stock.adjusted", {"product_id": y, "delta": 1}),
+    ])
+    adj, p1, refused, garbage, p2, adj_y = bodies
+    # the good ones applied in their order (o1 after the stock it needs), each exactly once
+    got = wait_results(own_bus, {adj["id"]: ["inventory.adjusted"], p1["id"]: ["inventory.reserved"],
+                                 p2["id"]: ["inventory.reserved"], adj_y["id"]: ["inventory.adjusted"],
+                                 refused["id"]: [], garbage["id"]: []})
+    assert got[p1["id"]][0]["data"]["lines"] == [{"product_id": x, "quantity": 2}]
+    assert figures(settings, x) == (5, 3) and figures(settings, y) == (1, 0)
+    wait_dead_letters(own_bus, {refused["id"]: "refused by the database", garbage["id"]: "body is not JSON"})
+    with pg(settings) as cur:
+        cur.execute("SELECT count(*) FROM processed_events WHERE event_id = %s", (refused["id"],))
+        assert cur.fetchone() == (0,)
+
+
+def _consumer_children(w: WorkerProcess) -> list[int]:
+    """The worker's spawned children (consumer and http), not multiprocessing's resource tracker."""
+    pids = []
+    for pid in w.children():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    pids.append(pid)
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(batch_worker, own_bus, own,
+                                                                                 settings):
+    k, f = uid("K"), uid("F")
+    store = Store(settings.database)
+    for pid in (k, f):
+        store.apply_batch([{"id": str(uuid.uuid4()), "type": "stock.adjusted", "data": {"product_id": pid,
+                                                                                          "delta": 5}}])
+    store.close()
+
+    blocker = psycopg2.connect(**settings.database.dsn())
+    try:
+        cur = blocker.cursor()
+        cur.execute("SELECT pg_backend_pid()")
+        my_pid = cur.fetchone()[0]
+        cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (k,))
+        bodies = publish_burst(own_bus, [
+            ("order.placed", {"order_id": uid("A"), "lines": [{"product_id": k, "quantity": 1}]}),
+            ("order.placed", {"order_id": uid("B"), "lines": [{"product_id": f, "quantity": 1}]}),
+            ("order.cancelled", {"order_id": REFUSED_ORDER_ID}),
+            ("garbage", None),
+            ("order.placed", {"order_id": uid("C"), "lines": [{"product_id": f, "quantity": 1}]}),
+        ])
+        deadline = time.monotonic() + 20
+        while True:  # the worker's transaction waits for our lock: nothing is committed yet
+            with pg(settings) as watch:
+                watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                              " AND wait_event_type = 'Lock' AND pid <> %s", (my_pid,))
+                if watch.fetchone()[0]:
+                    break
+            assert time.monotonic() < deadline, "the worker never waited for the locked product"
+            time.sleep(0.05)
+        children = _consumer_children(batch_worker)
+        assert children
+        for pid in children:
+            subprocess.run(["kill", "-KILL", str(pid)], check=True)
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+    a, b, refused, garbage, c = bodies
+    # the supervisor restarts the consumer; RabbitMQ redelivers the unacked messages to it
+    wait_results(own_bus, {a["id"]: ["inventory.reserved"], b["id"]: ["inventory.reserved"],
+                           c["id"]: ["inventory.reserved"], refused["id"]: [], garbage["id"]: []}, timeout=60)
+    assert figures(settings, k) == (5, 1) and figures(settings, f) == (5, 2)  # each applied once
+    wait_dead_letters(own_bus, {refused["id"]: "refused by the database", garbage["id"]: "body is not JSON"})
+
+    # every message was acked: once the worker is gone, nothing comes back to the queue
+    assert batch_worker.stop() == 0
+    conn = pika.BlockingConnection(pika.URLParameters(str(own.rabbitmq.url)))
+    try:
+        q = conn.channel().queue_declare(own.rabbitmq.queue, passive=True)
+        assert (q.method.message_count, q.method.consumer_count) == (0, 0)
+    finally:
+        conn.close()
+    assert batch_worker.proc.returncode == 0  # its consumer was SIGKILLed, the worker still stops cleanly

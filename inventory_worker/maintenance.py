@@ -6,10 +6,15 @@
 - the expiry sweeper: releases reservations past their deadline. Exactly one sweeper is active
   in the whole cluster: the process holding a PostgreSQL session advisory lock. The lock dies
   with its connection, so when the holder dies another process takes over at its next tick.
+  Server-side TCP keepalives on that session bound how long a vanished host keeps the lock.
+  A backlog is drained in back-to-back batches of `sweep_batch_size`, one short transaction
+  each, so order transactions get the product locks between batches.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from typing import Any
@@ -72,9 +77,21 @@ class Maintenance(threading.Thread):
         with self.store.transaction() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s)", (SWEEPER_LOCK_KEY,))
             got = cur.fetchone()[0]
+            if got:
+                # Session settings, kept after commit: operators (and tests) find the holder in
+                # pg_stat_activity; if its host vanishes without closing the socket, the server
+                # drops the session, and with it the lock, after about 5 + 2 * 3 seconds.
+                cur.execute(
+                    "SELECT set_config('application_name', %s, false),"
+                    "       set_config('tcp_keepalives_idle', '5', false),"
+                    "       set_config('tcp_keepalives_interval', '2', false),"
+                    "       set_config('tcp_keepalives_count', '3', false),"
+                    "       set_config('tcp_user_timeout', '10000', false)",
+                    (f"inventory-worker sweeper {socket.gethostname()} pid={os.getpid()}"[:63],),
+                )
         if got:
             self._leader_conn = self.store._conn
-            log.info("expiry sweeper active in this process")
+            log.info("expiry sweeper active in this process", pid=os.getpid())
         return got
 
     def _sweep(self) -> None:
@@ -82,9 +99,9 @@ class Maintenance(threading.Thread):
             return
         limit = self.settings.worker.sweep_batch_size
         while not self.stop.is_set():
-            count, messages, figures = self.store.expire_reservations(limit)
+            count, candidates, messages, figures = self.store.expire_reservations(limit)
             if count == 0:
-                return
+                return  # nothing due, or all of it in other transactions' hands: next tick
             metrics.EXPIRED.inc(count)
             log.info("reservations expired", count=count)
             try:
@@ -93,8 +110,8 @@ class Maintenance(threading.Thread):
                 metrics.CACHE_WRITE_ERRORS.inc()
                 log.warning("cache write failed after expiry", error=repr(exc))
             self._publish_now(messages)
-            if count < limit:
-                return
+            if candidates < limit:
+                return  # the backlog is drained
 
     # -- outbox -----------------------------------------------------------------------------
 

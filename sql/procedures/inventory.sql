@@ -374,39 +374,60 @@ BEGIN
 END $$;
 
 ---------------------------------------------------------------------------------------------
--- Expiry: releases up to p_limit reservations whose deadline (PostgreSQL's clock) passed.
--- Candidates are read without locks, then locked products-first like everyone else; rows
--- another transaction holds are skipped and picked up by the next sweep.
+-- Expiry: releases up to p_limit reservations whose deadline (PostgreSQL's clock) passed,
+-- oldest deadline first, found through the partial index orders_live_expiry.
+-- One call is one short transaction holding the locks of its own orders and products only,
+-- so a backlog of any size drains in bounded steps between the consumers' transactions.
+-- Candidates are read without locks, then locked products-first like everyone else; an order
+-- another transaction holds (a completion or cancellation in flight) is skipped, and taken by
+-- the next sweep if still reserved. Set-based, because a backlog piles up on a few hot
+-- products: one UPDATE per product however many orders hold it, one ledger row per order
+-- line. (A release only raises `available`, so it never emits inventory.low_stock.)
+-- Returns {expired, candidates, messages, products}; candidates = p_limit: more may be due.
 CREATE OR REPLACE FUNCTION expire_reservations(p_limit integer DEFAULT 500) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_candidates text[];
-    o record;
-    v_msgs jsonb := '[]'::jsonb;
-    v_lines jsonb;
-    v_count integer := 0;
+    v_expired    text[];
+    v_msgs       jsonb;
 BEGIN
     SELECT array_agg(order_id) INTO v_candidates FROM (
         SELECT order_id FROM orders WHERE status = 'reserved' AND expires_at <= now()
          ORDER BY expires_at LIMIT p_limit) c;
     IF v_candidates IS NULL THEN
-        RETURN jsonb_build_object('expired', 0, 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+        RETURN jsonb_build_object('expired', 0, 'candidates', 0, 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
     END IF;
     PERFORM lock_products(ARRAY(SELECT DISTINCT product_id FROM order_lines WHERE order_id = ANY(v_candidates)));
-    FOR o IN SELECT order_id, placed_event_id, expires_at FROM orders
-              WHERE order_id = ANY(v_candidates) AND status = 'reserved' AND expires_at <= now()
-              ORDER BY order_id FOR UPDATE SKIP LOCKED LOOP
-        v_lines := order_lines_json(o.order_id);
-        v_msgs := v_msgs || release_lines(o.order_id, 'expire', o.placed_event_id);
-        UPDATE orders SET status = 'expired', updated_at = now() WHERE order_id = o.order_id;
-        v_msgs := v_msgs || jsonb_build_array(emit(o.placed_event_id, 'inventory.expired', jsonb_build_object(
-            'order_id', o.order_id, 'lines', v_lines, 'expired_at', rfc3339(o.expires_at))));
-        v_count := v_count + 1;
-    END LOOP;
-    RETURN jsonb_build_object('expired', v_count, 'messages', v_msgs, 'products', (
+    -- Re-checked under the row lock: a completion or cancellation that committed meanwhile wins.
+    SELECT array_agg(order_id) INTO v_expired FROM (
+        SELECT order_id FROM orders
+         WHERE order_id = ANY(v_candidates) AND status = 'reserved' AND expires_at <= now()
+         ORDER BY order_id FOR UPDATE SKIP LOCKED) o;
+    IF v_expired IS NULL THEN
+        RETURN jsonb_build_object('expired', 0, 'candidates', cardinality(v_candidates),
+                                  'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    UPDATE orders SET status = 'expired', updated_at = now() WHERE order_id = ANY(v_expired);
+    INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)
+    SELECT ol.product_id, ol.order_id, o.placed_event_id, 0, -ol.quantity, 'expire'
+      FROM order_lines ol JOIN orders o USING (order_id)
+     WHERE ol.order_id = ANY(v_expired)
+     ORDER BY ol.order_id, ol.product_id;
+    UPDATE products p
+       SET reserved = p.reserved - s.quantity, version = p.version + 1, updated_at = now()
+      FROM (SELECT product_id, sum(quantity) AS quantity FROM order_lines
+             WHERE order_id = ANY(v_expired) GROUP BY product_id) s
+     WHERE p.product_id = s.product_id;
+    SELECT jsonb_agg(emit(o.placed_event_id, 'inventory.expired', jsonb_build_object(
+               'order_id', o.order_id, 'lines', order_lines_json(o.order_id),
+               'expired_at', rfc3339(o.expires_at))))
+      INTO v_msgs
+      FROM (SELECT * FROM orders WHERE order_id = ANY(v_expired) ORDER BY order_id) o;
+    RETURN jsonb_build_object('expired', cardinality(v_expired), 'candidates', cardinality(v_candidates),
+        'messages', v_msgs, 'products', (
         SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
           FROM products p WHERE p.product_id IN (
-              SELECT product_id FROM order_lines WHERE order_id = ANY(v_candidates))));
+              SELECT product_id FROM order_lines WHERE order_id = ANY(v_expired))));
 END $$;
 
 -- Outbox rows nobody published yet (their worker died between commit and confirm).

@@ -33,8 +33,8 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
     signal.signal(signal.SIGTERM, lambda *_: local.set())
 
     def watch() -> None:
-        while not local.is_set():
-            if shared_stop.wait(0.5) or os.getppid() != parent_pid:
+        while not local.wait(0.5):
+            if shared_stop.value or os.getppid() != parent_pid:
                 local.set()
 
     threading.Thread(target=watch, name="stop-watch", daemon=True).start()
@@ -74,7 +74,9 @@ class Supervisor:
         self.settings = settings
         self.processes = processes or settings.worker.processes or os.cpu_count() or 1
         self.ctx = multiprocessing.get_context("spawn")
-        self.stop = self.ctx.Event()
+        # A lock-free shared flag, not a multiprocessing.Event: Event.set() waits for every
+        # sleeper in Event.wait() to wake, so one child SIGKILLed while waiting made it hang forever.
+        self.stop = self.ctx.RawValue("b", 0)
         # Set by the signal handler; the shared event is set from the main loop, never from a
         # handler (it may interrupt a wait on that same event and deadlock on its lock).
         self._stop_requested = False
@@ -129,7 +131,7 @@ class Supervisor:
         return self._shutdown()
 
     def _shutdown(self) -> int:
-        self.stop.set()
+        self.stop.value = 1
         grace = self.settings.worker.shutdown_grace_seconds
         log.info("stopping", grace_seconds=grace)
         deadline = time.monotonic() + grace

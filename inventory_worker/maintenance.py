@@ -99,17 +99,21 @@ class Maintenance(threading.Thread):
             return
         limit = self.settings.worker.sweep_batch_size
         while not self.stop.is_set():
+            started = time.monotonic()
             count, candidates, messages, figures = self.store.expire_reservations(limit)
             if count == 0:
                 return  # nothing due, or all of it in other transactions' hands: next tick
+            committed = time.monotonic()
             metrics.EXPIRED.inc(count)
-            log.info("reservations expired", count=count)
             try:
                 self.cache.put_many(figures)
             except Exception as exc:  # the cache is only a cache; TTL bounds staleness
                 metrics.CACHE_WRITE_ERRORS.inc()
                 log.warning("cache write failed after expiry", error=repr(exc))
             self._publish_now(messages)
+            log.info("reservations expired", count=count, more_due=candidates == limit,
+                     transaction_ms=round((committed - started) * 1000, 1),
+                     publish_ms=round((time.monotonic() - committed) * 1000, 1))
             if candidates < limit:
                 return  # the backlog is drained
 

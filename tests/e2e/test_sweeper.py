@@ -99,6 +99,8 @@ def test_one_sweeper_across_replicas_and_takeover_after_sigkill(settings, start_
                 assert [r["type"] for r in bus.results_for(placed["id"])].count("inventory.expired") == 1
             assert all_figures(s, [sku]) == {sku: (10, 0)}
             assert len(sweeper_holders(s)) == 1
+            # The replica whose child was killed still stops cleanly on SIGTERM.
+            assert (a.stop(timeout=20), b.stop(timeout=20)) == (0, 0)
         finally:
             bus.close()
             a.stop()

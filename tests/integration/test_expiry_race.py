@@ -117,7 +117,7 @@ def test_completion_expiry_race_forced_order(db, first):
     admin = _connect(db)
     try:
         cur = admin.cursor()
-        for _ in range(15):
+        for _ in range(12):
             sku, order, placed_id = _due_order(cur)
             completed, swept = _race(db, cur, order, first, forced=True)
             expired_here = [m for m in swept["messages"]
@@ -149,7 +149,7 @@ def test_completion_expiry_race_unforced(db):
     wins = {"complete": 0, "expire": 0}
     try:
         cur = admin.cursor()
-        for i in range(40):
+        for i in range(30):
             sku, order, _ = _due_order(cur)
             completed, swept = _race(db, cur, order, random.choice(["complete", "expire"]), forced=False)
             assert completed["outcome"] == "committed"
@@ -163,7 +163,7 @@ def test_completion_expiry_race_unforced(db):
             assert all_figures(db, [sku]) == {sku: (0, 0)} == ledger_sums(db, [sku])
     finally:
         admin.close()
-    assert sum(wins.values()) == 40
+    assert sum(wins.values()) == 30
 
 
 def test_completion_after_expiry_when_the_stock_is_gone_is_rejected(db):

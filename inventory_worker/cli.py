@@ -1,4 +1,4 @@
-"""`inventory-worker`: migrate, run, publish, stock, history, verify."""
+"""`inventory-worker`: migrate, run, publish, stock, history, verify, prune."""
 
 from __future__ import annotations
 
@@ -130,6 +130,20 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if mismatches else 0
 
 
+def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    from .housekeeping import prune
+
+    if args.events_days < 1:
+        print("--events-days must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.outbox_days < 0:
+        print("--outbox-days must not be negative", file=sys.stderr)
+        return EXIT_USAGE
+    deleted = prune(settings, args.outbox_days, args.events_days)
+    print(json.dumps({"deleted": deleted}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inventory-worker",
@@ -174,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-check a cache difference after this long before reporting it (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per mismatch")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("prune", help="delete published outbox rows and old idempotency keys, in short batches")
+    p.add_argument("--outbox-days", type=float, default=7, metavar="DAYS",
+                   help="published outbox rows older than this (default 7)")
+    p.add_argument("--events-days", type=float, default=30, metavar="DAYS",
+                   help="idempotency keys older than this, at least 1 (default 30): keep them longer than "
+                   "any message can be redelivered or replayed, or it applies again")
+    p.set_defaults(func=_prune)
     return parser
 
 

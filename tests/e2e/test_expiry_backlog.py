@@ -61,6 +61,7 @@ def test_backlog_of_100k_expired_reservations_drains_while_orders_flow(settings,
         print(f"backlog of {BACKLOG} written in {time.monotonic() - started:.1f}s")
         skus = [f"BK-{i}" for i in range(1, PRODUCTS + 1)]
         before = all_figures(s, skus)
+        lines_scans_before = _order_lines_seq_scans(s)
 
         conn = pika.BlockingConnection(pika.URLParameters(str(s.rabbitmq.url)))
         ch = conn.channel()
@@ -116,8 +117,11 @@ def test_backlog_of_100k_expired_reservations_drains_while_orders_flow(settings,
         finally:
             conn.close()
 
+        time.sleep(1.0)  # table statistics are flushed within a second
+        lines_scans = _order_lines_seq_scans(s) - lines_scans_before
         p50 = statistics.median(latencies)
         p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) >= 20 else max(latencies)
+        print(f"sequential scans of order_lines while draining: {lines_scans}")
         print(f"drained {BACKLOG} in {drained:.1f}s ({BACKLOG / drained:.0f}/s) while {len(placed)} orders flowed;"
               f" order latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms;"
               f" longest sweep transaction seen {max(sweep_xact_ages) * 1000:.0f} ms")
@@ -129,7 +133,16 @@ def test_backlog_of_100k_expired_reservations_drains_while_orders_flow(settings,
         assert sum(r for _, r in after.values()) == len(placed)  # only the live orders hold stock
         assert all(after[p][0] == before[p][0] for p in skus)
         assert mismatches == []
+        # Each batch looks up its orders' lines by key: no scan of order_lines per batch (there
+        # were 200 batches), which would cost more and more as the table grows.
+        assert lines_scans < 20, lines_scans
         # Orders were served all along: the sweep never held the products for long.
         assert len(placed) >= 20
         assert p95 < 2.0 and max(latencies) < 5.0, (p95, max(latencies))
         assert max(sweep_xact_ages) < 3.0
+
+
+def _order_lines_seq_scans(s) -> int:
+    with pg(s) as cur:
+        cur.execute("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'order_lines'")
+        return int(cur.fetchone()[0])

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import redis
+
 from .cache import StockCache
 from .config import Settings
 from .store import Store
@@ -64,13 +66,17 @@ class Audit:
 
     # -- verify -----------------------------------------------------------------------------
 
-    def verify(self, settle_seconds: float = 1.0) -> tuple[list[Mismatch], dict[str, int]]:
-        """Every mismatch found, and what was checked ({"products": n, "cached": m})."""
+    def verify(self, settle_seconds: float = 1.0) -> tuple[list[Mismatch], dict[str, Any]]:
+        """Every mismatch found, and what was checked ({"products": n, "cached": m}, plus
+        "cache_error" when Redis could not be read: the cache is then unchecked)."""
         found = self._database_mismatches()
         with self.store.transaction() as cur:
             cur.execute("SELECT count(*) FROM products")
             products = int(cur.fetchone()[0])
-        cached, cache_found = self._cache_mismatches(settle_seconds)
+        try:
+            cached, cache_found = self._cache_mismatches(settle_seconds)
+        except redis.RedisError as exc:
+            return found, {"products": products, "cached": 0, "cache_error": str(exc) or type(exc).__name__}
         return found + cache_found, {"products": products, "cached": cached}
 
     def _database_mismatches(self) -> list[Mismatch]:

@@ -127,6 +127,9 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
         print(m.as_json() if args.json else f"{m.product_id}: [{m.check}] {m.message}")
     print(f"verify: {checked['products']} products, {checked['cached']} cached entries checked; "
           f"{len(mismatches)} mismatch{'es' if len(mismatches) != 1 else ''}", file=sys.stderr)
+    if "cache_error" in checked:
+        print(f"verify: the Redis cache was not checked: {checked['cache_error']}", file=sys.stderr)
+        return 1
     return 1 if mismatches else 0
 
 

@@ -11,7 +11,7 @@ import pytest
 from inventory_worker.cache import StockCache
 
 from ..private_stack import apply, private_settings
-from ..support import REPO, pg, settings_env, uid
+from ..support import REPO, free_port, pg, settings_env, uid
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,10 @@ def test_verify_is_silent_on_a_clean_state_and_catches_corruption(db):
             cache.delete(f["product_id"])
         cache.put_many(figures)
     assert cli(db, "verify")[0] == 0
+
+
+def test_verify_says_when_it_could_not_check_the_cache(db):
+    unreachable = db.model_copy(update={"redis": db.redis.model_copy(update={"port": free_port()})})
+    rc, out, err = cli(unreachable, "verify", "--settle", "0")
+    assert rc == 1 and out == ""
+    assert "the Redis cache was not checked" in err

@@ -1,8 +1,9 @@
-"""`inventory-worker`: migrate, run, publish, stock, dlq, cache, token."""
+"""`inventory-worker`: migrate, run, publish, stock, history, verify, prune, dlq, cache, token."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import sys
@@ -136,6 +137,69 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _history(settings: Settings, args: argparse.Namespace) -> int:
+    from .audit import Audit
+    from .contract import PRODUCT_ID_PATTERN
+    import re
+
+    if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
+        print("invalid product id: 1 to 64 characters of letters, digits and ._:-", file=sys.stderr)
+        return EXIT_USAGE
+    audit = Audit(settings)
+    try:
+        if audit.store.stock(args.product_id) is None:
+            print(f"unknown product: {args.product_id}", file=sys.stderr)
+            return 1
+        rows = audit.history(args.product_id, args.limit)
+    finally:
+        audit.close()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, default=str))
+        return 0
+    # Each movement's change, then the figures the ledger gives right after it.
+    print(f"{'id':>8}  {'occurred_at (UTC)':<26}  {'reason':<7}  {'on_hand±':>8}  {'reserved±':>9}"
+          f"  {'on_hand':>9}  {'reserved':>9}  order / event / note")
+    for r in rows:
+        ref = " ".join(str(x) for x in (r["order_id"], r["event_id"], r["note"]) if x is not None)
+        when = r["occurred_at"].astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        print(f"{r['id']:>8}  {when:<26}  {r['reason']:<7}  {r['on_hand_delta']:>+8}  {r['reserved_delta']:>+9}"
+              f"  {r['on_hand_after']:>9}  {r['reserved_after']:>9}  {ref}")
+    return 0
+
+
+def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from .audit import Audit
+
+    audit = Audit(settings)
+    try:
+        mismatches, checked = audit.verify(settle_seconds=args.settle)
+    finally:
+        audit.close()
+    for m in mismatches:
+        print(m.as_json() if args.json else f"{m.product_id}: [{m.check}] {m.message}")
+    print(f"verify: {checked['products']} products, {checked['cached']} cached entries checked; "
+          f"{len(mismatches)} mismatch{'es' if len(mismatches) != 1 else ''}", file=sys.stderr)
+    if "cache_error" in checked:
+        print(f"verify: the Redis cache was not checked: {checked['cache_error']}", file=sys.stderr)
+        return 1
+    return 1 if mismatches else 0
+
+
+def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    from .housekeeping import prune
+
+    if args.events_days < 1:
+        print("--events-days must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.outbox_days < 0:
+        print("--outbox-days must not be negative", file=sys.stderr)
+        return EXIT_USAGE
+    deleted = prune(settings, args.outbox_days, args.events_days)
+    print(json.dumps({"deleted": deleted}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inventory-worker",
@@ -194,6 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a role of the token (repeatable): inventory:read for GET /inventory/..., "
                    "or the role set as auth.metrics_role")
     t.set_defaults(func=_token_create)
+
+    p = sub.add_parser("history", help="print a product's stock movements (the ledger), newest first")
+    p.add_argument("product_id")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N movements (default 50)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_history)
+
+    p = sub.add_parser("verify", help="check every figure against the ledger, the reservations and "
+                       "the Redis cache; exit 1 on any mismatch")
+    p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                   help="re-check a cache difference after this long before reporting it (default 1)")
+    p.add_argument("--json", action="store_true", help="one JSON object per mismatch")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("prune", help="delete published outbox rows and old idempotency keys, in short batches")
+    p.add_argument("--outbox-days", type=float, default=7, metavar="DAYS",
+                   help="published outbox rows older than this (default 7)")
+    p.add_argument("--events-days", type=float, default=30, metavar="DAYS",
+                   help="idempotency keys older than this, at least 1 (default 30): keep them longer than "
+                   "any message can be redelivered or replayed, or it applies again")
+    p.set_defaults(func=_prune)
     return parser
 
 
@@ -203,6 +288,8 @@ Command = Callable[[Settings, argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
     if getattr(args, "processes", None) is not None and args.processes < 1:
         parser.error("--processes must be at least 1")
     if getattr(args, "func", None) is _token_create:

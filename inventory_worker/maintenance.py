@@ -6,12 +6,17 @@
 - the expiry sweeper: releases reservations past their deadline. Exactly one sweeper is active
   in the whole cluster: the process holding a PostgreSQL session advisory lock. The lock dies
   with its connection, so when the holder dies another process takes over at its next tick.
+  Server-side TCP keepalives on that session bound how long a vanished host keeps the lock.
+  A backlog is drained in back-to-back batches of `sweep_batch_size`, one short transaction
+  each, so order transactions get the product locks between batches.
 - the gauges (one process per worker, `measure=True`): outbox backlog, active reservations
   and DLQ depth, every `worker.metrics_interval_seconds`.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from typing import Any
@@ -96,9 +101,21 @@ class Maintenance(threading.Thread):
         with self.store.transaction() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s)", (SWEEPER_LOCK_KEY,))
             got = cur.fetchone()[0]
+            if got:
+                # Session settings, kept after commit: operators (and tests) find the holder in
+                # pg_stat_activity; if its host vanishes without closing the socket, the server
+                # drops the session, and with it the lock, after about 5 + 2 * 3 seconds.
+                cur.execute(
+                    "SELECT set_config('application_name', %s, false),"
+                    "       set_config('tcp_keepalives_idle', '5', false),"
+                    "       set_config('tcp_keepalives_interval', '2', false),"
+                    "       set_config('tcp_keepalives_count', '3', false),"
+                    "       set_config('tcp_user_timeout', '10000', false)",
+                    (f"inventory-worker sweeper {socket.gethostname()} pid={os.getpid()}"[:63],),
+                )
         if got:
             self._leader_conn = self.store._conn
-            log.info("expiry sweeper active in this process")
+            log.info("expiry sweeper active in this process", pid=os.getpid())
         return got
 
     def _sweep(self) -> None:
@@ -106,19 +123,23 @@ class Maintenance(threading.Thread):
             return
         limit = self.settings.worker.sweep_batch_size
         while not self.stop.is_set():
-            count, messages, figures = self.store.expire_reservations(limit)
+            started = time.monotonic()
+            count, candidates, messages, figures = self.store.expire_reservations(limit)
             if count == 0:
-                return
+                return  # nothing due, or all of it in other transactions' hands: next tick
+            committed = time.monotonic()
             metrics.EXPIRED.inc(count)
-            log.info("reservations expired", count=count)
             try:
                 self.cache.put_many(figures)
             except Exception as exc:  # the cache is only a cache; TTL bounds staleness
                 metrics.CACHE_WRITE_ERRORS.inc()
                 log.warning("cache write failed after expiry", error=repr(exc))
             self._publish_now(messages)
-            if count < limit:
-                return
+            log.info("reservations expired", count=count, more_due=candidates == limit,
+                     transaction_ms=round((committed - started) * 1000, 1),
+                     publish_ms=round((time.monotonic() - committed) * 1000, 1))
+            if candidates < limit:
+                return  # the backlog is drained
 
     # -- outbox -----------------------------------------------------------------------------
 

@@ -155,12 +155,16 @@ class Store:
             if rows:
                 cur.execute("SELECT mark_published(%s)", ([m.outbox_id for m in rows],))
 
-    def expire_reservations(self, limit: int) -> tuple[int, list[OutgoingMessage], list[dict[str, Any]]]:
+    def expire_reservations(
+        self, limit: int
+    ) -> tuple[int, int, list[OutgoingMessage], list[dict[str, Any]]]:
+        """One sweep batch: (expired, candidates seen, messages, figures after)."""
         with self.transaction() as cur:
             cur.execute("SELECT expire_reservations(%s)", (limit,))
             r = cur.fetchone()[0]
         return (
             int(r["expired"]),
+            int(r["candidates"]),
             [OutgoingMessage.from_json(m) for m in r["messages"]],
             list(r["products"]),
         )

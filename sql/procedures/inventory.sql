@@ -12,14 +12,19 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
 $$;
 
+-- The body of every result event (the contract's envelope).
+CREATE OR REPLACE FUNCTION event_body(p_id uuid, p_causation_id uuid, p_type text, p_data jsonb) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('id', p_id, 'type', p_type, 'occurred_at', rfc3339(now()),
+                              'causation_id', p_causation_id, 'data', p_data)
+$$;
+
 -- Writes one result event to the outbox and returns what the worker needs to publish it.
 CREATE OR REPLACE FUNCTION emit(p_causation_id uuid, p_type text, p_data jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id   uuid := gen_random_uuid();
-    v_body jsonb := jsonb_build_object(
-        'id', v_id, 'type', p_type, 'occurred_at', rfc3339(now()),
-        'causation_id', p_causation_id, 'data', p_data);
+    v_body jsonb := event_body(v_id, p_causation_id, p_type, p_data);
     v_outbox_id bigint;
 BEGIN
     INSERT INTO outbox (message_id, routing_key, body) VALUES (v_id, p_type, v_body)
@@ -375,39 +380,86 @@ BEGIN
 END $$;
 
 ---------------------------------------------------------------------------------------------
--- Expiry: releases up to p_limit reservations whose deadline (PostgreSQL's clock) passed.
--- Candidates are read without locks, then locked products-first like everyone else; rows
--- another transaction holds are skipped and picked up by the next sweep.
+-- Expiry: releases up to p_limit reservations whose deadline (PostgreSQL's clock) passed,
+-- oldest deadline first, found through the partial index orders_live_expiry.
+-- One call is one short transaction holding the locks of its own orders and products only,
+-- so a backlog of any size drains in bounded steps between the consumers' transactions.
+-- Candidates are read without locks, then locked products-first like everyone else; an order
+-- another transaction holds (a completion or cancellation in flight) is skipped, and taken by
+-- the next sweep if still reserved. Set-based, because a backlog piles up on a few hot
+-- products: one UPDATE per product however many orders hold it, one ledger row per order
+-- line. (A release only raises `available`, so it never emits inventory.low_stock.)
+-- Returns {expired, candidates, messages, products}; candidates = p_limit: more may be due.
+-- The lines of the given orders (with the id of the order.placed that reserved them), each
+-- order looked up through the primary keys. A plain join with unnest() or `= ANY` lets the
+-- planner prefer scanning all of order_lines, which a sweep would pay once per batch, more
+-- as the table grows; OFFSET 0 keeps the lookup per order.
+CREATE OR REPLACE FUNCTION lines_of_orders(p_order_ids text[])
+RETURNS TABLE (order_id text, product_id text, quantity integer, placed_event_id uuid)
+LANGUAGE sql STABLE AS $$
+    SELECT l.order_id, l.product_id, l.quantity, l.placed_event_id
+      FROM unnest(p_order_ids) e(id)
+     CROSS JOIN LATERAL (SELECT ol.order_id, ol.product_id, ol.quantity, o.placed_event_id
+                           FROM order_lines ol JOIN orders o ON o.order_id = ol.order_id
+                          WHERE ol.order_id = e.id AND o.order_id = e.id OFFSET 0) l
+$$;
+
 CREATE OR REPLACE FUNCTION expire_reservations(p_limit integer DEFAULT 500) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_candidates text[];
-    o record;
-    v_msgs jsonb := '[]'::jsonb;
-    v_lines jsonb;
-    v_count integer := 0;
+    v_expired    text[];
+    v_msgs       jsonb;
 BEGIN
     SELECT array_agg(order_id) INTO v_candidates FROM (
         SELECT order_id FROM orders WHERE status = 'reserved' AND expires_at <= now()
          ORDER BY expires_at LIMIT p_limit) c;
     IF v_candidates IS NULL THEN
-        RETURN jsonb_build_object('expired', 0, 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+        RETURN jsonb_build_object('expired', 0, 'candidates', 0, 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
     END IF;
-    PERFORM lock_products(ARRAY(SELECT DISTINCT product_id FROM order_lines WHERE order_id = ANY(v_candidates)));
-    FOR o IN SELECT order_id, placed_event_id, expires_at FROM orders
-              WHERE order_id = ANY(v_candidates) AND status = 'reserved' AND expires_at <= now()
-              ORDER BY order_id FOR UPDATE SKIP LOCKED LOOP
-        v_lines := order_lines_json(o.order_id);
-        v_msgs := v_msgs || release_lines(o.order_id, 'expire', o.placed_event_id);
-        UPDATE orders SET status = 'expired', updated_at = now() WHERE order_id = o.order_id;
-        v_msgs := v_msgs || jsonb_build_array(emit(o.placed_event_id, 'inventory.expired', jsonb_build_object(
-            'order_id', o.order_id, 'lines', v_lines, 'expired_at', rfc3339(o.expires_at))));
-        v_count := v_count + 1;
-    END LOOP;
-    RETURN jsonb_build_object('expired', v_count, 'messages', v_msgs, 'products', (
+    PERFORM lock_products(ARRAY(SELECT DISTINCT product_id FROM lines_of_orders(v_candidates)));
+    -- Re-checked under the row lock: a completion or cancellation that committed meanwhile wins.
+    SELECT array_agg(order_id) INTO v_expired FROM (
+        SELECT o.order_id FROM unnest(v_candidates) c(order_id) JOIN orders o USING (order_id)
+         WHERE o.status = 'reserved' AND o.expires_at <= now()
+         ORDER BY o.order_id FOR UPDATE OF o SKIP LOCKED) o;
+    IF v_expired IS NULL THEN
+        RETURN jsonb_build_object('expired', 0, 'candidates', cardinality(v_candidates),
+                                  'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    UPDATE orders o SET status = 'expired', updated_at = now()
+      FROM unnest(v_expired) e(order_id) WHERE o.order_id = e.order_id;
+    INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)
+    SELECT l.product_id, l.order_id, l.placed_event_id, 0, -l.quantity, 'expire'
+      FROM lines_of_orders(v_expired) l
+     ORDER BY l.order_id, l.product_id;
+    UPDATE products p
+       SET reserved = p.reserved - s.quantity, version = p.version + 1, updated_at = now()
+      FROM (SELECT l.product_id, sum(l.quantity) AS quantity
+              FROM lines_of_orders(v_expired) l GROUP BY l.product_id) s
+     WHERE p.product_id = s.product_id;
+    -- What emit() does, for the whole batch in one INSERT (emit row by row costs more than
+    -- the rest of the sweep together).
+    WITH ev AS (
+        SELECT gen_random_uuid() AS id, o.placed_event_id, event_data FROM (
+            SELECT o.order_id, o.placed_event_id, jsonb_build_object(
+                       'order_id', o.order_id, 'lines', order_lines_json(o.order_id),
+                       'expired_at', rfc3339(o.expires_at)) AS event_data
+              FROM unnest(v_expired) e(order_id) JOIN orders o USING (order_id)
+             ORDER BY o.order_id) o
+    ), written AS (
+        INSERT INTO outbox (message_id, routing_key, body)
+        SELECT id, 'inventory.expired', event_body(id, placed_event_id, 'inventory.expired', event_data) FROM ev
+        RETURNING id, message_id, routing_key, body
+    )
+    SELECT jsonb_agg(jsonb_build_object('outbox_id', id, 'message_id', message_id,
+                                        'routing_key', routing_key, 'body', body) ORDER BY id)
+      INTO v_msgs FROM written;
+    RETURN jsonb_build_object('expired', cardinality(v_expired), 'candidates', cardinality(v_candidates),
+        'messages', v_msgs, 'products', (
         SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
           FROM products p WHERE p.product_id IN (
-              SELECT product_id FROM order_lines WHERE order_id = ANY(v_candidates))));
+              SELECT l.product_id FROM lines_of_orders(v_expired) l)));
 END $$;
 
 -- Outbox rows nobody published yet (their worker died between commit and confirm).

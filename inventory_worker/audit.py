@@ -1,0 +1,170 @@
+"""Audit: a product's movement history, and `verify`, which checks every figure against what
+explains it.
+
+- PostgreSQL: each product's `on_hand` and `reserved` against the sum of its ledger
+  (stock_movements), and `reserved` against the orders still holding a reservation. One SQL
+  statement (sql/procedures/audit.sql), so one snapshot: no false alarms under traffic.
+- Redis: every cached entry against PostgreSQL. The cache is written just after each commit,
+  so an entry may lag for a moment; a difference is reported only if it is still there
+  after `settle_seconds` (re-read from both sides), or if it can never heal (the cached
+  version is newer than the database's, or the product does not exist).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+from .cache import StockCache
+from .config import Settings
+from .store import Store
+
+FIGURES = ("on_hand", "reserved", "available", "version")
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    product_id: str
+    check: str  # ledger | reservations | cache
+    message: str
+    detail: dict[str, Any]
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+
+class Audit:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.database)
+        self._cache: StockCache | None = None
+
+    @property
+    def cache(self) -> StockCache:
+        if self._cache is None:
+            self._cache = StockCache(self.settings.redis)
+        return self._cache
+
+    def close(self) -> None:
+        self.store.close()
+        if self._cache is not None:
+            self._cache.client.close()
+
+    # -- history ----------------------------------------------------------------------------
+
+    def history(self, product_id: str, limit: int) -> list[dict[str, Any]]:
+        """The product's movements, newest first, with the ledger's figures after each."""
+        with self.store.transaction() as cur:
+            cur.execute("SELECT * FROM stock_history(%s, %s)", (product_id, limit))
+            names = [c.name for c in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    # -- verify -----------------------------------------------------------------------------
+
+    def verify(self, settle_seconds: float = 1.0) -> tuple[list[Mismatch], dict[str, Any]]:
+        """Every mismatch found, and what was checked ({"products": n, "cached": m}, plus
+        "cache_error" when Redis could not be read: the cache is then unchecked)."""
+        found = self._database_mismatches()
+        with self.store.transaction() as cur:
+            cur.execute("SELECT count(*) FROM products")
+            products = int(cur.fetchone()[0])
+        try:
+            cached, cache_found = self._cache_mismatches(settle_seconds)
+        except redis.RedisError as exc:
+            return found, {"products": products, "cached": 0, "cache_error": str(exc) or type(exc).__name__}
+        return found + cache_found, {"products": products, "cached": cached}
+
+    def _database_mismatches(self) -> list[Mismatch]:
+        with self.store.transaction() as cur:
+            cur.execute("SELECT product_id, figure, recorded, expected, source FROM stock_mismatches()")
+            rows = cur.fetchall()
+        out = []
+        for product_id, figure, recorded, expected, source in rows:
+            by = "the ledger sums to" if source == "ledger" else "active reservations hold"
+            out.append(Mismatch(
+                product_id, source, f"{figure} is {recorded} in products, but {by} {expected}",
+                {"figure": figure, "recorded": recorded, "expected": expected}))
+        return out
+
+    def _cache_mismatches(self, settle_seconds: float) -> tuple[int, list[Mismatch]]:
+        suspects: dict[str, bytes] = {}
+        checked = 0
+        for chunk in _chunks(self._cached_product_ids(), 1000):
+            checked += len(chunk)
+            suspects.update(self._differing(chunk))
+        if suspects and settle_seconds > 0:
+            # In-flight writes land within moments; what is still wrong afterwards is not in flight.
+            time.sleep(settle_seconds)
+            suspects = self._differing(list(suspects))
+        out = []
+        db = {f["product_id"]: f for f in self.store.figures(list(suspects))}
+        for product_id, raw in sorted(suspects.items()):
+            out.append(self._describe(product_id, raw, db.get(product_id)))
+        return checked, out
+
+    def _cached_product_ids(self) -> Iterator[str]:
+        prefix = self.cache.key("")
+        pattern = _glob_escape(prefix) + "*"
+        for key in self.cache.client.scan_iter(match=pattern, count=1000):
+            yield key.decode()[len(prefix):]
+
+    def _differing(self, product_ids: list[str]) -> dict[str, bytes]:
+        """Those whose cached entry differs from PostgreSQL's figures, with the entry."""
+        if not product_ids:
+            return {}
+        values = self.cache.client.mget([self.cache.key(p) for p in product_ids])
+        db = {f["product_id"]: f for f in self.store.figures(product_ids)}
+        out = {}
+        for product_id, raw in zip(product_ids, values, strict=True):
+            if raw is None:
+                continue  # expired or evicted meanwhile: a miss is refilled from PostgreSQL
+            cached = _decode(raw)
+            figures = db.get(product_id)
+            if cached is None or figures is None or any(
+                    cached.get(k) != figures[k] for k in FIGURES):
+                out[product_id] = raw
+        return out
+
+    @staticmethod
+    def _describe(product_id: str, raw: bytes, figures: dict[str, Any] | None) -> Mismatch:
+        cached = _decode(raw)
+        if figures is None:
+            return Mismatch(product_id, "cache", "cached in Redis, but no such product in PostgreSQL",
+                            {"cached": raw.decode(errors="replace")})
+        if cached is None:
+            return Mismatch(product_id, "cache", "the Redis entry is not valid figures",
+                            {"cached": raw.decode(errors="replace")})
+        show = " ".join
+        return Mismatch(
+            product_id, "cache",
+            "Redis has " + show(f"{k}={cached.get(k)}" for k in FIGURES)
+            + ", PostgreSQL " + show(f"{k}={figures[k]}" for k in FIGURES),
+            {"cached": {k: cached.get(k) for k in FIGURES}, "database": {k: figures[k] for k in FIGURES}})
+
+
+def _decode(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
+def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -21,7 +21,11 @@ from .config import RabbitMQSettings
 from .contract import INPUT_TYPES
 from .store import OutgoingMessage
 
-# Errors after which the connection is gone and must be made anew.
+class NotConfirmed(pika.exceptions.AMQPError):
+    """The broker nacked, or did not confirm in time, messages that had to be confirmed."""
+
+
+# Errors after which the connection is gone (or no longer trusted) and must be made anew.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.AMQPChannelError,
@@ -29,6 +33,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.ConnectionClosed,
     ConnectionError,
     OSError,
+    NotConfirmed,
 )
 
 
@@ -71,16 +76,83 @@ def declare_topology(channel: Any, settings: RabbitMQSettings) -> None:
 
 
 class Publisher:
-    """Publishes persistent messages on a confirm-mode channel: a return means the broker has them."""
+    """Publishes persistent messages with publisher confirms.
 
-    def __init__(self, channel: Any, settings: RabbitMQSettings) -> None:
+    Dead letters and single inputs go through `channel` in pika's blocking confirm mode: one
+    publish, one wait. Result events go through a second channel of the same connection with
+    *pipelined* confirms: a whole batch is written, then the broker's acks (which may each cover
+    many delivery tags, `multiple=True`) are awaited together, so a batch costs one round trip
+    instead of one per message.
+    """
+
+    def __init__(self, channel: Any, settings: RabbitMQSettings, confirm_timeout: float = 30.0) -> None:
         self.channel = channel
         self.settings = settings
+        self.confirm_timeout = confirm_timeout
         channel.confirm_delivery()
+        self._results: Any = None  # the pipelined channel, opened on first use
+        self._next_tag = 1
+        self._pending: dict[int, int] = {}  # delivery tag -> outbox id, in publish order
+        self._acked: list[int] = []
 
-    def publish_results(self, messages: Sequence[OutgoingMessage]) -> None:
+    def _results_channel(self) -> Any:
+        if self._results is None or not self._results.is_open:
+            ch = self.channel.connection.channel()
+            selected: list[bool] = []
+            # pika's BlockingChannel only offers one-at-a-time confirms; its underlying channel
+            # takes an ack/nack callback, which is all pipelining needs.
+            ch._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _f: selected.append(True))
+            self._wait(lambda: bool(selected), self.confirm_timeout, ch)
+            if not selected:
+                raise NotConfirmed("no Confirm.SelectOk from the broker")
+            self._results, self._next_tag = ch, 1
+            self._pending.clear()
+        return self._results
+
+    def _on_confirm(self, frame: Any) -> None:
+        m = frame.method
+        ack = isinstance(m, pika.spec.Basic.Ack)
+        if m.multiple:
+            while self._pending:
+                tag = next(iter(self._pending))
+                if tag > m.delivery_tag:
+                    break
+                outbox_id = self._pending.pop(tag)
+                if ack:
+                    self._acked.append(outbox_id)
+        else:
+            outbox_id = self._pending.pop(m.delivery_tag, None)
+            if ack and outbox_id is not None:
+                self._acked.append(outbox_id)
+
+    def _wait(self, done: Any, timeout: float, channel: Any) -> None:
+        conn = channel.connection
+        deadline = time.monotonic() + timeout
+        while not done():
+            if not channel.is_open:
+                raise pika.exceptions.ChannelClosed(0, "the results channel closed while awaiting confirms")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            conn.process_data_events(time_limit=min(remaining, 0.5))
+
+    def publish_results(self, messages: Sequence[OutgoingMessage]) -> list[int]:
+        """Publishes the messages in order, then waits for the broker's confirms of all of them.
+
+        Returns the outbox ids the broker confirmed; nacked or unconfirmed ones (within
+        `confirm_timeout`) are left out, so they stay unpublished in the outbox for the relay.
+        A lost connection raises (one of CONNECTION_ERRORS); the relay covers those too.
+        """
+        if not messages:
+            return []
+        ch = self._results_channel()
+        self._acked = []
+        now = int(time.time())
         for m in messages:
-            self.channel.basic_publish(
+            # Registered first: the flush inside basic_publish may already read its confirm.
+            self._pending[self._next_tag] = m.outbox_id
+            self._next_tag += 1
+            ch.basic_publish(
                 self.settings.events_exchange,
                 m.routing_key,
                 json.dumps(m.body, separators=(",", ":")).encode(),
@@ -89,10 +161,21 @@ class Publisher:
                     delivery_mode=pika.DeliveryMode.Persistent,
                     message_id=m.message_id,
                     type=m.routing_key,
-                    timestamp=int(time.time()),
+                    timestamp=now,
                     correlation_id=str(m.body.get("causation_id") or ""),
                 ),
             )
+        self._wait(lambda: not self._pending, self.confirm_timeout, ch)
+        if self._pending:  # timed out: late confirms of these must not count for a later batch
+            self._pending.clear()
+        acked, self._acked = self._acked, []
+        return acked
+
+    def publish_all(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Like publish_results, but every message must be confirmed, else NotConfirmed."""
+        confirmed = self.publish_results(messages)
+        if len(confirmed) != len(messages):
+            raise NotConfirmed(f"{len(messages) - len(confirmed)} of {len(messages)} results not confirmed")
 
     def dead_letter(
         self, body: bytes, properties: Any, routing_key: str, reason: str

@@ -94,6 +94,11 @@ class HTTPSettings(BaseModel):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
+    # granian (measured fastest, see README "Performance") or the standard library's server.
+    server: Literal["granian", "stdlib"] = "granian"
+    # granian only: server processes, and Python threads running the API in each.
+    workers: int = Field(2, ge=1, le=64)
+    threads: int = Field(2, ge=1, le=256)
 
 
 class LoggingSettings(BaseModel):

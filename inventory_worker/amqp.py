@@ -75,6 +75,10 @@ def declare_topology(channel: Any, settings: RabbitMQSettings) -> None:
         channel.queue_bind(settings.queue, settings.exchange, routing_key=key)
 
 
+def _nothing() -> None:
+    pass
+
+
 class Publisher:
     """Publishes persistent messages with publisher confirms.
 
@@ -97,11 +101,12 @@ class Publisher:
 
     def _results_channel(self) -> Any:
         if self._results is None or not self._results.is_open:
-            ch = self.channel.connection.channel()
+            conn = self.channel.connection
+            ch = conn.channel()
             selected: list[bool] = []
             # pika's BlockingChannel only offers one-at-a-time confirms; its underlying channel
             # takes an ack/nack callback, which is all pipelining needs.
-            ch._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _f: selected.append(True))
+            ch._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _f: (selected.append(True), conn.call_later(0, _nothing)))
             self._wait(lambda: bool(selected), self.confirm_timeout, ch)
             if not selected:
                 raise NotConfirmed("no Confirm.SelectOk from the broker")
@@ -124,6 +129,10 @@ class Publisher:
             outbox_id = self._pending.pop(m.delivery_tag, None)
             if ack and outbox_id is not None:
                 self._acked.append(outbox_id)
+        if not self._pending and self._results is not None:
+            # Wake process_data_events in _wait: it returns early only for events of pika's
+            # blocking layer (a timer is one), not for this callback of the channel beneath.
+            self._results.connection.call_later(0, _nothing)
 
     def _wait(self, done: Any, timeout: float, channel: Any) -> None:
         conn = channel.connection
@@ -149,10 +158,11 @@ class Publisher:
         self._acked = []
         now = int(time.time())
         for m in messages:
-            # Registered first: the flush inside basic_publish may already read its confirm.
             self._pending[self._next_tag] = m.outbox_id
             self._next_tag += 1
-            ch.basic_publish(
+            # Straight to the channel beneath: queued for one write, flushed by _wait below
+            # (BlockingChannel.basic_publish would flush, i.e. run the I/O loop, per message).
+            ch._impl.basic_publish(
                 self.settings.events_exchange,
                 m.routing_key,
                 json.dumps(m.body, separators=(",", ":")).encode(),

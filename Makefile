@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test migrate install clean
+.PHONY: run test migrate install clean bench soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ migrate: $(STAMP)
 ## The whole suite, against real PostgreSQL, Redis and RabbitMQ (each run isolated).
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## The benchmark (README "Performance"): a table, and bench/results.json. Needs pgbench and wrk.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+## Ten minutes of steady load: is the worker's memory flat? Writes bench/soak.json.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

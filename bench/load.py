@@ -50,7 +50,7 @@ def hot_ids(tag: str) -> list[str]:
 # ---- input publisher ----------------------------------------------------------------------
 
 
-def _publisher(settings: Settings, workload: Workload, count: int, rate: float | None, seed: int,
+def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: float | None, seed: int,
                started: Any, out: Any) -> None:
     """Publishes `count` orders, as fast as it can (rate None) or at `rate` per second, paced
     every 5 ms (open loop: it does not wait for results). Sends {id: wall-clock sent} back."""
@@ -59,7 +59,7 @@ def _publisher(settings: Settings, workload: Workload, count: int, rate: float |
     ch = conn.channel()
     exchange = settings.rabbitmq.exchange
     props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
-    orders = [workload.order(rng) for _ in range(count)]
+    orders = [workload.order(rng) for _ in ids]
     sent: dict[str, float] = {}
     started.wait()
     t0 = time.monotonic()
@@ -68,7 +68,7 @@ def _publisher(settings: Settings, workload: Workload, count: int, rate: float |
             due = t0 + i / rate
             if (ahead := due - time.monotonic()) > 0.005:
                 conn.sleep(ahead)
-        eid = str(uuid.uuid4())
+        eid = ids[i]
         now = time.time()
         body = {"id": eid, "type": "order.placed",
                 "occurred_at": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
@@ -86,9 +86,11 @@ def _publisher(settings: Settings, workload: Workload, count: int, rate: float |
 # ---- result collector ---------------------------------------------------------------------
 
 
-def _collector(settings: Settings, expected: int, idle_timeout: float, ready: Any, out: Any) -> None:
-    """Receives result events until `expected` distinct inputs have one (or nothing arrives for
-    `idle_timeout` s). Sends {causation_id: (arrival wall-clock, type, reserved quantity)}."""
+def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: Any, out: Any) -> None:
+    """Receives result events until every input in `ids` has one (or nothing arrives for
+    `idle_timeout` s). Sends {causation_id: (arrival wall-clock, type, reserved quantity)}.
+    Results of other inputs (e.g. the relay republishing an earlier run's row) are ignored."""
+    expected, wanted = len(ids), set(ids)
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     ch = conn.channel()
     q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
@@ -101,7 +103,7 @@ def _collector(settings: Settings, expected: int, idle_timeout: float, ready: An
         now = time.time()
         r = json.loads(body)
         cid = r["causation_id"]
-        if cid not in got:  # a result may arrive twice (relay after a crash): first one counts
+        if cid in wanted and cid not in got:  # a result may arrive twice (relay after a crash): first one counts
             qty = sum(line["quantity"] for line in r["data"].get("lines", [])) if r["type"] == "inventory.reserved" else 0
             got[cid] = (now, r["type"], qty)
         last[0] = time.monotonic()
@@ -144,11 +146,12 @@ def drive(settings: Settings, workload: Workload, count: int, rate: float | None
     """Publishes `count` orders (at `rate`/s, or flat out) while something consumes the input
     queue; waits for every result; returns throughput and latency from occurred_at to result."""
     ctx = multiprocessing.get_context("spawn")
+    ids = [str(uuid.uuid4()) for _ in range(count)]
     ready, go = ctx.Event(), ctx.Event()
     c_recv, c_send = ctx.Pipe(duplex=False)
     p_recv, p_send = ctx.Pipe(duplex=False)
-    collector = ctx.Process(target=_collector, args=(settings, count, idle_timeout, ready, c_send), daemon=True)
-    publisher = ctx.Process(target=_publisher, args=(settings, workload, count, rate, seed, go, p_send), daemon=True)
+    collector = ctx.Process(target=_collector, args=(settings, ids, idle_timeout, ready, c_send), daemon=True)
+    publisher = ctx.Process(target=_publisher, args=(settings, workload, ids, rate, seed, go, p_send), daemon=True)
     collector.start()
     publisher.start()
     if not ready.wait(30):

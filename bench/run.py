@@ -74,9 +74,9 @@ class Plan:
     pgbench_clients: list[int] = field(default_factory=lambda: [1, 4, 16])
 
 
-FULL = Plan(full_count=30_000, half_seconds=8, naive_count=3_000, pgbench_seconds=8, wrk_seconds=10,
+FULL = Plan(full_count=6_000, half_seconds=6, naive_count=1_500, pgbench_seconds=8, wrk_seconds=10,
             procs=[1, 2, 4])
-SMOKE = Plan(full_count=600, half_seconds=1.5, naive_count=150, pgbench_seconds=1, wrk_seconds=2,
+SMOKE = Plan(full_count=400, half_seconds=1.0, naive_count=100, pgbench_seconds=1, wrk_seconds=2,
              procs=[2], workloads=["uniform", "hot"], naive_procs=[1], pgbench_clients=[1, 16])
 
 

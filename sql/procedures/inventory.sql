@@ -348,9 +348,10 @@ BEGIN
     RETURN v_result || jsonb_build_object('products', (
         SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
           FROM products p
-         -- One IN over a UNION, not IN ... OR ...: the OR made every event scan all products.
-         WHERE p.product_id IN (SELECT product_id FROM stock_movements WHERE event_id = p_event_id
-                                UNION ALL SELECT p_data->>'product_id')));
+         -- = ANY(ARRAY(...)): primary-key lookups. The planner turned IN (subquery), and
+         -- IN ... OR ..., into a scan of every product for every event.
+         WHERE p.product_id = ANY(ARRAY(SELECT product_id FROM stock_movements WHERE event_id = p_event_id
+                                        UNION ALL SELECT p_data->>'product_id'))));
 END $$;
 
 -- Many events in one transaction (in the order given). Every product the batch can touch
@@ -369,8 +370,8 @@ BEGIN
                    CASE WHEN jsonb_typeof(ev->'data'->'lines') = 'array' THEN ev->'data'->'lines'
                         ELSE '[]'::jsonb END) x
         UNION SELECT ev->'data'->>'product_id' FROM jsonb_array_elements(p_events) ev
-        UNION SELECT ol.product_id FROM order_lines ol
-               WHERE ol.order_id IN (SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev)));
+        UNION SELECT ol.product_id FROM order_lines ol  -- = ANY(ARRAY(..)): index, not a scan
+               WHERE ol.order_id = ANY(ARRAY(SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev))));
     FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
         v_results := array_append(v_results,
             apply_event((e->>'id')::uuid, e->>'type', e->'data', p_default_ttl));

@@ -106,7 +106,11 @@ class Publisher:
             selected: list[bool] = []
             # pika's BlockingChannel only offers one-at-a-time confirms; its underlying channel
             # takes an ack/nack callback, which is all pipelining needs.
-            ch._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _f: (selected.append(True), conn.call_later(0, _nothing)))
+            def on_select_ok(_frame: Any) -> None:
+                selected.append(True)
+                conn.call_later(0, _nothing)  # wakes _wait (see _on_confirm)
+
+            ch._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=on_select_ok)
             self._wait(lambda: bool(selected), self.confirm_timeout, ch)
             if not selected:
                 raise NotConfirmed("no Confirm.SelectOk from the broker")
@@ -176,8 +180,15 @@ class Publisher:
                 ),
             )
         self._wait(lambda: not self._pending, self.confirm_timeout, ch)
-        if self._pending:  # timed out: late confirms of these must not count for a later batch
+        if self._pending:
+            # Timed out: these stay for the relay. A fresh channel for the next batch, so that
+            # late confirms of these can never be mistaken for confirms of later messages.
             self._pending.clear()
+            results, self._results = self._results, None
+            try:
+                results.close()
+            except Exception:  # closing a channel that is already broken
+                pass
         acked, self._acked = self._acked, []
         return acked
 

@@ -73,3 +73,49 @@ def test_dead_letters_still_wait_for_their_own_confirm(settings):
         assert body == b"not json" and props.headers["x-inventory-error"] == "bad body"
     finally:
         conn.close()
+
+
+def test_the_consumer_marks_only_confirmed_results_published(settings):
+    """Nacked results stay unpublished in the outbox (for the relay); confirmed ones are marked."""
+    import threading
+
+    from inventory_worker.consumer import Consumer
+    from inventory_worker.store import Store
+
+    from ..support import pg, uid
+
+    s = settings.model_copy(update={"rabbitmq": settings.rabbitmq.model_copy(
+        update={"events_exchange": settings.rabbitmq.events_exchange + "." + uid("x")})})
+    store = Store(s.database)
+    [out] = store.apply_batch([{"id": str(uuid.uuid4()), "type": "stock.adjusted",
+                                "data": {"product_id": uid("SKU"), "delta": 5}}])
+    store.close()
+    ids = [m.outbox_id for m in out.messages]
+    conn = amqp.connect(s.rabbitmq)
+    consumer = Consumer(s, threading.Event())
+    try:
+        ch = conn.channel()
+        amqp.declare_topology(ch, s.rabbitmq)
+        full = ch.queue_declare("", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+        ch.queue_bind(full.method.queue, s.rabbitmq.events_exchange, routing_key="#")
+        pub = amqp.Publisher(conn.channel(), s.rabbitmq)
+
+        def published() -> list:
+            with pg(s) as cur:
+                cur.execute("SELECT published_at FROM outbox WHERE id = ANY(%s) ORDER BY id", (ids,))
+                return [r[0] for r in cur.fetchall()]
+
+        consumer._publish(pub, out.messages)  # every one nacked
+        consumer._flush_marks()
+        assert published() == [None] * len(ids)
+
+        ch.queue_delete(full.method.queue)
+        consumer._publish(pub, out.messages)  # now confirmed
+        consumer._flush_marks()
+        assert all(p is not None for p in published())
+    finally:
+        consumer.store.close()
+        try:
+            conn.channel().exchange_delete(s.rabbitmq.events_exchange)
+        finally:
+            conn.close()

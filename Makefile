@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
 ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
-.PHONY: run test fuzz migrate install clean asyncapi-specs
+.PHONY: run test fuzz migrate install clean asyncapi-specs bench soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ fuzz: $(STAMP)
 	INVENTORY_FUZZ_MESSAGES=$${INVENTORY_FUZZ_MESSAGES:-20000} INVENTORY_FUZZ_SEED=$${INVENTORY_FUZZ_SEED:-$$RANDOM} \
 	$(BIN)/pytest -o timeout=3600 tests/e2e/test_message_fuzz.py \
 	    tests/e2e/test_http_security.py::test_schemathesis_finds_no_difference_from_the_document $(PYTEST_ARGS)
+
+## The benchmark (README "Performance"): a table, and bench/results.json. Needs pgbench and wrk.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+## Ten minutes of steady load: is the worker's memory flat? Writes bench/soak.json.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

@@ -23,7 +23,11 @@ from .config import RabbitMQSettings, reveal
 from .contract import INPUT_TYPES
 from .store import OutgoingMessage
 
-# Errors after which the connection is gone and must be made anew.
+class NotConfirmed(pika.exceptions.AMQPError):
+    """The broker nacked, or did not confirm in time, messages that had to be confirmed."""
+
+
+# Errors after which the connection is gone (or no longer trusted) and must be made anew.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.AMQPChannelError,
@@ -31,6 +35,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.ConnectionClosed,
     ConnectionError,
     OSError,
+    NotConfirmed,
 )
 
 
@@ -86,78 +91,99 @@ def declare_topology(channel: Any, settings: RabbitMQSettings) -> None:
         channel.queue_bind(settings.queue, settings.exchange, routing_key=key)
 
 
-class ConfirmsNotReceived(pika.exceptions.AMQPChannelError):
-    """The broker nacked a result or did not confirm in time: the outbox relay publishes it again."""
-
-
-class PipelinedConfirms:
-    """A confirm-mode channel that publishes a whole list, then waits once for the broker to
-    confirm all of it: one round trip per list, not one per message as pika's blocking channel
-    does (which capped a sweep of 100,000 expiries at about 2,000 events a second).
-
-    It drives the asynchronous channel under pika's blocking one (`_impl`, stable in pika 1.x),
-    and waits through the public `process_data_events`.
-    """
-
-    def __init__(self, channel: Any, timeout: float = 30.0) -> None:
-        self.channel = channel
-        self.timeout = timeout
-        self._impl = channel._impl
-        self._last_tag = 0  # delivery tags count up from 1 on a confirm-mode channel
-        self._outstanding: set[int] = set()
-        self._nacked = 0
-        selected: list[Any] = []
-        self._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=selected.append)
-        self._wait(lambda: bool(selected), "Confirm.SelectOk")
-
-    def _on_confirm(self, frame: Any) -> None:
-        m = frame.method
-        if m.multiple:
-            done = {t for t in self._outstanding if t <= m.delivery_tag}
-        else:
-            done = {m.delivery_tag} & self._outstanding
-        self._outstanding -= done
-        if isinstance(m, pika.spec.Basic.Nack):
-            self._nacked += len(done)
-
-    def publish(self, exchange: str, items: Sequence[tuple[str, bytes, pika.BasicProperties]]) -> None:
-        """Returns once the broker confirmed every message; raises if it refused any."""
-        for routing_key, body, properties in items:
-            self._impl.basic_publish(exchange, routing_key, body, properties)
-            self._last_tag += 1
-            self._outstanding.add(self._last_tag)
-        self._wait(lambda: not self._outstanding, "publisher confirms")
-        if self._nacked:
-            nacked, self._nacked = self._nacked, 0
-            raise ConfirmsNotReceived(f"the broker refused {nacked} of {len(items)} messages")
-
-    def _wait(self, done: Any, what: str) -> None:
-        deadline = time.monotonic() + self.timeout
-        while not done():
-            if self._impl.is_closed or self._impl.is_closing:
-                raise ConfirmsNotReceived(f"channel closed while waiting for {what}")
-            if time.monotonic() > deadline:
-                raise ConfirmsNotReceived(f"no {what} after {self.timeout}s")
-            self.channel.connection.process_data_events(time_limit=0.001)
+def _nothing() -> None:
+    pass
 
 
 class Publisher:
-    """Publishes persistent messages with confirms: a return means the broker has them."""
+    """Publishes persistent messages with publisher confirms.
 
-    def __init__(self, channel: Any, settings: RabbitMQSettings) -> None:
+    Dead letters and single inputs go through `channel` in pika's blocking confirm mode: one
+    publish, one wait. Result events go through a second channel of the same connection with
+    *pipelined* confirms: a whole batch is written, then the broker's acks (which may each cover
+    many delivery tags, `multiple=True`) are awaited together, so a batch costs one round trip
+    instead of one per message.
+    """
+
+    def __init__(self, channel: Any, settings: RabbitMQSettings, confirm_timeout: float = 30.0) -> None:
         self.channel = channel
         self.settings = settings
+        self.confirm_timeout = confirm_timeout
         channel.confirm_delivery()
-        self._results: PipelinedConfirms | None = None  # its own channel, opened on first use
+        self._results: Any = None  # the pipelined channel, opened on first use
+        self._next_tag = 1
+        self._pending: dict[int, int] = {}  # delivery tag -> outbox id, in publish order
+        self._acked: list[int] = []
 
-    def publish_results(self, messages: Sequence[OutgoingMessage]) -> None:
+    def _results_channel(self) -> Any:
+        if self._results is None or not self._results.is_open:
+            conn = self.channel.connection
+            ch = conn.channel()
+            selected: list[bool] = []
+            # pika's BlockingChannel only offers one-at-a-time confirms; its underlying channel
+            # takes an ack/nack callback, which is all pipelining needs.
+            def on_select_ok(_frame: Any) -> None:
+                selected.append(True)
+                conn.call_later(0, _nothing)  # wakes _wait (see _on_confirm)
+
+            ch._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=on_select_ok)
+            self._wait(lambda: bool(selected), self.confirm_timeout, ch)
+            if not selected:
+                raise NotConfirmed("no Confirm.SelectOk from the broker")
+            self._results, self._next_tag = ch, 1
+            self._pending.clear()
+        return self._results
+
+    def _on_confirm(self, frame: Any) -> None:
+        m = frame.method
+        ack = isinstance(m, pika.spec.Basic.Ack)
+        if m.multiple:
+            while self._pending:
+                tag = next(iter(self._pending))
+                if tag > m.delivery_tag:
+                    break
+                outbox_id = self._pending.pop(tag)
+                if ack:
+                    self._acked.append(outbox_id)
+        else:
+            outbox_id = self._pending.pop(m.delivery_tag, None)
+            if ack and outbox_id is not None:
+                self._acked.append(outbox_id)
+        if not self._pending and self._results is not None:
+            # Wake process_data_events in _wait: it returns early only for events of pika's
+            # blocking layer (a timer is one), not for this callback of the channel beneath.
+            self._results.connection.call_later(0, _nothing)
+
+    def _wait(self, done: Any, timeout: float, channel: Any) -> None:
+        conn = channel.connection
+        deadline = time.monotonic() + timeout
+        while not done():
+            if not channel.is_open:
+                raise pika.exceptions.ChannelClosed(0, "the results channel closed while awaiting confirms")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            conn.process_data_events(time_limit=min(remaining, 0.5))
+
+    def publish_results(self, messages: Sequence[OutgoingMessage]) -> list[int]:
+        """Publishes the messages in order, then waits for the broker's confirms of all of them.
+
+        Returns the outbox ids the broker confirmed; nacked or unconfirmed ones (within
+        `confirm_timeout`) are left out, so they stay unpublished in the outbox for the relay.
+        A lost connection raises (one of CONNECTION_ERRORS); the relay covers those too.
+        """
         if not messages:
-            return
-        if self._results is None or not self._results.channel.is_open:
-            self._results = PipelinedConfirms(self.channel.connection.channel())
+            return []
+        ch = self._results_channel()
+        self._acked = []
         now = int(time.time())
-        self._results.publish(self.settings.events_exchange, [
-            (
+        for m in messages:
+            self._pending[self._next_tag] = m.outbox_id
+            self._next_tag += 1
+            # Straight to the channel beneath: queued for one write, flushed by _wait below
+            # (BlockingChannel.basic_publish would flush, i.e. run the I/O loop, per message).
+            ch._impl.basic_publish(
+                self.settings.events_exchange,
                 m.routing_key,
                 json.dumps(m.body, separators=(",", ":")).encode(),
                 pika.BasicProperties(
@@ -169,8 +195,24 @@ class Publisher:
                     correlation_id=str(m.body.get("causation_id") or ""),
                 ),
             )
-            for m in messages
-        ])
+        self._wait(lambda: not self._pending, self.confirm_timeout, ch)
+        if self._pending:
+            # Timed out: these stay for the relay. A fresh channel for the next batch, so that
+            # late confirms of these can never be mistaken for confirms of later messages.
+            self._pending.clear()
+            results, self._results = self._results, None
+            try:
+                results.close()
+            except Exception:  # closing a channel that is already broken
+                pass
+        acked, self._acked = self._acked, []
+        return acked
+
+    def publish_all(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Like publish_results, but every message must be confirmed, else NotConfirmed."""
+        confirmed = self.publish_results(messages)
+        if len(confirmed) != len(messages):
+            raise NotConfirmed(f"{len(messages) - len(confirmed)} of {len(messages)} results not confirmed")
 
     def dead_letter(
         self, body: bytes, properties: Any, routing_key: str, reason: str

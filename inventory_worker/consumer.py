@@ -5,8 +5,9 @@ For each batch, in this order:
   2. apply the valid events in ONE PostgreSQL transaction (stored procedures; idempotent);
   3. write the new figures to Redis (version-checked);
   4. ack the whole batch with one `multiple=True` ack: only after the commit;
-  5. publish the result events with confirms; their outbox rows are marked published in the
-     next batch's transaction (or at once when idle). A crash anywhere leaves either an
+  5. publish the batch's result events and await their confirms together (pipelined); the
+     outbox rows of the confirmed ones are marked published in the next batch's transaction
+     (or at once when idle). Nacked or unconfirmed ones stay for the outbox relay. A crash anywhere leaves either an
      unacked message (redelivered, absorbed by the idempotency table) or an unpublished
      outbox row (published later by the relay with the same id).
 """
@@ -259,10 +260,15 @@ class Consumer:
         if not messages:
             return
         started = time.monotonic()
-        publisher.publish_results(messages)  # a connection error here: the relay publishes later
+        # Only confirmed ones are marked; the rest (nacked, or a connection error raised here)
+        # stay unpublished in the outbox and the relay publishes them, with the same ids.
+        confirmed = publisher.publish_results(messages)
         metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
-        metrics.RESULTS_PUBLISHED.labels("direct").inc(len(messages))
-        self._to_mark.extend(m.outbox_id for m in messages)
+        metrics.RESULTS_PUBLISHED.labels("direct").inc(len(confirmed))
+        if len(confirmed) < len(messages):
+            log.warning("results not confirmed; the outbox relay will publish them",
+                        count=len(messages) - len(confirmed))
+        self._to_mark.extend(confirmed)
 
     def _dead_letter(self, publisher: amqp.Publisher, d: Delivery, reason: str, kind: str) -> None:
         publisher.dead_letter(d.body, d.properties, d.method.routing_key, reason)

@@ -150,7 +150,7 @@ class Maintenance(threading.Thread):
                 if not rows:
                     return
                 started = time.monotonic()
-                self._publisher_ready().publish_results(rows)
+                self._publisher_ready().publish_all(rows)  # all confirmed, or rolled back
                 metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
                 metrics.RESULTS_PUBLISHED.labels("relay").inc(len(rows))
                 log.info("outbox relay published", count=len(rows))
@@ -163,14 +163,14 @@ class Maintenance(threading.Thread):
             return
         started = time.monotonic()
         try:
-            self._publisher_ready().publish_results(messages)
+            confirmed = self._publisher_ready().publish_results(messages)
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
         except amqp.CONNECTION_ERRORS as exc:
             log.warning("publish failed; the relay will retry", error=repr(exc))
             self._drop_amqp()
             return
-        metrics.RESULTS_PUBLISHED.labels("direct").inc(len(messages))
-        self.store.mark_published([m.outbox_id for m in messages])
+        metrics.RESULTS_PUBLISHED.labels("direct").inc(len(confirmed))
+        self.store.mark_published(confirmed)
 
     def _publisher_ready(self) -> amqp.Publisher:
         if self._publisher is None or self._conn is None or not self._conn.is_open:

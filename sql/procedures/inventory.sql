@@ -173,7 +173,9 @@ BEGIN
            CASE WHEN bool_or(p.product_id IS NULL) THEN 'unknown_product' ELSE 'insufficient_stock' END
       INTO v_shortages, v_reason
       FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, ord)
-      LEFT JOIN products p ON p.product_id = x->>'product_id'
+      -- One primary-key lookup per line: a plain join hashed the whole table for every order
+      -- (OFFSET 0 keeps the planner from flattening the lateral subquery back into that join).
+      LEFT JOIN LATERAL (SELECT * FROM products WHERE product_id = x->>'product_id' OFFSET 0) p ON true
      WHERE p.product_id IS NULL OR p.on_hand - p.reserved < (x->>'quantity')::bigint;
 
     IF v_shortages IS NOT NULL THEN
@@ -352,8 +354,10 @@ BEGIN
     RETURN v_result || jsonb_build_object('products', (
         SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
           FROM products p
-         WHERE p.product_id IN (SELECT product_id FROM stock_movements WHERE event_id = p_event_id)
-            OR p.product_id = p_data->>'product_id'));
+         -- = ANY(ARRAY(...)): primary-key lookups. The planner turned IN (subquery), and
+         -- IN ... OR ..., into a scan of every product for every event.
+         WHERE p.product_id = ANY(ARRAY(SELECT product_id FROM stock_movements WHERE event_id = p_event_id
+                                        UNION ALL SELECT p_data->>'product_id'))));
 END $$;
 
 -- Many events in one transaction (in the order given). Every product the batch can touch
@@ -362,7 +366,9 @@ CREATE OR REPLACE FUNCTION apply_events(p_events jsonb, p_default_ttl integer DE
 LANGUAGE plpgsql AS $$
 DECLARE
     e jsonb;
-    v_results jsonb := '[]'::jsonb;
+    -- A jsonb[] grows in place; `jsonb || jsonb` re-encoded every earlier result on each
+    -- append, which made a batch cost quadratic in its size.
+    v_results jsonb[] := '{}';
 BEGIN
     PERFORM lock_products(ARRAY(
         SELECT x->>'product_id'
@@ -370,13 +376,13 @@ BEGIN
                    CASE WHEN jsonb_typeof(ev->'data'->'lines') = 'array' THEN ev->'data'->'lines'
                         ELSE '[]'::jsonb END) x
         UNION SELECT ev->'data'->>'product_id' FROM jsonb_array_elements(p_events) ev
-        UNION SELECT ol.product_id FROM order_lines ol
-               WHERE ol.order_id IN (SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev)));
+        UNION SELECT ol.product_id FROM order_lines ol  -- = ANY(ARRAY(..)): index, not a scan
+               WHERE ol.order_id = ANY(ARRAY(SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev))));
     FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
-        v_results := v_results || jsonb_build_array(
+        v_results := array_append(v_results,
             apply_event((e->>'id')::uuid, e->>'type', e->'data', p_default_ttl));
     END LOOP;
-    RETURN v_results;
+    RETURN to_jsonb(v_results);
 END $$;
 
 ---------------------------------------------------------------------------------------------

@@ -1,0 +1,223 @@
+"""Load for the benchmark: workloads, an input publisher, a result collector, a naive consumer.
+
+Each runs in its own process (multiprocessing, spawn), so that generating load and collecting
+results do not share a GIL with each other; all three still share the machine's cores with the
+worker, as a real co-located producer and consumer would.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+
+from inventory_worker.config import Settings
+
+UNIFORM_PRODUCTS = 10_000
+HOT_PRODUCTS = 10
+RESULT_KEYS = ("inventory.reserved", "inventory.rejected")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the orders look like. Every input is one order.placed; its result is one event."""
+
+    name: str
+    products: list[str]
+    lines: int = 1
+
+    def order(self, rng: random.Random) -> dict[str, Any]:
+        picked = rng.sample(self.products, self.lines) if self.lines > 1 else [rng.choice(self.products)]
+        return {"order_id": f"o-{uuid.uuid4().hex}", "lines": [{"product_id": p, "quantity": 1} for p in picked]}
+
+
+def uniform_ids() -> list[str]:
+    return [f"BENCH-U-{i:05d}" for i in range(UNIFORM_PRODUCTS)]
+
+
+def hot_ids(tag: str) -> list[str]:
+    """Fresh hot products for each run, so each run's no-oversell check stands on its own."""
+    return [f"BENCH-H-{tag}-{i}" for i in range(HOT_PRODUCTS)]
+
+
+# ---- input publisher ----------------------------------------------------------------------
+
+
+def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: float | None, seed: int,
+               started: Any, out: Any) -> None:
+    """Publishes `count` orders, as fast as it can (rate None) or at `rate` per second, paced
+    every 5 ms (open loop: it does not wait for results). Sends {id: wall-clock sent} back."""
+    rng = random.Random(seed)
+    conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+    ch = conn.channel()
+    exchange = settings.rabbitmq.exchange
+    props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+    orders = [workload.order(rng) for _ in ids]
+    sent: dict[str, float] = {}
+    started.wait()
+    t0 = time.monotonic()
+    for i, data in enumerate(orders):
+        if rate:
+            due = t0 + i / rate
+            if (ahead := due - time.monotonic()) > 0.005:
+                conn.sleep(ahead)
+        eid = ids[i]
+        now = time.time()
+        body = {"id": eid, "type": "order.placed",
+                "occurred_at": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+                "data": data}
+        ch.basic_publish(exchange, "order.placed", json.dumps(body).encode(), properties=props)
+        sent[eid] = now
+        if i % 500 == 0:
+            conn.process_data_events(0)
+    conn.process_data_events(0)
+    conn.close()
+    out.send(sent)
+    out.close()
+
+
+# ---- result collector ---------------------------------------------------------------------
+
+
+def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: Any, out: Any) -> None:
+    """Receives result events until every input in `ids` has one (or nothing arrives for
+    `idle_timeout` s). Sends {causation_id: (arrival wall-clock, type, reserved quantity)}.
+    Results of other inputs (e.g. the relay republishing an earlier run's row) are ignored."""
+    expected, wanted = len(ids), set(ids)
+    conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+    ch = conn.channel()
+    q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    for key in RESULT_KEYS:
+        ch.queue_bind(q, settings.rabbitmq.events_exchange, routing_key=key)
+    got: dict[str, tuple[float, str, int]] = {}
+    last = [time.monotonic()]
+
+    def on_message(_ch: Any, _m: Any, _p: Any, body: bytes) -> None:
+        now = time.time()
+        r = json.loads(body)
+        cid = r["causation_id"]
+        if cid in wanted and cid not in got:  # a result may arrive twice (relay after a crash): first one counts
+            qty = sum(line["quantity"] for line in r["data"].get("lines", [])) if r["type"] == "inventory.reserved" else 0
+            got[cid] = (now, r["type"], qty)
+        last[0] = time.monotonic()
+
+    ch.basic_qos(prefetch_count=2000)
+    ch.basic_consume(q, on_message, auto_ack=True)
+    ready.set()
+    while len(got) < expected and time.monotonic() - last[0] < idle_timeout:
+        conn.process_data_events(time_limit=0.1)
+    conn.close()
+    out.send(got)
+    out.close()
+
+
+@dataclass
+class RunResult:
+    sent: int
+    received: int
+    throughput: float  # results/s between the 10th and 90th percentile of arrivals
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    reserved_qty: int
+    rejected: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def drive(settings: Settings, workload: Workload, count: int, rate: float | None = None,
+          seed: int = 1, idle_timeout: float = 20.0) -> RunResult:
+    """Publishes `count` orders (at `rate`/s, or flat out) while something consumes the input
+    queue; waits for every result; returns throughput and latency from occurred_at to result."""
+    ctx = multiprocessing.get_context("spawn")
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    ready, go = ctx.Event(), ctx.Event()
+    c_recv, c_send = ctx.Pipe(duplex=False)
+    p_recv, p_send = ctx.Pipe(duplex=False)
+    collector = ctx.Process(target=_collector, args=(settings, ids, idle_timeout, ready, c_send), daemon=True)
+    publisher = ctx.Process(target=_publisher, args=(settings, workload, ids, rate, seed, go, p_send), daemon=True)
+    collector.start()
+    publisher.start()
+    if not ready.wait(30):
+        raise RuntimeError("result collector did not start")
+    t0 = time.monotonic()
+    go.set()
+    sent = p_recv.recv()
+    got = c_recv.recv()
+    elapsed = time.monotonic() - t0
+    publisher.join(10)
+    collector.join(10)
+    arrivals = sorted(a for a, _, _ in got.values())
+    lat = sorted((got[i][0] - s) * 1000 for i, s in sent.items() if i in got)
+    if len(arrivals) >= 10:
+        lo, hi = arrivals[len(arrivals) // 10], arrivals[(len(arrivals) * 9) // 10]
+        n = (len(arrivals) * 9) // 10 - len(arrivals) // 10
+        tput = n / (hi - lo) if hi > lo else float("nan")
+    else:
+        tput = float("nan")
+    return RunResult(
+        sent=len(sent), received=len(got), throughput=tput,
+        p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
+        reserved_qty=sum(q for _, t, q in got.values() if t == "inventory.reserved"),
+        rejected=sum(1 for _, t, _ in got.values() if t == "inventory.rejected"),
+        seconds=elapsed,
+    )
+
+
+# ---- the naive consumer (baseline) ---------------------------------------------------------
+
+
+def naive_consumer(settings: Settings, stop: Any) -> None:
+    """One message at a time: one transaction, one ack, one confirmed publish per result.
+
+    The same stored procedures, cache and outbox as the worker; only the batching and the
+    pipelining are missing. The previous message's outbox marks ride in the next transaction,
+    so it is still one transaction per message.
+    """
+    from inventory_worker.cache import StockCache
+    from inventory_worker.contract import parse_event
+    from inventory_worker.store import Store
+
+    store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
+    cache = StockCache(settings.redis)
+    conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=100)
+    pub = conn.channel()
+    pub.confirm_delivery()
+    marks: list[int] = []
+
+    def on_message(_ch: Any, method: Any, _props: Any, body: bytes) -> None:
+        ev = parse_event(body, method.routing_key)
+        [res] = store.apply_batch([ev.for_store()], mark_published=marks)
+        marks.clear()
+        cache.put_many(res.products)
+        ch.basic_ack(method.delivery_tag)
+        for m in res.messages:
+            pub.basic_publish(settings.rabbitmq.events_exchange, m.routing_key,
+                              json.dumps(m.body, separators=(",", ":")).encode(),
+                              properties=pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                                              message_id=m.message_id, type=m.routing_key))
+            marks.append(m.outbox_id)
+
+    ch.basic_consume(settings.rabbitmq.queue, on_message)
+    while not stop.is_set():
+        conn.process_data_events(time_limit=0.2)
+    conn.close()
+    store.close()

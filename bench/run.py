@@ -1,0 +1,485 @@
+"""The benchmark (`make bench`): baselines and the worker, side by side, in one run.
+
+  python -m bench.run [--smoke] [--out bench/results.json]
+
+1. Baselines: pgbench with one durable event-transaction (update one stock row + insert an
+   idempotency key) at 1/4/16 clients (and 16 clients on 10 hot rows); a naive consumer (one
+   transaction, one ack, one confirmed publish per message) on the same workloads.
+2. The worker end to end (`inventory-worker run`, N consumer processes): orders published ->
+   committed -> Redis updated -> result event confirmed and received by a consumer. Uniform
+   SKUs (10,000 products), hot SKUs (10 products, stock for half the orders), 5-line orders;
+   at full load (flat out) and half load (open loop at half the full-load rate, for latency).
+3. GET /inventory/{id} under wrk (32 connections): granian vs the standard library's server.
+4. Peak RSS of the worker's processes.
+
+Everything runs against the configured services (as the tests do) under names of its own
+(database inventory_test_bench..., queues and exchanges suffixed, a Redis key prefix), all
+removed at the end. Figures are reported with ratios to the baselines of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+
+from inventory_worker.amqp import declare_topology
+from inventory_worker.cache import StockCache
+from inventory_worker.config import Settings, load_settings
+from inventory_worker.migrations import migrate
+from inventory_worker.store import Store
+from tests.support import (
+    REPO,
+    TEST_TOKEN,
+    WorkerProcess,
+    delete_redis_keys,
+    delete_topology,
+    drop_database,
+    free_port,
+    isolated_settings,
+    pg,
+    redis_client,
+    settings_env,
+)
+
+from . import load
+
+
+@dataclass
+class Plan:
+    full_count: int  # orders per full-load run
+    half_seconds: float  # length of a half-load run
+    naive_count: int
+    pgbench_seconds: int
+    wrk_seconds: int
+    procs: list[int]
+    workloads: list[str] = field(default_factory=lambda: ["uniform", "hot", "multi5"])
+    naive_procs: list[int] = field(default_factory=lambda: [1, 4])
+    pgbench_clients: list[int] = field(default_factory=lambda: [1, 4, 16])
+
+
+FULL = Plan(full_count=6_000, half_seconds=6, naive_count=1_500, pgbench_seconds=8, wrk_seconds=10,
+            procs=[1, 2, 4])
+SMOKE = Plan(full_count=400, half_seconds=1.0, naive_count=100, pgbench_seconds=1, wrk_seconds=2,
+             procs=[2], workloads=["uniform", "hot"], naive_procs=[1], pgbench_clients=[1, 16])
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# ---- set-up -----------------------------------------------------------------------------------
+
+
+def bench_settings() -> Settings:
+    os.chdir(REPO)
+    s = isolated_settings(load_settings(), "bench" + uuid.uuid4().hex[:8])
+    return s
+
+
+def seed_products(settings: Settings, ids: list[str], on_hand: int) -> None:
+    """Test data, written directly: products must exist before orders can reserve them."""
+    with pg(settings) as cur:
+        cur.execute(
+            "INSERT INTO products (product_id, on_hand) SELECT unnest(%s::text[]), %s"
+            " ON CONFLICT (product_id) DO UPDATE SET on_hand = EXCLUDED.on_hand, reserved = 0",
+            (ids, on_hand),
+        )
+
+
+def workload(name: str, tag: str) -> load.Workload:
+    if name == "uniform":
+        return load.Workload("uniform", load.uniform_ids())
+    if name == "hot":
+        return load.Workload("hot", load.hot_ids(tag))
+    if name == "multi5":
+        return load.Workload("multi5", load.uniform_ids(), lines=5)
+    raise ValueError(name)
+
+
+def prepare(settings: Settings, w: load.Workload, orders: int) -> None:
+    """Hot products get stock for half the orders (a sell-out); the others never run out."""
+    if w.name == "hot":
+        seed_products(settings, w.products, max(1, orders // (2 * len(w.products))))
+
+
+def check_hot(settings: Settings, w: load.Workload, r: load.RunResult) -> dict[str, Any]:
+    """No oversell: reserved <= on_hand, and what is reserved is exactly what results announced;
+    the Redis cache shows PostgreSQL's figures."""
+    with pg(settings) as cur:
+        cur.execute("SELECT product_id, on_hand, reserved, version FROM products WHERE product_id = ANY(%s)",
+                    (w.products,))
+        rows = cur.fetchall()
+    client = redis_client(settings)
+    cache_ok = True
+    for pid, _on_hand, reserved, version in rows:
+        raw = client.get(f"{settings.redis.key_prefix}stock:{pid}")
+        cached = json.loads(raw) if raw else None
+        if not cached or cached["version"] != version or cached["reserved"] != reserved:
+            cache_ok = False
+    reserved_total = sum(r_[2] for r_ in rows)
+    return {
+        "oversold": any(reserved > on_hand for _, on_hand, reserved, _ in rows),
+        "reserved_matches_results": reserved_total == r.reserved_qty,
+        "sold_out": all(on_hand == reserved for _, on_hand, reserved, _ in rows),
+        "cache_matches_db": cache_ok,
+    }
+
+
+# ---- 1. baselines -------------------------------------------------------------------------------
+
+PGBENCH_SCRIPT = """\\set id random(1, {rows})
+BEGIN;
+UPDATE bench_stock SET reserved = reserved + 1, version = version + 1 WHERE id = :id;
+INSERT INTO bench_processed (event_id) VALUES (gen_random_uuid());
+COMMIT;
+"""
+
+
+def pgbench(settings: Settings, plan: Plan) -> dict[str, Any]:
+    with pg(settings) as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS bench_stock (id int PRIMARY KEY, reserved bigint NOT NULL,"
+                    " version bigint NOT NULL)")
+        cur.execute("INSERT INTO bench_stock SELECT g, 0, 0 FROM generate_series(1, 10000) g ON CONFLICT DO NOTHING")
+        cur.execute("CREATE TABLE IF NOT EXISTS bench_processed (event_id uuid PRIMARY KEY,"
+                    " processed_at timestamptz NOT NULL DEFAULT now())")
+        cur.execute("SHOW fsync")
+        fsync = cur.fetchone()[0]
+        cur.execute("SHOW synchronous_commit")
+        sync = cur.fetchone()[0]
+    db = settings.database
+    out: dict[str, Any] = {"fsync": fsync, "synchronous_commit": sync, "tps": {}}
+    runs = [(c, 10_000) for c in plan.pgbench_clients] + [(16, 10)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for clients, rows in runs:
+            script = Path(tmp) / f"event_{rows}.sql"
+            script.write_text(PGBENCH_SCRIPT.format(rows=rows))
+            cmd = ["pgbench", "-n", "-h", db.host, "-p", str(db.port), "-U", db.user, "-f", str(script),
+                   "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(plan.pgbench_seconds), db.dbname]
+            env = dict(os.environ, PGPASSWORD=db.password) if db.password else None
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=plan.pgbench_seconds + 60)
+            m = re.search(r"tps = ([\d.]+)", res.stdout)
+            if not m:
+                raise RuntimeError(f"pgbench failed: {res.stdout[-500:]} {res.stderr[-500:]}")
+            key = f"c{clients}" if rows == 10_000 else f"c{clients}_hot10"
+            out["tps"][key] = round(float(m.group(1)), 1)
+            log(f"pgbench {key}: {out['tps'][key]} tps")
+    return out
+
+
+def consumers_attached(settings: Settings, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+        try:
+            if conn.channel().queue_declare(settings.rabbitmq.queue, passive=True).method.consumer_count >= n:
+                return
+        finally:
+            conn.close()
+        time.sleep(0.2)
+    raise RuntimeError(f"{n} consumers did not attach")
+
+
+def naive(settings: Settings, plan: Plan, name: str, procs: int) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    workers = [ctx.Process(target=load.naive_consumer, args=(settings, stop), daemon=True) for _ in range(procs)]
+    for p in workers:
+        p.start()
+    try:
+        consumers_attached(settings, procs)
+        w = workload(name, f"naive{procs}")
+        prepare(settings, w, plan.naive_count)
+        r = load.drive(settings, w, plan.naive_count)
+        out = {"procs": procs, "workload": name, **r.as_dict()}
+        if name == "hot":
+            out.update(check_hot(settings, w, r))
+        log(f"naive {name} x{procs}: {r.throughput:.0f} events/s")
+        return out
+    finally:
+        stop.set()
+        for p in workers:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+
+
+# ---- 2. the worker ------------------------------------------------------------------------------
+
+
+def proc_tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            kids = []
+        todo.extend(int(k) for k in kids)
+    return out
+
+
+def rss_kib(pid: int, field_name: str = "VmHWM") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path) -> dict[str, Any]:
+    wp = WorkerProcess(settings, processes=procs, log_path=logs / f"worker-{procs}.log").start(timeout=90)
+    out: dict[str, Any] = {"procs": procs, "runs": {}}
+    try:
+        for name in plan.workloads:
+            w = workload(name, f"w{procs}full")
+            prepare(settings, w, plan.full_count)
+            full = load.drive(settings, w, plan.full_count)
+            entry: dict[str, Any] = {"full": full.as_dict()}
+            if name == "hot":
+                entry["full"].update(check_hot(settings, w, full))
+            rate = 0.5 * full.throughput if math.isfinite(full.throughput) else 100.0
+            count = max(50, int(rate * plan.half_seconds))
+            w = workload(name, f"w{procs}half")
+            prepare(settings, w, count)
+            half = load.drive(settings, w, count, rate=rate, seed=2)
+            entry["half"] = {"rate": round(rate, 1), **half.as_dict()}
+            if name == "hot":
+                entry["half"].update(check_hot(settings, w, half))
+            out["runs"][name] = entry
+            log(f"worker x{procs} {name}: full {full.throughput:.0f}/s p99 {full.p99_ms:.0f} ms;"
+                f" half ({rate:.0f}/s) p50 {half.p50_ms:.1f} p99 {half.p99_ms:.1f} ms")
+        pids = proc_tree(wp.proc.pid)
+        out["peak_rss_mib"] = {"max_process": round(max(rss_kib(p) for p in pids) / 1024, 1),
+                               "processes": len(pids),
+                               "sum": round(sum(rss_kib(p) for p in pids) / 1024, 1)}
+    finally:
+        wp.stop()
+    return out
+
+
+# ---- 3. the read endpoint -----------------------------------------------------------------------
+
+WRK_SCRIPT = """math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", string.format("/inventory/BENCH-U-%05d", math.random(0, 999)),
+                    {["Authorization"] = "Bearer TOKEN"})
+end
+"""
+
+
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+
+def wrk(url: str, seconds: int, script: Path) -> dict[str, Any]:
+    res = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    text = res.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    lat = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)", text, re.M))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = re.search(r"Socket errors: (.*)", text)
+    return {"rps": round(float(rps.group(1)), 1) if rps else float("nan"),
+            "p50_ms": _ms(lat.get("50", "")), "p99_ms": _ms(lat.get("99", "")),
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors.group(1) if errors else ""}
+
+
+def http_bench(settings: Settings, plan: Plan, logs: Path) -> dict[str, Any]:
+    if not shutil.which("wrk"):
+        log("wrk not found (apt-get install wrk): read endpoint skipped")
+        return {"skipped": "wrk not installed"}
+    ids = load.uniform_ids()[:1000]
+    store = Store(settings.database)
+    StockCache(settings.redis).put_many(store.figures(ids))
+    store.close()
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "ids.lua"
+        script.write_text(WRK_SCRIPT.replace("TOKEN", TEST_TOKEN))
+        for kind in ("stdlib-before", "stdlib", "granian"):
+            port = free_port()
+            s = settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})})
+            with open(logs / f"http-{kind}.log", "ab") as logf:
+                proc = subprocess.Popen([sys.executable, "-m", "bench.serve_http", kind], env=settings_env(s),
+                                        cwd=REPO, stdout=logf, stderr=logf, start_new_session=True)
+                try:
+                    url = f"http://127.0.0.1:{port}"
+                    deadline = time.monotonic() + 30
+                    while True:
+                        try:
+                            urllib.request.urlopen(url + "/healthz", timeout=1).read()
+                            break
+                        except Exception:
+                            if time.monotonic() > deadline or proc.poll() is not None:
+                                raise RuntimeError(f"http server {kind} did not start") from None
+                            time.sleep(0.2)
+                    out[kind] = wrk(url, plan.wrk_seconds, script)
+                    log(f"http {kind}: {out[kind]['rps']:.0f} req/s, p99 {out[kind]['p99_ms']} ms")
+                finally:
+                    os.killpg(proc.pid, 15)
+                    try:
+                        proc.wait(15)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, 9)
+                        proc.wait()
+    return out
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b and math.isfinite(a) and math.isfinite(b) else float("nan")
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    pgb = res["pgbench"]["tps"]
+    limit16 = pgb.get("c16", float("nan"))
+    naive = {(n["workload"], n["procs"]): n["throughput"] for n in res["naive"]}
+    rows = []
+    for wr in res["worker"]:
+        for name, e in wr["runs"].items():
+            base_naive = naive.get((name, wr["procs"])) or naive.get((name, 1))
+            rows.append({
+                "workload": name, "procs": wr["procs"],
+                "events_per_s": e["full"]["throughput"],
+                "vs_pg_limit_c16": ratio(e["full"]["throughput"], limit16),
+                "vs_naive": ratio(e["full"]["throughput"], base_naive) if base_naive else float("nan"),
+                "half_rate": e["half"]["rate"],
+                "half_p50_ms": e["half"]["p50_ms"], "half_p95_ms": e["half"]["p95_ms"],
+                "half_p99_ms": e["half"]["p99_ms"],
+                "full_p99_ms": e["full"]["p99_ms"],
+                "lost": (e["full"]["sent"] - e["full"]["received"]) + (e["half"]["sent"] - e["half"]["received"]),
+                "oversold": e["full"].get("oversold", False) or e["half"].get("oversold", False),
+            })
+    http = res.get("http", {})
+    http_sum = {}
+    if "granian" in http:
+        http_sum = {
+            "granian_vs_stdlib": ratio(http["granian"]["rps"], http["stdlib"]["rps"]),
+            "granian_vs_stdlib_before": ratio(http["granian"]["rps"], http["stdlib-before"]["rps"]),
+            "granian_p99_ms": http["granian"]["p99_ms"],
+        }
+    return {"rows": rows, "http": http_sum}
+
+
+def print_table(res: dict[str, Any]) -> None:
+    s = res["summary"]
+    pgb = res["pgbench"]
+    print()
+    print(f"machine: {res['machine']['cpus']} CPUs, load average {res['machine']['load_avg']}")
+    print(f"pgbench (fsync={pgb['fsync']}, synchronous_commit={pgb['synchronous_commit']}), one event per"
+          f" transaction, tps: " + ", ".join(f"{k} {v:.0f}" for k, v in pgb["tps"].items()))
+    print("naive consumer, events/s: " + ", ".join(
+        f"{n['workload']} x{n['procs']} {n['throughput']:.0f}" for n in res["naive"]))
+    print()
+    hdr = ("workload", "procs", "events/s", "/pg16", "/naive", "half/s", "p50 ms", "p95 ms", "p99 ms",
+           "full p99", "lost", "oversold")
+    print("  ".join(f"{h:>9}" for h in hdr))
+    for r in s["rows"]:
+        vals = (r["workload"], r["procs"], f"{r['events_per_s']:.0f}", r["vs_pg_limit_c16"], r["vs_naive"],
+                f"{r['half_rate']:.0f}", r["half_p50_ms"], r["half_p95_ms"], r["half_p99_ms"],
+                f"{r['full_p99_ms']:.0f}", r["lost"], r["oversold"])
+        print("  ".join(f"{v!s:>9}" for v in vals))
+    http = res.get("http", {})
+    if "granian" in http:
+        print()
+        for k, v in http.items():
+            print(f"GET /inventory/{{id}} {k:>14}: {v['rps']:>8.0f} req/s  p50 {v['p50_ms']} ms  p99 {v['p99_ms']} ms"
+                  f"  non-2xx {v['non_2xx']}")
+        print(f"granian / stdlib: {s['http']['granian_vs_stdlib']}x;"
+              f" / stdlib as before: {s['http']['granian_vs_stdlib_before']}x")
+    for wr in res["worker"]:
+        if "peak_rss_mib" in wr:
+            print(f"peak RSS x{wr['procs']}: {wr['peak_rss_mib']}")
+    print()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="a few seconds of each part, to keep it from rotting")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results.json"))
+    ap.add_argument("--procs", type=int, nargs="*", help="worker process counts (default 1 2 4)")
+    ap.add_argument("--parts", nargs="*", default=["pgbench", "naive", "worker", "http"],
+                    help="which parts to run (default all)")
+    ap.add_argument("--count", type=int, help="orders per full-load run")
+    ap.add_argument("--workloads", nargs="*", help="uniform hot multi5 (default all)")
+    args = ap.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    if args.count:
+        plan.full_count = args.count
+    if args.workloads:
+        plan.workloads = args.workloads
+    if args.procs:
+        plan.procs = args.procs
+    settings = bench_settings()
+    logs = Path(tempfile.mkdtemp(prefix="inventory-bench-"))
+    started = time.time()
+    res: dict[str, Any] = {
+        "smoke": args.smoke,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_avg": [load_avg()]},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "logs": str(logs),
+    }
+    log(f"database {settings.database.dbname}, queue {settings.rabbitmq.queue}, logs {logs}")
+    try:
+        migrate(settings.database)
+        conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+        declare_topology(conn.channel(), settings.rabbitmq)
+        conn.close()
+        seed_products(settings, load.uniform_ids(), 1_000_000_000)
+        parts = set(args.parts)
+        res["pgbench"] = pgbench(settings, plan) if "pgbench" in parts else {"tps": {}, "fsync": "?",
+                                                                              "synchronous_commit": "?"}
+        res["naive"] = [naive(settings, plan, name, n) for n in plan.naive_procs for name in plan.workloads
+                        if n == 1 or name == "hot"] if "naive" in parts else []
+        res["machine"]["load_avg"].append(load_avg())
+        res["worker"] = [worker_runs(settings, plan, n, logs) for n in plan.procs] if "worker" in parts else []
+        res["machine"]["load_avg"].append(load_avg())
+        res["http"] = http_bench(settings, plan, logs) if "http" in parts else {}
+        res["machine"]["load_avg"].append(load_avg())
+        res["summary"] = summarize(res)
+        res["seconds"] = round(time.time() - started, 1)
+        print_table(res)
+        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+        log(f"written {args.out} ({res['seconds']} s)")
+        return res
+    finally:
+        if not os.environ.get("INVENTORY_TEST_KEEP"):
+            for cleanup in (delete_topology, delete_redis_keys, drop_database):
+                try:
+                    cleanup(settings)
+                except Exception as exc:
+                    log(f"cleanup {cleanup.__name__} failed: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The benchmark in miniature (seconds), so that it cannot rot. Figures are printed, not asserted;
+what is asserted is what must hold at any speed: every order got its result, nothing oversold."""
+
+import json
+
+import pytest
+
+from bench import run
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    res = run.main(["--smoke", "--out", str(out)])
+    with capsys.disabled():
+        run.print_table(res)
+    saved = json.loads(out.read_text())
+    assert saved["pgbench"]["tps"]["c16"] > 0
+    assert saved["naive"] and saved["worker"]
+    for row in saved["summary"]["rows"]:
+        assert row["lost"] == 0, row
+        assert row["oversold"] is False, row
+    for wr in saved["worker"]:
+        hot = wr["runs"]["hot"]
+        for load in ("full", "half"):
+            assert hot[load]["reserved_matches_results"] and hot[load]["cache_matches_db"], hot[load]
+            assert hot[load]["sold_out"], hot[load]  # stock for half the orders: all of it sold
+    if "granian" in saved["http"]:
+        assert saved["http"]["granian"]["non_2xx"] == 0

@@ -1,0 +1,121 @@
+"""Result events are published with pipelined confirms: only what the broker confirmed counts."""
+
+import json
+import uuid
+
+import pika
+
+from inventory_worker import amqp
+from inventory_worker.store import OutgoingMessage
+
+
+def _messages(n: int, start: int = 1) -> list[OutgoingMessage]:
+    out = []
+    for i in range(start, start + n):
+        mid = str(uuid.uuid4())
+        out.append(OutgoingMessage(i, mid, "inventory.adjusted",
+                                   {"id": mid, "type": "inventory.adjusted", "seq": i, "causation_id": None}))
+    return out
+
+
+def _queue(ch, settings, **arguments) -> str:
+    q = ch.queue_declare("", exclusive=True, auto_delete=True, arguments=arguments or None).method.queue
+    ch.queue_bind(q, settings.rabbitmq.events_exchange, routing_key="inventory.adjusted")
+    return q
+
+
+def test_a_batch_is_confirmed_as_a_whole_and_arrives_in_order(settings):
+    conn = amqp.connect(settings.rabbitmq)
+    try:
+        ch = conn.channel()
+        amqp.declare_topology(ch, settings.rabbitmq)
+        q = _queue(ch, settings)
+        pub = amqp.Publisher(conn.channel(), settings.rabbitmq)
+        first, second = _messages(300), _messages(50, start=301)
+        assert pub.publish_results(first) == [m.outbox_id for m in first]
+        assert pub.publish_results(second) == [m.outbox_id for m in second]
+        got = []
+        while (r := ch.basic_get(q, auto_ack=True))[0] is not None:
+            got.append(json.loads(r[2])["seq"])
+        assert got == list(range(1, 351))
+    finally:
+        conn.close()
+
+
+def test_nacked_results_are_left_out(settings):
+    """A queue that refuses more than 3 messages makes the broker nack the rest."""
+    conn = amqp.connect(settings.rabbitmq)
+    try:
+        ch = conn.channel()
+        amqp.declare_topology(ch, settings.rabbitmq)
+        _queue(ch, settings, **{"x-max-length": 3, "x-overflow": "reject-publish"})
+        pub = amqp.Publisher(conn.channel(), settings.rabbitmq)
+        msgs = _messages(8)
+        assert pub.publish_results(msgs) == [1, 2, 3]
+        try:
+            pub.publish_all(_messages(2, start=9))
+            raise AssertionError("publish_all accepted nacked messages")
+        except amqp.NotConfirmed:
+            pass
+    finally:
+        conn.close()
+
+
+def test_dead_letters_still_wait_for_their_own_confirm(settings):
+    conn = amqp.connect(settings.rabbitmq)
+    try:
+        ch = conn.channel()
+        amqp.declare_topology(ch, settings.rabbitmq)
+        pub = amqp.Publisher(conn.channel(), settings.rabbitmq)
+        pub.publish_results(_messages(20))  # interleaved with the pipelined channel
+        pub.dead_letter(b"not json", pika.BasicProperties(message_id="m-1"), "order.placed", "bad body")
+        method, props, body = ch.basic_get(settings.rabbitmq.dead_letter_queue, auto_ack=True)
+        assert body == b"not json" and props.headers["x-inventory-error"] == "bad body"
+    finally:
+        conn.close()
+
+
+def test_the_consumer_marks_only_confirmed_results_published(settings):
+    """Nacked results stay unpublished in the outbox (for the relay); confirmed ones are marked."""
+    import threading
+
+    from inventory_worker.consumer import Consumer
+    from inventory_worker.store import Store
+
+    from ..support import pg, uid
+
+    s = settings.model_copy(update={"rabbitmq": settings.rabbitmq.model_copy(
+        update={"events_exchange": settings.rabbitmq.events_exchange + "." + uid("x")})})
+    store = Store(s.database)
+    [out] = store.apply_batch([{"id": str(uuid.uuid4()), "type": "stock.adjusted",
+                                "data": {"product_id": uid("SKU"), "delta": 5}}])
+    store.close()
+    ids = [m.outbox_id for m in out.messages]
+    conn = amqp.connect(s.rabbitmq)
+    consumer = Consumer(s, threading.Event())
+    try:
+        ch = conn.channel()
+        amqp.declare_topology(ch, s.rabbitmq)
+        full = ch.queue_declare("", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+        ch.queue_bind(full.method.queue, s.rabbitmq.events_exchange, routing_key="#")
+        pub = amqp.Publisher(conn.channel(), s.rabbitmq)
+
+        def published() -> list:
+            with pg(s) as cur:
+                cur.execute("SELECT published_at FROM outbox WHERE id = ANY(%s) ORDER BY id", (ids,))
+                return [r[0] for r in cur.fetchall()]
+
+        consumer._publish(pub, out.messages)  # every one nacked
+        consumer._flush_marks()
+        assert published() == [None] * len(ids)
+
+        ch.queue_delete(full.method.queue)
+        consumer._publish(pub, out.messages)  # now confirmed
+        consumer._flush_marks()
+        assert all(p is not None for p in published())
+    finally:
+        consumer.store.close()
+        try:
+            conn.channel().exchange_delete(s.rabbitmq.events_exchange)
+        finally:
+            conn.close()

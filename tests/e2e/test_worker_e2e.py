@@ -18,6 +18,8 @@ from typing import Any
 import pika
 import pytest
 
+from inventory_worker.http_api import READY_CACHE_SECONDS
+
 from inventory_worker.contract import make_event, validate_output
 
 from ..support import (
@@ -404,6 +406,7 @@ def test_readyz_names_redis_when_redis_is_unreachable(start_worker, settings):
                 pass
             assert w.proc.poll() is None and time.monotonic() < deadline, "worker never came up"
             time.sleep(0.2)
+        time.sleep(READY_CACHE_SECONDS + 0.1)  # past the probe's cache of the dependency checks
         status, _, raw = http_get(w.base_url + "/readyz", timeout=5)
         assert status == 503
         body = json.loads(raw)

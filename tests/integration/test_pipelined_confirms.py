@@ -62,6 +62,11 @@ def test_nacked_results_are_left_out(settings):
 
 
 def test_dead_letters_still_wait_for_their_own_confirm(settings):
+    import uuid
+
+    from ..support import delete_topology, with_own_queues
+
+    settings = with_own_queues(settings, uuid.uuid4().hex[:8])  # a DLQ no other test writes to
     conn = amqp.connect(settings.rabbitmq)
     try:
         ch = conn.channel()
@@ -73,6 +78,7 @@ def test_dead_letters_still_wait_for_their_own_confirm(settings):
         assert body == b"not json" and props.headers["x-inventory-error"] == "bad body"
     finally:
         conn.close()
+        delete_topology(settings)
 
 
 def test_the_consumer_marks_only_confirmed_results_published(settings):

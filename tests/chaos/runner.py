@@ -330,7 +330,7 @@ def wait_applied(pg: Pg, ids: list[str], timeout: float) -> None:
 
 def run_chaos(services: PrivateServices, *, duration: float, seed: int, processes: int = 3,
               round_size: int = 40, kinds: tuple[str, ...] = FAULT_KINDS,
-              fault_interval: tuple[float, float] = (2.0, 5.0), log_dir: Path | None = None) -> Report:
+              fault_interval: tuple[float, float] = (1.0, 3.0), log_dir: Path | None = None) -> Report:
     run_id = f"chaos{uuid.uuid4().hex[:8]}"
     settings = chaos_settings(services, run_id)
     migrate(settings.database)

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test migrate install clean
+.PHONY: run test migrate install clean chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ migrate: $(STAMP)
 ## The whole suite, against real PostgreSQL, Redis and RabbitMQ (each run isolated).
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## The long fault-injection run on private service instances (CHAOS_ARGS="--duration 600 --seed 7").
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.runner $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -565,6 +565,7 @@ class Checker:
         cache = StockCache(self.settings.redis, redis_lib.Redis(host=self.settings.redis.host,
                                                                 port=self.settings.redis.port))
         started = time.monotonic()
+        stale_at_drain: int | None = None
         while True:
             rows = self.pg.query("SELECT product_id, product_figures(p) FROM products p")
             stale, present = [], 0
@@ -578,8 +579,11 @@ class Checker:
                         fig["on_hand"], fig["reserved"], fig["available"], fig["version"]):
                     stale.append((pid, c, fig))
             took = time.monotonic() - started
+            if stale_at_drain is None:
+                stale_at_drain = len(stale)
             if not stale:
-                return True, f"{present}/{len(rows)} cached, all equal after {took:.1f}s"
+                return True, (f"{present}/{len(rows)} cached, all equal after {took:.1f}s "
+                              f"({stale_at_drain} stale when drained)")
             if took > ttl + 2:
                 return False, f"{len(stale)} stale after {took:.0f}s: {stale[:2]}"
             time.sleep(1.0)

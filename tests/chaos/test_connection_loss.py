@@ -195,3 +195,34 @@ def test_redis_restart(scenario: Scenario, private_services: PrivateServices) ->
 
     wait_until(lambda: (cached(during) or {}).get("on_hand") == 10, 30, "cache refilled after the outage")
     assert cached(sku)["on_hand"] == 40
+
+
+def test_rabbitmq_flapping_during_a_postgresql_outage(scenario: Scenario, private_services: PrivateServices) -> None:
+    """Every broker connection loss returns the unacked messages, and RabbitMQ counts each
+    return as a delivery: events held while PostgreSQL is down must not reach the delivery
+    limit (and the DLQ) merely because the broker connection dropped again and again."""
+    sku = f"LOSS-F-{uuid.uuid4().hex[:6]}"
+    scenario.publish(sku, 10)
+    scenario.wait_applied()
+    limit = scenario.settings.rabbitmq.delivery_limit
+    private_services.postgres.stop("fast")
+    try:
+        scenario.publish(sku, 20)
+        for _ in range(limit + 2):
+            wait_until(lambda: _held_by_consumers(scenario), 60, "messages delivered to the consumers")
+            private_services.rabbitmq.close_all_connections()
+    finally:
+        private_services.postgres.start()
+    scenario.wait_applied(timeout=60)
+    scenario.check_exactly_once({sku: 30})
+    assert drain_queue(scenario.settings, scenario.settings.rabbitmq.dead_letter_queue) == []
+    scenario.assert_same_processes()
+
+
+def _held_by_consumers(scenario: Scenario) -> bool:
+    conn, ch = _amqp_channel(scenario.settings)
+    try:
+        q = ch.queue_declare(scenario.settings.rabbitmq.queue, passive=True).method
+        return q.consumer_count >= 2 and q.message_count == 0
+    finally:
+        conn.close()

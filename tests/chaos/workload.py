@@ -15,8 +15,9 @@ application is arbitrary; the generator makes their outcomes independent of that
   - a product is either adjusted in a round or touched by orders in it, never both;
   - a placement meant to succeed fits in the product's WORST-CASE availability (on_hand minus
     every reservation, short-TTL ones counted as still held) minus the other placements of the
-    round meant to succeed; one meant to fail asks for more than on_hand (an upper bound of
-    what can ever be available in the round), or names a product that does not exist;
+    round meant to succeed; one meant to fail asks for more than on_hand at the start of the
+    round (commits only lower it: an upper bound of what can be available in the round), or
+    names a product that does not exist;
   - short-TTL reservations expire at a time the model does not know: they are never cancelled
     (released vs expired would depend on timing); an adjustment goes either to at least every
     reservation (accepted whether or not they expired) or below the firm ones (refused either
@@ -99,6 +100,7 @@ class Workload:
         self.delayed: list[Msg] = []  # duplicate copies held back for a later round
         self.pending_place: list[str] = []  # orders cancelled/completed before their placement
         self._order_seq = 0
+        self._ceiling: dict[str, int] = {}  # on_hand at the start of the round being generated
         self.counts: dict[str, int] = {}
 
     # -- messages ---------------------------------------------------------------------------
@@ -196,7 +198,7 @@ class Workload:
                 o.rejections += 1
             elif short_of:
                 # only ever generated with a line above on_hand: a sure shortage
-                sure = {k for k in short_of if lines[k] > self.products[k].on_hand}
+                sure = {k for k in short_of if lines[k] > self._ceiling.get(k, self.products[k].on_hand)}
                 assert sure, "a placement meant to fail must ask for more than on_hand"
                 e.results, e.must_short = [("inventory.rejected", "insufficient_stock")], sure
                 o.rejections += 1
@@ -261,6 +263,8 @@ class Workload:
         msgs: list[Msg] = []
         touched: set[str] = set()  # orders with an event in this round
         adjusted = set(rng.sample(self.product_ids, k=max(1, len(self.product_ids) // 10)))
+        # on_hand only falls during a round (commits): its value now bounds what can be available
+        self._ceiling = {k: p.on_hand for k, p in self.products.items()}
         for pid in adjusted:
             msgs.append(self._adjust(pid, refuse=rng.random() < 0.25))
         budget = {k: p.worst_available for k, p in self.products.items() if k not in adjusted}
@@ -297,10 +301,10 @@ class Workload:
                     lines[rng.choice(self.unknown_ids)] = rng.randint(1, 5)
                 else:
                     k = rng.choice(free)
-                    if self.products[k].on_hand + 10 > MAX_QTY:
+                    if self._ceiling[k] + 10 > MAX_QTY:
                         continue
                     lines.pop(k, None)
-                    lines[k] = self.products[k].on_hand + rng.randint(1, 10)
+                    lines[k] = self._ceiling[k] + rng.randint(1, 10)
                 touched.add(oid)
                 msgs.append(self._place(oid, lines, False, budget))
             elif roll < 0.62 and reserved:  # complete (short ones too: they commit either way)
@@ -342,6 +346,7 @@ class Workload:
 
     def pending_round(self) -> list[Msg]:
         """The placements still owed to orders cancelled or completed before them."""
+        self._ceiling = {k: p.on_hand for k, p in self.products.items()}
         budget = {k: p.worst_available for k, p in self.products.items()}
         msgs = []
         for oid in self.pending_place:

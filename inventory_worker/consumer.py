@@ -160,13 +160,24 @@ class Consumer:
             return
         # After a crash every unacked message comes back: apply those one by one, so that a
         # message that kills its worker cannot drag innocent ones to the delivery limit.
-        if len(valid) > 1 and any(d.method.redelivered for d, _ in valid):
+        if any(d.method.redelivered for d, _ in valid):
             done_upto = 0
+            noted: list[str] = []
             for item in valid:
+                if item[0].method.redelivered:
+                    noted.append(str(item[1].id))
+                    if self._too_many_attempts(conn, publisher, item):
+                        channel.basic_ack(item[0].tag, multiple=True)
+                        done_upto = item[0].tag
+                        continue
                 self._apply_and_ack(conn, channel, publisher, [item], ack_tag=item[0].tag)
                 done_upto = item[0].tag
             if batch[-1].tag > done_upto:  # trailing dead-lettered messages
                 channel.basic_ack(batch[-1].tag, multiple=True)
+            try:
+                self.store.forget_delivery_attempts(noted)
+            except TransientError:  # harmless: old counts are pruned
+                pass
             return
         self._apply_and_ack(conn, channel, publisher, valid, ack_tag=batch[-1].tag)
 
@@ -208,6 +219,25 @@ class Consumer:
                 )
         metrics.BATCH_SIZE.observe(len(items))
         self._publish(publisher, outgoing)
+
+    def _too_many_attempts(self, conn: Any, publisher: amqp.Publisher, item: tuple[Delivery, Event]) -> bool:
+        """Notes one more attempt to apply a redelivered message; dead-letters it past the limit.
+
+        The count lives in PostgreSQL and grows only when the worker starts applying the
+        message, so only a message whose application keeps being cut short (it kills its
+        worker) reaches the limit. RabbitMQ's own delivery count also grows at every lost
+        connection, which dead-lettered valid events when the broker flapped during an outage.
+        """
+        d, ev = item
+        for attempt in backoff_retrying(self.stop, conn.sleep, "postgresql", "note delivery attempt"):
+            with attempt:
+                attempts = self.store.note_delivery_attempts([str(ev.id)])[str(ev.id)]
+        limit = self.settings.rabbitmq.delivery_limit
+        if attempts <= limit:
+            return False
+        self._dead_letter(publisher, d, f"applying it was interrupted {attempts} times (delivery limit {limit}): "
+                          "it may be stopping the worker", "delivery_limit")
+        return True
 
     def _apply(self, conn: Any, items: list[tuple[Delivery, Event]]) -> list[Outcome | PermanentError]:
         """Applies items in one transaction; isolates the ones the database refuses."""

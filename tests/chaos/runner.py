@@ -43,6 +43,7 @@ AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
 FAULT_KINDS = (
     "kill_consumer", "kill_supervisor", "restart_rabbitmq", "restart_postgresql", "crash_postgresql",
     "flush_redis", "restart_redis", "cut_postgresql", "cut_rabbitmq", "cut_redis",
+    "rabbitmq_flapping_during_postgresql_outage",
 )
 
 
@@ -123,23 +124,21 @@ def _retry(fn: Any, timeout: float = 120, what: str = "") -> Any:
 
 
 def drain_queue(settings: Settings, queue: str) -> list[tuple[Any, bytes]]:
-    """Every message in a queue, removed (acked) once all are read."""
-    def go() -> list[tuple[Any, bytes]]:
+    """Every message in a queue, removed as it is read (faults are over when this runs)."""
+    out: list[tuple[Any, bytes]] = []
+
+    def go() -> None:
         conn, ch = _amqp_channel(settings)
-        out, last = [], 0
         try:
             while True:
-                method, props, body = ch.basic_get(queue, auto_ack=False)
+                method, props, body = ch.basic_get(queue, auto_ack=True)
                 if method is None:
-                    break
+                    return
                 out.append((props, body))
-                last = method.delivery_tag
-            if last:
-                ch.basic_ack(last, multiple=True)
         finally:
             conn.close()
-        return out
-    return _retry(go)
+    _retry(go)
+    return out
 
 
 class Pg:
@@ -265,6 +264,15 @@ class FaultInjector(threading.Thread):
             s.postgres.terminate_worker_backends()
         elif kind == "cut_rabbitmq":
             s.rabbitmq.close_all_connections()
+        elif kind == "rabbitmq_flapping_during_postgresql_outage":
+            # Messages held while PostgreSQL is down come back after every lost connection.
+            s.postgres.stop("fast")
+            try:
+                for _ in range(fleet.settings.rabbitmq.delivery_limit + 2):
+                    time.sleep(0.7)  # the consumers reconnect and take their messages again
+                    s.rabbitmq.close_all_connections()
+            finally:
+                s.postgres.start()
         elif kind == "cut_redis":
             s.redis.kill_clients()
         else:

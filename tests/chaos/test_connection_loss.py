@@ -38,9 +38,12 @@ def _log_events(path: Path, event: str) -> list[dict[str, Any]]:
 
 
 class Scenario:
-    def __init__(self, services: PrivateServices, tmp_path: Path) -> None:
+    def __init__(self, services: PrivateServices, tmp_path: Path, cache_ttl: int | None = None) -> None:
         self.services = services
         self.settings = chaos_settings(services, f"loss{uuid.uuid4().hex[:8]}")
+        if cache_ttl:
+            r = self.settings.redis.model_copy(update={"cache_ttl_seconds": cache_ttl})
+            self.settings = self.settings.model_copy(update={"redis": r})
         migrate(self.settings.database)
         self.results_queue = f"loss.results.{uuid.uuid4().hex[:8]}"
         conn, ch = _amqp_channel(self.settings)
@@ -226,3 +229,41 @@ def _held_by_consumers(scenario: Scenario) -> bool:
         return q.consumer_count >= 2 and q.message_count == 0
     finally:
         conn.close()
+
+
+def test_cache_repaired_after_a_crash_between_commit_and_cache_write(
+        private_services: PrivateServices, tmp_path: Path) -> None:
+    """A worker killed after its commit but before its cache write leaves Redis with the old
+    figures; the redelivered message is a duplicate, and must still bring the cache up to date
+    (else it serves stale stock until the entry's TTL, an hour by default)."""
+    scenario = Scenario(private_services, tmp_path, cache_ttl=3600)  # the default TTL
+    try:
+        _crash_before_cache_write(scenario, private_services)
+    finally:
+        scenario.close()
+
+
+def _crash_before_cache_write(scenario: Scenario, private_services: PrivateServices) -> None:
+    import os
+    import signal
+
+    sku = f"LOSS-K-{uuid.uuid4().hex[:6]}"
+    scenario.publish(sku, 1)
+    scenario.wait_applied()
+    client = private_services.redis.client()
+    key = f"{scenario.settings.redis.key_prefix}stock:{sku}"
+    wait_until(lambda: client.get(key) is not None, 30, "first figures cached")
+    client.execute_command("CLIENT", "PAUSE", "20000", "ALL")  # the next cache write hangs
+    try:
+        scenario.publish(sku, 1)
+        scenario.wait_applied(timeout=30)  # committed; the cache write is now stuck
+        for pid in scenario.worker.children():
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        private_services.redis.client().execute_command("CLIENT", "UNPAUSE")
+    with pg(scenario.settings) as cur:
+        cur.execute("SELECT on_hand, version FROM products WHERE product_id = %s", (sku,))
+        on_hand, version = cur.fetchone()
+    assert on_hand == 2
+    wait_until(lambda: json.loads(client.get(key) or b"{}").get("version") == version, 30,
+               "the cache catches up with PostgreSQL when the message is redelivered")

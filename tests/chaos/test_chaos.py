@@ -15,7 +15,7 @@ from .services import PrivateServices
 
 
 def test_chaos_bounded(private_services: PrivateServices) -> None:
-    seconds = float(os.environ.get("CHAOS_SECONDS", "55"))
+    seconds = float(os.environ.get("CHAOS_SECONDS", "45"))
     seed = int(os.environ.get("CHAOS_SEED", "20261125"))
     report = run_chaos(private_services, duration=seconds, seed=seed, processes=3, round_size=60,
                        fault_interval=(1.0, 2.5))

@@ -245,6 +245,9 @@ class FaultInjector(threading.Thread):
         elif kind == "kill_supervisor":
             fleet.remember_children()
             old = fleet.current
+            if old.proc.poll() is not None:
+                raise RuntimeError(f"the supervisor had exited by itself with {old.proc.returncode}; "
+                                   f"see {old.log_path}")
             os.kill(old.proc.pid, signal.SIGKILL)
             old.proc.wait()
             fleet.start(wait_ready=False)  # orphaned children stop by themselves

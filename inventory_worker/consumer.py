@@ -81,6 +81,10 @@ class Consumer:
         self.cache = StockCache(settings.redis)
         self._to_mark: list[int] = []  # confirmed outbox ids not yet marked published
         self._stale_cache: set[str] = set()  # products whose cache write failed
+        # After a failed cache write Redis is left alone (writes only mark products stale)
+        # until then, with exponential backoff: a hanging Redis must not stall every batch.
+        self._cache_retry_at = 0.0
+        self._cache_backoff = 0.0
         self.attached = False
 
     # -- outer loop: (re)connect with backoff -----------------------------------------------
@@ -282,23 +286,37 @@ class Consumer:
     def _write_cache(self, figures: list[dict[str, Any]]) -> None:
         if not figures:
             return
+        if time.monotonic() < self._cache_retry_at:  # backing off: refilled from PostgreSQL later
+            self._mark_stale(figures)
+            return
         try:
             self.cache.put_many(figures)
+            self._cache_backoff = 0.0
         except Exception as exc:  # Redis down: PostgreSQL stays right; refill the cache later
             metrics.CACHE_WRITE_ERRORS.inc()
-            if len(self._stale_cache) < 100_000:
-                self._stale_cache.update(f["product_id"] for f in figures)
-            log.warning("cache write failed; will retry", error=repr(exc), products=len(figures))
+            self._mark_stale(figures)
+            self._cache_failed(exc, products=len(figures))
+
+    def _mark_stale(self, figures: list[dict[str, Any]]) -> None:
+        if len(self._stale_cache) < 100_000:
+            self._stale_cache.update(f["product_id"] for f in figures)
+
+    def _cache_failed(self, exc: Exception, **info: Any) -> None:
+        self._cache_backoff = min(max(0.25, self._cache_backoff * 2), 30.0)
+        self._cache_retry_at = time.monotonic() + self._cache_backoff
+        log.warning("cache write failed; will retry", error=repr(exc), retry_in_seconds=self._cache_backoff,
+                    **info)
 
     def _idle(self) -> None:
         self._flush_marks()
-        if self._stale_cache:
+        if self._stale_cache and time.monotonic() >= self._cache_retry_at:
             ids = list(self._stale_cache)[:1000]
             try:
                 self.cache.put_many(self.store.figures(ids))
                 self._stale_cache.difference_update(ids)
-            except Exception:  # still down; try again at the next idle moment
-                pass
+                self._cache_backoff = 0.0
+            except Exception as exc:  # still down: back off further
+                self._cache_failed(exc, stale_products=len(self._stale_cache))
 
     def _flush_marks(self, final: bool = False) -> None:
         if not self._to_mark:

@@ -187,7 +187,13 @@ def test_redis_restart(scenario: Scenario, private_services: PrivateServices) ->
     scenario.wait_applied()
     scenario.check_exactly_once({sku: 40, during: 10})
     scenario.assert_same_processes()
-    assert _log_events(scenario.log, "cache write failed; will retry"), "the outage must have been felt"
+    failed = _log_events(scenario.log, "cache write failed; will retry")
+    assert failed, "the outage must have been felt"
+    by_pid: dict[int, list[float]] = {}
+    for e in failed:
+        by_pid.setdefault(e["pid"], []).append(e["retry_in_seconds"])
+    # Redis is retried with exponential backoff, not hammered at every batch.
+    assert all(w == [min(0.25 * 2 ** i, 30.0) for i in range(len(w))] for w in by_pid.values()), by_pid
     # The product changed only during the outage is refilled when Redis returns.
     key = f"{scenario.settings.redis.key_prefix}stock:"
     client = private_services.redis.client()

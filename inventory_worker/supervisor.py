@@ -32,9 +32,11 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which decides
     signal.signal(signal.SIGTERM, lambda *_: local.set())
 
+    # Only signals and the parent's pid are watched, never `shared_stop`: a process SIGKILLed
+    # while holding that event's lock would leave it locked, wedging every waiter for good.
     def watch() -> None:
-        while not local.is_set():
-            if shared_stop.wait(0.5) or os.getppid() != parent_pid:
+        while not local.wait(0.5):
+            if os.getppid() != parent_pid:
                 local.set()
 
     threading.Thread(target=watch, name="stop-watch", daemon=True).start()
@@ -129,7 +131,11 @@ class Supervisor:
         return self._shutdown()
 
     def _shutdown(self) -> int:
-        self.stop.set()
+        # SIGTERM each child rather than set the shared event: a child SIGKILLed while holding
+        # the event's lock (OOM killer, an operator) would make set() block forever.
+        for child in self.children:
+            if child.process is not None and child.process.is_alive():
+                child.process.terminate()
         grace = self.settings.worker.shutdown_grace_seconds
         log.info("stopping", grace_seconds=grace)
         deadline = time.monotonic() + grace

@@ -195,12 +195,16 @@ class Fleet:
         self.all_pids.update(kids)
         return kids
 
-    def stop(self) -> None:
+    def stop(self) -> tuple[int | None, float]:
+        """SIGTERM to the current supervisor: its exit status and how long it took."""
+        rc, started = None, time.monotonic()
         if self.current is not None:
-            self.current.stop(timeout=60)
+            rc = self.current.stop(timeout=self.settings.worker.shutdown_grace_seconds + 20)
+        took = time.monotonic() - started
         for pid in self.all_pids:  # orphans of killed supervisors, if any are still around
             if self.ours(pid):
                 os.kill(pid, signal.SIGKILL)
+        return rc, took
 
     def ours(self, pid: int) -> bool:
         """Still alive and one of this run's worker processes (not a recycled pid)."""
@@ -405,8 +409,11 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         faults.stop_event.set()
         sampler.stop_event.set()
         pub.close()
-        fleet.stop()
+        stop_rc, stop_seconds = fleet.stop()
         pg.close()
+    invariants["the worker stops on SIGTERM with exit 0 within its grace period"] = (
+        stop_rc == 0 and stop_seconds <= settings.worker.shutdown_grace_seconds + 5,
+        f"exit {stop_rc} after {stop_seconds:.1f}s (grace {settings.worker.shutdown_grace_seconds:.0f}s)")
     if faults.errors:
         invariants["every fault injected"] = (False, "; ".join(faults.errors[:5]))
     n_events = sum(1 for _ in wl.expect)

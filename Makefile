@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
 ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
-.PHONY: run test fuzz migrate install clean asyncapi-specs bench soak
+.PHONY: run test fuzz migrate install clean asyncapi-specs bench soak chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(STAMP)
 ## Ten minutes of steady load: is the worker's memory flat? Writes bench/soak.json.
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak
+
+## The long fault-injection run on private service instances (CHAOS_ARGS="--duration 600 --seed 7").
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.runner $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

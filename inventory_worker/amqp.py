@@ -3,7 +3,8 @@
 Topology (names from config):
   exchange `orders` (topic, durable)  ->  quorum queue `inventory.orders`, bound to the four
       input routing keys, dead-lettering to exchange `inventory.dlx` (fanout) -> queue
-      `inventory.orders.dlq`. The delivery limit dead-letters a message that keeps failing.
+      `inventory.orders.dlq`. The broker's delivery limit is only a backstop: it also counts
+      returns after lost connections (the worker counts real attempts, see consumer.py).
   exchange `inventory.events` (topic, durable): every result event, routing key = its type.
 """
 
@@ -81,7 +82,7 @@ def declare_topology(channel: Any, settings: RabbitMQSettings) -> None:
         arguments={
             "x-queue-type": "quorum",
             "x-dead-letter-exchange": settings.dead_letter_exchange,
-            "x-delivery-limit": settings.delivery_limit,
+            "x-delivery-limit": settings.broker_delivery_limit,
             # Dead-letter without losing the message if the DLQ cannot take it at once.
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",

@@ -122,8 +122,12 @@ class RabbitMQSettings(_Section):
     events_exchange: str = "inventory.events"
     dead_letter_exchange: str = "inventory.dlx"
     dead_letter_queue: str = "inventory.orders.dlq"
-    # A message redelivered this many times (it keeps crashing workers) is dead-lettered.
+    # A message whose application was cut short this many times (it keeps crashing workers) is
+    # dead-lettered by the worker, which counts attempts in PostgreSQL.
     delivery_limit: int = Field(5, ge=1)
+    # RabbitMQ's x-delivery-limit, a backstop only: the broker also counts every return after a
+    # lost connection, so a low value dead-letters valid events when the broker flaps.
+    broker_delivery_limit: int = Field(100, ge=1)
     heartbeat_seconds: int = Field(30, ge=0)
     # Replaces the password in `url` (so the URL can live in config and the password in a secret).
     password: SecretStr = SecretStr("")

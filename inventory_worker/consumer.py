@@ -86,6 +86,10 @@ class Consumer:
         self.cache = StockCache(settings.redis)
         self._to_mark: list[int] = []  # confirmed outbox ids not yet marked published
         self._stale_cache: set[str] = set()  # products whose cache write failed
+        # After a failed cache write Redis is left alone (writes only mark products stale)
+        # until then, with exponential backoff: a hanging Redis must not stall every batch.
+        self._cache_retry_at = 0.0
+        self._cache_backoff = 0.0
         self._attached = False
 
     @property
@@ -184,13 +188,24 @@ class Consumer:
             return
         # After a crash every unacked message comes back: apply those one by one, so that a
         # message that kills its worker cannot drag innocent ones to the delivery limit.
-        if len(valid) > 1 and any(d.method.redelivered for d, _ in valid):
+        if any(d.method.redelivered for d, _ in valid):
             done_upto = 0
+            noted: list[str] = []
             for item in valid:
+                if item[0].method.redelivered:
+                    noted.append(str(item[1].id))
+                    if self._too_many_attempts(conn, publisher, item):
+                        channel.basic_ack(item[0].tag, multiple=True)
+                        done_upto = item[0].tag
+                        continue
                 self._apply_and_ack(conn, channel, publisher, [item], ack_tag=item[0].tag)
                 done_upto = item[0].tag
             if batch[-1].tag > done_upto:  # trailing dead-lettered messages
                 channel.basic_ack(batch[-1].tag, multiple=True)
+            try:
+                self.store.forget_delivery_attempts(noted)
+            except TransientError:  # harmless: old counts are pruned
+                pass
             return
         self._apply_and_ack(conn, channel, publisher, valid, ack_tag=batch[-1].tag)
 
@@ -232,6 +247,25 @@ class Consumer:
                 )
         metrics.BATCH_SIZE.observe(len(items))
         self._publish(publisher, outgoing)
+
+    def _too_many_attempts(self, conn: Any, publisher: amqp.Publisher, item: tuple[Delivery, Event]) -> bool:
+        """Notes one more attempt to apply a redelivered message; dead-letters it past the limit.
+
+        The count lives in PostgreSQL and grows only when the worker starts applying the
+        message, so only a message whose application keeps being cut short (it kills its
+        worker) reaches the limit. RabbitMQ's own delivery count also grows at every lost
+        connection, which dead-lettered valid events when the broker flapped during an outage.
+        """
+        d, ev = item
+        for attempt in backoff_retrying(self.stop, conn.sleep, "postgresql", "note delivery attempt"):
+            with attempt:
+                attempts = self.store.note_delivery_attempts([str(ev.id)])[str(ev.id)]
+        limit = self.settings.rabbitmq.delivery_limit
+        if attempts <= limit:
+            return False
+        self._dead_letter(publisher, d, f"applying it was interrupted {attempts} times (delivery limit {limit}): "
+                          "it may be stopping the worker", "delivery_limit")
+        return True
 
     def _apply(self, conn: Any, items: list[tuple[Delivery, Event]]) -> list[Outcome | PermanentError]:
         """Applies items in one transaction; isolates the ones the database refuses."""
@@ -281,23 +315,37 @@ class Consumer:
     def _write_cache(self, figures: list[dict[str, Any]]) -> None:
         if not figures:
             return
+        if time.monotonic() < self._cache_retry_at:  # backing off: refilled from PostgreSQL later
+            self._mark_stale(figures)
+            return
         try:
             self.cache.put_many(figures)
+            self._cache_backoff = 0.0
         except Exception as exc:  # Redis down: PostgreSQL stays right; refill the cache later
             metrics.CACHE_WRITE_ERRORS.inc()
-            if len(self._stale_cache) < 100_000:
-                self._stale_cache.update(f["product_id"] for f in figures)
-            log.warning("cache write failed; will retry", error=repr(exc), products=len(figures))
+            self._mark_stale(figures)
+            self._cache_failed(exc, products=len(figures))
+
+    def _mark_stale(self, figures: list[dict[str, Any]]) -> None:
+        if len(self._stale_cache) < 100_000:
+            self._stale_cache.update(f["product_id"] for f in figures)
+
+    def _cache_failed(self, exc: Exception, **info: Any) -> None:
+        self._cache_backoff = min(max(0.25, self._cache_backoff * 2), 30.0)
+        self._cache_retry_at = time.monotonic() + self._cache_backoff
+        log.warning("cache write failed; will retry", error=repr(exc), retry_in_seconds=self._cache_backoff,
+                    **info)
 
     def _idle(self) -> None:
         self._flush_marks()
-        if self._stale_cache:
+        if self._stale_cache and time.monotonic() >= self._cache_retry_at:
             ids = list(self._stale_cache)[:1000]
             try:
                 self.cache.put_many(self.store.figures(ids))
                 self._stale_cache.difference_update(ids)
-            except Exception:  # still down; try again at the next idle moment
-                pass
+                self._cache_backoff = 0.0
+            except Exception as exc:  # still down: back off further
+                self._cache_failed(exc, stale_products=len(self._stale_cache))
 
     def _flush_marks(self, final: bool = False) -> None:
         if not self._to_mark:

@@ -137,6 +137,16 @@ class Store:
         with self.transaction() as cur:
             cur.execute("SELECT mark_published(%s)", (list(outbox_ids),))
 
+    def note_delivery_attempts(self, event_ids: Sequence[str]) -> dict[str, int]:
+        """Counts one more attempt to apply each (redelivered) message; committed at once."""
+        with self.transaction() as cur:
+            cur.execute("SELECT event_id, attempts FROM note_delivery_attempts(%s::uuid[])", (list(event_ids),))
+            return {str(r[0]): int(r[1]) for r in cur.fetchall()}
+
+    def forget_delivery_attempts(self, event_ids: Sequence[str]) -> None:
+        with self.transaction() as cur:
+            cur.execute("SELECT forget_delivery_attempts(%s::uuid[])", (list(event_ids),))
+
     @contextmanager
     def claim_unpublished(self, min_age_seconds: float, limit: int) -> Iterator[list[OutgoingMessage]]:
         """Outbox rows left unpublished, locked (other relays skip them) until the block ends.

@@ -36,6 +36,8 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which decides
     signal.signal(signal.SIGTERM, lambda *_: local.set())
 
+    # Only signals and the parent's pid are watched, never `shared_stop`: a process SIGKILLed
+    # while holding that event's lock would leave it locked, wedging every waiter for good.
     def watch() -> None:
         while not local.is_set():
             time.sleep(0.2)

@@ -329,6 +329,17 @@ BEGIN
 END $$;
 
 ---------------------------------------------------------------------------------------------
+-- Current figures of every product an event changed (or names), for the cache.
+CREATE OR REPLACE FUNCTION touched_figures(p_event_id uuid, p_data jsonb) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
+      FROM products p
+     -- = ANY(ARRAY(...)): primary-key lookups. The planner turned IN (subquery), and
+     -- IN ... OR ..., into a scan of every product for every event.
+     WHERE p.product_id = ANY(ARRAY(SELECT product_id FROM stock_movements WHERE event_id = p_event_id
+                                    UNION ALL SELECT p_data->>'product_id'))
+$$;
+
 -- The one entry point for an input event: idempotent by message id.
 -- Returns {outcome, messages: [outbox rows to publish], products: [figures after]}.
 CREATE OR REPLACE FUNCTION apply_event(p_event_id uuid, p_type text, p_data jsonb,
@@ -341,7 +352,10 @@ BEGIN
     PERFORM check_event_data(p_type, p_data);  -- sql/procedures/checks.sql
     INSERT INTO processed_events (event_id, type) VALUES (p_event_id, p_type) ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
-        RETURN jsonb_build_object('outcome', 'duplicate', 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+        -- Changes nothing, but returns the figures: a redelivery after a crash between commit
+        -- and cache write must still bring the cache up to date.
+        RETURN jsonb_build_object('outcome', 'duplicate', 'messages', '[]'::jsonb,
+                                  'products', touched_figures(p_event_id, p_data));
     END IF;
     v_result := CASE p_type
         WHEN 'order.placed'    THEN place_order(p_event_id, p_data, p_default_ttl)
@@ -351,13 +365,7 @@ BEGIN
     END;
     PERFORM check_arg(v_result IS NOT NULL, 'type ' || coalesce(p_type, 'null'));
     UPDATE processed_events SET outcome = v_result->>'outcome' WHERE event_id = p_event_id;
-    RETURN v_result || jsonb_build_object('products', (
-        SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
-          FROM products p
-         -- = ANY(ARRAY(...)): primary-key lookups. The planner turned IN (subquery), and
-         -- IN ... OR ..., into a scan of every product for every event.
-         WHERE p.product_id = ANY(ARRAY(SELECT product_id FROM stock_movements WHERE event_id = p_event_id
-                                        UNION ALL SELECT p_data->>'product_id'))));
+    RETURN v_result || jsonb_build_object('products', touched_figures(p_event_id, p_data));
 END $$;
 
 -- Many events in one transaction (in the order given). Every product the batch can touch

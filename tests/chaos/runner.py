@@ -1,0 +1,644 @@
+"""The chaos run: publish a seeded workload while faults are injected for real, then check.
+
+    python -m tests.chaos.runner --duration 600 --seed 7      (what `make chaos` runs)
+
+Starts private PostgreSQL, Redis and RabbitMQ (tests/chaos/services.py), a worker on them,
+publishes the workload round by round (tests/chaos/workload.py explains why rounds keep the
+model determined) while a fault thread SIGKILLs worker processes and the supervisor, restarts
+RabbitMQ, PostgreSQL and Redis, flushes Redis and cuts connections. After the last round it
+waits for the system to drain and checks every invariant against the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+import psycopg2
+
+from inventory_worker.amqp import declare_topology
+from inventory_worker.config import Settings, load_settings
+from inventory_worker.migrations import migrate
+
+from ..support import REPO, WorkerProcess, free_port, isolated_settings
+from .services import PrivateServices
+from .workload import Msg, Workload
+
+AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
+FAULT_KINDS = (
+    "kill_consumer", "kill_supervisor", "restart_rabbitmq", "restart_postgresql", "crash_postgresql",
+    "flush_redis", "restart_redis", "cut_postgresql", "cut_rabbitmq", "cut_redis",
+    "rabbitmq_flapping_during_postgresql_outage",
+)
+
+
+def chaos_settings(services: PrivateServices, run_id: str) -> Settings:
+    """Isolated names on the private services, with short timings so faults show quickly."""
+    base = services.settings(load_settings())
+    s = isolated_settings(base, run_id)
+    w = s.worker.model_copy(update={
+        "batch_size": 20, "sweep_interval_seconds": 0.25, "outbox_relay_min_age_seconds": 1.0,
+        "outbox_relay_interval_seconds": 0.5, "default_reservation_ttl_seconds": 3600,
+        "shutdown_grace_seconds": 10.0})
+    r = s.redis.model_copy(update={"cache_ttl_seconds": 30})
+    q = s.rabbitmq.model_copy(update={"heartbeat_seconds": 10})
+    return s.model_copy(update={"worker": w, "redis": r, "rabbitmq": q})
+
+
+class ReliablePublisher:
+    """Publishes with confirms and reconnects until the broker takes each message."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conn: Any = None
+        self.ch: Any = None
+        self.reconnects = 0
+
+    def _connect(self) -> None:
+        params = pika.URLParameters(str(self.settings.rabbitmq.url))
+        params.socket_timeout = 5
+        params.connection_attempts = 1
+        params.heartbeat = 10
+        self.conn = pika.BlockingConnection(params)
+        self.ch = self.conn.channel()
+        self.ch.confirm_delivery()
+
+    def publish(self, m: Msg, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.conn is None or not self.conn.is_open:
+                    self._connect()
+                self.ch.basic_publish(
+                    self.settings.rabbitmq.exchange, m.routing_key, m.body,
+                    properties=pika.BasicProperties(delivery_mode=2, content_type="application/json",
+                                                    message_id=m.message_id))
+                return
+            except AMQP_ERRORS:
+                self.close()
+                self.reconnects += 1
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def close(self) -> None:
+        try:
+            if self.conn is not None and self.conn.is_open:
+                self.conn.close()
+        except Exception:
+            pass
+        self.conn = None
+
+
+def _amqp_channel(settings: Settings) -> tuple[Any, Any]:
+    params = pika.URLParameters(str(settings.rabbitmq.url))
+    params.socket_timeout = 5
+    conn = pika.BlockingConnection(params)
+    return conn, conn.channel()
+
+
+def _retry(fn: Any, timeout: float = 120, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def drain_queue(settings: Settings, queue: str) -> list[tuple[Any, bytes]]:
+    """Every message in a queue, removed as it is read (faults are over when this runs)."""
+    out: list[tuple[Any, bytes]] = []
+
+    def go() -> None:
+        conn, ch = _amqp_channel(settings)
+        try:
+            while True:
+                method, props, body = ch.basic_get(queue, auto_ack=True)
+                if method is None:
+                    return
+                out.append((props, body))
+        finally:
+            conn.close()
+    _retry(go)
+    return out
+
+
+class Pg:
+    """A reconnecting connection for the barrier, the sampler and the final checks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conn: Any = None
+
+    def query(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+        if self.conn is None or self.conn.closed:
+            self.conn = psycopg2.connect(**{**self.settings.database.dsn(), "application_name": "chaos-check"})
+            self.conn.autocommit = True
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(sql, args)
+                return cur.fetchall()
+        except psycopg2.Error:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+        self.conn = None
+
+
+@dataclass
+class Fleet:
+    """The worker: its current supervisor, and every process ever started (to clean up)."""
+
+    settings: Settings
+    log_dir: Path
+    processes: int
+    current: WorkerProcess | None = None
+    all_pids: set[int] = field(default_factory=set)
+    generation: int = 0
+
+    def start(self, wait_ready: bool = True) -> WorkerProcess:
+        self.generation += 1
+        s = self.settings.model_copy(update={"http": self.settings.http.model_copy(update={"port": free_port()})})
+        w = WorkerProcess(s, processes=self.processes, log_path=self.log_dir / f"worker-{self.generation}.log")
+        w.start(wait_ready=wait_ready, timeout=90)
+        self.current = w
+        self.all_pids.add(w.proc.pid)
+        self.remember_children()
+        return w
+
+    def remember_children(self) -> list[int]:
+        kids = self.current.children() if self.current and self.current.proc.poll() is None else []
+        self.all_pids.update(kids)
+        return kids
+
+    def stop(self) -> tuple[int | None, float]:
+        """SIGTERM to the current supervisor: its exit status and how long it took."""
+        rc, started = None, time.monotonic()
+        if self.current is not None:
+            rc = self.current.stop(timeout=self.settings.worker.shutdown_grace_seconds + 20)
+        took = time.monotonic() - started
+        for pid in self.all_pids:  # orphans of killed supervisors, if any are still around
+            if self.ours(pid):
+                os.kill(pid, signal.SIGKILL)
+        return rc, took
+
+    def ours(self, pid: int) -> bool:
+        """Still alive and one of this run's worker processes (not a recycled pid)."""
+        marker = f"INVENTORY_RABBITMQ__QUEUE={self.settings.rabbitmq.queue}".encode()
+        try:
+            return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+
+
+class FaultInjector(threading.Thread):
+    def __init__(self, services: PrivateServices, fleet: Fleet, kinds: tuple[str, ...], seed: int,
+                 interval: tuple[float, float]) -> None:
+        super().__init__(name="faults", daemon=True)
+        self.services, self.fleet, self.kinds = services, fleet, kinds
+        self.rng = random.Random(seed ^ 0x5EED)
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.counts: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.log: list[tuple[float, str]] = []
+
+    def run(self) -> None:
+        # Every kind once, in a shuffled order, before random draws: a short run sees them all.
+        plan = list(self.kinds)
+        self.rng.shuffle(plan)
+        while not self.stop_event.wait(self.rng.uniform(*self.interval)):
+            kind = plan.pop() if plan else self.rng.choice(self.kinds)
+            try:
+                self.inject(kind)
+                self.counts[kind] += 1
+                self.log.append((time.time(), kind))
+            except Exception as exc:
+                self.errors.append(f"{kind}: {exc!r}")
+
+    def inject(self, kind: str) -> None:
+        s, fleet = self.services, self.fleet
+        if kind == "kill_consumer":
+            kids = [k for k in fleet.remember_children() if fleet.ours(k)]
+            if kids:
+                os.kill(self.rng.choice(kids), signal.SIGKILL)
+        elif kind == "kill_supervisor":
+            fleet.remember_children()
+            old = fleet.current
+            if old.proc.poll() is not None:
+                raise RuntimeError(f"the supervisor had exited by itself with {old.proc.returncode}; "
+                                   f"see {old.log_path}")
+            os.kill(old.proc.pid, signal.SIGKILL)
+            old.proc.wait()
+            fleet.start(wait_ready=False)  # orphaned children stop by themselves
+        elif kind == "restart_rabbitmq":
+            s.rabbitmq.restart_app(down_seconds=self.rng.uniform(0.5, 2.0))
+        elif kind == "restart_rabbitmq_node":
+            s.rabbitmq.restart_node()
+        elif kind == "restart_postgresql":
+            s.postgres.restart("fast", down_seconds=self.rng.uniform(0.5, 2.0))
+        elif kind == "crash_postgresql":
+            s.postgres.restart("immediate", down_seconds=self.rng.uniform(0.2, 1.0))
+        elif kind == "flush_redis":
+            s.redis.flush()
+        elif kind == "restart_redis":
+            s.redis.restart(down_seconds=self.rng.uniform(0.5, 2.0))
+        elif kind == "cut_postgresql":
+            s.postgres.terminate_worker_backends()
+        elif kind == "cut_rabbitmq":
+            s.rabbitmq.close_all_connections()
+        elif kind == "rabbitmq_flapping_during_postgresql_outage":
+            # Messages held while PostgreSQL is down come back after every lost connection.
+            s.postgres.stop("fast")
+            try:
+                for _ in range(fleet.settings.rabbitmq.delivery_limit + 2):
+                    time.sleep(0.7)  # the consumers reconnect and take their messages again
+                    s.rabbitmq.close_all_connections()
+            finally:
+                s.postgres.start()
+        elif kind == "cut_redis":
+            s.redis.kill_clients()
+        else:
+            raise ValueError(kind)
+
+
+class Sampler(threading.Thread):
+    """Samples PostgreSQL during the run: no product is ever oversold."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.pg = Pg(settings)
+        self.stop_event = threading.Event()
+        self.samples = 0
+        self.violations: list[Any] = []
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.3):
+            try:
+                rows = self.pg.query("SELECT product_id, on_hand, reserved FROM products "
+                                     "WHERE reserved > on_hand OR reserved < 0 OR on_hand < 0")
+                self.samples += 1
+                self.violations.extend(rows)
+            except Exception:  # PostgreSQL is being restarted
+                pass
+        self.pg.close()
+
+
+@dataclass
+class Report:
+    summary: dict[str, Any]
+    invariants: dict[str, tuple[bool, str]]
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for ok, _ in self.invariants.values())
+
+    def text(self) -> str:
+        lines = ["", "=== chaos summary ==="]
+        for k, v in self.summary.items():
+            lines.append(f"  {k}: {v}")
+        lines.append("=== invariants ===")
+        for name, (ok, detail) in self.invariants.items():
+            lines.append(f"  {'PASS' if ok else 'FAIL'}  {name}" + (f": {detail}" if detail else ""))
+        return "\n".join(lines)
+
+
+def wait_applied(pg: Pg, ids: list[str], timeout: float) -> None:
+    """The round barrier: every event id of the round is in processed_events."""
+    want = sorted(set(ids))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            rows = pg.query("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (want,))
+            if rows[0][0] == len(want):
+                return
+        except psycopg2.Error:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(want)} events not applied after {timeout}s")
+        time.sleep(0.05)
+
+
+def run_chaos(services: PrivateServices, *, duration: float, seed: int, processes: int = 3,
+              round_size: int = 40, kinds: tuple[str, ...] = FAULT_KINDS,
+              fault_interval: tuple[float, float] = (1.0, 3.0), log_dir: Path | None = None) -> Report:
+    run_id = f"chaos{uuid.uuid4().hex[:8]}"
+    settings = chaos_settings(services, run_id)
+    migrate(settings.database)
+    log_dir = log_dir or services.root / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results_queue = f"chaos.results.{run_id}"
+    conn, ch = _amqp_channel(settings)
+    declare_topology(ch, settings.rabbitmq)
+    ch.queue_declare(results_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    ch.queue_bind(results_queue, settings.rabbitmq.events_exchange, routing_key="#")
+    conn.close()
+
+    wl = Workload(seed)
+    pub = ReliablePublisher(settings)
+    pg = Pg(settings)
+    fleet = Fleet(settings, log_dir, processes)
+    sampler = Sampler(settings)
+    faults = FaultInjector(services, fleet, kinds, seed, fault_interval)
+    published: Counter[str] = Counter()
+    rounds = 0
+    errors: list[str] = []
+    t_start = time.monotonic()
+    try:
+        fleet.start()
+        sampler.start()
+
+        def publish_round(msgs: list[Msg], dup: bool = True) -> None:
+            nonlocal rounds
+            batch = wl.duplicated(msgs) if dup else msgs
+            for m in batch:
+                pub.publish(m)
+                published["poison" if m.poison else "event"] += 1
+            rounds += 1
+            wait_applied(pg, [m.message_id for m in batch if not m.poison], timeout=240)
+
+        publish_round(wl.first_round())
+        if kinds:
+            faults.start()
+        while time.monotonic() - t_start < duration:
+            publish_round(wl.round(round_size))
+        publish_round(wl.pending_round())
+        faults.stop_event.set()
+        if faults.is_alive():
+            faults.join(timeout=180)
+        publish_round(wl.final_round() + wl.flush_delayed(), dup=True)
+        publish_round(wl.flush_delayed(), dup=False)
+        wl.finish()
+        t_published = time.monotonic()
+        # Drain: short reservations expire, results reach the results queue, the outbox empties.
+        check = Checker(settings, wl, pg, results_queue)
+        drained = check.wait_drained(timeout=180)
+        t_drained = time.monotonic()
+        sampler.stop_event.set()
+        sampler.join(10)
+        invariants = check.run(sampler)
+    except Exception:
+        errors.append(traceback.format_exc())
+        invariants = {"run completed": (False, errors[-1][-2000:])}
+        drained, t_published, t_drained = False, time.monotonic(), time.monotonic()
+    finally:
+        faults.stop_event.set()
+        sampler.stop_event.set()
+        pub.close()
+        stop_rc, stop_seconds = fleet.stop()
+        pg.close()
+    invariants["the worker stops on SIGTERM with exit 0 within its grace period"] = (
+        stop_rc == 0 and stop_seconds <= settings.worker.shutdown_grace_seconds + 5,
+        f"exit {stop_rc} after {stop_seconds:.1f}s (grace {settings.worker.shutdown_grace_seconds:.0f}s)")
+    if faults.errors:
+        invariants["every fault injected"] = (False, "; ".join(faults.errors[:5]))
+    n_events = sum(1 for _ in wl.expect)
+    summary = {
+        "seed": seed,
+        "rounds": rounds,
+        "distinct events": n_events,
+        "by type": dict(sorted(wl.counts.items())),
+        "messages published": sum(published.values()),
+        "duplicates published (absorbed by id)": published["event"] - n_events,
+        "poison messages": len(wl.poison_ids),
+        "orders": len(wl.orders),
+        "faults injected": dict(sorted(faults.counts.items())),
+        "publisher reconnects": pub.reconnects,
+        "worker generations (supervisor restarts + 1)": fleet.generation,
+        "oversell samples": sampler.samples,
+        "publish phase seconds": round(t_published - t_start, 1),
+        "drain seconds": round(t_drained - t_published, 1) if drained else "did not drain",
+        "logs": str(log_dir),
+    }
+    return Report(summary, invariants)
+
+
+class Checker:
+    def __init__(self, settings: Settings, wl: Workload, pg: Pg, results_queue: str) -> None:
+        self.settings, self.wl, self.pg, self.results_queue = settings, wl, pg, results_queue
+        self.results: dict[str, dict[str, Any]] = {}  # by message id
+        self.copies: Counter[str] = Counter()
+        self.bad_results: list[str] = []
+
+    def _collect(self) -> None:
+        for props, body in drain_queue(self.settings, self.results_queue):
+            r = json.loads(body)
+            self.copies[r["id"]] += 1
+            if props.message_id != r["id"]:
+                self.bad_results.append(f"message_id {props.message_id} != body id {r['id']}")
+            self.results[r["id"]] = r
+
+    def _by_causation(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in self.results.values():
+            if r["type"] != "inventory.low_stock":
+                out[r["causation_id"]].append(r)
+        return out
+
+    def _results_match(self) -> list[str]:
+        by = self._by_causation()
+        problems = []
+        for eid, e in self.wl.expect.items():
+            got = sorted((r["type"], r["data"].get("reason", "") if r["type"] == "inventory.rejected"
+                          or r["type"] == "inventory.adjustment_rejected" else "") for r in by.get(eid, []))
+            want = sorted(e.results)
+            if got != want and not (e.optional and got == sorted(e.results + e.optional)):
+                problems.append(f"{eid} ({e.order_id or e.product_id}): want {want}"
+                                f"{' (+' + str(e.optional) + ')' if e.optional else ''}, got {got}")
+                continue
+            for r in by.get(eid, []):
+                if r["type"] == "inventory.adjusted" and r["data"]["on_hand"] != e.on_hand:
+                    problems.append(f"{eid}: adjusted on_hand {r['data']['on_hand']} != model {e.on_hand}")
+                if r["type"] == "inventory.rejected" and e.must_short:
+                    short = {s["product_id"] for s in r["data"]["shortages"]}
+                    if not e.must_short <= short:
+                        problems.append(f"{eid}: shortages {sorted(short)} lack {sorted(e.must_short - short)}")
+        unknown = set(by) - set(self.wl.expect)
+        if unknown:
+            problems.append(f"results caused by {len(unknown)} events never published: {sorted(unknown)[:3]}")
+        return problems
+
+    def _figures_match(self) -> list[str]:
+        rows = self.pg.query("SELECT product_id, on_hand, reserved FROM products")
+        actual = {r[0]: (r[1], r[2]) for r in rows}
+        want = self.wl.expected_figures()
+        problems = [f"{k}: want (on_hand, reserved) {v}, PostgreSQL has {actual.get(k)}"
+                    for k, v in sorted(want.items()) if actual.get(k) != v]
+        extra = set(actual) - set(want)
+        if extra:
+            problems.append(f"products that should not exist: {sorted(extra)}")
+        return problems
+
+    def wait_drained(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self._collect()
+                if not self._results_match() and not self._figures_match():
+                    unpublished = self.pg.query("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0]
+                    if unpublished == 0:
+                        return True
+            except Exception:
+                pass
+            time.sleep(1.0)
+        return False
+
+    def run(self, sampler: Sampler) -> dict[str, tuple[bool, str]]:
+        inv: dict[str, tuple[bool, str]] = {}
+        self._collect()
+
+        p = self._figures_match()
+        inv["on_hand/reserved/available of every product match the model"] = (
+            not p, f"{len(p)} differ: " + "; ".join(p[:5]) if p else f"{len(self.wl.products)} products")
+        inv["never oversold (sampled during the run)"] = (
+            not sampler.violations and sampler.samples > 0,
+            f"{sampler.samples} samples, {len(sampler.violations)} violations {sampler.violations[:3]}")
+
+        p = self._results_match()
+        inv["every event's results match the model (exactly once in effect)"] = (
+            not p, f"{len(p)} differ: " + "; ".join(p[:5]) if p else f"{len(self.wl.expect)} events")
+
+        inv["every order has exactly one terminal outcome"] = self._terminal()
+
+        outbox = {str(r[0]): (r[1], r[2]) for r in self.pg.query(
+            "SELECT message_id, routing_key, published_at IS NOT NULL FROM outbox")}
+        missing = [m for m in outbox if m not in self.results]
+        foreign = [m for m in self.results if m not in outbox]
+        unmarked = [m for m, (_, pub) in outbox.items() if not pub]
+        dups = sum(c - 1 for c in self.copies.values())
+        inv["every outbox result published, with its original id"] = (
+            not missing and not foreign and not self.bad_results,
+            f"{len(outbox)} outbox rows, {len(missing)} never published, {len(foreign)} published but not in "
+            f"the outbox, {len(unmarked)} not marked yet, {dups} redelivered copies (same id)"
+            + (f"; {self.bad_results[:3]}" if self.bad_results else ""))
+
+        dlq = drain_queue(self.settings, self.settings.rabbitmq.dead_letter_queue)
+        seen = Counter(props.message_id for props, _ in dlq)
+        poison = set(self.wl.poison_ids)
+        not_poison = [(props.message_id, (props.headers or {}).get("x-inventory-error"), body[:120])
+                      for props, body in dlq if props.message_id not in poison]
+        lacking = poison - set(seen)
+        inv["the DLQ holds exactly the poison messages"] = (
+            not not_poison and not lacking,
+            f"{len(poison)} poison, {len(dlq)} dead letters ({sum(seen.values()) - len(set(seen))} copies), "
+            f"{len(lacking)} poison missing, {len(not_poison)} not poison: {not_poison[:3]}")
+
+        inv["Redis agrees with PostgreSQL within one TTL"] = self._redis_agrees()
+
+        inv["inventory-worker verify reports nothing"] = self._verify()
+        return inv
+
+    def _terminal(self) -> tuple[bool, str]:
+        per: dict[str, Counter[str]] = defaultdict(Counter)
+        for r in self.results.values():
+            oid = r["data"].get("order_id")
+            if oid:
+                per[oid][r["type"]] += 1
+        problems = []
+        final = self.wl.final_status()
+        for oid, status in final.items():
+            c = per.get(oid, Counter())
+            ends = c["inventory.committed"] + c["inventory.released"]
+            if c["inventory.reserved"] > 1 or ends > 1 or c["inventory.expired"] > 1:
+                problems.append(f"{oid}: {dict(c)}")
+                continue
+            got = ("committed" if c["inventory.committed"] else "released" if c["inventory.released"]
+                   else "expired" if c["inventory.expired"] else "rejected")
+            want = "rejected" if status == "cancelled" else status
+            if got != want:
+                problems.append(f"{oid}: want {want}, got {got} {dict(c)}")
+        counts = Counter("rejected" if s == "cancelled" else s for s in final.values())
+        return (not problems, f"{len(problems)} wrong: {problems[:5]}" if problems else dict(counts).__repr__())
+
+    def _redis_agrees(self) -> tuple[bool, str]:
+        import redis as redis_lib
+
+        from inventory_worker.cache import StockCache
+
+        ttl = self.settings.redis.cache_ttl_seconds
+        cache = StockCache(self.settings.redis, redis_lib.Redis(host=self.settings.redis.host,
+                                                                port=self.settings.redis.port))
+        started = time.monotonic()
+        stale_at_drain: int | None = None
+        while True:
+            rows = self.pg.query("SELECT product_id, product_figures(p) FROM products p")
+            stale, present = [], 0
+            for pid, fig in rows:
+                raw = cache.get(pid)
+                if raw is None:
+                    continue  # a miss is served from PostgreSQL
+                present += 1
+                c = json.loads(raw)
+                if (c["on_hand"], c["reserved"], c["available"], c["version"]) != (
+                        fig["on_hand"], fig["reserved"], fig["available"], fig["version"]):
+                    stale.append((pid, c, fig))
+            took = time.monotonic() - started
+            if stale_at_drain is None:
+                stale_at_drain = len(stale)
+            if not stale:
+                return True, (f"{present}/{len(rows)} cached, all equal after {took:.1f}s "
+                              f"({stale_at_drain} stale when drained)")
+            if took > ttl + 2:
+                return False, f"{len(stale)} stale after {took:.0f}s: {stale[:2]}"
+            time.sleep(1.0)
+
+    def _verify(self) -> tuple[bool, str]:
+        from inventory_worker.cli import build_parser
+
+        if "verify" not in build_parser()._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
+            return True, "SKIPPED: this build has no `inventory-worker verify` command"
+        from ..support import settings_env
+
+        r = subprocess.run([sys.executable, "-m", "inventory_worker", "verify"], env=settings_env(self.settings),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        return r.returncode == 0, (r.stdout + r.stderr).strip()[-1000:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=600, help="seconds of publishing under faults")
+    ap.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", "7")))
+    ap.add_argument("--processes", type=int, default=3)
+    ap.add_argument("--round-size", type=int, default=60)
+    ap.add_argument("--node-restarts", action="store_true", help="also restart the whole RabbitMQ node")
+    args = ap.parse_args(argv)
+    os.chdir(REPO)
+    services = PrivateServices()
+    try:
+        services.start()
+        print(f"private services up in {services.start_seconds}")
+        kinds = FAULT_KINDS + (("restart_rabbitmq_node",) if args.node_restarts else ())
+        report = run_chaos(services, duration=args.duration, seed=args.seed, processes=args.processes,
+                           round_size=args.round_size, kinds=kinds)
+        print(report.text())
+        return 0 if report.ok else 1
+    finally:
+        services.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The bounded chaos run that CI executes (`make chaos` runs the long one).
+
+Every kind of fault is injected at least once (SIGKILL of consumers and of the supervisor,
+RabbitMQ, PostgreSQL and Redis restarts, a PostgreSQL crash, Redis flushes, cut connections)
+while a seeded workload is published; then every invariant is checked against the model.
+CHAOS_SECONDS and CHAOS_SEED change the length and the seed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .runner import FAULT_KINDS, run_chaos
+from .services import PrivateServices
+
+
+def test_chaos_bounded(private_services: PrivateServices) -> None:
+    seconds = float(os.environ.get("CHAOS_SECONDS", "60"))
+    seed = int(os.environ.get("CHAOS_SEED", "20261125"))
+    report = run_chaos(private_services, duration=seconds, seed=seed, processes=3, round_size=60,
+                       fault_interval=(1.0, 2.5))
+    print(report.text())
+    kinds_seen = set(report.summary["faults injected"])
+    assert report.ok, report.text()
+    assert kinds_seen == set(FAULT_KINDS), f"not every kind of fault was injected: {kinds_seen}"

@@ -31,7 +31,7 @@ from typing import Any
 import pika
 import psycopg2
 import redis
-from pydantic import AnyUrl
+from pydantic import AnyUrl, SecretStr
 
 
 def _port_free(port: int) -> bool:
@@ -347,9 +347,9 @@ class PrivateServices:
         """`base` (Settings) pointed at the private instances."""
         return base.model_copy(update={
             "database": base.database.model_copy(update={"host": "127.0.0.1", "port": self.postgres.port,
-                                                         "user": "postgres", "password": ""}),
+                                                         "user": "postgres", "password": SecretStr("")}),
             "redis": base.redis.model_copy(update={"host": "127.0.0.1", "port": self.redis.port,
-                                                   "password": ""}),
+                                                   "password": SecretStr("")}),
             "rabbitmq": base.rabbitmq.model_copy(update={"url": AnyUrl(self.rabbitmq.url)}),
         })
 

@@ -94,6 +94,15 @@ def test_ledger_sums_equal_the_figures_after_a_random_mix(worker, bus, settings)
 
     for sku in skus:
         send("stock.adjusted", {"product_id": sku, "on_hand": rng.randint(5, 20), "low_stock_threshold": 3})
+    with pg(settings) as cur:  # the products exist before any order names them
+        def stocked():
+            cur.execute("SELECT count(*) FROM products WHERE product_id = ANY(%s)", (skus,))
+            return cur.fetchone()[0] == len(skus)
+        _poll(stocked, timeout=30, what="the products to exist")
+    # One reservation nobody completes or cancels: whatever the random mix, one expiry happens.
+    sentinel = uid("o")
+    send("order.placed", {"order_id": sentinel, "lines": [{"product_id": skus[0], "quantity": 1}],
+                          "reservation_ttl_seconds": 1})
     for _ in range(160):
         roll = rng.random()
         if roll < 0.35 or not orders:
@@ -125,7 +134,7 @@ def test_ledger_sums_equal_the_figures_after_a_random_mix(worker, bus, settings)
 
         def nothing_due():
             cur.execute("SELECT count(*) FROM orders WHERE order_id = ANY(%s) AND status = 'reserved'"
-                        " AND expires_at <= now()", (orders,))
+                        " AND expires_at <= now()", (orders + [sentinel],))
             return cur.fetchone()[0] == 0
         _poll(nothing_due, timeout=20, what="the due reservations to expire")
         cur.execute("SELECT DISTINCT reason FROM stock_movements WHERE product_id = ANY(%s)", (skus,))

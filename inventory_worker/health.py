@@ -9,11 +9,22 @@ attached); the supervisor kills and restarts a stuck consumer.
 
 A running consumer beats at least every few hundred milliseconds, so it is stuck after
 `timeout`; a starting one gets `startup_allowance(timeout)`, as imports on a busy host are slow.
+
+The slots live in a named POSIX shared-memory segment (multiprocessing.shared_memory), so any
+process can attach by name: the children the supervisor spawns (they receive the name when the
+object is pickled) and granian's worker processes, which the supervisor cannot hand objects to
+(they read the name from the environment, see http_server.py). Only the creator tracks the
+segment for cleanup and unlinks it; attaching processes never register it (see `_attach`).
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import threading
 import time
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 
@@ -24,15 +35,75 @@ def startup_allowance(timeout: float) -> float:
     return max(timeout, 30.0)
 
 
+_ATTACH_LOCK = threading.Lock()
+
+
+def _attach(name: str) -> SharedMemory:
+    """Opens an existing segment without registering it with this process's resource tracker.
+
+    Before Python 3.13 (no `track=False`) every SharedMemory registers itself, and a tracker
+    unlinks what is registered when it ends: an attaching process with its own tracker would
+    delete the segment under the supervisor; one sharing the supervisor's tracker cannot
+    unregister afterwards without removing the supervisor's own registration. So registration
+    is skipped for the moment of opening.
+    """
+    try:
+        return SharedMemory(name=name, track=False)  # type: ignore[call-arg]  # Python >= 3.13
+    except TypeError:
+        pass
+    with _ATTACH_LOCK:
+        register = resource_tracker.register
+        resource_tracker.register = lambda *_: None  # type: ignore[assignment]
+        try:
+            return SharedMemory(name=name)
+        finally:
+            resource_tracker.register = register  # type: ignore[assignment]
+
+
 class ProcessHealth:
-    def __init__(self, ctx: Any, consumers: int) -> None:
-        now = time.monotonic()
-        # lock=False: each slot has one writer; a torn read of one double cannot happen on
-        # the platforms we run on (8-byte aligned stores).
-        self._beats = ctx.Array("d", [now] * consumers, lock=False)
-        self._phase = ctx.Array("b", [STARTING] * consumers, lock=False)
-        self._attached = ctx.Array("b", [0] * consumers, lock=False)
+    """`consumers` slots: a heartbeat (double), a phase and an attached flag (a byte each)."""
+
+    def __init__(self, shm: SharedMemory, consumers: int, owner: bool) -> None:
+        self._shm = shm
+        self._owner = owner
         self.consumers = consumers
+        n = consumers
+        # Each slot has one writer; a torn read of one aligned double cannot happen on the
+        # platforms we run on, so no lock.
+        self._beats = shm.buf[: 8 * n].cast("d")
+        self._phase = shm.buf[8 * n: 9 * n].cast("b")
+        self._attached = shm.buf[9 * n: 10 * n].cast("b")
+
+    @classmethod
+    def create(cls, consumers: int) -> ProcessHealth:
+        """A new segment (the supervisor's); every consumer starting and detached."""
+        name = f"inventory-health-{os.getpid()}-{secrets.token_hex(4)}"
+        health = cls(SharedMemory(name=name, create=True, size=10 * consumers), consumers, owner=True)
+        now = time.monotonic()
+        for i in range(consumers):
+            health.starting(i)
+            health._beats[i] = now
+            health.set_attached(i, False)
+        return health
+
+    @classmethod
+    def attach(cls, name: str, consumers: int) -> ProcessHealth:
+        return cls(_attach(name), consumers, owner=False)
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a spawned child attaches by name
+        return (ProcessHealth.attach, (self.name, self.consumers))
+
+    def close(self) -> None:
+        """Unmaps the segment; the creator also deletes it."""
+        for view in (self._beats, self._phase, self._attached):
+            view.release()
+        self._shm.close()
+        if self._owner:
+            self._shm.unlink()
 
     # -- written by consumer `slot` (and by the supervisor when it (re)starts one) ---------------
 

@@ -333,10 +333,13 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
         delete_topology(s)
 
 
-def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
+@pytest.mark.parametrize("server", HTTP_SERVERS)
+def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, server):
+    """Under either server: granian's worker processes read the same health slots (health.py)."""
     s = own_settings(settings, heartbeat_timeout_seconds=4.0)
+    s = s.model_copy(update={"http": s.http.model_copy(update={"server": server})})
     bus = Bus(s)
-    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"stuck-{uuid.uuid4().hex[:6]}.log").start()
+    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"stuck-{server}-{uuid.uuid4().hex[:6]}.log").start()
     try:
         assert http_get(w.base_url + "/healthz")[0] == 200
 
@@ -353,6 +356,13 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
                          for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
              what="the log naming the stuck consumer")
 
+        # killed, and until its successor attaches to the queue: not ready, naming it
+        status, _, body = poll(lambda: (r := http_get(w.base_url + "/readyz", timeout=5))[0] == 503 and r,
+                               interval=0.05, what="/readyz 503")
+        assert json.loads(body)["failing"] == ["consumers"]
+        poll(lambda: any("not attached to the queue: consumer-0" in str(x.get("failing", {}).get("consumers", ""))
+                         for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
+             what="the log naming the detached consumer")
         new_pid = poll(lambda: [p for p in consumer_pids() if p != stuck_pid], what="a new consumer-0")[0]
         poll(lambda: http_get(w.base_url + "/healthz")[0] == 200, what="/healthz 200 again")
         poll(lambda: http_get(w.base_url + "/readyz")[0] == 200, what="/readyz 200 again")
@@ -373,14 +383,12 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
 
 def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: the queues exist
     """/readyz waits for every consumer to attach; /healthz fails on a stale heartbeat."""
-    import multiprocessing
-
     from inventory_worker.health import ProcessHealth
     from inventory_worker.http_api import ReadAPI
     from inventory_worker.http_server import health_checks
 
-    health = ProcessHealth(multiprocessing.get_context("spawn"), 2)
-    ready, live = health_checks(health, timeout=2.0)  # generous: this machine may be loaded
+    health = ProcessHealth.create(2)  # as the supervisor does; the API reads it attached by name
+    ready, live = health_checks(ProcessHealth.attach(health.name, 2), timeout=2.0)  # generous: a loaded machine
     api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)
     health.set_attached(0, True)
     r = api.handle("GET", "/readyz", {})
@@ -403,3 +411,4 @@ def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: th
     time.sleep(2.2)
     health.beat(0)
     assert api.handle("GET", "/healthz", {}).status == 200
+    health.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 import threading
 import time
 from multiprocessing import resource_tracker
@@ -61,28 +62,28 @@ def _attach(name: str) -> SharedMemory:
 
 
 class ProcessHealth:
-    """`consumers` slots: a heartbeat (double), a phase and an attached flag (a byte each)."""
+    """`consumers` slots in one segment: n heartbeats (doubles), then n phases, then n attached flags.
+
+    Each slot has one writer; a torn read of one aligned double cannot happen on the platforms we
+    run on, so no lock. Fields are read and written through struct, never through views cast from
+    the segment: a live view would keep SharedMemory from closing (BufferError at exit).
+    """
 
     def __init__(self, shm: SharedMemory, consumers: int, owner: bool) -> None:
         self._shm = shm
+        self._buf = shm.buf
         self._owner = owner
         self.consumers = consumers
-        n = consumers
-        # Each slot has one writer; a torn read of one aligned double cannot happen on the
-        # platforms we run on, so no lock.
-        self._beats = shm.buf[: 8 * n].cast("d")
-        self._phase = shm.buf[8 * n: 9 * n].cast("b")
-        self._attached = shm.buf[9 * n: 10 * n].cast("b")
+        self._phase = 8 * consumers  # offsets of the byte arrays
+        self._attached = 9 * consumers
 
     @classmethod
     def create(cls, consumers: int) -> ProcessHealth:
         """A new segment (the supervisor's); every consumer starting and detached."""
         name = f"inventory-health-{os.getpid()}-{secrets.token_hex(4)}"
         health = cls(SharedMemory(name=name, create=True, size=10 * consumers), consumers, owner=True)
-        now = time.monotonic()
         for i in range(consumers):
             health.starting(i)
-            health._beats[i] = now
             health.set_attached(i, False)
         return health
 
@@ -99,35 +100,36 @@ class ProcessHealth:
 
     def close(self) -> None:
         """Unmaps the segment; the creator also deletes it."""
-        for view in (self._beats, self._phase, self._attached):
-            view.release()
+        self._buf = None  # type: ignore[assignment]
         self._shm.close()
         if self._owner:
             self._shm.unlink()
 
+    def _set_beat(self, slot: int, phase: int) -> None:
+        struct.pack_into("d", self._buf, 8 * slot, time.monotonic())
+        self._buf[self._phase + slot] = phase
+
     # -- written by consumer `slot` (and by the supervisor when it (re)starts one) ---------------
 
     def starting(self, slot: int) -> None:
-        self._beats[slot] = time.monotonic()
-        self._phase[slot] = STARTING
+        self._set_beat(slot, STARTING)
 
     def beat(self, slot: int) -> None:
-        self._beats[slot] = time.monotonic()
-        self._phase[slot] = RUNNING
+        self._set_beat(slot, RUNNING)
 
     def set_attached(self, slot: int, attached: bool) -> None:
-        self._attached[slot] = 1 if attached else 0
+        self._buf[self._attached + slot] = 1 if attached else 0
 
     # -- read by the HTTP process and the supervisor ----------------------------------------
 
     def last_beat(self, slot: int) -> float:
-        return self._beats[slot]
+        return struct.unpack_from("d", self._buf, 8 * slot)[0]
 
     def age(self, slot: int) -> float:
-        return time.monotonic() - self._beats[slot]
+        return time.monotonic() - self.last_beat(slot)
 
     def is_stuck(self, slot: int, timeout: float) -> bool:
-        limit = timeout if self._phase[slot] == RUNNING else startup_allowance(timeout)
+        limit = timeout if self._buf[self._phase + slot] == RUNNING else startup_allowance(timeout)
         return self.age(slot) > limit
 
     def stuck(self, timeout: float) -> list[int]:
@@ -135,7 +137,7 @@ class ProcessHealth:
         return [i for i in range(self.consumers) if self.is_stuck(i, timeout)]
 
     def detached(self) -> list[int]:
-        return [i for i in range(self.consumers) if not self._attached[i]]
+        return [i for i in range(self.consumers) if not self._buf[self._attached + i]]
 
 
 class ConsumerSlot:

@@ -23,6 +23,7 @@ import pytest
 from inventory_worker.config import Settings
 from inventory_worker.contract import make_event
 
+from ..conftest import HTTP_SERVERS
 from ..support import (
     REPO,
     Bus,

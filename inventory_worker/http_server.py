@@ -1,14 +1,16 @@
 """Serves the ReadAPI (http_api.py) over HTTP/1.1.
 
 Two servers, one behaviour (`ReadAPI.handle`), chosen by `http.server`:
-- `stdlib` (default): the standard library's ThreadingHTTPServer, in the http process.
-- `granian`: a Rust HTTP server running the API as a WSGI app in `http.workers` processes
-  with `http.threads` Python threads each (see README "Performance").
+- `granian` (default): a Rust HTTP server running the API as a WSGI app in `http.workers`
+  processes with `http.threads` Python threads each (see README "Performance"). Its workers
+  are granian's own processes: they read the consumers' health slots by name (health.py).
+- `stdlib`: the standard library's ThreadingHTTPServer, in the http process.
 
-The stdlib adapter bounds what it reads before the API sees anything: the request line (414), the
-header section (431, through http.client's own limits), idle connections (a timeout) and how
-many connections it serves at once (beyond http.max_connections: 503 and close).
-Every method reaches ReadAPI.handle, which answers all but GET and HEAD with 405.
+Both bound what they read before the API sees anything: the request head, idle connections (a
+timeout) and how many connections they serve at once (`granian_limits` maps the settings; the
+stdlib server answers connections beyond http.max_connections 503, granian leaves them in the
+listen backlog). ReadAPI.handle then applies the exact bounds itself (414, 431). Every method
+reaches it, and it answers all but GET and HEAD with 405.
 """
 
 from __future__ import annotations

@@ -221,6 +221,8 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
     os.environ[_SETTINGS_ENV] = settings.model_dump_json()
     if health is not None:  # granian's workers inherit the environment
         os.environ[_HEALTH_ENV] = f"{health.name}:{health.consumers}"
+    else:  # served alone (bench/serve_http.py): no consumers to check
+        os.environ.pop(_HEALTH_ENV, None)
     server = Granian(
         "inventory_worker.http_server:wsgi_app_from_env",
         factory=True,

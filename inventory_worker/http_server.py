@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -176,10 +178,27 @@ def wsgi_app(api: ReadAPI) -> Callable[[dict[str, Any], Callable[..., Any]], lis
     return app
 
 
+def _stop_when_orphaned(parent: int) -> None:
+    """granian's workers outlive a killed http process, and would go on serving the port next to
+    the new one's (with stale settings): a worker whose parent is gone stops itself, as granian
+    stops it (SIGTERM: in-flight requests finish), or exits after a grace period."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("http process gone; granian worker stopping", parent_pid=parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def wsgi_app_from_env() -> Callable[..., list[bytes]]:
     """granian's worker processes build the app here, from the settings the http process passed."""
     settings = Settings.model_validate_json(os.environ[_SETTINGS_ENV])
     configure(settings.logging, process="http", pid=os.getpid())
+    _stop_when_orphaned(os.getppid())
     ready: dict[str, Any] = {}
     live: dict[str, Any] = {}
     if shm := os.environ.get(_HEALTH_ENV):

@@ -6,13 +6,18 @@ the stdlib server answers the surplus 503, granian leaves it waiting in the list
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from ..conftest import HTTP_SERVERS
 from ..integration.test_http_security import raw_request
+from .test_operations import log_lines
 from ..support import WorkerProcess, delete_topology, free_port, http_get, with_own_queues
 
 
@@ -76,3 +81,54 @@ def _read_response(sock: socket.socket) -> tuple[int, bytes]:
         chunks.append(c)
     raw = b"".join(chunks)
     return int(raw.split(b" ", 2)[1]), raw
+
+
+def test_granian_workers_do_not_outlive_a_killed_http_process(settings, logs_dir):
+    """The supervisor restarts the http process; the old one's granian workers stop by themselves
+    instead of serving the port alongside the new ones."""
+    s = with_own_queues(settings, "orphans")
+    s = s.model_copy(update={"http": s.http.model_copy(update={"server": "granian", "port": free_port()})})
+    w = WorkerProcess(s, processes=1, log_path=logs_dir / "orphans.log").start()
+    try:
+        def http_pids() -> list[int]:
+            return [x["child_pid"] for x in log_lines(w.log_path)
+                    if x.get("event") == "process started" and x.get("role") == "http"]
+
+        (http_pid,) = http_pids()
+        old_workers = _poll(lambda: _children(http_pid), what="granian's workers")
+        os.kill(http_pid, signal.SIGKILL)
+        _poll(lambda: len(http_pids()) == 2, what="a new http process")
+        _poll(lambda: not [p for p in old_workers if _alive(p)], what="the old granian workers gone")
+        _poll(lambda: _status(w.base_url + "/healthz") == 200, what="/healthz from the new one")
+        new_workers = _children(http_pids()[1])
+        assert new_workers and not set(new_workers) & set(old_workers)
+    finally:
+        assert w.stop() == 0
+        delete_topology(s)
+
+
+def _status(url: str) -> int | None:
+    try:
+        return http_get(url, timeout=5)[0]
+    except OSError:  # the new server is not listening yet
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _poll(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return value

@@ -33,9 +33,9 @@ def bounded(request, settings, logs_dir):
     delete_topology(s)
 
 
-def test_input_bounds(bounded):
-    limits = bounded.settings.http
-    base = bounded.base_url
+def test_input_bounds(served):
+    limits = served.settings.http
+    base = served.base_url
     long_path = "/inventory/" + "a" * limits.max_request_line_bytes
     assert raw_request(base, f"GET {long_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())[0] == 414
     assert http_get(f"{base}/healthz", headers={"X-Big": "x" * (limits.max_header_bytes + 1)})[0] == 431

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -278,23 +279,33 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
     bus = Bus(s)
     notify = NotifySocket(tmp_path / "notify.sock")
     products = [uid("SKU") for _ in range(5)]
-    n = 1000
+    n = 3000  # enough that the stop (signal, then the children notice) lands mid-burst
     ids = []
     try:
-        # Queued before the worker starts, so the SIGTERM lands in the middle of the burst.
-        # Published without per-message confirms (fast), then counted in the queue.
-        ch = bus.conn.channel()
-        for i in range(n):
-            body = make_event("stock.adjusted", {"product_id": products[i % 5], "delta": 1})
-            ch.basic_publish(s.rabbitmq.exchange, "stock.adjusted", json.dumps(body).encode(),
-                             properties=pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
-            ids.append(body["id"])
-        poll(lambda: ch.queue_declare(s.rabbitmq.queue, passive=True).method.message_count == n,
-             what=f"{n} messages queued")
-        ch.close()
         w = WorkerProcess(s, processes=2, log_path=logs_dir / f"sigterm-{uuid.uuid4().hex[:6]}.log",
                           extra_env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
         w.start(wait_ready=False)
+        # Every consumer attached first: queued before, the burst could be a tenth done by the
+        # consumer that started first, and the SIGTERM land before READY=1.
+        poll(lambda: any(m.startswith("READY=1") for m in notify.drain()), timeout=60, interval=0.05,
+             what="READY=1")
+        # Published from another connection (without per-message confirms) while the results
+        # are counted here, so the SIGTERM lands in the middle of the burst.
+        bodies = [make_event("stock.adjusted", {"product_id": products[i % 5], "delta": 1}) for i in range(n)]
+        ids.extend(b["id"] for b in bodies)
+
+        def publish() -> None:
+            conn = pika.BlockingConnection(pika.URLParameters(str(s.rabbitmq.url)))
+            try:
+                ch = conn.channel()
+                for body in bodies:
+                    ch.basic_publish(s.rabbitmq.exchange, "stock.adjusted", json.dumps(body).encode(),
+                                     properties=pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
+            finally:
+                conn.close()
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
         bus.wait_for(lambda rs: len(rs) >= n // 10, timeout=60)
         started = time.monotonic()
         w.proc.send_signal(signal.SIGTERM)
@@ -307,6 +318,7 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
         assert "killed after the grace period" not in w.log_path.read_text()
         msgs = notify.drain()
         assert msgs[0].startswith("READY=1") and "WATCHDOG=1" in msgs and msgs[-1] == "STOPPING=1"
+        publisher.join(60)  # the rest of the burst is queued for the next worker
 
         with pg(s) as cur:
             cur.execute("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,))

@@ -181,8 +181,9 @@ class HTTPSettings(_Section):
     client_timeout_seconds: float = Field(10.0, gt=0)
     # Connections served at once; more are answered 503 at once and closed.
     max_connections: int = Field(256, ge=1, le=100_000)
-    # The standard library's threading server, or granian (see README "Performance").
-    server: Literal["stdlib", "granian"] = "stdlib"
+    # granian (a Rust server, the API in `workers` processes) or the standard library's threading
+    # server; the same API and protections under both (README "HTTP servers").
+    server: Literal["stdlib", "granian"] = "granian"
     # granian only: server processes, and Python threads running the API in each.
     workers: int = Field(2, ge=1, le=64)
     threads: int = Field(2, ge=1, le=256)

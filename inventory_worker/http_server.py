@@ -1,21 +1,25 @@
 """Serves the ReadAPI (http_api.py) over HTTP/1.1.
 
 Two servers, one behaviour (`ReadAPI.handle`), chosen by `http.server`:
-- `stdlib` (default): the standard library's ThreadingHTTPServer, in the http process.
-- `granian`: a Rust HTTP server running the API as a WSGI app in `http.workers` processes
-  with `http.threads` Python threads each (see README "Performance").
+- `granian` (default): a Rust HTTP server running the API as a WSGI app in `http.workers`
+  processes with `http.threads` Python threads each (see README "Performance"). Its workers
+  are granian's own processes: they read the consumers' health slots by name (health.py).
+- `stdlib`: the standard library's ThreadingHTTPServer, in the http process.
 
-The stdlib adapter bounds what it reads before the API sees anything: the request line (414), the
-header section (431, through http.client's own limits), idle connections (a timeout) and how
-many connections it serves at once (beyond http.max_connections: 503 and close).
-Every method reaches ReadAPI.handle, which answers all but GET and HEAD with 405.
+Both bound what they read before the API sees anything: the request head, idle connections (a
+timeout) and how many connections they serve at once (`granian_limits` maps the settings; the
+stdlib server answers connections beyond http.max_connections 503, granian leaves them in the
+listen backlog). ReadAPI.handle then applies the exact bounds itself (414, 431). Every method
+reaches it, and it answers all but GET and HEAD with 405.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,8 +133,10 @@ def make_server(api: ReadAPI, host: str, port: int) -> ThreadingHTTPServer:
     return _BoundedServer((host, port), handler, api.settings.http.max_connections)
 
 
-# How the http process hands its exact settings to granian's worker processes.
+# How the http process hands its exact settings, and the name of the consumers' health segment
+# ("name:consumers", see health.py), to granian's worker processes.
 _SETTINGS_ENV = "INVENTORY_HTTP_SETTINGS_JSON"
+_HEALTH_ENV = "INVENTORY_HTTP_HEALTH_SHM"
 
 
 class Headers(Mapping[str, str]):
@@ -172,18 +178,70 @@ def wsgi_app(api: ReadAPI) -> Callable[[dict[str, Any], Callable[..., Any]], lis
     return app
 
 
+def _stop_when_orphaned(parent: int) -> None:
+    """granian's workers outlive a killed http process, and would go on serving the port next to
+    the new one's (with stale settings): a worker whose parent is gone stops itself, as granian
+    stops it (SIGTERM: in-flight requests finish), or exits after a grace period."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("http process gone; granian worker stopping", parent_pid=parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def wsgi_app_from_env() -> Callable[..., list[bytes]]:
     """granian's worker processes build the app here, from the settings the http process passed."""
     settings = Settings.model_validate_json(os.environ[_SETTINGS_ENV])
     configure(settings.logging, process="http", pid=os.getpid())
-    return wsgi_app(ReadAPI(settings))
+    _stop_when_orphaned(os.getppid())
+    ready: dict[str, Any] = {}
+    live: dict[str, Any] = {}
+    if shm := os.environ.get(_HEALTH_ENV):
+        name, consumers = shm.rsplit(":", 1)
+        health = ProcessHealth.attach(name, int(consumers))  # mapped for this process's lifetime
+        ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds)
+    return wsgi_app(ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live))
 
 
-def _serve_granian(settings: Settings, stop: threading.Event | Any) -> None:
+def granian_limits(settings: Settings) -> dict[str, Any]:
+    """The http.* bounds in granian's terms (README "HTTP servers" says what differs).
+
+    - max_connections -> backpressure: per worker process, the connections it serves at once;
+      beyond that granian stops accepting and new connections wait in the listen backlog
+      (the stdlib server answers them 503 instead).
+    - client_timeout_seconds -> HTTP/1 header_read_timeout: a client must send a whole request
+      head within it, also on an idle keep-alive connection, or the connection is closed.
+    - max_request_line_bytes + max_header_bytes -> max_buffer_size: a request head that does not
+      fit is refused with 431 by the server itself (its lower bound is 8 KiB). The exact bounds
+      (414 for the line, 431 for header count and size) are ReadAPI.handle's own checks.
+    """
+    from granian.http import HTTP1Settings
+
+    h = settings.http
+    return {
+        "backpressure": max(1, -(-h.max_connections // h.workers)),
+        "http1_settings": HTTP1Settings(
+            header_read_timeout=max(1, int(h.client_timeout_seconds * 1000)),
+            keep_alive=True,
+            max_buffer_size=max(8192, h.max_request_line_bytes + h.max_header_bytes + 4),
+        ),
+    }
+
+
+def _serve_granian(settings: Settings, stop: threading.Event | Any, health: ProcessHealth | None) -> None:
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
 
     os.environ[_SETTINGS_ENV] = settings.model_dump_json()
+    if health is not None:  # granian's workers inherit the environment
+        os.environ[_HEALTH_ENV] = f"{health.name}:{health.consumers}"
+    else:  # served alone (bench/serve_http.py): no consumers to check
+        os.environ.pop(_HEALTH_ENV, None)
     server = Granian(
         "inventory_worker.http_server:wsgi_app_from_env",
         factory=True,
@@ -192,6 +250,8 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any) -> None:
         interface=Interfaces.WSGI,
         workers=settings.http.workers,
         blocking_threads=settings.http.threads,
+        http=HTTPModes.http1,  # the API speaks HTTP/1.1, like the stdlib server
+        **granian_limits(settings),
         log_access=False,
         log_level="warning",
     )
@@ -223,7 +283,7 @@ def health_checks(health: ProcessHealth, timeout: float) -> tuple[dict[str, Any]
 
 def serve(settings: Settings, stop: threading.Event | Any, health: ProcessHealth | None = None) -> None:
     if settings.http.server == "granian":
-        _serve_granian(settings, stop)
+        _serve_granian(settings, stop, health)
         return
     ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds) if health else ({}, {})
     api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)

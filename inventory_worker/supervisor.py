@@ -94,7 +94,8 @@ class Supervisor:
         if settings.http.enabled:
             roles.append("http")
         self.children = [Child(role) for role in roles]
-        self.health = ProcessHealth(self.ctx, self.processes)
+        # Named shared memory: granian's worker processes attach to it too (http_server.py).
+        self.health = ProcessHealth.create(self.processes)
 
     def _slot(self, child: Child) -> int | None:
         return int(child.role.rsplit("-", 1)[1]) if child.role.startswith("consumer-") else None
@@ -155,6 +156,8 @@ class Supervisor:
                     continue
                 if p is not None:  # it died on its own, or was killed as stuck
                     p.join()
+                    if slot is not None:  # not attached while it is down (/readyz)
+                        self.health.set_attached(slot, False)
                     metrics.mark_process_dead(p.pid)
                     reason = stuck_reason.pop(child.role, "died")
                     metrics.PROCESS_RESTARTS.labels(child.role.split("-")[0], reason).inc()
@@ -206,7 +209,11 @@ def run(settings: Settings, processes: int | None = None) -> int:
     else:  # a folder given to us (e.g. a Kubernetes emptyDir that outlives a container)
         _empty_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     try:
-        return Supervisor(settings, processes).run()
+        supervisor = Supervisor(settings, processes)
+        try:
+            return supervisor.run()
+        finally:
+            supervisor.health.close()  # and unlinks the segment
     finally:
         if own_dir:
             shutil.rmtree(own_dir, ignore_errors=True)

@@ -31,6 +31,7 @@ from .support import (
     drop_database,
     free_port,
     isolated_settings,
+    with_own_queues,
 )
 
 RUN_ID = os.environ.get("INVENTORY_TEST_RUN_ID") or uuid.uuid4().hex[:10]
@@ -137,6 +138,32 @@ def worker(settings: Settings, logs_dir: Path) -> Iterator[WorkerProcess]:
     w = WorkerProcess(settings, processes=2, log_path=logs_dir / "worker.log").start()
     yield w
     w.stop()
+
+
+HTTP_SERVERS = ("stdlib", "granian")
+
+
+@pytest.fixture(scope="session")
+def other_server_worker(settings: Settings, logs_dir: Path) -> Iterator[WorkerProcess]:
+    """A worker served by the HTTP server the shared `worker` does not use (1 consumer process).
+
+    Same database and Redis, so it serves the figures the shared worker writes; queues of its own,
+    so it takes none of the shared worker's messages.
+    """
+    other = next(x for x in HTTP_SERVERS if x != settings.http.server)
+    s = with_own_queues(settings, other)
+    s = s.model_copy(update={"http": s.http.model_copy(update={"server": other, "port": free_port()})})
+    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"worker-{other}.log").start()
+    yield w
+    w.stop()
+    delete_topology(s)
+
+
+@pytest.fixture(params=HTTP_SERVERS)
+def served(request: pytest.FixtureRequest, settings: Settings) -> WorkerProcess:
+    """The endpoint as each HTTP server serves it: tests taking it run once per `http.server`."""
+    same = request.param == settings.http.server
+    return request.getfixturevalue("worker" if same else "other_server_worker")
 
 
 @pytest.fixture

@@ -343,8 +343,11 @@ class WorkerProcess:
 
 
 def http_get(url: str, token: str | None = TEST_TOKEN, method: str = "GET",
-             headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """One request; returns (status, headers, body) for every status, errors included."""
+             headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, Any, bytes]:
+    """One request; returns (status, headers, body) for every status, errors included.
+
+    The headers are looked up case-insensitively, as HTTP has it (granian sends them lowercase).
+    """
     import urllib.error
     import urllib.request
 
@@ -353,6 +356,6 @@ def http_get(url: str, token: str | None = TEST_TOKEN, method: str = "GET",
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers.items()), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers.items()), e.read()
+        return e.code, e.headers, e.read()

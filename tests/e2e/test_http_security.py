@@ -11,8 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from inventory_worker.config import TokenSettings
 
+from ..conftest import HTTP_SERVERS
 from ..support import REPO, TEST_TOKEN, http_get, pg, uid
 
 SECRET_PASSWORD = "pg-Pa55w0rd-never-logged"
@@ -55,13 +58,13 @@ def test_the_rate_limit_is_shared_by_two_replicas(settings, start_worker, tmp_pa
         assert secret not in logs
 
 
-def test_the_served_document_is_the_one_in_the_repo(worker):
-    status, headers, body = http_get(f"{worker.base_url}/openapi.json", token=None)
+def test_the_served_document_is_the_one_in_the_repo(served):
+    status, headers, body = http_get(f"{served.base_url}/openapi.json", token=None)
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert body == (REPO / "docs" / "openapi.json").read_bytes()
 
 
-def test_every_status_the_server_gives_is_documented(worker, bus):
+def test_every_status_the_server_gives_is_documented(worker, served, bus):  # worker: consumes
     doc = json.loads((REPO / "docs" / "openapi.json").read_text())
     sku = uid("SKU")
     bus.wait_result(bus.publish("stock.adjusted", {"product_id": sku, "delta": 1})["id"])
@@ -78,7 +81,7 @@ def test_every_status_the_server_gives_is_documented(worker, bus):
     ]
     seen = set()
     for op, path, token, method in cases:
-        status, headers, body = http_get(worker.base_url + path, token=token, method=method)
+        status, headers, body = http_get(served.base_url + path, token=token, method=method)
         documented = doc["paths"][op]["get"]["responses"]
         assert str(status) in documented, (op, path, status)
         if "WWW-Authenticate" in documented[str(status)].get("headers", {}):
@@ -87,11 +90,11 @@ def test_every_status_the_server_gives_is_documented(worker, bus):
     assert seen == {200, 400, 401, 404, 405, 414}
 
 
-def test_schemathesis_finds_no_difference_from_the_document(worker, bus, tmp_path):
+def test_schemathesis_finds_no_difference_from_the_document(worker, served, bus, tmp_path):
     """Every documented operation, generated and near-valid inputs, every check schemathesis has
     (status codes, schemas, headers, content types, auth enforced, unsupported methods ...)."""
     examples = os.environ.get("INVENTORY_FUZZ_EXAMPLES", "120")
-    cmd = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{worker.base_url}/openapi.json",
+    cmd = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{served.base_url}/openapi.json",
            "--checks", "all", "--max-examples", examples, "--header", f"Authorization: Bearer {TEST_TOKEN}",
            "--generation-database", "none", "--no-color", "--workers", "2", "--seed", os.environ.get(
                "INVENTORY_FUZZ_SEED") or str(random.randrange(2**32)), "--report", "junit", "--report-dir", str(tmp_path)]
@@ -101,8 +104,10 @@ def test_schemathesis_finds_no_difference_from_the_document(worker, bus, tmp_pat
     assert "generated" in r.stdout
 
 
-def test_a_worker_without_tokens_starts_refuses_everyone_and_says_why(settings, start_worker):
-    w = start_worker(processes=1, INVENTORY_AUTH__TOKENS="[]")  # ready: /readyz and /healthz stay open
+@pytest.mark.parametrize("server", HTTP_SERVERS)
+def test_a_worker_without_tokens_starts_refuses_everyone_and_says_why(settings, start_worker, server):
+    s = settings.model_copy(update={"http": settings.http.model_copy(update={"server": server})})
+    w = start_worker(processes=1, settings_override=s, INVENTORY_AUTH__TOKENS="[]")  # ready: /readyz and /healthz stay open
     status, headers, _ = http_get(f"{w.base_url}/inventory/{uid()}")
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
     w.stop()

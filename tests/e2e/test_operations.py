@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import pytest
 from inventory_worker.config import Settings
 from inventory_worker.contract import make_event
 
+from ..conftest import HTTP_SERVERS
 from ..support import (
     REPO,
     Bus,
@@ -277,23 +279,33 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
     bus = Bus(s)
     notify = NotifySocket(tmp_path / "notify.sock")
     products = [uid("SKU") for _ in range(5)]
-    n = 1000
+    n = 3000  # enough that the stop (signal, then the children notice) lands mid-burst
     ids = []
     try:
-        # Queued before the worker starts, so the SIGTERM lands in the middle of the burst.
-        # Published without per-message confirms (fast), then counted in the queue.
-        ch = bus.conn.channel()
-        for i in range(n):
-            body = make_event("stock.adjusted", {"product_id": products[i % 5], "delta": 1})
-            ch.basic_publish(s.rabbitmq.exchange, "stock.adjusted", json.dumps(body).encode(),
-                             properties=pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
-            ids.append(body["id"])
-        poll(lambda: ch.queue_declare(s.rabbitmq.queue, passive=True).method.message_count == n,
-             what=f"{n} messages queued")
-        ch.close()
         w = WorkerProcess(s, processes=2, log_path=logs_dir / f"sigterm-{uuid.uuid4().hex[:6]}.log",
                           extra_env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
         w.start(wait_ready=False)
+        # Every consumer attached first: queued before, the burst could be a tenth done by the
+        # consumer that started first, and the SIGTERM land before READY=1.
+        poll(lambda: any(m.startswith("READY=1") for m in notify.drain()), timeout=60, interval=0.05,
+             what="READY=1")
+        # Published from another connection (without per-message confirms) while the results
+        # are counted here, so the SIGTERM lands in the middle of the burst.
+        bodies = [make_event("stock.adjusted", {"product_id": products[i % 5], "delta": 1}) for i in range(n)]
+        ids.extend(b["id"] for b in bodies)
+
+        def publish() -> None:
+            conn = pika.BlockingConnection(pika.URLParameters(str(s.rabbitmq.url)))
+            try:
+                ch = conn.channel()
+                for body in bodies:
+                    ch.basic_publish(s.rabbitmq.exchange, "stock.adjusted", json.dumps(body).encode(),
+                                     properties=pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
+            finally:
+                conn.close()
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
         bus.wait_for(lambda rs: len(rs) >= n // 10, timeout=60)
         started = time.monotonic()
         w.proc.send_signal(signal.SIGTERM)
@@ -306,6 +318,7 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
         assert "killed after the grace period" not in w.log_path.read_text()
         msgs = notify.drain()
         assert msgs[0].startswith("READY=1") and "WATCHDOG=1" in msgs and msgs[-1] == "STOPPING=1"
+        publisher.join(60)  # the rest of the burst is queued for the next worker
 
         with pg(s) as cur:
             cur.execute("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,))
@@ -333,10 +346,13 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
         delete_topology(s)
 
 
-def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
+@pytest.mark.parametrize("server", HTTP_SERVERS)
+def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, server):
+    """Under either server: granian's worker processes read the same health slots (health.py)."""
     s = own_settings(settings, heartbeat_timeout_seconds=4.0)
+    s = s.model_copy(update={"http": s.http.model_copy(update={"server": server})})
     bus = Bus(s)
-    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"stuck-{uuid.uuid4().hex[:6]}.log").start()
+    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"stuck-{server}-{uuid.uuid4().hex[:6]}.log").start()
     try:
         assert http_get(w.base_url + "/healthz")[0] == 200
 
@@ -353,6 +369,13 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
                          for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
              what="the log naming the stuck consumer")
 
+        # killed, and until its successor attaches to the queue: not ready, naming it
+        status, _, body = poll(lambda: (r := http_get(w.base_url + "/readyz", timeout=5))[0] == 503 and r,
+                               interval=0.05, what="/readyz 503")
+        assert json.loads(body)["failing"] == ["consumers"]
+        poll(lambda: any("not attached to the queue: consumer-0" in str(x.get("failing", {}).get("consumers", ""))
+                         for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
+             what="the log naming the detached consumer")
         new_pid = poll(lambda: [p for p in consumer_pids() if p != stuck_pid], what="a new consumer-0")[0]
         poll(lambda: http_get(w.base_url + "/healthz")[0] == 200, what="/healthz 200 again")
         poll(lambda: http_get(w.base_url + "/readyz")[0] == 200, what="/readyz 200 again")
@@ -373,14 +396,12 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir):
 
 def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: the queues exist
     """/readyz waits for every consumer to attach; /healthz fails on a stale heartbeat."""
-    import multiprocessing
-
     from inventory_worker.health import ProcessHealth
     from inventory_worker.http_api import ReadAPI
     from inventory_worker.http_server import health_checks
 
-    health = ProcessHealth(multiprocessing.get_context("spawn"), 2)
-    ready, live = health_checks(health, timeout=2.0)  # generous: this machine may be loaded
+    health = ProcessHealth.create(2)  # as the supervisor does; the API reads it attached by name
+    ready, live = health_checks(ProcessHealth.attach(health.name, 2), timeout=2.0)  # generous: a loaded machine
     api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)
     health.set_attached(0, True)
     r = api.handle("GET", "/readyz", {})
@@ -403,3 +424,4 @@ def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: th
     time.sleep(2.2)
     health.beat(0)
     assert api.handle("GET", "/healthz", {}).status == 200
+    health.close()

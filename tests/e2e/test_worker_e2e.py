@@ -324,10 +324,10 @@ def test_malformed_messages_go_to_the_dlq_and_the_worker_carries_on(worker, bus,
 # ==== HTTP ======================================================================================
 
 
-def test_http_serves_figures_from_redis_and_falls_back_to_postgresql(worker, bus, tap, settings):
+def test_http_serves_figures_from_redis_and_falls_back_to_postgresql(worker, served, bus, tap, settings):
     pid = uid()
     stock(bus, tap, pid, 7)
-    url = f"{worker.base_url}/inventory/{pid}"
+    url = f"{served.base_url}/inventory/{pid}"
     status, headers, raw = http_get(url)
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(raw) == {"product_id": pid, "on_hand": 7, "reserved": 0, "available": 7, "version": 1}
@@ -360,29 +360,32 @@ def test_cache_follows_every_change(worker, bus, tap, settings):
         "product_id": pid, "on_hand": 3, "reserved": 0, "available": 3, "version": 3}
 
 
-def test_http_errors(worker):
-    status, _, raw = http_get(f"{worker.base_url}/inventory/{uid('NONE')}")
+def test_http_errors(served):
+    status, _, raw = http_get(f"{served.base_url}/inventory/{uid('NONE')}")
     assert (status, list(json.loads(raw))) == (404, ["error"])
     for bad in ("bad%20id", "x" * 65, "a*b", "", "a/b", "%C3%A4"):
-        status, _, raw = http_get(f"{worker.base_url}/inventory/{bad}")
+        status, _, raw = http_get(f"{served.base_url}/inventory/{bad}")
         assert status == 400, bad
         assert "error" in json.loads(raw)
-    assert http_get(worker.base_url + "/no-such-path")[0] == 404
+    assert http_get(served.base_url + "/no-such-path")[0] == 404
     for path in ("/inventory/SKU-1", "/healthz", "/readyz", "/metrics", "/", "/no-such-path"):
         for method in ("POST", "PUT", "DELETE", "PATCH"):
-            status, headers, raw = http_get(worker.base_url + path, method=method)
+            status, headers, raw = http_get(served.base_url + path, method=method)
             assert status == 405, (method, path)
             assert "error" in json.loads(raw)
             assert "GET" in headers["Allow"]
 
 
-def test_health_readiness_and_metrics(worker, bus, tap):
-    stock(bus, tap, uid(), 1)  # at least one event counted
-    status, _, raw = http_get(worker.base_url + "/healthz")
+def test_health_readiness_and_metrics(worker, served, bus, tap):
+    stock(bus, tap, uid(), 1)  # at least one event counted (by the shared worker)
+    status, _, raw = http_get(served.base_url + "/healthz")
     assert status == 200
-    status, _, raw = http_get(worker.base_url + "/readyz")
+    status, _, raw = http_get(served.base_url + "/readyz")
     assert status == 200, raw
     assert json.loads(raw)["status"] == "ready"
+    status, headers, raw = http_get(served.base_url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert re.search(rb"^inventory_http_requests_total\{", raw, re.M)  # its own processes' metrics
     status, headers, raw = http_get(worker.base_url + "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     assert re.search(rb"^inventory_events_total\{", raw, re.M)

@@ -1,0 +1,134 @@
+"""The protections of the endpoint under each HTTP server (`http.server`), against a running worker:
+input bounds (414/431/400), idle connections dropped after http.client_timeout_seconds, and no more
+than http.max_connections connections served at once (README "HTTP servers" says how they differ:
+the stdlib server answers the surplus 503, granian leaves it waiting in the listen backlog)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import HTTP_SERVERS
+from ..integration.test_http_security import raw_request
+from .test_operations import log_lines
+from ..support import WorkerProcess, delete_topology, free_port, http_get, with_own_queues
+
+
+@pytest.fixture(scope="module", params=HTTP_SERVERS)
+def bounded(request, settings, logs_dir):
+    s = with_own_queues(settings, f"bounds-{request.param}")
+    s = s.model_copy(update={"http": s.http.model_copy(update={
+        "server": request.param, "port": free_port(), "workers": 1, "max_connections": 2,
+        "client_timeout_seconds": 2.0})})
+    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"bounds-{request.param}.log").start()
+    yield w
+    w.stop()  # before its queues go, or its consumer would declare them again
+    delete_topology(s)
+
+
+def test_input_bounds(served):
+    limits = served.settings.http
+    base = served.base_url
+    long_path = "/inventory/" + "a" * limits.max_request_line_bytes
+    assert raw_request(base, f"GET {long_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())[0] == 414
+    assert http_get(f"{base}/healthz", headers={"X-Big": "x" * (limits.max_header_bytes + 1)})[0] == 431
+    many = "".join(f"X-H{i}: v\r\n" for i in range(limits.max_headers + 1))
+    assert raw_request(base, f"GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n".encode())[0] == 431
+    huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"y" * 70000 + b"\r\n\r\n"
+    assert raw_request(base, huge)[0] == 431
+    assert raw_request(base, b"\x16\x03\x01 garbage\r\n\r\n")[0] == 400
+
+
+def test_idle_connections_are_dropped_and_connections_are_capped(bounded):
+    server = bounded.settings.http.server
+    host, port = "127.0.0.1", bounded.settings.http.port
+    idle = [socket.create_connection((host, port), timeout=15) for _ in range(2)]  # say nothing
+    extra = socket.create_connection((host, port), timeout=15)
+    try:
+        time.sleep(0.3)  # let the server take the two idle connections first
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        if server == "stdlib":  # a connection beyond the cap is answered at once, and closed
+            status, raw = _read_response(extra)
+            assert status == 503 and json.loads(raw.partition(b"\r\n\r\n")[2]) == {"error": "too many connections"}
+        else:  # granian does not accept it while the two idle ones hold both slots ...
+            extra.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                extra.recv(1)
+            extra.settimeout(15)
+        for sock in idle:  # the server drops idle connections after client_timeout_seconds
+            assert sock.recv(1) == b""
+        if server != "stdlib":  # ... and serves it once they are gone
+            assert _read_response(extra)[0] == 200
+        deadline = time.monotonic() + 10
+        while http_get(f"{bounded.base_url}/healthz", token=None)[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for sock in (*idle, extra):
+            sock.close()
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    chunks = []
+    while c := sock.recv(65536):
+        chunks.append(c)
+    raw = b"".join(chunks)
+    return int(raw.split(b" ", 2)[1]), raw
+
+
+def test_granian_workers_do_not_outlive_a_killed_http_process(settings, logs_dir):
+    """The supervisor restarts the http process; the old one's granian workers stop by themselves
+    instead of serving the port alongside the new ones."""
+    s = with_own_queues(settings, "orphans")
+    s = s.model_copy(update={"http": s.http.model_copy(update={"server": "granian", "port": free_port()})})
+    w = WorkerProcess(s, processes=1, log_path=logs_dir / "orphans.log").start()
+    try:
+        def http_pids() -> list[int]:
+            return [x["child_pid"] for x in log_lines(w.log_path)
+                    if x.get("event") == "process started" and x.get("role") == "http"]
+
+        (http_pid,) = http_pids()
+        old_workers = _poll(lambda: _children(http_pid), what="granian's workers")
+        os.kill(http_pid, signal.SIGKILL)
+        _poll(lambda: len(http_pids()) == 2, what="a new http process")
+        _poll(lambda: not [p for p in old_workers if _alive(p)], what="the old granian workers gone")
+        _poll(lambda: _status(w.base_url + "/healthz") == 200, what="/healthz from the new one")
+        new_workers = _children(http_pids()[1])
+        assert new_workers and not set(new_workers) & set(old_workers)
+    finally:
+        assert w.stop() == 0
+        delete_topology(s)
+
+
+def _status(url: str) -> int | None:
+    try:
+        return http_get(url, timeout=5)[0]
+    except OSError:  # the new server is not listening yet
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _poll(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return value

@@ -57,6 +57,8 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
     rng = random.Random(seed)
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     ch = conn.channel()
+    # Confirms: an input the broker did not take must not be counted against the worker as lost.
+    ch.confirm_delivery()
     exchange = settings.rabbitmq.exchange
     props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
     orders = [workload.order(rng) for _ in ids]

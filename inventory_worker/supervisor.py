@@ -36,8 +36,8 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which decides
     signal.signal(signal.SIGTERM, lambda *_: local.set())
 
-    # Only signals and the parent's pid are watched, never `shared_stop`: a process SIGKILLed
-    # while holding that event's lock would leave it locked, wedging every waiter for good.
+    # `shared_stop` is a lock-free byte (RawValue): a child SIGKILLed while reading it can wedge
+    # nobody, unlike a multiprocessing.Event, whose lock a killed waiter may hold for good.
     def watch() -> None:
         while not local.is_set():
             time.sleep(0.2)
@@ -55,6 +55,9 @@ def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
     if role == "http":
         from .http_server import serve
 
+        # A process group of its own: if this process dies, the supervisor kills the group, so
+        # no server process it started (granian's workers) lives on holding the port.
+        os.setpgrp()
         serve(settings, stop, health)
         return
     from .consumer import Consumer
@@ -68,6 +71,14 @@ def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
     Consumer(settings, stop, slot).run()
     maintenance.join(timeout=5)
     log.info("consumer stopped")
+
+
+def _kill_group(pgid: int) -> None:
+    """Kills what is left of a dead child's process group (the http process leads its own)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left
+        pass
 
 
 @dataclass
@@ -156,6 +167,8 @@ class Supervisor:
                     continue
                 if p is not None:  # it died on its own, or was killed as stuck
                     p.join()
+                    if child.role == "http":
+                        _kill_group(p.pid)
                     if slot is not None:  # not attached while it is down (/readyz)
                         self.health.set_attached(slot, False)
                     metrics.mark_process_dead(p.pid)

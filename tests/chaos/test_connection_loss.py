@@ -30,10 +30,20 @@ def _adjust(product_id: str, delta: int) -> Msg:
 
 
 def _log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    """The log's JSON objects for `event`. Several processes append to one file, and a CI run
+    once showed two objects on one line: every object on a line is read."""
     out = []
+    decoder = json.JSONDecoder()
     for line in path.read_text().splitlines():
-        if line.startswith("{") and f'"event": "{event}"' in line:
-            out.append(json.loads(line))
+        pos = line.find("{")
+        while pos != -1 and f'"event": "{event}"' in line:
+            try:
+                obj, end = decoder.raw_decode(line, pos)
+            except json.JSONDecodeError:
+                break
+            if obj.get("event") == event:
+                out.append(obj)
+            pos = line.find("{", end)
     return out
 
 

@@ -100,6 +100,22 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     return env
 
 
+# ---- waiting ------------------------------------------------------------------------------
+
+
+def poll(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,
+         what: str = "condition") -> Any:
+    """Calls `predicate` until it returns something true (and returns that), or fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
 # ---- RabbitMQ -----------------------------------------------------------------------------
 
 
@@ -247,6 +263,16 @@ def pg(settings: Settings) -> Iterator[Any]:
             yield cur
     finally:
         conn.close()
+
+
+def wait_for_lock_waiter(settings: Settings, my_pid: int, timeout: float = 20.0) -> None:
+    """Until another session of this database waits for a row lock (the worker, on ours)."""
+    def waiting() -> bool:
+        with pg(settings) as watch:
+            watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND wait_event_type = 'Lock' AND pid <> %s", (my_pid,))
+            return watch.fetchone()[0] > 0
+    poll(waiting, timeout, 0.05, "the worker to wait for the locked product")
 
 
 def figures(settings: Settings, product_id: str) -> tuple[int, int] | None:

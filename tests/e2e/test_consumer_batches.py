@@ -23,7 +23,8 @@ import pytest
 from inventory_worker.contract import make_event
 from inventory_worker.store import Store
 
-from ..support import Bus, WorkerProcess, delete_topology, figures, free_port, pg, uid, with_own_queues
+from ..support import (Bus, WorkerProcess, delete_topology, figures, free_port, pg, uid, wait_for_lock_waiter,
+                       with_own_queues)
 
 REFUSED_ORDER_ID = "o-\u0000-nul"
 
@@ -167,15 +168,7 @@ def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(
             ("garbage", None),
             ("order.placed", {"order_id": uid("C"), "lines": [{"product_id": f, "quantity": 1}]}),
         ])
-        deadline = time.monotonic() + 20
-        while True:  # the worker's transaction waits for our lock: nothing is committed yet
-            with pg(settings) as watch:
-                watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                              " AND wait_event_type = 'Lock' AND pid <> %s", (my_pid,))
-                if watch.fetchone()[0]:
-                    break
-            assert time.monotonic() < deadline, "the worker never waited for the locked product"
-            time.sleep(0.05)
+        wait_for_lock_waiter(settings, my_pid)  # the worker's transaction waits for our lock: nothing is committed yet
         children = _consumer_children(batch_worker)
         assert children
         for pid in children:

@@ -8,17 +8,11 @@ import time
 import uuid
 
 from ..private_stack import all_figures, held_by_reservations, ledger_sums
-from ..support import http_get, pg, uid
+from ..support import http_get, pg, poll, uid
 
 
 def _poll(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    return poll(predicate, timeout, 0.1, what)
 
 
 def test_reservation_expires_after_its_ttl(worker, bus, settings):

@@ -18,7 +18,7 @@ import pytest
 from ..conftest import HTTP_SERVERS
 from ..integration.test_http_security import raw_request
 from .test_operations import log_lines
-from ..support import WorkerProcess, delete_topology, free_port, http_get, with_own_queues
+from ..support import WorkerProcess, delete_topology, free_port, http_get, poll, with_own_queues
 
 
 @pytest.fixture(scope="module", params=HTTP_SERVERS)
@@ -127,8 +127,4 @@ def _alive(pid: int) -> bool:
 
 
 def _poll(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
+    return poll(predicate, timeout, 0.1, what)

@@ -30,6 +30,7 @@ from ..support import (
     Bus,
     WorkerProcess,
     delete_topology,
+    poll,
     free_port,
     http_get,
     pg,
@@ -51,17 +52,6 @@ def own_settings(settings: Settings, **worker: object) -> Settings:
         "worker": settings.worker.model_copy(update=worker),
         "http": settings.http.model_copy(update={"port": free_port()}),
     })
-
-
-def poll(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def scrape(worker: WorkerProcess) -> str:

@@ -16,7 +16,7 @@ import time
 from inventory_worker.store import SWEEPER_LOCK_KEY
 
 from ..private_stack import all_figures, private_settings
-from ..support import Bus, pg, uid
+from ..support import Bus, pg, poll, uid
 
 
 def sweeper_holders(s) -> list[tuple[int, str]]:
@@ -41,13 +41,7 @@ def holder_process(s) -> int | None:
 
 
 def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    return poll(predicate, timeout, 0.05, what)
 
 
 def activations(*workers) -> int:

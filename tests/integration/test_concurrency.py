@@ -20,7 +20,7 @@ import pytest
 from inventory_worker.contract import make_event, parse_event, validate_output
 from inventory_worker.store import Store, TransientError
 
-from ..support import http_get, pg, uid
+from ..support import http_get, pg, uid, wait_for_lock_waiter
 
 # fork: the racers start at once and cheaply; each opens its own connection after the fork.
 CTX = multiprocessing.get_context("fork")
@@ -294,15 +294,7 @@ def test_deadlock_is_retried_not_lost(worker, bus, settings):
         order = uid("O")
         placed = bus.publish("order.placed", {"order_id": order, "lines": [
             {"product_id": b, "quantity": 1}, {"product_id": a, "quantity": 2}]})
-        deadline = time.monotonic() + 20
-        while True:  # until a worker transaction holds a and waits for our b
-            with pg(settings) as watch:
-                watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                              " AND wait_event_type = 'Lock' AND pid <> %s", (my_pid,))
-                if watch.fetchone()[0]:
-                    break
-            assert time.monotonic() < deadline, "the worker never waited for the locked product"
-            time.sleep(0.05)
+        wait_for_lock_waiter(settings, my_pid)  # until a worker transaction holds a and waits for our b
         cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (a,))  # closes the cycle
         assert figures(settings, [a, b]) == {a: (5, 0), b: (5, 0)}  # the worker's attempt was undone
     finally:

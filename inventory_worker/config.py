@@ -65,7 +65,8 @@ class DatabaseSettings(_Section):
             "user": self.user,
             "dbname": dbname or self.dbname,
             "connect_timeout": self.connect_timeout_seconds,
-            "application_name": "inventory-worker",
+            # Named per process, so pg_stat_activity and pg_locks point at the process to look at.
+            "application_name": f"inventory-worker pid={os.getpid()}",
         }
         if reveal(self.password):
             kwargs["password"] = reveal(self.password)

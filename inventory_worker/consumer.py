@@ -67,7 +67,9 @@ def backoff_retrying(
 
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TransientError),
-        wait=tenacity.wait_exponential_jitter(initial=0.05, max=5.0),
+        # 50 ms doubling to 5 s, plus up to 250 ms of jitter so processes that failed together
+        # do not retry together.
+        wait=tenacity.wait_exponential(multiplier=0.05, max=5.0) + tenacity.wait_random(0, 0.25),
         # Never give up by itself: once stopping, _sleep raises Stopping (with reraise=True a
         # stop condition here would re-raise the TransientError and crash the consumer).
         stop=tenacity.stop_never,

@@ -127,14 +127,14 @@ class PrivatePostgres:
         self.start()
 
     def terminate_worker_backends(self) -> int:
-        """Cuts every connection of the worker (application_name inventory-worker)."""
+        """Cuts every connection of the worker (application_name inventory-worker...)."""
         conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
                                 connect_timeout=5)
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                            "WHERE application_name = 'inventory-worker' AND pid <> pg_backend_pid()")
+                            "WHERE application_name LIKE 'inventory-worker%' AND pid <> pg_backend_pid()")
                 return int(cur.fetchone()[0])
         finally:
             conn.close()

@@ -102,8 +102,9 @@ class Publisher:
     Dead letters and single inputs go through `channel` in pika's blocking confirm mode: one
     publish, one wait. Result events go through a second channel of the same connection with
     *pipelined* confirms: a whole batch is written, then the broker's acks (which may each cover
-    many delivery tags, `multiple=True`) are awaited together, so a batch costs one round trip
-    instead of one per message.
+    many delivery tags, `multiple=True`) are awaited together (publish_results), or collected
+    later while the caller goes on with its next batch (send_results, take_confirmed), so a
+    batch costs at most one round trip instead of one per message.
     """
 
     def __init__(self, channel: Any, settings: RabbitMQSettings, confirm_timeout: float = 30.0) -> None:
@@ -115,6 +116,7 @@ class Publisher:
         self._next_tag = 1
         self._pending: dict[int, int] = {}  # delivery tag -> outbox id, in publish order
         self._acked: list[int] = []
+        self._refused = 0
 
     def _results_channel(self) -> Any:
         if self._results is None or not self._results.is_open:
@@ -132,6 +134,7 @@ class Publisher:
             if not selected:
                 raise NotConfirmed("no Confirm.SelectOk from the broker")
             self._results, self._next_tag = ch, 1
+            self._refused += len(self._pending)  # their channel is gone: the relay has them
             self._pending.clear()
         return self._results
 
@@ -146,10 +149,15 @@ class Publisher:
                 outbox_id = self._pending.pop(tag)
                 if ack:
                     self._acked.append(outbox_id)
+                else:
+                    self._refused += 1
         else:
             outbox_id = self._pending.pop(m.delivery_tag, None)
-            if ack and outbox_id is not None:
-                self._acked.append(outbox_id)
+            if outbox_id is not None:
+                if ack:
+                    self._acked.append(outbox_id)
+                else:
+                    self._refused += 1
         if not self._pending and self._results is not None:
             # Wake process_data_events in _wait: it returns early only for events of pika's
             # blocking layer (a timer is one), not for this callback of the channel beneath.
@@ -166,23 +174,25 @@ class Publisher:
                 return
             conn.process_data_events(time_limit=min(remaining, 0.5))
 
-    def publish_results(self, messages: Sequence[OutgoingMessage]) -> list[int]:
-        """Publishes the messages in order, then waits for the broker's confirms of all of them.
+    def send_results(self, messages: Sequence[OutgoingMessage], max_in_flight: int | None = None) -> None:
+        """Publishes the messages in order and returns without waiting for their confirms.
 
-        Returns the outbox ids the broker confirmed; nacked or unconfirmed ones (within
-        `confirm_timeout`) are left out, so they stay unpublished in the outbox for the relay.
-        A lost connection raises (one of CONNECTION_ERRORS); the relay covers those too.
+        The confirms arrive while the caller goes on (whenever it runs the connection's I/O
+        loop) and are collected with take_confirmed(). Only when more than `max_in_flight`
+        messages await a confirm does this wait, at most `confirm_timeout`; past that, the
+        unconfirmed ones are given up (take_refused counts them) and stay in the outbox for the
+        relay, which republishes them with the same ids. A lost connection raises (one of
+        CONNECTION_ERRORS); the relay covers those too.
         """
         if not messages:
-            return []
+            return
         ch = self._results_channel()
-        self._acked = []
         now = int(time.time())
         for m in messages:
             self._pending[self._next_tag] = m.outbox_id
             self._next_tag += 1
-            # Straight to the channel beneath: queued for one write, flushed by _wait below
-            # (BlockingChannel.basic_publish would flush, i.e. run the I/O loop, per message).
+            # Straight to the channel beneath: queued for one write (BlockingChannel.basic_publish
+            # would run the I/O loop, i.e. flush and read, per message).
             ch._impl.basic_publish(
                 self.settings.events_exchange,
                 m.routing_key,
@@ -196,18 +206,54 @@ class Publisher:
                     correlation_id=str(m.body.get("causation_id") or ""),
                 ),
             )
-        self._wait(lambda: not self._pending, self.confirm_timeout, ch)
-        if self._pending:
-            # Timed out: these stay for the relay. A fresh channel for the next batch, so that
-            # late confirms of these can never be mistaken for confirms of later messages.
-            self._pending.clear()
-            results, self._results = self._results, None
-            try:
-                results.close()
-            except Exception:  # closing a channel that is already broken
-                pass
+        ch.connection.process_data_events(time_limit=0)  # written now: the broker starts on them
+        if max_in_flight is not None and len(self._pending) > max_in_flight:
+            self._wait(lambda: len(self._pending) <= max_in_flight, self.confirm_timeout, ch)
+            if len(self._pending) > max_in_flight:
+                self._give_up_pending()
+
+    def drain(self) -> None:
+        """Waits (at most `confirm_timeout`) until every message sent has its ack or nack."""
+        if self._pending and self._results is not None:
+            self._wait(lambda: not self._pending, self.confirm_timeout, self._results)
+            if self._pending:
+                self._give_up_pending()
+
+    def _give_up_pending(self) -> None:
+        # A fresh channel for what comes next, so that late confirms of these can never be
+        # mistaken for confirms of later messages.
+        self._refused += len(self._pending)
+        self._pending.clear()
+        results, self._results = self._results, None
+        try:
+            results.close()
+        except Exception:  # closing a channel that is already broken
+            pass
+
+    def take_confirmed(self) -> list[int]:
+        """Outbox ids the broker acked since the last call."""
         acked, self._acked = self._acked, []
         return acked
+
+    def take_refused(self) -> int:
+        """How many messages were nacked, or given up unconfirmed, since the last call."""
+        refused, self._refused = self._refused, 0
+        return refused
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def publish_results(self, messages: Sequence[OutgoingMessage]) -> list[int]:
+        """Publishes the messages in order, then waits for the broker's confirms of all of them.
+
+        Returns the outbox ids the broker confirmed (with any earlier send_results() ones not
+        yet taken); nacked or unconfirmed ones are left out, so they stay unpublished in the
+        outbox for the relay.
+        """
+        self.send_results(messages)
+        self.drain()
+        return self.take_confirmed()
 
     def publish_all(self, messages: Sequence[OutgoingMessage]) -> None:
         """Like publish_results, but every message must be confirmed, else NotConfirmed."""

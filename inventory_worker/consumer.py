@@ -93,6 +93,8 @@ class Consumer:
         self._cache_retry_at = 0.0
         self._cache_backoff = 0.0
         self._attached = False
+        # Result events sent and not yet confirmed, at most; past that, publishing waits.
+        self._max_in_flight = max(10 * settings.worker.batch_size, 1000)
 
     @property
     def attached(self) -> bool:
@@ -151,6 +153,7 @@ class Consumer:
             while not self.stop.is_set():
                 self.slot.beat()
                 conn.process_data_events(time_limit=0.2 if not buffer else 0)
+                self._collect_confirms(publisher)
                 if not buffer:
                     self._idle()
                     continue
@@ -167,6 +170,8 @@ class Consumer:
                 batch = buffer[: w.batch_size]
                 del buffer[: w.batch_size]
                 self._handle(conn, channel, publisher, batch)
+            publisher.drain()
+            self._collect_confirms(publisher)
             self._flush_marks(final=True)
         finally:
             self.attached = False
@@ -293,18 +298,23 @@ class Consumer:
     # -- after the commit -------------------------------------------------------------------
 
     def _publish(self, publisher: amqp.Publisher, messages: list[OutgoingMessage]) -> None:
-        if not messages:
-            return
-        started = time.monotonic()
-        # Only confirmed ones are marked; the rest (nacked, or a connection error raised here)
-        # stay unpublished in the outbox and the relay publishes them, with the same ids.
-        confirmed = publisher.publish_results(messages)
-        metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
-        metrics.RESULTS_PUBLISHED.labels("direct").inc(len(confirmed))
-        if len(confirmed) < len(messages):
-            log.warning("results not confirmed; the outbox relay will publish them",
-                        count=len(messages) - len(confirmed))
-        self._to_mark.extend(confirmed)
+        if messages:
+            started = time.monotonic()
+            # Not waiting for the confirms: the next batch is applied while the broker writes
+            # these. Confirmed ones are marked published (in the next batch's transaction); the
+            # rest (nacked, unconfirmed, or lost with the connection) stay unpublished in the
+            # outbox, and the relay publishes them, with the same ids.
+            publisher.send_results(messages, max_in_flight=self._max_in_flight)
+            metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
+        self._collect_confirms(publisher)
+
+    def _collect_confirms(self, publisher: amqp.Publisher) -> None:
+        confirmed = publisher.take_confirmed()
+        if confirmed:
+            metrics.RESULTS_PUBLISHED.labels("direct").inc(len(confirmed))
+            self._to_mark.extend(confirmed)
+        if refused := publisher.take_refused():
+            log.warning("results not confirmed; the outbox relay will publish them", count=refused)
 
     def _dead_letter(self, publisher: amqp.Publisher, d: Delivery, reason: str, kind: str) -> None:
         publisher.dead_letter(d.body, d.properties, d.method.routing_key, reason)

@@ -47,7 +47,8 @@ RESULTS_PUBLISHED = Counter(
 )
 PUBLISH_SECONDS = Histogram(
     "inventory_publish_seconds",
-    "Time to publish one batch of result events until the broker confirmed it.",
+    "Time to publish one batch of result events: consumers until it is written (they collect"
+    " confirms while applying the next batch), the relay and the sweeper until it is confirmed.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 OUTBOX_BACKLOG = Gauge(

@@ -42,6 +42,31 @@ def test_a_batch_is_confirmed_as_a_whole_and_arrives_in_order(settings):
         conn.close()
 
 
+def test_results_sent_without_waiting_are_confirmed_later_in_order(settings):
+    """send_results returns before the confirms; they are collected later, none lost, in order;
+    past max_in_flight unconfirmed messages it waits for the broker."""
+    conn = amqp.connect(settings.rabbitmq)
+    try:
+        ch = conn.channel()
+        amqp.declare_topology(ch, settings.rabbitmq)
+        q = _queue(ch, settings)
+        pub = amqp.Publisher(conn.channel(), settings.rabbitmq)
+        first, second = _messages(300), _messages(200, start=301)
+        pub.send_results(first)
+        pub.send_results(second, max_in_flight=100)
+        assert pub.in_flight <= 100
+        pub.drain()
+        assert pub.in_flight == 0
+        assert pub.take_confirmed() == list(range(1, 501))
+        assert pub.take_confirmed() == [] and pub.take_refused() == 0
+        got = []
+        while (r := ch.basic_get(q, auto_ack=True))[0] is not None:
+            got.append(json.loads(r[2])["seq"])
+        assert got == list(range(1, 501))
+    finally:
+        conn.close()
+
+
 def test_nacked_results_are_left_out(settings):
     """A queue that refuses more than 3 messages makes the broker nack the rest."""
     conn = amqp.connect(settings.rabbitmq)
@@ -111,13 +136,17 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
                 cur.execute("SELECT published_at FROM outbox WHERE id = ANY(%s) ORDER BY id", (ids,))
                 return [r[0] for r in cur.fetchall()]
 
-        consumer._publish(pub, out.messages)  # every one nacked
-        consumer._flush_marks()
+        def publish_and_settle() -> None:
+            consumer._publish(pub, out.messages)  # sent; confirms come while the loop goes on
+            pub.drain()  # (the consumer's loop runs the I/O; here we wait for them)
+            consumer._collect_confirms(pub)
+            consumer._flush_marks()
+
+        publish_and_settle()  # every one nacked
         assert published() == [None] * len(ids)
 
         ch.queue_delete(full.method.queue)
-        consumer._publish(pub, out.messages)  # now confirmed
-        consumer._flush_marks()
+        publish_and_settle()  # now confirmed
         assert all(p is not None for p in published())
     finally:
         consumer.store.close()

@@ -17,18 +17,22 @@ from redis.retry import Retry
 
 from .config import RedisSettings
 
-# KEYS[1] the product key; ARGV[1] the JSON, ARGV[2] its version, ARGV[3] TTL in seconds.
+# KEYS: the product keys; ARGV[1] the TTL in seconds, then for each key its JSON and version.
 # The version sits first in the stored JSON, so it is read without decoding the whole value.
+# One call per batch: a pipeline of one EVALSHA per product cost a command each to encode and
+# send, and redis-py's pipelines check with SCRIPT EXISTS, a round trip of its own, first.
 _PUT_IF_NEWER = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local v = tonumber(string.match(cur, '^{"version": ?(%d+)'))
-  if v and v >= tonumber(ARGV[2]) then
-    return 0
+local written = 0
+for i, key in ipairs(KEYS) do
+  local value, version = ARGV[2 * i], tonumber(ARGV[2 * i + 1])
+  local cur = redis.call('GET', key)
+  local v = cur and tonumber(string.match(cur, '^{"version": ?(%d+)'))
+  if not (v and v >= version) then
+    redis.call('SET', key, value, 'EX', ARGV[1])
+    written = written + 1
   end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-return 1
+return written
 """
 
 
@@ -60,14 +64,10 @@ class StockCache:
         items = list(figures)
         if not items:
             return 0
-        pipe = self.client.pipeline(transaction=False)
+        args: list[Any] = [self.settings.cache_ttl_seconds]
         for f in items:
-            self._put(
-                keys=[self.key(f["product_id"])],
-                args=[encode_figures(f), int(f["version"]), self.settings.cache_ttl_seconds],
-                client=pipe,
-            )
-        return sum(int(r) for r in pipe.execute())
+            args += [encode_figures(f), int(f["version"])]
+        return int(self._put(keys=[self.key(f["product_id"]) for f in items], args=args))
 
     def get(self, product_id: str) -> bytes | None:
         return self.client.get(self.key(product_id))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -237,9 +238,10 @@ class Consumer:
         self._write_cache(list(products.values()))
         channel.basic_ack(ack_tag, multiple=True)
         now = time.monotonic()
+        counts: Counter[tuple[str, str]] = Counter()
         for (d, ev), res in zip(items, results, strict=True):
             if isinstance(res, Outcome):
-                metrics.EVENTS.labels(ev.type, res.outcome).inc()
+                counts[ev.type, res.outcome] += 1
                 metrics.EVENT_SECONDS.observe(now - d.received)
                 log.info(
                     "event handled",
@@ -252,6 +254,8 @@ class Consumer:
                     duration_ms=round((now - d.received) * 1000, 2),
                     **({"status": res.detail["status"]} if "status" in res.detail else {}),
                 )
+        for (type_, outcome), n in counts.items():  # one update per kind, not per event
+            metrics.EVENTS.labels(type_, outcome).inc(n)
         metrics.BATCH_SIZE.observe(len(items))
         self._publish(publisher, outgoing)
 

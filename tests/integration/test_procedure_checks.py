@@ -98,3 +98,25 @@ def test_the_checks_let_every_valid_form_through(settings, sku):
             cur.execute("SELECT apply_event(%s, %s, %s::jsonb)->>'outcome'", (str(uuid.uuid4()), type_, json.dumps(data)))
             assert cur.fetchone()[0] in ("adjusted", "reserved", "committed", "cancel_recorded")
     assert state(settings, sku)[0][:2] == (9, 0)
+
+
+def test_products_and_orders_with_history_cannot_be_deleted(settings):
+    """No foreign keys on the per-event tables (they cost a check per row); triggers keep a
+    product with ledger rows, and an order with lines, from being deleted from under them."""
+    p, o = uid("SKU"), uid("O")
+    with pg(settings) as cur:
+        cur.execute("SELECT apply_event(%s, 'stock.adjusted', %s::jsonb)",
+                    (str(uuid.uuid4()), json.dumps({"product_id": p, "delta": 3})))
+        cur.execute("SELECT apply_event(%s, 'order.placed', %s::jsonb)->>'outcome'",
+                    (str(uuid.uuid4()), json.dumps({"order_id": o, "lines": [{"product_id": p, "quantity": 1}]})))
+        assert cur.fetchone()[0] == "reserved"
+    for table, key, value in (("products", "product_id", p), ("orders", "order_id", o)):
+        with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+            with pg(settings) as cur:
+                cur.execute(f"DELETE FROM {table} WHERE {key} = %s", (value,))
+    with pg(settings) as cur:  # still there, and a product without history can go
+        cur.execute("SELECT count(*) FROM products WHERE product_id = %s", (p,))
+        assert cur.fetchone()[0] == 1
+        cur.execute("INSERT INTO products (product_id) VALUES (%s)", (bare := uid("SKU"),))
+        cur.execute("DELETE FROM products WHERE product_id = %s", (bare,))
+        assert cur.rowcount == 1

@@ -94,8 +94,10 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
         ch._impl.basic_publish(exchange, "order.placed", json.dumps(body).encode(), properties=props)
         outstanding[i + 1] = eid
         sent[eid] = now
-        if i % 50 == 0:
-            conn.process_data_events(0)  # writes what is buffered, reads confirms
+        if rate or i % 50 == 0:
+            # Writes what is buffered (paced: each order as it is sent, so that its latency
+            # starts when it leaves), and reads confirms.
+            conn.process_data_events(0)
         while len(outstanding) > 2000:
             conn.process_data_events(time_limit=0.01)
     deadline = time.monotonic() + 30

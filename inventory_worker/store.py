@@ -122,11 +122,12 @@ class Store:
         this same commit instead of paying for a transaction of their own.
         """
         with self.transaction() as cur:
-            if mark_published:
-                cur.execute("SELECT mark_published(%s)", (list(mark_published),))
+            # One round trip: both statements in one message (the result is the last one's).
             cur.execute(
-                "SELECT apply_events(%s::jsonb, %s)",
-                (json.dumps(list(events)), self.default_ttl_seconds),
+                ("SELECT mark_published(%s); " if mark_published else "")
+                + "SELECT apply_events(%s::jsonb, %s)",
+                ((list(mark_published),) if mark_published else ())
+                + (json.dumps(list(events)), self.default_ttl_seconds),
             )
             results = cur.fetchone()[0]
         return [Outcome.from_json(r) for r in results]

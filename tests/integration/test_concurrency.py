@@ -317,3 +317,49 @@ def _no_stray_children():
     for p in CTX.active_children():  # a failed race must not leave processes behind
         p.kill()
         p.join()
+
+
+def test_the_same_event_applied_by_two_transactions_at_once_counts_once(settings):
+    """A redelivery racing its original (two consumers, one message id) where no product lock
+    orders them: the second transaction waits on the order row, then finds the id taken when it
+    writes its idempotency keys and rolls back with a serialization failure; applied again
+    (as the worker retries transient errors), the event is a duplicate. One tombstone, one key."""
+    import threading
+
+    order = uid("O")
+    event = ev("order.cancelled", {"order_id": order})
+    first = psycopg2.connect(**settings.database.dsn())
+    second = Store(settings.database)
+    try:
+        with first.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            first_pid = cur.fetchone()[0]
+            cur.execute("SELECT apply_events(%s::jsonb)", (json.dumps([event]),))
+            assert cur.fetchone()[0][0]["outcome"] == "cancel_recorded"
+        errors: list[Exception] = []
+        t = threading.Thread(target=lambda: _capture(errors, second.apply_batch, [event]))
+        t.start()
+        wait_for_lock_waiter(settings, first_pid)  # the second waits on the orders row
+        first.commit()
+        t.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], TransientError), errors
+        assert "SerializationFailure" in str(errors[0])
+        [again] = second.apply_batch([event])  # the worker's retry
+        assert again.outcome == "duplicate" and again.messages == []
+        with pg(settings) as cur:
+            cur.execute("SELECT count(*) FROM processed_events WHERE event_id = %s", (event["id"],))
+            assert cur.fetchone()[0] == 1
+            cur.execute("SELECT status FROM orders WHERE order_id = %s", (order,))
+            assert cur.fetchall() == [("cancelled",)]
+            cur.execute("SELECT count(*) FROM outbox WHERE body->>'causation_id' = %s", (event["id"],))
+            assert cur.fetchone()[0] == 0
+    finally:
+        first.close()
+        second.close()
+
+
+def _capture(errors: list[Exception], fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # the assertion is in the test
+        errors.append(exc)

@@ -39,6 +39,7 @@ import redis
 from . import amqp, metrics
 from .auth import Authenticator, Principal
 from .cache import StockCache, encode_figures
+from .http_metrics import HttpTally
 from .config import Settings
 from .ratelimit import GCRA_SCRIPT, Decision, RateLimiter, RateLimitUnavailable, interval_us
 from .redis_async import AsyncRedis
@@ -131,6 +132,7 @@ class ReadAPI:
         self.limiter = RateLimiter(self.cache.client, settings.redis.key_prefix)
         self._limiter_warned_at = -1e9
         self._async_sha: bytes | None = None
+        self.tally = HttpTally()
         if not self.auth.has_tokens:
             log.warning("no API tokens configured: /inventory answers 401 to everyone "
                         "(create one with `inventory-worker token create NAME --role inventory:read`)")
@@ -220,10 +222,8 @@ class ReadAPI:
             self._async_sha = client.script_sha(GCRA_SCRIPT)
         return self._async_sha
 
-    @staticmethod
-    def _observe(route: str, resp: Response, started: float) -> None:
-        metrics.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
-        metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+    def _observe(self, route: str, resp: Response, started: float) -> None:
+        self.tally.request(route, resp.status, time.perf_counter() - started)
 
     def _begin(self, method: str, target: str, headers: Mapping[str, str],
                client: str) -> tuple[str, Response] | _Pending:
@@ -282,7 +282,7 @@ class ReadAPI:
         if p.product_id is None:
             return error(400, "invalid product id: 1 to 64 characters of letters, digits and ._:-", limit_headers)
         if cached is not None:
-            metrics.CACHE.labels("hit").inc()
+            self.tally.cache("hit")
             return Response(200, cached, JSON, limit_headers)
         product_id = p.product_id
         return lambda: self._with_headers(self._stock_from_db(product_id), limit_headers)
@@ -318,6 +318,7 @@ class ReadAPI:
         return self._metrics()
 
     def _metrics(self) -> Response:
+        self.tally.flush()  # this process's latest requests (the others' flush on their own)
         body, ctype = metrics.exposition()
         return Response(200, body, ctype)
 
@@ -342,7 +343,7 @@ class ReadAPI:
 
     def _stock_from_db(self, product_id: str) -> Response:
         """A cache miss: the figures from PostgreSQL, and Redis refilled."""
-        metrics.CACHE.labels("miss").inc()
+        self.tally.cache("miss")
         try:
             with self.stores.store() as store:
                 figures = store.stock(product_id)

@@ -159,6 +159,7 @@ class RSGIApp:
         self.executor = ThreadPoolExecutor(api.settings.http.threads, thread_name_prefix="http-blocking")
 
     def __rsgi_del__(self, loop: Any) -> None:  # granian: the worker's loop is stopping
+        self.api.tally.flush()
         self.redis.close()
         self.executor.shutdown(wait=False)
 
@@ -295,3 +296,4 @@ def serve(settings: Settings, stop: threading.Event | Any, health: ProcessHealth
     stop.wait()
     server.shutdown()
     server.server_close()
+    api.tally.flush()

@@ -23,8 +23,7 @@ Response headers (draft-ietf-httpapi-ratelimit-headers, the separate-field form)
 from __future__ import annotations
 
 import math
-from typing import Any
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import redis
 
@@ -57,8 +56,7 @@ class RateLimitUnavailable(Exception):
     """Redis did not answer: the request cannot be admitted (503)."""
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):  # a tuple: made per request, several times cheaper than a frozen dataclass
     allowed: bool
     limit: int
     remaining: int
@@ -82,12 +80,12 @@ class Decision:
         """The decision in the script's reply (its first four items)."""
         allowed, remaining, retry_us, reset_us = reply[:4]
         return cls(
-            allowed=bool(allowed),
-            limit=burst,
-            remaining=int(remaining),
-            retry_after_seconds=max(1, math.ceil(int(retry_us) / 1_000_000)),
-            reset_seconds=math.ceil(int(reset_us) / 1_000_000),
-            window_seconds=max(1, math.ceil(burst * interval_us / 1_000_000)),
+            bool(allowed),
+            burst,
+            int(remaining),
+            max(1, -(-int(retry_us) // 1_000_000)),  # seconds, rounded up (integer arithmetic)
+            -(-int(reset_us) // 1_000_000),
+            max(1, math.ceil(burst * interval_us / 1_000_000)),
         )
 
 

@@ -191,9 +191,9 @@ class AsyncRedis:
         try:
             for command in hello:
                 await self.send(command)
-        except redis.RedisError:
+        except redis.RedisError as exc:  # as redis-py: a refused AUTH is a connection error
             proto.fail(redis.ConnectionError("Redis refused the connection's AUTH or SELECT"))
-            raise
+            raise redis.AuthenticationError(str(exc)) from exc
         return proto
 
     def _ssl_context(self) -> ssl.SSLContext | None:

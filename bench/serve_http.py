@@ -1,7 +1,8 @@
 """One HTTP server for the read-endpoint benchmark: `python -m bench.serve_http SERVER`.
 
-SERVER is `granian` or `stdlib` (inventory_worker.http_server, as the worker runs them: the whole
-API, auth and rate limit included), or `baseline`: the issue's yardstick, a plain standard-library
+SERVER is `granian` (`granian:N`: with N worker processes instead of `http.workers`) or `stdlib`
+(inventory_worker.http_server, as the worker runs them: the whole API, auth and rate limit
+included), or `baseline`: the issue's yardstick, a plain standard-library
 ThreadingHTTPServer that answers GET /inventory/{id} with one Redis GET of the cached figures and
 nothing else (no auth, no rate limit, no bounds, no metrics, no PostgreSQL fallback). The baseline
 is written the way a competent stdlib server is written, so the ratio is not flattered: HTTP/1.1
@@ -62,7 +63,9 @@ def main() -> None:
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    settings = settings.model_copy(update={"http": settings.http.model_copy(update={"server": kind})})
+    kind, _, workers = kind.partition(":")
+    http = {"server": kind, **({"workers": int(workers)} if workers else {})}
+    settings = settings.model_copy(update={"http": settings.http.model_copy(update=http)})
     http_server.serve(settings, stop)
 
 

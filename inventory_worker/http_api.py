@@ -131,7 +131,7 @@ class ReadAPI:
         self.auth = Authenticator(settings.auth)
         self.limiter = RateLimiter(self.cache.client, settings.redis.key_prefix)
         self._limiter_warned_at = -1e9
-        self._async_sha: bytes | None = None
+        self._async_sha: tuple[AsyncRedis, bytes] | None = None
         self.tally = HttpTally()
         if not self.auth.has_tokens:
             log.warning("no API tokens configured: /inventory answers 401 to everyone "
@@ -218,9 +218,9 @@ class ReadAPI:
         return resp
 
     def _gcra_sha(self, client: AsyncRedis) -> bytes:
-        if self._async_sha is None:
-            self._async_sha = client.script_sha(GCRA_SCRIPT)
-        return self._async_sha
+        if self._async_sha is None or self._async_sha[0] is not client:  # the client keeps the script for EVAL
+            self._async_sha = (client, client.script_sha(GCRA_SCRIPT))
+        return self._async_sha[1]
 
     def _observe(self, route: str, resp: Response, started: float) -> None:
         self.tally.request(route, resp.status, time.perf_counter() - started)

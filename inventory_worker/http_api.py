@@ -1,6 +1,8 @@
 """The read-only HTTP API: what each request gets, independent of any HTTP server.
 
-`ReadAPI.handle()` is the whole behaviour; `http_server.py` puts it behind a server. Routes:
+`ReadAPI.handle()` (blocking clients, the stdlib server) and `ReadAPI.handle_async()` (an event
+loop, granian) are the whole behaviour, the same gates and answers; `http_server.py` puts them
+behind a server. Routes:
   GET /inventory/{product_id}  figures from Redis; on a miss from PostgreSQL (and Redis refilled)
   GET /healthz                 the worker is alive: no consumer process stuck, else 503
   GET /readyz                  PostgreSQL, Redis and RabbitMQ reachable and every consumer
@@ -14,6 +16,7 @@ Every request passes the same gates, in this order, before any route code runs:
   2. routes that need a role (auth.py): the rate limit, per token or else per client address
      (ratelimit.py: 429, or 503 when Redis cannot say), then the token (401) and its roles (403);
   3. the route itself; a product id that breaks the contract's rules is 400 before it is used.
+An admitted stock read costs one Redis call: the rate-limit script returns the cached figures too.
 """
 
 from __future__ import annotations

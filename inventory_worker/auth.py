@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import AuthSettings, TokenSettings
+from .config import AuthSettings
 
 TOKEN_PREFIX = "iw_"
 INVENTORY_READ = "inventory:read"
@@ -54,8 +54,10 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 class Authenticator:
     def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
-        self._tokens: list[tuple[bytes, TokenSettings]] = [
-            (bytes.fromhex(t.sha256), t) for t in settings.tokens
+        # Each token's Principal made once, not per request (they are immutable).
+        self._tokens: list[tuple[bytes, Principal]] = [
+            (bytes.fromhex(t.sha256), Principal(t.name, frozenset(t.roles), t.rate_per_second, t.burst))
+            for t in settings.tokens
         ]
 
     @property
@@ -67,13 +69,11 @@ class Authenticator:
         if token is None:
             return None
         digest = hashlib.sha256(token.encode()).digest()
-        found: TokenSettings | None = None
-        for stored, entry in self._tokens:  # no early exit: constant time in the match
+        found: Principal | None = None
+        for stored, principal in self._tokens:  # no early exit: constant time in the match
             if hmac.compare_digest(digest, stored):
-                found = entry
-        if found is None:
-            return None
-        return Principal(found.name, frozenset(found.roles), found.rate_per_second, found.burst)
+                found = principal
+        return found
 
     def required_role(self, route: str) -> str | None:
         """The role a route needs; None: open to everyone (probes, the API description)."""

@@ -185,7 +185,8 @@ class HTTPSettings(_Section):
     # granian (a Rust server, the API in `workers` processes) or the standard library's threading
     # server; the same API and protections under both (README "HTTP servers").
     server: Literal["stdlib", "granian"] = "granian"
-    # granian only: server processes, and Python threads running the API in each.
+    # granian only: server processes, each running the API on its event loop; and threads in each
+    # for the blocking work (a cache miss read from PostgreSQL, the probes, /metrics).
     workers: int = Field(2, ge=1, le=64)
     threads: int = Field(2, ge=1, le=256)
 

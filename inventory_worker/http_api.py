@@ -1,6 +1,8 @@
 """The read-only HTTP API: what each request gets, independent of any HTTP server.
 
-`ReadAPI.handle()` is the whole behaviour; `http_server.py` puts it behind a server. Routes:
+`ReadAPI.handle()` (blocking clients, the stdlib server) and `ReadAPI.handle_async()` (an event
+loop, granian) are the whole behaviour, the same gates and answers; `http_server.py` puts them
+behind a server. Routes:
   GET /inventory/{product_id}  figures from Redis; on a miss from PostgreSQL (and Redis refilled)
   GET /healthz                 the worker is alive: no consumer process stuck, else 503
   GET /readyz                  PostgreSQL, Redis and RabbitMQ reachable and every consumer
@@ -14,10 +16,12 @@ Every request passes the same gates, in this order, before any route code runs:
   2. routes that need a role (auth.py): the rate limit, per token or else per client address
      (ratelimit.py: 429, or 503 when Redis cannot say), then the token (401) and its roles (403);
   3. the route itself; a product id that breaks the contract's rules is 400 before it is used.
+An admitted stock read costs one Redis call: the rate-limit script returns the cached figures too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -26,17 +30,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from urllib.parse import unquote
 
+import redis
+
 from . import amqp, metrics
 from .auth import Authenticator, Principal
 from .cache import StockCache, encode_figures
+from .http_metrics import HttpTally
 from .config import Settings
-from .ratelimit import Decision, RateLimiter, RateLimitUnavailable
+from .ratelimit import GCRA_SCRIPT, Decision, RateLimiter, RateLimitUnavailable, interval_us
+from .redis_async import AsyncRedis
 from .contract import PRODUCT_ID_PATTERN
 from .logs import get_logger
 from .store import Store
@@ -47,7 +56,20 @@ _PRODUCT_ID = re.compile(PRODUCT_ID_PATTERN)
 JSON = "application/json"
 
 
-@dataclass
+@dataclass(slots=True)
+class _Pending:
+    """A request past the gates that need no I/O, waiting for its Redis step."""
+
+    route: str
+    role: str
+    principal: Principal | None
+    product_id: str | None  # None: not a valid id (or the /metrics route)
+    stock_key: str | None  # the cached figures to read with the rate-limit decision
+    limit: tuple[str, str, float, int] | None  # (kind, identity, rate, burst); None: limiting off
+    sent_authorization: bool
+
+
+@dataclass(slots=True)
 class Response:
     status: int
     body: bytes = b""
@@ -73,6 +95,7 @@ def openapi_document() -> bytes:
 
 
 READY_CACHE_SECONDS = 1.0
+_DEFERRED = 0  # the status of an open route's placeholder answer (see ReadAPI._begin)
 _ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 _INVENTORY = "/inventory/"
 
@@ -111,6 +134,8 @@ class ReadAPI:
         self.auth = Authenticator(settings.auth)
         self.limiter = RateLimiter(self.cache.client, settings.redis.key_prefix)
         self._limiter_warned_at = -1e9
+        self._async_sha: tuple[AsyncRedis, bytes] | None = None
+        self.tally = HttpTally()
         if not self.auth.has_tokens:
             log.warning("no API tokens configured: /inventory answers 401 to everyone "
                         "(create one with `inventory-worker token create NAME --role inventory:read`)")
@@ -125,19 +150,93 @@ class ReadAPI:
         # Each raises when the worker is alive but wedged (e.g. a consumer's heartbeat is stale).
         self.liveness_checks: dict[str, Callable[[], None]] = dict(liveness_checks or {})
 
+    # A request's life: _begin (bounds, route, auth: no I/O), then at most one Redis round trip
+    # (the rate-limit script, which also reads the cached figures when the request is admitted
+    # to a stock read), then _decide; only a cache miss (PostgreSQL), /metrics and the probes
+    # do blocking work after that. handle() runs it with blocking clients (the stdlib server),
+    # handle_async() on an event loop (granian's RSGI workers) with the pipelined client.
+
     def handle(self, method: str, path: str, headers: Mapping[str, str], client: str = "") -> Response:
         started = time.perf_counter()
-        route, resp = self._route(method, path, headers, client)
-        metrics.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
-        metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+        p = self._begin(method, path, headers, client)
+        if isinstance(p, _Pending):
+            decision: Decision | None = None
+            cached = None
+            try:
+                if p.limit is not None:
+                    decision, cached = self.limiter.check_and_get(*p.limit, p.stock_key)
+                elif p.stock_key is not None:
+                    cached = self._read_cache(p.stock_key)
+            except RateLimitUnavailable as exc:
+                resp = self._limiter_unavailable(exc)
+            else:
+                step = self._decide(p, decision, cached)
+                resp = step() if callable(step) else step
+            route = p.route
+        else:
+            route, resp = p
+            if resp.status == _DEFERRED:
+                resp = self._open(route)
+        self._observe(route, resp, started)
         return resp
 
-    def _route(self, method: str, target: str, headers: Mapping[str, str], client: str) -> tuple[str, Response]:
+    async def handle_async(self, method: str, path: str, headers: Mapping[str, str], client: str,
+                           redis_client: AsyncRedis, executor: Executor) -> Response:
+        """handle() on an event loop: the Redis step through `redis_client`, blocking work in
+        `executor`."""
+        started = time.perf_counter()
+        p = self._begin(method, path, headers, client)
+        loop = asyncio.get_running_loop()
+        if isinstance(p, _Pending):
+            decision: Decision | None = None
+            cached = None
+            try:
+                if p.limit is not None:
+                    kind, identity, rate, burst = p.limit
+                    interval = interval_us(rate)
+                    keys = (self.limiter.key(kind, identity),) if p.stock_key is None else (
+                        self.limiter.key(kind, identity), p.stock_key)
+                    try:
+                        reply = await redis_client.evalsha(self._gcra_sha(redis_client), keys, (interval, burst))
+                    except redis.RedisError as exc:
+                        raise RateLimitUnavailable(type(exc).__name__) from exc
+                    decision = Decision.from_reply(reply, interval, burst)
+                    cached = reply[4] if len(reply) > 4 else None
+                elif p.stock_key is not None:
+                    try:
+                        cached = await redis_client.execute(b"GET", p.stock_key)
+                    except Exception as exc:
+                        log.warning("cache read failed; reading PostgreSQL", error=repr(exc))
+            except RateLimitUnavailable as exc:
+                resp = self._limiter_unavailable(exc)
+            else:
+                step = self._decide(p, decision, cached)
+                resp = await loop.run_in_executor(executor, step) if callable(step) else step
+            route = p.route
+        else:
+            route, resp = p
+            if resp.status == _DEFERRED:  # a probe, the document or open metrics: may block
+                resp = await loop.run_in_executor(executor, self._open, route)
+        self._observe(route, resp, started)
+        return resp
+
+    def _gcra_sha(self, client: AsyncRedis) -> bytes:
+        if self._async_sha is None or self._async_sha[0] is not client:  # the client keeps the script for EVAL
+            self._async_sha = (client, client.script_sha(GCRA_SCRIPT))
+        return self._async_sha[1]
+
+    def _observe(self, route: str, resp: Response, started: float) -> None:
+        self.tally.request(route, resp.status, time.perf_counter() - started)
+
+    def _begin(self, method: str, target: str, headers: Mapping[str, str],
+               client: str) -> tuple[str, Response] | _Pending:
+        """The gates that need no I/O: an answer (route, response), or what to ask Redis.
+        An open route is answered (route, _DEFERRED) for the caller to run self._open(route)."""
         limits = self.settings.http
         # "METHOD SP target SP HTTP/1.1": the server adapter bounds the raw line too.
         if len(method) + len(target) + 10 > limits.max_request_line_bytes:
             return "other", error(414, "request line too long")
-        items = list(headers.items())
+        items = headers.items()
         if len(items) > limits.max_headers or sum(len(k) + len(v) + 4 for k, v in items) > limits.max_header_bytes:
             return "other", error(431, "request header fields too large")
         path = target.split("?", 1)[0]
@@ -154,41 +253,62 @@ class ReadAPI:
             return route, error(404, "not found")
         role = self.auth.required_role(route)
         if role is None:
-            return route, self._open(route)
+            return route, Response(_DEFERRED)
         principal = self.auth.authenticate(headers)
-        try:
-            decision = self._limit(principal, client)
-        except RateLimitUnavailable as exc:
-            if time.monotonic() - self._limiter_warned_at > 10:  # one line per 10 s, not one per request
-                self._limiter_warned_at = time.monotonic()
-                log.warning("rate limiter unavailable; refusing requests with 503", error=str(exc))
-            return route, error(503, "rate limiter unavailable; try again shortly", [("Retry-After", "1")])
+        product_id = None
+        if route != "/metrics":
+            product_id = self._product_id(path[len(_INVENTORY):])
+        # Redis reads the figures only for a request that will be served them: a valid token
+        # with the role and a valid id (anything else is answered without them).
+        read = product_id is not None and principal is not None and role in principal.roles
+        limit = self._limit(principal, client)
+        return _Pending(route, role, principal, product_id, self.cache.key(product_id) if read else None, limit,
+                        bool(headers.get("Authorization") or headers.get("authorization")))
+
+    def _decide(self, p: _Pending, decision: Decision | None, cached: bytes | None) -> Response | Callable[[], Response]:
+        """The answer after the Redis step, or a function doing the blocking rest (a cache miss
+        read from PostgreSQL, /metrics) that returns it."""
         limit_headers = decision.headers() if decision is not None else []
         if decision is not None and not decision.allowed:
-            return route, error(429, "too many requests", limit_headers)
-        if principal is None:
+            return error(429, "too many requests", limit_headers)
+        if p.principal is None:
             challenge = 'Bearer realm="inventory"'
-            if headers.get("Authorization") or headers.get("authorization"):
+            if p.sent_authorization:
                 challenge += ', error="invalid_token"'
-            return route, error(401, "a valid bearer token is required", [("WWW-Authenticate", challenge)]
-                                + limit_headers)
-        if role not in principal.roles:
-            return route, error(403, f"this token lacks the role {role}",
-                                [("WWW-Authenticate", f'Bearer realm="inventory", error="insufficient_scope", '
-                                                      f'scope="{role}"')] + limit_headers)
-        resp = self._stock(path[len(_INVENTORY):]) if route != "/metrics" else self._metrics()
-        resp.headers.extend(limit_headers)
-        return route, resp
+            return error(401, "a valid bearer token is required", [("WWW-Authenticate", challenge)] + limit_headers)
+        if p.role not in p.principal.roles:
+            return error(403, f"this token lacks the role {p.role}",
+                         [("WWW-Authenticate", f'Bearer realm="inventory", error="insufficient_scope", '
+                                               f'scope="{p.role}"')] + limit_headers)
+        if p.route == "/metrics":
+            return lambda: self._with_headers(self._metrics(), limit_headers)
+        if p.product_id is None:
+            return error(400, "invalid product id: 1 to 64 characters of letters, digits and ._:-", limit_headers)
+        if cached is not None:
+            self.tally.cache("hit")
+            return Response(200, cached, JSON, limit_headers)
+        product_id = p.product_id
+        return lambda: self._with_headers(self._stock_from_db(product_id), limit_headers)
 
-    def _limit(self, principal: Principal | None, client: str) -> Decision | None:
-        """One request counted against its client's limit; None when rate limiting is off."""
+    @staticmethod
+    def _with_headers(resp: Response, headers: list[tuple[str, str]]) -> Response:
+        resp.headers.extend(headers)
+        return resp
+
+    def _limiter_unavailable(self, exc: Exception) -> Response:
+        if time.monotonic() - self._limiter_warned_at > 10:  # one line per 10 s, not one per request
+            self._limiter_warned_at = time.monotonic()
+            log.warning("rate limiter unavailable; refusing requests with 503", error=str(exc))
+        return error(503, "rate limiter unavailable; try again shortly", [("Retry-After", "1")])
+
+    def _limit(self, principal: Principal | None, client: str) -> tuple[str, str, float, int] | None:
+        """Whose limit a request counts against: (kind, identity, rate, burst); None when off."""
         rl = self.settings.rate_limit
         if not rl.enabled:
             return None
         if principal is not None:
-            return self.limiter.check("token", principal.name, principal.rate_per_second or rl.rate_per_second,
-                                      principal.burst or rl.burst)
-        return self.limiter.check("addr", client or "unknown", rl.anonymous_rate_per_second, rl.anonymous_burst)
+            return "token", principal.name, principal.rate_per_second or rl.rate_per_second, principal.burst or rl.burst
+        return "addr", client or "unknown", rl.anonymous_rate_per_second, rl.anonymous_burst
 
     def _open(self, route: str) -> Response:
         if route == "/healthz":
@@ -201,27 +321,32 @@ class ReadAPI:
         return self._metrics()
 
     def _metrics(self) -> Response:
+        self.tally.flush()  # this process's latest requests (the others' flush on their own)
         body, ctype = metrics.exposition()
         return Response(200, body, ctype)
 
-    def _stock(self, segment: str) -> Response:
-        # Percent-decoded first ("%3A" is ":"), then held to the contract's rules: what passes
-        # is letters, digits and ._:- only, safe for every key and query it is used in.
+    @staticmethod
+    def _product_id(segment: str) -> str | None:
+        """The product id of a path segment, or None when it breaks the contract's rules.
+
+        Percent-decoded first ("%3A" is ":"), then held to the rules: what passes is letters,
+        digits and ._:- only, safe for every key and query it is used in."""
         try:
             product_id = unquote(segment, errors="strict")
         except UnicodeDecodeError:
-            product_id = ""
-        if not _PRODUCT_ID.fullmatch(product_id):
-            return error(400, "invalid product id: 1 to 64 characters of letters, digits and ._:-")
+            return None
+        return product_id if _PRODUCT_ID.fullmatch(product_id) else None
+
+    def _read_cache(self, key: str) -> bytes | None:
         try:
-            cached = self.cache.get(product_id)
+            return self.cache.client.get(key)
         except Exception as exc:
             log.warning("cache read failed; reading PostgreSQL", error=repr(exc))
-            cached = None
-        if cached is not None:
-            metrics.CACHE.labels("hit").inc()
-            return Response(200, cached)
-        metrics.CACHE.labels("miss").inc()
+            return None
+
+    def _stock_from_db(self, product_id: str) -> Response:
+        """A cache miss: the figures from PostgreSQL, and Redis refilled."""
+        self.tally.cache("miss")
         try:
             with self.stores.store() as store:
                 figures = store.stock(product_id)

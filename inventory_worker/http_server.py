@@ -1,9 +1,10 @@
 """Serves the ReadAPI (http_api.py) over HTTP/1.1.
 
 Two servers, one behaviour (`ReadAPI.handle`), chosen by `http.server`:
-- `granian` (default): a Rust HTTP server running the API as a WSGI app in `http.workers`
-  processes with `http.threads` Python threads each (see README "Performance"). Its workers
-  are granian's own processes: they read the consumers' health slots by name (health.py).
+- `granian` (default): a Rust HTTP server running the API on an event loop (granian's RSGI
+  interface, `RSGIApp`) in `http.workers` processes, blocking work in `http.threads` threads
+  each (see README "Performance"). Its workers are granian's own processes: they read the
+  consumers' health slots by name (health.py).
 - `stdlib`: the standard library's ThreadingHTTPServer, in the http process.
 
 Both bound what they read before the API sees anything: the request head, idle connections (a
@@ -20,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +30,7 @@ from .config import Settings
 from .health import ProcessHealth
 from .http_api import ReadAPI
 from .logs import configure, get_logger
+from .redis_async import AsyncRedis
 
 log = get_logger(__name__)
 
@@ -139,43 +141,43 @@ _SETTINGS_ENV = "INVENTORY_HTTP_SETTINGS_JSON"
 _HEALTH_ENV = "INVENTORY_HTTP_HEALTH_SHM"
 
 
-class Headers(Mapping[str, str]):
-    """Request headers, looked up case-insensitively (like the stdlib server's)."""
-
-    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
-        self._d = {k.lower(): v for k, v in pairs}
-
-    def __getitem__(self, key: str) -> str:
-        return self._d[key.lower()]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._d)
-
-    def __len__(self) -> int:
-        return len(self._d)
+# ---- RSGI (granian) -------------------------------------------------------------------------
 
 
-# ---- WSGI (granian) -------------------------------------------------------------------------
+class RSGIApp:
+    """The API as granian's native async interface (RSGI), one instance per worker process.
 
+    The worker's event loop runs every request's gates and its one Redis round trip through a
+    pipelined client (redis_async.py: the requests in flight share writes to Redis); blocking
+    work (a cache miss read from PostgreSQL, /metrics, the probes) runs in a pool of
+    `http.threads` threads, so it never stalls the loop.
+    """
 
-def wsgi_app(api: ReadAPI) -> Callable[[dict[str, Any], Callable[..., Any]], list[bytes]]:
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        target = environ.get("PATH_INFO") or "/"
-        if environ.get("QUERY_STRING"):
-            target += "?" + environ["QUERY_STRING"]
-        headers = Headers((k[5:].replace("_", "-"), v) for k, v in environ.items() if k.startswith("HTTP_"))
-        for k in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            if environ.get(k):
-                headers._d[k.lower().replace("_", "-")] = environ[k]
-        method = environ["REQUEST_METHOD"]
-        resp = api.handle(method, target, headers, environ.get("REMOTE_ADDR", ""))
-        start_response(
-            f"{resp.status} {HTTPStatus(resp.status).phrase}",
-            [("Content-Type", resp.content_type), ("Content-Length", str(len(resp.body))), *resp.headers],
-        )
-        return [] if method == "HEAD" else [resp.body]
+    def __init__(self, api: ReadAPI) -> None:
+        self.api = api
+        self.redis = AsyncRedis(api.settings.redis)
+        self.executor = ThreadPoolExecutor(api.settings.http.threads, thread_name_prefix="http-blocking")
 
-    return app
+    def __rsgi_del__(self, loop: Any) -> None:  # granian: the worker's loop is stopping
+        self.api.tally.flush()
+        self.redis.close()
+        self.executor.shutdown(wait=False)
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        if scope.proto != "http":  # websockets are off; nothing else is served
+            return
+        target = scope.path
+        if scope.query_string:
+            target += "?" + scope.query_string
+        client = scope.client.rpartition(":")[0].strip("[]")  # "addr:port", "[v6]:port"
+        method = scope.method
+        resp = await self.api.handle_async(method, target, scope.headers, client, self.redis, self.executor)
+        headers = [("content-type", resp.content_type), *resp.headers]
+        if method == "HEAD":
+            headers.append(("content-length", str(len(resp.body))))
+            proto.response_empty(resp.status, headers)
+        else:
+            proto.response_bytes(resp.status, headers, resp.body)
 
 
 def _stop_when_orphaned(parent: int) -> None:
@@ -194,7 +196,7 @@ def _stop_when_orphaned(parent: int) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def wsgi_app_from_env() -> Callable[..., list[bytes]]:
+def rsgi_app_from_env() -> RSGIApp:
     """granian's worker processes build the app here, from the settings the http process passed."""
     settings = Settings.model_validate_json(os.environ[_SETTINGS_ENV])
     configure(settings.logging, process="http", pid=os.getpid())
@@ -205,7 +207,7 @@ def wsgi_app_from_env() -> Callable[..., list[bytes]]:
         name, consumers = shm.rsplit(":", 1)
         health = ProcessHealth.attach(name, int(consumers))  # mapped for this process's lifetime
         ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds)
-    return wsgi_app(ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live))
+    return RSGIApp(ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live))
 
 
 def granian_limits(settings: Settings) -> dict[str, Any]:
@@ -235,7 +237,7 @@ def granian_limits(settings: Settings) -> dict[str, Any]:
 
 def _serve_granian(settings: Settings, stop: threading.Event | Any, health: ProcessHealth | None) -> None:
     from granian import Granian
-    from granian.constants import HTTPModes, Interfaces
+    from granian.constants import HTTPModes, Interfaces, Loops
 
     os.environ[_SETTINGS_ENV] = settings.model_dump_json()
     if health is not None:  # granian's workers inherit the environment
@@ -243,13 +245,13 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
     else:  # served alone (bench/serve_http.py): no consumers to check
         os.environ.pop(_HEALTH_ENV, None)
     server = Granian(
-        "inventory_worker.http_server:wsgi_app_from_env",
+        "inventory_worker.http_server:rsgi_app_from_env",
         factory=True,
         address=settings.http.host,
         port=settings.http.port,
-        interface=Interfaces.WSGI,
+        interface=Interfaces.RSGI,
         workers=settings.http.workers,
-        blocking_threads=settings.http.threads,
+        loop=Loops.auto,  # uvloop (a dependency) when it is installed: ~1.5x the requests of asyncio's loop
         http=HTTPModes.http1,  # the API speaks HTTP/1.1, like the stdlib server
         **granian_limits(settings),
         log_access=False,
@@ -294,3 +296,4 @@ def serve(settings: Settings, stop: threading.Event | Any, health: ProcessHealth
     stop.wait()
     server.shutdown()
     server.server_close()
+    api.tally.flush()

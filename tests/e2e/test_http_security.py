@@ -22,6 +22,8 @@ SECRET_PASSWORD = "pg-Pa55w0rd-never-logged"
 
 
 def test_the_rate_limit_is_shared_by_two_replicas(settings, start_worker, tmp_path):
+    """And by the processes of each: every request opens a new connection, which granian hands to
+    either of its worker processes."""
     sku = uid("SKU")
     with pg(settings) as cur:
         cur.execute("INSERT INTO products (product_id, on_hand) VALUES (%s, 4)", (sku,))
@@ -35,8 +37,11 @@ def test_the_rate_limit_is_shared_by_two_replicas(settings, start_worker, tmp_pa
     pw = tmp_path / "pg-password"
     pw.write_text(SECRET_PASSWORD)  # PostgreSQL here trusts local users: any password works
     env = {"INVENTORY_DATABASE__PASSWORD_FILE": str(pw)}
+    # One replica on each server: the event-loop path (granian's 2 worker processes) and the
+    # blocking one (stdlib) run the same script on the same key.
     a = start_worker(processes=1, settings_override=s, **env)
-    b = start_worker(processes=1, settings_override=s, **env)
+    b = start_worker(processes=1, settings_override=s.model_copy(update={
+        "http": s.http.model_copy(update={"server": next(x for x in HTTP_SERVERS if x != s.http.server)})}), **env)
     urls = [a.base_url, b.base_url]
     got = [http_get(f"{urls[i % 2]}/inventory/{sku}", token=limited_token)[0] for i in range(6)]
     assert got == [200] * 6
@@ -112,3 +117,27 @@ def test_a_worker_without_tokens_starts_refuses_everyone_and_says_why(settings, 
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
     w.stop()
     assert "no API tokens configured" in w.log_path.read_text()
+
+
+def test_concurrent_requests_to_granians_worker_processes_admit_exactly_the_burst(settings, start_worker):
+    """40 requests at once over 40 connections (granian spreads connections over its 2 worker
+    processes, each pipelining its share to Redis): exactly the burst is served, the rest is 429."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sku = uid("SKU")
+    with pg(settings) as cur:
+        cur.execute("INSERT INTO products (product_id, on_hand) VALUES (%s, 4)", (sku,))
+    secret = "burst-" + uid("t")
+    entry = TokenSettings(name="burst", roles=["inventory:read"], sha256=hashlib.sha256(secret.encode()).hexdigest(),
+                          rate_per_second=0.01, burst=15)
+    s = settings.model_copy(update={
+        "auth": settings.auth.model_copy(update={"tokens": [*settings.auth.tokens, entry]}),
+        "redis": settings.redis.model_copy(update={"key_prefix": settings.redis.key_prefix + uid("rl") + ":"}),
+        "http": settings.http.model_copy(update={"server": "granian", "workers": 2})})
+    w = start_worker(processes=1, settings_override=s)
+    with ThreadPoolExecutor(40) as pool:
+        got = list(pool.map(lambda _: http_get(f"{w.base_url}/inventory/{sku}", token=secret), range(40)))
+    statuses = sorted(status for status, _, _ in got)
+    assert statuses == [200] * 15 + [429] * 25
+    assert sorted(int(h["RateLimit-Remaining"]) for status, h, _ in got if status == 200) == list(range(15))
+    assert all(json.loads(body)["product_id"] == sku for status, _, body in got if status == 200)

@@ -136,11 +136,13 @@ def test_metrics_move_with_traffic_and_pass_promtool(ops):
     assert http_get(f"{worker.base_url}/inventory/{uid('NOPE')}")[0] == 404
 
     # The gauges are measured every 0.5 s by one consumer; the DLQ holds our one bad message.
-    def dlq_measured():
+    # Each HTTP process writes its request metrics every 0.5 s too (http_metrics.py).
+    def measured():
         t = scrape(worker)
-        return t if sample(t, "inventory_dead_letter_queue_messages") == 1 else None
+        return t if (sample(t, "inventory_dead_letter_queue_messages") == 1 and sample(
+            t, "inventory_http_request_duration_seconds_count", route="/inventory/{product_id}") == 4) else None
 
-    text = poll(dlq_measured, what="DLQ depth gauge = 1")
+    text = poll(measured, what="DLQ depth gauge = 1 and the 4 stock reads counted")
     assert sample(text, "inventory_events_total", type="stock.adjusted", outcome="adjusted") == 5
     assert sample(text, "inventory_events_total", type="order.placed", outcome="reserved") == 1
     assert sample(text, "inventory_events_total", type="order.placed", outcome="rejected") == 1

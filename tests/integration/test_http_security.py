@@ -17,6 +17,7 @@ from inventory_worker.config import Settings, TokenSettings
 from inventory_worker.http_api import ReadAPI
 from inventory_worker.http_server import make_server
 
+from ..conftest import HTTP_SERVERS
 from ..support import TEST_TOKEN, http_get, uid
 
 
@@ -25,7 +26,13 @@ def token(name: str, roles: list[str], secret: str, **limits) -> TokenSettings:
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[str]:
+def serving(settings: Settings, server: str = "stdlib") -> Iterator[str]:
+    """The API behind `server`: the stdlib server in this process (the blocking path), or granian
+    in a subprocess (bench/serve_http.py: its event-loop path, with 2 worker processes)."""
+    if server == "granian":
+        with serving_granian(settings) as base:
+            yield base
+        return
     api = ReadAPI(settings)
     server = make_server(api, "127.0.0.1", 0)
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -35,6 +42,45 @@ def serving(settings: Settings) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def serving_granian(settings: Settings) -> Iterator[str]:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ..support import REPO, free_port, settings_env
+
+    port = free_port()
+    s = settings.model_copy(update={"http": settings.http.model_copy(update={"host": "127.0.0.1", "port": port})})
+    proc = subprocess.Popen([sys.executable, "-m", "bench.serve_http", "granian"], env=settings_env(s), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "granian did not start"
+                time.sleep(0.1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(params=HTTP_SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 def with_auth(settings: Settings, *tokens: TokenSettings, **auth) -> Settings:
@@ -65,11 +111,14 @@ def raw_request(base: str, data: bytes) -> tuple[int, bytes]:
     return int(resp.split(b" ", 2)[1]), resp
 
 
-@pytest.fixture(scope="module")
-def api_url(settings: Settings) -> Iterator[str]:
+@pytest.fixture(scope="module", params=HTTP_SERVERS)
+def api_url(settings: Settings, request: pytest.FixtureRequest) -> Iterator[str]:
     reader = token("reader", ["inventory:read"], "reader-secret-value")
     metrics_only = token("scraper", ["metrics:read"], "scraper-secret-value")
-    with serving(with_auth(settings, reader, metrics_only, metrics_role="metrics:read")) as base:
+    # Its own Redis prefix per server: the anonymous bucket of 127.0.0.1 is shared by both otherwise.
+    s = settings.model_copy(update={"redis": settings.redis.model_copy(
+        update={"key_prefix": f"{settings.redis.key_prefix}{request.param}:"})})
+    with serving(with_auth(s, reader, metrics_only, metrics_role="metrics:read"), request.param) as base:
         yield base
 
 
@@ -141,7 +190,7 @@ def test_only_get_and_head(api_url, product, method):
     status, raw = raw_request(api_url, f"{method} /inventory/{product} HTTP/1.1\r\nHost: x\r\n"
                                        f"Authorization: Bearer {TEST_TOKEN}\r\nContent-Length: 0\r\n\r\n".encode())
     assert status == 405
-    assert b"Allow: GET, HEAD" in raw
+    assert b"\r\nallow: get, head\r\n" in raw.lower()  # granian writes header names in lowercase
 
 
 def test_head_answers_headers_only(api_url, product):
@@ -171,9 +220,11 @@ def test_request_line_and_headers_are_bounded(api_url, settings):
     assert status == 400
 
 
-def test_a_token_over_its_limit_gets_429_and_others_are_not_slowed(settings, product):
+def test_a_token_over_its_limit_gets_429_and_others_are_not_slowed(settings, product, server):
     slow = token("limited", ["inventory:read"], "limited-secret", rate_per_second=0.01, burst=3)
-    with serving(with_auth(settings, slow)) as base:
+    s = settings.model_copy(update={"redis": settings.redis.model_copy(
+        update={"key_prefix": settings.redis.key_prefix + uid("rl") + ":"})})  # a bucket of its own
+    with serving(with_auth(s, slow), server) as base:
         statuses = [http_get(f"{base}/inventory/{product}", token="limited-secret") for _ in range(4)]
         assert [s for s, _, _ in statuses] == [200, 200, 200, 429]
         assert [int(h["RateLimit-Remaining"]) for _, h, _ in statuses] == [2, 1, 0, 0]
@@ -185,28 +236,28 @@ def test_a_token_over_its_limit_gets_429_and_others_are_not_slowed(settings, pro
         assert all(http_get(f"{base}/inventory/{product}")[0] == 200 for _ in range(20))
 
 
-def test_requests_without_a_valid_token_are_limited_per_address(settings, product):
+def test_requests_without_a_valid_token_are_limited_per_address(settings, product, server):
     s = settings.model_copy(update={"rate_limit": settings.rate_limit.model_copy(
         update={"anonymous_rate_per_second": 0.01, "anonymous_burst": 2})})
     s = s.model_copy(update={"redis": s.redis.model_copy(update={"key_prefix": s.redis.key_prefix + uid("rl") + ":"})})
-    with serving(s) as base:
+    with serving(s, server) as base:
         got = [http_get(f"{base}/inventory/{product}", token=f"guess-{i}")[0] for i in range(4)]
         assert got == [401, 401, 429, 429]
         assert http_get(f"{base}/inventory/{product}")[0] == 200  # a valid token still gets through
 
 
-def test_redis_down_is_503_never_unlimited(settings, product):
+def test_redis_down_is_503_never_unlimited(settings, product, server):
     from ..support import free_port
 
     s = settings.model_copy(update={"redis": settings.redis.model_copy(update={"port": free_port()})})
-    with serving(s) as base:
+    with serving(s, server) as base:
         status, headers, body = http_get(f"{base}/inventory/{product}")
         assert status == 503 and headers["Retry-After"] == "1"
         assert json.loads(body) == {"error": "rate limiter unavailable; try again shortly"}
         assert http_get(f"{base}/healthz", token=None)[0] == 200
     # with rate limiting switched off the same request is served from PostgreSQL
     off = s.model_copy(update={"rate_limit": s.rate_limit.model_copy(update={"enabled": False})})
-    with serving(off) as base:
+    with serving(off, server) as base:
         assert http_get(f"{base}/inventory/{product}")[0] == 200
 
 

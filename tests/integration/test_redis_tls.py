@@ -76,3 +76,65 @@ def test_an_untrusted_certificate_or_plain_text_is_refused(tls_redis):
         limiter.check("token", "t", 1, 1)
     with pytest.raises(redis.ConnectionError):
         StockCache(tls_redis.model_copy(update={"ssl": False})).ping()
+
+
+# ---- the HTTP hot path's asyncio client (redis_async.py): the same TLS and credentials ----------
+
+
+def _async(settings: RedisSettings, *commands: tuple) -> list:
+    import asyncio
+
+    from inventory_worker.redis_async import AsyncRedis
+
+    async def main():
+        client = AsyncRedis(settings)
+        try:
+            return [await client.execute(*c) for c in commands]
+        finally:
+            client.close()
+
+    return asyncio.run(main())
+
+
+def test_the_async_client_works_over_verified_tls_and_refuses_an_untrusted_certificate(tls_redis):
+    StockCache(tls_redis).client.set(tls_redis.key_prefix + "k", b"v")
+    assert _async(tls_redis, (b"GET", tls_redis.key_prefix + "k")) == [b"v"]
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        _async(tls_redis.model_copy(update={"ssl_ca_certs": None}), (b"PING",))
+    with pytest.raises(redis.ConnectionError):  # plain text to a TLS port
+        _async(tls_redis.model_copy(update={"ssl": False}), (b"PING",))
+
+
+@pytest.fixture(scope="module")
+def password_redis():
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass",
+                             "s3cret-pass", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = RedisSettings(host="127.0.0.1", port=port, password="s3cret-pass", db=2)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                StockCache(settings).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("the private redis-server with a password did not start")
+                time.sleep(0.1)
+        yield settings
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_async_client_authenticates_and_selects_its_database(password_redis):
+    StockCache(password_redis).client.set("k", b"in-db-2")
+    assert _async(password_redis, (b"GET", "k")) == [b"in-db-2"]
+    assert _async(password_redis.model_copy(update={"username": "default"}), (b"GET", "k")) == [b"in-db-2"]
+    with pytest.raises(redis.ConnectionError):
+        _async(password_redis.model_copy(update={"password": "wrong"}), (b"PING",))
+    with pytest.raises(redis.ConnectionError, match="NOAUTH"):  # no password: SELECT refused at connect
+        _async(password_redis.model_copy(update={"password": ""}), (b"GET", "k"))
+    with pytest.raises(redis.ResponseError, match="NOAUTH"):  # db 0 needs no SELECT: the command is refused
+        _async(password_redis.model_copy(update={"password": "", "db": 0}), (b"GET", "k"))

@@ -332,6 +332,78 @@ BEGIN
             'order_id', v_order_id, 'lines', v_lines.lines))) || v_taken || (v_moved->'messages'));
 END $$;
 
+-- A run of order.completed events (consecutive in a batch, all new) in a few statements, when
+-- that gives exactly what one by one would: every order is distinct and holds its reservation.
+-- Then no commit can fail, and none changes `available` (so none emits inventory.low_stock);
+-- each event's figures are running sums, as in place_orders(). Returns one result per event,
+-- or NULL when the run must be applied one by one (an expired, cancelled or unknown order).
+CREATE OR REPLACE FUNCTION complete_orders(p_ids uuid[], p_datas jsonb[]) RETURNS jsonb[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_order_ids text[] := ARRAY(SELECT d->>'order_id' FROM unnest(p_datas) AS d);
+    v_ok        boolean;
+    v_results   jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_ids)]);
+    r           record;
+BEGIN
+    SELECT count(DISTINCT id) = count(*) INTO v_ok FROM unnest(v_order_ids) AS id;
+    IF NOT v_ok THEN
+        RETURN NULL;
+    END IF;
+    SELECT count(*) = cardinality(v_order_ids) AND bool_and(status = 'reserved') INTO v_ok
+      FROM (SELECT status FROM orders WHERE order_id = ANY(v_order_ids) ORDER BY order_id FOR UPDATE) o;
+    IF NOT v_ok THEN
+        RETURN NULL;
+    END IF;
+    -- Locked up front by apply_events(), unless an order was placed by a transaction that
+    -- committed after that (as in locked_lines()).
+    PERFORM 1 FROM products WHERE product_id = ANY(ARRAY(
+        SELECT product_id FROM order_lines WHERE order_id = ANY(v_order_ids)))
+     ORDER BY product_id FOR UPDATE;
+
+    FOR r IN
+        WITH l AS (  -- every line of the orders, with its product's figures before the run
+            SELECT t.ord, p_ids[t.ord] AS event_id, ol.order_id, ol.product_id, ol.line_no,
+                   ol.quantity::bigint AS quantity, p.on_hand, p.reserved, p.version
+              FROM unnest(v_order_ids) WITH ORDINALITY AS t(order_id, ord)
+              JOIN order_lines ol ON ol.order_id = t.order_id
+              JOIN products p ON p.product_id = ol.product_id
+        ), after_each AS (  -- each product's figures right after each event
+            SELECT l.*, l.on_hand - sum(l.quantity) OVER w AS on_hand_after,
+                   l.reserved - sum(l.quantity) OVER w AS reserved_after, l.version + count(*) OVER w AS version_after
+              FROM l WINDOW w AS (PARTITION BY l.product_id ORDER BY l.ord)
+        ), moved AS (
+            UPDATE products p
+               SET on_hand = p.on_hand - s.quantity, reserved = p.reserved - s.quantity,
+                   version = p.version + s.events, updated_at = now()
+              FROM (SELECT product_id, sum(quantity) AS quantity, count(*) AS events FROM l GROUP BY product_id) s
+             WHERE p.product_id = s.product_id
+        ), ledger AS (
+            INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)
+            SELECT product_id, order_id, event_id, -quantity, -quantity, 'commit' FROM l ORDER BY ord, product_id
+        ), committed AS (
+            UPDATE orders SET status = 'committed', updated_at = now()
+             WHERE order_id = ANY(ARRAY(SELECT DISTINCT order_id FROM l))
+        )
+        SELECT a.ord, a.event_id, a.order_id,
+               jsonb_agg(jsonb_build_object('product_id', a.product_id, 'on_hand', a.on_hand_after,
+                                            'reserved', a.reserved_after, 'available', a.on_hand_after - a.reserved_after,
+                                            'version', a.version_after) ORDER BY a.product_id) AS figures,
+               jsonb_agg(jsonb_build_object('product_id', a.product_id, 'quantity', a.quantity)
+                         ORDER BY a.line_no) AS lines
+          FROM after_each a GROUP BY a.ord, a.event_id, a.order_id
+    LOOP
+        v_results[r.ord] := jsonb_build_object('outcome', 'committed', 'order_id', r.order_id, 'products', r.figures,
+            'messages', jsonb_build_array(new_message(r.event_id, 'inventory.committed', jsonb_build_object(
+                'order_id', r.order_id, 'lines', r.lines))));
+    END LOOP;
+    FOR i IN 1 .. cardinality(p_ids) LOOP
+        IF v_results[i] IS NULL THEN  -- an order without lines (none is made so): as one by one
+            v_results[i] := complete_order(p_ids[i], p_datas[i]);
+        END IF;
+    END LOOP;
+    RETURN v_results;
+END $$;
+
 ---------------------------------------------------------------------------------------------
 -- stock.adjusted: receive (delta > 0), correct (delta < 0) or count (on_hand = N).
 -- This is how a product comes to exist.
@@ -436,19 +508,22 @@ BEGIN
            (SELECT ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY(ARRAY(
                        SELECT (ev->>'id')::uuid FROM jsonb_array_elements(p_events) ev))) AS done) d;
 
-    -- 4. The events, in order; a run of new order.placed events at once where place_orders()
-    --    can take it.
+    -- 4. The events, in order; a run of new order.placed (or order.completed) events at once
+    --    where place_orders() (or complete_orders()) can take it.
     SELECT array_agg((ev->>'id')::uuid ORDER BY ord), array_agg(ev->>'type' ORDER BY ord),
            array_agg(ev->'data' ORDER BY ord)
       INTO v_event_ids, v_event_types, v_event_data
       FROM jsonb_array_elements(p_events) WITH ORDINALITY AS t(ev, ord);
     WHILE i <= coalesce(cardinality(v_event_ids), 0) LOOP
-        IF i > v_one_by_one_until AND v_fresh[i] AND v_event_types[i] = 'order.placed' THEN
+        IF i > v_one_by_one_until AND v_fresh[i] AND v_event_types[i] IN ('order.placed', 'order.completed') THEN
             j := i;
-            WHILE j < cardinality(v_event_ids) AND v_fresh[j + 1] AND v_event_types[j + 1] = 'order.placed' LOOP
+            WHILE j < cardinality(v_event_ids) AND v_fresh[j + 1] AND v_event_types[j + 1] = v_event_types[i] LOOP
                 j := j + 1;
             END LOOP;
-            v_run := CASE WHEN j > i THEN place_orders(v_event_ids[i:j], v_event_data[i:j], p_default_ttl) END;
+            v_run := CASE WHEN j = i THEN NULL
+                          WHEN v_event_types[i] = 'order.placed'
+                          THEN place_orders(v_event_ids[i:j], v_event_data[i:j], p_default_ttl)
+                          ELSE complete_orders(v_event_ids[i:j], v_event_data[i:j]) END;
             IF v_run IS NOT NULL THEN
                 v_results := v_results || v_run;
                 v_ids := v_ids || v_event_ids[i:j];

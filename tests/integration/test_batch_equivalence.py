@@ -4,7 +4,7 @@ apply_events() takes shortcuts for speed (a run of order.placed events in a few 
 statements, idempotency keys and outbox rows written at the end of the batch); the rules say a
 batch is only a faster way to apply its events in order. Hypothesis makes random sequences of
 events over a few products and orders (sell-outs, repeated order ids, cancels before and after
-placing, completions, duplicates, low-stock thresholds), applies each sequence twice under two
+placing, runs of completions, duplicates, low-stock thresholds), applies each sequence twice under two
 fresh sets of ids, once as one batch and once one event per transaction, and compares
 everything: outcomes, result events, figures after each event, final figures, the ledger.
 """
@@ -41,10 +41,21 @@ adjusted = st.one_of(
 order_event = st.builds(lambda t, o: (t, {"order_id": o}),
                         st.sampled_from(["order.cancelled", "order.completed"]), st.sampled_from(ORDERS))
 # Mostly order.placed, so that runs of them (the set-based path) are common, on stock that
-# runs out now and then.
+# runs out now and then; and bursts of completions, so that runs of those are common too.
 an_event = st.one_of(placed, placed, placed, placed, placed, adjusted, adjusted, order_event)
+completions = st.lists(st.sampled_from(ORDERS), min_size=2, max_size=4).map(
+    lambda orders: [("order.completed", {"order_id": o}) for o in orders])
+# Orders placed and then completed together: runs of completions of reserved orders.
+place_then_complete = st.builds(
+    lambda orders, p, q: [("stock.adjusted", {"product_id": p, "delta": 6})]
+    + [("order.placed", {"order_id": o, "lines": [{"product_id": p, "quantity": q}]}) for o in orders]
+    + [("order.completed", {"order_id": o}) for o in orders],
+    st.lists(st.sampled_from(ORDERS), min_size=2, max_size=4, unique=True), st.sampled_from(PRODUCTS), quantity)
+chunk = st.one_of(an_event.map(lambda e: [e]), an_event.map(lambda e: [e]), an_event.map(lambda e: [e]),
+                  completions, place_then_complete)
 # (event, d): d == 0 makes a duplicate of an earlier event (same id and body).
-sequences = st.lists(st.tuples(an_event, st.integers(0, 12)), min_size=1, max_size=30)
+sequences = st.lists(st.tuples(chunk, st.integers(0, 12)), min_size=1, max_size=20).map(
+    lambda chunks: [(e, d if i == 0 else 1) for events, d in chunks for i, e in enumerate(events)])
 
 
 def namespaced(seq, ns: str) -> list[dict[str, Any]]:
@@ -142,3 +153,42 @@ def test_a_run_of_orders_that_fits_the_stock_is_applied_in_one_go(settings, stor
     low = [(i, m.body["data"]["available"]) for i, r in enumerate(results) for m in r.messages
            if m.routing_key == "inventory.low_stock"]
     assert low == [(5, 6)]
+
+
+def test_runs_take_the_set_based_path_when_they_can(settings):
+    """The shortcut is really taken (else the equivalence above would hold trivially): a run
+    of placements that fits the stock, then a run of completions, call place_orders() and
+    complete_orders() once each and the one-by-one functions never; a sell-out falls back."""
+    ns = f"s{uuid.uuid4().hex[:8]}-"
+    events = namespaced([(("stock.adjusted", {"product_id": "P1", "on_hand": 10}), 1),
+                         (("stock.adjusted", {"product_id": "P2", "on_hand": 10}), 1)]
+                        + [(("order.placed", {"order_id": f"O{i}", "lines": [
+                            {"product_id": "P1", "quantity": 2}, {"product_id": "P2", "quantity": 1}]}), 1)
+                           for i in range(3)]
+                        + [(("order.completed", {"order_id": f"O{i}"}), 1) for i in range(3)], ns)
+
+    def calls(cur) -> dict[str, int]:
+        cur.execute("SELECT f, coalesce(pg_stat_get_xact_function_calls(f::regproc), 0) FROM unnest(%s) f",
+                    (["place_orders", "place_order", "complete_orders", "complete_order"],))
+        return dict(cur.fetchall())
+
+    with pg(settings) as cur:
+        cur.execute("BEGIN; SET LOCAL track_functions = 'all'")  # calls counted in this transaction
+        cur.execute("SELECT apply_events(%s::jsonb)", (json.dumps(events),))
+        results = cur.fetchone()[0]
+        assert calls(cur) == {"place_orders": 1, "place_order": 0, "complete_orders": 1, "complete_order": 0}
+        cur.execute("COMMIT")
+    assert [r["outcome"] for r in results] == ["adjusted"] * 2 + ["reserved"] * 3 + ["committed"] * 3
+    # after each completion: P1 on_hand 8, 6, 4 with reserved 4, 2, 0; versions continue from 4
+    assert [[(f["on_hand"], f["reserved"], f["version"]) for f in r["products"]][0] for r in results[5:]] == [
+        (8, 4, 5), (6, 2, 6), (4, 0, 7)]
+    # a sell-out: 4 orders of 3 on 10 units cannot all fit, so they go one by one
+    sold = namespaced([(("stock.adjusted", {"product_id": "P9", "on_hand": 10}), 1)]
+                      + [(("order.placed", {"order_id": f"O9{i}", "lines": [{"product_id": "P9", "quantity": 3}]}), 1)
+                         for i in range(4)], ns)
+    with pg(settings) as cur:
+        cur.execute("BEGIN; SET LOCAL track_functions = 'all'")
+        cur.execute("SELECT apply_events(%s::jsonb)", (json.dumps(sold),))
+        assert [r["outcome"] for r in cur.fetchone()[0]] == ["adjusted"] + ["reserved"] * 3 + ["rejected"]
+        assert calls(cur)["place_order"] == 4
+        cur.execute("COMMIT")

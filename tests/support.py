@@ -155,8 +155,10 @@ class Bus:
             properties=properties or pika.BasicProperties(delivery_mode=2, content_type="application/json"),
         )
 
-    def drain(self) -> None:
-        while True:
+    def drain(self, limit: int = 2000) -> None:
+        """Takes what is queued, at most `limit` (so that a waiting predicate is checked even
+        while results keep coming)."""
+        for _ in range(limit):
             method, props, body = self.channel.basic_get(self.results_queue, auto_ack=True)
             if method is None:
                 return

@@ -271,7 +271,9 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
     bus = Bus(s)
     notify = NotifySocket(tmp_path / "notify.sock")
     products = [uid("SKU") for _ in range(5)]
-    n = 3000  # enough that the stop (signal, then the children notice) lands mid-burst
+    # Enough that the stop (signal, then the children notice) lands mid-burst: a CI run once
+    # applied all of 3,000 before the results counted here reached a tenth of them.
+    n = 10_000
     ids = []
     try:
         w = WorkerProcess(s, processes=2, log_path=logs_dir / f"sigterm-{uuid.uuid4().hex[:6]}.log",
@@ -298,7 +300,14 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
 
         publisher = threading.Thread(target=publish)
         publisher.start()
-        bus.wait_for(lambda rs: len(rs) >= n // 10, timeout=60)
+        def applied() -> int:
+            with pg(s) as cur:
+                cur.execute("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,))
+                return cur.fetchone()[0]
+
+        # Counted in the database: reading a tenth of the results off the queue took as long as
+        # the worker needed for the whole burst.
+        poll(lambda: applied() >= n // 10, timeout=60, interval=0.02, what="a tenth of the burst applied")
         started = time.monotonic()
         w.proc.send_signal(signal.SIGTERM)
         rc = w.proc.wait(grace + 10)

@@ -17,15 +17,8 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
 $$;
 
--- The body of every result event (the contract's envelope).
-CREATE OR REPLACE FUNCTION event_body(p_id uuid, p_causation_id uuid, p_type text, p_data jsonb) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT jsonb_build_object('id', p_id, 'type', p_type, 'occurred_at', rfc3339(now()),
-                              'causation_id', p_causation_id, 'data', p_data)
-$$;
-
--- A result event as the worker publishes it: {outbox_id, message_id, routing_key, body}.
--- Its outbox row is written by apply_events() at the end of the batch, with this id.
+-- A result event as the worker publishes it: {outbox_id, message_id, routing_key, body}, the
+-- body being the contract's envelope. Its outbox id is taken now; write_outbox() writes it.
 CREATE OR REPLACE FUNCTION new_message(p_causation_id uuid, p_type text, p_data jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -33,9 +26,17 @@ DECLARE
 BEGIN
     RETURN jsonb_build_object(
         'outbox_id', nextval('outbox_id_seq'), 'message_id', v_id, 'routing_key', p_type,
-        'body', jsonb_build_object('id', v_id, 'type', p_type,
-                                   'occurred_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'body', jsonb_build_object('id', v_id, 'type', p_type, 'occurred_at', rfc3339(now()),
                                    'causation_id', p_causation_id, 'data', p_data));
+END $$;
+
+-- The outbox rows of messages made by new_message(), in one INSERT.
+CREATE OR REPLACE FUNCTION write_outbox(p_messages jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO outbox (id, message_id, routing_key, body)
+    SELECT (m->>'outbox_id')::bigint, (m->>'message_id')::uuid, m->>'routing_key', m->'body'
+      FROM unnest(p_messages) AS m;
 END $$;
 
 CREATE OR REPLACE FUNCTION product_figures(p products) RETURNS jsonb
@@ -563,9 +564,7 @@ BEGIN
         -- its original). Undo it all; the worker retries and then finds a duplicate.
         RAISE EXCEPTION 'an event of this batch was applied concurrently' USING ERRCODE = 'serialization_failure';
     END IF;
-    INSERT INTO outbox (id, message_id, routing_key, body)
-    SELECT (m->>'outbox_id')::bigint, (m->>'message_id')::uuid, m->>'routing_key', m->'body'
-      FROM unnest(v_results) r, jsonb_array_elements(r->'messages') m;
+    PERFORM write_outbox(ARRAY(SELECT m FROM unnest(v_results) r, jsonb_array_elements(r->'messages') m));
     RETURN to_jsonb(v_results);
 END $$;
 
@@ -580,6 +579,7 @@ END $$;
 
 -- Functions of earlier versions of this file, no longer used.
 DROP FUNCTION IF EXISTS emit(uuid, text, jsonb);
+DROP FUNCTION IF EXISTS event_body(uuid, uuid, text, jsonb);
 DROP FUNCTION IF EXISTS move_stock(text, bigint, bigint, text, text, uuid, text, integer);
 DROP FUNCTION IF EXISTS release_lines(text, text, uuid);
 DROP FUNCTION IF EXISTS lock_order_products(text);
@@ -662,23 +662,13 @@ BEGIN
       FROM (SELECT l.product_id, sum(l.quantity) AS quantity
               FROM lines_of_orders(v_expired) l GROUP BY l.product_id) s
      WHERE p.product_id = s.product_id;
-    -- What emit() does, for the whole batch in one INSERT (emit row by row costs more than
-    -- the rest of the sweep together).
-    WITH ev AS (
-        SELECT gen_random_uuid() AS id, o.placed_event_id, event_data FROM (
-            SELECT o.order_id, o.placed_event_id, jsonb_build_object(
-                       'order_id', o.order_id, 'lines', order_lines_json(o.order_id),
-                       'expired_at', rfc3339(o.expires_at)) AS event_data
-              FROM unnest(v_expired) e(order_id) JOIN orders o USING (order_id)
-             ORDER BY o.order_id) o
-    ), written AS (
-        INSERT INTO outbox (message_id, routing_key, body)
-        SELECT id, 'inventory.expired', event_body(id, placed_event_id, 'inventory.expired', event_data) FROM ev
-        RETURNING id, message_id, routing_key, body
-    )
-    SELECT jsonb_agg(jsonb_build_object('outbox_id', id, 'message_id', message_id,
-                                        'routing_key', routing_key, 'body', body) ORDER BY id)
-      INTO v_msgs FROM written;
+    SELECT coalesce(jsonb_agg(m), '[]'::jsonb) INTO v_msgs FROM (
+        SELECT new_message(o.placed_event_id, 'inventory.expired', jsonb_build_object(
+                   'order_id', o.order_id, 'lines', order_lines_json(o.order_id),
+                   'expired_at', rfc3339(o.expires_at))) AS m
+          FROM unnest(v_expired) e(order_id) JOIN orders o USING (order_id)
+         ORDER BY o.order_id) x;
+    PERFORM write_outbox(ARRAY(SELECT jsonb_array_elements(v_msgs)));
     RETURN jsonb_build_object('expired', cardinality(v_expired), 'candidates', cardinality(v_candidates),
         'messages', v_msgs, 'products', (
         SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)

@@ -361,22 +361,20 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, serve
             return [x["child_pid"] for x in log_lines(w.log_path)
                     if x.get("event") == "process started" and x.get("role") == "consumer-0"]
 
+        def fails_on_consumers(route: str, logged: str) -> None:
+            """route answers 503 naming the consumers, and the log says `logged` of them."""
+            _, _, body = poll(lambda: (r := http_get(w.base_url + route, timeout=5))[0] == 503 and r,
+                              interval=0.05, what=f"{route} 503")
+            assert json.loads(body)["failing"] == ["consumers"]
+            poll(lambda: any(logged in str(x.get("failing", {}).get("consumers", ""))
+                             for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
+                 what=f"the log saying {logged!r}")
+
         (stuck_pid,) = consumer_pids()
         os.kill(stuck_pid, signal.SIGSTOP)
-        status, _, body = poll(lambda: (r := http_get(w.base_url + "/healthz", timeout=5))[0] == 503 and r,
-                               interval=0.05, what="/healthz 503")
-        assert json.loads(body)["failing"] == ["consumers"]
-        poll(lambda: any("consumer-0" in str(x.get("failing", {}).get("consumers", ""))
-                         for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
-             what="the log naming the stuck consumer")
-
+        fails_on_consumers("/healthz", "consumer-0")
         # killed, and until its successor attaches to the queue: not ready, naming it
-        status, _, body = poll(lambda: (r := http_get(w.base_url + "/readyz", timeout=5))[0] == 503 and r,
-                               interval=0.05, what="/readyz 503")
-        assert json.loads(body)["failing"] == ["consumers"]
-        poll(lambda: any("not attached to the queue: consumer-0" in str(x.get("failing", {}).get("consumers", ""))
-                         for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
-             what="the log naming the detached consumer")
+        fails_on_consumers("/readyz", "not attached to the queue: consumer-0")
         new_pid = poll(lambda: [p for p in consumer_pids() if p != stuck_pid], what="a new consumer-0")[0]
         poll(lambda: http_get(w.base_url + "/healthz")[0] == 200, what="/healthz 200 again")
         poll(lambda: http_get(w.base_url + "/readyz")[0] == 200, what="/readyz 200 again")

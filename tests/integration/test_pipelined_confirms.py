@@ -2,8 +2,12 @@
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pika
+import pytest
 
 from inventory_worker import amqp
 from inventory_worker.store import OutgoingMessage
@@ -24,33 +28,40 @@ def _queue(ch, settings, **arguments) -> str:
     return q
 
 
-def test_a_batch_is_confirmed_as_a_whole_and_arrives_in_order(settings):
+@contextmanager
+def _publisher(settings) -> Iterator[tuple[Any, amqp.Publisher]]:
+    """A channel (topology declared) and a Publisher on one connection, closed at the end."""
     conn = amqp.connect(settings.rabbitmq)
     try:
         ch = conn.channel()
         amqp.declare_topology(ch, settings.rabbitmq)
+        yield ch, amqp.Publisher(conn.channel(), settings.rabbitmq)
+    finally:
+        conn.close()
+
+
+def _received(ch, q: str) -> list[int]:
+    """The `seq` of every message in q, in arrival order."""
+    got = []
+    while (r := ch.basic_get(q, auto_ack=True))[0] is not None:
+        got.append(json.loads(r[2])["seq"])
+    return got
+
+
+def test_a_batch_is_confirmed_as_a_whole_and_arrives_in_order(settings):
+    with _publisher(settings) as (ch, pub):
         q = _queue(ch, settings)
-        pub = amqp.Publisher(conn.channel(), settings.rabbitmq)
         first, second = _messages(300), _messages(50, start=301)
         assert pub.publish_results(first) == [m.outbox_id for m in first]
         assert pub.publish_results(second) == [m.outbox_id for m in second]
-        got = []
-        while (r := ch.basic_get(q, auto_ack=True))[0] is not None:
-            got.append(json.loads(r[2])["seq"])
-        assert got == list(range(1, 351))
-    finally:
-        conn.close()
+        assert _received(ch, q) == list(range(1, 351))
 
 
 def test_results_sent_without_waiting_are_confirmed_later_in_order(settings):
     """send_results returns before the confirms; they are collected later, none lost, in order;
     past max_in_flight unconfirmed messages it waits for the broker."""
-    conn = amqp.connect(settings.rabbitmq)
-    try:
-        ch = conn.channel()
-        amqp.declare_topology(ch, settings.rabbitmq)
+    with _publisher(settings) as (ch, pub):
         q = _queue(ch, settings)
-        pub = amqp.Publisher(conn.channel(), settings.rabbitmq)
         first, second = _messages(300), _messages(200, start=301)
         pub.send_results(first)
         pub.send_results(second, max_in_flight=100)
@@ -59,31 +70,16 @@ def test_results_sent_without_waiting_are_confirmed_later_in_order(settings):
         assert pub.in_flight == 0
         assert pub.take_confirmed() == list(range(1, 501))
         assert pub.take_confirmed() == [] and pub.take_refused() == 0
-        got = []
-        while (r := ch.basic_get(q, auto_ack=True))[0] is not None:
-            got.append(json.loads(r[2])["seq"])
-        assert got == list(range(1, 501))
-    finally:
-        conn.close()
+        assert _received(ch, q) == list(range(1, 501))
 
 
 def test_nacked_results_are_left_out(settings):
     """A queue that refuses more than 3 messages makes the broker nack the rest."""
-    conn = amqp.connect(settings.rabbitmq)
-    try:
-        ch = conn.channel()
-        amqp.declare_topology(ch, settings.rabbitmq)
+    with _publisher(settings) as (ch, pub):
         _queue(ch, settings, **{"x-max-length": 3, "x-overflow": "reject-publish"})
-        pub = amqp.Publisher(conn.channel(), settings.rabbitmq)
-        msgs = _messages(8)
-        assert pub.publish_results(msgs) == [1, 2, 3]
-        try:
+        assert pub.publish_results(_messages(8)) == [1, 2, 3]
+        with pytest.raises(amqp.NotConfirmed):
             pub.publish_all(_messages(2, start=9))
-            raise AssertionError("publish_all accepted nacked messages")
-        except amqp.NotConfirmed:
-            pass
-    finally:
-        conn.close()
 
 
 def test_dead_letters_still_wait_for_their_own_confirm(settings):
@@ -92,17 +88,13 @@ def test_dead_letters_still_wait_for_their_own_confirm(settings):
     from ..support import delete_topology, with_own_queues
 
     settings = with_own_queues(settings, uuid.uuid4().hex[:8])  # a DLQ no other test writes to
-    conn = amqp.connect(settings.rabbitmq)
     try:
-        ch = conn.channel()
-        amqp.declare_topology(ch, settings.rabbitmq)
-        pub = amqp.Publisher(conn.channel(), settings.rabbitmq)
-        pub.publish_results(_messages(20))  # interleaved with the pipelined channel
-        pub.dead_letter(b"not json", pika.BasicProperties(message_id="m-1"), "order.placed", "bad body")
-        method, props, body = ch.basic_get(settings.rabbitmq.dead_letter_queue, auto_ack=True)
-        assert body == b"not json" and props.headers["x-inventory-error"] == "bad body"
+        with _publisher(settings) as (ch, pub):
+            pub.publish_results(_messages(20))  # interleaved with the pipelined channel
+            pub.dead_letter(b"not json", pika.BasicProperties(message_id="m-1"), "order.placed", "bad body")
+            method, props, body = ch.basic_get(settings.rabbitmq.dead_letter_queue, auto_ack=True)
+            assert body == b"not json" and props.headers["x-inventory-error"] == "bad body"
     finally:
-        conn.close()
         delete_topology(settings)
 
 

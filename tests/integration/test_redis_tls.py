@@ -36,13 +36,18 @@ def tls_redis(tmp_path_factory):
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.pem", "-days", "1", "-extfile", "ext", cwd=d)
     port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", "server.pem", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.pem",
-         "--tls-auth-clients", "no", "--save", "", "--appendonly", "no"],
-        cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     settings = RedisSettings(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(d / "ca.pem"),
                              key_prefix=f"tls:{uid()}:")
+    yield from _private_redis(
+        ["--port", "0", "--tls-port", str(port), "--tls-cert-file", "server.pem", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"], settings, cwd=d)
+
+
+def _private_redis(args: list[str], settings: RedisSettings, cwd: Path | None = None):
+    """A redis-server of this module's own with `args`, until the fixture ends; yields
+    `settings` once the cache's client gets an answer."""
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
+                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -51,7 +56,7 @@ def tls_redis(tmp_path_factory):
                 break
             except redis.ConnectionError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("the private TLS redis-server did not start")
+                    pytest.fail(f"the private redis-server ({' '.join(args)}) did not start")
                 time.sleep(0.1)
         yield settings
     finally:
@@ -108,24 +113,8 @@ def test_the_async_client_works_over_verified_tls_and_refuses_an_untrusted_certi
 @pytest.fixture(scope="module")
 def password_redis():
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass",
-                             "s3cret-pass", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     settings = RedisSettings(host="127.0.0.1", port=port, password="s3cret-pass", db=2)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                StockCache(settings).ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("the private redis-server with a password did not start")
-                time.sleep(0.1)
-        yield settings
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    yield from _private_redis(["--port", str(port), "--requirepass", "s3cret-pass"], settings)
 
 
 def test_the_async_client_authenticates_and_selects_its_database(password_redis):

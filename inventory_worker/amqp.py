@@ -20,9 +20,13 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from . import amqp_transport
 from .config import RabbitMQSettings, reveal
 from .contract import INPUT_TYPES
 from .store import OutgoingMessage
+
+amqp_transport.coalesce_writes()
+
 
 class NotConfirmed(pika.exceptions.AMQPError):
     """The broker nacked, or did not confirm in time, messages that had to be confirmed."""

@@ -84,7 +84,11 @@ class Store:
     def connect(self) -> psycopg2.extensions.connection:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = psycopg2.connect(**self.settings.dsn())
+                conn = psycopg2.connect(**self.settings.dsn())
+                # No implicit BEGIN: `transaction()` still opens one explicitly (psycopg2 >= 2.9
+                # does so on autocommit connections too); `_statement()` needs none.
+                conn.autocommit = True
+                self._conn = conn
             except psycopg2.Error as exc:
                 raise TransientError(f"cannot connect to PostgreSQL: {str(exc).strip()}") from exc
         return self._conn
@@ -111,6 +115,27 @@ class Store:
                 self._conn = None
             raise
 
+    @contextmanager
+    def _statement(self) -> Iterator[psycopg2.extensions.cursor]:
+        """A cursor for ONE execute() that is its own transaction, in one round trip.
+
+        PostgreSQL runs the statements of one simple-query message (psycopg2 sends one per
+        execute) as a single transaction and commits it before it answers: all of them or none,
+        without the two extra round trips of BEGIN and COMMIT that `transaction()` pays.
+        """
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                yield cur
+        except psycopg2.Error as exc:
+            if conn.closed:
+                self._conn = None
+            raise _classify(exc) from exc
+        except BaseException:
+            if conn.closed:
+                self._conn = None
+            raise
+
     # -- events -----------------------------------------------------------------------------
 
     def apply_batch(
@@ -121,8 +146,9 @@ class Store:
         `mark_published` lets the caller fold the previous batch's confirmed outbox ids into
         this same commit instead of paying for a transaction of their own.
         """
-        with self.transaction() as cur:
-            # One round trip: both statements in one message (the result is the last one's).
+        with self._statement() as cur:
+            # One round trip and one transaction: both statements in one message (the result
+            # is the last one's).
             cur.execute(
                 ("SELECT mark_published(%s); " if mark_published else "")
                 + "SELECT apply_events(%s::jsonb, %s)",

@@ -146,3 +146,36 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
             conn.channel().exchange_delete(s.rabbitmq.events_exchange)
         finally:
             conn.close()
+
+
+def test_a_batch_goes_out_in_few_sends_and_arrives_intact(settings, monkeypatch):
+    """pika writes every frame with its own send(); amqp_transport joins what is queued. A batch
+    of 300 results (900 frames, one body larger than a frame, so split) takes a few sends, and
+    every body arrives whole, in order."""
+    from pika.adapters.utils import io_services_utils
+
+    from inventory_worker import amqp_transport
+
+    assert amqp_transport.coalesce_writes()  # installed on import of amqp; idempotent
+    sends: list[int] = []
+    real_send = io_services_utils._AsyncTransportBase._sigint_safe_send
+
+    def counting_send(sock, data):
+        sends.append(len(data))
+        return real_send(sock, data)
+
+    with _publisher(settings) as (ch, pub):
+        q = _queue(ch, settings)
+        messages = _messages(300)
+        messages[7].body["padding"] = "x" * 300_000  # > frame_max (128 KiB): several body frames
+        monkeypatch.setattr(io_services_utils._AsyncTransportBase, "_sigint_safe_send", staticmethod(counting_send))
+        pub.send_results(messages)
+        pub.drain()
+        monkeypatch.undo()
+        assert pub.take_confirmed() == list(range(1, 301))
+        assert 0 < len(sends) <= 10, sends  # without joining: 900+ sends
+        got = []
+        while (r := ch.basic_get(q, auto_ack=True))[0] is not None:
+            got.append(json.loads(r[2]))
+        assert [b["seq"] for b in got] == list(range(1, 301))
+        assert got[7]["padding"] == "x" * 300_000 and "padding" not in got[8]

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pika
 import pika.exceptions
 
@@ -200,7 +201,7 @@ class Publisher:
             ch._impl.basic_publish(
                 self.settings.events_exchange,
                 m.routing_key,
-                json.dumps(m.body, separators=(",", ":")).encode(),
+                orjson.dumps(m.body),
                 pika.BasicProperties(
                     content_type="application/json",
                     delivery_mode=pika.DeliveryMode.Persistent,

@@ -7,10 +7,10 @@ processes race the cache never goes back to older figures.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -38,16 +38,15 @@ return written
 
 def encode_figures(figures: dict[str, Any]) -> bytes:
     """The cached and served representation; `version` first (see the Lua script)."""
-    return json.dumps(
+    return orjson.dumps(
         {
             "version": int(figures["version"]),
             "product_id": figures["product_id"],
             "on_hand": int(figures["on_hand"]),
             "reserved": int(figures["reserved"]),
             "available": int(figures["available"]),
-        },
-        separators=(",", ":"),
-    ).encode()
+        }
+    )
 
 
 class StockCache:

@@ -8,6 +8,8 @@ by the stored procedures in sql/procedures/, not here.
 from __future__ import annotations
 
 import json
+
+import orjson
 import uuid
 from datetime import datetime, UTC
 from typing import Annotated, Any, Literal
@@ -135,11 +137,9 @@ def parse_event(body: bytes, routing_key: str | None = None, max_bytes: int | No
     if max_bytes is not None and len(body) > max_bytes:
         raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = orjson.loads(body)  # strict: invalid UTF-8, NaN, nesting past 1024 are errors
+    except orjson.JSONDecodeError as exc:
         raise InvalidMessage(f"body is not JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidMessage("body is not JSON: nested too deeply") from None
     if not isinstance(raw, dict):
         raise InvalidMessage("body is not a JSON object")
     try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
 import time
 from typing import Any
 
+import orjson
 import structlog
 
 from .config import LoggingSettings
@@ -46,6 +48,15 @@ def _timestamp() -> Any:
     return stamp
 
 
+def _json_line(event: dict, **kw: Any) -> str:
+    """orjson for the line (a few microseconds less per event); the json module for what
+    orjson refuses (integers past 64 bits, say), so that a log call never fails."""
+    try:
+        return orjson.dumps(event, default=kw.get("default"), option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(event, **kw)
+
+
 def configure(settings: LoggingSettings, **context: object) -> None:
     fmt = settings.format
     if fmt == "auto":
@@ -53,7 +64,7 @@ def configure(settings: LoggingSettings, **context: object) -> None:
     renderer = (
         structlog.dev.ConsoleRenderer()
         if fmt == "console"
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_json_line)
     )
     level = getattr(logging, settings.level)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")

@@ -9,12 +9,12 @@ Errors are sorted in two kinds, because the consumer treats them differently:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
@@ -88,6 +88,8 @@ class Store:
                 # No implicit BEGIN: `transaction()` still opens one explicitly (psycopg2 >= 2.9
                 # does so on autocommit connections too); `_statement()` needs none.
                 conn.autocommit = True
+                psycopg2.extras.register_default_jsonb(conn, loads=orjson.loads)
+                psycopg2.extras.register_default_json(conn, loads=orjson.loads)
                 self._conn = conn
             except psycopg2.Error as exc:
                 raise TransientError(f"cannot connect to PostgreSQL: {str(exc).strip()}") from exc
@@ -153,7 +155,7 @@ class Store:
                 ("SELECT mark_published(%s); " if mark_published else "")
                 + "SELECT apply_events(%s::jsonb, %s)",
                 ((list(mark_published),) if mark_published else ())
-                + (json.dumps(list(events)), self.default_ttl_seconds),
+                + (orjson.dumps(list(events)).decode(), self.default_ttl_seconds),
             )
             results = cur.fetchone()[0]
         return [Outcome.from_json(r) for r in results]

@@ -7,7 +7,6 @@ worker, as a real co-located producer and consumer would.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import random
 import time
@@ -16,8 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pika
 
+from inventory_worker import amqp_transport
 from inventory_worker.config import Settings
 
 UNIFORM_PRODUCTS = 10_000
@@ -55,6 +56,7 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
     """Publishes `count` orders, as fast as it can (rate None) or at `rate` per second, paced
     every 5 ms (open loop: it does not wait for results). Sends {id: wall-clock sent} back."""
     rng = random.Random(seed)
+    amqp_transport.coalesce_writes()  # as in the worker: one send() per flush, not per frame
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     ch = conn.channel()
     # Confirms: an input the broker did not take must not be counted against the worker as
@@ -91,7 +93,7 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
         body = {"id": eid, "type": "order.placed",
                 "occurred_at": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
                 "data": data}
-        ch._impl.basic_publish(exchange, "order.placed", json.dumps(body).encode(), properties=props)
+        ch._impl.basic_publish(exchange, "order.placed", orjson.dumps(body), properties=props)
         outstanding[i + 1] = eid
         sent[eid] = now
         if rate or i % 50 == 0:
@@ -118,6 +120,7 @@ def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: A
     `idle_timeout` s). Sends {causation_id: (arrival wall-clock, type, reserved quantity)}.
     Results of other inputs (e.g. the relay republishing an earlier run's row) are ignored."""
     expected, wanted = len(ids), set(ids)
+    amqp_transport.coalesce_writes()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     ch = conn.channel()
     q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
@@ -128,7 +131,7 @@ def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: A
 
     def on_message(_ch: Any, _m: Any, _p: Any, body: bytes) -> None:
         now = time.time()
-        r = json.loads(body)
+        r = orjson.loads(body)
         cid = r["causation_id"]
         if cid in wanted and cid not in got:  # a result may arrive twice (relay after a crash): first one counts
             qty = sum(line["quantity"] for line in r["data"].get("lines", [])) if r["type"] == "inventory.reserved" else 0
@@ -238,7 +241,7 @@ def naive_consumer(settings: Settings, stop: Any) -> None:
         ch.basic_ack(method.delivery_tag)
         for m in res.messages:
             pub.basic_publish(settings.rabbitmq.events_exchange, m.routing_key,
-                              json.dumps(m.body, separators=(",", ":")).encode(),
+                              orjson.dumps(m.body),
                               properties=pika.BasicProperties(content_type="application/json", delivery_mode=2,
                                                               message_id=m.message_id, type=m.routing_key))
             marks.append(m.outbox_id)

@@ -128,9 +128,12 @@ class ProcessHealth:
     def age(self, slot: int) -> float:
         return time.monotonic() - self.last_beat(slot)
 
+    def allowed_silence(self, slot: int, timeout: float) -> float:
+        """How long consumer `slot` may go without a beat in its current phase."""
+        return timeout if self._buf[self._phase + slot] == RUNNING else startup_allowance(timeout)
+
     def is_stuck(self, slot: int, timeout: float) -> bool:
-        limit = timeout if self._buf[self._phase + slot] == RUNNING else startup_allowance(timeout)
-        return self.age(slot) > limit
+        return self.age(slot) > self.allowed_silence(slot, timeout)
 
     def stuck(self, timeout: float) -> list[int]:
         """The consumer slots without a heartbeat for longer than they are allowed."""

@@ -4,10 +4,11 @@
                              └─ http                        the read-only endpoint
 
 A child that dies is restarted (with backoff if it keeps dying); so is a consumer whose
-heartbeat is older than `worker.heartbeat_timeout_seconds` (stuck: killed first). SIGTERM or
-SIGINT: every child stops consuming, finishes and acks what it holds, and exits; children
-still alive after the grace period are killed. Children exit by themselves if the
-supervisor vanishes. Under systemd (Type=notify) it reports READY, WATCHDOG and STOPPING.
+heartbeat is older than `worker.heartbeat_timeout_seconds` (stuck: killed first; counted from
+the supervisor's own resume if it was paused, see PAUSE_SECONDS). SIGTERM or SIGINT: every
+child stops consuming, finishes and acks what it holds, and exits; children still alive after
+the grace period are killed. Children exit by themselves if the supervisor vanishes. Under
+systemd (Type=notify) it reports READY, WATCHDOG and STOPPING.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ from .health import ConsumerSlot, ProcessHealth, startup_allowance
 from .logs import configure, get_logger
 
 log = get_logger(__name__)
+
+# The main loop checks the children every 0.2 s. Checks further apart than this mean the
+# supervisor itself did not run in between (VM or host paused or suspended, SIGSTOP of the
+# service, a long stall): CLOCK_MONOTONIC went on, so every heartbeat looks that much older,
+# though the children were most likely frozen too and beat again as soon as they run. Judged
+# at once, healthy consumers would be killed; so after such a gap their silence is counted
+# from the resume, and one really stuck is killed `timeout` after it. 2 s: ten times the loop's
+# interval, and well below any sensible timeout (a shorter gap adds at most that much to the
+# age of a healthy consumer's heartbeat).
+PAUSE_SECONDS = 2.0
 
 
 def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
@@ -107,6 +118,8 @@ class Supervisor:
         self.children = [Child(role) for role in roles]
         # Named shared memory: granian's worker processes attach to it too (http_server.py).
         self.health = ProcessHealth.create(self.processes)
+        self._last_check: float | None = None  # monotonic time of the previous check
+        self._resumed = float("-inf")  # of the last resume after a pause (PAUSE_SECONDS)
 
     def _slot(self, child: Child) -> int | None:
         return int(child.role.rsplit("-", 1)[1]) if child.role.startswith("consumer-") else None
@@ -125,10 +138,23 @@ class Supervisor:
         log.info("process started", role=child.role, child_pid=child.process.pid)
 
     def _stuck(self, child: Child, slot: int, now: float, timeout: float) -> bool:
-        # `started` is on the same monotonic clock as the beats (see health.py).
-        if self.health.last_beat(slot) < child.started:  # this process has not beaten yet
-            return now - child.started > startup_allowance(timeout)
-        return self.health.is_stuck(slot, timeout)
+        # `started` is on the same monotonic clock as the beats (see health.py). Silence is
+        # counted from the last resume at the earliest (PAUSE_SECONDS), startup's too.
+        beat = self.health.last_beat(slot)
+        if beat < child.started:  # this process has not beaten yet
+            return now - max(child.started, self._resumed) > startup_allowance(timeout)
+        return now - max(beat, self._resumed) > self.health.allowed_silence(slot, timeout)
+
+    def _stuck_consumers(self, now: float, timeout: float) -> list[Child]:
+        """One check of the main loop at monotonic time `now`: the live consumers to kill."""
+        if self._last_check is not None and (gap := now - self._last_check) > PAUSE_SECONDS:
+            self._resumed = now
+            log.warning("supervisor was paused; heartbeats are counted from now",
+                        paused_seconds=round(gap, 1))
+        self._last_check = now
+        return [child for child in self.children
+                if (slot := self._slot(child)) is not None and child.process is not None
+                and child.process.is_alive() and self._stuck(child, slot, now, timeout)]
 
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
@@ -150,16 +176,18 @@ class Supervisor:
         ready = False
         next_watchdog = 0.0
         stuck_reason: dict[str, str] = {}
+        self._last_check = time.monotonic()  # a pause before the first check counts too
         while not self._stop_requested:
             time.sleep(0.2)
             now = time.monotonic()
+            stuck = self._stuck_consumers(now, timeout)
             for child in self.children:
                 p = child.process
                 slot = self._slot(child)
                 if p is not None and p.is_alive():
                     if now - child.started > 30:
                         child.failures = 0
-                    if slot is not None and self._stuck(child, slot, now, timeout):
+                    if slot is not None and child in stuck:
                         log.error("process stuck; killing it", role=child.role, child_pid=p.pid,
                                   heartbeat_age_seconds=round(self.health.age(slot), 1))
                         p.kill()

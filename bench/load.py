@@ -68,7 +68,14 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
 
     def on_confirm(frame: Any) -> None:
         m = frame.method
-        done = [t for t in outstanding if t <= m.delivery_tag] if m.multiple else [m.delivery_tag]
+        if m.multiple:  # every tag up to this one: the oldest entries (dicts keep publish order)
+            done = []
+            for t in outstanding:
+                if t > m.delivery_tag:
+                    break
+                done.append(t)
+        else:
+            done = [m.delivery_tag]
         for t in done:
             eid = outstanding.pop(t, None)
             if eid is not None and isinstance(m, pika.spec.Basic.Nack):

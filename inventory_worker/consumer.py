@@ -28,7 +28,7 @@ from .cache import StockCache
 from .config import Settings
 from .contract import INPUT_TYPES, Event, InvalidMessage, parse_event
 from .health import ConsumerSlot
-from .logs import get_logger
+from .logs import get_logger, lines_together
 from .store import Outcome, OutgoingMessage, PermanentError, Store, TransientError
 
 log = get_logger(__name__)
@@ -239,6 +239,15 @@ class Consumer:
         channel.basic_ack(ack_tag, multiple=True)
         now = time.monotonic()
         counts: Counter[tuple[str, str]] = Counter()
+        with lines_together():
+            self._log_handled(items, results, now, counts)
+        for (type_, outcome), n in counts.items():  # one update per kind, not per event
+            metrics.EVENTS.labels(type_, outcome).inc(n)
+        metrics.BATCH_SIZE.observe(len(items))
+        self._publish(publisher, outgoing)
+
+    def _log_handled(self, items: list[tuple[Delivery, Event]], results: list[Outcome | PermanentError],
+                     now: float, counts: Counter[tuple[str, str]]) -> None:
         for (d, ev), res in zip(items, results, strict=True):
             if isinstance(res, Outcome):
                 counts[ev.type, res.outcome] += 1
@@ -254,10 +263,6 @@ class Consumer:
                     duration_ms=round((now - d.received) * 1000, 2),
                     **({"status": res.detail["status"]} if "status" in res.detail else {}),
                 )
-        for (type_, outcome), n in counts.items():  # one update per kind, not per event
-            metrics.EVENTS.labels(type_, outcome).inc(n)
-        metrics.BATCH_SIZE.observe(len(items))
-        self._publish(publisher, outgoing)
 
     def _too_many_attempts(self, conn: Any, publisher: amqp.Publisher, item: tuple[Delivery, Event]) -> bool:
         """Notes one more attempt to apply a redelivered message; dead-letters it past the limit.

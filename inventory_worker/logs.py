@@ -7,6 +7,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -15,20 +17,63 @@ import structlog
 from .config import LoggingSettings
 
 
+# Pipes (journald, a container runtime) keep a write of at most PIPE_BUF bytes whole.
+_PIPE_BUF = 4096
+_held = threading.local()
+
+
 class _StderrLogger:
     """Writes each line to sys.stderr as it is at that moment (tests and daemons replace it),
-    whole: one write and flush per line, under a lock shared by the process's threads, so
-    that lines of processes appending to one file do not interleave."""
+    whole: one write and flush per line (or per group of lines, see `lines_together`), under
+    a lock shared by the process's threads, so that lines of processes appending to one file
+    or pipe do not interleave."""
 
     _lock = threading.Lock()
 
     def msg(self, message: str) -> None:
-        with self._lock:
-            stream = sys.stderr
-            stream.write(message + "\n")
-            stream.flush()
+        held = getattr(_held, "lines", None)
+        if held is not None:
+            held.append(message)
+            return
+        _write([message])
 
     debug = info = warning = warn = error = critical = exception = fatal = failure = err = log = msg
+
+
+def _write(lines: list[str]) -> None:
+    """Whole lines, in writes of at most PIPE_BUF bytes where lines allow (a longer line goes alone)."""
+    chunks, chunk, size = [], [], 0
+    for line in lines:
+        n = len(line) + 1
+        if chunk and size + n > _PIPE_BUF:
+            chunks.append("".join(chunk))
+            chunk, size = [], 0
+        chunk.append(line + "\n")
+        size += n
+    if chunk:
+        chunks.append("".join(chunk))
+    with _StderrLogger._lock:
+        stream = sys.stderr
+        for c in chunks:
+            stream.write(c)
+            stream.flush()
+
+
+@contextmanager
+def lines_together() -> Iterator[None]:
+    """Lines logged by this thread inside the block are written at its end, a few per write
+    (the consumer's one line per event of a batch: one write per line was a third of the time
+    it spent logging)."""
+    if getattr(_held, "lines", None) is not None:  # nested: the outer block writes
+        yield
+        return
+    _held.lines = []
+    try:
+        yield
+    finally:
+        lines, _held.lines = _held.lines, None
+        if lines:
+            _write(lines)
 
 
 def _timestamp() -> Any:

@@ -51,3 +51,39 @@ def test_console_output_on_a_terminal():
     text = out.decode()
     assert "event handled" in text and "outcome" in text and "reserved" in text
     assert not text.lstrip().startswith("{")  # not JSON: the console renderer
+
+
+class _Recorder:
+    """A stderr that records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_lines_together_writes_whole_lines_in_order_in_pipe_sized_writes(monkeypatch):
+    from inventory_worker import logs
+    from inventory_worker.config import LoggingSettings
+
+    rec = _Recorder()
+    monkeypatch.setattr(sys, "stderr", rec)
+    logs.configure(LoggingSettings(format="json"), process="consumer-0")
+    log = logs.get_logger("t")
+    with logs.lines_together():
+        for i in range(100):
+            log.info("event handled", seq=i, pad="x" * 100)
+        with logs.lines_together():  # nested: still held for the outer block
+            log.info("event handled", seq=100, pad="y" * 5000)  # longer than a pipe's atomic write
+        assert rec.writes == []  # nothing before the block ends
+    log.info("after", seq=101)
+    lines = "".join(rec.writes).splitlines()
+    assert [json.loads(x)["seq"] for x in lines] == list(range(102))
+    assert all(w.endswith("\n") for w in rec.writes)
+    assert 5 <= len(rec.writes) <= 10  # 100 lines of ~170 bytes: a few per write, not one each
+    assert all(len(w.encode()) <= 4096 for w in rec.writes if "y" * 100 not in w)

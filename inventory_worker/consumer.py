@@ -5,11 +5,13 @@ For each batch, in this order:
   2. apply the valid events in ONE PostgreSQL transaction (stored procedures; idempotent);
   3. write the new figures to Redis (version-checked);
   4. ack the whole batch with one `multiple=True` ack: only after the commit;
-  5. publish the batch's result events and await their confirms together (pipelined); the
-     outbox rows of the confirmed ones are marked published in the next batch's transaction
-     (or at once when idle). Nacked or unconfirmed ones stay for the outbox relay. A crash anywhere leaves either an
-     unacked message (redelivered, absorbed by the idempotency table) or an unpublished
-     outbox row (published later by the relay with the same id).
+  5. send the batch's result events without waiting for their confirms (pipelined); the
+     confirms are collected as they come, and the outbox rows of the confirmed results are
+     marked published in the next batch's transaction (or at once when idle). Nacked or
+     unconfirmed ones stay for the outbox relay;
+  6. log one line per event (written together) and count them.
+A crash anywhere leaves either an unacked message (redelivered, absorbed by the idempotency
+table) or an unpublished outbox row (published later by the relay with the same id).
 """
 
 from __future__ import annotations
@@ -238,13 +240,13 @@ class Consumer:
         self._write_cache(list(products.values()))
         channel.basic_ack(ack_tag, multiple=True)
         now = time.monotonic()
+        self._publish(publisher, outgoing)  # before the bookkeeping below: results go out sooner
         counts: Counter[tuple[str, str]] = Counter()
         with lines_together():
             self._log_handled(items, results, now, counts)
         for (type_, outcome), n in counts.items():  # one update per kind, not per event
             metrics.EVENTS.labels(type_, outcome).inc(n)
         metrics.BATCH_SIZE.observe(len(items))
-        self._publish(publisher, outgoing)
 
     def _log_handled(self, items: list[tuple[Delivery, Event]], results: list[Outcome | PermanentError],
                      now: float, counts: Counter[tuple[str, str]]) -> None:

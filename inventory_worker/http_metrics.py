@@ -46,7 +46,7 @@ class HttpTally:
     def request(self, route: str, status: int, seconds: float) -> None:
         if not self._flushing:
             self._start_flusher()
-        bucket = bisect.bisect_left(self._bounds, seconds)  # the first bound >= seconds, as observe()
+        bucket = bisect.bisect_left(self._bounds, seconds)  # as metrics.bucket_index()
         with self._lock:
             key = (route, status)
             self._requests[key] = self._requests.get(key, 0) + 1
@@ -70,11 +70,7 @@ class HttpTally:
         for result, n in cache.items():
             metrics.CACHE.labels(result).inc(n)
         for route, (counts, total) in seconds.items():
-            child = metrics.HTTP_SECONDS.labels(route)
-            for i, n in enumerate(counts):
-                if n:
-                    child._buckets[i].inc(n)  # what observe() does, n at once
-            child._sum.inc(total)
+            metrics.add_observations(metrics.HTTP_SECONDS.labels(route), enumerate(counts), total)
 
     def _start_flusher(self) -> None:
         with self._lock:

@@ -51,3 +51,26 @@ def test_the_background_thread_flushes_within_its_interval():
     while value("inventory_http_requests_total", route=route, status="200") != 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_observe_many_gives_the_samples_of_observing_each_value():
+    """metrics.observe_many (the consumer's per-batch processing times) against observe()."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    buckets = metrics.EVENT_SECONDS._upper_bounds[:-1]
+    many = Histogram("many_seconds", "t", buckets=buckets, registry=registry)
+    each = Histogram("each_seconds", "t", buckets=buckets, registry=registry)
+    values = [0.0, 0.001, 0.0011, 0.0025, 0.003, 0.01, 0.4, 2.5, 9.9, 10.0, 12.0, 0.001, 0.02]
+    metrics.observe_many(many, values)
+    metrics.observe_many(many, [])  # nothing to add
+    for v in values:
+        each.observe(v)
+
+    def samples(prefix):
+        return {(s.name.replace(prefix, ""), tuple(sorted(s.labels.items()))): s.value
+                for m in registry.collect() if m.name.startswith(prefix) for s in m.samples
+                if not s.name.endswith("_created")}
+
+    assert samples("many") == samples("each")
+    assert samples("many")[("_seconds_count", ())] == len(values)

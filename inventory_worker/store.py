@@ -10,7 +10,7 @@ Errors are sorted in two kinds, because the consumer treats them differently:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,19 +103,8 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[psycopg2.extensions.cursor]:
         """One transaction; errors come out as TransientError or PermanentError."""
-        conn = self.connect()
-        try:
-            with conn:  # commit on success, rollback on error
-                with conn.cursor() as cur:
-                    yield cur
-        except psycopg2.Error as exc:
-            if conn.closed:
-                self._conn = None
-            raise _classify(exc) from exc
-        except BaseException:
-            if conn.closed:
-                self._conn = None
-            raise
+        with self._cursor(in_transaction=True) as cur:
+            yield cur
 
     @contextmanager
     def _statement(self) -> Iterator[psycopg2.extensions.cursor]:
@@ -125,9 +114,16 @@ class Store:
         execute) as a single transaction and commits it before it answers: all of them or none,
         without the two extra round trips of BEGIN and COMMIT that `transaction()` pays.
         """
+        with self._cursor(in_transaction=False) as cur:
+            yield cur
+
+    @contextmanager
+    def _cursor(self, in_transaction: bool) -> Iterator[psycopg2.extensions.cursor]:
+        """A cursor (inside BEGIN ... COMMIT/ROLLBACK if asked); psycopg2's errors come out
+        sorted, and a connection that closed is dropped, to be made anew."""
         conn = self.connect()
         try:
-            with conn.cursor() as cur:
+            with conn if in_transaction else nullcontext(), conn.cursor() as cur:
                 yield cur
         except psycopg2.Error as exc:
             if conn.closed:

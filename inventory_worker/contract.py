@@ -8,12 +8,11 @@ by the stored procedures in sql/procedures/, not here.
 from __future__ import annotations
 
 import json
-
-import orjson
 import uuid
 from datetime import datetime, UTC
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AwareDatetime,
     BaseModel,

@@ -219,6 +219,8 @@ def test_oversized_body_is_refused_before_parsing():
         (b"{", "not JSON"),
         (b"\xff\xfe\x00", "not JSON"),
         (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (b'{"id": NaN}', "not JSON"),  # RFC 8259 has no NaN or Infinity (the json module took them)
+        (b'{"data": {"quantity": Infinity}}', "not JSON"),
         (b"[]", "not a JSON object"),
         (b'"order.placed"', "not a JSON object"),
         (b"null", "not a JSON object"),

@@ -87,3 +87,16 @@ def test_lines_together_writes_whole_lines_in_order_in_pipe_sized_writes(monkeyp
     assert all(w.endswith("\n") for w in rec.writes)
     assert 5 <= len(rec.writes) <= 10  # 100 lines of ~170 bytes: a few per write, not one each
     assert all(len(w.encode()) <= 4096 for w in rec.writes if "y" * 100 not in w)
+
+
+def test_a_value_orjson_refuses_still_gives_a_json_line(monkeypatch):
+    """Integers past 64 bits: the renderer falls back to the json module instead of failing."""
+    from inventory_worker import logs
+    from inventory_worker.config import LoggingSettings
+
+    rec = _Recorder()
+    monkeypatch.setattr(sys, "stderr", rec)
+    logs.configure(LoggingSettings(format="json"), process="consumer-0")
+    logs.get_logger("t").info("big", n=2**70, keys={1: "a"})
+    line = json.loads("".join(rec.writes))
+    assert line["n"] == 2**70 and line["event"] == "big" and line["keys"] == {"1": "a"}

@@ -11,9 +11,11 @@
 -- to LANGUAGE sql functions from PL/pgSQL are avoided on the event path: PostgreSQL plans
 -- them again on every call, which cost more than the work itself.
 
--- RFC 3339 in UTC, microseconds, as every message carries.
+-- RFC 3339 in UTC, microseconds, as every message carries. STABLE, as to_char() is: a SQL
+-- function is inlined into its caller only when it claims no more than its body does. Declared
+-- IMMUTABLE it was called through the SQL-function executor instead, 1.4 us a call against 0.5.
 CREATE OR REPLACE FUNCTION rfc3339(ts timestamptz) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql STABLE AS $$
     SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
 $$;
 
@@ -40,7 +42,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION product_figures(p products) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql STABLE AS $$  -- STABLE as jsonb_build_object() is, so that it is inlined
     SELECT jsonb_build_object('product_id', p.product_id, 'on_hand', p.on_hand,
         'reserved', p.reserved, 'available', p.on_hand - p.reserved, 'version', p.version)
 $$;

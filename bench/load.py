@@ -19,6 +19,8 @@ import orjson
 import pika
 
 from inventory_worker import amqp_transport
+
+from . import cpu
 from inventory_worker.config import Settings
 
 UNIFORM_PRODUCTS = 10_000
@@ -90,6 +92,7 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
     orders = [workload.order(rng) for _ in ids]
     sent: dict[str, float] = {}
     started.wait()
+    cpu0 = time.process_time()  # what publishing costs, without start-up and making the orders
     t0 = time.monotonic()
     for i, data in enumerate(orders):
         if rate:
@@ -116,7 +119,7 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
     conn.close()
     for eid in nacked + list(outstanding.values()):
         sent.pop(eid, None)
-    out.send(sent)
+    out.send((sent, time.process_time() - cpu0))
     out.close()
 
 
@@ -149,10 +152,11 @@ def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: A
     ch.basic_qos(prefetch_count=2000)
     ch.basic_consume(q, on_message, auto_ack=True)
     ready.set()
+    cpu0 = time.process_time()
     while len(got) < expected and time.monotonic() - last[0] < idle_timeout:
         conn.process_data_events(time_limit=0.1)
     conn.close()
-    out.send(got)
+    out.send((got, time.process_time() - cpu0))
     out.close()
 
 
@@ -167,6 +171,8 @@ class RunResult:
     reserved_qty: int
     rejected: int
     seconds: float
+    load_cpu_seconds: float  # CPU the publisher and the collector used while the run went on
+    cpu_us_per_event: dict[str, float]  # by component (bench/cpu.py), when asked for
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
@@ -180,9 +186,10 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 def drive(settings: Settings, workload: Workload, count: int, rate: float | None = None,
-          seed: int = 1, idle_timeout: float = 20.0) -> RunResult:
+          seed: int = 1, idle_timeout: float = 20.0, worker_pids: set[int] | None = None) -> RunResult:
     """Publishes `count` orders (at `rate`/s, or flat out) while something consumes the input
-    queue; waits for every result; returns throughput and latency from occurred_at to result."""
+    queue; waits for every result; returns throughput and latency from occurred_at to result.
+    With `worker_pids`, also the CPU the whole machine spent per event, by component."""
     ctx = multiprocessing.get_context("spawn")
     ids = [str(uuid.uuid4()) for _ in range(count)]
     ready, go = ctx.Event(), ctx.Event()
@@ -194,11 +201,14 @@ def drive(settings: Settings, workload: Workload, count: int, rate: float | None
     publisher.start()
     if not ready.wait(30):
         raise RuntimeError("result collector did not start")
+    meter = cpu.CpuMeter(worker_pids) if worker_pids is not None else None
     t0 = time.monotonic()
     go.set()
-    sent = p_recv.recv()
-    got = c_recv.recv()
+    sent, publisher_cpu = p_recv.recv()
+    got, collector_cpu = c_recv.recv()
     elapsed = time.monotonic() - t0
+    load_cpu = publisher_cpu + collector_cpu
+    per_event = meter.per_event(len(got), load_generator_seconds=load_cpu) if meter else {}
     publisher.join(10)
     collector.join(10)
     arrivals = sorted(a for a, _, _ in got.values())
@@ -214,7 +224,7 @@ def drive(settings: Settings, workload: Workload, count: int, rate: float | None
         p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
         reserved_qty=sum(q for _, t, q in got.values() if t == "inventory.reserved"),
         rejected=sum(1 for _, t, _ in got.values() if t == "inventory.rejected"),
-        seconds=elapsed,
+        seconds=elapsed, load_cpu_seconds=load_cpu, cpu_us_per_event=per_event,
     )
 
 

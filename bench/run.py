@@ -60,7 +60,7 @@ from tests.support import (
     settings_env,
 )
 
-from . import load
+from . import cpu, load
 
 
 @dataclass
@@ -171,7 +171,7 @@ def pgbench(settings: Settings, plan: Plan) -> dict[str, Any]:
         cur.execute("SHOW synchronous_commit")
         sync = cur.fetchone()[0]
     db = settings.database
-    out: dict[str, Any] = {"fsync": fsync, "synchronous_commit": sync, "tps": {}}
+    out: dict[str, Any] = {"fsync": fsync, "synchronous_commit": sync, "tps": {}, "cpu_us_per_txn": {}}
     runs = [(c, 10_000) for c in plan.pgbench_clients] + [(16, 10)]
     with tempfile.TemporaryDirectory() as tmp:
         for clients, rows in runs:
@@ -180,13 +180,17 @@ def pgbench(settings: Settings, plan: Plan) -> dict[str, Any]:
             cmd = ["pgbench", "-n", "-h", db.host, "-p", str(db.port), "-U", db.user, "-f", str(script),
                    "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(plan.pgbench_seconds), db.dbname]
             env = dict(os.environ, PGPASSWORD=db.password) if db.password else None
+            busy = cpu.machine_busy()
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=plan.pgbench_seconds + 60)
             m = re.search(r"tps = ([\d.]+)", res.stdout)
             if not m:
                 raise RuntimeError(f"pgbench failed: {res.stdout[-500:]} {res.stderr[-500:]}")
             key = f"c{clients}" if rows == 10_000 else f"c{clients}_hot10"
             out["tps"][key] = round(float(m.group(1)), 1)
-            log(f"pgbench {key}: {out['tps'][key]} tps")
+            done = re.search(r"transactions actually processed: (\d+)", res.stdout)
+            if done:  # the whole machine's CPU (pgbench's own included) per transaction
+                out["cpu_us_per_txn"][key] = cpu.machine_per_unit(busy, int(done.group(1)))
+            log(f"pgbench {key}: {out['tps'][key]} tps, {out['cpu_us_per_txn'].get(key)} us CPU per transaction")
     return out
 
 
@@ -260,7 +264,7 @@ def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path) -> dict[
         for name in plan.workloads:
             w = workload(name, f"w{procs}full")
             prepare(settings, w, plan.full_count)
-            full = load.drive(settings, w, plan.full_count)
+            full = load.drive(settings, w, plan.full_count, worker_pids=set(proc_tree(wp.proc.pid)))
             entry: dict[str, Any] = {"full": full.as_dict()}
             if name == "hot":
                 entry["full"].update(check_hot(settings, w, full))
@@ -408,6 +412,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                 "full_p99_ms": e["full"]["p99_ms"],
                 "lost": (e["full"]["sent"] - e["full"]["received"]) + (e["half"]["sent"] - e["half"]["received"]),
                 "oversold": e["full"].get("oversold", False) or e["half"].get("oversold", False),
+                "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
             })
     http = res.get("http", {})
     http_sum = {}
@@ -445,7 +450,27 @@ def print_table(res: dict[str, Any]) -> None:
     for wr in res["worker"]:
         if "peak_rss_mib" in wr:
             print(f"peak RSS x{wr['procs']}: {wr['peak_rss_mib']}")
+    print_cpu(res)
     print()
+
+
+def print_cpu(res: dict[str, Any]) -> None:
+    """CPU per event at full load, by component, beside pgbench's CPU per transaction: at equal
+    CPU use, their quotient bounds the throughput ratio to pgbench."""
+    rows = [r for r in res["summary"]["rows"] if r.get("cpu_us_per_event")]
+    per_txn = res["pgbench"].get("cpu_us_per_txn", {}).get("c16")
+    if not rows:
+        return
+    kinds = ["postgres", "rabbitmq", "worker", "redis", "load generator", "other", "total"]
+    print()
+    print(f"CPU per event at full load, us (whole machine; pgbench c16: {per_txn} us per transaction):")
+    print("  ".join(f"{h:>9}" for h in ("workload", "procs")) + "  " + "  ".join(f"{k:>14}" for k in kinds)
+          + "  pg16 txn/event")
+    for r in rows:
+        c = r["cpu_us_per_event"]
+        bound = ratio(per_txn, c.get("total", float("nan"))) if per_txn else float("nan")
+        print("  ".join(f"{v!s:>9}" for v in (r["workload"], r["procs"])) + "  "
+              + "  ".join(f"{c.get(k, ''):>14}" for k in kinds) + f"  {bound:>14}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,6 +20,8 @@ def test_bench_smoke(tmp_path, capsys):
     for row in saved["summary"]["rows"]:
         assert row["lost"] == 0, row
         assert row["oversold"] is False, row
+        cpu = row["cpu_us_per_event"]  # where the CPU went (bench/cpu.py): measured, not asserted
+        assert cpu["total"] > 0 and cpu["postgres"] > 0 and cpu["load generator"] > 0, cpu
     for wr in saved["worker"]:
         hot = wr["runs"]["hot"]
         for load in ("full", "half"):

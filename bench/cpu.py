@@ -1,0 +1,87 @@
+"""Where the machine's CPU goes: CPU time per event, by component, read from /proc.
+
+The worker shares two cores with PostgreSQL, RabbitMQ, Redis and the load generator, so its
+throughput is bounded by the CPU the whole pipeline spends per event. Comparing that with what
+pgbench spends per transaction (the baseline of the same run) shows what limits the ratio:
+
+  cpu = CpuMeter(worker_pids)      # before the run
+  ...                              # the run
+  cpu.per_event(events)            # {"postgres": us, "rabbitmq": us, ..., "total": us}
+
+Components are told apart by process name; the load generator by what its processes report
+(or, failing that, by the CPU the children reaped meanwhile used: RUSAGE_CHILDREN). Linux only: elsewhere it reports
+nothing rather than fail the benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+COMPONENTS = {"postgres": "postgres", "beam.smp": "rabbitmq", "redis-server": "redis"}
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """{pid: (name, user+system seconds)} of every process now alive."""
+    out: dict[int, tuple[str, float]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(p.name)] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent not idle, since boot (all cores)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / _TICK  # minus idle and iowait
+
+
+def _children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class CpuMeter:
+    """CPU used between its creation and per_event(), split by component."""
+
+    def __init__(self, worker_pids: set[int] | None = None) -> None:
+        self.available = Path("/proc/stat").exists()
+        self.worker_pids = worker_pids or set()
+        if self.available:
+            self._procs, self._busy, self._children = process_cpu(), machine_busy(), _children()
+
+    def per_event(self, events: int, load_generator_seconds: float | None = None) -> dict[str, float]:
+        """Microseconds of CPU per event: each component's, and the machine's total. The load
+        generator's CPU is what it reports itself when given (its start-up left out), else what
+        the children reaped meanwhile used."""
+        if not self.available or events <= 0:
+            return {}
+        procs, busy, children = process_cpu(), machine_busy(), _children()
+        used: dict[str, float] = {}
+        for pid, (name, seconds) in procs.items():
+            before = self._procs.get(pid)
+            delta = seconds - (before[1] if before and before[0] == name else 0.0)
+            if delta <= 0:
+                continue
+            kind = "worker" if pid in self.worker_pids else COMPONENTS.get(name)
+            if kind:
+                used[kind] = used.get(kind, 0.0) + delta
+        used["load generator"] = (children - self._children if load_generator_seconds is None
+                                  else load_generator_seconds)
+        used["total"] = busy - self._busy
+        used["other"] = max(0.0, used["total"] - sum(v for k, v in used.items() if k != "total"))
+        return {k: round(v / events * 1e6, 1) for k, v in used.items()}
+
+
+def machine_per_unit(before_busy: float, units: int) -> float:
+    """Microseconds of the machine's CPU per unit of work since `before_busy`."""
+    return round((machine_busy() - before_busy) / units * 1e6, 1) if units > 0 else float("nan")

@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
 ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
-.PHONY: run test fuzz migrate install clean asyncapi-specs bench soak chaos
+.PHONY: run test fuzz migrate install clean asyncapi-specs test-tools bench soak chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,22 @@ migrate: $(STAMP)
 	$(BIN)/inventory-worker migrate
 
 ## The whole suite, against real PostgreSQL, Redis and RabbitMQ (each run isolated).
-test: $(STAMP) asyncapi-specs
+test: $(STAMP) asyncapi-specs test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## Programs the suite runs, from Debian's packages where this is root with apt-get (elsewhere,
+## install them yourself): promtool checks the /metrics exposition and the alert rules
+## (package prometheus; only the binary is used), wrk drives the benchmark's smoke test.
+test-tools:
+	@for pair in promtool:prometheus wrk:wrk; do \
+	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$cmd >/dev/null && continue; \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "make: installing $$cmd (Debian package $$pkg)"; \
+	    { [ -n "$$updated" ] || apt-get update -qq; } && updated=1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg >/dev/null; \
+	  else echo "make: $$cmd not found: install it (Debian package $$pkg); the tests that need it fail without it"; fi; \
+	done
 
 asyncapi-specs:
 	@test -f '$(ASYNCAPI_SPECS)' || ! command -v npm >/dev/null || \

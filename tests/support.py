@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 
 import pika
 import psycopg2
+import pytest
 import redis
 
 from pydantic import SecretStr
@@ -39,6 +41,15 @@ TEST_TOKEN = "test-token-not-a-secret"
 TEST_TOKEN_SETTINGS = TokenSettings(
     name="test", roles=["inventory:read"], sha256=hashlib.sha256(TEST_TOKEN.encode()).hexdigest(),
     rate_per_second=1_000_000, burst=1_000_000)
+
+
+def promtool() -> str:
+    """The path of Prometheus's promtool, which some tests run; a clear failure without it."""
+    path = shutil.which("promtool")
+    if not path:
+        pytest.fail("promtool not found: `make test` installs it where apt-get is available"
+                    " (Debian package prometheus); elsewhere install Prometheus's promtool")
+    return path
 
 
 def uid(prefix: str = "P") -> str:

@@ -34,6 +34,7 @@ from ..support import (
     free_port,
     http_get,
     pg,
+    promtool,
     redis_client,
     settings_env,
     uid,
@@ -168,7 +169,7 @@ def test_metrics_move_with_traffic_and_pass_promtool(ops):
     assert sample(text, "inventory_process_restarts_total", role="consumer", reason="died") == 0
     assert sample(text, "inventory_process_restarts_total", role="consumer", reason="stuck") == 0
 
-    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
 

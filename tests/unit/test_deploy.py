@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 
 from inventory_worker.config import Settings, load_settings
 
-from ..support import REPO
+from ..support import REPO, promtool
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -235,7 +235,7 @@ def test_alert_rules_pass_promtool_and_name_exported_metrics(tmp_path):
     spec = _by_kind()["PrometheusRule"]["spec"]
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": spec["groups"]}))
-    r = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    r = subprocess.run([promtool(), "check", "rules", str(rules)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     exprs = [rule["expr"] for g in spec["groups"] for rule in g["rules"]]
     assert _unknown_metrics(exprs) == set()

@@ -88,7 +88,6 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
     while not selected:
         conn.process_data_events(time_limit=0.05)
     exchange = settings.rabbitmq.exchange
-    props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
     orders = [workload.order(rng) for _ in ids]
     sent: dict[str, float] = {}
     started.wait()
@@ -104,7 +103,8 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
         body = {"id": eid, "type": "order.placed",
                 "occurred_at": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
                 "data": data}
-        ch._impl.basic_publish(exchange, "order.placed", orjson.dumps(body), properties=props)
+        amqp_transport.publish(ch._impl, exchange, "order.placed", orjson.dumps(body),
+                               content_type="application/json", delivery_mode=2)
         outstanding[i + 1] = eid
         sent[eid] = now
         if i % 50 == 0:

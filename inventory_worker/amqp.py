@@ -197,19 +197,19 @@ class Publisher:
             self._pending[self._next_tag] = m.outbox_id
             self._next_tag += 1
             # Straight to the channel beneath: queued for one write (BlockingChannel.basic_publish
-            # would run the I/O loop, i.e. flush and read, per message).
-            ch._impl.basic_publish(
+            # would run the I/O loop, i.e. flush and read, per message), framed by
+            # amqp_transport (the same bytes as pika's marshalling, at a sixth of the cost).
+            amqp_transport.publish(
+                ch._impl,
                 self.settings.events_exchange,
                 m.routing_key,
                 orjson.dumps(m.body),
-                pika.BasicProperties(
-                    content_type="application/json",
-                    delivery_mode=pika.DeliveryMode.Persistent,
-                    message_id=m.message_id,
-                    type=m.routing_key,
-                    timestamp=now,
-                    correlation_id=str(m.body.get("causation_id") or ""),
-                ),
+                content_type="application/json",
+                delivery_mode=pika.DeliveryMode.Persistent.value,
+                message_id=m.message_id,
+                type=m.routing_key,
+                timestamp=now,
+                correlation_id=str(m.body.get("causation_id") or ""),
             )
         ch.connection.process_data_events(time_limit=0)  # written now: the broker starts on them
         if max_in_flight is not None and len(self._pending) > max_in_flight:

@@ -13,12 +13,21 @@ transports both go through) with the same loop that joins the
 queued chunks, up to `MAX_JOIN` bytes, before each send(). Byte order, the buffered-byte count,
 partial sends and errors are handled as pika does; only the number of sends changes. Installed
 once, when `inventory_worker.amqp` is imported; tested in tests/integration/test_pipelined_confirms.py.
+
+`publish()` writes a Basic.Publish with the few properties the worker sets, framed here with
+`struct` instead of by pika's generic marshalling (a Method, a Header with a BasicProperties
+walked field by field, a Body: about 12 us a message in Python, against about 2 here). The
+bytes are the same as pika's (tests/unit/test_amqp_transport.py compares them); they go out
+through the connection's own output path, as pika's would.
 """
 
 from __future__ import annotations
 
+import functools
+import struct
 from typing import Any
 
+import pika.exceptions
 from pika.adapters.utils import io_services_utils
 
 # Beyond this a partial send is likely anyway; joining more would only copy more.
@@ -57,3 +66,76 @@ def coalesce_writes() -> bool:
     if not getattr(produce, "__inventory_coalesced__", False):
         base._produce = _produce_joined  # type: ignore[union-attr]
     return True
+
+
+# ---- Basic.Publish, framed directly (AMQP 0-9-1, sections 2.3.5 and 4.2.6) --------------------
+
+_FRAME_END = b"\xce"
+_PUBLISH = struct.pack(">HHH", 60, 40, 0)  # class basic, method publish, reserved-1 (ticket)
+_NOT_MANDATORY = b"\x00"  # the mandatory and immediate bits, both off
+# Property flags of the content header, in the order the properties follow it.
+_CONTENT_TYPE, _DELIVERY_MODE, _CORRELATION_ID, _MESSAGE_ID, _TIMESTAMP, _TYPE = (
+    1 << 15, 1 << 12, 1 << 10, 1 << 7, 1 << 6, 1 << 5)
+
+
+def _shortstr(value: str) -> bytes:
+    raw = value.encode()
+    if len(raw) > 255:
+        raise ValueError(f"AMQP short string longer than 255 bytes: {value[:40]!r}...")
+    return bytes((len(raw),)) + raw
+
+
+@functools.lru_cache(maxsize=1024)
+def _method_frame(channel_number: int, exchange: str, routing_key: str) -> bytes:
+    method = b"".join((_PUBLISH, _shortstr(exchange), _shortstr(routing_key), _NOT_MANDATORY))
+    return struct.pack(">BHI", 1, channel_number, len(method)) + method + _FRAME_END
+
+
+_cached_shortstr = functools.lru_cache(maxsize=256)(_shortstr)  # for values that repeat: content types
+
+
+def encode_publish(channel_number: int, exchange: str, routing_key: str, body: bytes, body_max: int, *,
+                   content_type: str | None = None, delivery_mode: int | None = None,
+                   correlation_id: str | None = None, message_id: str | None = None,
+                   timestamp: int | None = None, type: str | None = None) -> bytes:  # noqa: A002 (AMQP's name)
+    """The frames of one Basic.Publish (method, content header, body in frames of at most
+    `body_max` bytes), as one bytes object."""
+    flags, props = 0, []
+    if content_type is not None:
+        flags |= _CONTENT_TYPE
+        props.append(_cached_shortstr(content_type))
+    if delivery_mode is not None:
+        flags |= _DELIVERY_MODE
+        props.append(bytes((delivery_mode,)))
+    if correlation_id is not None:
+        flags |= _CORRELATION_ID
+        props.append(_shortstr(correlation_id))
+    if message_id is not None:
+        flags |= _MESSAGE_ID
+        props.append(_shortstr(message_id))
+    if timestamp is not None:
+        flags |= _TIMESTAMP
+        props.append(struct.pack(">Q", timestamp))
+    if type is not None:
+        flags |= _TYPE
+        props.append(_cached_shortstr(type))
+    header = struct.pack(">HHQH", 60, 0, len(body), flags) + b"".join(props)
+    out = [_method_frame(channel_number, exchange, routing_key),
+           struct.pack(">BHI", 2, channel_number, len(header)), header, _FRAME_END]
+    for start in range(0, len(body), body_max):
+        chunk = body[start : start + body_max]
+        out += (struct.pack(">BHI", 3, channel_number, len(chunk)), chunk, _FRAME_END)
+    return b"".join(out)
+
+
+def publish(channel: Any, exchange: str, routing_key: str, body: bytes, **properties: Any) -> None:
+    """Queues a Basic.Publish on a pika channel (`pika.channel.Channel`, e.g. a
+    BlockingChannel's `_impl`) for the next write, as its `basic_publish` would; `properties`
+    are those of `encode_publish`."""
+    if not channel.is_open:
+        raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
+    conn = channel.connection
+    if not conn.is_open:
+        raise pika.exceptions.ConnectionWrongStateError("Connection is not open.")
+    conn._output_marshaled_frames(
+        [encode_publish(channel.channel_number, exchange, routing_key, body, conn._body_max_length, **properties)])

@@ -72,13 +72,14 @@ class Plan:
     wrk_seconds: int
     procs: list[int]
     wrk_rounds: int = 1
+    half_rounds: int = 1  # half-load runs per workload; the one with the median p99 is reported
     workloads: list[str] = field(default_factory=lambda: ["uniform", "hot", "multi5"])
     naive_procs: list[int] = field(default_factory=lambda: [1, 4])
     pgbench_clients: list[int] = field(default_factory=lambda: [1, 4, 16])
 
 
 FULL = Plan(full_count=6_000, half_seconds=6, naive_count=1_500, pgbench_seconds=8, wrk_seconds=10,
-            procs=[1, 2, 4], wrk_rounds=3)
+            procs=[1, 2, 4], wrk_rounds=3, half_rounds=3)
 SMOKE = Plan(full_count=400, half_seconds=1.0, naive_count=100, pgbench_seconds=1, wrk_seconds=2,
              procs=[2], workloads=["uniform", "hot"], naive_procs=[1], pgbench_clients=[1, 16])
 
@@ -270,15 +271,22 @@ def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path) -> dict[
                 entry["full"].update(check_hot(settings, w, full))
             rate = 0.5 * full.throughput if math.isfinite(full.throughput) else 100.0
             count = max(50, int(rate * plan.half_seconds))
-            w = workload(name, f"w{procs}half")
-            prepare(settings, w, count)
-            half = load.drive(settings, w, count, rate=rate, seed=2)
-            entry["half"] = {"rate": round(rate, 1), **half.as_dict()}
-            if name == "hot":
-                entry["half"].update(check_hot(settings, w, half))
+            rounds = []
+            for k in range(plan.half_rounds):  # each on fresh products: every sell-out checked on its own
+                w = workload(name, f"w{procs}half{k}")
+                prepare(settings, w, count)
+                half = load.drive(settings, w, count, rate=rate, seed=2 + k)
+                rounds.append({"rate": round(rate, 1), **half.as_dict()})
+                if name == "hot":
+                    rounds[-1].update(check_hot(settings, w, half))
+            # The median round by p99 is the figure (a shared machine's stray stall aside); every
+            # round is kept, and counted for lost results and oversell.
+            entry["half"] = sorted(rounds, key=lambda r: r["p99_ms"])[len(rounds) // 2]
+            entry["half_rounds"] = rounds
             out["runs"][name] = entry
             log(f"worker x{procs} {name}: full {full.throughput:.0f}/s p99 {full.p99_ms:.0f} ms;"
-                f" half ({rate:.0f}/s) p50 {half.p50_ms:.1f} p99 {half.p99_ms:.1f} ms")
+                f" half ({rate:.0f}/s) p50 {entry['half']['p50_ms']:.1f} p99 {entry['half']['p99_ms']:.1f} ms"
+                f" (p99 of each round: {[r['p99_ms'] for r in rounds]})")
         pids = proc_tree(wp.proc.pid)
         out["peak_rss_mib"] = {"max_process": round(max(rss_kib(p) for p in pids) / 1024, 1),
                                "processes": len(pids),
@@ -410,8 +418,9 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                 "half_p50_ms": e["half"]["p50_ms"], "half_p95_ms": e["half"]["p95_ms"],
                 "half_p99_ms": e["half"]["p99_ms"],
                 "full_p99_ms": e["full"]["p99_ms"],
-                "lost": (e["full"]["sent"] - e["full"]["received"]) + (e["half"]["sent"] - e["half"]["received"]),
-                "oversold": e["full"].get("oversold", False) or e["half"].get("oversold", False),
+                "half_p99_rounds_ms": [r["p99_ms"] for r in e.get("half_rounds", [e["half"]])],
+                "lost": sum(r["sent"] - r["received"] for r in [e["full"], *e.get("half_rounds", [e["half"]])]),
+                "oversold": any(r.get("oversold", False) for r in [e["full"], *e.get("half_rounds", [e["half"]])]),
                 "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
             })
     http = res.get("http", {})
@@ -433,12 +442,13 @@ def print_table(res: dict[str, Any]) -> None:
         f"{n['workload']} x{n['procs']} {n['throughput']:.0f}" for n in res["naive"]))
     print()
     hdr = ("workload", "procs", "events/s", "/pg16", "/naive", "half/s", "p50 ms", "p95 ms", "p99 ms",
-           "full p99", "lost", "oversold")
+           "p99 rounds", "full p99", "lost", "oversold")
     print("  ".join(f"{h:>9}" for h in hdr))
     for r in s["rows"]:
         vals = (r["workload"], r["procs"], f"{r['events_per_s']:.0f}", r["vs_pg_limit_c16"], r["vs_naive"],
                 f"{r['half_rate']:.0f}", r["half_p50_ms"], r["half_p95_ms"], r["half_p99_ms"],
-                f"{r['full_p99_ms']:.0f}", r["lost"], r["oversold"])
+                "/".join(f"{v:.0f}" for v in r["half_p99_rounds_ms"]), f"{r['full_p99_ms']:.0f}", r["lost"],
+                r["oversold"])
         print("  ".join(f"{v!s:>9}" for v in vals))
     http = res.get("http", {})
     if "baseline" in http:

@@ -178,7 +178,7 @@ class AsyncRedis:
                 s.socket_timeout_seconds)
         except (OSError, ssl.SSLError) as exc:
             raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:  # asyncio.wait_for raises the builtin (3.11)
             raise redis.TimeoutError("timed out connecting to Redis") from exc
         if proto.transport is None:  # lost already
             raise redis.ConnectionError("connection to Redis lost")

@@ -28,7 +28,7 @@ ORDERS = [f"O{i}" for i in range(1, 11)]
 quantity = st.integers(1, 4)
 placed = st.builds(
     lambda order, picked, qtys, ttl: ("order.placed", {
-        "order_id": order, "lines": [{"product_id": p, "quantity": q} for p, q in zip(picked, qtys)],
+        "order_id": order, "lines": [{"product_id": p, "quantity": q} for p, q in zip(picked, qtys, strict=False)],
         **({"reservation_ttl_seconds": ttl} if ttl else {})}),
     st.sampled_from(ORDERS), st.lists(st.sampled_from(PRODUCTS), min_size=1, max_size=3, unique=True),
     st.lists(quantity, min_size=3, max_size=3), st.sampled_from([None, 60]))

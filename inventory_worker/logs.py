@@ -112,14 +112,14 @@ def configure(settings: LoggingSettings, **context: object) -> None:
         else structlog.processors.JSONRenderer(serializer=_json_line)
     )
     level = getattr(logging, settings.level)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
     static = dict(context)
 
     def add_static(_logger: object, _name: str, event: dict) -> dict:
         for k, v in static.items():
             event.setdefault(k, v)
         return event
+
+    _route_stdlib_logging(level, renderer, fmt, add_static)
 
     structlog.configure(
         processors=[
@@ -134,6 +134,50 @@ def configure(settings: LoggingSettings, **context: object) -> None:
         logger_factory=lambda *_: _StderrLogger(),
         cache_logger_on_first_use=False,  # tests configure again in one process
     )
+
+
+class _StdlibHandler(logging.Handler):
+    """Records of the standard library's logging (pika's, say) as lines like the worker's own:
+    rendered by the same renderer, written whole by the same writer."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            held = getattr(_held, "lines", None)
+            if held is not None:
+                held.append(line)
+            else:
+                _write([line])
+        except Exception:  # logging must never take the process down
+            self.handleError(record)
+
+
+def _route_stdlib_logging(level: int, renderer: Any, fmt: str, add_static: Any) -> None:
+    """Before, the root logger printed the bare message: a library's warning was a line of plain
+    text among the JSON, and a traceback (pika logs some) several such lines. Now each record is
+    one JSON line with `logger`, `level`, `timestamp`, the process's fields and, if any, the
+    traceback in `exception`."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            add_static,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            _timestamp(),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
+            renderer,
+        ],
+    )
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:  # configured again
+        root.removeHandler(h)
+    handler = _StdlibHandler()
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("pika").setLevel(max(level, logging.WARNING))  # its INFO is per connection step
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:

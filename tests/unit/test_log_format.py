@@ -100,3 +100,32 @@ def test_a_value_orjson_refuses_still_gives_a_json_line(monkeypatch):
     logs.get_logger("t").info("big", n=2**70, keys={1: "a"})
     line = json.loads("".join(rec.writes))
     assert line["n"] == 2**70 and line["event"] == "big" and line["keys"] == {"1": "a"}
+
+
+def test_standard_library_records_are_json_lines_too(monkeypatch):
+    """pika and other libraries log through the standard library: each record is one JSON line
+    with the worker's fields, a traceback inside it, not lines of plain text beside the JSON."""
+    import logging
+
+    from inventory_worker import logs
+    from inventory_worker.config import LoggingSettings
+
+    rec = _Recorder()
+    monkeypatch.setattr(sys, "stderr", rec)
+    logs.configure(LoggingSettings(format="json"), process="consumer-0", pid=7)
+    logs.configure(LoggingSettings(format="json"), process="consumer-0", pid=7)  # again: one handler
+    try:
+        raise ConnectionResetError("peer went away")
+    except ConnectionResetError:
+        logging.getLogger("pika.adapters.utils.io_services_utils").error("socket failed:\n%s", "details",
+                                                                         exc_info=True)
+    logging.getLogger("pika.connection").info("connection step")  # pika below WARNING: dropped
+    logging.getLogger("somelib").warning("careful")
+    lines = "".join(rec.writes).splitlines()
+    assert len(lines) == 2, lines
+    first, second = (json.loads(x) for x in lines)
+    assert first["event"] == "socket failed:\ndetails" and first["level"] == "error"
+    assert first["logger"] == "pika.adapters.utils.io_services_utils"
+    assert first["process"] == "consumer-0" and first["pid"] == 7 and first["timestamp"].endswith("Z")
+    assert "Traceback" in first["exception"] and "peer went away" in first["exception"]
+    assert second == {**second, "event": "careful", "level": "warning", "logger": "somelib"}

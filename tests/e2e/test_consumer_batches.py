@@ -23,21 +23,31 @@ import pytest
 from inventory_worker.contract import make_event
 from inventory_worker.store import Store
 
-from ..support import (Bus, WorkerProcess, delete_topology, figures, free_port, pg, uid, wait_for_lock_waiter,
-                       with_own_queues)
+from inventory_worker.migrations import migrate
+
+from ..support import (Bus, WorkerProcess, delete_topology, drop_database, figures, free_port, pg, uid,
+                       wait_for_lock_waiter, with_own_queues)
 
 REFUSED_ORDER_ID = "o-\u0000-nul"
 
 
 @pytest.fixture(scope="module")
 def own(settings):
-    s = with_own_queues(settings, uuid.uuid4().hex[:8])
+    """Queues, exchanges and a database of its own. The database too: every worker's outbox
+    relay publishes what it finds unpublished in its database to its own exchange, so a result
+    left to the relay here (the consumer killed after its commit) could otherwise be taken by
+    the session's shared worker and sent where this module's bus does not listen."""
+    tag = uuid.uuid4().hex[:8]
+    s = with_own_queues(settings, tag)
     s = s.model_copy(update={
+        "database": s.database.model_copy(update={"dbname": f"{s.database.dbname}_{tag}"}),
         "worker": s.worker.model_copy(update={"batch_max_wait_ms": 400}),
         "http": s.http.model_copy(update={"port": free_port()}),
     })
+    migrate(s.database)
     yield s
     delete_topology(s)
+    drop_database(s)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +119,7 @@ def wait_dead_letters(bus: Bus, reasons: dict[str, str], timeout: float = 30.0) 
         time.sleep(0.2)
 
 
-def test_a_refused_message_is_isolated_from_its_batch(batch_worker, own_bus, settings):
+def test_a_refused_message_is_isolated_from_its_batch(batch_worker, own_bus, own):
     x, y = uid("X"), uid("Y")
     o1, o2 = uid("O"), uid("O")
     bodies = publish_burst(own_bus, [
@@ -126,9 +136,9 @@ def test_a_refused_message_is_isolated_from_its_batch(batch_worker, own_bus, set
                                  p2["id"]: ["inventory.reserved"], adj_y["id"]: ["inventory.adjusted"],
                                  refused["id"]: [], garbage["id"]: []})
     assert got[p1["id"]][0]["data"]["lines"] == [{"product_id": x, "quantity": 2}]
-    assert figures(settings, x) == (5, 3) and figures(settings, y) == (1, 0)
+    assert figures(own, x) == (5, 3) and figures(own, y) == (1, 0)
     wait_dead_letters(own_bus, {refused["id"]: "refused by the database", garbage["id"]: "body is not JSON"})
-    with pg(settings) as cur:
+    with pg(own) as cur:
         cur.execute("SELECT count(*) FROM processed_events WHERE event_id = %s", (refused["id"],))
         assert cur.fetchone() == (0,)
 
@@ -146,16 +156,15 @@ def _consumer_children(w: WorkerProcess) -> list[int]:
     return pids
 
 
-def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(batch_worker, own_bus, own,
-                                                                                 settings):
+def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(batch_worker, own_bus, own):
     k, f = uid("K"), uid("F")
-    store = Store(settings.database)
+    store = Store(own.database)
     for pid in (k, f):
         store.apply_batch([{"id": str(uuid.uuid4()), "type": "stock.adjusted", "data": {"product_id": pid,
                                                                                           "delta": 5}}])
     store.close()
 
-    blocker = psycopg2.connect(**settings.database.dsn())
+    blocker = psycopg2.connect(**own.database.dsn())
     try:
         cur = blocker.cursor()
         cur.execute("SELECT pg_backend_pid()")
@@ -168,7 +177,7 @@ def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(
             ("garbage", None),
             ("order.placed", {"order_id": uid("C"), "lines": [{"product_id": f, "quantity": 1}]}),
         ])
-        wait_for_lock_waiter(settings, my_pid)  # the worker's transaction waits for our lock: nothing is committed yet
+        wait_for_lock_waiter(own, my_pid)  # the worker's transaction waits for our lock: nothing is committed yet
         children = _consumer_children(batch_worker)
         assert children
         for pid in children:
@@ -181,7 +190,7 @@ def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(
     # the supervisor restarts the consumer; RabbitMQ redelivers the unacked messages to it
     wait_results(own_bus, {a["id"]: ["inventory.reserved"], b["id"]: ["inventory.reserved"],
                            c["id"]: ["inventory.reserved"], refused["id"]: [], garbage["id"]: []}, timeout=60)
-    assert figures(settings, k) == (5, 1) and figures(settings, f) == (5, 2)  # each applied once
+    assert figures(own, k) == (5, 1) and figures(own, f) == (5, 2)  # each applied once
     wait_dead_letters(own_bus, {refused["id"]: "refused by the database", garbage["id"]: "body is not JSON"})
 
     # every message was acked: once the worker is gone, nothing comes back to the queue

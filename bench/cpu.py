@@ -8,15 +8,14 @@ pgbench spends per transaction (the baseline of the same run) shows what limits 
   ...                              # the run
   cpu.per_event(events)            # {"postgres": us, "rabbitmq": us, ..., "total": us}
 
-Components are told apart by process name; the load generator by what its processes report
-(or, failing that, by the CPU the children reaped meanwhile used: RUSAGE_CHILDREN). Linux only: elsewhere it reports
-nothing rather than fail the benchmark.
+Components are told apart by process name; the load generator's CPU is what its processes
+report (their start-up left out). Linux only: elsewhere it reports nothing rather than fail the
+benchmark.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 from pathlib import Path
 
 COMPONENTS = {"postgres": "postgres", "beam.smp": "rabbitmq", "redis-server": "redis"}
@@ -45,11 +44,6 @@ def machine_busy() -> float:
     return (sum(values[:8]) - values[3] - values[4]) / _TICK  # minus idle and iowait
 
 
-def _children() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 class CpuMeter:
     """CPU used between its creation and per_event(), split by component."""
 
@@ -57,15 +51,14 @@ class CpuMeter:
         self.available = Path("/proc/stat").exists()
         self.worker_pids = worker_pids or set()
         if self.available:
-            self._procs, self._busy, self._children = process_cpu(), machine_busy(), _children()
+            self._procs, self._busy = process_cpu(), machine_busy()
 
-    def per_event(self, events: int, load_generator_seconds: float | None = None) -> dict[str, float]:
-        """Microseconds of CPU per event: each component's, and the machine's total. The load
-        generator's CPU is what it reports itself when given (its start-up left out), else what
-        the children reaped meanwhile used."""
+    def per_event(self, events: int, load_generator_seconds: float) -> dict[str, float]:
+        """Microseconds of CPU per event: each component's (the load generator's as it
+        reports it), and the machine's total."""
         if not self.available or events <= 0:
             return {}
-        procs, busy, children = process_cpu(), machine_busy(), _children()
+        procs, busy = process_cpu(), machine_busy()
         used: dict[str, float] = {}
         for pid, (name, seconds) in procs.items():
             before = self._procs.get(pid)
@@ -75,8 +68,7 @@ class CpuMeter:
             kind = "worker" if pid in self.worker_pids else COMPONENTS.get(name)
             if kind:
                 used[kind] = used.get(kind, 0.0) + delta
-        used["load generator"] = (children - self._children if load_generator_seconds is None
-                                  else load_generator_seconds)
+        used["load generator"] = load_generator_seconds
         used["total"] = busy - self._busy
         used["other"] = max(0.0, used["total"] - sum(v for k, v in used.items() if k != "total"))
         return {k: round(v / events * 1e6, 1) for k, v in used.items()}

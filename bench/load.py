@@ -19,9 +19,9 @@ import orjson
 import pika
 
 from inventory_worker import amqp_transport
+from inventory_worker.config import Settings
 
 from . import cpu
-from inventory_worker.config import Settings
 
 UNIFORM_PRODUCTS = 10_000
 HOT_PRODUCTS = 10
@@ -56,8 +56,8 @@ def hot_ids(tag: str) -> list[str]:
 def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: float | None, seed: int,
                started: Any, out: Any) -> None:
     """Publishes `count` orders, as fast as it can (rate None) or at `rate` per second, in
-    bursts of what is due within 5 ms (open loop: it does not wait for results). Sends
-    {id: wall-clock sent} back."""
+    bursts of what is due within 5 ms (open loop: it does not wait for results). Sends back
+    ({id: wall-clock sent}, CPU seconds spent publishing)."""
     rng = random.Random(seed)
     amqp_transport.coalesce_writes()  # as in the worker: one send() per flush, not per frame
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
@@ -128,7 +128,8 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
 
 def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: Any, out: Any) -> None:
     """Receives result events until every input in `ids` has one (or nothing arrives for
-    `idle_timeout` s). Sends {causation_id: (arrival wall-clock, type, reserved quantity)}.
+    `idle_timeout` s). Sends back ({causation_id: (arrival wall-clock, type, reserved quantity)},
+    CPU seconds spent receiving).
     Results of other inputs (e.g. the relay republishing an earlier run's row) are ignored."""
     expected, wanted = len(ids), set(ids)
     amqp_transport.coalesce_writes()

@@ -258,14 +258,19 @@ def rss_kib(pid: int, field_name: str = "VmHWM") -> int:
     return 0
 
 
+def prepare_database(settings: Settings) -> None:
+    """Migrated, with the uniform products stocked so that they never run out."""
+    migrate(settings.database)
+    seed_products(settings, load.uniform_ids(), 1_000_000_000)
+
+
 def fresh_state(settings: Settings, tag: str) -> Settings:
-    """A database and a cache key prefix of their own, migrated and seeded as at the start."""
+    """A database and a cache key prefix of their own, prepared as at the start."""
     s = settings.model_copy(update={
         "database": settings.database.model_copy(update={"dbname": f"{settings.database.dbname}_{tag}"}),
         "redis": settings.redis.model_copy(update={"key_prefix": f"{settings.redis.key_prefix}{tag}:"}),
     })
-    migrate(s.database)
-    seed_products(s, load.uniform_ids(), 1_000_000_000)
+    prepare_database(s)
     return s
 
 
@@ -530,11 +535,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     log(f"database {settings.database.dbname}, queue {settings.rabbitmq.queue}, logs {logs}")
     try:
-        migrate(settings.database)
+        prepare_database(settings)
         conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
         declare_topology(conn.channel(), settings.rabbitmq)
         conn.close()
-        seed_products(settings, load.uniform_ids(), 1_000_000_000)
         parts = set(args.parts)
         res["pgbench"] = pgbench(settings, plan) if "pgbench" in parts else {"tps": {}, "fsync": "?",
                                                                               "synchronous_commit": "?"}

@@ -19,11 +19,10 @@ from typing import Any
 import pika
 
 from inventory_worker.amqp import declare_topology
-from inventory_worker.migrations import migrate
 from tests.support import REPO, WorkerProcess, delete_redis_keys, delete_topology, drop_database
 
 from . import load
-from .run import bench_settings, log, proc_tree, rss_kib, seed_products
+from .run import bench_settings, log, prepare_database, proc_tree, rss_kib
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -36,11 +35,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     settings = bench_settings()
     logs = Path(tempfile.mkdtemp(prefix="inventory-soak-"))
-    migrate(settings.database)
+    prepare_database(settings)
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     declare_topology(conn.channel(), settings.rabbitmq)
     conn.close()
-    seed_products(settings, load.uniform_ids(), 1_000_000_000)
     wp = WorkerProcess(settings, processes=args.procs, log_path=logs / "worker.log").start(timeout=90)
     samples: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []

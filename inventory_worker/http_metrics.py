@@ -11,7 +11,6 @@ therefore lag an HTTP process's last half second; counters and histograms stay e
 
 from __future__ import annotations
 
-import bisect
 import os
 import threading
 import time
@@ -46,7 +45,7 @@ class HttpTally:
     def request(self, route: str, status: int, seconds: float) -> None:
         if not self._flushing:
             self._start_flusher()
-        bucket = bisect.bisect_left(self._bounds, seconds)  # as metrics.bucket_index()
+        bucket = metrics.bucket_index(metrics.HTTP_SECONDS, seconds)
         with self._lock:
             key = (route, status)
             self._requests[key] = self._requests.get(key, 0) + 1

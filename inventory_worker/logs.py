@@ -140,14 +140,11 @@ class _StdlibHandler(logging.Handler):
     """Records of the standard library's logging (pika's, say) as lines like the worker's own:
     rendered by the same renderer, written whole by the same writer."""
 
+    _out = _StderrLogger()
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
-            held = getattr(_held, "lines", None)
-            if held is not None:
-                held.append(line)
-            else:
-                _write([line])
+            self._out.msg(self.format(record))
         except Exception:  # logging must never take the process down
             self.handleError(record)
 

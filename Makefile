@@ -53,7 +53,7 @@ fuzz: $(STAMP)
 	$(BIN)/pytest -o timeout=3600 tests/e2e/test_message_fuzz.py \
 	    tests/e2e/test_http_security.py::test_schemathesis_finds_no_difference_from_the_document $(PYTEST_ARGS)
 
-## The benchmark (README "Performance"): a table, and bench/results.json. Needs pgbench and wrk.
+## The benchmark (docs/performance.md): a table, and bench/results.json. Needs pgbench and wrk.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 

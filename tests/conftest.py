@@ -58,7 +58,7 @@ def _start_containers(base: Settings, missing: list[str], stack: list[Any]) -> S
             f"cannot reach {what} and no Docker engine is available to start them.\n"
             "Start the services (PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379, RabbitMQ on "
             "127.0.0.1:5672 with guest/guest), or point the tests at yours with INVENTORY_DATABASE__HOST, "
-            "INVENTORY_REDIS__HOST, INVENTORY_RABBITMQ__URL, ... (see README, Configuration).",
+            "INVENTORY_REDIS__HOST, INVENTORY_RABBITMQ__URL, ... (see docs/configuration.md).",
             returncode=3,
         )
     update: dict[str, Any] = {}

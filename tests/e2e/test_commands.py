@@ -1,4 +1,5 @@
-"""The README's commands as a user runs them: `make run` on a clean state, and the CLI."""
+"""The commands as a user runs them: `make run` on a clean state (README.md, Quick start), and the
+CLI (docs/operations.md, CLI)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The protections of the endpoint under each HTTP server (`http.server`), against a running worker:
 input bounds (414/431/400), idle connections dropped after http.client_timeout_seconds, and no more
-than http.max_connections connections served at once (README "HTTP servers" says how they differ:
+than http.max_connections connections served at once (docs/http.md "HTTP servers" says how they differ:
 the stdlib server answers the surplus 503, granian leaves it waiting in the listen backlog)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The input contract (README, "The message contract"): what parse_event accepts and refuses.
+"""The input contract (docs/contract.md, "Input"): what parse_event accepts and refuses.
 
 A refused body is dead-lettered by the worker with the InvalidMessage text as its reason, so
 the reasons are asserted too: an operator reads them in the x-inventory-error header.

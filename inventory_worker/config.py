@@ -45,17 +45,24 @@ class _Section(BaseModel):
 
 
 class DatabaseSettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(5432, ge=1, le=65535)
-    user: str = "postgres"
-    password: SecretStr = SecretStr("")
-    dbname: str = "inventory"
-    connect_timeout_seconds: int = Field(5, ge=1)
-    # TLS (libpq): sslmode verify-full with sslrootcert is what production wants.
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
-    sslrootcert: str | None = None  # CA bundle that signed the server's certificate
-    sslcert: str | None = None  # client certificate (mutual TLS), with sslkey
-    sslkey: str | None = None
+    host: str = Field(default="127.0.0.1", description="PostgreSQL host.")
+    port: int = Field(5432, ge=1, le=65535, description="PostgreSQL port.")
+    user: str = Field(default="postgres", description="PostgreSQL user.")
+    password: SecretStr = Field(
+        default=SecretStr(""), description="PostgreSQL password (a secret: never printed)."
+    )
+    dbname: str = Field(default="inventory", description="The database; `migrate` creates it if missing.")
+    connect_timeout_seconds: int = Field(5, ge=1, description="PostgreSQL connect timeout.")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        default=None,
+        description="libpq's sslmode (unset: libpq's default); `verify-full` with `sslrootcert` is "
+        "what production wants.",
+    )
+    sslrootcert: str | None = Field(
+        default=None, description="CA bundle that signed the server's certificate."
+    )
+    sslcert: str | None = Field(default=None, description="Client certificate (mutual TLS), with `sslkey`.")
+    sslkey: str | None = Field(default=None, description="Client certificate's key (mutual TLS).")
 
     def dsn(self, dbname: str | None = None) -> dict[str, Any]:
         """Keyword arguments for psycopg2.connect; the password is never put in a string."""
@@ -77,21 +84,36 @@ class DatabaseSettings(_Section):
 
 
 class RedisSettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(6379, ge=1, le=65535)
-    db: int = Field(0, ge=0)
-    username: str | None = None  # Redis 6+ ACL user
-    password: SecretStr = SecretStr("")
-    key_prefix: str = "inventory:"
-    cache_ttl_seconds: int = Field(3600, ge=1)
-    socket_timeout_seconds: float = Field(2.0, gt=0)
-    # TLS (what a rediss:// URL means): the server's certificate is verified against ssl_ca_certs
-    # (else the system CAs) and its host name checked.
-    ssl: bool = False
-    ssl_ca_certs: str | None = None
-    ssl_certfile: str | None = None  # client certificate (mutual TLS), with ssl_keyfile
-    ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = True
+    host: str = Field(default="127.0.0.1", description="Redis host.")
+    port: int = Field(6379, ge=1, le=65535, description="Redis port.")
+    db: int = Field(0, ge=0, description="Redis database number.")
+    username: str | None = Field(default=None, description="Redis 6+ ACL user.")
+    password: SecretStr = Field(
+        default=SecretStr(""), description="Redis password (a secret: never printed)."
+    )
+    key_prefix: str = Field(
+        default="inventory:",
+        description="Prefix of every key the worker writes: cache keys are "
+        "`{prefix}stock:{product_id}`, rate limits `{prefix}ratelimit:...`. Each "
+        "deployment sharing a Redis needs its own prefix.",
+    )
+    cache_ttl_seconds: int = Field(3600, ge=1, description="TTL of a cached figure.")
+    socket_timeout_seconds: float = Field(2.0, gt=0, description="Redis connect and read timeout.")
+    ssl: bool = Field(
+        default=False,
+        description="TLS (what `rediss://` means): the server's certificate is verified "
+        "against `ssl_ca_certs` (else the system CAs) and its host name checked.",
+    )
+    ssl_ca_certs: str | None = Field(
+        default=None, description="CA bundle that signed the server's certificate."
+    )
+    ssl_certfile: str | None = Field(
+        default=None, description="Client certificate (mutual TLS), with `ssl_keyfile`."
+    )
+    ssl_keyfile: str | None = Field(default=None, description="Client certificate's key (mutual TLS).")
+    ssl_check_hostname: bool = Field(
+        default=True, description="Check the server certificate's host name (with `ssl`)."
+    )
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for redis.Redis (connection, credentials, TLS)."""
@@ -117,27 +139,46 @@ class RedisSettings(_Section):
 
 
 class RabbitMQSettings(_Section):
-    url: AnyUrl = AnyUrl("amqp://guest:guest@127.0.0.1:5672/%2F")
-    exchange: str = "orders"
-    queue: str = "inventory.orders"
-    events_exchange: str = "inventory.events"
-    dead_letter_exchange: str = "inventory.dlx"
-    dead_letter_queue: str = "inventory.orders.dlq"
-    # A message whose application was cut short this many times (it keeps crashing workers) is
-    # dead-lettered by the worker, which counts attempts in PostgreSQL.
-    delivery_limit: int = Field(5, ge=1)
-    # RabbitMQ's x-delivery-limit, a backstop only: the broker also counts every return after a
-    # lost connection, so a low value dead-letters valid events when the broker flaps.
-    broker_delivery_limit: int = Field(100, ge=1)
-    heartbeat_seconds: int = Field(30, ge=0)
-    # Replaces the password in `url` (so the URL can live in config and the password in a secret).
-    password: SecretStr = SecretStr("")
-    # TLS for amqps:// URLs: the broker's certificate is verified against cafile (else the
-    # system CAs) and its host name checked; certfile/keyfile for mutual TLS. (No name here
-    # ends in _file: INVENTORY_*_FILE means "read the value from this file".)
-    cafile: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
+    url: AnyUrl = Field(
+        default=AnyUrl("amqp://guest:guest@127.0.0.1:5672/%2F"),
+        description="The broker: an `amqp://` or `amqps://` (TLS) URL.",
+    )
+    exchange: str = Field(default="orders", description="Input exchange (topic).")
+    queue: str = Field(default="inventory.orders", description="The worker's input queue (quorum).")
+    events_exchange: str = Field(
+        default="inventory.events", description="Output exchange (topic) for result events."
+    )
+    dead_letter_exchange: str = Field(
+        default="inventory.dlx", description="Fanout exchange for refused messages."
+    )
+    dead_letter_queue: str = Field(default="inventory.orders.dlq", description="Where refused messages wait.")
+    delivery_limit: int = Field(
+        5,
+        ge=1,
+        description="Interrupted attempts to apply a message (it keeps "
+        "crashing workers) before the worker dead-letters it; counted in PostgreSQL.",
+    )
+    broker_delivery_limit: int = Field(
+        100,
+        ge=1,
+        description="RabbitMQ's `x-delivery-limit`, a backstop only: "
+        "the broker also counts every return after a lost connection, so a "
+        "low value dead-letters valid events when the broker flaps.",
+    )
+    heartbeat_seconds: int = Field(30, ge=0, description="AMQP heartbeat.")
+    # (No name here ends in _file: INVENTORY_*_FILE means "read the value from this file".)
+    password: SecretStr = Field(
+        default=SecretStr(""),
+        description="Replaces the password in `url` (so the URL can "
+        "live in config and the password in a secret).",
+    )
+    cafile: str | None = Field(
+        default=None,
+        description="CA bundle for `amqps://` (else the system CAs); the "
+        "broker's certificate and host name are verified.",
+    )
+    certfile: str | None = Field(default=None, description="Client certificate (mutual TLS), with `keyfile`.")
+    keyfile: str | None = Field(default=None, description="Client certificate's key (mutual TLS).")
 
     @field_validator("url")
     @classmethod
@@ -148,47 +189,112 @@ class RabbitMQSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    # None: one consumer process per CPU.
-    processes: int | None = Field(None, ge=1, le=256)
-    # Up to this many messages are applied in one PostgreSQL transaction and acked together.
-    batch_size: int = Field(100, ge=1, le=10_000)
-    # How long a partial batch waits for more messages before it is applied anyway.
-    batch_max_wait_ms: int = Field(5, ge=0, le=10_000)
-    default_reservation_ttl_seconds: int = Field(900, ge=1, le=31_536_000)
-    max_message_bytes: int = Field(1_048_576, ge=1)
-    # Outbox rows left unpublished this long (their process died) are published by any live one.
-    outbox_relay_min_age_seconds: float = Field(5.0, ge=0)
-    outbox_relay_interval_seconds: float = Field(1.0, gt=0)
-    sweep_interval_seconds: float = Field(1.0, gt=0)
-    sweep_batch_size: int = Field(500, ge=1, le=100_000)
-    shutdown_grace_seconds: float = Field(25.0, gt=0)
-    # A consumer whose main loop has not beaten for this long is stuck: /healthz fails and the
-    # supervisor kills and restarts it.
-    heartbeat_timeout_seconds: float = Field(60.0, gt=0)
-    # How often the cluster-wide gauges (outbox backlog, active reservations, DLQ depth) are
-    # measured, by one consumer process per worker.
-    metrics_interval_seconds: float = Field(15.0, gt=0)
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Consumer processes; null: one per CPU (`run --processes N` overrides).",
+    )
+    batch_size: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Messages applied in one PostgreSQL transaction and acked together, at most.",
+    )
+    batch_max_wait_ms: int = Field(
+        5,
+        ge=0,
+        le=10_000,
+        description="How long a partial batch waits for more messages before it is applied anyway.",
+    )
+    default_reservation_ttl_seconds: int = Field(
+        900,
+        ge=1,
+        le=31_536_000,
+        description="Reservation lifetime when the order does not say (`reservation_ttl_seconds`).",
+    )
+    max_message_bytes: int = Field(1_048_576, ge=1, description="Larger bodies go to the DLQ unparsed.")
+    outbox_relay_min_age_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Outbox rows left unpublished this "
+        "long (their process died) are published by any live one.",
+    )
+    outbox_relay_interval_seconds: float = Field(
+        1.0, gt=0, description="How often each process looks for them."
+    )
+    sweep_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often the elected sweeper releases "
+        "expired reservations (and the others try to take the lock).",
+    )
+    sweep_batch_size: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Reservations released per sweep "
+        "transaction: lower for shorter lock holds, higher for a faster drain.",
+    )
+    shutdown_grace_seconds: float = Field(
+        25.0, gt=0, description="On SIGTERM: time to finish before children are killed."
+    )
+    heartbeat_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A consumer whose main loop has not beaten "
+        "this long (one still starting: at least 30 s) is stuck: `/healthz` "
+        "fails and the supervisor kills and restarts it.",
+    )
+    metrics_interval_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="How often the cluster-wide gauges (outbox "
+        "backlog, active reservations, DLQ depth) are measured, by one "
+        "consumer process per worker.",
+    )
 
 
 class HTTPSettings(_Section):
-    enabled: bool = True
-    host: str = "0.0.0.0"
-    port: int = Field(8080, ge=0, le=65535)
-    # Input bounds: longer request lines are 414, larger header sections 431.
-    max_request_line_bytes: int = Field(4096, ge=64, le=65536)
-    max_header_bytes: int = Field(8192, ge=256, le=65536)
-    max_headers: int = Field(50, ge=1, le=100)
-    # A connection idle this long is closed (slow clients cannot hold threads forever).
-    client_timeout_seconds: float = Field(10.0, gt=0)
-    # Connections served at once; more are answered 503 at once and closed.
-    max_connections: int = Field(256, ge=1, le=100_000)
-    # granian (a Rust server, the API in `workers` processes) or the standard library's threading
-    # server; the same API and protections under both (README "HTTP servers").
-    server: Literal["stdlib", "granian"] = "granian"
-    # granian only: server processes, each running the API on its event loop; and threads in each
-    # for the blocking work (a cache miss read from PostgreSQL, the probes, /metrics).
-    workers: int = Field(2, ge=1, le=64)
-    threads: int = Field(2, ge=1, le=256)
+    enabled: bool = Field(default=True, description="Serve the read-only HTTP endpoint.")
+    host: str = Field(default="0.0.0.0", description="Address the endpoint listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the endpoint listens on.")
+    max_request_line_bytes: int = Field(
+        4096, ge=64, le=65536, description="Longer request lines are answered 414."
+    )
+    max_header_bytes: int = Field(
+        8192, ge=256, le=65536, description="Larger header sections are answered 431."
+    )
+    max_headers: int = Field(50, ge=1, le=100, description="More header fields are answered 431.")
+    client_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A connection idle this long is closed (granian: a request head not complete within it).",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Connections served at once; more are "
+        "answered 503 under `stdlib`, wait in the listen backlog under `granian` "
+        "(see docs/http.md).",
+    )
+    server: Literal["stdlib", "granian"] = Field(
+        default="granian",
+        description="`granian` (a Rust HTTP server, the API "
+        "in `workers` processes) or `stdlib` (the standard library's "
+        "threading server); the same API and protections under both.",
+    )
+    workers: int = Field(
+        2, ge=1, le=64, description="granian only: server processes, each running the API on its event loop."
+    )
+    threads: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="granian only: threads in each worker for blocking work "
+        "(a cache miss read from PostgreSQL, the probes, `/metrics`).",
+    )
 
 
 class TokenSettings(BaseModel):
@@ -196,19 +302,26 @@ class TokenSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    roles: list[str] = Field(min_length=1)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token")
-    # Overrides of rate_limit.rate_per_second / .burst for this token.
-    rate_per_second: float | None = Field(None, gt=0)
-    burst: int | None = Field(None, ge=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="The client's name, unique.")
+    roles: list[str] = Field(min_length=1, description="The token's roles, e.g. `inventory:read`.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the token.")
+    rate_per_second: float | None = Field(
+        None, gt=0, description="Overrides `rate_limit.rate_per_second` for this token."
+    )
+    burst: int | None = Field(None, ge=1, description="Overrides `rate_limit.burst` for this token.")
 
 
 class AuthSettings(BaseModel):
-    # No tokens: /inventory answers 401 to everyone (the worker warns at start).
-    tokens: list[TokenSettings] = []
-    # The role /metrics needs; null leaves /metrics open (for a scraper inside the cluster).
-    metrics_role: str | None = None
+    tokens: list[TokenSettings] = Field(
+        default=[],
+        description="API tokens, stored hashed (`inventory-worker token "
+        "create` prints an entry); none: `/inventory` answers 401 to everyone "
+        "(the worker warns at start).",
+    )
+    metrics_role: str | None = Field(
+        default=None,
+        description="The role `/metrics` needs; null leaves it open (for a scraper inside the cluster).",
+    )
 
     @field_validator("tokens")
     @classmethod
@@ -224,19 +337,25 @@ class AuthSettings(BaseModel):
 class RateLimitSettings(BaseModel):
     """GCRA limits, shared by every process and replica through Redis."""
 
-    enabled: bool = True
-    # Per token: a sustained rate and the burst allowed on top of it.
-    rate_per_second: float = Field(20.0, gt=0)
-    burst: int = Field(40, ge=1)
-    # Per client address, for requests without a valid token.
-    anonymous_rate_per_second: float = Field(1.0, gt=0)
-    anonymous_burst: int = Field(10, ge=1)
+    enabled: bool = Field(
+        default=True,
+        description="`false` turns limiting off. While on, a request that needs a "
+        "token is answered 503 when Redis cannot say whether it is within the limit.",
+    )
+    rate_per_second: float = Field(20.0, gt=0, description="Per token: the sustained rate.")
+    burst: int = Field(40, ge=1, description="Per token: requests allowed at once from a full bucket.")
+    anonymous_rate_per_second: float = Field(
+        1.0, gt=0, description="Per client address, for requests without a valid token: the sustained rate."
+    )
+    anonymous_burst: int = Field(10, ge=1, description="Per client address: the burst.")
 
 
 class LoggingSettings(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # auto: JSON lines, or human-readable console output when stderr is a terminal.
-    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="`auto`: JSON lines, or human-readable console output when stderr is a terminal.",
+    )
 
 
 class Settings(BaseSettings):

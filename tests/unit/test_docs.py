@@ -1,5 +1,5 @@
-"""The documentation stays true: every metric is documented, and every relative link in README.md
-and docs/ leads to a file and heading that exist. (The configuration reference is generated:
+"""The documentation stays true: every metric is documented, and every relative link in README.md,
+CONTRIBUTING.md and docs/ leads to a file and heading that exist. (The configuration reference is generated:
 test_config_reference.py.)"""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_every_metric_is_documented():
 
 # ==== links =======================================================================================
 
-MARKDOWN = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+MARKDOWN = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted(DOCS.rglob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 

@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+DEV_STAMP = $(VENV)/.installed-dev
 # The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
 ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
-.PHONY: run test fuzz migrate install clean asyncapi-specs test-tools bench soak chaos
+.PHONY: run test lint fuzz migrate install install-dev clean asyncapi-specs test-tools bench soak chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +16,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The `dev` extra (ruff, mypy, stubs), on top of the package: what `make lint` and the
+# pre-commit hooks run.
+$(DEV_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
+
+install-dev: $(DEV_STAMP)
+
+## Lint rules and import order, formatting, types (configured in pyproject.toml); CI runs it before the tests.
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 ## Apply migrations, then run the worker against the configured (by default local) services.
 run: $(STAMP)
@@ -66,4 +83,4 @@ chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.runner $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info .cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info .cache

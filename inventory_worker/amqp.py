@@ -29,7 +29,7 @@ from .store import OutgoingMessage
 amqp_transport.coalesce_writes()
 
 
-class NotConfirmed(pika.exceptions.AMQPError):
+class NotConfirmed(pika.exceptions.AMQPError):  # type: ignore[misc]  # pika has no type hints
     """The broker nacked, or did not confirm in time, messages that had to be confirmed."""
 
 
@@ -157,10 +157,10 @@ class Publisher:
                 else:
                     self._refused += 1
         else:
-            outbox_id = self._pending.pop(m.delivery_tag, None)
-            if outbox_id is not None:
+            confirmed = self._pending.pop(m.delivery_tag, None)
+            if confirmed is not None:
                 if ack:
-                    self._acked.append(outbox_id)
+                    self._acked.append(confirmed)
                 else:
                     self._refused += 1
         if not self._pending and self._results is not None:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from . import __version__
 from .config import RabbitMQSettings
@@ -61,7 +62,8 @@ def _envelope(base: dict[str, Any], routing_key: str, data_model: str) -> dict[s
 
 def document(rabbitmq: RabbitMQSettings | None = None) -> dict[str, Any]:
     r = rabbitmq or RabbitMQSettings()
-    models = [(m, "validation") for m in (*DATA_MODELS.values(), *OUTPUT_MODELS.values())]
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (m, "validation") for m in (*DATA_MODELS.values(), *OUTPUT_MODELS.values())]
     _, defs = models_json_schema(models, ref_template=REF)
     schemas: dict[str, Any] = dict(sorted(defs.get("$defs", {}).items()))
     # Validators JSON Schema cannot see (see the module docstring).

@@ -16,13 +16,13 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from .cache import StockCache
 from .config import Settings
-from .store import Store
+from .store import Store, one_row
 
 FIGURES = ("on_hand", "reserved", "available", "version")
 
@@ -61,6 +61,7 @@ class Audit:
         """The product's movements, newest first, with the ledger's figures after each."""
         with self.store.transaction() as cur:
             cur.execute("SELECT * FROM stock_history(%s, %s)", (product_id, limit))
+            assert cur.description is not None  # a SELECT has columns
             names = [c.name for c in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
@@ -72,7 +73,7 @@ class Audit:
         found = self._database_mismatches()
         with self.store.transaction() as cur:
             cur.execute("SELECT count(*) FROM products")
-            products = int(cur.fetchone()[0])
+            products = int(one_row(cur)[0])
         try:
             cached, cache_found = self._cache_mismatches(settle_seconds)
         except redis.RedisError as exc:
@@ -117,7 +118,8 @@ class Audit:
         """Those whose cached entry differs from PostgreSQL's figures, with the entry."""
         if not product_ids:
             return {}
-        values = self.cache.client.mget([self.cache.key(p) for p in product_ids])
+        keys = [self.cache.key(p) for p in product_ids]
+        values = cast("list[bytes | None]", self.cache.client.mget(keys))  # the client does not decode
         db = {f["product_id"]: f for f in self.store.figures(product_ids)}
         out = {}
         for product_id, raw in zip(product_ids, values, strict=True):

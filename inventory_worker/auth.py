@@ -13,8 +13,9 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 from .config import AuthSettings
 
@@ -38,11 +39,19 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+class Headers(Protocol):
+    """A request's headers as read here: a Mapping, or the stdlib server's email Message."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+    def items(self) -> Collection[tuple[str, str]]: ...
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def bearer_token(headers: Mapping[str, str]) -> str | None:
+def bearer_token(headers: Headers) -> str | None:
     """The token of an `Authorization: Bearer ...` header, or None when absent or malformed."""
     value = headers.get("Authorization") or headers.get("authorization")
     if not value:
@@ -64,7 +73,7 @@ class Authenticator:
     def has_tokens(self) -> bool:
         return bool(self._tokens)
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal | None:
+    def authenticate(self, headers: Headers) -> Principal | None:
         token = bearer_token(headers)
         if token is None:
             return None

@@ -8,7 +8,7 @@ processes race the cache never goes back to older figures.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -69,7 +69,7 @@ class StockCache:
         return int(self._put(keys=[self.key(f["product_id"]) for f in items], args=args))
 
     def get(self, product_id: str) -> bytes | None:
-        return self.client.get(self.key(product_id))
+        return cast("bytes | None", self.client.get(self.key(product_id)))  # the client does not decode
 
     def delete(self, product_id: str) -> None:
         self.client.delete(self.key(product_id))

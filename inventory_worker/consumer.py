@@ -45,7 +45,8 @@ class Delivery:
 
     @property
     def tag(self) -> int:
-        return self.method.delivery_tag
+        tag: int = self.method.delivery_tag
+        return tag
 
 
 class Stopping(Exception):

@@ -90,7 +90,7 @@ class DeadLetterQueue:
             pass
 
     def depth(self) -> int:
-        return self.channel.queue_declare(self.settings.dead_letter_queue, passive=True).method.message_count
+        return int(self.channel.queue_declare(self.settings.dead_letter_queue, passive=True).method.message_count)
 
     def messages(self, limit: int | None = None) -> Iterator[DeadLetter]:
         """Takes messages off the DLQ unacked, one at a time, up to `limit`."""
@@ -137,4 +137,4 @@ class DeadLetterQueue:
         return dropped
 
     def purge(self) -> int:
-        return self.channel.queue_purge(self.settings.dead_letter_queue).method.message_count
+        return int(self.channel.queue_purge(self.settings.dead_letter_queue).method.message_count)

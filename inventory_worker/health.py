@@ -54,11 +54,11 @@ def _attach(name: str) -> SharedMemory:
         pass
     with _ATTACH_LOCK:
         register = resource_tracker.register
-        resource_tracker.register = lambda *_: None  # type: ignore[assignment]
+        resource_tracker.register = lambda *_: None
         try:
             return SharedMemory(name=name)
         finally:
-            resource_tracker.register = register  # type: ignore[assignment]
+            resource_tracker.register = register
 
 
 class ProcessHealth:
@@ -71,7 +71,8 @@ class ProcessHealth:
 
     def __init__(self, shm: SharedMemory, consumers: int, owner: bool) -> None:
         self._shm = shm
-        self._buf = shm.buf
+        assert shm.buf is not None  # None only once closed
+        self._buf: memoryview = shm.buf
         self._owner = owner
         self.consumers = consumers
         self._phase = 8 * consumers  # offsets of the byte arrays
@@ -123,7 +124,8 @@ class ProcessHealth:
     # -- read by the HTTP process and the supervisor ----------------------------------------
 
     def last_beat(self, slot: int) -> float:
-        return struct.unpack_from("d", self._buf, 8 * slot)[0]
+        beat: float = struct.unpack_from("d", self._buf, 8 * slot)[0]
+        return beat
 
     def age(self, slot: int) -> float:
         return time.monotonic() - self.last_beat(slot)

@@ -9,7 +9,7 @@ The ledger (stock_movements) is the audit trail and is never pruned here.
 from __future__ import annotations
 
 from .config import Settings
-from .store import Store
+from .store import Store, one_row
 
 BATCH = 10_000
 
@@ -25,7 +25,7 @@ def prune(settings: Settings, outbox_days: float, events_days: float) -> dict[st
                     "SELECT prune_housekeeping(make_interval(secs => %s), make_interval(secs => %s), %s)",
                     (outbox_days * 86400, events_days * 86400, BATCH),
                 )
-                done = cur.fetchone()[0]
+                done = one_row(cur)[0]
             for k in totals:
                 totals[k] += int(done[k])
             if max(int(done[k]) for k in totals) < BATCH:

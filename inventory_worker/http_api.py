@@ -35,12 +35,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import cast
 from urllib.parse import unquote
 
 import redis
 
 from . import amqp, metrics
-from .auth import Authenticator, Principal
+from .auth import Authenticator, Headers, Principal
 from .cache import StockCache, encode_figures
 from .http_metrics import HttpTally
 from .config import Settings
@@ -130,7 +131,7 @@ class ReadAPI:
         self.cache = cache or StockCache(settings.redis)
         self.stores = stores or StorePool(settings)
         self._ready_lock = threading.Lock()
-        self._ready_cache: tuple[float, tuple[int, bytes]] | None = None
+        self._ready_cache: tuple[float, dict[str, str]] | None = None  # (when, failing checks)
         self.auth = Authenticator(settings.auth)
         self.limiter = RateLimiter(self.cache.client, settings.redis.key_prefix)
         self._limiter_warned_at = -1e9
@@ -156,7 +157,7 @@ class ReadAPI:
     # do blocking work after that. handle() runs it with blocking clients (the stdlib server),
     # handle_async() on an event loop (granian's RSGI workers) with the pipelined client.
 
-    def handle(self, method: str, path: str, headers: Mapping[str, str], client: str = "") -> Response:
+    def handle(self, method: str, path: str, headers: Headers, client: str = "") -> Response:
         started = time.perf_counter()
         p = self._begin(method, path, headers, client)
         if isinstance(p, _Pending):
@@ -180,7 +181,7 @@ class ReadAPI:
         self._observe(route, resp, started)
         return resp
 
-    async def handle_async(self, method: str, path: str, headers: Mapping[str, str], client: str,
+    async def handle_async(self, method: str, path: str, headers: Headers, client: str,
                            redis_client: AsyncRedis, executor: Executor) -> Response:
         """handle() on an event loop: the Redis step through `redis_client`, blocking work in
         `executor`."""
@@ -228,7 +229,7 @@ class ReadAPI:
     def _observe(self, route: str, resp: Response, started: float) -> None:
         self.tally.request(route, resp.status, time.perf_counter() - started)
 
-    def _begin(self, method: str, target: str, headers: Mapping[str, str],
+    def _begin(self, method: str, target: str, headers: Headers,
                client: str) -> tuple[str, Response] | _Pending:
         """The gates that need no I/O: an answer (route, response), or what to ask Redis.
         An open route is answered (route, _DEFERRED) for the caller to run self._open(route)."""
@@ -260,9 +261,10 @@ class ReadAPI:
             product_id = self._product_id(path[len(_INVENTORY):])
         # Redis reads the figures only for a request that will be served them: a valid token
         # with the role and a valid id (anything else is answered without them).
-        read = product_id is not None and principal is not None and role in principal.roles
+        read = principal is not None and role in principal.roles
         limit = self._limit(principal, client)
-        return _Pending(route, role, principal, product_id, self.cache.key(product_id) if read else None, limit,
+        stock_key = self.cache.key(product_id) if read and product_id is not None else None
+        return _Pending(route, role, principal, product_id, stock_key, limit,
                         bool(headers.get("Authorization") or headers.get("authorization")))
 
     def _decide(self, p: _Pending, decision: Decision | None, cached: bytes | None) -> Response | Callable[[], Response]:
@@ -339,7 +341,7 @@ class ReadAPI:
 
     def _read_cache(self, key: str) -> bytes | None:
         try:
-            return self.cache.client.get(key)
+            return cast("bytes | None", self.cache.client.get(key))  # the client does not decode
         except Exception as exc:
             log.warning("cache read failed; reading PostgreSQL", error=repr(exc))
             return None

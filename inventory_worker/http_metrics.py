@@ -36,7 +36,12 @@ class HttpTally:
         self._flushing = False  # a flusher thread runs in this process
         # Threads do not survive a fork (granian forks its workers): a child starts its own.
         ref = weakref.ref(self)  # neither the fork hook nor the thread keeps a dropped tally alive
-        os.register_at_fork(after_in_child=lambda: (t := ref()) is not None and t._forked())
+
+        def forked() -> None:
+            if (tally := ref()) is not None:
+                tally._forked()
+
+        os.register_at_fork(after_in_child=forked)
 
     def _forked(self) -> None:
         self._flushing = False

@@ -238,6 +238,7 @@ def granian_limits(settings: Settings) -> dict[str, Any]:
 def _serve_granian(settings: Settings, stop: threading.Event | Any, health: ProcessHealth | None) -> None:
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.log import LogLevels
 
     os.environ[_SETTINGS_ENV] = settings.model_dump_json()
     if health is not None:  # granian's workers inherit the environment
@@ -255,12 +256,13 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
         http=HTTPModes.http1,  # the API speaks HTTP/1.1, like the stdlib server
         **granian_limits(settings),
         log_access=False,
-        log_level="warning",
+        log_level=LogLevels.warning,
     )
 
     def stop_when_asked() -> None:
         stop.wait()
-        server.signal_handler_interrupt()  # what granian's own SIGTERM handler does
+        # What granian's own SIGTERM handler does (a method it leaves unannotated).
+        server.signal_handler_interrupt()  # type: ignore[no-untyped-call]
 
     threading.Thread(target=stop_when_asked, name="http-stop", daemon=True).start()
     log.info("http listening", host=settings.http.host, port=settings.http.port, server="granian",

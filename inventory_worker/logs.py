@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import structlog
+from structlog.typing import EventDict
 
 from .config import LoggingSettings
 
@@ -42,7 +43,9 @@ class _StderrLogger:
 
 def _write(lines: list[str]) -> None:
     """Whole lines, in writes of at most PIPE_BUF bytes where lines allow (a longer line goes alone)."""
-    chunks, chunk, size = [], [], 0
+    chunks: list[str] = []
+    chunk: list[str] = []
+    size = 0
     for line in lines:
         n = len(line) + 1
         if chunk and size + n > _PIPE_BUF:
@@ -82,7 +85,7 @@ def _timestamp() -> Any:
     time under load)."""
     cache = [-1, ""]
 
-    def stamp(_logger: object, _name: str, event: dict) -> dict:
+    def stamp(_logger: object, _name: str, event: EventDict) -> EventDict:
         now = time.time()
         sec = int(now)
         if sec != cache[0]:
@@ -93,7 +96,7 @@ def _timestamp() -> Any:
     return stamp
 
 
-def _json_line(event: dict, **kw: Any) -> str:
+def _json_line(event: EventDict, **kw: Any) -> str:
     """orjson for the line (a few microseconds less per event); the json module for what
     orjson refuses (integers past 64 bits, say), so that a log call never fails."""
     try:
@@ -114,7 +117,7 @@ def configure(settings: LoggingSettings, **context: object) -> None:
     level = getattr(logging, settings.level)
     static = dict(context)
 
-    def add_static(_logger: object, _name: str, event: dict) -> dict:
+    def add_static(_logger: object, _name: str, event: EventDict) -> EventDict:
         for k, v in static.items():
             event.setdefault(k, v)
         return event
@@ -178,4 +181,4 @@ def _route_stdlib_logging(level: int, renderer: Any, fmt: str, add_static: Any) 
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
+    return structlog.stdlib.get_logger(name)  # structlog.get_logger, typed

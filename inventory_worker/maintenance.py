@@ -25,9 +25,12 @@ from . import amqp, metrics
 from .cache import StockCache
 from .config import Settings
 from .logs import get_logger
-from .store import SWEEPER_LOCK_KEY, Store, TransientError
+from .store import SWEEPER_LOCK_KEY, Store, TransientError, one_row
 
 log = get_logger(__name__)
+
+# What a tick may fail with and retry after (a tuple made once: mypy cannot read one unpacked in `except`).
+_RETRIED: tuple[type[BaseException], ...] = (TransientError, *amqp.CONNECTION_ERRORS)
 
 
 class Maintenance(threading.Thread):
@@ -57,7 +60,7 @@ class Maintenance(threading.Thread):
             started = time.monotonic()
             try:
                 self.tick()
-            except (TransientError, *amqp.CONNECTION_ERRORS) as exc:
+            except _RETRIED as exc:
                 log.warning("maintenance tick failed; will retry", error=repr(exc))
                 self._drop_amqp()
             except Exception:
@@ -100,7 +103,7 @@ class Maintenance(threading.Thread):
             return True
         with self.store.transaction() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s)", (SWEEPER_LOCK_KEY,))
-            got = cur.fetchone()[0]
+            got: bool = one_row(cur)[0]
             if got:
                 # Session settings, kept after commit: operators (and tests) find the holder in
                 # pg_stat_activity; if its host vanishes without closing the socket, the server

@@ -34,6 +34,13 @@ class PermanentError(Exception):
     """The data itself is refused; retrying cannot succeed."""
 
 
+def one_row(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
+    """The row of a statement that always returns one (a function call, an aggregate)."""
+    row = cur.fetchone()
+    assert row is not None, "the statement returned no row"
+    return row
+
+
 @dataclass(frozen=True)
 class OutgoingMessage:
     outbox_id: int
@@ -153,7 +160,7 @@ class Store:
                 ((list(mark_published),) if mark_published else ())
                 + (orjson.dumps(list(events)).decode(), self.default_ttl_seconds),
             )
-            results = cur.fetchone()[0]
+            results = one_row(cur)[0]
         return [Outcome.from_json(r) for r in results]
 
     def mark_published(self, outbox_ids: Sequence[int]) -> None:
@@ -196,7 +203,7 @@ class Store:
         """One sweep batch: (expired, candidates seen, messages, figures after)."""
         with self.transaction() as cur:
             cur.execute("SELECT expire_reservations(%s)", (limit,))
-            r = cur.fetchone()[0]
+            r = one_row(cur)[0]
         return (
             int(r["expired"]),
             int(r["candidates"]),
@@ -228,9 +235,9 @@ class Store:
                 "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
                 "  FROM outbox WHERE published_at IS NULL"
             )
-            backlog, oldest = cur.fetchone()
+            backlog, oldest = one_row(cur)
             cur.execute("SELECT count(*) FROM orders WHERE status = 'reserved'")
-            (reservations,) = cur.fetchone()
+            (reservations,) = one_row(cur)
         return {"outbox_backlog": int(backlog), "outbox_oldest_age_seconds": float(oldest),
                 "active_reservations": int(reservations)}
 

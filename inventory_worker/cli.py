@@ -124,16 +124,27 @@ def _cache(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _token_create(settings: Settings, args: argparse.Namespace) -> int:
-    from .auth import new_token, token_config
+    from .auth import checked_roles, new_token, token_config
 
+    known = checked_roles(settings.auth)
+    unknown = [r for r in args.role if r not in known]
+    if unknown and not args.unchecked_role:
+        print(f"inventory-worker: no route checks role {', '.join(map(repr, unknown))}, so it would grant "
+              f"nothing; roles checked with this configuration: {', '.join(sorted(known))} (for /metrics, "
+              "set auth.metrics_role first; --unchecked-role accepts it anyway)", file=sys.stderr)
+        return EXIT_USAGE
     token = new_token()
     entry = token_config(args.name, args.role, token)
     print(f"New token for {args.name!r}, shown only this once; give it to the client and keep no copy:\n")
     print(f"  {token}\n")
     print("Add it to the configuration under auth.tokens (only its hash is stored):\n")
     print(f"  - {json.dumps(entry)}\n")
-    print("or, with no config file, in the environment (this variable holds the whole list):\n")
-    print(f"  INVENTORY_AUTH__TOKENS='{json.dumps([entry])}'")
+    print("or set this environment variable, with or without a config file (it replaces the whole\n"
+          "auth.tokens list, the file's entries included: put every token in it):\n")
+    print(f"  INVENTORY_AUTH__TOKENS='{json.dumps([entry])}'\n")
+    print("Then restart the worker so that it reads the token: stop it (Ctrl-C or SIGTERM) and start\n"
+          "`inventory-worker run` again with the variable set (`systemctl restart inventory-worker`\n"
+          "under systemd, a rollout on Kubernetes).")
     return 0
 
 
@@ -257,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--role", action="append", required=True, metavar="ROLE",
                    help="a role of the token (repeatable): inventory:read for GET /inventory/..., "
                    "or the role set as auth.metrics_role")
+    t.add_argument("--unchecked-role", action="store_true",
+                   help="accept a role no route checks with the current configuration")
     t.set_defaults(func=_token_create)
 
     p = sub.add_parser("history", help="print a product's stock movements (the ledger), newest first")

@@ -2,30 +2,39 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed
+# Two stamps: `make run` installs the package alone, `make test` (and the benchmark, fuzzing,
+# chaos, which use the test helpers) with its test extras; either leaves the other's in place.
+STAMP_RUN  = $(VENV)/.installed-run
+STAMP_TEST = $(VENV)/.installed-test
 # The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
 ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
 .PHONY: run test fuzz migrate install clean asyncapi-specs test-tools bench soak chaos
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-install: $(STAMP)
+$(STAMP_RUN): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(STAMP_TEST): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP_RUN)
 
 ## Apply migrations, then run the worker against the configured (by default local) services.
-run: $(STAMP)
+run: $(STAMP_RUN)
 	$(BIN)/inventory-worker migrate
 	exec $(BIN)/inventory-worker run
 
-migrate: $(STAMP)
+migrate: $(STAMP_RUN)
 	$(BIN)/inventory-worker migrate
 
 ## The whole suite, against real PostgreSQL, Redis and RabbitMQ (each run isolated).
-test: $(STAMP) asyncapi-specs test-tools
+test: $(STAMP_TEST) asyncapi-specs test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## Programs the suite runs, from Debian's packages where this is root with apt-get (elsewhere,
@@ -47,22 +56,22 @@ asyncapi-specs:
 	  npm install --silent --no-audit --no-fund --prefix .cache/asyncapi-specs @asyncapi/specs@6.11.1
 ## Longer fuzzing than the suite's bounded runs: schemathesis against a live worker (2000 cases
 ## per operation) and 20000 random and near-valid messages through RabbitMQ. Minutes, not seconds.
-fuzz: $(STAMP)
+fuzz: $(STAMP_TEST)
 	INVENTORY_FUZZ_EXAMPLES=$${INVENTORY_FUZZ_EXAMPLES:-2000} INVENTORY_FUZZ_TIMEOUT=3000 \
 	INVENTORY_FUZZ_MESSAGES=$${INVENTORY_FUZZ_MESSAGES:-20000} INVENTORY_FUZZ_SEED=$${INVENTORY_FUZZ_SEED:-$$RANDOM} \
 	$(BIN)/pytest -o timeout=3600 tests/e2e/test_message_fuzz.py \
 	    tests/e2e/test_http_security.py::test_schemathesis_finds_no_difference_from_the_document $(PYTEST_ARGS)
 
 ## The benchmark (README "Performance"): a table, and bench/results.json. Needs pgbench and wrk.
-bench: $(STAMP)
+bench: $(STAMP_TEST)
 	$(BIN)/python -m bench.run
 
 ## Ten minutes of steady load: is the worker's memory flat? Writes bench/soak.json.
-soak: $(STAMP)
+soak: $(STAMP_TEST)
 	$(BIN)/python -m bench.soak
 
 ## The long fault-injection run on private service instances (CHAOS_ARGS="--duration 600 --seed 7").
-chaos: $(STAMP)
+chaos: $(STAMP_TEST)
 	$(BIN)/python -m tests.chaos.runner $(CHAOS_ARGS)
 
 clean:

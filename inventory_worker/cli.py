@@ -28,12 +28,12 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from .dependencies import check_at_start
     from .logs import configure
-    from .migrations import pending
     from .supervisor import run
 
     configure(settings.logging, process="supervisor")
-    todo = pending(settings.database)
+    todo = check_at_start(settings)
     if todo:
         print("the database needs migrating first (inventory-worker migrate): " + ", ".join(todo),
               file=sys.stderr)
@@ -467,6 +467,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import psycopg2
         import pika.exceptions
 
+        from .dependencies import describe
+
+        failure = describe(exc, settings)
+        if failure is not None and failure.permanent:  # one line naming where and why
+            print(f"inventory-worker: {failure}", file=sys.stderr)
+            return 1
+        if failure is not None:
+            print(f"inventory-worker: cannot reach a dependency: {failure}", file=sys.stderr)
+            return 1
         if isinstance(exc, (TransientError, psycopg2.OperationalError, pika.exceptions.AMQPError, OSError)):
             print(f"inventory-worker: cannot reach a dependency: {str(exc).strip() or type(exc).__name__}",
                   file=sys.stderr)

@@ -143,9 +143,9 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
     print("or set this environment variable, with or without a config file (it replaces the whole\n"
           "auth.tokens list, the file's entries included: put every token in it):\n")
     print(f"  INVENTORY_AUTH__TOKENS='{json.dumps([entry])}'\n")
-    print("Then restart the worker so that it reads the token: stop it (Ctrl-C or SIGTERM) and start\n"
-          "`inventory-worker run` again with the variable set (`systemctl restart inventory-worker`\n"
-          "under systemd, a rollout on Kubernetes).")
+    print("Then restart the worker, which reads tokens only when it starts: stop it (Ctrl-C or SIGTERM)\n"
+          "and run `inventory-worker run` again, with the variable exported if you chose it\n"
+          "(`systemctl restart inventory-worker` under systemd).")
     return 0
 
 

@@ -75,7 +75,8 @@ def describe(exc: BaseException, settings: Settings) -> Failure | None:
             text = str(e).strip()
             where = f"{settings.database.host}:{settings.database.port}"
             # libpq: 'connection to server at "h", port p failed: FATAL:  the reason'
-            detail = re.sub(r"^connection to server .*? failed: (FATAL:\s+)?", "", text.splitlines()[0] if text else "")
+            first = text.splitlines()[0] if text else ""
+            detail = re.sub(r"^connection to server .*? failed: (FATAL:\s+)?", "", first)
             if _PG_AUTH.search(text):
                 return Failure("PostgreSQL", where, f"authentication failed ({detail})", True)
             if re.search(r"database \"[^\"]*\" does not exist", text):  # waiting would not create it
@@ -86,8 +87,8 @@ def describe(exc: BaseException, settings: Settings) -> Failure | None:
             if isinstance(e, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError,
                               pika.exceptions.ProbableAccessDeniedError)):
                 m = re.search(r"(ACCESS_REFUSED|NOT_ALLOWED)[^'\"]*", str(e))
-                return Failure("RabbitMQ", where, f"authentication failed ({m.group(0) if m else type(e).__name__})",
-                               True)
+                why = m.group(0) if m else type(e).__name__
+                return Failure("RabbitMQ", where, f"authentication failed ({why})", True)
             # pika's message is in its args, often another exception (whose str() may be empty)
             text = " ".join(str(a) or repr(a) for a in e.args) or type(e).__name__
             return Failure("RabbitMQ", where, _network_reason(text) or text, False)

@@ -128,4 +128,5 @@ def test_a_command_names_the_unreachable_dependency_and_where(settings):
     assert r.stderr == f"inventory-worker: cannot reach a dependency: RabbitMQ at 127.0.0.1:{port}: connection refused\n"
     r = subprocess.run([str(CLI), "stock", "SKU-1"], env=settings_env(settings, INVENTORY_DATABASE__PORT=str(port)),
                        cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.stderr == f"inventory-worker: cannot reach a dependency: PostgreSQL at {settings.database.host}:{port}: connection refused\n"
+    assert r.stderr == ("inventory-worker: cannot reach a dependency: "
+                        f"PostgreSQL at {settings.database.host}:{port}: connection refused\n")

@@ -28,15 +28,23 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from .dependencies import check_at_start
-    from .logs import configure
+    from .dependencies import check_at_start, describe
+    from .logs import configure, get_logger
     from .supervisor import run
 
     configure(settings.logging, process="supervisor")
-    todo = check_at_start(settings)
+    log = get_logger(__name__)
+    # From here on the worker writes log lines only (JSON lines for a collector), these too.
+    try:
+        todo = check_at_start(settings)
+    except Exception as exc:
+        failure = describe(exc, settings)
+        if failure is None:
+            raise
+        log.error(f"cannot start: {failure}", **failure.fields())
+        return 1
     if todo:
-        print("the database needs migrating first (inventory-worker migrate): " + ", ".join(todo),
-              file=sys.stderr)
+        log.error("cannot start: the database needs migrating first (inventory-worker migrate)", pending=todo)
         return 1
     return run(settings, processes=args.processes)
 

@@ -28,16 +28,20 @@ def run_worker(settings: Any, timeout: float = 60, **env: str) -> subprocess.Com
 
 
 def last_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
+    """The event of the worker's last log line (every line a JSON object), checking its fields."""
+    lines = [json.loads(line) for line in stderr.strip().splitlines()]
     assert lines, "nothing on stderr"
-    return lines[-1]
+    last = lines[-1]
+    assert last["level"] == "error" and last["event"].endswith(
+        f"{last['dependency']} at {last['address']}: {last['reason']}"), last
+    return last["event"]
 
 
 def test_a_wrong_rabbitmq_password_stops_the_worker_at_start(settings):
     r = run_worker(settings, INVENTORY_RABBITMQ__PASSWORD="not-the-password")
     assert r.returncode == 1, r.stderr[-2000:]
     host, port = settings.rabbitmq.url.host, settings.rabbitmq.url.port or 5672
-    assert last_line(r.stderr) == (f"inventory-worker: RabbitMQ at {host}:{port}: authentication failed "
+    assert last_line(r.stderr) == (f"cannot start: RabbitMQ at {host}:{port}: authentication failed "
                                    "(ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. "
                                    "For details see the broker logfile.)")
     assert "not-the-password" not in r.stderr
@@ -47,7 +51,7 @@ def test_a_wrong_redis_password_stops_the_worker_at_start(settings):
     r = run_worker(settings, INVENTORY_REDIS__USERNAME="nobody", INVENTORY_REDIS__PASSWORD="not-the-password")
     assert r.returncode == 1, r.stderr[-2000:]
     line = last_line(r.stderr)
-    assert line.startswith(f"inventory-worker: Redis at {settings.redis.host}:{settings.redis.port}: "
+    assert line.startswith(f"cannot start: Redis at {settings.redis.host}:{settings.redis.port}: "
                            "authentication failed ("), line
     assert "not-the-password" not in r.stderr
 
@@ -87,7 +91,7 @@ def test_a_wrong_postgresql_password_stops_the_worker_at_start(settings, scram_p
     r = run_worker(settings, INVENTORY_DATABASE__HOST="127.0.0.1", INVENTORY_DATABASE__PORT=str(scram_postgres.port),
                    INVENTORY_DATABASE__USER="worker", INVENTORY_DATABASE__PASSWORD="not-the-password")
     assert r.returncode == 1, r.stderr[-2000:]
-    assert last_line(r.stderr) == (f"inventory-worker: PostgreSQL at 127.0.0.1:{scram_postgres.port}: "
+    assert last_line(r.stderr) == (f"cannot start: PostgreSQL at 127.0.0.1:{scram_postgres.port}: "
                                    'authentication failed (password authentication failed for user "worker")')
     assert "not-the-password" not in r.stderr
 

@@ -2,47 +2,55 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed
-DEV_STAMP = $(VENV)/.installed-dev
+# One stamp per set of extras: `make run` installs the package alone, `make test` (and the
+# benchmark, fuzzing, chaos, which use the test helpers) its test extras, `make lint` the dev
+# extra; none undoes another.
+STAMP_RUN  = $(VENV)/.installed-run
+STAMP_TEST = $(VENV)/.installed-test
+STAMP_DEV  = $(VENV)/.installed-dev
 # The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
 ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
 .PHONY: run test lint fuzz migrate install install-dev clean asyncapi-specs test-tools bench soak chaos
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-install: $(STAMP)
+$(STAMP_RUN): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(STAMP_TEST): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP_RUN)
 
 # The `dev` extra (ruff, mypy, stubs), on top of the package: what `make lint` and the
 # pre-commit hooks run.
-$(DEV_STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+$(STAMP_DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(DEV_STAMP)
+	touch $@
 
-install-dev: $(DEV_STAMP)
+install-dev: $(STAMP_DEV)
 
 ## Lint rules and import order, formatting, types (configured in pyproject.toml); CI runs it before the tests.
-lint: $(DEV_STAMP)
+lint: $(STAMP_DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 ## Apply migrations, then run the worker against the configured (by default local) services.
-run: $(STAMP)
+run: $(STAMP_RUN)
 	$(BIN)/inventory-worker migrate
 	exec $(BIN)/inventory-worker run
 
-migrate: $(STAMP)
+migrate: $(STAMP_RUN)
 	$(BIN)/inventory-worker migrate
 
 ## The whole suite, against real PostgreSQL, Redis and RabbitMQ (each run isolated).
-test: $(STAMP) asyncapi-specs test-tools
+test: $(STAMP_TEST) asyncapi-specs test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## Programs the suite runs, from Debian's packages where this is root with apt-get (elsewhere,
@@ -64,22 +72,22 @@ asyncapi-specs:
 	  npm install --silent --no-audit --no-fund --prefix .cache/asyncapi-specs @asyncapi/specs@6.11.1
 ## Longer fuzzing than the suite's bounded runs: schemathesis against a live worker (2000 cases
 ## per operation) and 20000 random and near-valid messages through RabbitMQ. Minutes, not seconds.
-fuzz: $(STAMP)
+fuzz: $(STAMP_TEST)
 	INVENTORY_FUZZ_EXAMPLES=$${INVENTORY_FUZZ_EXAMPLES:-2000} INVENTORY_FUZZ_TIMEOUT=3000 \
 	INVENTORY_FUZZ_MESSAGES=$${INVENTORY_FUZZ_MESSAGES:-20000} INVENTORY_FUZZ_SEED=$${INVENTORY_FUZZ_SEED:-$$RANDOM} \
 	$(BIN)/pytest -o timeout=3600 tests/e2e/test_message_fuzz.py \
 	    tests/e2e/test_http_security.py::test_schemathesis_finds_no_difference_from_the_document $(PYTEST_ARGS)
 
 ## The benchmark (docs/performance.md): a table, and bench/results.json. Needs pgbench and wrk.
-bench: $(STAMP)
+bench: $(STAMP_TEST)
 	$(BIN)/python -m bench.run
 
 ## Ten minutes of steady load: is the worker's memory flat? Writes bench/soak.json.
-soak: $(STAMP)
+soak: $(STAMP_TEST)
 	$(BIN)/python -m bench.soak
 
 ## The long fault-injection run on private service instances (CHAOS_ARGS="--duration 600 --seed 7").
-chaos: $(STAMP)
+chaos: $(STAMP_TEST)
 	$(BIN)/python -m tests.chaos.runner $(CHAOS_ARGS)
 
 clean:

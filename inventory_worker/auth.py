@@ -86,11 +86,17 @@ class Authenticator:
 
     def required_role(self, route: str) -> str | None:
         """The role a route needs; None: open to everyone (probes, the API description)."""
-        if route == "/inventory/{product_id}":
-            return INVENTORY_READ
-        if route == "/metrics":
-            return self.settings.metrics_role
-        return None
+        return route_roles(self.settings).get(route)
+
+
+def route_roles(settings: AuthSettings) -> dict[str, str | None]:
+    """The routes that may need a role, and the role each needs (None: open)."""
+    return {"/inventory/{product_id}": INVENTORY_READ, "/metrics": settings.metrics_role}
+
+
+def checked_roles(settings: AuthSettings) -> frozenset[str]:
+    """Every role some route checks with these settings: a token's other roles grant nothing."""
+    return frozenset(role for role in route_roles(settings).values() if role)
 
 
 def token_config(name: str, roles: list[str], token: str) -> dict[str, object]:

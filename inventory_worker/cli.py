@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .config import ConfigError, Settings, load_settings
+from .contract import INPUT_TYPES
 
 EXIT_USAGE = 2
 
@@ -27,15 +28,23 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from .logs import configure
-    from .migrations import pending
+    from .dependencies import check_at_start, describe
+    from .logs import configure, get_logger
     from .supervisor import run
 
     configure(settings.logging, process="supervisor")
-    todo = pending(settings.database)
+    log = get_logger(__name__)
+    # From here on the worker writes log lines only (JSON lines for a collector), these too.
+    try:
+        todo = check_at_start(settings)
+    except Exception as exc:
+        failure = describe(exc, settings)
+        if failure is None:
+            raise
+        log.error(f"cannot start: {failure}", **failure.fields())
+        return 1
     if todo:
-        print("the database needs migrating first (inventory-worker migrate): " + ", ".join(todo),
-              file=sys.stderr)
+        log.error("cannot start: the database needs migrating first (inventory-worker migrate)", pending=todo)
         return 1
     return run(settings, processes=args.processes)
 
@@ -124,16 +133,27 @@ def _cache(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _token_create(settings: Settings, args: argparse.Namespace) -> int:
-    from .auth import new_token, token_config
+    from .auth import checked_roles, new_token, token_config
 
+    known = checked_roles(settings.auth)
+    unknown = [r for r in args.role if r not in known]
+    if unknown and not args.unchecked_role:
+        print(f"inventory-worker: no route checks role {', '.join(map(repr, unknown))}, so it would grant "
+              f"nothing; roles checked with this configuration: {', '.join(sorted(known))} (for /metrics, "
+              "set auth.metrics_role first; --unchecked-role accepts it anyway)", file=sys.stderr)
+        return EXIT_USAGE
     token = new_token()
     entry = token_config(args.name, args.role, token)
     print(f"New token for {args.name!r}, shown only this once; give it to the client and keep no copy:\n")
     print(f"  {token}\n")
     print("Add it to the configuration under auth.tokens (only its hash is stored):\n")
     print(f"  - {json.dumps(entry)}\n")
-    print("or, with no config file, in the environment (this variable holds the whole list):\n")
-    print(f"  INVENTORY_AUTH__TOKENS='{json.dumps([entry])}'")
+    print("or set this environment variable, with or without a config file (it replaces the whole\n"
+          "auth.tokens list, the file's entries included: put every token in it):\n")
+    print(f"  INVENTORY_AUTH__TOKENS='{json.dumps([entry])}'\n")
+    print("Then restart the worker, which reads tokens only when it starts: stop it (Ctrl-C or SIGTERM)\n"
+          "and run `inventory-worker run` again, with the variable exported if you chose it\n"
+          "(`systemctl restart inventory-worker` under systemd).")
     return 0
 
 
@@ -200,6 +220,62 @@ def _prune(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_field(schema: dict, schemas: dict) -> str:
+    """A JSON Schema property in a few words: type and bounds."""
+    schema = next((a for a in schema.get("anyOf", []) if a.get("type") != "null"), schema)
+    if "$ref" in schema:
+        model = schemas[schema["$ref"].rsplit("/", 1)[1]]
+        return "{" + ", ".join(model["properties"]) + "}"
+    kind = schema.get("type", "value")
+    if kind == "array":
+        n = f"{schema.get('minItems', 0)}-{schema['maxItems']}" if "maxItems" in schema else "any number"
+        return f"list of {n} {_describe_field(schema['items'], schemas)}"
+    bounds = []
+    if "minimum" in schema or "maximum" in schema:
+        bounds.append(f"{schema.get('minimum', '')}..{schema.get('maximum', '')}")
+    if "minLength" in schema or "maxLength" in schema:
+        bounds.append(f"{schema.get('minLength', 0)}-{schema['maxLength']} characters")
+    if "pattern" in schema:
+        bounds.append(f"matching {schema['pattern']}")
+    return " ".join([kind, *bounds])
+
+
+def _data_help() -> str:
+    """What each input type's data needs, from the message contract (as docs/asyncapi.yaml)."""
+    from .asyncapi import INPUT_DESCRIPTIONS, document
+    from .contract import DATA_MODELS
+
+    schemas = document()["components"]["schemas"]
+    out = ["what --data holds for each TYPE (from the message contract, docs/asyncapi.yaml):"]
+    for type_, model in DATA_MODELS.items():
+        schema = schemas[model.__name__]
+        out.append(f"  {type_}: {INPUT_DESCRIPTIONS[type_]}")
+        nested = []
+        for name, prop in schema["properties"].items():
+            need = "required" if name in schema.get("required", ()) else "optional"
+            out.append(f"    {name:<24} {need}, {_describe_field(prop, schemas)}")
+            ref = (prop.get("items") or {}).get("$ref")
+            if ref:
+                nested.append(schemas[ref.rsplit("/", 1)[1]])
+        for sub in nested:
+            for name, prop in sub["properties"].items():
+                need = "required" if name in sub.get("required", ()) else "optional"
+                out.append(f"      {sub['title']}.{name:<14} {need}, {_describe_field(prop, schemas)}")
+        if "oneOf" in schema:
+            names = [next(iter(alt["required"])) for alt in schema["oneOf"]]
+            out.append(f"    exactly one of: {', '.join(names)}")
+        if schema.get("description"):
+            out.append(f"    {schema['description']}")
+    return "\n".join(out)
+
+
+def _add(sub: argparse._SubParsersAction, name: str, help: str, epilog: str = "",
+         description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does and shows examples (kept as written)."""
+    return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                          epilog=epilog.strip("\n") or None, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inventory-worker",
@@ -214,30 +290,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("migrate", help="create the database if missing and apply sql/ migrations")
+    p = _add(sub, "migrate", "create the database if missing and apply sql/ migrations", """
+Applies, in order, the migrations in sql/ not yet recorded in the database (each in a transaction),
+and prints each one applied, or "database is up to date". Safe to run again, and while workers run.
+
+examples:
+  inventory-worker migrate
+  inventory-worker --config /etc/inventory-worker/config.yaml migrate
+""")
     p.set_defaults(func=_migrate)
 
-    p = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
+    p = _add(sub, "run", "run the worker until SIGTERM/SIGINT", """
+Starts the consumer processes and the HTTP endpoint, and restarts any that dies. Refuses to start
+while migrations are pending, or when a dependency refuses its credentials; waits and retries
+while one cannot be reached. Logs one JSON line per event to stderr.
+
+examples:
+  inventory-worker run
+  inventory-worker run --processes 4
+  INVENTORY_HTTP__PORT=9090 inventory-worker run
+""")
     p.add_argument("--processes", type=int, metavar="N",
                    help="consumer processes (default: worker.processes, else the number of CPUs)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("publish", help="publish one input event through the message contract")
-    p.add_argument("type", choices=["order.placed", "order.cancelled", "order.completed", "stock.adjusted"])
-    p.add_argument("--data", required=True, metavar="JSON", help='the event\'s data, e.g. \'{"order_id": "o-1"}\'')
-    p.add_argument("--id", metavar="UUID", help="the idempotency key (default: a new UUID)")
+    p = _add(sub, "publish", "publish one input event through the message contract", _data_help() + """
+
+It prints the event it published (with its id and occurred_at) as one JSON line.
+
+examples:
+  inventory-worker publish stock.adjusted --data '{"product_id": "SKU-1", "delta": 10}'
+  inventory-worker publish stock.adjusted --data '{"product_id": "SKU-1", "on_hand": 25}'
+  inventory-worker publish order.placed \\
+      --data '{"order_id": "o-1", "lines": [{"product_id": "SKU-1", "quantity": 3}]}'
+  inventory-worker publish order.completed --data '{"order_id": "o-1"}'
+""")
+    p.add_argument("type", metavar="TYPE", choices=list(INPUT_TYPES),
+                   help="one of " + ", ".join(INPUT_TYPES))
+    p.add_argument("--data", required=True, metavar="JSON", help="the event's data (see below)")
+    p.add_argument("--id", metavar="UUID", help="the idempotency key (default: a new UUID); "
+                   "publishing again with the same id changes nothing")
     p.set_defaults(func=_publish)
 
-    p = sub.add_parser("stock", help="print a product's figures from PostgreSQL")
-    p.add_argument("product_id")
+    p = _add(sub, "stock", "print a product's figures from PostgreSQL", """
+Prints one JSON object: on_hand, reserved, available and the version. Exit status 1 for an unknown
+product.
+
+example:
+  inventory-worker stock SKU-1
+""")
+    p.add_argument("product_id", metavar="PRODUCT_ID")
     p.set_defaults(func=_stock)
 
-    p = sub.add_parser("dlq", help="inspect, replay or purge dead-lettered messages")
+    p = _add(sub, "dlq", "inspect, replay or purge dead-lettered messages", """
+examples:
+  inventory-worker dlq list --limit 10
+  inventory-worker dlq replay --message-id 3f1c...
+  inventory-worker dlq purge --yes
+""")
     dsub = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    for name, text in (("list", "print each dead-lettered message as a JSON line (left in place)"),
-                       ("replay", "publish them again to the input exchange, with their routing key"),
-                       ("purge", "delete them")):
-        d = dsub.add_parser(name, help=text)
+    for name, text, example in (
+            ("list", "print each dead-lettered message as a JSON line (left in place)", "dlq list --limit 10"),
+            ("replay", "publish them again to the input exchange, with their routing key",
+             "dlq replay --message-id ID"),
+            ("purge", "delete them", "dlq purge --yes --message-id ID")):
+        d = _add(dsub, name, text, f"example:\n  inventory-worker {example}\n")
         d.add_argument("--limit", type=int, metavar="N", help="at most N messages")
         if name != "list":
             d.add_argument("--message-id", action="append", metavar="ID",
@@ -246,33 +363,71 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--yes", action="store_true", help="really delete")
     p.set_defaults(func=_dlq)
 
-    p = sub.add_parser("cache", help="the Redis stock cache")
+    p = _add(sub, "cache", "the Redis stock cache", """
+example:
+  inventory-worker cache rebuild
+""")
     csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    csub.add_parser("rebuild", help="refill Redis from PostgreSQL (version-checked, safe while running)")
+    _add(csub, "rebuild", "refill Redis from PostgreSQL (version-checked, safe while running)", """
+Prints {"products": N, "written": M}: entries already newer in Redis are left alone.
+
+example:
+  inventory-worker cache rebuild
+""")
     p.set_defaults(func=_cache)
-    p = sub.add_parser("token", help="manage API tokens for the HTTP endpoint")
+    p = _add(sub, "token", "manage API tokens for the HTTP endpoint", """
+example:
+  inventory-worker token create shop-frontend --role inventory:read
+""")
     token_sub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    t = token_sub.add_parser("create", help="print a new random token once, and the config entry to add")
-    t.add_argument("name", help="who the token is for (letters, digits and ._-), shown in logs")
+    t = _add(token_sub, "create", "print a new random token once, and the config entry to add", """
+Only the token's SHA-256 goes into the configuration (auth.tokens, or INVENTORY_AUTH__TOKENS); the
+worker reads it when it starts. A role no route checks is refused (--unchecked-role to insist).
+
+examples:
+  inventory-worker token create shop-frontend --role inventory:read
+  INVENTORY_AUTH__METRICS_ROLE=metrics:read inventory-worker token create prometheus --role metrics:read
+""")
+    t.add_argument("name", metavar="NAME", help="who the token is for (letters, digits and ._-), shown in logs")
     t.add_argument("--role", action="append", required=True, metavar="ROLE",
                    help="a role of the token (repeatable): inventory:read for GET /inventory/..., "
                    "or the role set as auth.metrics_role")
+    t.add_argument("--unchecked-role", action="store_true",
+                   help="accept a role no route checks with the current configuration")
     t.set_defaults(func=_token_create)
 
-    p = sub.add_parser("history", help="print a product's stock movements (the ledger), newest first")
-    p.add_argument("product_id")
+    p = _add(sub, "history", "print a product's stock movements (the ledger), newest first", """
+Each movement's change and the figures right after it, with the order, event id or note behind it.
+
+examples:
+  inventory-worker history SKU-1
+  inventory-worker history SKU-1 --limit 500 --json
+""")
+    p.add_argument("product_id", metavar="PRODUCT_ID")
     p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N movements (default 50)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_history)
 
-    p = sub.add_parser("verify", help="check every figure against the ledger, the reservations and "
-                       "the Redis cache; exit 1 on any mismatch")
+    p = _add(sub, "verify", "check every figure against the ledger, the reservations and the Redis cache; "
+             "exit 1 on any mismatch", """
+Prints each mismatch and a summary line on stderr. Read-only; safe while the worker runs.
+
+examples:
+  inventory-worker verify
+  inventory-worker verify --json --settle 5
+""")
     p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
                    help="re-check a cache difference after this long before reporting it (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per mismatch")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("prune", help="delete published outbox rows and old idempotency keys, in short batches")
+    p = _add(sub, "prune", "delete published outbox rows and old idempotency keys, in short batches", """
+Prints {"deleted": {...}} with the rows deleted per table. Safe while the worker runs (a cron job).
+
+examples:
+  inventory-worker prune
+  inventory-worker prune --outbox-days 1 --events-days 14
+""")
     p.add_argument("--outbox-days", type=float, default=7, metavar="DAYS",
                    help="published outbox rows older than this (default 7)")
     p.add_argument("--events-days", type=float, default=30, metavar="DAYS",
@@ -320,6 +475,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import psycopg2
         import pika.exceptions
 
+        from .dependencies import describe
+
+        failure = describe(exc, settings)
+        if failure is not None and failure.permanent:  # one line naming where and why
+            print(f"inventory-worker: {failure}", file=sys.stderr)
+            return 1
+        if failure is not None:
+            print(f"inventory-worker: cannot reach a dependency: {failure}", file=sys.stderr)
+            return 1
         if isinstance(exc, (TransientError, psycopg2.OperationalError, pika.exceptions.AMQPError, OSError)):
             print(f"inventory-worker: cannot reach a dependency: {str(exc).strip() or type(exc).__name__}",
                   file=sys.stderr)

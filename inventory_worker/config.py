@@ -10,6 +10,7 @@ Passwords are SecretStr: they never show in a repr, a log line or an error messa
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from collections.abc import Mapping
@@ -297,10 +298,8 @@ class HTTPSettings(_Section):
     )
 
 
-class TokenSettings(BaseModel):
+class TokenSettings(_Section):
     """One API token, stored hashed: `inventory-worker token create` prints these fields."""
-
-    model_config = {"extra": "forbid"}
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="The client's name, unique.")
     roles: list[str] = Field(min_length=1, description="The token's roles, e.g. `inventory:read`.")
@@ -311,7 +310,7 @@ class TokenSettings(BaseModel):
     burst: int | None = Field(None, ge=1, description="Overrides `rate_limit.burst` for this token.")
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(_Section):
     tokens: list[TokenSettings] = Field(
         default=[],
         description="API tokens, stored hashed (`inventory-worker token "
@@ -334,7 +333,7 @@ class AuthSettings(BaseModel):
         return tokens
 
 
-class RateLimitSettings(BaseModel):
+class RateLimitSettings(_Section):
     """GCRA limits, shared by every process and replica through Redis."""
 
     enabled: bool = Field(
@@ -417,10 +416,53 @@ def environ_with_files(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+# INVENTORY_* variables the project reads that are not settings: the config file's path, where
+# sql/ and docs/ are, the HTTP server's hand-over to its granian workers, and the test suite's
+# and benchmark's knobs.
+NON_SETTINGS = frozenset({
+    "INVENTORY_CONFIG", "INVENTORY_SQL_DIR", "INVENTORY_DOCS_DIR",
+    "INVENTORY_HTTP_SETTINGS_JSON", "INVENTORY_HTTP_HEALTH_SHM",
+    "INVENTORY_TEST_RUN_ID", "INVENTORY_TEST_KEEP",
+})
+NON_SETTING_PREFIXES = ("INVENTORY_FUZZ_",)
+
+
+def setting_variables(model: type[BaseModel] | None = None, prefix: str = ENV_PREFIX) -> set[str]:
+    """Every INVENTORY_* name that sets something: a section (as JSON) and each key in it.
+
+    Derived from the models, so a new field is recognised without more code."""
+    names: set[str] = set()
+    for field_name, info in (model or Settings).model_fields.items():
+        name = prefix + field_name.upper()
+        names.add(name)
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            names |= setting_variables(sub, name + "__")
+    return names
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuses an INVENTORY_* variable that neither sets a setting nor is one the project reads:
+    pydantic-settings ignores them, so a typo (INVENTORY_DATABSE__HOST) would leave a default."""
+    known = setting_variables()
+    for raw in sorted(environ):
+        name = raw.upper()
+        if not name.startswith(ENV_PREFIX) or name in NON_SETTINGS or name.startswith(NON_SETTING_PREFIXES):
+            continue
+        base, suffix = (name[: -len(FILE_SUFFIX)], FILE_SUFFIX) if name.endswith(FILE_SUFFIX) else (name, "")
+        if base in known:
+            continue
+        close = difflib.get_close_matches(base, known | NON_SETTINGS, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0] + (suffix if close[0] not in NON_SETTINGS else '')}?)" if close else ""
+        raise ConfigError(f"unknown environment variable {raw}{hint}: not a setting "
+                          "(settings are INVENTORY_<SECTION>__<KEY>)")
+
+
 class _EnvWithFilesSource(EnvSettingsSource):
     """INVENTORY_* variables, with INVENTORY_*_FILE ones read from their files."""
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
+        check_environment(os.environ)
         return parse_env_vars(environ_with_files(os.environ), self.case_sensitive,
                               self.env_ignore_empty, self.env_parse_none_str)
 

@@ -29,6 +29,7 @@ from . import amqp, metrics
 from .cache import StockCache
 from .config import Settings
 from .contract import INPUT_TYPES, Event, InvalidMessage, parse_event
+from .dependencies import describe
 from .health import ConsumerSlot
 from .logs import get_logger, lines_together
 from .store import Outcome, OutgoingMessage, PermanentError, Store, TransientError
@@ -130,7 +131,9 @@ class Consumer:
             except amqp.CONNECTION_ERRORS as exc:
                 self.attached = False
                 metrics.RETRIES.labels("rabbitmq").inc()
-                log.warning("rabbitmq connection lost; reconnecting", error=repr(exc), wait_seconds=delay)
+                failure = describe(exc, self.settings)
+                log.warning("rabbitmq connection lost; reconnecting", error=repr(exc), wait_seconds=delay,
+                            **(failure.fields() if failure else {}))
                 self.stop.wait(delay)
                 self.slot.beat()
                 delay = min(delay * 2, 5.0)

@@ -123,6 +123,7 @@ def configure(settings: LoggingSettings, **context: object) -> None:
         return event
 
     _route_stdlib_logging(level, renderer, fmt, add_static)
+    _log_uncaught_exceptions()
 
     structlog.configure(
         processors=[
@@ -178,6 +179,34 @@ def _route_stdlib_logging(level: int, renderer: Any, fmt: str, add_static: Any) 
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("pika").setLevel(max(level, logging.WARNING))  # its INFO is per connection step
+
+
+def _log_uncaught_exceptions() -> None:
+    """Python prints an uncaught exception as a multi-line traceback: here it is one log line
+    (the traceback in `exception`), from the main thread, other threads, and the exceptions
+    Python can only report (raised in __del__, say). Child processes log theirs in
+    supervisor.child_main (multiprocessing prints them without these hooks)."""
+    crash = get_logger("inventory_worker.crash")
+
+    def main_thread(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        crash.critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+    def other_thread(args: Any) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return
+        crash.critical("uncaught exception in a thread", thread=getattr(args.thread, "name", None),
+                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def unraisable(u: Any) -> None:
+        crash.error(u.err_msg or "exception ignored", object=repr(u.object)[:200],
+                    exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+
+    sys.excepthook = main_thread
+    threading.excepthook = other_thread
+    sys.unraisablehook = unraisable
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -62,6 +63,16 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
 def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
                health: ProcessHealth | None = None) -> None:
     configure(settings.logging, process=role, pid=os.getpid())
+    try:
+        _child_run(role, settings, shared_stop, parent_pid, health)
+    except Exception:
+        # multiprocessing would print the traceback as plain lines on stderr: one log line instead.
+        log.critical("process crashed", exc_info=True)
+        sys.exit(1)  # the exit code the supervisor reports; multiprocessing prints nothing for it
+
+
+def _child_run(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
+               health: ProcessHealth | None) -> None:
     stop = _child_stop_event(shared_stop, parent_pid)
     if role == "http":
         from .http_server import serve

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,29 @@ def test_make_run_starts_on_a_clean_state_gets_ready_and_stops_on_sigterm(clean_
             make.wait()
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_the_package_alone_and_make_test_the_test_extras(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+
+    def dry_run(target: str) -> str:  # the commands make would run, none run
+        r = subprocess.run(["make", "-n", f"VENV={venv}", target], cwd=REPO, capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    run = dry_run("run")
+    assert "pip install --quiet -e .\n" in run and "[test]" not in run
+    assert "pip install --quiet -e '.[test]'" in dry_run("test")
+    # once `make run` installed, `make test` still installs the extras (and the other way round)
+    subprocess.run(["touch", str(venv / ".installed-run")], check=True)
+    assert "[test]" in dry_run("test") and "pip install" not in dry_run("run")
+    (venv / ".installed-run").unlink()
+    subprocess.run(["touch", str(venv / ".installed-test")], check=True)
+    assert "pip install --quiet -e .\n" in dry_run("run") and "pip install" not in dry_run("test")
+
+
 # ==== the CLI =====================================================================================
 
 
@@ -138,6 +162,43 @@ def test_help_for_every_command(capsys):
     assert "--processes" in in_process(capsys, "run", "--help")[1]
     publish = in_process(capsys, "publish", "--help")[1]
     assert "--data" in publish and "--id" in publish and "order.placed" in publish
+
+
+def _commands(parser, path=()):
+    """Every subcommand path, leaves and groups: ("dlq",), ("dlq", "list"), ..."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_subcommand_has_a_description_and_examples(capsys):
+    from inventory_worker.cli import build_parser
+
+    commands = list(_commands(build_parser()))
+    assert len(commands) >= 15
+    for path, _ in commands:
+        code, out, err = in_process(capsys, *path, "--help")
+        assert code == 0, err
+        usage, description = out.split("\n\n")[:2]
+        assert description.strip() and not description.startswith(("options:", "positional")), (path, out)
+        assert "\nexample" in out and f"inventory-worker {' '.join(path)}" in out.split("\nexample")[1], (path, out)
+
+
+def test_publish_help_lists_what_each_type_needs_from_the_contract(capsys):
+    from inventory_worker.contract import DATA_MODELS
+
+    out = in_process(capsys, "publish", "--help")[1]
+    for type_, model in DATA_MODELS.items():
+        block = re.split(r"\n(?!    )", out.split(f"\n  {type_}: ")[1])[0]  # up to the next type
+        lines = {l.split()[0]: l for l in block.splitlines()[1:] if l.startswith("    ") and l.split()}
+        for name, field in model.model_fields.items():
+            assert ("required," if field.is_required() else "optional,") in lines[name], (type_, name, block)
+    assert "exactly one of: delta, on_hand" in out
+    assert "quantity" in out and "1..1000000" in out and "1-100" in out  # the bounds the models set
 
 
 def test_migrate_creates_the_database_and_is_idempotent(clean_state):

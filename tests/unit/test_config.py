@@ -127,7 +127,6 @@ def test_empty_password_is_not_sent():
         ({"INVENTORY_WORKER__BATCH_SIZE": "many"}, "worker.batch_size"),
         ({"INVENTORY_HTTP__ENABLED": "maybe"}, "http.enabled"),
         ({"INVENTORY_LOGGING__LEVEL": "LOUD"}, "logging.level"),
-        ({"INVENTORY_DATABASE__HOTS": "db.internal"}, "database.hots"),
     ],
 )
 def test_bad_env_value_names_the_key(monkeypatch, env, key):
@@ -172,6 +171,87 @@ def test_unparseable_env_section_names_the_source(monkeypatch):
     message = refused()
     assert '"database"' in message and "INVENTORY_" in message
     assert "None" not in message
+
+
+# ---- typos: an unknown key stops the worker, in every section, the file and the environment ----
+
+TOKEN = "  tokens:\n  - {name: a, roles: [inventory:read], sha256: '" + "a" * 64 + "', %s: 3}\n"
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("databse:\n  host: x\n", "databse"),
+        ("database:\n  hots: x\n", "database.hots"),
+        ("redis:\n  key_prefx: x\n", "redis.key_prefx"),
+        ("rabbitmq:\n  exchang: x\n", "rabbitmq.exchang"),
+        ("worker:\n  batch_sise: 10\n", "worker.batch_sise"),
+        ("http:\n  prot: 1\n", "http.prot"),
+        ("auth:\n  metric_role: metrics:read\n", "auth.metric_role"),
+        ("auth:\n" + TOKEN % "burts", "auth.tokens.0.burts"),
+        ("rate_limit:\n  rate_per_secnd: 5\n", "rate_limit.rate_per_secnd"),
+        ("logging:\n  levle: DEBUG\n", "logging.levle"),
+    ],
+)
+def test_unknown_yaml_key_is_refused_in_every_section(tmp_path, text, key):
+    message = refused(write(tmp_path, text))
+    assert f"{key}: Extra inputs are not permitted" in message
+
+
+@pytest.mark.parametrize(
+    "name,hint",
+    [
+        ("INVENTORY_DATABSE__HOST", "INVENTORY_DATABASE__HOST"),
+        ("INVENTORY_DATABASE__HOTS", "INVENTORY_DATABASE__HOST"),
+        ("INVENTORY_REDIS__KEY_PREFX", "INVENTORY_REDIS__KEY_PREFIX"),
+        ("INVENTORY_RABBITMQ__PASWORD_FILE", "INVENTORY_RABBITMQ__PASSWORD_FILE"),
+        ("INVENTORY_WORKER__BATCH_SISE", "INVENTORY_WORKER__BATCH_SIZE"),
+        ("INVENTORY_HTTP__PROT", "INVENTORY_HTTP__PORT"),
+        ("INVENTORY_AUTH__METRIC_ROLE", "INVENTORY_AUTH__METRICS_ROLE"),
+        ("INVENTORY_RATE_LIMIT__RATE_PER_SECND", "INVENTORY_RATE_LIMIT__RATE_PER_SECOND"),
+        ("INVENTORY_LOGGING__LEVLE", "INVENTORY_LOGGING__LEVEL"),
+        ("INVENTORY_CONFG", "INVENTORY_CONFIG"),
+        ("INVENTORY_FOO__BAR", None),
+    ],
+)
+def test_unknown_environment_variable_is_refused_with_the_likely_name(monkeypatch, name, hint):
+    monkeypatch.setenv(name, "1")
+    message = refused()
+    assert f"unknown environment variable {name}" in message and "\n" not in message
+    if hint:
+        assert f"did you mean {hint}?" in message
+    else:
+        assert "did you mean" not in message
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"INVENTORY_DATABASE": '{"host": "h"}', "INVENTORY_AUTH__TOKENS": "[]"},
+        {"INVENTORY_RATE_LIMIT__BURST": "5", "INVENTORY_HTTP__THREADS": "3"},
+        # Not settings, but read by the project (the config path, sql/, the tests, the fuzzers).
+        {"INVENTORY_SQL_DIR": "/x", "INVENTORY_DOCS_DIR": "/x", "INVENTORY_TEST_RUN_ID": "r",
+         "INVENTORY_TEST_KEEP": "1", "INVENTORY_FUZZ_SEED": "1", "INVENTORY_HTTP_SETTINGS_JSON": "{}",
+         "INVENTORY_HTTP_HEALTH_SHM": "x"},
+    ],
+)
+def test_known_environment_variables_are_accepted(monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    load_settings()
+
+
+def test_password_file_variable_is_recognised(monkeypatch, tmp_path):
+    (tmp_path / "pw").write_text("pw\n")
+    monkeypatch.setenv("INVENTORY_DATABASE__PASSWORD_FILE", str(tmp_path / "pw"))
+    assert load_settings().database.password.get_secret_value() == "pw"
+
+
+def test_cli_refuses_an_unknown_variable_with_exit_2_and_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("INVENTORY_DATABSE__HOST", "db")
+    assert cli.main(["stock", "SKU-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "INVENTORY_DATABSE__HOST" in err and "INVENTORY_DATABASE__HOST" in err
 
 
 # ---- secrets never printed ------------------------------------------------------------------------

@@ -129,3 +129,43 @@ def test_standard_library_records_are_json_lines_too(monkeypatch):
     assert first["process"] == "consumer-0" and first["pid"] == 7 and first["timestamp"].endswith("Z")
     assert "Traceback" in first["exception"] and "peer went away" in first["exception"]
     assert second == {**second, "event": "careful", "level": "warning", "logger": "somelib"}
+
+
+CRASH = """
+import multiprocessing, os, sys, threading
+from inventory_worker.config import LoggingSettings, Settings
+from inventory_worker.logs import configure
+from inventory_worker.supervisor import child_main
+
+if __name__ == "__main__":
+    configure(LoggingSettings(format="json"), process="supervisor")
+    ctx = multiprocessing.get_context("spawn")
+    # The supervisor's own child entry point; this role makes it fail after logging is set up.
+    child = ctx.Process(target=child_main, args=("consumer-boom", Settings(), ctx.RawValue("b", 0), os.getpid()))
+    child.start()
+    child.join()
+    print(child.exitcode, file=sys.stdout)
+    t = threading.Thread(target=lambda: 1 / 0, name="doomed")
+    t.start()
+    t.join()
+    raise RuntimeError("the supervisor fails")
+"""
+
+
+def test_crashes_are_one_json_line_each_in_the_supervisor_its_threads_and_children(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
+    env["PYTHONPATH"] = str(REPO)
+    r = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 1 and r.stdout.strip() == "1", r.stderr  # the child exited 1, the supervisor too
+    lines = [json.loads(line) for line in r.stderr.splitlines()]  # every line is a JSON object
+    by_event = {line["event"]: line for line in lines}
+    child = by_event["process crashed"]
+    assert child["process"] == "consumer-boom" and child["level"] == "critical"
+    assert child["exception"].startswith("Traceback") and "ValueError" in child["exception"]
+    thread = by_event["uncaught exception in a thread"]
+    assert thread["thread"] == "doomed" and "ZeroDivisionError" in thread["exception"]
+    main = by_event["uncaught exception"]
+    assert main["process"] == "supervisor" and "RuntimeError: the supervisor fails" in main["exception"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import pytest
 
 from inventory_worker.amqp import connection_parameters
-from inventory_worker.auth import Authenticator, bearer_token, hash_token, new_token
+from inventory_worker.auth import Authenticator, bearer_token, checked_roles, hash_token, new_token
 from inventory_worker.config import AuthSettings, ConfigError, TokenSettings, load_settings
 
 SECRET = "s3cr3t-Pa55word-42"
@@ -150,12 +151,48 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def test_token_create_prints_a_token_that_its_config_line_accepts():
     out = _cli("token", "create", "shop-frontend", "--role", "inventory:read").stdout
     token = next(w for w in out.split() if w.startswith("iw_"))
-    entry = json.loads(out.split("INVENTORY_AUTH__TOKENS='")[1].rstrip().rstrip("'"))[0]
+    entry = json.loads(out.split("INVENTORY_AUTH__TOKENS='")[1].split("'\n")[0])[0]
     assert entry["sha256"] == hashlib.sha256(token.encode()).hexdigest() and entry["roles"] == ["inventory:read"]
     assert out.count(token) == 1  # shown once
     auth = Authenticator(AuthSettings(tokens=[TokenSettings(**entry)]))
     assert auth.authenticate({"Authorization": f"Bearer {token}"}).name == "shop-frontend"
     assert _cli("token", "create", "bad name!", "--role", "x").returncode == 2
+
+
+def test_token_create_refuses_a_role_nothing_checks():
+    r = _cli("token", "create", "shop", "--role", "inventory:write")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert "'inventory:write'" in r.stderr and "inventory:read" in r.stderr and "iw_" not in r.stderr
+    # metrics:read grants something only once auth.metrics_role names it
+    assert _cli("token", "create", "prom", "--role", "metrics:read").returncode == 2
+    env = {**os.environ, "INVENTORY_AUTH__METRICS_ROLE": "metrics:read"}
+    assert _cli("token", "create", "prom", "--role", "metrics:read", env=env).returncode == 0
+    # on purpose, with the flag
+    r = _cli("token", "create", "shop", "--role", "inventory:write", "--unchecked-role")
+    assert r.returncode == 0 and '"roles": ["inventory:write"]' in r.stdout
+
+
+def test_checked_roles_are_the_roles_routes_require():
+    auth = Authenticator(AuthSettings(metrics_role="prom"))
+    routes = ("/inventory/{product_id}", "/metrics", "/healthz")
+    assert checked_roles(auth.settings) == {auth.required_role(r) for r in routes} - {None} == {"inventory:read", "prom"}
+
+
+def test_token_create_says_how_to_use_the_variable_and_restart(tmp_path):
+    out = _cli("token", "create", "shop", "--role", "inventory:read").stdout
+    assert "with no config file" not in out
+    assert "with or without a config file" in out and "inventory-worker run" in out
+    # what the text says: the variable works beside a config file, replacing its token list only
+    entry = json.loads(out.split("INVENTORY_AUTH__TOKENS='")[1].split("'\n")[0])
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("auth:\n  metrics_role: prom\n  tokens:\n"
+                   "  - {name: old, roles: [inventory:read], sha256: '" + "0" * 64 + "'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
+    env["INVENTORY_AUTH__TOKENS"] = json.dumps(entry)
+    code = ("from inventory_worker.config import load_settings; s = load_settings('" + str(cfg) + "'); "
+            "print([t.name for t in s.auth.tokens], s.auth.metrics_role)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.strip() == "['shop'] prom", r.stderr
 
 
 def test_help_shows_no_secret(tmp_path):

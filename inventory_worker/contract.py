@@ -136,7 +136,9 @@ def _sane_instant(value: datetime) -> datetime:
 class Envelope(_Strict):
     id: uuid.UUID
     type: Literal["order.placed", "order.cancelled", "order.completed", "stock.adjusted"]
-    occurred_at: Annotated[AwareDatetime, BeforeValidator(_rfc3339_string), AfterValidator(_sane_instant)]
+    occurred_at: Annotated[AwareDatetime, BeforeValidator(_rfc3339_string), AfterValidator(_sane_instant),
+                           Field(description="RFC 3339 with an offset, from 2000-01-01T00:00:00Z up to (not "
+                                 "including) 2100-01-01T00:00:00Z", json_schema_extra={"pattern": RFC3339.pattern})]
     data: dict[str, Any]
 
 

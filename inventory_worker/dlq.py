@@ -17,7 +17,7 @@ from typing import Any
 
 import pika
 
-from . import amqp
+from . import amqp, amqp_transport
 from .config import RabbitMQSettings
 
 # Not carried over to a replayed message: ours describe the refusal, x-delivery-count is the
@@ -130,7 +130,8 @@ class DeadLetterQueue:
         for m in self.messages(limit):
             if not selected(m):
                 continue
-            headers = {k: v for k, v in _headers(m.properties).items() if k not in INTERNAL_HEADERS}
+            headers = {k: v for k, v in amqp_transport.safe_headers(_headers(m.properties)).items()
+                       if k not in INTERNAL_HEADERS}
             replays = headers.get("x-replayed-from-dlq")
             headers["x-replayed-from-dlq"] = (replays if isinstance(replays, int) and replays >= 0 else 0) + 1
             props = pika.BasicProperties(

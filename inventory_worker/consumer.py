@@ -35,6 +35,10 @@ from .store import Outcome, OutgoingMessage, PermanentError, Store, TransientErr
 
 log = get_logger(__name__)
 
+# apply_events' outcome for a message id seen before with another type or data; also the
+# dead letter's reason.
+ID_REUSED = "id_reused"
+
 
 @dataclass
 class Delivery:
@@ -254,6 +258,9 @@ class Consumer:
             if isinstance(res, PermanentError):
                 self._dead_letter(publisher, d, f"refused by the database: {res}", "refused")
                 continue
+            if res.outcome == ID_REUSED:  # the publisher's bug, to be seen: not a duplicate
+                self._dead_letter(publisher, d, ID_REUSED, ID_REUSED)
+                continue
             for f in res.products:
                 products[f["product_id"]] = f  # later events in the batch carry newer versions
             outgoing.extend(res.messages)
@@ -272,7 +279,7 @@ class Consumer:
                      now: float, counts: Counter[tuple[str, str]]) -> None:
         waited: list[float] = []
         for (d, ev), res in zip(items, results, strict=True):
-            if isinstance(res, Outcome):
+            if isinstance(res, Outcome) and res.outcome != ID_REUSED:
                 counts[ev.type, res.outcome] += 1
                 waited.append(now - d.received)
                 log.info(

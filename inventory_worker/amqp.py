@@ -27,6 +27,7 @@ from .contract import INPUT_TYPES
 from .store import OutgoingMessage
 
 amqp_transport.coalesce_writes()
+amqp_transport.robust_tables()
 
 
 class NotConfirmed(pika.exceptions.AMQPError):  # type: ignore[misc]  # pika has no type hints
@@ -269,8 +270,9 @@ class Publisher:
     def dead_letter(
         self, body: bytes, properties: Any, routing_key: str, reason: str
     ) -> None:
-        """Sends a message we refuse to the DLQ, with why, keeping its body and properties."""
-        headers = dict(getattr(properties, "headers", None) or {})
+        """Sends a message we refuse to the DLQ, with why, keeping its body and properties
+        (header values RabbitMQ would not take back as they are go as text: safe_headers)."""
+        headers = amqp_transport.safe_headers(getattr(properties, "headers", None))
         headers["x-inventory-error"] = reason[:1000]
         headers["x-original-routing-key"] = routing_key
         headers["x-original-exchange"] = self.settings.exchange

@@ -23,11 +23,15 @@ through the connection's own output path, as pika's would.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import math
 import struct
 from typing import Any
 
+import pika.data
 import pika.exceptions
+import pika.spec
 from pika.adapters.utils import io_services_utils
 
 # Beyond this a partial send is likely anyway; joining more would only copy more.
@@ -139,3 +143,157 @@ def publish(channel: Any, exchange: str, routing_key: str, body: bytes, **proper
         raise pika.exceptions.ConnectionWrongStateError("Connection is not open.")
     conn._output_marshaled_frames(
         [encode_publish(channel.channel_number, exchange, routing_key, body, conn._body_max_length, **properties)])
+
+
+# ---- header tables that any AMQP 0-9-1 client can send (AMQP 0-9-1 section 4.2.5.5) -----------
+#
+# pika's decoder turns a double (`d`) or float (`f`) into an int: 1e20 became an int that pika
+# cannot encode again (dead-lettering raised struct.error), NaN and ±Inf raised in frame
+# decoding, and so did a timestamp beyond what `datetime` holds (e.g. 2^63-1): the connection
+# broke at every delivery of such a message, valid or not, until RabbitMQ's delivery limit.
+# `robust_tables()` installs a decoder that never raises for well-formed field values and keeps
+# what Python cannot hold in a form that encodes back to the same AMQP type; a table or array
+# whose contents cannot be decoded at all is kept as its raw bytes (its length prefix says where
+# it ends), and a content header that cannot be decoded leaves its message with no properties
+# but UNDECODABLE_PROPERTIES, instead of breaking the connection.
+
+UNDECODABLE_TABLE = "x-inventory-undecodable-table"  # the raw bytes of a table we could not read
+UNDECODABLE_PROPERTIES = "x-inventory-undecodable-properties"  # ... of a whole content header
+
+
+class AmqpTimestamp(int):
+    """A timestamp (`T`, seconds since the epoch, unsigned 64-bit) beyond `datetime`'s range."""
+
+
+class AmqpArray(list):  # type: ignore[type-arg]
+    """The raw bytes of a field array (`A`) whose contents could not be decoded."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        self.raw = raw
+
+
+_pika_decode_value = pika.data.decode_value
+_pika_encode_value = pika.data.encode_value
+
+
+def _decode_table(encoded: bytes, offset: int) -> tuple[dict[Any, Any], int]:
+    size = struct.unpack_from(">I", encoded, offset)[0]
+    start, end = offset + 4, offset + 4 + size
+    if end > len(encoded):
+        raise pika.exceptions.InvalidFrameError("field table runs past its frame")
+    table: dict[Any, Any] = {}
+    try:
+        at = start
+        while at < end:
+            key, at = pika.data.decode_short_string(encoded, at)
+            table[key], at = _decode_value(encoded, at)
+        if at != end:
+            raise ValueError("field table entries overrun its length")
+    except Exception:  # an unknown field type, a bad length: keep the table's bytes as they are
+        return {UNDECODABLE_TABLE: bytes(encoded[start:end])}, end
+    return table, end
+
+
+def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
+    kind = encoded[offset:offset + 1]
+    if kind == b"d":
+        return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
+    if kind == b"f":
+        return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
+    if kind == b"T":
+        seconds = struct.unpack_from(">Q", encoded, offset + 1)[0]
+        try:
+            return datetime.datetime.fromtimestamp(seconds, datetime.UTC), offset + 9
+        except (OverflowError, OSError, ValueError):
+            return AmqpTimestamp(seconds), offset + 9
+    if kind == b"A":
+        size = struct.unpack_from(">I", encoded, offset + 1)[0]
+        start, end = offset + 5, offset + 5 + size
+        if end > len(encoded):
+            raise pika.exceptions.InvalidFrameError("field array runs past its frame")
+        items: list[Any] = []
+        try:
+            at = start
+            while at < end:
+                value, at = _decode_value(encoded, at)
+                items.append(value)
+            if at != end:
+                raise ValueError("field array values overrun its length")
+        except Exception:
+            return AmqpArray(bytes(encoded[start:end])), end
+        return items, end
+    if kind == b"F":
+        return _decode_table(encoded, offset + 1)
+    return _pika_decode_value(encoded, offset)
+
+
+def _encode_value(pieces: list[bytes], value: Any) -> int:
+    """pika's encode_value, plus what _decode_value makes that pika cannot encode."""
+    if isinstance(value, float):
+        pieces.append(b"d" + struct.pack(">d", value))
+        return 9
+    if isinstance(value, AmqpTimestamp):
+        pieces.append(b"T" + struct.pack(">Q", value))
+        return 9
+    if isinstance(value, AmqpArray):
+        pieces.append(struct.pack(">cI", b"A", len(value.raw)) + value.raw)
+        return 5 + len(value.raw)
+    return _pika_encode_value(pieces, value)
+
+
+_pika_properties_decode = pika.spec.BasicProperties.decode
+
+
+def _properties_decode(self: Any, encoded: bytes, offset: int = 0) -> Any:
+    try:
+        return _pika_properties_decode(self, encoded, offset)
+    except Exception:  # a content header we cannot read: deliver the message without properties
+        for name in list(vars(self)):
+            setattr(self, name, None)
+        self.headers = {UNDECODABLE_PROPERTIES: bytes(encoded[offset:])}
+        return self
+
+
+def robust_tables() -> None:
+    """Installs the decoder and encoder above into pika (idempotent)."""
+    pika.data.decode_table = _decode_table
+    pika.data.decode_value = _decode_value
+    pika.data.encode_value = _encode_value
+    pika.spec.BasicProperties.decode = _properties_decode
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        _encode_value([], value)
+    except Exception:
+        return False
+    return True
+
+
+def _safe_value(value: Any) -> Any:
+    # RabbitMQ refuses a double that is NaN or infinite (it closes the connection), as it would
+    # refuse any value it cannot read: such a value is sent as text.
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return safe_headers(value)
+    if isinstance(value, list) and not isinstance(value, AmqpArray):
+        return [_safe_value(v) for v in value]
+    return value if _encodable(value) else repr(value)
+
+
+def safe_headers(headers: Any) -> dict[Any, Any]:
+    """Headers as received, in a form that pika encodes and RabbitMQ takes: what cannot be
+    sent as it came (a NaN, an integer beyond 64 bits, a key longer than 255 bytes) becomes
+    its repr() text. Never raises."""
+    if not isinstance(headers, dict):
+        return {} if headers is None else {"x-inventory-original-headers": repr(headers)[:10_000]}
+    out: dict[Any, Any] = {}
+    for key, value in headers.items():
+        try:
+            pika.data.encode_short_string([], key)
+        except Exception:
+            key = repr(key)[:200]
+        out[key] = _safe_value(value)
+    return out

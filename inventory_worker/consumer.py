@@ -36,6 +36,10 @@ from .store import Outcome, OutgoingMessage, PermanentError, Store, TransientErr
 
 log = get_logger(__name__)
 
+# apply_events' outcome for a message id seen before with another type or data; also the
+# dead letter's reason.
+ID_REUSED = "id_reused"
+
 
 @dataclass
 class Delivery:
@@ -52,6 +56,11 @@ class Delivery:
 
 class Stopping(Exception):
     """Shutdown was asked for while waiting to retry; the batch stays unacked (redelivered)."""
+
+
+class Unexpected(PermanentError):
+    """An exception nobody foresaw while applying one message: that message is dead-lettered
+    with it as the reason, rather than the process dying and the message coming back."""
 
 
 def backoff_retrying(
@@ -137,6 +146,16 @@ class Consumer:
                 self.stop.wait(delay)
                 self.slot.beat()
                 delay = min(delay * 2, 5.0)
+            except Exception as exc:
+                # A bug outside the handling of any one message. Dying would hand every
+                # prefetched message to the next consumer, to the same end; instead start
+                # afresh: what was not acked comes back marked redelivered and is applied one
+                # by one, where a message that fails is dead-lettered on its own (_handle).
+                self.attached = False
+                log.exception("consumer failed; reconnecting", error=repr(exc), wait_seconds=delay)
+                self.stop.wait(delay)
+                self.slot.beat()
+                delay = min(delay * 2, 5.0)
         self._flush_marks(final=True)
         self.store.close()
 
@@ -197,6 +216,8 @@ class Consumer:
                 valid.append((d, parse_event(d.body, d.method.routing_key, max_bytes)))
             except InvalidMessage as exc:
                 self._dead_letter(publisher, d, str(exc), "invalid")
+            except Exception as exc:  # a bug in parsing must not cost more than this message
+                self._dead_letter(publisher, d, f"unexpected error: {exc!r}", "error")
         if not valid:
             channel.basic_ack(batch[-1].tag, multiple=True)
             return
@@ -235,8 +256,14 @@ class Consumer:
         products: dict[str, dict[str, Any]] = {}
         outgoing: list[OutgoingMessage] = []
         for (d, _), res in zip(items, results, strict=True):
+            if isinstance(res, Unexpected):
+                self._dead_letter(publisher, d, f"unexpected error: {res}", "error")
+                continue
             if isinstance(res, PermanentError):
                 self._dead_letter(publisher, d, f"refused by the database: {res}", "refused")
+                continue
+            if res.outcome == ID_REUSED:  # the publisher's bug, to be seen: not a duplicate
+                self._dead_letter(publisher, d, ID_REUSED, ID_REUSED)
                 continue
             for f in res.products:
                 products[f["product_id"]] = f  # later events in the batch carry newer versions
@@ -256,7 +283,7 @@ class Consumer:
                      now: float, counts: Counter[tuple[str, str]]) -> None:
         waited: list[float] = []
         for (d, ev), res in zip(items, results, strict=True):
-            if isinstance(res, Outcome):
+            if isinstance(res, Outcome) and res.outcome != ID_REUSED:
                 counts[ev.type, res.outcome] += 1
                 waited.append(now - d.received)
                 log.info(
@@ -300,6 +327,12 @@ class Consumer:
         except PermanentError as exc:
             if len(items) == 1:
                 return [exc]
+        except (Stopping, *amqp.CONNECTION_ERRORS):
+            raise
+        except Exception as exc:  # not the database refusing: a bug, or data nobody foresaw
+            log.exception("unexpected error applying events", error=repr(exc), events=len(items))
+            if len(items) == 1:
+                return [Unexpected(repr(exc))]
         # One bad event spoils its batch: apply them one at a time to find it.
         return [r for item in items for r in self._apply(conn, [item])]
 
@@ -334,7 +367,14 @@ class Consumer:
             log.warning("results not confirmed; the outbox relay will publish them", count=refused)
 
     def _dead_letter(self, publisher: amqp.Publisher, d: Delivery, reason: str, kind: str) -> None:
-        publisher.dead_letter(d.body, d.properties, d.method.routing_key, reason)
+        try:
+            publisher.dead_letter(d.body, d.properties, d.method.routing_key, reason)
+        except amqp.CONNECTION_ERRORS:
+            raise
+        except Exception as exc:  # its properties cannot be sent again: dead-letter it without them
+            log.exception("dead-lettering with the original properties failed", error=repr(exc))
+            publisher.dead_letter(d.body, None, d.method.routing_key,
+                                  f"{reason} (original properties dropped: {exc!r})")
         metrics.DEAD_LETTERED.labels(kind).inc()
         metrics.EVENTS.labels(d.method.routing_key if d.method.routing_key in INPUT_TYPES else "unknown",
                               "dead_lettered").inc()

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import uuid
+import re
 from datetime import datetime, UTC
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -26,8 +29,20 @@ from pydantic import (
 
 PRODUCT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text (and jsonb) cannot hold U+0000: refused here, with a reason, instead of
+    # by the database with its own error text.
+    if "\x00" in value:
+        raise ValueError("must not contain U+0000 (NUL)")
+    return value
+
+
+# Every free-text string that is stored in PostgreSQL text goes through this.
+_NO_NUL = (AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"}))
+
 ProductId = Annotated[str, StringConstraints(pattern=PRODUCT_ID_PATTERN)]
-OrderId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+OrderId = Annotated[str, StringConstraints(min_length=1, max_length=200), *_NO_NUL]
 Quantity = Annotated[int, Field(ge=1, le=1_000_000, strict=True)]
 
 INPUT_TYPES = ("order.placed", "order.cancelled", "order.completed", "stock.adjusted")
@@ -80,7 +95,7 @@ class StockAdjusted(_Strict):
     product_id: ProductId
     delta: Annotated[int, Field(ge=-1_000_000_000, le=1_000_000_000, strict=True)] | None = None
     on_hand: Annotated[int, Field(ge=0, le=1_000_000_000_000, strict=True)] | None = None
-    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=500), *_NO_NUL] | None = None
     low_stock_threshold: Annotated[int, Field(ge=0, le=1_000_000_000, strict=True)] | None = None
 
     @model_validator(mode="after")
@@ -98,10 +113,32 @@ DATA_MODELS: dict[str, type[_Strict]] = {
 }
 
 
+# occurred_at: an RFC 3339 date-time string with its offset (Z or +hh:mm), 'T' or space between
+# date and time, from 2000-01-01T00:00:00Z up to (not including) 2100-01-01T00:00:00Z. Without
+# this, pydantic also took numbers (as Unix times) and the years 0001 and 9999.
+RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})")
+OCCURRED_AT_MIN = datetime(2000, 1, 1, tzinfo=UTC)
+OCCURRED_AT_MAX = datetime(2100, 1, 1, tzinfo=UTC)  # exclusive
+
+
+def _rfc3339_string(value: Any) -> Any:
+    if not isinstance(value, str) or not RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time string with an offset, e.g. 2026-01-01T00:00:00Z")
+    return value
+
+
+def _sane_instant(value: datetime) -> datetime:
+    if not OCCURRED_AT_MIN <= value < OCCURRED_AT_MAX:
+        raise ValueError("must be from 2000-01-01T00:00:00Z up to 2100-01-01T00:00:00Z")
+    return value
+
+
 class Envelope(_Strict):
     id: uuid.UUID
     type: Literal["order.placed", "order.cancelled", "order.completed", "stock.adjusted"]
-    occurred_at: AwareDatetime
+    occurred_at: Annotated[AwareDatetime, BeforeValidator(_rfc3339_string), AfterValidator(_sane_instant),
+                           Field(description="RFC 3339 with an offset, from 2000-01-01T00:00:00Z up to (not "
+                                 "including) 2100-01-01T00:00:00Z", json_schema_extra={"pattern": RFC3339.pattern})]
     data: dict[str, Any]
 
 

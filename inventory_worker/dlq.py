@@ -17,7 +17,7 @@ from typing import Any
 
 import pika
 
-from . import amqp
+from . import amqp, amqp_transport
 from .config import RabbitMQSettings
 
 # Not carried over to a replayed message: ours describe the refusal, x-delivery-count is the
@@ -50,29 +50,48 @@ class DeadLetter:
         }
 
 
+def _headers(properties: Any) -> dict[Any, Any]:
+    headers = getattr(properties, "headers", None)
+    return headers if isinstance(headers, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    """A header value that should be a string, as one; None if it is something else."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _deaths(headers: dict[Any, Any]) -> list[dict[Any, Any]]:
+    """x-death's tables; anything else in it is ignored (anyone can publish such headers)."""
+    deaths = headers.get("x-death")
+    return [d for d in deaths if isinstance(d, dict)] if isinstance(deaths, list) else []
+
+
 def original_routing_key(properties: Any, fallback: str) -> str:
     """Ours (x-original-routing-key) when the worker refused it, x-death when RabbitMQ did."""
-    headers = getattr(properties, "headers", None) or {}
-    if headers.get("x-original-routing-key"):
-        return str(headers["x-original-routing-key"])
-    for death in headers.get("x-death") or []:
-        keys = death.get("routing-keys") or []
-        if keys:
-            return keys[0].decode() if isinstance(keys[0], bytes) else str(keys[0])
+    headers = _headers(properties)
+    if ours := _text(headers.get("x-original-routing-key")):
+        return ours
+    for death in _deaths(headers):
+        keys = death.get("routing-keys")
+        if isinstance(keys, list) and keys and (key := _text(keys[0])):
+            return key
     return fallback
 
 
 def _reason(properties: Any) -> str:
-    headers = getattr(properties, "headers", None) or {}
+    headers = _headers(properties)
     if headers.get("x-inventory-error"):
         v = headers["x-inventory-error"]
-        return v.decode() if isinstance(v, bytes) else str(v)
-    deaths = headers.get("x-death") or []
+        return _text(v) or str(v)
+    deaths = _deaths(headers)
     if deaths:
         d = deaths[0]
         reason = d.get("reason")
-        return f"rabbitmq: {reason.decode() if isinstance(reason, bytes) else reason}" + (
-            f" (dead-lettered {d.get('count')} times)" if d.get("count") else "")
+        count = d.get("count")
+        return f"rabbitmq: {_text(reason) or reason}" + (
+            f" (dead-lettered {count} times)" if isinstance(count, int) and count else "")
     return "unknown"
 
 
@@ -111,9 +130,10 @@ class DeadLetterQueue:
         for m in self.messages(limit):
             if not selected(m):
                 continue
-            headers = {k: v for k, v in (getattr(m.properties, "headers", None) or {}).items()
+            headers = {k: v for k, v in amqp_transport.safe_headers(_headers(m.properties)).items()
                        if k not in INTERNAL_HEADERS}
-            headers["x-replayed-from-dlq"] = int(headers.get("x-replayed-from-dlq") or 0) + 1
+            replays = headers.get("x-replayed-from-dlq")
+            headers["x-replayed-from-dlq"] = (replays if isinstance(replays, int) and replays >= 0 else 0) + 1
             props = pika.BasicProperties(
                 content_type=getattr(m.properties, "content_type", None),
                 delivery_mode=pika.DeliveryMode.Persistent,

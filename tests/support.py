@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -398,3 +399,55 @@ def http_get(url: str, token: str | None = TEST_TOKEN, method: str = "GET",
             return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers, e.read()
+
+
+# ---- header tables as other AMQP clients write them (Java, .NET, Go), which pika cannot ------------
+
+
+def amqp_shortstr(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    return bytes((len(raw),)) + raw
+
+
+def amqp_table(entries: list[tuple[str, bytes]]) -> bytes:
+    """An AMQP field table (length-prefixed) from (name, encoded field value) pairs."""
+    body = b"".join(amqp_shortstr(k) + v for k, v in entries)
+    return struct.pack(">I", len(body)) + body
+
+
+def amqp_double(x: float) -> bytes:
+    return b"d" + struct.pack(">d", x)
+
+
+def amqp_timestamp(seconds: int) -> bytes:
+    return b"T" + struct.pack(">Q", seconds)
+
+
+def amqp_longstr(raw: bytes, kind: bytes = b"S") -> bytes:  # kind b"x": a byte array
+    return kind + struct.pack(">I", len(raw)) + raw
+
+
+def amqp_array(values: list[bytes]) -> bytes:
+    body = b"".join(values)
+    return b"A" + struct.pack(">I", len(body)) + body
+
+
+def content_header_props(headers_table: bytes, message_id: str | None = None) -> bytes:
+    """A Basic content header's property flags and values: headers, delivery mode 2 [, message id]."""
+    flags = (1 << 13) | (1 << 12) | ((1 << 7) if message_id is not None else 0)
+    return (struct.pack(">H", flags) + headers_table + b"\x02"
+            + (amqp_shortstr(message_id) if message_id is not None else b""))
+
+
+def publish_with_raw_properties(channel: Any, exchange: str, routing_key: str, body: bytes,
+                                properties: bytes) -> None:
+    """Writes a Basic.Publish whose content header carries `properties` as given (flags and
+    values, e.g. content_header_props()) on a pika BlockingChannel, as another client would."""
+    impl = channel._impl
+    n = impl.channel_number
+    method = struct.pack(">HHH", 60, 40, 0) + amqp_shortstr(exchange) + amqp_shortstr(routing_key) + b"\x00"
+    header = struct.pack(">HHQ", 60, 0, len(body)) + properties
+    impl.connection._output_marshaled_frames([b"".join((
+        struct.pack(">BHI", 1, n, len(method)), method, b"\xce",
+        struct.pack(">BHI", 2, n, len(header)), header, b"\xce",
+        struct.pack(">BHI", 3, n, len(body)), body, b"\xce"))])

@@ -468,11 +468,15 @@ $$;
 -- The one entry point for input events: many events ({id, type, data}) in one transaction,
 -- applied in the order given, each at most once ever (by id).
 -- Returns one result per event: {outcome, messages: [to publish], products: [figures after]}.
+-- An id met again with the same content is a 'duplicate' (changes nothing); with another type
+-- or data it is 'id_reused' (changes nothing, recorded nowhere: the worker dead-letters it).
 CREATE OR REPLACE FUNCTION apply_events(p_events jsonb, p_default_ttl integer DEFAULT 900) RETURNS jsonb
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_bad      record;
     v_fresh    boolean[];
+    v_reused   boolean[];
+    v_event_digests uuid[];
     v_event_ids   uuid[];
     v_event_types text[];
     v_event_data  jsonb[];
@@ -487,6 +491,7 @@ DECLARE
     v_ids      uuid[] := '{}';
     v_types    text[] := '{}';
     v_outcomes text[] := '{}';
+    v_digests  uuid[] := '{}';
     v_written  bigint;
 BEGIN
     -- 1. Every event is checked (checks.sql) before anything is written.
@@ -507,13 +512,21 @@ BEGIN
                                         WHERE ev->>'type' IN ('order.cancelled', 'order.completed')))))
      ORDER BY product_id FOR UPDATE;
 
-    -- 3. Which events are new: neither applied before nor met earlier in this batch.
-    SELECT array_agg(row_number = 1 AND id <> ALL(done) ORDER BY ord) INTO v_fresh
-      FROM (SELECT ord, id, row_number() OVER (PARTITION BY id ORDER BY ord)
-              FROM (SELECT ord, (ev->>'id')::uuid AS id
-                      FROM jsonb_array_elements(p_events) WITH ORDINALITY AS t(ev, ord)) i) e,
-           (SELECT ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY(ARRAY(
-                       SELECT (ev->>'id')::uuid FROM jsonb_array_elements(p_events) ev))) AS done) d;
+    -- 3. Which events are new: neither applied before nor met earlier in this batch; and of
+    --    the others, which carry other content than their id did the first time (compared
+    --    with the stored digest, else with the id's first event in this batch; a stored row
+    --    from before digests were kept has none: a duplicate, as it always was).
+    SELECT array_agg(e.n = 1 AND p.event_id IS NULL ORDER BY e.ord),
+           array_agg(coalesce(CASE WHEN p.event_id IS NOT NULL THEN p.digest <> e.digest
+                                   ELSE e.first_digest <> e.digest END, false) ORDER BY e.ord),
+           array_agg(e.digest ORDER BY e.ord)
+      INTO v_fresh, v_reused, v_event_digests
+      FROM (SELECT ord, id, digest, row_number() OVER w AS n, first_value(digest) OVER w AS first_digest
+              FROM (SELECT ord, (ev->>'id')::uuid AS id,
+                           md5((ev->>'type') || ' ' || (ev->'data')::text)::uuid AS digest
+                      FROM jsonb_array_elements(p_events) WITH ORDINALITY AS t(ev, ord)) i
+            WINDOW w AS (PARTITION BY id ORDER BY ord)) e
+      LEFT JOIN processed_events p ON p.event_id = e.id;
 
     -- 4. The events, in order; a run of new order.placed (or order.completed) events at once
     --    where place_orders() (or complete_orders()) can take it.
@@ -535,6 +548,7 @@ BEGIN
                 v_results := v_results || v_run;
                 v_ids := v_ids || v_event_ids[i:j];
                 v_types := v_types || v_event_types[i:j];
+                v_digests := v_digests || v_event_digests[i:j];
                 v_outcomes := v_outcomes || ARRAY(SELECT r->>'outcome' FROM unnest(v_run) r);
                 i := j + 1;
                 CONTINUE;
@@ -550,7 +564,10 @@ BEGIN
             END;
             v_ids := array_append(v_ids, v_event_ids[i]);
             v_types := array_append(v_types, v_event_types[i]);
+            v_digests := array_append(v_digests, v_event_digests[i]);
             v_outcomes := array_append(v_outcomes, v_result->>'outcome');
+        ELSIF v_reused[i] THEN
+            v_result := jsonb_build_object('outcome', 'id_reused', 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
         ELSE
             -- Changes nothing, but returns the figures: a redelivery after a crash between
             -- commit and cache write must still bring the cache up to date.
@@ -562,8 +579,8 @@ BEGIN
     END LOOP;
 
     -- 5. The batch's idempotency keys and outbox rows, one INSERT each.
-    INSERT INTO processed_events (event_id, type, outcome)
-    SELECT * FROM unnest(v_ids, v_types, v_outcomes) ON CONFLICT DO NOTHING;
+    INSERT INTO processed_events (event_id, type, outcome, digest)
+    SELECT * FROM unnest(v_ids, v_types, v_outcomes, v_digests) ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_written = ROW_COUNT;
     IF v_written < cardinality(v_ids) THEN
         -- Another transaction applied one of these events after step 3 (a redelivery racing

@@ -3,9 +3,10 @@ refuses isolated from its batch, redelivered messages applied one by one, ack on
 
 A worker of its own (one consumer, own queues) waits up to 400 ms to fill a batch, so a burst
 of messages is applied as one batch. The message PostgreSQL refuses although it passes the
-contract: an order id holding a NUL character (JSON allows it, PostgreSQL text cannot store it).
-It is the only such message: every other database check (product id pattern, quantity range,
-order id length, thresholds >= 0) is enforced identically, or more strictly, by the contract.
+contract: an order.cancelled for an order id that a CHECK constraint, added to this module's
+own database only, forbids. The contract enforces every real database check (product id
+pattern, quantity range, order id length, no U+0000, thresholds >= 0) identically or more
+strictly, so no real message is refused by the database alone.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from inventory_worker.migrations import migrate
 from ..support import (Bus, WorkerProcess, delete_topology, drop_database, figures, free_port, pg, uid,
                        wait_for_lock_waiter, with_own_queues)
 
-REFUSED_ORDER_ID = "o-\u0000-nul"
+REFUSED_ORDER_ID = "refused-by-the-database"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,9 @@ def own(settings):
         "http": s.http.model_copy(update={"port": free_port()}),
     })
     migrate(s.database)
+    with pg(s) as cur:  # a rule the contract does not know: the database alone refuses this order id
+        cur.execute("ALTER TABLE orders ADD CONSTRAINT test_refused CHECK (order_id <> %s) NOT VALID",
+                    (REFUSED_ORDER_ID,))
     yield s
     delete_topology(s)
     drop_database(s)

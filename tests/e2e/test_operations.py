@@ -27,6 +27,12 @@ from inventory_worker.contract import make_event
 from ..conftest import HTTP_SERVERS
 from ..support import (
     REPO,
+    amqp_array,
+    amqp_double,
+    amqp_longstr,
+    amqp_table,
+    content_header_props,
+    publish_with_raw_properties,
     Bus,
     WorkerProcess,
     delete_topology,
@@ -236,6 +242,32 @@ def test_dlq_list_replay_purge(ops):
 
     assert cli(s, "dlq", "purge").returncode == 2  # refuses without --yes
     assert cli(s, "dlq", "purge", "--yes").returncode == 0
+    assert cli(s, "dlq", "list").stdout == ""
+
+
+def test_dlq_list_and_replay_read_malformed_headers(ops):
+    """A dead letter with an x-death that is not RabbitMQ's list of tables (anyone can publish
+    to the DLQ exchange) and a double beyond int64 (as a Java client sends it): `dlq list`
+    and `dlq replay` crashed with AttributeError, and replay could not encode the double."""
+    worker, bus = ops
+    s = worker.settings
+    bus.channel.queue_purge(s.rabbitmq.dead_letter_queue)
+    sku = uid("SKU")
+    good = {"id": str(uuid.uuid4()), "type": "stock.adjusted", "occurred_at": "2026-01-01T00:00:00Z",
+            "data": {"product_id": sku, "delta": 4}}
+    table = amqp_table([("x-death", amqp_longstr(b"not a list")), ("x-price", amqp_double(1e20)),
+                        ("x-original-routing-key", amqp_array([amqp_longstr(b"x")]))])
+    publish_with_raw_properties(bus.channel, s.rabbitmq.dead_letter_exchange, "stock.adjusted",
+                                json.dumps(good).encode(), content_header_props(table, message_id=good["id"]))
+    poll(lambda: bus.channel.queue_declare(s.rabbitmq.dead_letter_queue, passive=True).method.message_count == 1,
+         what="the dead letter")
+    r = cli(s, "dlq", "list")
+    assert r.returncode == 0, r.stderr
+    [listed] = map(json.loads, r.stdout.splitlines())
+    assert (listed["message_id"], listed["routing_key"], listed["reason"]) == (good["id"], "stock.adjusted", "unknown")
+    r = cli(s, "dlq", "replay", "--message-id", good["id"])
+    assert r.returncode == 0, r.stderr
+    assert bus.wait_result(good["id"], "inventory.adjusted")["data"]["on_hand"] == 4
     assert cli(s, "dlq", "list").stdout == ""
 
 

@@ -279,6 +279,30 @@ def test_same_order_placed_twice_under_two_ids(worker, bus, tap, settings):
     assert figures(settings, pid) == (10, 3)
 
 
+def test_an_id_reused_with_other_content_is_dead_lettered(worker, bus, tap, settings):
+    """An order.cancelled sent under its order.placed's id was dropped as a duplicate, the
+    stock staying reserved until expiry: now it is dead-lettered as 'id_reused'."""
+    pid, order = uid(), uid("O")
+    stock(bus, tap, pid, 10)
+    placed = bus.publish("order.placed", {"order_id": order, "lines": lines((pid, 3))})
+    tap.results(placed, 1)
+    bus.publish("order.placed", {"order_id": order, "lines": lines((pid, 3))}, event_id=placed["id"])  # a duplicate
+    cancel = make_event("order.cancelled", {"order_id": order}, event_id=uuid.UUID(placed["id"]))
+    bus.publish_raw(json.dumps(cancel).encode(), "order.cancelled",
+                    pika.BasicProperties(delivery_mode=2, message_id=placed["id"], content_type="application/json"))
+    after = bus.publish("stock.adjusted", {"product_id": pid, "delta": 1})
+    tap.results(after, 1)
+    deadline = time.monotonic() + 20
+    while not (letters := [(p, b) for p, b in bus.dead_letters() if p.message_id == placed["id"]]):
+        assert time.monotonic() < deadline, "the reused id was not dead-lettered"
+        time.sleep(0.2)
+    [(props, body)] = letters
+    assert props.headers["x-inventory-error"] == "id_reused"
+    assert props.headers["x-original-routing-key"] == "order.cancelled" and json.loads(body) == cancel
+    assert figures(settings, pid) == (11, 3)  # still reserved: the publisher must send a new id
+    assert [d["type"] for _, _, d in tap.for_event(placed["id"])] == ["inventory.reserved"]
+
+
 # ==== malformed messages ========================================================================
 
 

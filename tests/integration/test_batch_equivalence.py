@@ -53,20 +53,22 @@ place_then_complete = st.builds(
     st.lists(st.sampled_from(ORDERS), min_size=2, max_size=4, unique=True), st.sampled_from(PRODUCTS), quantity)
 chunk = st.one_of(an_event.map(lambda e: [e]), an_event.map(lambda e: [e]), an_event.map(lambda e: [e]),
                   completions, place_then_complete)
-# (event, d): d == 0 makes a duplicate of an earlier event (same id and body).
+# (event, d): d == 0 makes a duplicate of an earlier event (same id and body), d == 12 the event
+# under an earlier event's id (id_reused, unless it happens to carry the same content).
 sequences = st.lists(st.tuples(chunk, st.integers(0, 12)), min_size=1, max_size=20).map(
     lambda chunks: [(e, d if i == 0 else 1) for events, d in chunks for i, e in enumerate(events)])
 
 
 def namespaced(seq, ns: str) -> list[dict[str, Any]]:
-    """The sequence under the ids of namespace ns; every 10th index marks a duplicate."""
+    """The sequence under the ids of namespace ns, with its duplicates and reused ids."""
     events: list[dict[str, Any]] = []
     for (type_, data), dup in seq:
         if dup == 0 and events:
             events.append(events[len(events) // 2])
             continue
         body = json.loads(json.dumps(data).replace('"P', f'"{ns}P').replace('"O', f'"{ns}O'))
-        events.append({"id": str(uuid.uuid4()), "type": type_, "data": body})
+        reused = events[len(events) // 2]["id"] if dup == 12 and events else None
+        events.append({"id": reused or str(uuid.uuid4()), "type": type_, "data": body})
     return events
 
 

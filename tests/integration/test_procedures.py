@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from inventory_worker.contract import make_event, parse_event, validate_output
+from inventory_worker.contract import InvalidMessage, make_event, parse_event, validate_output
 from inventory_worker.store import Outcome, PermanentError, Store
 
 from ..support import pg, uid
@@ -412,6 +412,50 @@ def test_every_type_is_idempotent(db, kind):
     assert len(db.ledger(ev["id"])) == 1
 
 
+def test_an_id_reused_with_other_content_is_not_a_duplicate(db):
+    """order.cancelled sent with its order.placed's id: it was taken as a duplicate and lost,
+    the stock staying reserved. Now 'id_reused' (the worker dead-letters it): nothing changes
+    and nothing is recorded, so the same message sent again is 'id_reused' again."""
+    pid, order = uid(), uid("O")
+    db.stock(pid, 10)
+    placed_id, placed = place(db, order, (pid, 3))
+    assert placed.outcome == "reserved"
+    outbox = db.outbox_count()
+    cancel = event("order.cancelled", {"order_id": order}, event_id=placed_id)
+    for _ in range(2):
+        out = db.apply(cancel)[0]
+        assert (out.outcome, out.messages, out.products) == ("id_reused", [], [])
+    # the same type with other data is reused too; the same content in another key order is not
+    other = event("order.placed", {"order_id": order, "lines": lines((pid, 4))}, event_id=placed_id)
+    assert db.apply(other)[0].outcome == "id_reused"
+    reordered = {"id": placed_id, "type": "order.placed", "data": {"lines": lines((pid, 3)), "order_id": order}}
+    assert db.apply(reordered)[0].outcome == "duplicate"
+    assert db.outbox_count() == outbox
+    assert db.fig(pid) == (10, 3, 7, 2)
+    assert db.order_status(order) == "reserved" and db.processed(placed_id) == "reserved"
+
+
+def test_an_id_reused_within_one_batch(db):
+    pid = uid()
+    ev = event("stock.adjusted", {"product_id": pid, "delta": 2})
+    other = {**ev, "data": {"product_id": pid, "delta": 3}}
+    assert [r.outcome for r in db.apply(ev, other, ev, other)] == ["adjusted", "id_reused", "duplicate", "id_reused"]
+    assert db.fig(pid) == (2, 0, 2, 1)
+
+
+def test_ids_applied_before_digests_were_kept_stay_duplicates(db, settings):
+    """Rows written before migration 070 have no digest: such an id is a duplicate, whatever
+    it carries, as it always was."""
+    pid = uid()
+    ev = event("stock.adjusted", {"product_id": pid, "delta": 2})
+    db.apply(ev)
+    with pg(settings) as cur:
+        cur.execute("UPDATE processed_events SET digest = NULL WHERE event_id = %s", (ev["id"],))
+    other = {**ev, "data": {"product_id": pid, "delta": 3}}
+    assert [r.outcome for r in db.apply(other, ev)] == ["duplicate", "duplicate"]
+    assert db.fig(pid) == (2, 0, 2, 1)
+
+
 def test_duplicate_id_within_one_batch(db):
     pid = uid()
     ev = event("stock.adjusted", {"product_id": pid, "delta": 2})
@@ -660,9 +704,12 @@ def test_procedures_check_their_arguments(db, name):
 
 
 def test_database_refuses_what_the_contract_cannot_see(db):
-    """An order id with a NUL character is valid JSON and passes the contract, but PostgreSQL
-    text cannot hold it: the store refuses it as permanent (the consumer dead-letters it)."""
-    ev = event("order.cancelled", {"order_id": "o\u0000x"})
+    """An order id with a NUL character is valid JSON, but PostgreSQL text cannot hold it: the
+    contract refuses it (with its own reason), and the store still refuses it as permanent
+    from a caller that skips the contract."""
+    with pytest.raises(InvalidMessage, match="must not contain U\\+0000"):
+        event("order.cancelled", {"order_id": "o\u0000x"})
+    ev = {"id": str(uuid.uuid4()), "type": "order.cancelled", "data": {"order_id": "o\u0000x"}}
     with pytest.raises(PermanentError) as exc:
         db.store.apply_batch([ev])
     assert "Unicode" in str(exc.value)

@@ -86,6 +86,7 @@ INPUTS = [
     ("order.placed", {"order_id": "", "lines": [{"product_id": "SKU-1", "quantity": 1}]}),
     ("order.cancelled", {"order_id": "o-1"}),
     ("order.cancelled", {"order_id": "o-1", "extra": 1}),
+    ("order.cancelled", {"order_id": "o-\u00001"}),
     ("order.completed", {"order_id": "o-1"}),
     ("order.completed", {}),
     ("stock.adjusted", {"product_id": "SKU-1", "delta": 5}),
@@ -94,6 +95,7 @@ INPUTS = [
     ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "on_hand": 5}),
     ("stock.adjusted", {"product_id": "SKU-1"}),
     ("stock.adjusted", {"product_id": "SKU-1", "on_hand": -1}),
+    ("stock.adjusted", {"product_id": "SKU-1", "on_hand": 1, "reason": "\u0000"}),
 ]
 
 

@@ -262,3 +262,41 @@ def test_validate_output_checks_envelope_and_data():
     ):
         with pytest.raises(ValidationError):
             validate_output(bad)
+
+
+# ---- U+0000: PostgreSQL text cannot hold it, so the contract refuses it with a reason --------------
+
+
+@pytest.mark.parametrize("raw,where", [
+    (body("order.cancelled", {"order_id": "o\u00001"}), "data.order_id"),
+    (body("order.completed", {"order_id": "\u0000"}), "data.order_id"),
+    (placed([{"product_id": "A", "quantity": 1}], order_id="o\u0000"), "data.order_id"),
+    (body("stock.adjusted", {"product_id": "A", "delta": 1, "reason": "count\u0000ed"}), "data.reason"),
+])
+def test_nul_in_free_text_is_refused_with_a_clear_reason(raw, where):
+    assert refused(raw) == f"{where}: Value error, must not contain U+0000 (NUL)"
+
+
+# ---- occurred_at: an RFC 3339 string with an offset, from 2000 up to 2100 -----------------------
+
+
+@pytest.mark.parametrize("value", [
+    "2026-11-25T10:00:00Z", "2026-11-25T10:00:00.123456+05:30", "2026-11-25 10:00:00-00:00",
+    "2000-01-01T00:00:00Z", "2099-12-31T23:59:59.999999Z", "2026-11-25t10:00:00z",
+])
+def test_occurred_at_accepted(value):
+    assert parse_event(body("order.cancelled", {"order_id": "o"}, occurred_at=value)).occurred_at.tzinfo
+
+
+@pytest.mark.parametrize("value,why", [
+    (1764064800, "RFC 3339"), (1764064800.5, "RFC 3339"), (True, "RFC 3339"),
+    ("1764064800", "RFC 3339"), ("2026-11-25", "RFC 3339"), ("2026-11-25T10:00:00+0200", "RFC 3339"),
+    ("0001-01-01T00:00:00Z", "from 2000-01-01T00:00:00Z up to 2100-01-01T00:00:00Z"),
+    ("9999-12-31T23:59:59Z", "from 2000-01-01T00:00:00Z up to 2100-01-01T00:00:00Z"),
+    ("1999-12-31T23:59:59Z", "from 2000-01-01T00:00:00Z"),
+    ("2000-01-01T00:30:00+01:00", "from 2000-01-01T00:00:00Z"),  # 1999-12-31T23:30Z
+    ("2100-01-01T00:00:00Z", "up to 2100-01-01T00:00:00Z"),
+])
+def test_occurred_at_refused(value, why):
+    reason = refused(body("order.cancelled", {"order_id": "o"}, occurred_at=value))
+    assert reason.startswith("occurred_at: ") and why in reason

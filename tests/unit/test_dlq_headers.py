@@ -27,3 +27,27 @@ def test_no_headers_fall_back_to_the_dlq_routing_key():
     props = pika.BasicProperties()
     assert original_routing_key(props, "stock.adjusted") == "stock.adjusted"
     assert _reason(props) == "unknown"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("x_death", [
+    "not a list", b"bytes", 7, None, {"reason": b"expired"}, [b"a string"], [None], [7],
+    [{"routing-keys": "order.placed"}], [{"routing-keys": [7]}], [{"routing-keys": None}],
+    [{"reason": {"nested": 1}, "count": "many"}], [[{"reason": b"rejected"}]],
+])
+def test_malformed_x_death_is_read_without_crashing(x_death):
+    # Anyone can publish to the DLQ exchange, or edit headers: `dlq list` and `dlq replay`
+    # must still read such a message (they crashed with AttributeError).
+    props = pika.BasicProperties(headers={"x-death": x_death})
+    assert isinstance(original_routing_key(props, "order.placed"), str)
+    assert isinstance(_reason(props), str)
+
+
+def test_malformed_headers_of_our_own_are_read_too():
+    props = pika.BasicProperties(headers={"x-original-routing-key": [b"x"], "x-inventory-error": 7})
+    assert original_routing_key(props, "fallback") == "fallback"
+    assert _reason(props) == "7"
+    assert original_routing_key(pika.BasicProperties(headers=["x"]), "fallback") == "fallback"  # type: ignore[arg-type]
+    assert _reason(pika.BasicProperties(headers="x")) == "unknown"  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ COPY pyproject.toml README.md ./
 COPY inventory_worker ./inventory_worker
 COPY sql ./sql
 # A wheel install puts sql/ in /opt/inventory-worker/share/inventory-worker/sql, where
-# migrations.py looks for it. psycopg2-binary brings its own libpq: no compiler needed.
+# adapters/migrations.py looks for it. psycopg2-binary brings its own libpq: no compiler needed.
 RUN /opt/inventory-worker/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/inventory-worker/bin/pip install --no-cache-dir . \
  && test -f /opt/inventory-worker/share/inventory-worker/sql/procedures/inventory.sql

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pika
 
-from inventory_worker import amqp_transport
+from inventory_worker.adapters import amqp_framing
 from inventory_worker.config import Settings
 
 from . import cpu
@@ -59,7 +59,7 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
     bursts of what is due within 5 ms (open loop: it does not wait for results). Sends back
     ({id: wall-clock sent}, CPU seconds spent publishing)."""
     rng = random.Random(seed)
-    amqp_transport.coalesce_writes()  # as in the worker: one send() per flush, not per frame
+    amqp_framing.coalesce_writes()  # as in the worker: one send() per flush, not per frame
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     ch = conn.channel()
     # Confirms: an input the broker did not take must not be counted against the worker as
@@ -103,7 +103,7 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
         body = {"id": eid, "type": "order.placed",
                 "occurred_at": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
                 "data": data}
-        amqp_transport.publish(ch._impl, exchange, "order.placed", orjson.dumps(body),
+        amqp_framing.publish(ch._impl, exchange, "order.placed", orjson.dumps(body),
                                content_type="application/json", delivery_mode=2)
         outstanding[i + 1] = eid
         sent[eid] = now
@@ -132,7 +132,7 @@ def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: A
     CPU seconds spent receiving).
     Results of other inputs (e.g. the relay republishing an earlier run's row) are ignored."""
     expected, wanted = len(ids), set(ids)
-    amqp_transport.coalesce_writes()
+    amqp_framing.coalesce_writes()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     ch = conn.channel()
     q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
@@ -239,9 +239,9 @@ def naive_consumer(settings: Settings, stop: Any) -> None:
     pipelining are missing. The previous message's outbox marks ride in the next transaction,
     so it is still one transaction per message.
     """
-    from inventory_worker.cache import StockCache
+    from inventory_worker.adapters.redis_cache import StockCache
     from inventory_worker.contract import parse_event
-    from inventory_worker.store import Store
+    from inventory_worker.adapters.postgres import Store
 
     store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
     cache = StockCache(settings.redis)

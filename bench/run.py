@@ -41,11 +41,11 @@ from typing import Any
 
 import pika
 
-from inventory_worker.amqp import declare_topology
-from inventory_worker.cache import StockCache
+from inventory_worker.adapters.rabbitmq import declare_topology
+from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.config import Settings, load_settings
-from inventory_worker.migrations import migrate
-from inventory_worker.store import Store
+from inventory_worker.adapters.migrations import migrate
+from inventory_worker.adapters.postgres import Store
 from tests.support import (
     REPO,
     TEST_TOKEN,

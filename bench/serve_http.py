@@ -1,7 +1,7 @@
 """One HTTP server for the read-endpoint benchmark: `python -m bench.serve_http SERVER`.
 
 SERVER is `granian` (`granian:N`: with N worker processes instead of `http.workers`) or `stdlib`
-(inventory_worker.http_server, as the worker runs them: the whole API, auth and rate limit
+(inventory_worker.http.server, as the worker runs them: the whole API, auth and rate limit
 included), or `baseline`: the issue's yardstick, a plain standard-library
 ThreadingHTTPServer that answers GET /inventory/{id} with one Redis GET of the cached figures and
 nothing else (no auth, no rate limit, no bounds, no metrics, no PostgreSQL fallback). The baseline
@@ -18,8 +18,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from inventory_worker import http_server
-from inventory_worker.cache import make_client
+from inventory_worker.http import server
+from inventory_worker.adapters.redis_cache import make_client
 from inventory_worker.config import Settings, load_settings
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     kind, _, workers = kind.partition(":")
     http = {"server": kind, **({"workers": int(workers)} if workers else {})}
     settings = settings.model_copy(update={"http": settings.http.model_copy(update=http)})
-    http_server.serve(settings, stop)
+    server.serve(settings, stop)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 import pika
 
-from inventory_worker.amqp import declare_topology
+from inventory_worker.adapters.rabbitmq import declare_topology
 from tests.support import REPO, WorkerProcess, delete_redis_keys, delete_topology, drop_database
 
 from . import load

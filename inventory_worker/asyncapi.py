@@ -22,9 +22,9 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from . import __version__
-from .config import RabbitMQSettings
-from .contract import DATA_MODELS, INPUT_TYPES, OUTPUT_MODELS, OUTPUT_TYPES, Envelope, OutputEnvelope
+from inventory_worker import __version__
+from inventory_worker.config import RabbitMQSettings
+from inventory_worker.contract import DATA_MODELS, INPUT_TYPES, OUTPUT_MODELS, OUTPUT_TYPES, Envelope, OutputEnvelope
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
 REF = "#/components/schemas/{model}"

@@ -9,14 +9,14 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from .config import ConfigError, Settings, load_settings
-from .contract import INPUT_TYPES
+from inventory_worker.config import ConfigError, Settings, load_settings
+from inventory_worker.contract import INPUT_TYPES
 
 EXIT_USAGE = 2
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from .migrations import migrate
+    from inventory_worker.adapters.migrations import migrate
 
     applied = migrate(settings.database)
     if applied:
@@ -28,9 +28,9 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from .dependencies import check_at_start, describe
-    from .logs import configure, get_logger
-    from .supervisor import run
+    from inventory_worker.dependencies import check_at_start, describe
+    from inventory_worker.logs import configure, get_logger
+    from inventory_worker.supervisor import run
 
     configure(settings.logging, process="supervisor")
     log = get_logger(__name__)
@@ -50,8 +50,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _publish(settings: Settings, args: argparse.Namespace) -> int:
-    from . import amqp
-    from .contract import InvalidMessage, make_event
+    from inventory_worker.adapters import rabbitmq
+    from inventory_worker.contract import InvalidMessage, make_event
 
     try:
         data = json.loads(args.data)
@@ -63,11 +63,11 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
     except InvalidMessage as exc:
         print(f"not a valid {args.type} event: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    conn = amqp.connect(settings.rabbitmq)
+    conn = rabbitmq.connect(settings.rabbitmq)
     try:
         channel = conn.channel()
-        amqp.declare_topology(channel, settings.rabbitmq)
-        amqp.Publisher(channel, settings.rabbitmq).publish_input(body)
+        rabbitmq.declare_topology(channel, settings.rabbitmq)
+        rabbitmq.Publisher(channel, settings.rabbitmq).publish_input(body)
     finally:
         conn.close()
     print(json.dumps(body))
@@ -75,8 +75,8 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _stock(settings: Settings, args: argparse.Namespace) -> int:
-    from .contract import PRODUCT_ID_PATTERN
-    from .store import Store
+    from inventory_worker.contract import PRODUCT_ID_PATTERN
+    from inventory_worker.adapters.postgres import Store
     import re
 
     if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
@@ -95,7 +95,7 @@ def _stock(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from .dlq import DeadLetterQueue
+    from inventory_worker.ops.dlq import DeadLetterQueue
 
     ids = set(getattr(args, "message_id", None) or [])
 
@@ -125,7 +125,7 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cache(settings: Settings, args: argparse.Namespace) -> int:
-    from .cache_rebuild import rebuild
+    from inventory_worker.ops.cache_rebuild import rebuild
 
     report = rebuild(settings)
     print(json.dumps({"products": report.products, "written": report.written}))
@@ -133,7 +133,7 @@ def _cache(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _token_create(settings: Settings, args: argparse.Namespace) -> int:
-    from .auth import checked_roles, new_token, token_config
+    from inventory_worker.http.auth import checked_roles, new_token, token_config
 
     known = checked_roles(settings.auth)
     unknown = [r for r in args.role if r not in known]
@@ -158,8 +158,8 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _history(settings: Settings, args: argparse.Namespace) -> int:
-    from .audit import Audit
-    from .contract import PRODUCT_ID_PATTERN
+    from inventory_worker.ops.audit import Audit
+    from inventory_worker.contract import PRODUCT_ID_PATTERN
     import re
 
     if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
@@ -189,7 +189,7 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
-    from .audit import Audit
+    from inventory_worker.ops.audit import Audit
 
     audit = Audit(settings)
     try:
@@ -207,7 +207,7 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _prune(settings: Settings, args: argparse.Namespace) -> int:
-    from .housekeeping import prune
+    from inventory_worker.ops.prune import prune
 
     if args.events_days < 1:
         print("--events-days must be at least 1", file=sys.stderr)
@@ -242,8 +242,8 @@ def _describe_field(schema: dict, schemas: dict) -> str:
 
 def _data_help() -> str:
     """What each input type's data needs, from the message contract (as docs/asyncapi.yaml)."""
-    from .asyncapi import INPUT_DESCRIPTIONS, document
-    from .contract import DATA_MODELS
+    from inventory_worker.asyncapi import INPUT_DESCRIPTIONS, document
+    from inventory_worker.contract import DATA_MODELS
 
     schemas = document()["components"]["schemas"]
     out = ["what --data holds for each TYPE (from the message contract, docs/asyncapi.yaml):"]
@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "processes", None) is not None and args.processes < 1:
         parser.error("--processes must be at least 1")
     if getattr(args, "func", None) is _token_create:
-        from .config import TokenSettings
+        from inventory_worker.config import TokenSettings
 
         if not re.fullmatch(TokenSettings.model_fields["name"].metadata[0].pattern, args.name):
             parser.error("token NAME must be 1 to 64 letters, digits and ._-")
@@ -470,12 +470,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clean one-line error for operators; --debug-like detail in logs
-        from .store import TransientError
+        from inventory_worker.adapters.postgres import TransientError
 
         import psycopg2
         import pika.exceptions
 
-        from .dependencies import describe
+        from inventory_worker.dependencies import describe
 
         failure = describe(exc, settings)
         if failure is not None and failure.permanent:  # one line naming where and why

@@ -23,7 +23,7 @@ import annotated_types
 from pydantic import AnyUrl, BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from .config import ENV_PREFIX, Settings, TokenSettings
+from inventory_worker.config import ENV_PREFIX, Settings, TokenSettings
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 COMMAND = "python -m inventory_worker.config_reference --write"

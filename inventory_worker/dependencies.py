@@ -17,8 +17,8 @@ import psycopg2
 import redis
 import tenacity
 
-from .config import Settings
-from .logs import get_logger
+from inventory_worker.config import Settings
+from inventory_worker.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -102,19 +102,19 @@ def describe(exc: BaseException, settings: Settings) -> Failure | None:
 
 
 def _rabbitmq(settings: Settings) -> None:
-    from . import amqp
+    from inventory_worker.adapters import rabbitmq
 
-    amqp.connect(settings.rabbitmq).close()
+    rabbitmq.connect(settings.rabbitmq).close()
 
 
 def _postgresql_pending(settings: Settings) -> list[str]:
-    from .migrations import pending
+    from inventory_worker.adapters.migrations import pending
 
     return pending(settings.database)
 
 
 def _redis(settings: Settings) -> None:
-    from .cache import make_client
+    from inventory_worker.adapters.redis_cache import make_client
 
     client = make_client(settings.redis)
     try:

@@ -15,7 +15,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict
 
-from .config import LoggingSettings
+from inventory_worker.config import LoggingSettings
 
 
 # Pipes (journald, a container runtime) keep a write of at most PIPE_BUF bytes whole.

@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import systemd
-from .config import Settings
-from .health import ConsumerSlot, ProcessHealth, startup_allowance
-from .logs import configure, get_logger
+from inventory_worker import systemd
+from inventory_worker.config import Settings
+from inventory_worker.heartbeats import ConsumerSlot, ProcessHealth, startup_allowance
+from inventory_worker.logs import configure, get_logger
 
 log = get_logger(__name__)
 
@@ -75,15 +75,15 @@ def _child_run(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
                health: ProcessHealth | None) -> None:
     stop = _child_stop_event(shared_stop, parent_pid)
     if role == "http":
-        from .http_server import serve
+        from inventory_worker.http.server import serve
 
         # A process group of its own: if this process dies, the supervisor kills the group, so
         # no server process it started (granian's workers) lives on holding the port.
         os.setpgrp()
         serve(settings, stop, health)
         return
-    from .consumer import Consumer
-    from .maintenance import Maintenance
+    from inventory_worker.worker.consumer import Consumer
+    from inventory_worker.worker.background import Maintenance
 
     index = int(role.rsplit("-", 1)[1])
     slot = ConsumerSlot(health, index)
@@ -127,7 +127,7 @@ class Supervisor:
         if settings.http.enabled:
             roles.append("http")
         self.children = [Child(role) for role in roles]
-        # Named shared memory: granian's worker processes attach to it too (http_server.py).
+        # Named shared memory: granian's worker processes attach to it too (http/server.py).
         self.health = ProcessHealth.create(self.processes)
         self._last_check: float | None = None  # monotonic time of the previous check
         self._resumed = float("-inf")  # of the last resume after a pause (PAUSE_SECONDS)
@@ -149,7 +149,7 @@ class Supervisor:
         log.info("process started", role=child.role, child_pid=child.process.pid)
 
     def _stuck(self, child: Child, slot: int, now: float, timeout: float) -> bool:
-        # `started` is on the same monotonic clock as the beats (see health.py). Silence is
+        # `started` is on the same monotonic clock as the beats (see heartbeats.py). Silence is
         # counted from the last resume at the earliest (PAUSE_SECONDS), startup's too.
         beat = self.health.last_beat(slot)
         if beat < child.started:  # this process has not beaten yet
@@ -171,7 +171,7 @@ class Supervisor:
         self._stop_requested = True
 
     def run(self) -> int:
-        from . import metrics
+        from inventory_worker import metrics
 
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from inventory_worker.config import Settings, load_settings
-from inventory_worker.migrations import migrate
+from inventory_worker.adapters.migrations import migrate
 
 from .support import (
     REPO,

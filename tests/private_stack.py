@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from inventory_worker.config import Settings
-from inventory_worker.migrations import migrate
+from inventory_worker.adapters.migrations import migrate
 
 from .support import delete_redis_keys, delete_topology, drop_database, pg
 

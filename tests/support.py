@@ -139,7 +139,7 @@ class Bus:
         self.conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
         self.channel = self.conn.channel()
         self.channel.confirm_delivery()
-        from inventory_worker.amqp import declare_topology
+        from inventory_worker.adapters.rabbitmq import declare_topology
 
         declare_topology(self.channel, settings.rabbitmq)
         result = self.channel.queue_declare("", exclusive=True, auto_delete=True)

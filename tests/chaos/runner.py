@@ -31,9 +31,9 @@ import pika
 import pika.exceptions
 import psycopg2
 
-from inventory_worker.amqp import declare_topology
+from inventory_worker.adapters.rabbitmq import declare_topology
 from inventory_worker.config import Settings, load_settings
-from inventory_worker.migrations import migrate
+from inventory_worker.adapters.migrations import migrate
 
 from ..support import REPO, WorkerProcess, free_port, isolated_settings
 from .services import PrivateServices
@@ -577,7 +577,7 @@ class Checker:
     def _redis_agrees(self) -> tuple[bool, str]:
         import redis as redis_lib
 
-        from inventory_worker.cache import StockCache
+        from inventory_worker.adapters.redis_cache import StockCache
 
         ttl = self.settings.redis.cache_ttl_seconds
         cache = StockCache(self.settings.redis, redis_lib.Redis(host=self.settings.redis.host,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from inventory_worker.amqp import declare_topology
-from inventory_worker.migrations import migrate
+from inventory_worker.adapters.rabbitmq import declare_topology
+from inventory_worker.adapters.migrations import migrate
 
 from ..support import WorkerProcess, pg
 from .runner import Pg, ReliablePublisher, _amqp_channel, chaos_settings, drain_queue

@@ -22,9 +22,9 @@ import psycopg2
 import pytest
 
 from inventory_worker.contract import make_event
-from inventory_worker.store import Store
+from inventory_worker.adapters.postgres import Store
 
-from inventory_worker.migrations import migrate
+from inventory_worker.adapters.migrations import migrate
 
 from ..support import (Bus, WorkerProcess, delete_topology, drop_database, figures, free_port, pg, uid,
                        wait_for_lock_waiter, with_own_queues)

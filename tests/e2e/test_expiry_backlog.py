@@ -14,7 +14,7 @@ import uuid
 
 import pika
 
-from inventory_worker.amqp import declare_topology
+from inventory_worker.adapters.rabbitmq import declare_topology
 from inventory_worker.contract import make_event
 
 from ..private_stack import all_figures, held_by_reservations, ledger_sums, private_settings

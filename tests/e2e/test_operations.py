@@ -143,7 +143,7 @@ def test_metrics_move_with_traffic_and_pass_promtool(ops):
     assert http_get(f"{worker.base_url}/inventory/{uid('NOPE')}")[0] == 404
 
     # The gauges are measured every 0.5 s by one consumer; the DLQ holds our one bad message.
-    # Each HTTP process writes its request metrics every 0.5 s too (http_metrics.py).
+    # Each HTTP process writes its request metrics every 0.5 s too (http/tally.py).
     def measured():
         t = scrape(worker)
         return t if (sample(t, "inventory_dead_letter_queue_messages") == 1 and sample(
@@ -382,7 +382,7 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
 
 @pytest.mark.parametrize("server", HTTP_SERVERS)
 def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, server):
-    """Under either server: granian's worker processes read the same health slots (health.py)."""
+    """Under either server: granian's worker processes read the same health slots (heartbeats.py)."""
     s = own_settings(settings, heartbeat_timeout_seconds=4.0)
     s = s.model_copy(update={"http": s.http.model_copy(update={"server": server})})
     bus = Bus(s)
@@ -428,9 +428,9 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, serve
 
 def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: the queues exist
     """/readyz waits for every consumer to attach; /healthz fails on a stale heartbeat."""
-    from inventory_worker.health import ProcessHealth
-    from inventory_worker.http_api import ReadAPI
-    from inventory_worker.http_server import health_checks
+    from inventory_worker.heartbeats import ProcessHealth
+    from inventory_worker.http.api import ReadAPI
+    from inventory_worker.http.server import health_checks
 
     health = ProcessHealth.create(2)  # as the supervisor does; the API reads it attached by name
     ready, live = health_checks(ProcessHealth.attach(health.name, 2), timeout=2.0)  # generous: a loaded machine

@@ -13,7 +13,7 @@ import re
 import signal
 import time
 
-from inventory_worker.store import SWEEPER_LOCK_KEY
+from inventory_worker.adapters.postgres import SWEEPER_LOCK_KEY
 
 from ..private_stack import all_figures, private_settings
 from ..support import Bus, pg, poll, uid

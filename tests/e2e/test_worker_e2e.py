@@ -18,7 +18,7 @@ from typing import Any
 import pika
 import pytest
 
-from inventory_worker.http_api import READY_CACHE_SECONDS
+from inventory_worker.http.api import READY_CACHE_SECONDS
 
 from inventory_worker.contract import make_event, validate_output
 

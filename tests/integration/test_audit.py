@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from inventory_worker.cache import StockCache
+from inventory_worker.adapters.redis_cache import StockCache
 
 from ..private_stack import apply, private_settings
 from ..support import REPO, free_port, pg, settings_env, uid

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from inventory_worker.store import Store
+from inventory_worker.adapters.postgres import Store
 
 from ..support import pg
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from inventory_worker.cache import StockCache
+from inventory_worker.adapters.redis_cache import StockCache
 
 from ..support import uid
 

@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 
 from inventory_worker.contract import make_event, parse_event, validate_output
-from inventory_worker.store import Store, TransientError
+from inventory_worker.adapters.postgres import Store, TransientError
 
 from ..support import http_get, pg, uid, wait_for_lock_waiter
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import threading
 
-from inventory_worker import consumer as consumer_module
-from inventory_worker.consumer import Consumer
-from inventory_worker.store import Store
+from inventory_worker.worker import consumer as consumer_module
+from inventory_worker.worker.consumer import Consumer
+from inventory_worker.adapters.postgres import Store
 
 from ..support import Bus, delete_topology, figures, uid, with_own_queues
 

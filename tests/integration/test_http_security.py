@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import pytest
 
 from inventory_worker.config import Settings, TokenSettings
-from inventory_worker.http_api import ReadAPI
-from inventory_worker.http_server import make_server
+from inventory_worker.http.api import ReadAPI
+from inventory_worker.http.server import make_server
 
 from ..conftest import HTTP_SERVERS
 from ..support import TEST_TOKEN, http_get, uid

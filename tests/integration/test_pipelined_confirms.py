@@ -9,8 +9,8 @@ from typing import Any
 import pika
 import pytest
 
-from inventory_worker import amqp
-from inventory_worker.store import OutgoingMessage
+from inventory_worker.adapters import rabbitmq
+from inventory_worker.adapters.postgres import OutgoingMessage
 
 
 def _messages(n: int, start: int = 1) -> list[OutgoingMessage]:
@@ -29,13 +29,13 @@ def _queue(ch, settings, **arguments) -> str:
 
 
 @contextmanager
-def _publisher(settings) -> Iterator[tuple[Any, amqp.Publisher]]:
+def _publisher(settings) -> Iterator[tuple[Any, rabbitmq.Publisher]]:
     """A channel (topology declared) and a Publisher on one connection, closed at the end."""
-    conn = amqp.connect(settings.rabbitmq)
+    conn = rabbitmq.connect(settings.rabbitmq)
     try:
         ch = conn.channel()
-        amqp.declare_topology(ch, settings.rabbitmq)
-        yield ch, amqp.Publisher(conn.channel(), settings.rabbitmq)
+        rabbitmq.declare_topology(ch, settings.rabbitmq)
+        yield ch, rabbitmq.Publisher(conn.channel(), settings.rabbitmq)
     finally:
         conn.close()
 
@@ -78,7 +78,7 @@ def test_nacked_results_are_left_out(settings):
     with _publisher(settings) as (ch, pub):
         _queue(ch, settings, **{"x-max-length": 3, "x-overflow": "reject-publish"})
         assert pub.publish_results(_messages(8)) == [1, 2, 3]
-        with pytest.raises(amqp.NotConfirmed):
+        with pytest.raises(rabbitmq.NotConfirmed):
             pub.publish_all(_messages(2, start=9))
 
 
@@ -102,8 +102,8 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
     """Nacked results stay unpublished in the outbox (for the relay); confirmed ones are marked."""
     import threading
 
-    from inventory_worker.consumer import Consumer
-    from inventory_worker.store import Store
+    from inventory_worker.worker.consumer import Consumer
+    from inventory_worker.adapters.postgres import Store
 
     from ..support import pg, uid
 
@@ -114,14 +114,14 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
                                 "data": {"product_id": uid("SKU"), "delta": 5}}])
     store.close()
     ids = [m.outbox_id for m in out.messages]
-    conn = amqp.connect(s.rabbitmq)
+    conn = rabbitmq.connect(s.rabbitmq)
     consumer = Consumer(s, threading.Event())
     try:
         ch = conn.channel()
-        amqp.declare_topology(ch, s.rabbitmq)
+        rabbitmq.declare_topology(ch, s.rabbitmq)
         full = ch.queue_declare("", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
         ch.queue_bind(full.method.queue, s.rabbitmq.events_exchange, routing_key="#")
-        pub = amqp.Publisher(conn.channel(), s.rabbitmq)
+        pub = rabbitmq.Publisher(conn.channel(), s.rabbitmq)
 
         def published() -> list:
             with pg(s) as cur:
@@ -149,14 +149,14 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
 
 
 def test_a_batch_goes_out_in_few_sends_and_arrives_intact(settings, monkeypatch):
-    """pika writes every frame with its own send(); amqp_transport joins what is queued. A batch
+    """pika writes every frame with its own send(); amqp_framing joins what is queued. A batch
     of 300 results (900 frames, one body larger than a frame, so split) takes a few sends, and
     every body arrives whole, in order."""
     from pika.adapters.utils import io_services_utils
 
-    from inventory_worker import amqp_transport
+    from inventory_worker.adapters import amqp_framing
 
-    assert amqp_transport.coalesce_writes()  # installed on import of amqp; idempotent
+    assert amqp_framing.coalesce_writes()  # installed on import of amqp; idempotent
     sends: list[int] = []
     real_send = io_services_utils._AsyncTransportBase._sigint_safe_send
 

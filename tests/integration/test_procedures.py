@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from inventory_worker.contract import InvalidMessage, make_event, parse_event, validate_output
-from inventory_worker.store import Outcome, PermanentError, Store
+from inventory_worker.adapters.postgres import Outcome, PermanentError, Store
 
 from ..support import pg, uid
 

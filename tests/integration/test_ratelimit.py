@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from inventory_worker.cache import make_client
-from inventory_worker.ratelimit import RateLimiter
+from inventory_worker.adapters.redis_cache import make_client
+from inventory_worker.http.ratelimit import RateLimiter
 
 from ..support import uid
 

@@ -1,4 +1,4 @@
-"""The pipelined asyncio Redis client of the HTTP hot path (redis_async.py), against real Redis:
+"""The pipelined asyncio Redis client of the HTTP hot path (adapters/redis_async.py), against real Redis:
 concurrent commands on one connection each get their own reply, the rate-limit script stays
 exact under concurrency and agrees with the blocking client's, a script Redis does not have is
 sent whole, and a dead or silent server fails the commands in flight (then the next connects)."""
@@ -13,9 +13,9 @@ import time
 import pytest
 import redis
 
-from inventory_worker.cache import make_client
-from inventory_worker.ratelimit import GCRA_SCRIPT, Decision, RateLimiter, interval_us
-from inventory_worker.redis_async import AsyncRedis
+from inventory_worker.adapters.redis_cache import make_client
+from inventory_worker.http.ratelimit import GCRA_SCRIPT, Decision, RateLimiter, interval_us
+from inventory_worker.adapters.redis_async import AsyncRedis
 
 from ..support import free_port, uid
 

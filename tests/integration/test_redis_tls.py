@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from inventory_worker.cache import StockCache
+from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.config import RedisSettings
-from inventory_worker.ratelimit import RateLimiter, RateLimitUnavailable
+from inventory_worker.http.ratelimit import RateLimiter, RateLimitUnavailable
 
 from ..support import free_port, uid
 
@@ -83,13 +83,13 @@ def test_an_untrusted_certificate_or_plain_text_is_refused(tls_redis):
         StockCache(tls_redis.model_copy(update={"ssl": False})).ping()
 
 
-# ---- the HTTP hot path's asyncio client (redis_async.py): the same TLS and credentials ----------
+# ---- the HTTP hot path's asyncio client (adapters/redis_async.py): the same TLS and credentials ----------
 
 
 def _async(settings: RedisSettings, *commands: tuple) -> list:
     import asyncio
 
-    from inventory_worker.redis_async import AsyncRedis
+    from inventory_worker.adapters.redis_async import AsyncRedis
 
     async def main():
         client = AsyncRedis(settings)

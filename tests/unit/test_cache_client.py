@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from inventory_worker.cache import StockCache
+from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.config import RedisSettings
 
 

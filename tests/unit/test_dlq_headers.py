@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pika
 
-from inventory_worker.dlq import _reason, original_routing_key
+from inventory_worker.ops.dlq import _reason, original_routing_key
 
 
 def test_refused_by_the_worker():

@@ -1,4 +1,4 @@
-"""The HTTP metrics tallied per process and flushed in batches (http_metrics.py) come out as the
+"""The HTTP metrics tallied per process and flushed in batches (http/tally.py) come out as the
 same samples as observing each request directly would give."""
 
 import uuid
@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from inventory_worker import metrics
-from inventory_worker.http_metrics import HttpTally
+from inventory_worker.http.tally import HttpTally
 
 
 def value(name: str, **labels: str) -> float:

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from inventory_worker.amqp import connection_parameters
-from inventory_worker.auth import Authenticator, bearer_token, checked_roles, hash_token, new_token
+from inventory_worker.adapters.rabbitmq import connection_parameters
+from inventory_worker.http.auth import Authenticator, bearer_token, checked_roles, hash_token, new_token
 from inventory_worker.config import AuthSettings, ConfigError, TokenSettings, load_settings
 
 SECRET = "s3cr3t-Pa55word-42"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from inventory_worker import health as health_module
+from inventory_worker import heartbeats as health_module
 from inventory_worker.config import load_settings
-from inventory_worker.health import startup_allowance
+from inventory_worker.heartbeats import startup_allowance
 from inventory_worker.supervisor import PAUSE_SECONDS, Supervisor
 
 TIMEOUT = 20.0  # worker.heartbeat_timeout_seconds; below 30 s, so startup is allowed longer

@@ -17,8 +17,10 @@ from typing import Any
 
 import pika
 
-from . import amqp, amqp_transport
-from .config import RabbitMQSettings
+from inventory_worker.adapters import rabbitmq
+
+from inventory_worker.adapters import amqp_framing
+from inventory_worker.config import RabbitMQSettings
 
 # Not carried over to a replayed message: ours describe the refusal, x-delivery-count is the
 # DLQ's own count (a quorum queue counts each time `list` hands a message back).
@@ -98,9 +100,9 @@ def _reason(properties: Any) -> str:
 class DeadLetterQueue:
     def __init__(self, settings: RabbitMQSettings) -> None:
         self.settings = settings
-        self.conn = amqp.connect(settings)
+        self.conn = rabbitmq.connect(settings)
         self.channel = self.conn.channel()
-        amqp.declare_topology(self.channel, settings)
+        rabbitmq.declare_topology(self.channel, settings)
 
     def close(self) -> None:
         try:
@@ -130,7 +132,7 @@ class DeadLetterQueue:
         for m in self.messages(limit):
             if not selected(m):
                 continue
-            headers = {k: v for k, v in amqp_transport.safe_headers(_headers(m.properties)).items()
+            headers = {k: v for k, v in amqp_framing.safe_headers(_headers(m.properties)).items()
                        if k not in INTERNAL_HEADERS}
             replays = headers.get("x-replayed-from-dlq")
             headers["x-replayed-from-dlq"] = (replays if isinstance(replays, int) and replays >= 0 else 0) + 1

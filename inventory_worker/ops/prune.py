@@ -8,8 +8,8 @@ The ledger (stock_movements) is the audit trail and is never pruned here.
 
 from __future__ import annotations
 
-from .config import Settings
-from .store import Store, one_row
+from inventory_worker.config import Settings
+from inventory_worker.adapters.postgres import Store, one_row
 
 BATCH = 10_000
 

@@ -21,16 +21,18 @@ import threading
 import time
 from typing import Any
 
-from . import amqp, metrics
-from .cache import StockCache
-from .config import Settings
-from .logs import get_logger
-from .store import SWEEPER_LOCK_KEY, Store, TransientError, one_row
+from inventory_worker import metrics
+
+from inventory_worker.adapters import rabbitmq
+from inventory_worker.adapters.redis_cache import StockCache
+from inventory_worker.config import Settings
+from inventory_worker.logs import get_logger
+from inventory_worker.adapters.postgres import SWEEPER_LOCK_KEY, Store, TransientError, one_row
 
 log = get_logger(__name__)
 
 # What a tick may fail with and retry after (a tuple made once: mypy cannot read one unpacked in `except`).
-_RETRIED: tuple[type[BaseException], ...] = (TransientError, *amqp.CONNECTION_ERRORS)
+_RETRIED: tuple[type[BaseException], ...] = (TransientError, *rabbitmq.CONNECTION_ERRORS)
 
 
 class Maintenance(threading.Thread):
@@ -45,7 +47,7 @@ class Maintenance(threading.Thread):
         self.store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
         self.cache = StockCache(settings.redis)
         self._conn: Any = None
-        self._publisher: amqp.Publisher | None = None
+        self._publisher: rabbitmq.Publisher | None = None
         self._leader_conn: Any = None  # the PostgreSQL connection our advisory lock lives on
 
     @property
@@ -168,18 +170,18 @@ class Maintenance(threading.Thread):
         try:
             confirmed = self._publisher_ready().publish_results(messages)
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
-        except amqp.CONNECTION_ERRORS as exc:
+        except rabbitmq.CONNECTION_ERRORS as exc:
             log.warning("publish failed; the relay will retry", error=repr(exc))
             self._drop_amqp()
             return
         metrics.RESULTS_PUBLISHED.labels("direct").inc(len(confirmed))
         self.store.mark_published(confirmed)
 
-    def _publisher_ready(self) -> amqp.Publisher:
+    def _publisher_ready(self) -> rabbitmq.Publisher:
         if self._publisher is None or self._conn is None or not self._conn.is_open:
             self._drop_amqp()
-            self._conn = amqp.connect(self.settings.rabbitmq)
-            self._publisher = amqp.Publisher(self._conn.channel(), self.settings.rabbitmq)
+            self._conn = rabbitmq.connect(self.settings.rabbitmq)
+            self._publisher = rabbitmq.Publisher(self._conn.channel(), self.settings.rabbitmq)
         else:
             self._conn.process_data_events(time_limit=0)  # service heartbeats
         return self._publisher

@@ -17,7 +17,7 @@ import time
 import weakref
 from typing import Any
 
-from . import metrics
+from inventory_worker import metrics
 
 FLUSH_SECONDS = 0.5
 

@@ -25,14 +25,16 @@ from typing import Any
 
 import tenacity
 
-from . import amqp, metrics
-from .cache import StockCache
-from .config import Settings
-from .contract import INPUT_TYPES, Event, InvalidMessage, parse_event
-from .dependencies import describe
-from .health import ConsumerSlot
-from .logs import get_logger, lines_together
-from .store import Outcome, OutgoingMessage, PermanentError, Store, TransientError
+from inventory_worker import metrics
+
+from inventory_worker.adapters import rabbitmq
+from inventory_worker.adapters.redis_cache import StockCache
+from inventory_worker.config import Settings
+from inventory_worker.contract import INPUT_TYPES, Event, InvalidMessage, parse_event
+from inventory_worker.dependencies import describe
+from inventory_worker.heartbeats import ConsumerSlot
+from inventory_worker.logs import get_logger, lines_together
+from inventory_worker.adapters.postgres import Outcome, OutgoingMessage, PermanentError, Store, TransientError
 
 log = get_logger(__name__)
 
@@ -137,7 +139,7 @@ class Consumer:
                 delay = 0.1
             except Stopping:
                 break
-            except amqp.CONNECTION_ERRORS as exc:
+            except rabbitmq.CONNECTION_ERRORS as exc:
                 self.attached = False
                 metrics.RETRIES.labels("rabbitmq").inc()
                 failure = describe(exc, self.settings)
@@ -161,12 +163,12 @@ class Consumer:
 
     def _consume(self) -> None:
         w = self.settings.worker
-        conn = amqp.connect(self.settings.rabbitmq)
+        conn = rabbitmq.connect(self.settings.rabbitmq)
         try:
             channel = conn.channel()
-            amqp.declare_topology(channel, self.settings.rabbitmq)
+            rabbitmq.declare_topology(channel, self.settings.rabbitmq)
             channel.basic_qos(prefetch_count=max(2 * w.batch_size, 10))
-            publisher = amqp.Publisher(conn.channel(), self.settings.rabbitmq)
+            publisher = rabbitmq.Publisher(conn.channel(), self.settings.rabbitmq)
             buffer: list[Delivery] = []
 
             def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -208,7 +210,7 @@ class Consumer:
 
     # -- one batch --------------------------------------------------------------------------
 
-    def _handle(self, conn: Any, channel: Any, publisher: amqp.Publisher, batch: list[Delivery]) -> None:
+    def _handle(self, conn: Any, channel: Any, publisher: rabbitmq.Publisher, batch: list[Delivery]) -> None:
         max_bytes = self.settings.worker.max_message_bytes
         valid: list[tuple[Delivery, Event]] = []
         for d in batch:
@@ -248,7 +250,7 @@ class Consumer:
         self,
         conn: Any,
         channel: Any,
-        publisher: amqp.Publisher,
+        publisher: rabbitmq.Publisher,
         items: list[tuple[Delivery, Event]],
         ack_tag: int,
     ) -> None:
@@ -299,7 +301,7 @@ class Consumer:
                 )
         metrics.observe_many(metrics.EVENT_SECONDS, waited)  # one write per bucket, not two per event
 
-    def _too_many_attempts(self, conn: Any, publisher: amqp.Publisher, item: tuple[Delivery, Event]) -> bool:
+    def _too_many_attempts(self, conn: Any, publisher: rabbitmq.Publisher, item: tuple[Delivery, Event]) -> bool:
         """Notes one more attempt to apply a redelivered message; dead-letters it past the limit.
 
         The count lives in PostgreSQL and grows only when the worker starts applying the
@@ -327,7 +329,7 @@ class Consumer:
         except PermanentError as exc:
             if len(items) == 1:
                 return [exc]
-        except (Stopping, *amqp.CONNECTION_ERRORS):
+        except (Stopping, *rabbitmq.CONNECTION_ERRORS):
             raise
         except Exception as exc:  # not the database refusing: a bug, or data nobody foresaw
             log.exception("unexpected error applying events", error=repr(exc), events=len(items))
@@ -347,7 +349,7 @@ class Consumer:
 
     # -- after the commit -------------------------------------------------------------------
 
-    def _publish(self, publisher: amqp.Publisher, messages: list[OutgoingMessage]) -> None:
+    def _publish(self, publisher: rabbitmq.Publisher, messages: list[OutgoingMessage]) -> None:
         if messages:
             started = time.monotonic()
             # Not waiting for the confirms: the next batch is applied while the broker writes
@@ -358,7 +360,7 @@ class Consumer:
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
         self._collect_confirms(publisher)
 
-    def _collect_confirms(self, publisher: amqp.Publisher) -> None:
+    def _collect_confirms(self, publisher: rabbitmq.Publisher) -> None:
         confirmed = publisher.take_confirmed()
         if confirmed:
             metrics.RESULTS_PUBLISHED.labels("direct").inc(len(confirmed))
@@ -366,10 +368,10 @@ class Consumer:
         if refused := publisher.take_refused():
             log.warning("results not confirmed; the outbox relay will publish them", count=refused)
 
-    def _dead_letter(self, publisher: amqp.Publisher, d: Delivery, reason: str, kind: str) -> None:
+    def _dead_letter(self, publisher: rabbitmq.Publisher, d: Delivery, reason: str, kind: str) -> None:
         try:
             publisher.dead_letter(d.body, d.properties, d.method.routing_key, reason)
-        except amqp.CONNECTION_ERRORS:
+        except rabbitmq.CONNECTION_ERRORS:
             raise
         except Exception as exc:  # its properties cannot be sent again: dead-letter it without them
             log.exception("dead-lettering with the original properties failed", error=repr(exc))

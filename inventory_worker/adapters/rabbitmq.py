@@ -4,7 +4,7 @@ Topology (names from config):
   exchange `orders` (topic, durable)  ->  quorum queue `inventory.orders`, bound to the four
       input routing keys, dead-lettering to exchange `inventory.dlx` (fanout) -> queue
       `inventory.orders.dlq`. The broker's delivery limit is only a backstop: it also counts
-      returns after lost connections (the worker counts real attempts, see consumer.py).
+      returns after lost connections (the worker counts real attempts, see worker/consumer.py).
   exchange `inventory.events` (topic, durable): every result event, routing key = its type.
 """
 
@@ -21,13 +21,13 @@ import orjson
 import pika
 import pika.exceptions
 
-from . import amqp_transport
-from .config import RabbitMQSettings, reveal
-from .contract import INPUT_TYPES
-from .store import OutgoingMessage
+from inventory_worker.adapters import amqp_framing
+from inventory_worker.config import RabbitMQSettings, reveal
+from inventory_worker.contract import INPUT_TYPES
+from inventory_worker.adapters.postgres import OutgoingMessage
 
-amqp_transport.coalesce_writes()
-amqp_transport.robust_tables()
+amqp_framing.coalesce_writes()
+amqp_framing.robust_tables()
 
 
 class NotConfirmed(pika.exceptions.AMQPError):  # type: ignore[misc]  # pika has no type hints
@@ -199,8 +199,8 @@ class Publisher:
             self._next_tag += 1
             # Straight to the channel beneath: queued for one write (BlockingChannel.basic_publish
             # would run the I/O loop, i.e. flush and read, per message), framed by
-            # amqp_transport (the same bytes as pika's marshalling, at about a third of the cost).
-            amqp_transport.publish(
+            # amqp_framing (the same bytes as pika's marshalling, at about a third of the cost).
+            amqp_framing.publish(
                 ch._impl,
                 self.settings.events_exchange,
                 m.routing_key,
@@ -272,7 +272,7 @@ class Publisher:
     ) -> None:
         """Sends a message we refuse to the DLQ, with why, keeping its body and properties
         (header values RabbitMQ would not take back as they are go as text: safe_headers)."""
-        headers = amqp_transport.safe_headers(getattr(properties, "headers", None))
+        headers = amqp_framing.safe_headers(getattr(properties, "headers", None))
         headers["x-inventory-error"] = reason[:1000]
         headers["x-original-routing-key"] = routing_key
         headers["x-original-exchange"] = self.settings.exchange

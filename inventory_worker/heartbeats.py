@@ -13,7 +13,7 @@ A running consumer beats at least every few hundred milliseconds, so it is stuck
 The slots live in a named POSIX shared-memory segment (multiprocessing.shared_memory), so any
 process can attach by name: the children the supervisor spawns (they receive the name when the
 object is pickled) and granian's worker processes, which the supervisor cannot hand objects to
-(they read the name from the environment, see http_server.py). Only the creator tracks the
+(they read the name from the environment, see http/server.py). Only the creator tracks the
 segment for cleanup and unlinks it; attaching processes never register it (see `_attach`).
 """
 

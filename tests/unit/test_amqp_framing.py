@@ -1,11 +1,11 @@
-"""amqp_transport.encode_publish frames a Basic.Publish byte for byte as pika does."""
+"""amqp_framing.encode_publish frames a Basic.Publish byte for byte as pika does."""
 
 import struct
 
 import pytest
 from pika import frame, spec
 
-from inventory_worker.amqp_transport import encode_publish
+from inventory_worker.adapters.amqp_framing import encode_publish
 
 BODY_MAX = 131072 - 8  # pika's default frame_max less the frame overhead
 
@@ -59,8 +59,8 @@ import datetime as _dt  # noqa: E402
 import decimal  # noqa: E402
 import math  # noqa: E402
 
-import inventory_worker.amqp  # noqa: E402,F401  (installs robust_tables)
-from inventory_worker import amqp_transport  # noqa: E402
+import inventory_worker.adapters.rabbitmq  # noqa: E402,F401  (installs robust_tables)
+from inventory_worker.adapters import amqp_framing  # noqa: E402
 
 from ..support import (amqp_array, amqp_double, amqp_longstr, amqp_table, amqp_timestamp,  # noqa: E402
                        content_header_props)
@@ -99,7 +99,7 @@ def test_any_field_value_is_decoded_and_can_be_sent_on():
     assert math.isnan(h["nan"]) and h["big"] == 1e20 and h["ninf"] == -math.inf and h["ts_max"] == 2**63 - 1
     assert h["nested"]["b"][1] == 2**63 and math.isnan(h["nested"]["a"])
     # dead-lettering sends the headers on: what RabbitMQ takes goes as it came, NaN/Inf as text
-    safe = amqp_transport.safe_headers(h)
+    safe = amqp_framing.safe_headers(h)
     again = decode_props(_table_of(spec.BasicProperties(headers=safe)))
     for key, (_, expected) in FIELDS.items():
         if expected is None:
@@ -126,7 +126,7 @@ def test_an_undecodable_table_is_kept_as_bytes_and_the_rest_is_read(table):
     props = decode_props(table)
     assert props.message_id == "m-1"
     assert props.headers  # the raw bytes, under UNDECODABLE_TABLE (at some depth)
-    b"".join(spec.BasicProperties(headers=amqp_transport.safe_headers(props.headers)).encode())
+    b"".join(spec.BasicProperties(headers=amqp_framing.safe_headers(props.headers)).encode())
 
 
 def test_an_undecodable_content_header_leaves_the_message_without_properties():
@@ -135,12 +135,12 @@ def test_an_undecodable_content_header_leaves_the_message_without_properties():
     consumed, header = frame.decode_frame(raw)
     assert consumed == len(raw) and header.body_size == 2
     assert header.properties.message_id is None
-    assert amqp_transport.UNDECODABLE_PROPERTIES in header.properties.headers
+    assert amqp_framing.UNDECODABLE_PROPERTIES in header.properties.headers
 
 
 def test_safe_headers_never_raises():
     weird = {"k" * 300: 1, "big": 2**70, "obj": object(), "d": {"n": [math.inf, 2**64]}}
-    safe = amqp_transport.safe_headers(weird)
+    safe = amqp_framing.safe_headers(weird)
     b"".join(spec.BasicProperties(headers=safe).encode())
     assert safe["big"] == repr(2**70) and safe["d"] == {"n": ["inf", repr(2**64)]}
-    assert amqp_transport.safe_headers(None) == {} and amqp_transport.safe_headers("x")
+    assert amqp_framing.safe_headers(None) == {} and amqp_framing.safe_headers("x")

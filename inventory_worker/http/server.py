@@ -1,10 +1,10 @@
-"""Serves the ReadAPI (http_api.py) over HTTP/1.1.
+"""Serves the ReadAPI (http/api.py) over HTTP/1.1.
 
 Two servers, one behaviour (`ReadAPI.handle`), chosen by `http.server`:
 - `granian` (default): a Rust HTTP server running the API on an event loop (granian's RSGI
   interface, `RSGIApp`) in `http.workers` processes, blocking work in `http.threads` threads
   each (see README "Performance"). Its workers are granian's own processes: they read the
-  consumers' health slots by name (health.py).
+  consumers' health slots by name (heartbeats.py).
 - `stdlib`: the standard library's ThreadingHTTPServer, in the http process.
 
 Both bound what they read before the API sees anything: the request head, idle connections (a
@@ -26,11 +26,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .config import Settings
-from .health import ProcessHealth
-from .http_api import ReadAPI
-from .logs import configure, get_logger
-from .redis_async import AsyncRedis
+from inventory_worker.config import Settings
+from inventory_worker.heartbeats import ProcessHealth
+from inventory_worker.http.api import ReadAPI
+from inventory_worker.logs import configure, get_logger
+from inventory_worker.adapters.redis_async import AsyncRedis
 
 log = get_logger(__name__)
 
@@ -136,7 +136,7 @@ def make_server(api: ReadAPI, host: str, port: int) -> ThreadingHTTPServer:
 
 
 # How the http process hands its exact settings, and the name of the consumers' health segment
-# ("name:consumers", see health.py), to granian's worker processes.
+# ("name:consumers", see heartbeats.py), to granian's worker processes.
 _SETTINGS_ENV = "INVENTORY_HTTP_SETTINGS_JSON"
 _HEALTH_ENV = "INVENTORY_HTTP_HEALTH_SHM"
 
@@ -148,7 +148,7 @@ class RSGIApp:
     """The API as granian's native async interface (RSGI), one instance per worker process.
 
     The worker's event loop runs every request's gates and its one Redis round trip through a
-    pipelined client (redis_async.py: the requests in flight share writes to Redis); blocking
+    pipelined client (adapters/redis_async.py: the requests in flight share writes to Redis); blocking
     work (a cache miss read from PostgreSQL, /metrics, the probes) runs in a pool of
     `http.threads` threads, so it never stalls the loop.
     """
@@ -246,7 +246,7 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
     else:  # served alone (bench/serve_http.py): no consumers to check
         os.environ.pop(_HEALTH_ENV, None)
     server = Granian(
-        "inventory_worker.http_server:rsgi_app_from_env",
+        "inventory_worker.http.server:rsgi_app_from_env",
         factory=True,
         address=settings.http.host,
         port=settings.http.port,

@@ -1,7 +1,7 @@
 """The read-only HTTP API: what each request gets, independent of any HTTP server.
 
 `ReadAPI.handle()` (blocking clients, the stdlib server) and `ReadAPI.handle_async()` (an event
-loop, granian) are the whole behaviour, the same gates and answers; `http_server.py` puts them
+loop, granian) are the whole behaviour, the same gates and answers; `http/server.py` puts them
 behind a server. Routes:
   GET /inventory/{product_id}  figures from Redis; on a miss from PostgreSQL (and Redis refilled)
   GET /healthz                 the worker is alive: no consumer process stuck, else 503
@@ -13,8 +13,8 @@ Every other method is 405: there is no write path.
 
 Every request passes the same gates, in this order, before any route code runs:
   1. input bounds: request line (414), header count and size (431), method (405);
-  2. routes that need a role (auth.py): the rate limit, per token or else per client address
-     (ratelimit.py: 429, or 503 when Redis cannot say), then the token (401) and its roles (403);
+  2. routes that need a role (http/auth.py): the rate limit, per token or else per client address
+     (http/ratelimit.py: 429, or 503 when Redis cannot say), then the token (401) and its roles (403);
   3. the route itself; a product id that breaks the contract's rules is 400 before it is used.
 An admitted stock read costs one Redis call: the rate-limit script returns the cached figures too.
 """
@@ -40,16 +40,18 @@ from urllib.parse import unquote
 
 import redis
 
-from . import amqp, metrics
-from .auth import Authenticator, Headers, Principal
-from .cache import StockCache, encode_figures
-from .http_metrics import HttpTally
-from .config import Settings
-from .ratelimit import GCRA_SCRIPT, Decision, RateLimiter, RateLimitUnavailable, interval_us
-from .redis_async import AsyncRedis
-from .contract import PRODUCT_ID_PATTERN
-from .logs import get_logger
-from .store import Store
+from inventory_worker import metrics
+
+from inventory_worker.adapters import rabbitmq
+from inventory_worker.http.auth import Authenticator, Headers, Principal
+from inventory_worker.adapters.redis_cache import StockCache, encode_figures
+from inventory_worker.http.tally import HttpTally
+from inventory_worker.config import Settings
+from inventory_worker.http.ratelimit import GCRA_SCRIPT, Decision, RateLimiter, RateLimitUnavailable, interval_us
+from inventory_worker.adapters.redis_async import AsyncRedis
+from inventory_worker.contract import PRODUCT_ID_PATTERN
+from inventory_worker.logs import get_logger
+from inventory_worker.adapters.postgres import Store
 
 log = get_logger(__name__)
 
@@ -87,7 +89,7 @@ def openapi_document() -> bytes:
     """docs/openapi.json, from a checkout or a wheel install (INVENTORY_DOCS_DIR overrides)."""
     env = os.environ.get("INVENTORY_DOCS_DIR")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parent.parent / "docs",
+    candidates += [Path(__file__).resolve().parents[2] / "docs",
                    Path(sys.prefix) / "share" / "inventory-worker" / "docs"]
     for c in candidates:
         if (c / "openapi.json").is_file():
@@ -398,7 +400,7 @@ class ReadAPI:
             store.ping()
 
     def _check_rabbitmq(self) -> None:
-        conn = amqp.connect(self.settings.rabbitmq)
+        conn = rabbitmq.connect(self.settings.rabbitmq)
         try:
             conn.channel().queue_declare(self.settings.rabbitmq.queue, passive=True)
         finally:

@@ -29,7 +29,7 @@ from typing import Any
 import hiredis
 import redis
 
-from .config import RedisSettings, reveal
+from inventory_worker.config import RedisSettings, reveal
 
 
 def encode(args: tuple[bytes | str | int, ...]) -> bytes:

@@ -17,7 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config import AuthSettings
+from inventory_worker.config import AuthSettings
 
 TOKEN_PREFIX = "iw_"
 INVENTORY_READ = "inventory:read"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cache import StockCache
-from .config import Settings
-from .store import Store
+from inventory_worker.adapters.redis_cache import StockCache
+from inventory_worker.config import Settings
+from inventory_worker.adapters.postgres import Store
 
 
 @dataclass

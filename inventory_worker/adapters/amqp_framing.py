@@ -12,7 +12,7 @@ buffer for the same reason (rabbitmq-c #272, amqprs #33).
 transports both go through) with the same loop that joins the
 queued chunks, up to `MAX_JOIN` bytes, before each send(). Byte order, the buffered-byte count,
 partial sends and errors are handled as pika does; only the number of sends changes. Installed
-once, when `inventory_worker.amqp` is imported; tested in tests/integration/test_pipelined_confirms.py.
+once, when `inventory_worker.adapters.rabbitmq` is imported; tested in tests/integration/test_pipelined_confirms.py.
 
 `publish()` writes a Basic.Publish with the few properties the worker sets, framed here with
 `struct` instead of by pika's generic marshalling (a Method, a Header with a BasicProperties

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg2
 from psycopg2 import sql
 
-from .config import DatabaseSettings
+from inventory_worker.config import DatabaseSettings
 
 # Any fixed number works; it only has to be the same in every process.
 MIGRATION_LOCK_KEY = 0x1A7E_0001
@@ -28,7 +28,7 @@ def sql_dir() -> Path:
     env = os.environ.get("INVENTORY_SQL_DIR")
     candidates = [Path(env)] if env else []
     candidates += [
-        Path(__file__).resolve().parent.parent / "sql",  # a checkout or editable install
+        Path(__file__).resolve().parents[2] / "sql",  # a checkout or editable install
         Path(sys.prefix) / "share" / "inventory-worker" / "sql",  # a wheel install
     ]
     for c in candidates:

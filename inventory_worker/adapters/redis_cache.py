@@ -15,7 +15,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .config import RedisSettings
+from inventory_worker.config import RedisSettings
 
 # KEYS: the product keys; ARGV[1] the TTL in seconds, then for each key its JSON and version.
 # The version sits first in the stored JSON, so it is read without decoding the whole value.

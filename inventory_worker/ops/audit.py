@@ -20,9 +20,9 @@ from typing import Any, cast
 
 import redis
 
-from .cache import StockCache
-from .config import Settings
-from .store import Store, one_row
+from inventory_worker.adapters.redis_cache import StockCache
+from inventory_worker.config import Settings
+from inventory_worker.adapters.postgres import Store, one_row
 
 FIGURES = ("on_hand", "reserved", "available", "version")
 

@@ -20,7 +20,7 @@ import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 
-from .config import DatabaseSettings
+from inventory_worker.config import DatabaseSettings
 
 # Leader election for the per-cluster singletons (expiry sweeper).
 SWEEPER_LOCK_KEY = 0x1A7E_0002

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,10 +39,20 @@ def start_runner(*args: str) -> tuple[RunOutput, str]:
     return RunOutput(proc), tag
 
 
-def stop_for_good(out: RunOutput) -> None:
+def stop_for_good(out: RunOutput, tag: str) -> None:
+    """Whatever happened (a failed test, a runner that leaks): nothing of this test stays."""
     if out.proc.poll() is None:
         os.killpg(out.proc.pid, signal.SIGKILL)
         out.proc.wait()
+    root = re.search(r"private services in (\S+)", out.text())
+    paths = (root.group(1),) if root else ()
+    for entry in leftover_processes(TAG_VAR, tag, paths):
+        try:
+            os.kill(int(entry.split()[0]), signal.SIGKILL)
+        except OSError:
+            pass
+    if root:
+        shutil.rmtree(root.group(1), ignore_errors=True)
 
 
 def assert_nothing_left(out: RunOutput, tag: str, root: str, epmd_port: int | None) -> None:
@@ -72,16 +83,16 @@ def test_a_short_run_shows_progress_and_ends_with_one_verdict_line_leaving_nothi
     try:
         root, epmd_port = services_line(out)
         rc = out.finish(timeout=240)
+        lines = [line for _, line in out.lines]
+        assert rc == 0, out.text()[-4000:]
+        assert lines[-1].startswith("chaos: PASS all "), lines[-5:]
+        assert sum(line.startswith("chaos: PASS") or line.startswith("chaos: FAIL") for line in lines) == 1
+        gaps = progress_gaps(out)
+        assert len(gaps) >= 5 and max(gaps) < 2 + 3, gaps
+        assert any("publishing under faults: round" in line for line in lines), lines
+        assert_nothing_left(out, tag, root, epmd_port)
     finally:
-        stop_for_good(out)
-    lines = [line for _, line in out.lines]
-    assert rc == 0, out.text()[-4000:]
-    assert lines[-1].startswith("chaos: PASS all "), lines[-5:]
-    assert sum(line.startswith("chaos: PASS") or line.startswith("chaos: FAIL") for line in lines) == 1
-    gaps = progress_gaps(out)
-    assert len(gaps) >= 5 and max(gaps) < 2 + 3, gaps
-    assert any("publishing under faults: round" in line for line in lines), lines
-    assert_nothing_left(out, tag, root, epmd_port)
+        stop_for_good(out, tag)
 
 
 @pytest.mark.slow
@@ -95,13 +106,13 @@ def test_stopped_from_outside_it_stops_everything_it_started(sig, to_group):
         assert leftover_processes(TAG_VAR, tag, (root,)), "the run's processes are not recognised"
         (os.killpg if to_group else os.kill)(out.proc.pid, sig)
         rc = out.finish(timeout=90)
+        assert rc == 128 + sig, out.text()[-4000:]
+        last = out.lines[-1][1]
+        assert last.startswith(f"chaos: FAIL interrupted by {signal.Signals(sig).name}"), out.text()[-3000:]
+        assert max(progress_gaps(out)) < PROGRESS_SECONDS + 3
+        assert_nothing_left(out, tag, root, epmd_port)
     finally:
-        stop_for_good(out)
-    assert rc == 128 + sig, out.text()[-4000:]
-    last = out.lines[-1][1]
-    assert last.startswith(f"chaos: FAIL interrupted by {signal.Signals(sig).name}"), out.text()[-3000:]
-    assert max(progress_gaps(out)) < PROGRESS_SECONDS + 3
-    assert_nothing_left(out, tag, root, epmd_port)
+        stop_for_good(out, tag)
 
 
 def report(ok: bool) -> Report:

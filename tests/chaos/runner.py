@@ -736,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.phase = "stopping the private services"
         verdict = finish(services, report, time.monotonic() - progress.started, interrupted)
         progress.stop_event.set()
+        reaper.sweep()  # what the orderly stops missed, before the verdict: it stays the last line
         print(verdict, flush=True)
     return 0 if report is not None and report.ok else 1
 

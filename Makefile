@@ -79,6 +79,7 @@ fuzz: $(STAMP_TEST)
 	    tests/e2e/test_http_security.py::test_schemathesis_finds_no_difference_from_the_document $(PYTEST_ARGS)
 
 ## The benchmark (docs/performance.md): a table, and bench/results.json. Needs pgbench and wrk.
+## Interrupted (Ctrl-C, SIGTERM), it stops its worker and removes its names from the services.
 bench: $(STAMP_TEST)
 	$(BIN)/python -m bench.run
 
@@ -86,7 +87,10 @@ bench: $(STAMP_TEST)
 soak: $(STAMP_TEST)
 	$(BIN)/python -m bench.soak
 
-## The long fault-injection run on private service instances (CHAOS_ARGS="--duration 600 --seed 7").
+## The long fault-injection run on private service instances: 600 s of faults, seed 7 (other
+## values: CHAOS_ARGS="--duration 1800 --seed 3"). A progress line every 5 s, then one verdict
+## line, `chaos: PASS ...` or `chaos: FAIL ...` (a failed run keeps its logs and says where).
+## Interrupted (Ctrl-C, SIGTERM), it stops every process and private instance it started.
 chaos: $(STAMP_TEST)
 	$(BIN)/python -m tests.chaos.runner $(CHAOS_ARGS)
 

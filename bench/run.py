@@ -17,6 +17,9 @@
 Everything runs against the configured services (as the tests do) under names of its own
 (database inventory_test_bench..., queues and exchanges suffixed, a Redis key prefix), all
 removed at the end. Figures are reported with ratios to the baselines of the same run.
+The logs (the worker's, the HTTP servers') are removed too, unless the run fails: then it says
+where they are. Stopped by SIGTERM, SIGINT or SIGHUP, it stops every process it started and
+removes its names all the same (tests/reaper.py).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.config import Settings, load_settings
 from inventory_worker.adapters.migrations import migrate
 from inventory_worker.adapters.postgres import Store
+from tests import reaper
 from tests.support import (
     REPO,
     TEST_TOKEN,
@@ -265,13 +269,11 @@ def prepare_database(settings: Settings) -> None:
 
 
 def fresh_state(settings: Settings, tag: str) -> Settings:
-    """A database and a cache key prefix of their own, prepared as at the start."""
-    s = settings.model_copy(update={
+    """A database and a cache key prefix of their own (prepare_database makes them as at the start)."""
+    return settings.model_copy(update={
         "database": settings.database.model_copy(update={"dbname": f"{settings.database.dbname}_{tag}"}),
         "redis": settings.redis.model_copy(update={"key_prefix": f"{settings.redis.key_prefix}{tag}:"}),
     })
-    prepare_database(s)
-    return s
 
 
 def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path) -> dict[str, Any]:
@@ -279,9 +281,12 @@ def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path) -> dict[
     # the later ones paid for the tables and indexes the earlier ones had grown (PostgreSQL's
     # CPU per event rose from 155 us with 1 process to 240 with 4 in one such run).
     settings = fresh_state(settings, f"p{procs}")
-    wp = WorkerProcess(settings, processes=procs, log_path=logs / f"worker-{procs}.log").start(timeout=90)
+    wp = WorkerProcess(settings, processes=procs, log_path=logs / f"worker-{procs}.log")
     out: dict[str, Any] = {"procs": procs, "runs": {}}
-    try:
+    try:  # from here on, the finally stops the worker and drops the database, even if interrupted
+        prepare_database(settings)
+        wp.start(timeout=90)
+        log(f"worker x{procs} started (pid {wp.proc.pid})")
         for name in plan.workloads:
             w = workload(name, f"w{procs}full")
             prepare(settings, w, plan.full_count)
@@ -525,13 +530,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plan.procs = args.procs
     settings = bench_settings()
     logs = Path(tempfile.mkdtemp(prefix="inventory-bench-"))
+    completed = interrupted = False
     started = time.time()
     res: dict[str, Any] = {
         "smoke": args.smoke,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg": [load_avg()]},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "logs": str(logs),
     }
     log(f"database {settings.database.dbname}, queue {settings.rabbitmq.queue}, logs {logs}")
     try:
@@ -554,15 +559,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_table(res)
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))
         log(f"written {args.out} ({res['seconds']} s)")
+        completed = True
         return res
+    except reaper.Interrupted as exc:
+        interrupted = True
+        log(f"interrupted by {exc.name}: stopping what it started")
+        raise
     finally:
+        reaper.hold()  # a second signal must not cut the cleanup short
         if not os.environ.get("INVENTORY_TEST_KEEP"):
             for cleanup in (delete_topology, delete_redis_keys, drop_database):
                 try:
                     cleanup(settings)
                 except Exception as exc:
                     log(f"cleanup {cleanup.__name__} failed: {exc}")
+        if (completed or interrupted) and not os.environ.get("INVENTORY_TEST_KEEP"):
+            shutil.rmtree(logs, ignore_errors=True)
+        else:
+            log(f"logs kept in {logs}")
 
 
 if __name__ == "__main__":
+    reaper.install()
     main()

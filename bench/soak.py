@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import pika
 
 from inventory_worker.adapters.rabbitmq import declare_topology
+from tests import reaper
 from tests.support import REPO, WorkerProcess, delete_redis_keys, delete_topology, drop_database
 
 from . import load
@@ -35,15 +37,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     settings = bench_settings()
     logs = Path(tempfile.mkdtemp(prefix="inventory-soak-"))
-    prepare_database(settings)
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
-    declare_topology(conn.channel(), settings.rabbitmq)
-    conn.close()
-    wp = WorkerProcess(settings, processes=args.procs, log_path=logs / "worker.log").start(timeout=90)
+    wp = WorkerProcess(settings, processes=args.procs, log_path=logs / "worker.log")
     samples: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    started = time.monotonic()
-    try:
+    completed = False
+    try:  # from here on, the finally stops the worker and removes the names, even if interrupted
+        prepare_database(settings)
+        conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+        declare_topology(conn.channel(), settings.rabbitmq)
+        conn.close()
+        wp.start(timeout=90)
+        started = time.monotonic()
         w = load.Workload("uniform", load.uniform_ids())
         chunk = 20.0  # seconds of load per drive() call, sampling in between
         while time.monotonic() - started < args.minutes * 60:
@@ -55,13 +59,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "rss_kib": {str(p): rss_kib(p, "VmRSS") for p in pids}})
             log(f"t={samples[-1]['t']:.0f}s {r.throughput:.0f}/s p99 {r.p99_ms:.0f} ms lost {r.sent - r.received}"
                 f" rss MiB {[round(v / 1024, 1) for v in samples[-1]['rss_kib'].values()]}")
+        completed = True
+    except reaper.Interrupted:
+        completed = True  # nothing to look into: the logs go too
+        raise
     finally:
+        reaper.hold()  # a second signal must not cut the cleanup short
         wp.stop()
         for cleanup in (delete_topology, delete_redis_keys, drop_database):
             try:
                 cleanup(settings)
             except Exception as exc:
                 log(f"cleanup {cleanup.__name__} failed: {exc}")
+        if completed:
+            shutil.rmtree(logs, ignore_errors=True)
+        else:
+            log(f"logs kept in {logs}")
     ref = next((s for s in samples if s["t"] >= args.warmup), samples[0])
     growth = {}
     for pid, base in ref["rss_kib"].items():
@@ -82,4 +95,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    reaper.install()
     main()

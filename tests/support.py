@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -310,8 +311,15 @@ class WorkerProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
+        self.metrics_dir: Path | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> WorkerProcess:
+        # The metrics folder is ours, not the supervisor's own: a SIGKILLed supervisor cannot
+        # remove its own, and the suite and the chaos run SIGKILL some (beside the log, if any).
+        if self.metrics_dir is None:
+            self.metrics_dir = Path(tempfile.mkdtemp(prefix="inventory-metrics-",
+                                                     dir=self.log_path.parent if self.log_path else None))
+        self.env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         self._log_file = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "inventory_worker", "run", "--processes", str(self.processes)],
@@ -367,8 +375,7 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        if self._log_file not in (None, subprocess.DEVNULL):
-            self._log_file.close()
+        self.remove_files()
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -376,6 +383,16 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        """Closes the log and removes the metrics folder (once the supervisor is gone)."""
+        if self._log_file not in (None, subprocess.DEVNULL):
+            self._log_file.close()
+            self._log_file = None
+        if self.metrics_dir is not None and self.proc is not None and self.proc.poll() is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
 
 
 # ---- HTTP ---------------------------------------------------------------------------------
@@ -451,3 +468,70 @@ def publish_with_raw_properties(channel: Any, exchange: str, routing_key: str, b
         struct.pack(">BHI", 1, n, len(method)), method, b"\xce",
         struct.pack(">BHI", 2, n, len(header)), header, b"\xce",
         struct.pack(">BHI", 3, n, len(body)), body, b"\xce"))])
+
+
+# ---- what a stopped run left behind -------------------------------------------------------
+
+
+class RunOutput:
+    """A program's output lines as they come, each with its monotonic arrival time."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import threading
+
+        self.proc = proc
+        self.lines: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        """The first line containing `needle`; fails if the program ends or time runs out first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for _, line in list(self.lines):
+                if needle in line:
+                    return line
+            assert self.proc.poll() is None or self._thread.is_alive(), (
+                f"exited with {self.proc.returncode} before printing {needle!r}:\n{self.text()[-4000:]}")
+            assert time.monotonic() < deadline, f"no {needle!r} after {timeout}s:\n{self.text()[-4000:]}"
+            time.sleep(0.2)
+
+    def finish(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self._thread.join(5)
+        return rc
+
+
+def leftover_processes(tag_var: str, tag: str, paths: tuple[str, ...] = ()) -> list[str]:
+    """Live processes (zombies aside) with `tag_var=tag` in their environment, or whose command
+    line or working directory is under one of `paths`: what a stopped run left behind."""
+    marker = f"{tag_var}={tag}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                    continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+                cwd = os.readlink(f"/proc/{name}/cwd")
+            except OSError:
+                env, cwd = [], ""
+        except (OSError, IndexError):
+            continue
+        if marker in env or any(p in cmd or cwd.startswith(p) for p in paths):
+            found.append(f"{name} {cmd[:200]}")
+    return found

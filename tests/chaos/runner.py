@@ -1,12 +1,17 @@
 """The chaos run: publish a seeded workload while faults are injected for real, then check.
 
-    python -m tests.chaos.runner --duration 600 --seed 7      (what `make chaos` runs)
+    python -m tests.chaos.runner [--duration 600] [--seed 7]   (`make chaos`, CHAOS_ARGS="...")
 
 Starts private PostgreSQL, Redis and RabbitMQ (tests/chaos/services.py), a worker on them,
 publishes the workload round by round (tests/chaos/workload.py explains why rounds keep the
 model determined) while a fault thread SIGKILLs worker processes and the supervisor, restarts
 RabbitMQ, PostgreSQL and Redis, flushes Redis and cuts connections. After the last round it
 waits for the system to drain and checks every invariant against the model.
+
+It prints a progress line every few seconds and ends with one verdict line, `chaos: PASS ...`
+or `chaos: FAIL ...` (exit status 0 or 1). A failed run keeps its folder (every log: the
+worker's, PostgreSQL's, RabbitMQ's, Redis's) and names it; a passed or interrupted one removes
+it. Stopped by SIGTERM, SIGINT or SIGHUP, it stops everything it started (tests/reaper.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 import traceback
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ from inventory_worker.adapters.rabbitmq import declare_topology
 from inventory_worker.config import Settings, load_settings
 from inventory_worker.adapters.migrations import migrate
 
+from .. import reaper
 from ..support import REPO, WorkerProcess, free_port, isolated_settings
 from .services import PrivateServices
 from .workload import Msg, Workload
@@ -45,6 +52,31 @@ FAULT_KINDS = (
     "flush_redis", "restart_redis", "cut_postgresql", "cut_rabbitmq", "cut_redis",
     "rabbitmq_flapping_during_postgresql_outage",
 )
+DEFAULT_SECONDS = 600  # `make chaos`: ten minutes of faults
+DEFAULT_SEED = 7
+
+
+class Progress(threading.Thread):
+    """A line every `interval` seconds: the phase, and what `status()` says of it."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        super().__init__(name="progress", daemon=True)
+        self.interval = interval
+        self.started = time.monotonic()
+        self.phase = "starting the private services"
+        self.status: Callable[[], str] | None = None
+        self.stop_event = threading.Event()
+
+    def line(self) -> str:
+        try:
+            detail = self.status() if self.status else ""
+        except Exception as exc:  # a count read while it changes: the next line will do
+            detail = repr(exc)
+        return f"chaos {time.monotonic() - self.started:6.0f}s  {self.phase}" + (f": {detail}" if detail else "")
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            print(self.line(), flush=True)
 
 
 def chaos_settings(services: PrivateServices, run_id: str) -> Settings:
@@ -184,9 +216,11 @@ class Fleet:
         self.generation += 1
         s = self.settings.model_copy(update={"http": self.settings.http.model_copy(update={"port": free_port()})})
         w = WorkerProcess(s, processes=self.processes, log_path=self.log_dir / f"worker-{self.generation}.log")
-        w.start(wait_ready=wait_ready, timeout=90)
-        self.current = w
+        w.start(wait_ready=False)
+        self.current = w  # before waiting: stop() must find it if the run is stopped meanwhile
         self.all_pids.add(w.proc.pid)
+        if wait_ready:
+            w.wait_ready(timeout=90)
         self.remember_children()
         return w
 
@@ -226,6 +260,7 @@ class FaultInjector(threading.Thread):
         self.counts: Counter[str] = Counter()
         self.errors: list[str] = []
         self.log: list[tuple[float, str]] = []
+        self.current = ""  # the fault being injected, for the progress line
 
     def run(self) -> None:
         # Every kind once, in a shuffled order, before random draws: a short run sees them all.
@@ -233,12 +268,14 @@ class FaultInjector(threading.Thread):
         self.rng.shuffle(plan)
         while not self.stop_event.wait(self.rng.uniform(*self.interval)):
             kind = plan.pop() if plan else self.rng.choice(self.kinds)
+            self.current = kind
             try:
                 self.inject(kind)
                 self.counts[kind] += 1
                 self.log.append((time.time(), kind))
             except Exception as exc:
                 self.errors.append(f"{kind}: {exc!r}")
+            self.current = ""
 
     def inject(self, kind: str) -> None:
         s, fleet = self.services, self.fleet
@@ -345,7 +382,8 @@ def wait_applied(pg: Pg, ids: list[str], timeout: float) -> None:
 
 def run_chaos(services: PrivateServices, *, duration: float, seed: int, processes: int = 3,
               round_size: int = 40, kinds: tuple[str, ...] = FAULT_KINDS,
-              fault_interval: tuple[float, float] = (1.0, 3.0), log_dir: Path | None = None) -> Report:
+              fault_interval: tuple[float, float] = (1.0, 3.0), log_dir: Path | None = None,
+              progress: Progress | None = None) -> Report:
     run_id = f"chaos{uuid.uuid4().hex[:8]}"
     settings = chaos_settings(services, run_id)
     migrate(settings.database)
@@ -368,9 +406,21 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
     rounds = 0
     errors: list[str] = []
     t_start = time.monotonic()
+    check: Checker | None = None
+    progress = progress or Progress()  # not started: nobody prints it
+
+    def status() -> str:
+        if check is not None:
+            return check.status
+        injecting = f", injecting {faults.current}" if faults.current else ""
+        return (f"round {rounds}, {sum(published.values())} messages published, "
+                f"{sum(faults.counts.values())} faults{injecting}, worker generation {fleet.generation}")
+    progress.status = status
     try:
+        progress.phase = "starting the worker"
         fleet.start()
         sampler.start()
+        progress.phase = "publishing under faults"
 
         def publish_round(msgs: list[Msg], dup: bool = True) -> None:
             nonlocal rounds
@@ -384,10 +434,12 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         publish_round(wl.first_round())
         if kinds:
             faults.start()
-        while time.monotonic() - t_start < duration:
+        t_faults = time.monotonic()  # `duration` is of faults: the worker's start is not counted
+        while time.monotonic() - t_faults < duration:
             publish_round(wl.round(round_size))
         publish_round(wl.pending_round())
         faults.stop_event.set()
+        progress.phase = "faults over, last rounds"
         if faults.is_alive():
             faults.join(timeout=180)
         publish_round(wl.final_round() + wl.flush_delayed(), dup=True)
@@ -395,19 +447,24 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         wl.finish()
         t_published = time.monotonic()
         # Drain: short reservations expire, results reach the results queue, the outbox empties.
+        progress.phase = "draining"
         check = Checker(settings, wl, pg, results_queue)
         drained = check.wait_drained(timeout=180)
         t_drained = time.monotonic()
         sampler.stop_event.set()
         sampler.join(10)
+        progress.phase = "checking the invariants"
         invariants = check.run(sampler)
     except Exception:
         errors.append(traceback.format_exc())
         invariants = {"run completed": (False, errors[-1][-2000:])}
         drained, t_published, t_drained = False, time.monotonic(), time.monotonic()
     finally:
+        progress.phase = "stopping the worker"
         faults.stop_event.set()
         sampler.stop_event.set()
+        if faults.is_alive():  # a fault half done would start a service again after close()
+            faults.join(timeout=60)
         pub.close()
         stop_rc, stop_seconds = fleet.stop()
         pg.close()
@@ -432,7 +489,6 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         "oversell samples": sampler.samples,
         "publish phase seconds": round(t_published - t_start, 1),
         "drain seconds": round(t_drained - t_published, 1) if drained else "did not drain",
-        "logs": str(log_dir),
     }
     return Report(summary, invariants)
 
@@ -443,6 +499,7 @@ class Checker:
         self.results: dict[str, dict[str, Any]] = {}  # by message id
         self.copies: Counter[str] = Counter()
         self.bad_results: list[str] = []
+        self.status = "collecting the results"  # for the progress line
 
     def _collect(self) -> None:
         for props, body in drain_queue(self.settings, self.results_queue):
@@ -498,12 +555,15 @@ class Checker:
         while time.monotonic() < deadline:
             try:
                 self._collect()
-                if not self._results_match() and not self._figures_match():
-                    unpublished = self.pg.query("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0]
-                    if unpublished == 0:
-                        return True
-            except Exception:
-                pass
+                results, figures = self._results_match(), self._figures_match()
+                unpublished = self.pg.query("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0]
+                self.status = (f"{len(self.results)} results received, {len(results)} events and "
+                               f"{len(figures)} products not yet as the model says, {unpublished} unpublished "
+                               "in the outbox")
+                if not results and not figures and unpublished == 0:
+                    return True
+            except Exception as exc:
+                self.status = f"{len(self.results)} results received ({exc!r})"
             time.sleep(1.0)
         return False
 
@@ -618,26 +678,67 @@ class Checker:
         return r.returncode == 0, (r.stdout + r.stderr).strip()[-1000:]
 
 
+def finish(services: PrivateServices, report: Report | None, seconds: float,
+           interrupted: str | None = None) -> str:
+    """Stops the private services and keeps their folder if the run failed; the verdict line."""
+    passed = report is not None and report.ok and interrupted is None
+    kept = services.close(keep=not passed and interrupted is None)
+    where = f"; logs kept in {services.root}" if kept else ""
+    if interrupted:
+        return f"chaos: FAIL interrupted by {interrupted} after {seconds:.0f} s, everything it started stopped{where}"
+    if report is None:
+        return f"chaos: FAIL the run did not complete after {seconds:.0f} s (see the error above){where}"
+    failed = [name for name, (ok, _) in report.invariants.items() if not ok]
+    s = report.summary
+    counts = (f"{s['distinct events']} events, {sum(s['faults injected'].values())} faults, "
+              f"seed {s['seed']}, {seconds:.0f} s")
+    if not failed:
+        return f"chaos: PASS all {len(report.invariants)} invariants hold ({counts}){where}"
+    return (f"chaos: FAIL {len(failed)} of {len(report.invariants)} invariants broken ({counts}): "
+            + "; ".join(failed) + where)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=600, help="seconds of publishing under faults")
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", "7")))
+    ap.add_argument("--duration", type=float, default=DEFAULT_SECONDS,
+                    help=f"seconds of publishing under faults (default {DEFAULT_SECONDS})")
+    ap.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", DEFAULT_SEED)),
+                    help=f"the workload's and the faults' seed (default CHAOS_SEED or {DEFAULT_SEED})")
     ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--round-size", type=int, default=60)
     ap.add_argument("--node-restarts", action="store_true", help="also restart the whole RabbitMQ node")
+    ap.add_argument("--progress-seconds", type=float, default=5.0, help="seconds between progress lines")
     args = ap.parse_args(argv)
     os.chdir(REPO)
+    reaper.install()
+    progress = Progress(args.progress_seconds)
+    progress.start()
     services = PrivateServices()
+    report: Report | None = None
+    interrupted: str | None = None
+    print(f"chaos: {args.duration:.0f} s of faults, seed {args.seed}, {args.processes} consumer processes;"
+          f" private services in {services.root}", flush=True)
     try:
         services.start()
-        print(f"private services up in {services.start_seconds}")
+        print(f"chaos: private services up in {services.start_seconds.get('total', 0):.1f} s: "
+              f"{services.describe()}", flush=True)
         kinds = FAULT_KINDS + (("restart_rabbitmq_node",) if args.node_restarts else ())
         report = run_chaos(services, duration=args.duration, seed=args.seed, processes=args.processes,
-                           round_size=args.round_size, kinds=kinds)
-        print(report.text())
-        return 0 if report.ok else 1
+                           round_size=args.round_size, kinds=kinds, progress=progress)
+        print(report.text(), flush=True)
+    except reaper.Interrupted as exc:
+        interrupted = exc.name
+        raise
+    except Exception:
+        traceback.print_exc()
     finally:
-        services.close()
+        reaper.hold()  # a second signal must not cut the cleanup short
+        progress.phase = "stopping the private services"
+        verdict = finish(services, report, time.monotonic() - progress.started, interrupted)
+        progress.stop_event.set()
+        reaper.sweep()  # what the orderly stops missed, before the verdict: it stays the last line
+        print(verdict, flush=True)
+    return 0 if report is not None and report.ok else 1
 
 
 if __name__ == "__main__":

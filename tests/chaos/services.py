@@ -60,6 +60,10 @@ def pick_port() -> int:
     raise RuntimeError("no free port found")
 
 
+class GiveUp(Exception):
+    """Raised by a wait_until check: waiting longer is pointless (the server exited, or the run stops)."""
+
+
 def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> float:
     """Polls check() until truthy; returns the seconds it took."""
     started = time.monotonic()
@@ -68,6 +72,8 @@ def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> 
         try:
             if check():
                 return time.monotonic() - started
+        except GiveUp:
+            raise
         except Exception as exc:  # not up yet
             last = exc
         time.sleep(interval)
@@ -223,6 +229,7 @@ class PrivateRabbitMQ:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_seconds = 0.0
+        self.give_up = False  # set when the run stops while this node is starting
 
     @property
     def url(self) -> str:
@@ -250,8 +257,10 @@ class PrivateRabbitMQ:
         log.close()
 
         def up() -> bool:
+            if self.give_up:
+                raise GiveUp("the run is stopping")
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"rabbitmq-server exited with {self.proc.returncode}; see {self.dir}")
+                raise GiveUp(f"rabbitmq-server exited with {self.proc.returncode}; see {self.dir}")
             return self._amqp_ok()
 
         wait_until(up, 120, "rabbitmq", interval=0.3)
@@ -336,8 +345,11 @@ class PrivateServices:
         try:
             self.start_seconds["postgresql"] = self.postgres.start()
             self.start_seconds["redis"] = self.redis.start()
-        finally:
             t.join()
+        except BaseException:  # an error or an interruption: RabbitMQ's start stops waiting too
+            self.rabbitmq.give_up = True
+            t.join()
+            raise
         if errors:
             raise errors[0]
         self.start_seconds["total"] = time.monotonic() - t0
@@ -353,11 +365,20 @@ class PrivateServices:
             "rabbitmq": base.rabbitmq.model_copy(update={"url": AnyUrl(self.rabbitmq.url)}),
         })
 
-    def close(self) -> None:
+    def describe(self) -> str:
+        return (f"PostgreSQL :{self.postgres.port}, Redis :{self.redis.port}, RabbitMQ :{self.rabbitmq.port}"
+                f" (node {self.rabbitmq.node}, epmd :{self.rabbitmq.epmd_port}), data in {self.root}")
+
+    def close(self, keep: bool = False) -> bool:
+        """Stops every instance; removes the data folder unless `keep` (or INVENTORY_TEST_KEEP).
+        Whether the folder is still there."""
+        self.rabbitmq.give_up = True
         for svc in (self.rabbitmq, self.redis, self.postgres):
             try:
                 svc.close()
             except Exception as exc:  # clean up the others whatever happens
                 print(f"closing {type(svc).__name__} failed: {exc}")
-        if not os.environ.get("INVENTORY_TEST_KEEP"):
-            shutil.rmtree(self.root, ignore_errors=True)
+        if keep or os.environ.get("INVENTORY_TEST_KEEP"):
+            return True
+        shutil.rmtree(self.root, ignore_errors=True)
+        return self.root.exists()

@@ -9,17 +9,19 @@ CHAOS_SECONDS and CHAOS_SEED change the length and the seed.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .runner import FAULT_KINDS, run_chaos
 from .services import PrivateServices
 
 
-def test_chaos_bounded(private_services: PrivateServices) -> None:
+def test_chaos_bounded(private_services: PrivateServices, tmp_path: Path) -> None:
     seconds = float(os.environ.get("CHAOS_SECONDS", "60"))
     seed = int(os.environ.get("CHAOS_SEED", "20261125"))
+    # The worker's logs in pytest's tmp_path, which outlives the private services' folder.
     report = run_chaos(private_services, duration=seconds, seed=seed, processes=3, round_size=60,
-                       fault_interval=(1.0, 2.5))
+                       fault_interval=(1.0, 2.5), log_dir=tmp_path / "logs")
     print(report.text())
     kinds_seen = set(report.summary["faults injected"])
-    assert report.ok, report.text()
+    assert report.ok, report.text() + f"\nthe worker's logs: {tmp_path / 'logs'}"
     assert kinds_seen == set(FAULT_KINDS), f"not every kind of fault was injected: {kinds_seen}"

@@ -22,6 +22,7 @@ import pytest
 from inventory_worker.config import Settings, load_settings
 from inventory_worker.adapters.migrations import migrate
 
+from . import reaper
 from .support import (
     REPO,
     Bus,
@@ -183,3 +184,11 @@ def start_worker(settings: Settings, logs_dir: Path) -> Iterator[Any]:
     yield _start
     for w in started:
         w.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Stopped from outside (a CI time limit, `timeout`, SIGTERM), the suite still ends every
+    # process and private instance it started: SIGTERM and SIGHUP become KeyboardInterrupt, on
+    # which pytest tears every fixture down, and what a teardown missed (a daemonized postmaster,
+    # epmd) is killed at exit by its environment marker (tests/reaper.py).
+    reaper.install(keyboard_interrupt=True)

@@ -26,6 +26,7 @@ OWNER_VAR = "INVENTORY_RUN_OWNER"
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _received: int | None = None
+_as_keyboard_interrupt = False
 
 
 class Interrupted(SystemExit):
@@ -42,11 +43,19 @@ def _on_signal(signum: int, _frame: object) -> None:
     if _received is not None:  # already stopping: `timeout` signals the group and make forwards it too
         return
     _received = signum
+    if _as_keyboard_interrupt:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
     raise Interrupted(signum)
 
 
-def install() -> str:
-    """Marks this process's future children, converts the signals, sweeps at exit; the token."""
+def install(keyboard_interrupt: bool = False) -> str:
+    """Marks this process's future children, converts the signals, sweeps at exit; the token.
+
+    `keyboard_interrupt`: raise KeyboardInterrupt instead of Interrupted, for pytest, which
+    stops the session and tears every fixture down on it (a SystemExit would only fail the
+    running test)."""
+    global _as_keyboard_interrupt
+    _as_keyboard_interrupt = keyboard_interrupt
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.environ[OWNER_VAR] = token
     for sig in SIGNALS:

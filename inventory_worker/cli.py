@@ -8,6 +8,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import closing
 
 from .config import ConfigError, Settings, load_settings
 
@@ -41,7 +42,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _publish(settings: Settings, args: argparse.Namespace) -> int:
-    from . import amqp
+    from . import amqp, bootstrap
     from .contract import InvalidMessage, make_event
 
     try:
@@ -54,7 +55,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
     except InvalidMessage as exc:
         print(f"not a valid {args.type} event: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    conn = amqp.connect(settings.rabbitmq)
+    conn = bootstrap.rabbitmq_connect(settings)()
     try:
         channel = conn.channel()
         amqp.declare_topology(channel, settings.rabbitmq)
@@ -66,18 +67,16 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _stock(settings: Settings, args: argparse.Namespace) -> int:
-    from .contract import PRODUCT_ID_PATTERN
-    from .store import Store
     import re
+
+    from . import bootstrap
+    from .contract import PRODUCT_ID_PATTERN
 
     if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
         print("invalid product id: 1 to 64 characters of letters, digits and ._:-", file=sys.stderr)
         return EXIT_USAGE
-    store = Store(settings.database)
-    try:
+    with closing(bootstrap.postgres(settings)) as store:
         figures = store.stock(args.product_id)
-    finally:
-        store.close()
     if figures is None:
         print(f"unknown product: {args.product_id}", file=sys.stderr)
         return 1
@@ -116,9 +115,11 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cache(settings: Settings, args: argparse.Namespace) -> int:
+    from . import bootstrap
     from .cache_rebuild import rebuild
 
-    report = rebuild(settings)
+    with closing(bootstrap.postgres(settings)) as store, closing(bootstrap.redis_cache(settings)) as cache:
+        report = rebuild(store, cache)
     print(json.dumps({"products": report.products, "written": report.written}))
     return 0
 
@@ -138,21 +139,19 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _history(settings: Settings, args: argparse.Namespace) -> int:
-    from .audit import Audit
-    from .contract import PRODUCT_ID_PATTERN
     import re
+
+    from . import bootstrap
+    from .contract import PRODUCT_ID_PATTERN
 
     if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
         print("invalid product id: 1 to 64 characters of letters, digits and ._:-", file=sys.stderr)
         return EXIT_USAGE
-    audit = Audit(settings)
-    try:
-        if audit.store.stock(args.product_id) is None:
+    with closing(bootstrap.postgres(settings)) as store:
+        if store.stock(args.product_id) is None:
             print(f"unknown product: {args.product_id}", file=sys.stderr)
             return 1
-        rows = audit.history(args.product_id, args.limit)
-    finally:
-        audit.close()
+        rows = store.history(args.product_id, args.limit)
     if args.json:
         for r in rows:
             print(json.dumps(r, default=str))
@@ -169,13 +168,11 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from . import bootstrap
     from .audit import Audit
 
-    audit = Audit(settings)
-    try:
-        mismatches, checked = audit.verify(settle_seconds=args.settle)
-    finally:
-        audit.close()
+    with closing(bootstrap.postgres(settings)) as store, closing(bootstrap.redis_cache(settings)) as cache:
+        mismatches, checked = Audit(store, cache).verify(settle_seconds=args.settle)
     for m in mismatches:
         print(m.as_json() if args.json else f"{m.product_id}: [{m.check}] {m.message}")
     print(f"verify: {checked['products']} products, {checked['cached']} cached entries checked; "
@@ -187,6 +184,7 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    from . import bootstrap
     from .housekeeping import prune
 
     if args.events_days < 1:
@@ -195,7 +193,8 @@ def _prune(settings: Settings, args: argparse.Namespace) -> int:
     if args.outbox_days < 0:
         print("--outbox-days must not be negative", file=sys.stderr)
         return EXIT_USAGE
-    deleted = prune(settings, args.outbox_days, args.events_days)
+    with closing(bootstrap.postgres(settings)) as store:
+        deleted = prune(store, args.outbox_days, args.events_days)
     print(json.dumps({"deleted": deleted}))
     return 0
 
@@ -315,10 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clean one-line error for operators; --debug-like detail in logs
-        from .store import TransientError
-
-        import psycopg2
         import pika.exceptions
+        import psycopg2
+
+        from .store import TransientError
 
         if isinstance(exc, (TransientError, psycopg2.OperationalError, pika.exceptions.AMQPError, OSError)):
             print(f"inventory-worker: cannot reach a dependency: {str(exc).strip() or type(exc).__name__}",

@@ -71,13 +71,13 @@ def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
         os.setpgrp()
         serve(settings, stop, health)
         return
+    from . import bootstrap
     from .consumer import Consumer
-    from .maintenance import Maintenance
 
     index = int(role.rsplit("-", 1)[1])
     slot = ConsumerSlot(health, index)
     slot.starting()  # the consumer's loop beats as RUNNING
-    maintenance = Maintenance(settings, stop, measure=index == 0)
+    maintenance = bootstrap.maintenance(settings, stop, measure=index == 0)
     maintenance.start()
     Consumer(settings, stop, slot).run()
     maintenance.join(timeout=5)

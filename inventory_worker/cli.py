@@ -7,7 +7,9 @@ import datetime
 import json
 import re
 import sys
+from typing import Any
 from collections.abc import Callable, Sequence
+from contextlib import closing
 
 from inventory_worker.config import ConfigError, Settings, load_settings
 from inventory_worker.contract import INPUT_TYPES
@@ -50,6 +52,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from inventory_worker import bootstrap
     from inventory_worker.adapters import rabbitmq
     from inventory_worker.contract import InvalidMessage, make_event
 
@@ -63,7 +66,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
     except InvalidMessage as exc:
         print(f"not a valid {args.type} event: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    conn = rabbitmq.connect(settings.rabbitmq)
+    conn = bootstrap.rabbitmq_connect(settings)()
     try:
         channel = conn.channel()
         rabbitmq.declare_topology(channel, settings.rabbitmq)
@@ -75,18 +78,16 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _stock(settings: Settings, args: argparse.Namespace) -> int:
-    from inventory_worker.contract import PRODUCT_ID_PATTERN
-    from inventory_worker.adapters.postgres import Store
     import re
+
+    from inventory_worker import bootstrap
+    from inventory_worker.contract import PRODUCT_ID_PATTERN
 
     if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
         print("invalid product id: 1 to 64 characters of letters, digits and ._:-", file=sys.stderr)
         return EXIT_USAGE
-    store = Store(settings.database)
-    try:
+    with closing(bootstrap.postgres(settings)) as store:
         figures = store.stock(args.product_id)
-    finally:
-        store.close()
     if figures is None:
         print(f"unknown product: {args.product_id}", file=sys.stderr)
         return 1
@@ -125,9 +126,11 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cache(settings: Settings, args: argparse.Namespace) -> int:
+    from inventory_worker import bootstrap
     from inventory_worker.ops.cache_rebuild import rebuild
 
-    report = rebuild(settings)
+    with closing(bootstrap.postgres(settings)) as store, closing(bootstrap.redis_cache(settings)) as cache:
+        report = rebuild(store, cache)
     print(json.dumps({"products": report.products, "written": report.written}))
     return 0
 
@@ -158,21 +161,19 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _history(settings: Settings, args: argparse.Namespace) -> int:
-    from inventory_worker.ops.audit import Audit
-    from inventory_worker.contract import PRODUCT_ID_PATTERN
     import re
+
+    from inventory_worker import bootstrap
+    from inventory_worker.contract import PRODUCT_ID_PATTERN
 
     if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
         print("invalid product id: 1 to 64 characters of letters, digits and ._:-", file=sys.stderr)
         return EXIT_USAGE
-    audit = Audit(settings)
-    try:
-        if audit.store.stock(args.product_id) is None:
+    with closing(bootstrap.postgres(settings)) as store:
+        if store.stock(args.product_id) is None:
             print(f"unknown product: {args.product_id}", file=sys.stderr)
             return 1
-        rows = audit.history(args.product_id, args.limit)
-    finally:
-        audit.close()
+        rows = store.history(args.product_id, args.limit)
     if args.json:
         for r in rows:
             print(json.dumps(r, default=str))
@@ -189,13 +190,11 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from inventory_worker import bootstrap
     from inventory_worker.ops.audit import Audit
 
-    audit = Audit(settings)
-    try:
-        mismatches, checked = audit.verify(settle_seconds=args.settle)
-    finally:
-        audit.close()
+    with closing(bootstrap.postgres(settings)) as store, closing(bootstrap.redis_cache(settings)) as cache:
+        mismatches, checked = Audit(store, cache).verify(settle_seconds=args.settle)
     for m in mismatches:
         print(m.as_json() if args.json else f"{m.product_id}: [{m.check}] {m.message}")
     print(f"verify: {checked['products']} products, {checked['cached']} cached entries checked; "
@@ -207,6 +206,7 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    from inventory_worker import bootstrap
     from inventory_worker.ops.prune import prune
 
     if args.events_days < 1:
@@ -215,12 +215,13 @@ def _prune(settings: Settings, args: argparse.Namespace) -> int:
     if args.outbox_days < 0:
         print("--outbox-days must not be negative", file=sys.stderr)
         return EXIT_USAGE
-    deleted = prune(settings, args.outbox_days, args.events_days)
+    with closing(bootstrap.postgres(settings)) as store:
+        deleted = prune(store, args.outbox_days, args.events_days)
     print(json.dumps({"deleted": deleted}))
     return 0
 
 
-def _describe_field(schema: dict, schemas: dict) -> str:
+def _describe_field(schema: dict[str, Any], schemas: dict[str, Any]) -> str:
     """A JSON Schema property in a few words: type and bounds."""
     schema = next((a for a in schema.get("anyOf", []) if a.get("type") != "null"), schema)
     if "$ref" in schema:
@@ -269,11 +270,12 @@ def _data_help() -> str:
     return "\n".join(out)
 
 
-def _add(sub: argparse._SubParsersAction, name: str, help: str, epilog: str = "",
+def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, epilog: str = "",
          description: str | None = None) -> argparse.ArgumentParser:
     """A subcommand whose --help says what it does and shows examples (kept as written)."""
-    return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
                           epilog=epilog.strip("\n") or None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,10 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clean one-line error for operators; --debug-like detail in logs
-        from inventory_worker.adapters.postgres import TransientError
-
-        import psycopg2
         import pika.exceptions
+        import psycopg2
+
+        from inventory_worker.adapters.postgres import TransientError
 
         from inventory_worker.dependencies import describe
 

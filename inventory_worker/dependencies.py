@@ -150,7 +150,7 @@ def check_at_start(settings: Settings) -> list[str]:
     """Before the worker starts: waits for PostgreSQL and RabbitMQ to be reachable, and raises
     if one of them, or Redis, refuses the credentials. Redis out of reach is only logged: the
     worker runs without its cache until it is back. Returns the migrations still pending."""
-    todo = _until_reachable(settings, _postgresql_pending)
+    todo: list[str] = _until_reachable(settings, _postgresql_pending)
     _until_reachable(settings, _rabbitmq)
     try:
         _redis(settings)

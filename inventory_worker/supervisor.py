@@ -82,13 +82,13 @@ def _child_run(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
         os.setpgrp()
         serve(settings, stop, health)
         return
+    from inventory_worker import bootstrap
     from inventory_worker.worker.consumer import Consumer
-    from inventory_worker.worker.background import Maintenance
 
     index = int(role.rsplit("-", 1)[1])
     slot = ConsumerSlot(health, index)
     slot.starting()  # the consumer's loop beats as RUNNING
-    maintenance = Maintenance(settings, stop, measure=index == 0)
+    maintenance = bootstrap.maintenance(settings, stop, measure=index == 0)
     maintenance.start()
     Consumer(settings, stop, slot).run()
     maintenance.join(timeout=5)
@@ -172,7 +172,6 @@ class Supervisor:
 
     def run(self) -> int:
         from inventory_worker import metrics
-
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("worker starting", processes=self.processes, http_port=self.settings.http.port

@@ -22,7 +22,7 @@ import signal
 import time
 import uuid
 
-OWNER_VAR = "INVENTORY_RUN_OWNER"
+OWNER_VAR = "IW_TEST_RUN_OWNER"  # not INVENTORY_*: the worker refuses unknown INVENTORY_ variables
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _received: int | None = None
@@ -112,11 +112,25 @@ def owned(token: str | None = None, include_children: bool = True) -> set[int]:
     return found - exclude
 
 
+def _bystanders() -> set[int]:
+    """multiprocessing's resource tracker: it ends by itself once this process has exited (it
+    unlinks the shared memory left registered), so it is not a leftover."""
+    found = set()
+    for pid in owned():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"multiprocessing.resource_tracker" in f.read():
+                    found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
 def sweep(timeout: float = 10.0) -> list[int]:
     """SIGKILLs what is left of this run's processes; the pids it had to kill."""
     killed: list[int] = []
     deadline = time.monotonic() + timeout
-    while (left := owned()) and time.monotonic() < deadline:
+    while (left := owned() - _bystanders()) and time.monotonic() < deadline:
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)

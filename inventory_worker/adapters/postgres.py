@@ -9,6 +9,8 @@ Errors are sorted in two kinds, because the consumer treats them differently:
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -85,6 +87,7 @@ class Store:
         self.settings = settings
         self.default_ttl_seconds = default_ttl_seconds
         self._conn: psycopg2.extensions.connection | None = None
+        self._leader_conn: psycopg2.extensions.connection | None = None  # holds the sweeper lock
 
     # -- connection -------------------------------------------------------------------------
 
@@ -210,6 +213,84 @@ class Store:
             [OutgoingMessage.from_json(m) for m in r["messages"]],
             list(r["products"]),
         )
+
+    # -- leadership -------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this store's session holds the sweeper lock (taken by `try_lead`)."""
+        conn = self._conn
+        return conn is not None and not conn.closed and conn is self._leader_conn
+
+    def try_lead(self) -> bool:
+        """Takes the sweeper's session advisory lock unless another session holds it.
+
+        The lock lives as long as this store's connection: a connection that drops (and is
+        made anew) no longer leads, and must take the lock again.
+        """
+        if self.is_leader:
+            return True
+        with self.transaction() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (SWEEPER_LOCK_KEY,))
+            got: bool = one_row(cur)[0]
+            if got:
+                # Session settings, kept after commit: operators (and tests) find the holder in
+                # pg_stat_activity; if its host vanishes without closing the socket, the server
+                # drops the session, and with it the lock, after about 5 + 2 * 3 seconds.
+                cur.execute(
+                    "SELECT set_config('application_name', %s, false),"
+                    "       set_config('tcp_keepalives_idle', '5', false),"
+                    "       set_config('tcp_keepalives_interval', '2', false),"
+                    "       set_config('tcp_keepalives_count', '3', false),"
+                    "       set_config('tcp_user_timeout', '10000', false)",
+                    (f"inventory-worker sweeper {socket.gethostname()} pid={os.getpid()}"[:63],),
+                )
+        if got:
+            self._leader_conn = self._conn
+        return got
+
+    # -- operator tools ---------------------------------------------------------------------
+
+    def history(self, product_id: str, limit: int) -> list[dict[str, Any]]:
+        """The product's movements, newest first, with the ledger's figures after each."""
+        with self.transaction() as cur:
+            cur.execute("SELECT * FROM stock_history(%s, %s)", (product_id, limit))
+            assert cur.description is not None  # a SELECT has columns
+            names = [c.name for c in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def mismatches(self) -> list[tuple[str, str, int, int, str]]:
+        """(product_id, figure, recorded, expected, source) of every figure that its ledger
+        (source "ledger") or its active reservations ("reservations") do not explain."""
+        with self.transaction() as cur:
+            cur.execute("SELECT product_id, figure, recorded, expected, source FROM stock_mismatches()")
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in cur.fetchall()]
+
+    def product_count(self) -> int:
+        with self.transaction() as cur:
+            cur.execute("SELECT count(*) FROM products")
+            return int(one_row(cur)[0])
+
+    def figures_page(self, after: str, limit: int) -> list[dict[str, Any]]:
+        """The figures of up to `limit` products whose id sorts after `after`, in id order."""
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT product_figures(p) FROM products p"
+                "  WHERE product_id > %s ORDER BY product_id LIMIT %s",
+                (after, limit),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+    def prune_batch(self, outbox_age_seconds: float, events_age_seconds: float, limit: int) -> dict[str, int]:
+        """One housekeeping transaction: deletes at most `limit` published outbox rows and
+        `limit` idempotency keys older than the ages; returns how many of each."""
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT prune_housekeeping(make_interval(secs => %s), make_interval(secs => %s), %s)",
+                (outbox_age_seconds, events_age_seconds, limit),
+            )
+            done = one_row(cur)[0]
+        return {"outbox": int(done["outbox"]), "processed_events": int(done["processed_events"])}
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -77,6 +77,9 @@ class StockCache:
     def ping(self) -> None:
         self.client.ping()
 
+    def close(self) -> None:
+        self.client.close()
+
 
 def make_client(settings: RedisSettings) -> redis.Redis:
     # No retries inside the client: every caller copes with a failed call (the consumer

@@ -1,5 +1,5 @@
-"""Audit: a product's movement history, and `verify`, which checks every figure against what
-explains it.
+"""Audit: `verify`, which checks every figure against what explains it. (A product's movement
+history is `Store.history`.)
 
 - PostgreSQL: each product's `on_hand` and `reserved` against the sum of its ledger
   (stock_movements), and `reserved` against the orders still holding a reservation. One SQL
@@ -21,8 +21,7 @@ from typing import Any, cast
 import redis
 
 from inventory_worker.adapters.redis_cache import StockCache
-from inventory_worker.config import Settings
-from inventory_worker.adapters.postgres import Store, one_row
+from inventory_worker.adapters.postgres import Store
 
 FIGURES = ("on_hand", "reserved", "available", "version")
 
@@ -39,41 +38,17 @@ class Mismatch:
 
 
 class Audit:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.store = Store(settings.database)
-        self._cache: StockCache | None = None
+    """Checks over a PostgreSQL store and the Redis cache; the caller owns (and closes) both."""
 
-    @property
-    def cache(self) -> StockCache:
-        if self._cache is None:
-            self._cache = StockCache(self.settings.redis)
-        return self._cache
-
-    def close(self) -> None:
-        self.store.close()
-        if self._cache is not None:
-            self._cache.client.close()
-
-    # -- history ----------------------------------------------------------------------------
-
-    def history(self, product_id: str, limit: int) -> list[dict[str, Any]]:
-        """The product's movements, newest first, with the ledger's figures after each."""
-        with self.store.transaction() as cur:
-            cur.execute("SELECT * FROM stock_history(%s, %s)", (product_id, limit))
-            assert cur.description is not None  # a SELECT has columns
-            names = [c.name for c in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-    # -- verify -----------------------------------------------------------------------------
+    def __init__(self, store: Store, cache: StockCache) -> None:
+        self.store = store
+        self.cache = cache
 
     def verify(self, settle_seconds: float = 1.0) -> tuple[list[Mismatch], dict[str, Any]]:
         """Every mismatch found, and what was checked ({"products": n, "cached": m}, plus
         "cache_error" when Redis could not be read: the cache is then unchecked)."""
         found = self._database_mismatches()
-        with self.store.transaction() as cur:
-            cur.execute("SELECT count(*) FROM products")
-            products = int(one_row(cur)[0])
+        products = self.store.product_count()
         try:
             cached, cache_found = self._cache_mismatches(settle_seconds)
         except redis.RedisError as exc:
@@ -81,11 +56,8 @@ class Audit:
         return found + cache_found, {"products": products, "cached": cached}
 
     def _database_mismatches(self) -> list[Mismatch]:
-        with self.store.transaction() as cur:
-            cur.execute("SELECT product_id, figure, recorded, expected, source FROM stock_mismatches()")
-            rows = cur.fetchall()
         out = []
-        for product_id, figure, recorded, expected, source in rows:
+        for product_id, figure, recorded, expected, source in self.store.mismatches():
             by = "the ledger sums to" if source == "ledger" else "active reservations hold"
             out.append(Mismatch(
                 product_id, source, f"{figure} is {recorded} in products, but {by} {expected}",

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from inventory_worker.adapters.redis_cache import StockCache
-from inventory_worker.config import Settings
 from inventory_worker.adapters.postgres import Store
 
 
@@ -20,25 +19,13 @@ class RebuildReport:
     written: int = 0  # keys set (missing or older); the rest were already as new or newer
 
 
-def rebuild(settings: Settings, page_size: int = 1000) -> RebuildReport:
-    store = Store(settings.database)
-    cache = StockCache(settings.redis)
+def rebuild(store: Store, cache: StockCache, page_size: int = 1000) -> RebuildReport:
     report = RebuildReport()
     after = ""
-    try:
-        while True:
-            with store.transaction() as cur:
-                cur.execute(
-                    "SELECT product_id, product_figures(p) FROM products p"
-                    "  WHERE product_id > %s ORDER BY product_id LIMIT %s",
-                    (after, page_size),
-                )
-                rows = cur.fetchall()
-            if not rows:
-                return report
-            report.products += len(rows)
-            report.written += cache.put_many([r[1] for r in rows])
-            after = rows[-1][0]
-    finally:
-        store.close()
-        cache.client.close()
+    while True:
+        page = store.figures_page(after, page_size)
+        if not page:
+            return report
+        report.products += len(page)
+        report.written += cache.put_many(page)
+        after = page[-1]["product_id"]

@@ -16,18 +16,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from inventory_worker import metrics
 
 from inventory_worker.adapters import rabbitmq
 from inventory_worker.adapters.redis_cache import StockCache
-from inventory_worker.config import Settings
+from inventory_worker.config import RabbitMQSettings
 from inventory_worker.logs import get_logger
-from inventory_worker.adapters.postgres import SWEEPER_LOCK_KEY, Store, TransientError, one_row
+from inventory_worker.adapters.postgres import Store, TransientError
 
 log = get_logger(__name__)
 
@@ -35,29 +36,38 @@ log = get_logger(__name__)
 _RETRIED: tuple[type[BaseException], ...] = (TransientError, *rabbitmq.CONNECTION_ERRORS)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The worker settings the duties run by (`worker.*` of the same names)."""
+
+    sweep_interval_seconds: float
+    sweep_batch_size: int
+    outbox_relay_interval_seconds: float
+    outbox_relay_min_age_seconds: float
+    metrics_interval_seconds: float
+
+
 class Maintenance(threading.Thread):
-    def __init__(self, settings: Settings, stop: threading.Event | Any, sweeper: bool = True,
+    """The duties, on their own store, cache and RabbitMQ connection (made by `connect`, again
+    after it breaks); the thread closes the store and the connection when it ends."""
+
+    def __init__(self, store: Store, cache: StockCache, connect: Callable[[], Any],
+                 amqp_settings: RabbitMQSettings, schedule: Schedule, stop: threading.Event | Any,
                  measure: bool = False) -> None:
         super().__init__(name="maintenance", daemon=True)
-        self.settings = settings
+        self.store = store
+        self.cache = cache
+        self.connect = connect
+        self.amqp_settings = amqp_settings
+        self.schedule = schedule
         self.stop = stop
-        self.sweeper_enabled = sweeper
         self.measure = measure
         self._next_measure = 0.0
-        self.store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
-        self.cache = StockCache(settings.redis)
-        self._conn: Any = None
+        self._amqp: Any = None
         self._publisher: rabbitmq.Publisher | None = None
-        self._leader_conn: Any = None  # the PostgreSQL connection our advisory lock lives on
-
-    @property
-    def is_sweeper(self) -> bool:
-        conn = self.store._conn
-        return conn is not None and not conn.closed and conn is self._leader_conn
 
     def run(self) -> None:
-        w = self.settings.worker
-        interval = min(w.sweep_interval_seconds, w.outbox_relay_interval_seconds)
+        interval = min(self.schedule.sweep_interval_seconds, self.schedule.outbox_relay_interval_seconds)
         while not self.stop.is_set():
             started = time.monotonic()
             try:
@@ -73,13 +83,12 @@ class Maintenance(threading.Thread):
         self.store.close()
 
     def tick(self) -> None:
-        if self._conn is not None and self._conn.is_open:
-            self._conn.process_data_events(time_limit=0)  # keep heartbeats flowing while idle
-        if self.sweeper_enabled:
-            self._sweep()
+        if self._amqp is not None and self._amqp.is_open:
+            self._amqp.process_data_events(time_limit=0)  # keep heartbeats flowing while idle
+        self._sweep()
         self._relay()
         if self.measure and time.monotonic() >= self._next_measure:
-            self._next_measure = time.monotonic() + self.settings.worker.metrics_interval_seconds
+            self._next_measure = time.monotonic() + self.schedule.metrics_interval_seconds
             self._measure()
 
     # -- gauges -----------------------------------------------------------------------------
@@ -90,9 +99,9 @@ class Maintenance(threading.Thread):
         metrics.OUTBOX_OLDEST_AGE.set(f["outbox_oldest_age_seconds"])
         metrics.ACTIVE_RESERVATIONS.set(f["active_reservations"])
         self._publisher_ready()  # the connection we publish on also answers the depth
-        channel = self._conn.channel()
+        channel = self._amqp.channel()
         try:
-            q = channel.queue_declare(self.settings.rabbitmq.dead_letter_queue, passive=True)
+            q = channel.queue_declare(self.amqp_settings.dead_letter_queue, passive=True)
             metrics.DLQ_DEPTH.set(q.method.message_count)
         finally:
             if channel.is_open:
@@ -101,32 +110,17 @@ class Maintenance(threading.Thread):
     # -- expiry -----------------------------------------------------------------------------
 
     def _try_lead(self) -> bool:
-        if self.is_sweeper:
+        if self.store.is_leader:
             return True
-        with self.store.transaction() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%s)", (SWEEPER_LOCK_KEY,))
-            got: bool = one_row(cur)[0]
-            if got:
-                # Session settings, kept after commit: operators (and tests) find the holder in
-                # pg_stat_activity; if its host vanishes without closing the socket, the server
-                # drops the session, and with it the lock, after about 5 + 2 * 3 seconds.
-                cur.execute(
-                    "SELECT set_config('application_name', %s, false),"
-                    "       set_config('tcp_keepalives_idle', '5', false),"
-                    "       set_config('tcp_keepalives_interval', '2', false),"
-                    "       set_config('tcp_keepalives_count', '3', false),"
-                    "       set_config('tcp_user_timeout', '10000', false)",
-                    (f"inventory-worker sweeper {socket.gethostname()} pid={os.getpid()}"[:63],),
-                )
+        got = self.store.try_lead()
         if got:
-            self._leader_conn = self.store._conn
             log.info("expiry sweeper active in this process", pid=os.getpid())
         return got
 
     def _sweep(self) -> None:
         if not self._try_lead():
             return
-        limit = self.settings.worker.sweep_batch_size
+        limit = self.schedule.sweep_batch_size
         while not self.stop.is_set():
             started = time.monotonic()
             count, candidates, messages, figures = self.store.expire_reservations(limit)
@@ -149,9 +143,8 @@ class Maintenance(threading.Thread):
     # -- outbox -----------------------------------------------------------------------------
 
     def _relay(self) -> None:
-        w = self.settings.worker
         while not self.stop.is_set():
-            with self.store.claim_unpublished(w.outbox_relay_min_age_seconds, 500) as rows:
+            with self.store.claim_unpublished(self.schedule.outbox_relay_min_age_seconds, 500) as rows:
                 if not rows:
                     return
                 started = time.monotonic()
@@ -178,19 +171,19 @@ class Maintenance(threading.Thread):
         self.store.mark_published(confirmed)
 
     def _publisher_ready(self) -> rabbitmq.Publisher:
-        if self._publisher is None or self._conn is None or not self._conn.is_open:
+        if self._publisher is None or self._amqp is None or not self._amqp.is_open:
             self._drop_amqp()
-            self._conn = rabbitmq.connect(self.settings.rabbitmq)
-            self._publisher = rabbitmq.Publisher(self._conn.channel(), self.settings.rabbitmq)
+            self._amqp = self.connect()
+            self._publisher = rabbitmq.Publisher(self._amqp.channel(), self.amqp_settings)
         else:
-            self._conn.process_data_events(time_limit=0)  # service heartbeats
+            self._amqp.process_data_events(time_limit=0)  # service heartbeats
         return self._publisher
 
     def _drop_amqp(self) -> None:
-        if self._conn is not None:
+        if self._amqp is not None:
             try:
-                self._conn.close()
+                self._amqp.close()
             except Exception:  # already broken
                 pass
-        self._conn = None
+        self._amqp = None
         self._publisher = None

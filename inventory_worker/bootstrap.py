@@ -1,0 +1,61 @@
+"""Composition root: the one module that builds adapters from the settings.
+
+Everything else receives the adapters (and the few settings) it uses; whoever builds an
+adapter closes it. Imports beyond the store and the cache are made where needed, so that a
+command such as `stock` loads neither pika nor the metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from inventory_worker.adapters.redis_cache import StockCache
+from inventory_worker.config import Settings
+from inventory_worker.adapters.postgres import Store
+
+if TYPE_CHECKING:
+    import pika
+
+    from inventory_worker.worker.background import Maintenance
+
+
+def postgres(settings: Settings) -> Store:
+    """The PostgreSQL adapter; it connects on first use."""
+    return Store(settings.database, settings.worker.default_reservation_ttl_seconds)
+
+
+def redis_cache(settings: Settings) -> StockCache:
+    """The Redis stock cache; it connects on first use."""
+    return StockCache(settings.redis)
+
+
+def rabbitmq_connect(settings: Settings) -> Callable[[], pika.BlockingConnection]:
+    """Opens a new RabbitMQ connection at each call."""
+    from inventory_worker.adapters import rabbitmq
+    return functools.partial(rabbitmq.connect, settings.rabbitmq)
+
+
+def maintenance(settings: Settings, stop: threading.Event | Any, measure: bool = False) -> Maintenance:
+    """A consumer process's background duties (maintenance.py), on adapters of their own."""
+    from inventory_worker.worker.background import Maintenance, Schedule
+
+    w = settings.worker
+    schedule = Schedule(
+        sweep_interval_seconds=w.sweep_interval_seconds,
+        sweep_batch_size=w.sweep_batch_size,
+        outbox_relay_interval_seconds=w.outbox_relay_interval_seconds,
+        outbox_relay_min_age_seconds=w.outbox_relay_min_age_seconds,
+        metrics_interval_seconds=w.metrics_interval_seconds,
+    )
+    return Maintenance(
+        postgres(settings),
+        redis_cache(settings),
+        rabbitmq_connect(settings),
+        settings.rabbitmq,
+        schedule,
+        stop,
+        measure=measure,
+    )

@@ -17,7 +17,7 @@ COPY sql ./sql
 # adapters/migrations.py looks for it. psycopg2-binary brings its own libpq: no compiler needed.
 RUN /opt/inventory-worker/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/inventory-worker/bin/pip install --no-cache-dir . \
- && test -f /opt/inventory-worker/share/inventory-worker/sql/procedures/inventory.sql
+ && test -f /opt/inventory-worker/share/inventory-worker/sql/procedures/events.sql
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 RUN groupadd --system --gid 10001 inventory \

@@ -1,6 +1,6 @@
 """A seeded workload of order events and the independent model of what it must do to stock.
 
-The model follows the documented semantics (docs/contract.md "Semantics", sql/procedures/inventory.sql)
+The model follows the documented semantics (docs/contract.md "Semantics", sql/procedures/)
 and is computed only from what is published, never from the worker's tables.
 
 Why the model is determined although several processes consume concurrently

@@ -1,0 +1,78 @@
+-- The stock rules, by concern: 00_base.sql (shared helpers), stock.sql (stock changes),
+-- orders.sql (placing, cancelling, completing), expiry.sql, events.sql (the one entry point,
+-- apply_events), outbox.sql, checks.sql (argument checks), audit.sql, delivery.sql,
+-- housekeeping.sql. Re-applied by `inventory-worker migrate` whenever a file changes (CREATE
+-- OR REPLACE), so they always hold the whole, current truth. `migrate` applies them in name
+-- order; this file is named 00_ to come first, since a LANGUAGE sql function elsewhere
+-- (touched_figures) needs product_figures() to exist already.
+--
+-- Locking discipline, which keeps concurrent transactions free of deadlocks:
+--   1. product rows, in product_id order;  2. then order rows.
+-- apply_events() locks every product a batch touches up front, so a batch of many
+-- events obeys the same order as a single one.
+--
+-- Cost: an event is a handful of statements (plans cached per session, in PL/pgSQL), and what
+-- a batch writes to processed_events and the outbox goes in one INSERT each at its end. Calls
+-- to LANGUAGE sql functions from PL/pgSQL are avoided on the event path: PostgreSQL plans
+-- them again on every call, which cost more than the work itself.
+
+-- RFC 3339 in UTC, microseconds, as every message carries. STABLE, as to_char() is: a SQL
+-- function is inlined into its caller only when it claims no more than its body does. Declared
+-- IMMUTABLE it was called through the SQL-function executor instead, 1.4 us a call against 0.5.
+CREATE OR REPLACE FUNCTION rfc3339(ts timestamptz) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+$$;
+
+-- A result event as the worker publishes it: {outbox_id, message_id, routing_key, body}, the
+-- body being the contract's envelope. Its outbox id is taken now; write_outbox() writes it.
+CREATE OR REPLACE FUNCTION new_message(p_causation_id uuid, p_type text, p_data jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid := gen_random_uuid();
+BEGIN
+    RETURN jsonb_build_object(
+        'outbox_id', nextval('outbox_id_seq'), 'message_id', v_id, 'routing_key', p_type,
+        'body', jsonb_build_object('id', v_id, 'type', p_type, 'occurred_at', rfc3339(now()),
+                                   'causation_id', p_causation_id, 'data', p_data));
+END $$;
+
+-- The outbox rows of messages made by new_message(), in one INSERT.
+CREATE OR REPLACE FUNCTION write_outbox(p_messages jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO outbox (id, message_id, routing_key, body)
+    SELECT (m->>'outbox_id')::bigint, (m->>'message_id')::uuid, m->>'routing_key', m->'body'
+      FROM unnest(p_messages) AS m;
+END $$;
+
+CREATE OR REPLACE FUNCTION product_figures(p products) RETURNS jsonb
+LANGUAGE sql STABLE AS $$  -- STABLE as jsonb_build_object() is, so that it is inlined
+    SELECT jsonb_build_object('product_id', p.product_id, 'on_hand', p.on_hand,
+        'reserved', p.reserved, 'available', p.on_hand - p.reserved, 'version', p.version)
+$$;
+
+CREATE OR REPLACE FUNCTION rejected(p_event_id uuid, p_order_id text, p_reason text,
+                                    p_shortages jsonb DEFAULT '[]') RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN jsonb_build_object('outcome', 'rejected', 'order_id', p_order_id, 'products', '[]'::jsonb,
+        'messages', jsonb_build_array(new_message(p_event_id, 'inventory.rejected', jsonb_build_object(
+            'order_id', p_order_id, 'reason', p_reason, 'shortages', p_shortages))));
+END $$;
+
+-- Locks the given products in the one global order. Missing ids are simply skipped.
+CREATE OR REPLACE FUNCTION lock_products(p_ids text[]) RETURNS void
+LANGUAGE sql AS $$
+    SELECT NULL::void FROM (
+        SELECT 1 FROM products WHERE product_id = ANY(p_ids)
+         ORDER BY product_id FOR UPDATE) locked
+$$;
+
+-- The lines of a stored order, in the order they were placed, as messages carry them.
+CREATE OR REPLACE FUNCTION order_lines_json(p_order_id text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object('product_id', product_id, 'quantity', quantity)
+                              ORDER BY line_no), '[]'::jsonb)
+      FROM order_lines WHERE order_id = p_order_id
+$$;

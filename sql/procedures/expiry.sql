@@ -1,0 +1,73 @@
+-- Expiry: the elected sweeper releases reservations whose deadline passed.
+
+-- The lines of the given orders (with the id of the order.placed that reserved them), each
+-- order looked up through the primary keys. A plain join with unnest() or `= ANY` lets the
+-- planner prefer scanning all of order_lines, which a sweep would pay once per batch, more
+-- as the table grows; OFFSET 0 keeps the lookup per order.
+CREATE OR REPLACE FUNCTION lines_of_orders(p_order_ids text[])
+RETURNS TABLE (order_id text, product_id text, quantity integer, placed_event_id uuid)
+LANGUAGE sql STABLE AS $$
+    SELECT l.order_id, l.product_id, l.quantity, l.placed_event_id
+      FROM unnest(p_order_ids) e(id)
+     CROSS JOIN LATERAL (SELECT ol.order_id, ol.product_id, ol.quantity, o.placed_event_id
+                           FROM order_lines ol JOIN orders o ON o.order_id = ol.order_id
+                          WHERE ol.order_id = e.id AND o.order_id = e.id OFFSET 0) l
+$$;
+
+-- Expiry: releases up to p_limit reservations whose deadline (PostgreSQL's clock) passed,
+-- oldest deadline first, found through the partial index orders_live_expiry.
+-- One call is one short transaction holding the locks of its own orders and products only,
+-- so a backlog of any size drains in bounded steps between the consumers' transactions.
+-- Candidates are read without locks, then locked products-first like everyone else; an order
+-- another transaction holds (a completion or cancellation in flight) is skipped, and taken by
+-- the next sweep if still reserved. Set-based, because a backlog piles up on a few hot
+-- products: one UPDATE per product however many orders hold it, one ledger row per order
+-- line. (A release only raises `available`, so it never emits inventory.low_stock.)
+-- Returns {expired, candidates, messages, products}; candidates = p_limit: more may be due.
+CREATE OR REPLACE FUNCTION expire_reservations(p_limit integer DEFAULT 500) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_candidates text[];
+    v_expired    text[];
+    v_msgs       jsonb;
+BEGIN
+    SELECT array_agg(order_id) INTO v_candidates FROM (
+        SELECT order_id FROM orders WHERE status = 'reserved' AND expires_at <= now()
+         ORDER BY expires_at LIMIT p_limit) c;
+    IF v_candidates IS NULL THEN
+        RETURN jsonb_build_object('expired', 0, 'candidates', 0, 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    PERFORM lock_products(ARRAY(SELECT DISTINCT product_id FROM lines_of_orders(v_candidates)));
+    -- Re-checked under the row lock: a completion or cancellation that committed meanwhile wins.
+    SELECT array_agg(order_id) INTO v_expired FROM (
+        SELECT o.order_id FROM unnest(v_candidates) c(order_id) JOIN orders o USING (order_id)
+         WHERE o.status = 'reserved' AND o.expires_at <= now()
+         ORDER BY o.order_id FOR UPDATE OF o SKIP LOCKED) o;
+    IF v_expired IS NULL THEN
+        RETURN jsonb_build_object('expired', 0, 'candidates', cardinality(v_candidates),
+                                  'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    UPDATE orders o SET status = 'expired', updated_at = now()
+      FROM unnest(v_expired) e(order_id) WHERE o.order_id = e.order_id;
+    INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)
+    SELECT l.product_id, l.order_id, l.placed_event_id, 0, -l.quantity, 'expire'
+      FROM lines_of_orders(v_expired) l
+     ORDER BY l.order_id, l.product_id;
+    UPDATE products p
+       SET reserved = p.reserved - s.quantity, version = p.version + 1, updated_at = now()
+      FROM (SELECT l.product_id, sum(l.quantity) AS quantity
+              FROM lines_of_orders(v_expired) l GROUP BY l.product_id) s
+     WHERE p.product_id = s.product_id;
+    SELECT coalesce(jsonb_agg(m), '[]'::jsonb) INTO v_msgs FROM (
+        SELECT new_message(o.placed_event_id, 'inventory.expired', jsonb_build_object(
+                   'order_id', o.order_id, 'lines', order_lines_json(o.order_id),
+                   'expired_at', rfc3339(o.expires_at))) AS m
+          FROM unnest(v_expired) e(order_id) JOIN orders o USING (order_id)
+         ORDER BY o.order_id) x;
+    PERFORM write_outbox(ARRAY(SELECT jsonb_array_elements(v_msgs)));
+    RETURN jsonb_build_object('expired', cardinality(v_expired), 'candidates', cardinality(v_candidates),
+        'messages', v_msgs, 'products', (
+        SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
+          FROM products p WHERE p.product_id IN (
+              SELECT l.product_id FROM lines_of_orders(v_expired) l)));
+END $$;

@@ -180,8 +180,18 @@ class HTTPSettings(_Section):
     max_headers: int = Field(50, ge=1, le=100)
     # A connection idle this long is closed (slow clients cannot hold threads forever).
     client_timeout_seconds: float = Field(10.0, gt=0)
-    # Connections served at once; more are answered 503 at once and closed.
-    max_connections: int = Field(256, ge=1, le=100_000)
+    # Connections served at once. None: the server's own default (stdlib: 256, a thread each;
+    # granian: 8192, cheap tasks, so idle connections of one client cannot fill it). Beyond
+    # it the stdlib server answers 503 and closes; granian leaves connections in the backlog.
+    max_connections: int | None = Field(None, ge=1, le=100_000)
+    # stdlib only: connections one client address may hold at once; more are answered 503.
+    # (granian has no per-address hook: put a limit in the ingress, README "HTTP servers".)
+    max_connections_per_address: int = Field(64, ge=1, le=100_000)
+    # The management listener: /healthz, /readyz and /metrics on a port of their own, served
+    # by the http process apart from the public port's connections (probes and scrapes keep
+    # answering while clients crowd the public port). None: no management listener.
+    management_port: int | None = Field(9090, ge=0, le=65535)
+    management_host: str | None = None  # None: the same as `host`
     # granian (a Rust server, the API in `workers` processes) or the standard library's threading
     # server; the same API and protections under both (README "HTTP servers").
     server: Literal["stdlib", "granian"] = "granian"

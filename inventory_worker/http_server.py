@@ -148,6 +148,7 @@ class _BoundedServer(ThreadingHTTPServer):
     itself)."""
 
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog (socketserver's 5 drops bursts of connections)
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int,
                  per_address: int) -> None:

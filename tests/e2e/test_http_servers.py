@@ -165,3 +165,45 @@ def test_a_thousand_idle_connections_from_one_address_lock_nobody_out(settings, 
     finally:
         for sock in idle:
             sock.close()
+
+
+def _exits_naming(w: WorkerProcess, address: str) -> None:
+    try:
+        rc = w.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        w.kill()
+        pytest.fail(f"the worker kept running with {address} taken: {w.log_path.read_text()[-2000:]}")
+    w.stop()
+    assert rc != 0
+    text = w.log_path.read_text()
+    named = [x["event"] for x in log_lines(w.log_path) if address in x.get("event", "")]
+    assert len(named) == 1 and "already in use" in named[0], text[-2000:]
+    assert "Traceback" not in text and "http listening" not in text and "process started" not in text
+
+
+@pytest.mark.parametrize("which", ["port", "management_port"])
+def test_a_worker_whose_port_another_program_holds_exits_at_start_naming_it(settings, logs_dir, which):
+    with socket.socket() as holder:  # another program, listening
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        http = {"server": "granian", "port": free_port(), "management_port": free_port(), which: taken}
+        s = settings.model_copy(update={"http": settings.http.model_copy(update=http)})
+        w = WorkerProcess(s, processes=1, log_path=logs_dir / f"taken-{which}.log", own_management_port=False)
+        _exits_naming(w.start(wait_ready=False), f"127.0.0.1:{taken}")
+
+
+def test_a_second_worker_on_the_same_port_exits_instead_of_sharing_it(settings, logs_dir):
+    """granian binds with SO_REUSEPORT: the second worker would have split the first one's
+    requests with it (a mix of 200, 401 and 429 when only one holds the token)."""
+    s = with_own_queues(settings, "twins")
+    s = s.model_copy(update={"http": s.http.model_copy(update={"server": "granian", "port": free_port()})})
+    first = WorkerProcess(s, processes=1, log_path=logs_dir / "twin-1.log").start()
+    try:
+        second = WorkerProcess(s.model_copy(update={"auth": s.auth.model_copy(update={"tokens": []})}),
+                               processes=1, log_path=logs_dir / "twin-2.log").start(wait_ready=False)
+        _exits_naming(second, f"127.0.0.1:{s.http.port}")
+        assert [http_get(f"{first.base_url}/inventory/{uid()}")[0] for _ in range(20)] == [404] * 20
+    finally:
+        assert first.stop() == 0
+        delete_topology(s)

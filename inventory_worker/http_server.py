@@ -273,6 +273,12 @@ _HEALTH_ENV = "INVENTORY_HTTP_HEALTH_SHM"
 # ---- RSGI (granian) -------------------------------------------------------------------------
 
 
+# granian sends "server: granian" unless the app names a server (it cannot be left out): an
+# empty one names none. (Answers granian gives itself, e.g. 431 for an oversized head, still
+# carry its name: granian issue #594.)
+_RSGI_FIXED = [*SECURITY_HEADERS, ("server", "")]
+
+
 class RSGIApp:
     """The API as granian's native async interface (RSGI), one instance per worker process.
 
@@ -301,7 +307,7 @@ class RSGIApp:
         client = scope.client.rpartition(":")[0].strip("[]")  # "addr:port", "[v6]:port"
         method = scope.method
         resp = await self.api.handle_async(method, target, scope.headers, client, self.redis, self.executor)
-        headers = [("content-type", resp.content_type), *SECURITY_HEADERS, *resp.headers]
+        headers = [("content-type", resp.content_type), *_RSGI_FIXED, *resp.headers]
         if method == "HEAD":
             headers.append(("content-length", str(len(resp.body))))
             proto.response_empty(resp.status, headers)

@@ -30,7 +30,8 @@ ENV PATH=/opt/inventory-worker/bin:$PATH \
     INVENTORY_CONFIG=/etc/inventory-worker/config.yaml \
     INVENTORY_LOGGING__FORMAT=json
 USER 10001:10001
-EXPOSE 8080
+# 8080: the read API; 9090: /healthz, /readyz and /metrics (http.management_port)
+EXPOSE 8080 9090
 # The supervisor handles SIGTERM itself (finish, ack, flush, exit 0); exec form keeps it PID 1.
 ENTRYPOINT ["inventory-worker"]
 CMD ["run"]

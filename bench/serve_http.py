@@ -64,7 +64,8 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     kind, _, workers = kind.partition(":")
-    http = {"server": kind, **({"workers": int(workers)} if workers else {})}
+    # No management listener: this is the public port alone (and the worker's may run beside it).
+    http = {"server": kind, "management_port": None, **({"workers": int(workers)} if workers else {})}
     settings = settings.model_copy(update={"http": settings.http.model_copy(update=http)})
     server.serve(settings, stop)
 

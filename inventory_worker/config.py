@@ -272,13 +272,31 @@ class HTTPSettings(_Section):
         gt=0,
         description="A connection idle this long is closed (granian: a request head not complete within it).",
     )
-    max_connections: int = Field(
-        256,
+    max_connections: int | None = Field(
+        None,
         ge=1,
         le=100_000,
-        description="Connections served at once; more are "
-        "answered 503 under `stdlib`, wait in the listen backlog under `granian` "
-        "(see docs/http.md).",
+        description="Connections served at once; unset: 256 under `stdlib` (a thread each; more are "
+        "answered 503), 8192 under `granian` (a task each, so one client's idle connections cannot "
+        "fill it; more wait in the listen backlog). See docs/http.md.",
+    )
+    max_connections_per_address: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="`stdlib` only: connections one client address holds at once; more are answered "
+        "503. granian has no per-address hook: limit connections per client in the ingress "
+        "(e.g. nginx `limit_conn`).",
+    )
+    management_port: int | None = Field(
+        9090,
+        ge=0,
+        le=65535,
+        description="The management listener: `/healthz`, `/readyz` and `/metrics` on a port of "
+        "their own, apart from the public port's clients (null: none). Point probes and scrapers here.",
+    )
+    management_host: str | None = Field(
+        None, description="Address of the management listener; null: the same as `host`."
     )
     server: Literal["stdlib", "granian"] = Field(
         default="granian",

@@ -129,6 +129,7 @@ class Supervisor:
         self.children = [Child(role) for role in roles]
         # Named shared memory: granian's worker processes attach to it too (http/server.py).
         self.health = ProcessHealth.create(self.processes)
+        self._exit_code = 0
         self._last_check: float | None = None  # monotonic time of the previous check
         self._resumed = float("-inf")  # of the last resume after a pause (PAUSE_SECONDS)
 
@@ -174,6 +175,14 @@ class Supervisor:
         from inventory_worker import metrics
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        if self.settings.http.enabled:
+            from inventory_worker.http.server import PortTaken, check_ports
+
+            try:  # before anything starts: a second worker must not share the port (SO_REUSEPORT)
+                check_ports(self.settings)
+            except PortTaken as exc:
+                log.error(f"cannot start: {exc}")
+                return 1
         log.info("worker starting", processes=self.processes, http_port=self.settings.http.port
                  if self.settings.http.enabled else None)
         for role in {c.role.split("-")[0] for c in self.children}:
@@ -207,6 +216,14 @@ class Supervisor:
                     p.join()
                     if child.role == "http":
                         _kill_group(p.pid)
+                        from inventory_worker.http.server import EXIT_PORT_TAKEN
+
+                        if p.exitcode == EXIT_PORT_TAKEN:  # it said which; restarting would not help
+                            log.error("http port taken; stopping the worker")
+                            self._stop_requested = True
+                            self._exit_code = 1
+                            child.process = None
+                            continue
                     if slot is not None:  # not attached while it is down (/readyz)
                         self.health.set_attached(slot, False)
                     metrics.mark_process_dead(p.pid)
@@ -248,7 +265,7 @@ class Supervisor:
         if killed:
             log.error("killed after the grace period", roles=killed)
         log.info("worker stopped")
-        return 0
+        return self._exit_code
 
 
 def run(settings: Settings, processes: int | None = None) -> int:

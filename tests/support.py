@@ -80,7 +80,8 @@ def isolated_settings(base: Settings, run_id: str) -> Settings:
                     "dead_letter_queue": f"inventory.orders.dlq.{run_id}",
                 }
             ),
-            "http": base.http.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
+            "http": base.http.model_copy(update={"host": "127.0.0.1", "port": free_port(),
+                                                 "management_port": free_port()}),
             "logging": base.logging.model_copy(update={"format": "json"}),
             # Every test worker accepts TEST_TOKEN (see http_get), with no practical rate limit.
             "auth": base.auth.model_copy(update={"tokens": [TEST_TOKEN_SETTINGS]}),
@@ -304,7 +305,11 @@ class WorkerProcess:
     """`inventory-worker run` in a subprocess, configured only through the environment."""
 
     def __init__(self, settings: Settings, processes: int = 2, extra_env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, own_management_port: bool = True) -> None:
+        if own_management_port and settings.http.management_port is not None:
+            # Workers started from one run's settings would all share its management port.
+            settings = settings.model_copy(update={"http": settings.http.model_copy(
+                update={"management_port": free_port()})})
         self.settings = settings
         self.processes = processes
         self.env = settings_env(settings, **(extra_env or {}))
@@ -336,6 +341,10 @@ class WorkerProcess:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.http.port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.http.management_port}"
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         import urllib.request

@@ -16,6 +16,7 @@ Every request passes the same gates, in this order, before any route code runs:
   2. routes that need a role (http/auth.py): the rate limit, per token or else per client address
      (http/ratelimit.py: 429, or 503 when Redis cannot say), then the token (401) and its roles (403);
   3. the route itself; a product id that breaks the contract's rules is 400 before it is used.
+A request with more than one Authorization header is 400 on every route that needs a role.
 An admitted stock read costs one Redis call: the rate-limit script returns the cached figures too.
 """
 
@@ -257,6 +258,10 @@ class ReadAPI:
         role = self.auth.required_role(route)
         if role is None:
             return route, Response(_DEFERRED)
+        # Two Authorization headers: which one counts would be the server's guess (and a proxy's
+        # may differ), so neither does.
+        if sum(1 for k, _ in items if k.lower() == "authorization") > 1:
+            return route, error(400, "more than one Authorization header")
         principal = self.auth.authenticate(headers)
         product_id = None
         if route != "/metrics":

@@ -9,16 +9,26 @@ Two servers, one behaviour (`ReadAPI.handle`), chosen by `http.server`:
 
 Both bound what they read before the API sees anything: the request head, idle connections (a
 timeout) and how many connections they serve at once (`granian_limits` maps the settings; the
-stdlib server answers connections beyond http.max_connections 503, granian leaves them in the
-listen backlog). ReadAPI.handle then applies the exact bounds itself (414, 431). Every method
+stdlib server answers connections beyond http.max_connections, or beyond
+http.max_connections_per_address from one address, 503; granian leaves them in the listen
+backlog). ReadAPI.handle then applies the exact bounds itself (414, 431). Every method
 reaches it, and it answers all but GET and HEAD with 405.
+
+The management listener (http.management_port) serves /healthz, /readyz and /metrics from the
+http process itself, on a stdlib server of its own: connections crowding the public port
+cannot starve the probes and the scrape. Both ports are checked free before anything starts
+(`check_ports`): granian binds with SO_REUSEPORT, so a second worker would otherwise share the
+port with the first, the kernel splitting requests between them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,18 +36,35 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from pydantic import SecretStr
+
+from inventory_worker.adapters.redis_async import AsyncRedis
 from inventory_worker.config import Settings
 from inventory_worker.heartbeats import ProcessHealth
-from inventory_worker.http.api import ReadAPI
+from inventory_worker.http.api import ReadAPI, error
 from inventory_worker.logs import configure, get_logger
-from inventory_worker.adapters.redis_async import AsyncRedis
 
 log = get_logger(__name__)
 
 
+# On every answer: nothing here may be cached by a proxy (stock figures, probes, metrics), and
+# no browser may sniff a JSON body into something else.
+SECURITY_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+_SECURITY_BYTES = b"".join(f"{k}: {v}\r\n".encode() for k, v in SECURITY_HEADERS)
+
+# The exit status of an http process whose port is taken: the supervisor stops the worker
+# rather than restart it for ever (EX_CONFIG of sysexits.h).
+EXIT_PORT_TAKEN = 78
+MANAGEMENT_ROUTES = ("/healthz", "/readyz", "/metrics")
+
+
+class PortTaken(Exception):
+    """A port the worker must listen on is in use; the message names the address."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     api: ReadAPI
-    server_version = "inventory-worker"
+    routes: tuple[str, ...] | None = None  # None: every route; else only these (management)
     sys_version = ""
     protocol_version = "HTTP/1.1"
     # Buffer the response and send it in one write: with the default unbuffered wfile the
@@ -46,8 +73,19 @@ class _Handler(BaseHTTPRequestHandler):
     wbufsize = -1
     disable_nagle_algorithm = True
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        """The status line and Date, without the library's Server header: no server announced."""
+        self.log_request(code)
+        self.send_response_only(code, message)
+        self.send_header("Date", self.date_time_string())
+        for k, v in SECURITY_HEADERS:
+            self.send_header(k, v)
+
     def _serve(self) -> None:
-        resp = self.api.handle(self.command, self.path, self.headers, self.client_address[0])
+        if self.routes is not None and self.path.split("?", 1)[0] not in self.routes:
+            resp = error(404, "not found")
+        else:
+            resp = self.api.handle(self.command, self.path, self.headers, self.client_address[0])
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.content_type)
         self.send_header("Content-Length", str(len(resp.body)))
@@ -97,20 +135,49 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         + _SECURITY_BYTES +
          b"Connection: close\r\nContent-Length: 33\r\n\r\n" + b'{"error": "too many connections"}')
+
+STDLIB_MAX_CONNECTIONS = 256  # http.max_connections unset: a thread each
+GRANIAN_MAX_CONNECTIONS = 8192  # http.max_connections unset: a task each, a few KB
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A thread per connection, up to http.max_connections; beyond that 503 and close."""
+    """A thread per connection, up to `max_connections` and `per_address` from one client
+    address; beyond either, 503 and close (a client holding idle connections locks out only
+    itself)."""
 
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog (socketserver's 5 drops bursts of connections)
 
-    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int) -> None:
+    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int,
+                 per_address: int) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._per_address = per_address
+        self._held: dict[str, int] = {}
+        self._held_lock = threading.Lock()
         super().__init__(address, handler)
 
+    def _take(self, addr: str) -> bool:
+        with self._held_lock:
+            if self._held.get(addr, 0) >= self._per_address:
+                return False
+            if not self._slots.acquire(blocking=False):
+                return False
+            self._held[addr] = self._held.get(addr, 0) + 1
+            return True
+
+    def _give(self, addr: str) -> None:
+        with self._held_lock:
+            n = self._held[addr] - 1
+            if n:
+                self._held[addr] = n
+            else:
+                del self._held[addr]
+            self._slots.release()
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self._take(client_address[0]):
             try:
                 request.sendall(_BUSY)
             except OSError:
@@ -120,19 +187,81 @@ class _BoundedServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._give(client_address[0])
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._give(client_address[0])
 
 
-def make_server(api: ReadAPI, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"api": api, "timeout": api.settings.http.client_timeout_seconds})
-    return _BoundedServer((host, port), handler, api.settings.http.max_connections)
+def make_server(api: ReadAPI, host: str, port: int,
+                routes: tuple[str, ...] | None = None) -> ThreadingHTTPServer:
+    """The stdlib server for `api`; `routes` limits it to those paths (others are 404)."""
+    h = api.settings.http
+    handler = type("Handler", (_Handler,), {"api": api, "timeout": h.client_timeout_seconds, "routes": routes})
+    return _BoundedServer((host, port), handler, h.max_connections or STDLIB_MAX_CONNECTIONS,
+                          h.max_connections_per_address)
+
+
+def management_address(settings: Settings) -> tuple[str, int] | None:
+    h = settings.http
+    return None if h.management_port is None else (h.management_host or h.host, h.management_port)
+
+
+def _start_management(api: ReadAPI) -> ThreadingHTTPServer | None:
+    """/healthz, /readyz and /metrics on the management port, in a thread of this process."""
+    where = management_address(api.settings)
+    if where is None:
+        return None
+    server = make_server(api, *where, routes=MANAGEMENT_ROUTES)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-management",
+                     daemon=True).start()
+    log.info("management listening", host=where[0], port=server.server_address[1],
+             paths=list(MANAGEMENT_ROUTES))
+    return server
+
+
+def _addresses(settings: Settings) -> list[tuple[str, str, int]]:
+    out = [("http.port", settings.http.host, settings.http.port)]
+    if (m := management_address(settings)) is not None:
+        out.append(("http.management_port", *m))
+    return [a for a in out if a[2] != 0]  # port 0: any free port, nothing to check
+
+
+def check_ports(settings: Settings, wait: float = 0.0) -> None:
+    """Raises PortTaken unless every address the http process will listen on is free.
+
+    A plain bind (SO_REUSEADDR, as every server sets, but not SO_REUSEPORT) fails while any
+    socket listens there, granian's SO_REUSEPORT ones included. `wait`: keep trying that long
+    (a restarted http process: its predecessor's sockets may take a moment to close).
+    """
+    deadline = time.monotonic() + wait
+    for key, host, port in _addresses(settings):
+        while True:
+            try:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((host, port))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise PortTaken(f"cannot listen on {host}:{port} ({key}): {exc.strerror}") from None
+                if time.monotonic() >= deadline:
+                    raise PortTaken(f"{host}:{port} ({key}) is already in use: is another worker "
+                                    "or program listening there?") from None
+                time.sleep(0.1)
+
+
+def settings_json(settings: Settings) -> str:
+    """The settings as JSON with the secrets' real values (model_dump_json writes them masked)."""
+    def plain(value: Any) -> Any:
+        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+    return json.dumps(settings.model_dump(mode="python"), default=plain)
 
 
 # How the http process hands its exact settings, and the name of the consumers' health segment
@@ -142,6 +271,12 @@ _HEALTH_ENV = "INVENTORY_HTTP_HEALTH_SHM"
 
 
 # ---- RSGI (granian) -------------------------------------------------------------------------
+
+
+# granian sends "server: granian" unless the app names a server (it cannot be left out): an
+# empty one names none. (Answers granian gives itself, e.g. 431 for an oversized head, still
+# carry its name: granian issue #594.)
+_RSGI_FIXED = [*SECURITY_HEADERS, ("server", "")]
 
 
 class RSGIApp:
@@ -172,7 +307,7 @@ class RSGIApp:
         client = scope.client.rpartition(":")[0].strip("[]")  # "addr:port", "[v6]:port"
         method = scope.method
         resp = await self.api.handle_async(method, target, scope.headers, client, self.redis, self.executor)
-        headers = [("content-type", resp.content_type), *resp.headers]
+        headers = [("content-type", resp.content_type), *_RSGI_FIXED, *resp.headers]
         if method == "HEAD":
             headers.append(("content-length", str(len(resp.body))))
             proto.response_empty(resp.status, headers)
@@ -213,9 +348,12 @@ def rsgi_app_from_env() -> RSGIApp:
 def granian_limits(settings: Settings) -> dict[str, Any]:
     """The http.* bounds in granian's terms (README "HTTP servers" says what differs).
 
-    - max_connections -> backpressure: per worker process, the connections it serves at once;
-      beyond that granian stops accepting and new connections wait in the listen backlog
-      (the stdlib server answers them 503 instead).
+    - max_connections -> backpressure: per worker process, the connections it serves at once
+      (its share of them); beyond that granian stops accepting and new connections wait in the
+      listen backlog (the stdlib server answers them 503 instead). Unset, 8192: an idle
+      connection costs granian a task and a few KB, so a client holding hundreds of them
+      open locks nobody out (the stdlib server bounds each address instead; granian has no
+      such hook).
     - client_timeout_seconds -> HTTP/1 header_read_timeout: a client must send a whole request
       head within it, also on an idle keep-alive connection, or the connection is closed.
     - max_request_line_bytes + max_header_bytes -> max_buffer_size: a request head that does not
@@ -226,7 +364,7 @@ def granian_limits(settings: Settings) -> dict[str, Any]:
 
     h = settings.http
     return {
-        "backpressure": max(1, -(-h.max_connections // h.workers)),
+        "backpressure": max(1, -(-(h.max_connections or GRANIAN_MAX_CONNECTIONS) // h.workers)),
         "http1_settings": HTTP1Settings(
             header_read_timeout=max(1, int(h.client_timeout_seconds * 1000)),
             keep_alive=True,
@@ -240,7 +378,9 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.log import LogLevels
 
-    os.environ[_SETTINGS_ENV] = settings.model_dump_json()
+    # Inherited by granian's workers only (this process's own environment); never logged.
+    os.environ[_SETTINGS_ENV] = settings_json(settings)
+    _raise_fd_limit()
     if health is not None:  # granian's workers inherit the environment
         os.environ[_HEALTH_ENV] = f"{health.name}:{health.consumers}"
     else:  # served alone (bench/serve_http.py): no consumers to check
@@ -265,9 +405,28 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
         server.signal_handler_interrupt()  # type: ignore[no-untyped-call]
 
     threading.Thread(target=stop_when_asked, name="http-stop", daemon=True).start()
+    management = None
+    if management_address(settings) is not None:
+        ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds) if health else ({}, {})
+        management = _start_management(ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live))
     log.info("http listening", host=settings.http.host, port=settings.http.port, server="granian",
              workers=settings.http.workers)
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        if management is not None:
+            management.shutdown()
+            management.server_close()
+
+
+def _raise_fd_limit() -> None:
+    """Every connection is a file descriptor: the soft limit (often 1024) up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def health_checks(health: ProcessHealth, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -286,16 +445,24 @@ def health_checks(health: ProcessHealth, timeout: float) -> tuple[dict[str, Any]
 
 
 def serve(settings: Settings, stop: threading.Event | Any, health: ProcessHealth | None = None) -> None:
+    try:  # the supervisor checked at start; a restart may find the port taken since
+        check_ports(settings, wait=5.0)
+    except PortTaken as exc:
+        log.error("http port taken; stopping", error=str(exc))
+        raise SystemExit(EXIT_PORT_TAKEN) from None
     if settings.http.server == "granian":
         _serve_granian(settings, stop, health)
         return
     ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds) if health else ({}, {})
     api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)
     server = make_server(api, settings.http.host, settings.http.port)
+    management = _start_management(api)
     log.info("http listening", host=settings.http.host, port=server.server_address[1], server="stdlib")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()
     stop.wait()
-    server.shutdown()
-    server.server_close()
+    for s in (server, management):
+        if s is not None:
+            s.shutdown()
+            s.server_close()
     api.tally.flush()

@@ -88,7 +88,11 @@ def _run(cmd: list[str], timeout: float = 120, check: bool = True, env: dict[str
 
 
 class PrivatePostgres:
-    def __init__(self, root: Path) -> None:
+    """`password`: the superuser `postgres` has it, and every connection must give it (scram-sha-256
+    for local and TCP connections alike, no `trust`)."""
+
+    def __init__(self, root: Path, password: str | None = None) -> None:
+        self.password = password
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
         if not bins:
             raise RuntimeError("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin")
@@ -109,7 +113,14 @@ class PrivatePostgres:
             if self.user:
                 pw = pwd.getpwnam(self.user)
                 os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            _run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+            auth = ["-A", "trust"]
+            if self.password is not None:
+                pwfile = self.dir / "pwfile"
+                pwfile.write_text(self.password + "\n")
+                if self.user:
+                    os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+                auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+            _run([str(self.bin / "initdb"), "-D", str(self.data), *auth, "-U", "postgres",
                   "-E", "UTF8", "--no-sync"], user=self.user)
             # fsync=off is safe here: the suite kills processes, never the OS. Commits stay
             # synchronous: with synchronous_commit=off an immediate stop loses acknowledged ones.
@@ -135,7 +146,7 @@ class PrivatePostgres:
     def terminate_worker_backends(self) -> int:
         """Cuts every connection of the worker (application_name inventory-worker...)."""
         conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                                connect_timeout=5)
+                                connect_timeout=5, password=self.password)
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
@@ -158,7 +169,10 @@ class PrivatePostgres:
 
 
 class PrivateRedis:
-    def __init__(self, root: Path) -> None:
+    """`password`: started with --requirepass."""
+
+    def __init__(self, root: Path, password: str | None = None) -> None:
+        self.password = password
         self.dir = root / "redis"
         self.dir.mkdir(parents=True)
         self.port = pick_port()
@@ -166,14 +180,16 @@ class PrivateRedis:
         self.started_seconds = 0.0
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=5,
+                           password=self.password)
 
     def start(self) -> float:
         t0 = time.monotonic()
         log = open(self.dir / "redis.log", "ab")
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
+             "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password is not None else [])],
             stdout=log, stderr=log, start_new_session=True)
         log.close()
         wait_until(lambda: self.client().ping(), 30, "redis")
@@ -267,6 +283,11 @@ class PrivateRabbitMQ:
         self.started_seconds = time.monotonic() - t0
         return self.started_seconds
 
+    def add_user(self, name: str, password: str) -> None:
+        """A user with every permission on the default vhost."""
+        self.ctl("add_user", name, password)
+        self.ctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+
     def stop_app(self) -> None:
         self.ctl("stop_app")
 
@@ -322,11 +343,11 @@ class PrivateRabbitMQ:
 class PrivateServices:
     """The three services, started for one test run and removed by close()."""
 
-    def __init__(self) -> None:
+    def __init__(self, pg_password: str | None = None, redis_password: str | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="inventory-chaos-"))
         os.chmod(self.root, 0o755)  # the postgres user must reach its data dir
-        self.postgres = PrivatePostgres(self.root)
-        self.redis = PrivateRedis(self.root)
+        self.postgres = PrivatePostgres(self.root, pg_password)
+        self.redis = PrivateRedis(self.root, redis_password)
         self.rabbitmq = PrivateRabbitMQ(self.root)
         self.start_seconds: dict[str, float] = {}
 
@@ -359,9 +380,10 @@ class PrivateServices:
         """`base` (Settings) pointed at the private instances."""
         return base.model_copy(update={
             "database": base.database.model_copy(update={"host": "127.0.0.1", "port": self.postgres.port,
-                                                         "user": "postgres", "password": SecretStr("")}),
+                                                         "user": "postgres",
+                                                         "password": SecretStr(self.postgres.password or "")}),
             "redis": base.redis.model_copy(update={"host": "127.0.0.1", "port": self.redis.port,
-                                                   "password": SecretStr("")}),
+                                                   "password": SecretStr(self.redis.password or "")}),
             "rabbitmq": base.rabbitmq.model_copy(update={"url": AnyUrl(self.rabbitmq.url)}),
         })
 

@@ -48,7 +48,7 @@ def fresh(settings: Any) -> Any:
     return s.model_copy(update={
         "database": s.database.model_copy(update={"dbname": f"{settings.database.dbname}_{tag}"}),
         "redis": s.redis.model_copy(update={"key_prefix": f"{settings.redis.key_prefix}{tag}:"}),
-        "http": s.http.model_copy(update={"port": free_port()}),
+        "http": s.http.model_copy(update={"port": free_port(), "management_port": free_port()}),
     })
 
 

@@ -93,6 +93,10 @@ def test_every_status_the_server_gives_is_documented(worker, served, bus):  # wo
             assert "WWW-Authenticate" in headers
         seen.add(status)
     assert seen == {200, 400, 401, 404, 405, 414}
+    # and the answers the cases above cannot provoke: a stuck consumer (test_operations), two
+    # Authorization headers on /metrics when it needs a role
+    assert "503" in doc["paths"]["/healthz"]["get"]["responses"]
+    assert "400" in doc["paths"]["/metrics"]["get"]["responses"]
 
 
 def test_schemathesis_finds_no_difference_from_the_document(worker, served, bus, tmp_path):
@@ -141,3 +145,28 @@ def test_concurrent_requests_to_granians_worker_processes_admit_exactly_the_burs
     assert statuses == [200] * 15 + [429] * 25
     assert sorted(int(h["RateLimit-Remaining"]) for status, h, _ in got if status == 200) == list(range(15))
     assert all(json.loads(body)["product_id"] == sku for status, _, body in got if status == 200)
+
+
+def test_two_authorization_headers_are_refused_whichever_comes_first(served):
+    """The first one won: a proxy that checks the last one would disagree on who is asking."""
+    from ..integration.test_http_security import raw_request
+
+    sku = uid("SKU")
+    for first, second in (("Bearer " + TEST_TOKEN, "Bearer nope"), ("Bearer nope", "Bearer " + TEST_TOKEN),
+                          ("Bearer " + TEST_TOKEN, "Bearer " + TEST_TOKEN)):
+        status, raw = raw_request(served.base_url, (
+            f"GET /inventory/{sku} HTTP/1.1\r\nHost: x\r\nAuthorization: {first}\r\n"
+            f"Authorization: {second}\r\nConnection: close\r\n\r\n").encode())
+        assert status == 400 and b"more than one Authorization header" in raw, raw
+    assert http_get(f"{served.base_url}/inventory/{sku}")[0] == 404  # one header: served
+
+
+def test_answers_are_not_cached_not_sniffed_and_do_not_name_the_server(served):
+    sku = uid("SKU")
+    for url, token in ((f"{served.base_url}/inventory/{sku}", TEST_TOKEN), (f"{served.base_url}/inventory/{sku}", None),
+                       (f"{served.base_url}/healthz", None), (f"{served.base_url}/metrics", None),
+                       (f"{served.management_url}/readyz", None), (f"{served.management_url}/nothing", None)):
+        status, headers, _ = http_get(url, token=token)
+        assert headers["Cache-Control"] == "no-store", (url, status)
+        assert headers["X-Content-Type-Options"] == "nosniff", (url, status)
+        assert not headers.get("Server"), (url, headers["Server"])  # none, or granian's empty one

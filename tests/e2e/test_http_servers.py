@@ -18,7 +18,7 @@ import pytest
 from ..conftest import HTTP_SERVERS
 from ..integration.test_http_security import raw_request
 from .test_operations import log_lines
-from ..support import WorkerProcess, delete_topology, free_port, http_get, poll, with_own_queues
+from ..support import WorkerProcess, delete_topology, free_port, http_get, pg, poll, uid, with_own_queues
 
 
 @pytest.fixture(scope="module", params=HTTP_SERVERS)
@@ -128,3 +128,82 @@ def _alive(pid: int) -> bool:
 
 def _poll(predicate, timeout: float = 30.0, what: str = "condition"):
     return poll(predicate, timeout, 0.1, what)
+
+
+@pytest.mark.parametrize("server", HTTP_SERVERS)
+def test_a_thousand_idle_connections_from_one_address_lock_nobody_out(settings, start_worker, server):
+    """One address (127.0.0.2) opens 1,000 connections and says nothing: another client (127.0.0.1)
+    is still answered at once on the public port, and the management port's probes and /metrics
+    answer too (with the old defaults granian took ~10 s: its connection slots were all held)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    # Idle connections held for the whole test (the default drops them after 10 s).
+    s = settings.model_copy(update={"http": settings.http.model_copy(update={
+        "server": server, "client_timeout_seconds": 60.0})})
+    w = start_worker(processes=1, settings_override=s)
+    sku = uid("SKU")
+    with pg(settings) as cur:
+        cur.execute("INSERT INTO products (product_id, on_hand) VALUES (%s, 3)", (sku,))
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(socket.create_connection(("127.0.0.1", w.settings.http.port), timeout=5,
+                                                 source_address=("127.0.0.2", 0)))
+        time.sleep(0.5)  # the server has taken what it takes of them
+        for url in (f"{w.base_url}/inventory/{sku}", f"{w.base_url}/healthz") * 3:
+            started = time.monotonic()
+            status, _, body = http_get(url, timeout=15)
+            took = time.monotonic() - started
+            assert status == 200 and took < 0.1, (url, status, body, took)
+        for path in ("/healthz", "/readyz", "/metrics"):
+            status, _, body = http_get(w.management_url + path, token=None, timeout=5)
+            assert status == 200, (path, body)
+        assert b"inventory_http_requests_total" in http_get(w.management_url + "/metrics")[2]
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def _exits_naming(w: WorkerProcess, address: str) -> None:
+    try:
+        rc = w.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        w.kill()
+        pytest.fail(f"the worker kept running with {address} taken: {w.log_path.read_text()[-2000:]}")
+    w.stop()
+    assert rc != 0
+    text = w.log_path.read_text()
+    named = [x["event"] for x in log_lines(w.log_path) if address in x.get("event", "")]
+    assert len(named) == 1 and "already in use" in named[0], text[-2000:]
+    assert "Traceback" not in text and "http listening" not in text and "process started" not in text
+
+
+@pytest.mark.parametrize("which", ["port", "management_port"])
+def test_a_worker_whose_port_another_program_holds_exits_at_start_naming_it(settings, logs_dir, which):
+    with socket.socket() as holder:  # another program, listening
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        http = {"server": "granian", "port": free_port(), "management_port": free_port(), which: taken}
+        s = settings.model_copy(update={"http": settings.http.model_copy(update=http)})
+        w = WorkerProcess(s, processes=1, log_path=logs_dir / f"taken-{which}.log", own_management_port=False)
+        _exits_naming(w.start(wait_ready=False), f"127.0.0.1:{taken}")
+
+
+def test_a_second_worker_on_the_same_port_exits_instead_of_sharing_it(settings, logs_dir):
+    """granian binds with SO_REUSEPORT: the second worker would have split the first one's
+    requests with it (a mix of 200, 401 and 429 when only one holds the token)."""
+    s = with_own_queues(settings, "twins")
+    s = s.model_copy(update={"http": s.http.model_copy(update={"server": "granian", "port": free_port()})})
+    first = WorkerProcess(s, processes=1, log_path=logs_dir / "twin-1.log").start()
+    try:
+        second = WorkerProcess(s.model_copy(update={"auth": s.auth.model_copy(update={"tokens": []})}),
+                               processes=1, log_path=logs_dir / "twin-2.log").start(wait_ready=False)
+        _exits_naming(second, f"127.0.0.1:{s.http.port}")
+        assert [http_get(f"{first.base_url}/inventory/{uid()}")[0] for _ in range(20)] == [404] * 20
+    finally:
+        assert first.stop() == 0
+        delete_topology(s)

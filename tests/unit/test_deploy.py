@@ -193,6 +193,9 @@ def test_deployment_probes_security_and_grace(tmp_path):
     (worker,) = pod["containers"]
     assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # The probes use the management port, where the public port's clients cannot crowd them out.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert worker[probe]["httpGet"]["port"] == "management"
     assert pod["securityContext"]["runAsNonRoot"] is True
     for c in pod["containers"] + pod["initContainers"]:
         sc = c["securityContext"]
@@ -213,6 +216,13 @@ def test_deployment_probes_security_and_grace(tmp_path):
     assert pod["terminationGracePeriodSeconds"] > settings.worker.shutdown_grace_seconds
     port = next(p for p in worker["ports"] if p["name"] == "http")["containerPort"]
     assert port == settings.http.port
+    management = next(p for p in worker["ports"] if p["name"] == "management")["containerPort"]
+    assert management == settings.http.management_port
+    svc = {p["name"]: p for p in docs["Service"]["spec"]["ports"]}
+    assert svc["management"]["targetPort"] == "management"
+    assert docs["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "management"
+    exposed = re.search(r"^EXPOSE (.+)$", (REPO / "Dockerfile").read_text(), re.M).group(1).split()
+    assert {str(port), str(management)} <= set(exposed)
 
 
 def test_keda_scales_the_deployment_on_the_configured_queue(tmp_path):

@@ -30,11 +30,11 @@ from inventory_worker import metrics
 from inventory_worker.adapters import rabbitmq
 from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.config import Settings
-from inventory_worker.contract import INPUT_TYPES, Event, InvalidMessage, parse_event
+from inventory_worker.contract import INPUT_TYPES, Event, Figures, InvalidMessage, Outcome, OutgoingMessage, parse_event
 from inventory_worker.dependencies import describe
 from inventory_worker.heartbeats import ConsumerSlot
 from inventory_worker.logs import get_logger, lines_together
-from inventory_worker.adapters.postgres import Outcome, OutgoingMessage, PermanentError, Store, TransientError
+from inventory_worker.adapters.postgres import PermanentError, Store, TransientError
 
 log = get_logger(__name__)
 
@@ -255,7 +255,7 @@ class Consumer:
         ack_tag: int,
     ) -> None:
         results = self._apply(conn, items)
-        products: dict[str, dict[str, Any]] = {}
+        products: dict[str, Figures] = {}
         outgoing: list[OutgoingMessage] = []
         for (d, _), res in zip(items, results, strict=True):
             if isinstance(res, Unexpected):
@@ -383,7 +383,7 @@ class Consumer:
         log.warning("message dead-lettered", reason=reason, routing_key=d.method.routing_key,
                     message_id=getattr(d.properties, "message_id", None), outcome="dead_lettered")
 
-    def _write_cache(self, figures: list[dict[str, Any]]) -> None:
+    def _write_cache(self, figures: list[Figures]) -> None:
         if not figures:
             return
         if time.monotonic() < self._cache_retry_at:  # backing off: refilled from PostgreSQL later
@@ -397,7 +397,7 @@ class Consumer:
             self._mark_stale(figures)
             self._cache_failed(exc, products=len(figures))
 
-    def _mark_stale(self, figures: list[dict[str, Any]]) -> None:
+    def _mark_stale(self, figures: list[Figures]) -> None:
         if len(self._stale_cache) < 100_000:
             self._stale_cache.update(f["product_id"] for f in figures)
 

@@ -10,7 +10,7 @@ import pika
 import pytest
 
 from inventory_worker.adapters import rabbitmq
-from inventory_worker.adapters.postgres import OutgoingMessage
+from inventory_worker.contract import OutgoingMessage
 
 
 def _messages(n: int, start: int = 1) -> list[OutgoingMessage]:

@@ -82,7 +82,7 @@ def _child_run(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
         os.setpgrp()
         serve(settings, stop, health)
         return
-    from inventory_worker.worker.consumer import Consumer
+    from inventory_worker import bootstrap_worker
     from inventory_worker.worker.background import Maintenance
 
     index = int(role.rsplit("-", 1)[1])
@@ -90,7 +90,7 @@ def _child_run(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
     slot.starting()  # the consumer's loop beats as RUNNING
     maintenance = Maintenance(settings, stop, measure=index == 0)
     maintenance.start()
-    Consumer(settings, stop, slot).run()
+    bootstrap_worker.consumer(settings, stop, slot).run()
     maintenance.join(timeout=5)
     log.info("consumer stopped")
 

@@ -19,7 +19,10 @@ from inventory_worker.adapters.postgres import Store
 if TYPE_CHECKING:
     import pika
 
+    from inventory_worker.heartbeats import ConsumerSlot
     from inventory_worker.worker.background import Maintenance
+    from inventory_worker.worker.consumer import Consumer
+    from inventory_worker.worker.ports import Stop
 
 
 def postgres(settings: Settings) -> Store:
@@ -58,4 +61,36 @@ def maintenance(settings: Settings, stop: threading.Event | Any, measure: bool =
         schedule,
         stop,
         measure=measure,
+    )
+
+
+def consumer(settings: Settings, stop: Stop, slot: ConsumerSlot | None = None) -> Consumer:
+    """A consumer process's loop on the real adapters (the unit tests give it in-memory fakes)."""
+    from inventory_worker.adapters import rabbitmq
+    from inventory_worker.dependencies import describe
+    from inventory_worker.worker.cache_writer import CacheWriter
+    from inventory_worker.worker.consumer import Consumer, ConsumerConfig
+    from inventory_worker.worker.ports import AmqpChannel, AmqpConnection, ResultPublisher
+
+    amqp = settings.rabbitmq
+
+    def connect() -> AmqpConnection:
+        return rabbitmq.connect(amqp)  # type: ignore[no-any-return]  # pika has no type hints
+
+    def open_publisher(conn: AmqpConnection) -> ResultPublisher:
+        return rabbitmq.Publisher(conn.channel(), amqp)
+
+    def declare_topology(channel: AmqpChannel) -> None:
+        rabbitmq.declare_topology(channel, amqp)
+
+    return Consumer(
+        ConsumerConfig.from_settings(settings),
+        stop,
+        store=postgres(settings),
+        cache=CacheWriter(redis_cache(settings)),
+        connect=connect,
+        open_publisher=open_publisher,
+        declare_topology=declare_topology,
+        slot=slot,
+        describe=lambda exc: describe(exc, settings),
     )

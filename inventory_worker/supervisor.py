@@ -83,14 +83,13 @@ def _child_run(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
         serve(settings, stop, health)
         return
     from inventory_worker import bootstrap
-    from inventory_worker.worker.consumer import Consumer
 
     index = int(role.rsplit("-", 1)[1])
     slot = ConsumerSlot(health, index)
     slot.starting()  # the consumer's loop beats as RUNNING
     maintenance = bootstrap.maintenance(settings, stop, measure=index == 0)
     maintenance.start()
-    Consumer(settings, stop, slot).run()
+    bootstrap.consumer(settings, stop, slot).run()
     maintenance.join(timeout=5)
     log.info("consumer stopped")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from urllib.parse import unquote
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 import pika
@@ -23,8 +23,7 @@ import pika.exceptions
 
 from inventory_worker.adapters import amqp_framing
 from inventory_worker.config import RabbitMQSettings, reveal
-from inventory_worker.contract import INPUT_TYPES
-from inventory_worker.adapters.postgres import OutgoingMessage
+from inventory_worker.contract import INPUT_TYPES, OutgoingMessage
 
 amqp_framing.coalesce_writes()
 amqp_framing.robust_tables()

@@ -10,7 +10,7 @@ import pika
 import pytest
 
 from inventory_worker.adapters import rabbitmq
-from inventory_worker.adapters.postgres import OutgoingMessage
+from inventory_worker.contract import OutgoingMessage
 
 
 def _messages(n: int, start: int = 1) -> list[OutgoingMessage]:
@@ -102,7 +102,7 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
     """Nacked results stay unpublished in the outbox (for the relay); confirmed ones are marked."""
     import threading
 
-    from inventory_worker.worker.consumer import Consumer
+    from inventory_worker import bootstrap
     from inventory_worker.adapters.postgres import Store
 
     from ..support import pg, uid
@@ -115,7 +115,7 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
     store.close()
     ids = [m.outbox_id for m in out.messages]
     conn = rabbitmq.connect(s.rabbitmq)
-    consumer = Consumer(s, threading.Event())
+    consumer = bootstrap.consumer(s, threading.Event())
     try:
         ch = conn.channel()
         rabbitmq.declare_topology(ch, s.rabbitmq)

@@ -254,10 +254,6 @@ class Publisher:
         refused, self._refused = self._refused, 0
         return refused
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
     def publish_results(self, messages: Sequence[OutgoingMessage]) -> list[int]:
         """Publishes the messages in order, then waits for the broker's confirms of all of them.
 

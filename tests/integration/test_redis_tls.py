@@ -67,7 +67,7 @@ def _private_redis(args: list[str], settings: RedisSettings, cwd: Path | None = 
 def test_cache_and_rate_limiter_work_over_verified_tls(tls_redis):
     cache = StockCache(tls_redis)
     assert cache.put_many([{"product_id": "P-1", "version": 1, "on_hand": 3, "reserved": 1, "available": 2}]) == 1
-    assert cache.get("P-1").startswith(b'{"version":1')
+    assert cache.client.get(cache.key("P-1")).startswith(b'{"version":1')
     limiter = RateLimiter(cache.client, tls_redis.key_prefix)
     assert [limiter.check_and_get(Limit("token", "t", 0.01, 2), None)[0].allowed for _ in range(3)] == [True, True, False]
 

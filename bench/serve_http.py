@@ -18,9 +18,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from inventory_worker.http import server as http_server
 from inventory_worker.adapters.redis_cache import make_client
 from inventory_worker.config import Settings, load_settings
+from inventory_worker.http import server as http_server
 
 
 def baseline_server(settings: Settings) -> ThreadingHTTPServer:

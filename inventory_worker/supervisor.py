@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from inventory_worker import systemd
@@ -109,7 +109,6 @@ class Child:
     started: float = 0.0
     failures: int = 0
     next_start: float = 0.0
-    restarts: int = field(default=0)
 
 
 class Supervisor:

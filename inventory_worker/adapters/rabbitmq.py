@@ -73,6 +73,15 @@ def connect(settings: RabbitMQSettings) -> pika.BlockingConnection:
     return pika.BlockingConnection(connection_parameters(settings))
 
 
+def check_queue(settings: RabbitMQSettings) -> None:
+    """Raises unless the broker is reachable and the input queue exists (a readiness check)."""
+    conn = connect(settings)
+    try:
+        conn.channel().queue_declare(settings.queue, passive=True)
+    finally:
+        conn.close()
+
+
 def declare_topology(channel: Any, settings: RabbitMQSettings) -> None:
     channel.exchange_declare(settings.exchange, exchange_type="topic", durable=True)
     channel.exchange_declare(settings.events_exchange, exchange_type="topic", durable=True)
@@ -244,10 +253,6 @@ class Publisher:
         """How many messages were nacked, or given up unconfirmed, since the last call."""
         refused, self._refused = self._refused, 0
         return refused
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
 
     def publish_results(self, messages: Sequence[OutgoingMessage]) -> list[int]:
         """Publishes the messages in order, then waits for the broker's confirms of all of them.

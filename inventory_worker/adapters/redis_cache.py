@@ -8,7 +8,7 @@ processes race the cache never goes back to older figures.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import redis
@@ -68,12 +68,6 @@ class StockCache:
         for f in items:
             args += [encode_figures(f), int(f["version"])]
         return int(self._put(keys=[self.key(f["product_id"]) for f in items], args=args))
-
-    def get(self, product_id: str) -> bytes | None:
-        return cast("bytes | None", self.client.get(self.key(product_id)))  # the client does not decode
-
-    def delete(self, product_id: str) -> None:
-        self.client.delete(self.key(product_id))
 
     def ping(self) -> None:
         self.client.ping()

@@ -56,6 +56,7 @@ OUTPUT_TYPES = (
     "inventory.adjusted",
     "inventory.adjustment_rejected",
     "inventory.low_stock",
+    "inventory.back_in_stock",
 )
 
 
@@ -274,6 +275,11 @@ class LowStock(_Strict):
     threshold: int
 
 
+class BackInStock(_Strict):
+    product_id: str
+    available: int
+
+
 OUTPUT_MODELS: dict[str, type[_Strict]] = {
     "inventory.reserved": Reserved,
     "inventory.rejected": Rejected,
@@ -283,6 +289,7 @@ OUTPUT_MODELS: dict[str, type[_Strict]] = {
     "inventory.adjusted": Adjusted,
     "inventory.adjustment_rejected": AdjustmentRejected,
     "inventory.low_stock": LowStock,
+    "inventory.back_in_stock": BackInStock,
 }
 
 

@@ -138,7 +138,7 @@ class OrderPlaced(_Strict):
     @field_validator("lines")
     @classmethod
     def _distinct_products(cls, lines: list[OrderLine]) -> list[OrderLine]:
-        _distinct(lines, lambda l: l.product_id, lambda l: f"product {l.product_id}", "one order")
+        _distinct(lines, lambda line: line.product_id, lambda line: f"product {line.product_id}", "one order")
         return lines
 
 
@@ -154,8 +154,8 @@ class OrderCompleted(_Strict):
 
 _QUANTITIES = ("delta", "on_hand", "incoming")
 # JSON Schema mirrors of the validators below: exactly one quantity; `name` only with `delta`.
-_ONE_QUANTITY = {"oneOf": [{"required": [k], "properties": {k: {"type": "integer"}}} for k in _QUANTITIES]}
-_NAME_WITH_DELTA = {"if": {"required": ["name"], "properties": {"name": {"type": "string"}}},
+_ONE_QUANTITY: dict[str, Any] = {"oneOf": [{"required": [k], "properties": {k: {"type": "integer"}}} for k in _QUANTITIES]}
+_NAME_WITH_DELTA: dict[str, Any] = {"if": {"required": ["name"], "properties": {"name": {"type": "string"}}},
                     "then": {"required": ["delta"], "properties": {"delta": {"type": "integer"}}}}
 
 
@@ -316,17 +316,20 @@ class _StockMovedRules(_Strict):
 
 # `from` is a Python keyword: the model is built with create_model so that the field keeps its
 # wire name (no alias to forget when dumping).
+_STOCK_MOVED_FIELDS: dict[str, Any] = {
+    "product_id": (ProductId, ...),
+    "location_id": (LocationId | None, None),
+    "quantity": (StockQuantity, ...),
+    "from": (Literal["sellable", "damaged", "quality_control"], ...),
+    "to": (Literal["sellable", "damaged", "quality_control", "disposed"], ...),
+    "reason": (Reason | None, None),
+    "reference": (Reference | None, None),
+}
 StockMoved = create_model(
     "StockMoved",
     __base__=_StockMovedRules,
     __doc__="Moves units between quantity states at one location; from and to differ; to disposed writes them off.",
-    product_id=(ProductId, ...),
-    location_id=(LocationId | None, None),
-    quantity=(StockQuantity, ...),
-    **{"from": (Literal["sellable", "damaged", "quality_control"], ...)},  # type: ignore[arg-type]
-    to=(Literal["sellable", "damaged", "quality_control", "disposed"], ...),
-    reason=(Reason | None, None),
-    reference=(Reference | None, None),
+    **_STOCK_MOVED_FIELDS,
 )
 
 
@@ -349,7 +352,7 @@ class StockTransferred(_Strict):
     @field_validator("lines")
     @classmethod
     def _distinct_products(cls, lines: list[TransferLine]) -> list[TransferLine]:
-        _distinct(lines, lambda l: l.product_id, lambda l: f"product {l.product_id}", "one transfer")
+        _distinct(lines, lambda line: line.product_id, lambda line: f"product {line.product_id}", "one transfer")
         return lines
 
     @model_validator(mode="after")

@@ -88,9 +88,13 @@ OUTPUT_TYPES = (
 )
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # "default: null" would read as if null were allowed
+
+
 def _absent() -> Any:
     """The default of an optional field that may be left out but not sent as null."""
-    return Field(None)
+    return Field(None, json_schema_extra=_no_default)
 
 
 class _Strict(BaseModel):

@@ -101,7 +101,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Optional fields where an explicit null means "unset it" (configuration messages): kept
-    # as null for the store. Everywhere else a null field is the same as a missing one.
+    # as null for the store. Other optional fields take null as missing (`X | None = None`)
+    # or refuse it (`_absent()`); either way the store does not see them.
     NULL_UNSETS: ClassVar[tuple[str, ...]] = ()
 
 

@@ -228,6 +228,8 @@ def _describe_field(schema: dict[str, Any], schemas: dict[str, Any]) -> str:
         model = schemas[schema["$ref"].rsplit("/", 1)[1]]
         return "{" + ", ".join(model["properties"]) + "}"
     kind = schema.get("type", "value")
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
     if kind == "array":
         n = f"{schema.get('minItems', 0)}-{schema['maxItems']}" if "maxItems" in schema else "any number"
         return f"list of {n} {_describe_field(schema['items'], schemas)}"
@@ -261,12 +263,9 @@ def _data_help() -> str:
         for sub in nested:
             for name, prop in sub["properties"].items():
                 need = "required" if name in sub.get("required", ()) else "optional"
-                out.append(f"      {sub['title']}.{name:<14} {need}, {_describe_field(prop, schemas)}")
-        if "oneOf" in schema:
-            names = [next(iter(alt["required"])) for alt in schema["oneOf"]]
-            out.append(f"    exactly one of: {', '.join(names)}")
-        if schema.get("description"):
-            out.append(f"    {schema['description']}")
+                out.append(f"      {sub['title'] + '.' + name:<34} {need}, {_describe_field(prop, schemas)}")
+        if schema.get("description"):  # the rules the field list cannot show (exactly one of ...)
+            out.append("    rules: " + " ".join(schema["description"].split()))
     return "\n".join(out)
 
 
@@ -326,6 +325,10 @@ examples:
   inventory-worker publish order.placed \\
       --data '{"order_id": "o-1", "lines": [{"product_id": "SKU-1", "quantity": 3}]}'
   inventory-worker publish order.completed --data '{"order_id": "o-1"}'
+  inventory-worker publish location.configured --data '{"location_id": "store-1", "priority": 1}'
+  inventory-worker publish stock.adjusted --data '{"product_id": "SKU-1", "location_id": "store-1", "delta": 5}'
+  inventory-worker publish stock.moved \\
+      --data '{"product_id": "SKU-1", "quantity": 1, "from": "sellable", "to": "damaged"}'
 """)
     p.add_argument("type", metavar="TYPE", choices=list(INPUT_TYPES),
                    help="one of " + ", ".join(INPUT_TYPES))

@@ -1,4 +1,5 @@
-"""`inventory-worker`: migrate, run, publish, stock, history, verify, prune, dlq, cache, token."""
+"""`inventory-worker`: migrate, run, publish, stock, locations, history, verify, prune, dlq, cache,
+token."""
 
 from __future__ import annotations
 
@@ -86,12 +87,23 @@ def _stock(settings: Settings, args: argparse.Namespace) -> int:
     if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
         print("invalid product id: 1 to 64 characters of letters, digits and ._:-", file=sys.stderr)
         return EXIT_USAGE
+    from inventory_worker.adapters.redis_cache import encode_detail
+
     with closing(bootstrap.postgres(settings)) as store:
-        figures = store.stock(args.product_id)
-    if figures is None:
+        detail = store.product_detail(args.product_id)
+    if detail is None:
         print(f"unknown product: {args.product_id}", file=sys.stderr)
         return 1
-    print(json.dumps(figures))
+    print(encode_detail(detail).decode())  # the document of GET /inventory/{id}/detail
+    return 0
+
+
+def _locations(settings: Settings, args: argparse.Namespace) -> int:
+    from inventory_worker import bootstrap
+
+    with closing(bootstrap.postgres(settings)) as store:
+        for row in store.locations_and_channels():
+            print(json.dumps(row))
     return 0
 
 
@@ -337,15 +349,26 @@ examples:
                    "publishing again with the same id changes nothing")
     p.set_defaults(func=_publish)
 
-    p = _add(sub, "stock", "print a product's figures from PostgreSQL", """
-Prints one JSON object: on_hand, reserved, available and the version. Exit status 1 for an unknown
-product.
+    p = _add(sub, "stock", "print a product's stock (per location, states, policy) from PostgreSQL", """
+Prints one JSON object, the document of GET /inventory/{id}/detail: the product's version, totals
+(on_hand, reserved, available, damaged, quality_control, incoming), policy, and its level at each
+location, by (priority, location_id). Exit status 1 for an unknown product.
 
 example:
   inventory-worker stock SKU-1
 """)
     p.add_argument("product_id", metavar="PRODUCT_ID")
     p.set_defaults(func=_stock)
+
+    p = _add(sub, "locations", "list the locations and the channels from PostgreSQL", """
+Prints one JSON line per location ({"kind": "location", location_id, name, priority, active,
+fulfils_orders}, by priority then id), then one per channel ({"kind": "channel", channel_id,
+strategy, locations}: locations null means every active, order-fulfilling location).
+
+example:
+  inventory-worker locations
+""")
+    p.set_defaults(func=_locations)
 
     p = _add(sub, "dlq", "inspect, replay or purge dead-lettered messages", """
 examples:

@@ -80,7 +80,7 @@ def test_detail_after_a_transfer_lists_every_location_by_priority_then_id(worker
     assert _get(served, f"/inventory/{pid}/detail?channel={uid('nope')}") == (404, {"error": "unknown channel"})
     assert _get(served, f"/inventory/{pid}/detail?channel=bad%20id")[0] == 400
     assert _get(served, f"/inventory/{pid}/detail?channel={web}&channel=default")[0] == 400
-    assert _get(served, f"/inventory/bad%20id/detail")[0] == 400
+    assert _get(served, "/inventory/bad%20id/detail")[0] == 400
     assert _get(served, f"/inventory/{uid('NONE')}/detail?channel={web}") == (404, {"error": "unknown product"})
 
 

@@ -40,7 +40,7 @@ DECLARE
     v_changed  jsonb;
     p          record;
 BEGIN
-    SELECT active AND fulfils_orders INTO v_sells FROM locations WHERE location_id = 'default';
+    v_sells := default_sells();
     FOR i IN 1 .. cardinality(p_product_ids) LOOP
         UPDATE products
            SET on_hand = on_hand + p_on_hand_deltas[i],

@@ -5,9 +5,10 @@
     python -m inventory_worker.asyncapi --check    # exit 1 if the committed file has drifted
 
 The payload schemas are the models' own JSON Schemas; the envelopes take their fields from
-`Envelope` / `OutputEnvelope` with `type` pinned per message. Two rules live in validators,
-which JSON Schema cannot see: "exactly one of delta and on_hand" is mirrored below (oneOf),
-"a product at most once per order" is stated in the description.
+`Envelope` / `OutputEnvelope` with `type` pinned per message. Rules that live in validators
+are mirrored in the models' JSON Schemas (json_schema_extra: exactly one of, excluded fields,
+from != to) where JSON Schema can say them; the rest ("a product at most once per order",
+"from_location_id differs from to_location_id") are stated in the models' descriptions.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ INPUT_DESCRIPTIONS = {
     "order.placed": "Reserve every line of the order, or none.",
     "order.cancelled": "Release the order's reservation (remembered if it comes before order.placed).",
     "order.completed": "Commit the reservation: on_hand and reserved both fall by the quantities.",
-    "stock.adjusted": "Change on_hand by a delta or set it to a count; creates the product if new.",
+    "stock.adjusted": "Change on_hand (or incoming) by a delta or set it to a count, at a location; creates "
+                      "the product if new.",
+    "location.configured": "Create a location or change its name, priority, active or fulfils_orders.",
+    "channel.configured": "Create a channel or change its locations (in preference order) or strategy.",
+    "product.configured": "Create a product (all figures 0) if missing, then set its policy fields.",
+    "stock.moved": "Move units between quantity states (sellable, damaged, quality_control, disposed).",
+    "stock.transferred": "Move units between two locations (or put them in transit), all lines or none.",
+    "stock.received": "Incoming units arrived: on_hand rises, incoming falls; creates the product if new.",
 }
 OUTPUT_DESCRIPTIONS = {
     "inventory.reserved": "Every line of the order is reserved until expires_at.",
@@ -42,9 +50,14 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.committed": "An order's stock left the warehouse.",
     "inventory.expired": "A reservation passed its deadline and was released; causation_id is the order.placed id.",
     "inventory.adjusted": "on_hand changed; the product's figures after the change.",
-    "inventory.adjustment_rejected": "An adjustment that would break a stock rule changed nothing.",
+    "inventory.adjustment_rejected": "An adjustment, move, transfer or receipt that would break a stock rule "
+                                     "changed nothing.",
     "inventory.low_stock": "available fell from above the product's threshold to at or below it.",
-    "inventory.back_in_stock": "available rose from 0 to above 0 (a product's creation is no such rise).",
+    "inventory.configured": "A location, channel or product configuration was applied: the whole of it.",
+    "inventory.configuration_rejected": "A configuration change named something unknown or not allowed now.",
+    "inventory.allocated": "Where a placed order is held, when not every line is held whole at default.",
+    "inventory.moved": "Units moved between states, between locations, or were received.",
+    "inventory.back_in_stock": "available rose from 0 to above 0.",
 }
 
 
@@ -67,11 +80,6 @@ def document(rabbitmq: RabbitMQSettings | None = None) -> dict[str, Any]:
         (m, "validation") for m in (*DATA_MODELS.values(), *OUTPUT_MODELS.values())]
     _, defs = models_json_schema(models, ref_template=REF)
     schemas: dict[str, Any] = dict(sorted(defs.get("$defs", {}).items()))
-    # Validators JSON Schema cannot see (see the module docstring).
-    schemas["StockAdjusted"]["oneOf"] = [
-        {"required": [k], "properties": {k: {"type": "integer"}}} for k in ("delta", "on_hand")]
-    schemas["OrderPlaced"]["description"] = (
-        schemas["OrderPlaced"].get("description", "") + " An order names a product at most once.").strip()
     in_env = Envelope.model_json_schema(mode="validation")
     out_env = OutputEnvelope.model_json_schema(mode="validation")
 

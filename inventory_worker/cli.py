@@ -1,4 +1,5 @@
-"""`inventory-worker`: migrate, run, publish, stock, history, verify, prune, dlq, cache, token."""
+"""`inventory-worker`: migrate, run, publish, stock, locations, history, verify, prune, dlq, cache,
+token."""
 
 from __future__ import annotations
 
@@ -86,12 +87,23 @@ def _stock(settings: Settings, args: argparse.Namespace) -> int:
     if not re.fullmatch(PRODUCT_ID_PATTERN, args.product_id):
         print("invalid product id: 1 to 64 characters of letters, digits and ._:-", file=sys.stderr)
         return EXIT_USAGE
+    from inventory_worker.adapters.redis_cache import encode_detail
+
     with closing(bootstrap.postgres(settings)) as store:
-        figures = store.stock(args.product_id)
-    if figures is None:
+        detail = store.product_detail(args.product_id)
+    if detail is None:
         print(f"unknown product: {args.product_id}", file=sys.stderr)
         return 1
-    print(json.dumps(figures))
+    print(encode_detail(detail).decode())  # the document of GET /inventory/{id}/detail
+    return 0
+
+
+def _locations(settings: Settings, args: argparse.Namespace) -> int:
+    from inventory_worker import bootstrap
+
+    with closing(bootstrap.postgres(settings)) as store:
+        for row in store.locations_and_channels():
+            print(json.dumps(row))
     return 0
 
 
@@ -228,6 +240,8 @@ def _describe_field(schema: dict[str, Any], schemas: dict[str, Any]) -> str:
         model = schemas[schema["$ref"].rsplit("/", 1)[1]]
         return "{" + ", ".join(model["properties"]) + "}"
     kind = schema.get("type", "value")
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
     if kind == "array":
         n = f"{schema.get('minItems', 0)}-{schema['maxItems']}" if "maxItems" in schema else "any number"
         return f"list of {n} {_describe_field(schema['items'], schemas)}"
@@ -261,12 +275,9 @@ def _data_help() -> str:
         for sub in nested:
             for name, prop in sub["properties"].items():
                 need = "required" if name in sub.get("required", ()) else "optional"
-                out.append(f"      {sub['title']}.{name:<14} {need}, {_describe_field(prop, schemas)}")
-        if "oneOf" in schema:
-            names = [next(iter(alt["required"])) for alt in schema["oneOf"]]
-            out.append(f"    exactly one of: {', '.join(names)}")
-        if schema.get("description"):
-            out.append(f"    {schema['description']}")
+                out.append(f"      {sub['title'] + '.' + name:<34} {need}, {_describe_field(prop, schemas)}")
+        if schema.get("description"):  # the rules the field list cannot show (exactly one of ...)
+            out.append("    rules: " + " ".join(schema["description"].split()))
     return "\n".join(out)
 
 
@@ -326,6 +337,10 @@ examples:
   inventory-worker publish order.placed \\
       --data '{"order_id": "o-1", "lines": [{"product_id": "SKU-1", "quantity": 3}]}'
   inventory-worker publish order.completed --data '{"order_id": "o-1"}'
+  inventory-worker publish location.configured --data '{"location_id": "store-1", "priority": 1}'
+  inventory-worker publish stock.adjusted --data '{"product_id": "SKU-1", "location_id": "store-1", "delta": 5}'
+  inventory-worker publish stock.moved \\
+      --data '{"product_id": "SKU-1", "quantity": 1, "from": "sellable", "to": "damaged"}'
 """)
     p.add_argument("type", metavar="TYPE", choices=list(INPUT_TYPES),
                    help="one of " + ", ".join(INPUT_TYPES))
@@ -334,15 +349,26 @@ examples:
                    "publishing again with the same id changes nothing")
     p.set_defaults(func=_publish)
 
-    p = _add(sub, "stock", "print a product's figures from PostgreSQL", """
-Prints one JSON object: on_hand, reserved, available and the version. Exit status 1 for an unknown
-product.
+    p = _add(sub, "stock", "print a product's stock (per location, states, policy) from PostgreSQL", """
+Prints one JSON object, the document of GET /inventory/{id}/detail: the product's version, totals
+(on_hand, reserved, available, damaged, quality_control, incoming), policy, and its level at each
+location, by (priority, location_id). Exit status 1 for an unknown product.
 
 example:
   inventory-worker stock SKU-1
 """)
     p.add_argument("product_id", metavar="PRODUCT_ID")
     p.set_defaults(func=_stock)
+
+    p = _add(sub, "locations", "list the locations and the channels from PostgreSQL", """
+Prints one JSON line per location ({"kind": "location", location_id, name, priority, active,
+fulfils_orders}, by priority then id), then one per channel ({"kind": "channel", channel_id,
+strategy, locations}: locations null means every active, order-fulfilling location).
+
+example:
+  inventory-worker locations
+""")
+    p.set_defaults(func=_locations)
 
     p = _add(sub, "dlq", "inspect, replay or purge dead-lettered messages", """
 examples:

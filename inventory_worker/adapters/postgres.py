@@ -269,6 +269,35 @@ class Store:
             row = cur.fetchone()
         return row[0] if row else None
 
+    def product_detail(self, product_id: str) -> dict[str, Any] | None:
+        """The detail document of GET /inventory/{id}/detail without its `channel` part
+        (product_detail() in sql/procedures/stock.sql); None for an unknown product."""
+        with self._statement() as cur:
+            cur.execute("SELECT product_detail(%s)", (product_id,))
+            detail: dict[str, Any] | None = one_row(cur)[0]
+        return detail
+
+    def channel(self, channel_id: str) -> dict[str, Any] | None:
+        """A channel's configuration {channel_id, strategy, locations (null: the default rule)};
+        None for an unknown channel."""
+        with self._statement() as cur:
+            cur.execute("SELECT channel_id, strategy, locations FROM channels WHERE channel_id = %s", (channel_id,))
+            row = cur.fetchone()
+        return {"channel_id": row[0], "strategy": row[1], "locations": row[2]} if row else None
+
+    def locations_and_channels(self) -> list[dict[str, Any]]:
+        """Every location (by priority, location_id) then every channel (by channel_id)."""
+        with self.transaction() as cur:
+            cur.execute("SELECT location_id, name, priority, active, fulfils_orders FROM locations"
+                        " ORDER BY priority, location_id")
+            out: list[dict[str, Any]] = [
+                {"kind": "location", "location_id": r[0], "name": r[1], "priority": r[2], "active": r[3],
+                 "fulfils_orders": r[4]} for r in cur.fetchall()]
+            cur.execute("SELECT channel_id, strategy, locations FROM channels ORDER BY channel_id")
+            out += [{"kind": "channel", "channel_id": r[0], "strategy": r[1], "locations": r[2]}
+                    for r in cur.fetchall()]
+        return out
+
     def figures(self, product_ids: Sequence[str]) -> list[Figures]:
         with self.transaction() as cur:
             cur.execute(

@@ -4,6 +4,10 @@
 loop, granian) are the whole behaviour, the same gates and answers; `http/server.py` puts them
 behind a server. Routes:
   GET /inventory/{product_id}  figures from Redis; on a miss from PostgreSQL (and Redis refilled)
+  GET /inventory/{product_id}/detail[?channel=ID]
+                               the detail document (levels per location, states, policy), cached
+                               and refilled likewise; with ?channel= the channel's figures, computed
+                               from it and the channel's cached configuration
   GET /healthz                 the worker is alive: no consumer process stuck, else 503
   GET /readyz                  PostgreSQL, Redis and RabbitMQ reachable and every consumer
                                attached to its queue, else 503 naming which check fails
@@ -15,9 +19,11 @@ Every request passes the same gates, in this order, before any route code runs:
   1. input bounds: request line (414), header count and size (431), method (405);
   2. routes that need a role (http/auth.py): the rate limit, per token or else per client address
      (http/ratelimit.py: 429, or 503 when Redis cannot say), then the token (401) and its roles (403);
-  3. the route itself; a product id that breaks the contract's rules is 400 before it is used.
+  3. the route itself; a product (or channel) id that breaks the contract's rules is 400 before
+     it is used.
 A request with more than one Authorization header is 400 on every route that needs a role.
-An admitted stock read costs one Redis call: the rate-limit script returns the cached figures too.
+An admitted stock read costs one Redis call: the rate-limit script returns the cached figures too
+(for a detail read: the cached detail document, and the channel's configuration if asked).
 """
 
 from __future__ import annotations
@@ -36,13 +42,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import cast
-from urllib.parse import unquote
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote
+
+import orjson
 
 from inventory_worker import metrics
 from inventory_worker.adapters.postgres import Store
 from inventory_worker.adapters.redis_async import AsyncRedis
-from inventory_worker.adapters.redis_cache import StockCache, encode_figures
+from inventory_worker.adapters.redis_cache import StockCache, encode_detail, encode_figures
 from inventory_worker.config import AuthSettings, HTTPSettings, RateLimitSettings
 from inventory_worker.contract import PRODUCT_ID_PATTERN
 from inventory_worker.http.auth import Authenticator, Headers, Principal
@@ -64,9 +72,11 @@ class _Pending:
     role: str
     principal: Principal | None
     product_id: str | None  # None: not a valid id (or the /metrics route)
-    stock_key: str | None  # the cached figures to read with the rate-limit decision
+    read_keys: tuple[str, ...]  # the cached documents to read with the rate-limit decision
     limit: Limit | None  # None: limiting off
     sent_authorization: bool
+    channel_id: str | None = None  # the detail route's ?channel=
+    channel_invalid: bool = False
 
 
 @dataclass(slots=True)
@@ -98,6 +108,24 @@ READY_CACHE_SECONDS = 1.0
 _DEFERRED = 0  # the status of an open route's placeholder answer (see ReadAPI._begin)
 _ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 _INVENTORY = "/inventory/"
+_DETAIL = "/detail"
+DETAIL_ROUTE = "/inventory/{product_id}/detail"
+_INVALID_PRODUCT = "invalid product id: 1 to 64 characters of letters, digits and ._:-"
+_INVALID_CHANNEL = "invalid channel id: 1 to 64 characters of letters, digits and ._:-"
+
+
+def channel_figures(detail: dict[str, Any], channel: dict[str, Any]) -> dict[str, Any]:
+    """The `channel` part of a detail document: `available` sums the levels at the channel's
+    active, order-fulfilling locations (every such location when the channel names none: the
+    default rule); `orderable` adds the product's backorder headroom (null when unlimited)."""
+    names = channel.get("locations")
+    chosen = set(names) if names is not None else None
+    available = sum(int(level["available"]) for level in detail["locations"]
+                    if level["active"] and level["fulfils_orders"]
+                    and (chosen is None or level["location_id"] in chosen))
+    headroom = (detail.get("backorder") or {}).get("headroom", 0)
+    return {"channel_id": channel["channel_id"], "strategy": channel["strategy"], "available": available,
+            "orderable": None if headroom is None else available + int(headroom)}
 
 
 class StorePool:
@@ -168,12 +196,12 @@ class ReadAPI:
         p = self._begin(method, path, headers, client)
         if isinstance(p, _Pending):
             decision: Decision | None = None
-            cached = None
+            cached: list[bytes | None] = []
             try:
                 if p.limit is not None:
-                    decision, cached = self.limiter.check_and_get(p.limit, p.stock_key)
-                elif p.stock_key is not None:
-                    cached = self._read_cache(p.stock_key)
+                    decision, cached = self.limiter.check_and_get_many(p.limit, p.read_keys)
+                elif p.read_keys:
+                    cached = self._read_cache(p.read_keys)
             except RateLimitUnavailable as exc:
                 resp = self._limiter_unavailable(exc)
             else:
@@ -196,13 +224,13 @@ class ReadAPI:
         loop = asyncio.get_running_loop()
         if isinstance(p, _Pending):
             decision: Decision | None = None
-            cached = None
+            cached: list[bytes | None] = []
             try:
                 if p.limit is not None:
-                    decision, cached = await self.limiter.acheck_and_get(p.limit, p.stock_key, redis_client)
-                elif p.stock_key is not None:
+                    decision, cached = await self.limiter.acheck_and_get_many(p.limit, p.read_keys, redis_client)
+                elif p.read_keys:
                     try:
-                        cached = await redis_client.execute(b"GET", p.stock_key)
+                        cached = await redis_client.execute(b"MGET", *p.read_keys)
                     except Exception as exc:
                         log.warning("cache read failed; reading PostgreSQL", error=repr(exc))
             except RateLimitUnavailable as exc:
@@ -232,9 +260,9 @@ class ReadAPI:
         items = headers.items()
         if len(items) > limits.max_headers or sum(len(k) + len(v) + 4 for k, v in items) > limits.max_header_bytes:
             return "other", error(431, "request header fields too large")
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         if path.startswith(_INVENTORY):
-            route = "/inventory/{product_id}"
+            route = DETAIL_ROUTE if path.endswith(_DETAIL) else "/inventory/{product_id}"
         elif path in _ROUTES:
             route = path
         else:
@@ -253,17 +281,29 @@ class ReadAPI:
             return route, error(400, "more than one Authorization header")
         principal = self.auth.authenticate(headers)
         product_id = None
-        if route != "/metrics":
+        if route == "/inventory/{product_id}":
             product_id = self._product_id(path[len(_INVENTORY):])
+        elif route == DETAIL_ROUTE:
+            product_id = self._product_id(path[len(_INVENTORY):-len(_DETAIL)])
         # Redis reads the figures only for a request that will be served them: a valid token
         # with the role and a valid id (anything else is answered without them).
-        read = principal is not None and role in principal.roles
+        read = principal is not None and role in principal.roles and product_id is not None
         limit = self._limit(principal, client)
-        stock_key = self.cache.key(product_id) if read and product_id is not None else None
-        return _Pending(route, role, principal, product_id, stock_key, limit,
-                        bool(headers.get("Authorization") or headers.get("authorization")))
+        sent_authorization = bool(headers.get("Authorization") or headers.get("authorization"))
+        if route != DETAIL_ROUTE:
+            stock_keys = (self.cache.key(product_id),) if read and product_id is not None else ()
+            return _Pending(route, role, principal, product_id, stock_keys, limit, sent_authorization)
+        channel_id, channel_invalid = self._channel_id(query)
+        read_keys: tuple[str, ...] = ()
+        if read and product_id is not None and not channel_invalid:
+            read_keys = (self.cache.detail_key(product_id),)
+            if channel_id is not None:
+                read_keys += (self.cache.channel_key(channel_id),)
+        return _Pending(route, role, principal, product_id, read_keys, limit, sent_authorization,
+                        channel_id, channel_invalid)
 
-    def _decide(self, p: _Pending, decision: Decision | None, cached: bytes | None) -> Response | Callable[[], Response]:
+    def _decide(self, p: _Pending, decision: Decision | None,
+                cached: list[bytes | None]) -> Response | Callable[[], Response]:
         """The answer after the Redis step, or a function doing the blocking rest (a cache miss
         read from PostgreSQL, /metrics) that returns it."""
         limit_headers = decision.headers() if decision is not None else []
@@ -281,12 +321,43 @@ class ReadAPI:
         if p.route == "/metrics":
             return lambda: self._with_headers(self._metrics(), limit_headers)
         if p.product_id is None:
-            return error(400, "invalid product id: 1 to 64 characters of letters, digits and ._:-", limit_headers)
-        if cached is not None:
-            self.tally.cache("hit")
-            return Response(200, cached, JSON, limit_headers)
+            return error(400, _INVALID_PRODUCT, limit_headers)
         product_id = p.product_id
+        if p.route == DETAIL_ROUTE:
+            return self._decide_detail(p, product_id, cached, limit_headers)
+        if cached and cached[0] is not None:
+            self.tally.cache("hit")
+            return Response(200, cached[0], JSON, limit_headers)
         return lambda: self._with_headers(self._stock_from_db(product_id), limit_headers)
+
+    def _decide_detail(self, p: _Pending, product_id: str, cached: list[bytes | None],
+                       limit_headers: list[tuple[str, str]]) -> Response | Callable[[], Response]:
+        if p.channel_invalid:
+            return error(400, _INVALID_CHANNEL, limit_headers)
+        detail = cached[0] if cached else None
+        channel = cached[1] if len(cached) > 1 else None
+        channel_id = p.channel_id
+        if detail is not None and (channel_id is None or channel is not None):
+            self.tally.cache("hit")
+            return self._with_headers(self._detail_response(detail, channel), limit_headers)
+        return lambda: self._with_headers(self._detail_from_db(product_id, channel_id, detail, channel),
+                                          limit_headers)
+
+    @staticmethod
+    def _channel_id(query: str) -> tuple[str | None, bool]:
+        """The ?channel= of a detail request: (id or None, whether it is invalid). Given more
+        than once, or breaking the id rules, it is invalid; other parameters are ignored."""
+        if not query:
+            return None, False
+        try:
+            values = parse_qs(query, keep_blank_values=True, errors="strict").get("channel")
+        except (UnicodeDecodeError, ValueError):
+            return None, True
+        if values is None:
+            return None, False
+        if len(values) != 1 or not _PRODUCT_ID.fullmatch(values[0]):
+            return None, True
+        return values[0], False
 
     @staticmethod
     def _with_headers(resp: Response, headers: list[tuple[str, str]]) -> Response:
@@ -336,12 +407,14 @@ class ReadAPI:
             return None
         return product_id if _PRODUCT_ID.fullmatch(product_id) else None
 
-    def _read_cache(self, key: str) -> bytes | None:
+    def _read_cache(self, keys: tuple[str, ...]) -> list[bytes | None]:
         try:
-            return cast("bytes | None", self.cache.client.get(key))  # the client does not decode
+            if len(keys) == 1:
+                return [cast("bytes | None", self.cache.client.get(keys[0]))]  # the client does not decode
+            return cast("list[bytes | None]", self.cache.client.mget(keys))
         except Exception as exc:
             log.warning("cache read failed; reading PostgreSQL", error=repr(exc))
-            return None
+            return []
 
     def _stock_from_db(self, product_id: str) -> Response:
         """A cache miss: the figures from PostgreSQL, and Redis refilled."""
@@ -359,6 +432,47 @@ class ReadAPI:
         except Exception as exc:  # serve the figures anyway
             log.warning("cache refill failed", error=repr(exc))
         return Response(200, encode_figures(figures))
+
+    @staticmethod
+    def _detail_response(detail: bytes, channel: bytes | None) -> Response:
+        """The detail document as cached, or with its `channel` part computed now."""
+        if channel is None:
+            return Response(200, detail)
+        doc = orjson.loads(detail)
+        doc["channel"] = channel_figures(doc, orjson.loads(channel))
+        return Response(200, orjson.dumps(doc))
+
+    def _detail_from_db(self, product_id: str, channel_id: str | None, detail: bytes | None,
+                        channel: bytes | None) -> Response:
+        """A detail read that missed the cache: what is missing from PostgreSQL, cached again."""
+        self.tally.cache("miss")
+        doc = chan = None
+        try:
+            with self.stores.store() as store:
+                if detail is None:
+                    doc = store.product_detail(product_id)
+                if channel_id is not None and channel is None and (detail is not None or doc is not None):
+                    chan = store.channel(channel_id)
+        except Exception as exc:
+            log.warning("stock read failed", error=repr(exc))
+            return error(503, "stock figures are unavailable right now")
+        if detail is None:
+            if doc is None:
+                return error(404, "unknown product")
+            detail = encode_detail(doc)
+            try:
+                self.cache.put_detail(doc, detail)
+            except Exception as exc:  # serve it anyway
+                log.warning("cache refill failed", error=repr(exc))
+        if channel_id is not None and channel is None:
+            if chan is None:
+                return error(404, "unknown channel")
+            channel = orjson.dumps(chan)
+            try:
+                self.cache.put_channel(channel_id, channel)
+            except Exception as exc:
+                log.warning("cache refill failed", error=repr(exc))
+        return self._detail_response(detail, channel)
 
     def _readyz(self) -> Response:
         """The probe is open to anyone: the dependencies are checked once per READY_CACHE_SECONDS

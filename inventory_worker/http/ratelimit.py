@@ -5,9 +5,10 @@ holds its "theoretical arrival time" (TAT). A request is allowed when it does no
 than `burst` emission intervals before the TAT; allowing it moves the TAT one interval on. The
 whole decision is one Lua script, atomic in Redis, one round trip, clocked by Redis's own TIME
 (so replicas with skewed clocks agree). One key per client: a limited client costs the others
-nothing but its own O(1) script calls. The same script optionally reads one more key when the
-request is admitted (the cached stock figures), so an admitted stock read costs one round trip
-in all, not two (`RateLimiter.check_and_get`); a refused request reads nothing.
+nothing but its own O(1) script calls. The same script optionally reads more keys when the
+request is admitted (the cached stock figures; a detail document and a channel's configuration),
+so an admitted stock read costs one round trip in all, not two (`RateLimiter.check_and_get`); a
+refused request reads nothing.
 
 If Redis cannot answer, the check raises RateLimitUnavailable and the API answers 503: an
 endpoint that serves without limits whenever Redis hiccups is not rate limited.
@@ -31,9 +32,10 @@ import redis
 if TYPE_CHECKING:
     from inventory_worker.adapters.redis_async import AsyncRedis
 
-# KEYS[1] the client's key, KEYS[2] (optional) a key to GET once the request is admitted.
+# KEYS[1] the client's key, KEYS[2...] (optional) keys to GET once the request is admitted.
 # ARGV[1] emission interval (µs per request), ARGV[2] burst.
-# Returns {allowed (0/1), remaining, retry_after_us, reset_us[, value of KEYS[2] or nil]}.
+# Returns {allowed (0/1), remaining, retry_after_us, reset_us[, value of KEYS[2] or nil, ...]}
+# (a missing key reads as false, which the reply carries as nil without ending the array).
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -48,8 +50,8 @@ if now < allow_at then
 end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
 local admitted = {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
-if KEYS[2] then
-  admitted[5] = redis.call('GET', KEYS[2])
+for i = 2, #KEYS do
+  admitted[i + 3] = redis.call('GET', KEYS[i])
 end
 return admitted
 """
@@ -122,19 +124,21 @@ class RateLimiter:
     def key(self, kind: str, identity: str) -> str:
         return f"{self.key_prefix}ratelimit:{kind}:{identity}"
 
-    def _keys(self, limit: Limit, read_key: str | None) -> tuple[str, ...]:
-        key = self.key(limit.kind, limit.identity)
-        return (key,) if read_key is None else (key, read_key)
-
     @staticmethod
-    def _decode(reply: list[Any], interval: int, burst: int) -> tuple[Decision, bytes | None]:
-        return Decision.from_reply(reply, interval, burst), (reply[4] if len(reply) > 4 else None)
+    def _decode(reply: list[Any], interval: int, burst: int) -> tuple[Decision, list[bytes | None]]:
+        return Decision.from_reply(reply, interval, burst), reply[4:]
 
     def check_and_get(self, limit: Limit, read_key: str | None) -> tuple[Decision, bytes | None]:
         """Counts one request against `limit`, and when it is admitted reads the value at
         `read_key` (None: absent) in the same script: one round trip for both."""
+        decision, values = self.check_and_get_many(limit, () if read_key is None else (read_key,))
+        return decision, values[0] if values else None
+
+    def check_and_get_many(self, limit: Limit, read_keys: tuple[str, ...]) -> tuple[Decision, list[bytes | None]]:
+        """check_and_get() reading any number of keys: their values, in order (none when the
+        request is refused)."""
         interval = interval_us(limit.rate_per_second)
-        keys = self._keys(limit, read_key)
+        keys = (self.key(limit.kind, limit.identity), *read_keys)
         try:
             try:
                 reply = self.client.evalsha(GCRA_SHA, len(keys), *keys, interval, limit.burst)
@@ -148,12 +152,19 @@ class RateLimiter:
                              client: AsyncRedis) -> tuple[Decision, bytes | None]:
         """check_and_get() on an event loop, through `client` (which sends the script whole on
         NOSCRIPT)."""
+        decision, values = await self.acheck_and_get_many(limit, () if read_key is None else (read_key,), client)
+        return decision, values[0] if values else None
+
+    async def acheck_and_get_many(self, limit: Limit, read_keys: tuple[str, ...],
+                                  client: AsyncRedis) -> tuple[Decision, list[bytes | None]]:
+        """check_and_get_many() on an event loop, through `client`."""
         if client is not self._async_client:
             client.script_sha(GCRA_SCRIPT)
             self._async_client = client
         interval = interval_us(limit.rate_per_second)
         try:
-            reply = await client.evalsha(GCRA_SHA_BYTES, self._keys(limit, read_key), (interval, limit.burst))
+            keys = (self.key(limit.kind, limit.identity), *read_keys)
+            reply = await client.evalsha(GCRA_SHA_BYTES, keys, (interval, limit.burst))
         except redis.RedisError as exc:
             raise RateLimitUnavailable(type(exc).__name__) from exc
         return self._decode(reply, interval, limit.burst)

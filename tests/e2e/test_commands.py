@@ -28,6 +28,7 @@ from ..support import (
     free_port,
     http_get,
     pg,
+    poll,
     settings_env,
     uid,
     with_own_queues,
@@ -231,8 +232,36 @@ def test_publish_then_stock_shows_the_figures(worker, settings):
         time.sleep(0.1)
     shown = cli(settings, "stock", pid)
     assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout) == {"product_id": pid, "on_hand": 12, "reserved": 5, "available": 7,
-                                        "version": 2}
+    detail = json.loads(shown.stdout)  # one JSON object: the detail view (spec 8), the figures' keys too
+    assert {k: detail[k] for k in ("product_id", "on_hand", "reserved", "available", "version")} == {
+        "product_id": pid, "on_hand": 12, "reserved": 5, "available": 7, "version": 2}
+    assert detail["locations"] == [{"location_id": "default", "priority": 0, "active": True, "fulfils_orders": True,
+                                    "on_hand": 12, "reserved": 5, "available": 7, "damaged": 0,
+                                    "quality_control": 0, "incoming": 0, "safety_stock": 0}]
+    assert shown.stdout.startswith('{"version":2,"product_id":')
+
+
+def test_locations_lists_locations_then_channels(worker, settings):
+    loc, web = uid("store"), uid("web")
+    for type_, data in (("location.configured", {"location_id": loc, "priority": -1000000, "active": False}),
+                        ("channel.configured", {"channel_id": web, "locations": [loc, "default"]})):
+        assert cli(settings, "publish", type_, "--data", json.dumps(data)).returncode == 0
+
+    def listed() -> list[dict[str, Any]] | None:
+        r = cli(settings, "locations")
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in r.stdout.splitlines()]
+        return rows if any(x.get("channel_id") == web for x in rows) else None
+
+    rows = poll(listed, what="the channel listed")
+    kinds = [x["kind"] for x in rows]
+    assert kinds == sorted(kinds, key=["location", "channel"].index)  # locations first
+    assert rows[0] == {"kind": "location", "location_id": loc, "name": None, "priority": -1000000,
+                       "active": False, "fulfils_orders": True}  # the lowest priority possible: first
+    assert {"kind": "location", "location_id": "default", "name": None, "priority": 0, "active": True,
+            "fulfils_orders": True} in rows
+    assert {"kind": "channel", "channel_id": web, "strategy": "priority", "locations": [loc, "default"]} in rows
+    assert [x["locations"] for x in rows if x.get("channel_id") == "default"] == [None]
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,11 @@ def test_every_status_the_server_gives_is_documented(worker, served, bus):  # wo
         ("/inventory/{product_id}", f"/inventory/{sku}", "nope", "GET"),
         ("/inventory/{product_id}", f"/inventory/{sku}", TEST_TOKEN, "DELETE"),
         ("/inventory/{product_id}", "/inventory/" + "x" * 5000, TEST_TOKEN, "GET"),
+        ("/inventory/{product_id}/detail", f"/inventory/{sku}/detail?channel=default", TEST_TOKEN, "GET"),
+        ("/inventory/{product_id}/detail", f"/inventory/{sku}/detail?channel={uid()}", TEST_TOKEN, "GET"),
+        ("/inventory/{product_id}/detail", f"/inventory/{sku}/detail?channel=a%20b", TEST_TOKEN, "GET"),
+        ("/inventory/{product_id}/detail", f"/inventory/{sku}/detail", "nope", "GET"),
+        ("/inventory/{product_id}/detail", f"/inventory/{sku}/detail", TEST_TOKEN, "PUT"),
         ("/healthz", "/healthz", None, "GET"), ("/readyz", "/readyz", None, "GET"),
         ("/metrics", "/metrics", None, "GET"), ("/openapi.json", "/openapi.json", None, "POST"),
     ]

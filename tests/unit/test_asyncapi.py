@@ -96,6 +96,51 @@ INPUTS = [
     ("stock.adjusted", {"product_id": "SKU-1"}),
     ("stock.adjusted", {"product_id": "SKU-1", "on_hand": -1}),
     ("stock.adjusted", {"product_id": "SKU-1", "on_hand": 1, "reason": "\u0000"}),
+    # Part A (stock across locations): the rules the validators hold, mirrored in the schemas
+    ("stock.adjusted", {"product_id": "SKU-1", "location_id": "s-1", "incoming": 5, "change_from": 2, "reference": "PO"}),
+    ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "name": "incoming"}),
+    ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "name": None}),
+    ("stock.adjusted", {"product_id": "SKU-1", "on_hand": 5, "name": "on_hand"}),
+    ("stock.adjusted", {"product_id": "SKU-1", "on_hand": 5, "incoming": 1}),
+    ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "name": "damaged"}),
+    ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "atomic": True}),
+    ("stock.adjusted", {"delta": 5}),
+    ("stock.adjusted", {"items": [{"product_id": "A", "delta": 1}, {"product_id": "B", "incoming": 1}], "atomic": False}),
+    ("stock.adjusted", {"items": [{"product_id": "A", "delta": 1}], "product_id": "A"}),
+    ("stock.adjusted", {"items": [{"product_id": "A", "delta": 1}], "reason": None}),
+    ("stock.adjusted", {"items": [{"product_id": "A", "delta": 1}], "atomic": None}),
+    ("stock.adjusted", {"items": [{"product_id": "A"}]}),
+    ("stock.adjusted", {"items": [{"product_id": "A", "on_hand": 1, "name": "on_hand"}]}),
+    ("stock.adjusted", {"items": []}),
+    ("order.placed", {"order_id": "o-1", "channel_id": "web", "lines": [{"product_id": "A", "quantity": 1, "location_id": "s"}]}),
+    ("order.placed", {"order_id": "o-1", "channel_id": "w b", "lines": [{"product_id": "A", "quantity": 1}]}),
+    ("order.placed", {"order_id": "o-1", "lines": [{"product_id": "A", "quantity": 1}], "allow_backorder": False}),
+    ("location.configured", {"location_id": "s-1", "name": None, "priority": -5, "active": False, "fulfils_orders": True}),
+    ("location.configured", {"location_id": "s-1", "priority": None}),
+    ("location.configured", {"location_id": "s-1", "active": 1}),
+    ("channel.configured", {"channel_id": "web", "locations": ["a", "b"], "strategy": "most_available"}),
+    ("channel.configured", {"channel_id": "web", "locations": None}),
+    ("channel.configured", {"channel_id": "default", "locations": None, "strategy": "fewest_locations"}),
+    ("channel.configured", {"channel_id": "default", "locations": ["a"]}),
+    ("channel.configured", {"channel_id": "web", "strategy": "nearest"}),
+    ("channel.configured", {"channel_id": "web", "locations": []}),
+    ("product.configured", {"product_id": "A", "tracked": False, "low_stock_threshold": 1, "max_per_order": None,
+                            "safety_stock": [{"location_id": "s", "quantity": 0}]}),
+    ("product.configured", {"product_id": "A", "max_per_order": 0}),
+    ("product.configured", {"product_id": "A", "tracked": None}),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow"}}),
+    ("stock.moved", {"product_id": "A", "quantity": 1, "from": "sellable", "to": "disposed", "location_id": "s"}),
+    ("stock.moved", {"product_id": "A", "quantity": 1, "from": "damaged", "to": "damaged"}),
+    ("stock.moved", {"product_id": "A", "quantity": 1, "from": "disposed", "to": "sellable"}),
+    ("stock.moved", {"product_id": "A", "quantity": 0, "from": "sellable", "to": "damaged"}),
+    ("stock.transferred", {"transfer_id": "t", "from_location_id": "a", "to_location_id": "b", "in_transit": True,
+                           "lines": [{"product_id": "A", "quantity": 1}]}),
+    ("stock.transferred", {"transfer_id": "t", "from_location_id": "a", "to_location_id": "b", "lines": []}),
+    ("stock.received", {"product_id": "A", "quantity": 1, "location_id": "s", "reference": "PO-1"}),
+    ("stock.received", {"items": [{"product_id": "A", "quantity": 1}], "atomic": True}),
+    ("stock.received", {"product_id": "A"}),
+    ("stock.received", {"product_id": "A", "quantity": 1, "atomic": False}),
+    ("stock.received", {"items": [{"product_id": "A", "quantity": 1}], "location_id": "s"}),
 ]
 
 
@@ -120,3 +165,12 @@ def test_output_schema_matches_validate_output(doc):
     assert not _validator(doc, "InventoryAdjusted").is_valid(bad)
     wrong_type = dict(good, type="inventory.reserved")
     assert not _validator(doc, "InventoryAdjusted").is_valid(wrong_type)
+
+
+def test_output_schemas_accept_what_validate_output_accepts(doc):
+    from .test_contract import GOOD_OUTPUTS
+
+    for type_, data in GOOD_OUTPUTS:
+        body = _body(type_, data, causation_id=str(uuid.uuid4()))
+        validate_output(body)
+        assert _validator(doc, asyncapi._name(type_)).is_valid(body), (type_, data)

@@ -46,10 +46,41 @@ BEGIN
       FROM unnest(p_messages) AS m;
 END $$;
 
+-- A level's `available`: sellable units (on hand, neither damaged nor in quality control) not
+-- reserved, above the safety stock floor; never negative (a count may take it below the floor).
+CREATE OR REPLACE FUNCTION level_available(p_on_hand bigint, p_reserved bigint, p_damaged bigint,
+                                           p_quality_control bigint, p_safety_stock bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT greatest(0, p_on_hand - p_damaged - p_quality_control - p_reserved - p_safety_stock)
+$$;
+
+-- Whether a location's stock counts towards products' `available` (active, fulfils orders).
+-- Configuration rows are read unlocked (a change applies to transactions that start later).
+CREATE OR REPLACE FUNCTION location_sells(p_location_id text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT active AND fulfils_orders FROM locations WHERE location_id = p_location_id), false)
+$$;
+
+-- A product's `available`: the sum of its levels' at active, order-fulfilling locations. A
+-- default-only product's one level is its products row (080_locations.sql); for it this is
+-- today's on_hand - reserved while the new figures are unused.
+CREATE OR REPLACE FUNCTION product_available(p products) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN NOT p.multi_location THEN
+                CASE WHEN location_sells('default') THEN
+                     level_available(p.on_hand, p.reserved, p.damaged, p.quality_control, p.safety_stock)
+                     ELSE 0 END
+           ELSE (SELECT coalesce(sum(level_available(s.on_hand, s.reserved, s.damaged, s.quality_control,
+                                                     s.safety_stock)), 0)::bigint
+                   FROM stock_levels s JOIN locations l ON l.location_id = s.location_id
+                  WHERE s.product_id = p.product_id AND l.active AND l.fulfils_orders) END
+$$;
+
+-- The compact figures (Outcome products, the cache, GET /inventory/{id}): product totals.
 CREATE OR REPLACE FUNCTION product_figures(p products) RETURNS jsonb
 LANGUAGE sql STABLE AS $$  -- STABLE as jsonb_build_object() is, so that it is inlined
     SELECT jsonb_build_object('product_id', p.product_id, 'on_hand', p.on_hand,
-        'reserved', p.reserved, 'available', p.on_hand - p.reserved, 'version', p.version)
+        'reserved', p.reserved, 'available', product_available(p), 'version', p.version)
 $$;
 
 CREATE OR REPLACE FUNCTION rejected(p_event_id uuid, p_order_id text, p_reason text,

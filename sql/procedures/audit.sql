@@ -34,7 +34,7 @@ LANGUAGE sql STABLE AS $$
     ), held AS (
         SELECT ol.product_id, sum(ol.quantity) AS reserved
           FROM order_lines ol JOIN orders o USING (order_id)
-         WHERE o.status = 'reserved' GROUP BY ol.product_id
+         WHERE o.status = 'reserved' AND ol.tracked GROUP BY ol.product_id  -- untracked lines hold nothing
     ), checks AS (
         SELECT p.product_id, 'on_hand' AS figure, p.on_hand AS recorded,
                coalesce(l.on_hand, 0)::bigint AS expected, 'ledger' AS source

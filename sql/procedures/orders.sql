@@ -524,12 +524,12 @@ DECLARE
     h          record;
 BEGIN
     FOR h IN
-        SELECT a.product_id, a.location_id, a.reserved AS quantity
+        SELECT a.product_id, a.location_id, a.reserved AS quantity, a.position
           FROM order_allocations a WHERE p_allocated AND a.order_id = p_order_id AND a.reserved > 0
         UNION ALL
-        SELECT ol.product_id, 'default', ol.quantity FROM order_lines ol
+        SELECT ol.product_id, 'default', ol.quantity, 1 FROM order_lines ol
          WHERE NOT p_allocated AND ol.order_id = p_order_id AND ol.tracked
-         ORDER BY 1, 2
+         ORDER BY 1, 4  -- products in the lock order; a product's levels in allocation order
     LOOP
         IF v_prev IS NOT NULL AND v_prev->'figures'->>'product_id' <> h.product_id THEN
             v_figures := v_figures || jsonb_build_array(v_prev->'figures');

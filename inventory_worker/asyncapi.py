@@ -44,6 +44,7 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.adjusted": "on_hand changed; the product's figures after the change.",
     "inventory.adjustment_rejected": "An adjustment that would break a stock rule changed nothing.",
     "inventory.low_stock": "available fell from above the product's threshold to at or below it.",
+    "inventory.back_in_stock": "available rose from 0 to above 0 (a product's creation is no such rise).",
 }
 
 

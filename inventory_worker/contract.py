@@ -55,6 +55,7 @@ OUTPUT_TYPES = (
     "inventory.adjusted",
     "inventory.adjustment_rejected",
     "inventory.low_stock",
+    "inventory.back_in_stock",
 )
 
 
@@ -273,6 +274,11 @@ class LowStock(_Strict):
     threshold: int
 
 
+class BackInStock(_Strict):
+    product_id: str
+    available: int
+
+
 OUTPUT_MODELS: dict[str, type[_Strict]] = {
     "inventory.reserved": Reserved,
     "inventory.rejected": Rejected,
@@ -282,6 +288,7 @@ OUTPUT_MODELS: dict[str, type[_Strict]] = {
     "inventory.adjusted": Adjusted,
     "inventory.adjustment_rejected": AdjustmentRejected,
     "inventory.low_stock": LowStock,
+    "inventory.back_in_stock": BackInStock,
 }
 
 

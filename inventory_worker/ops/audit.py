@@ -58,9 +58,10 @@ class Audit:
     def _database_mismatches(self) -> list[Mismatch]:
         out = []
         for product_id, figure, recorded, expected, source in self.store.mismatches():
-            by = "the ledger sums to" if source == "ledger" else "active reservations hold"
+            by = {"ledger": "the ledger sums to", "levels": "its levels sum to"}.get(source, "active reservations hold")
+            where = "stock_levels" if " at " in figure else "products"
             out.append(Mismatch(
-                product_id, source, f"{figure} is {recorded} in products, but {by} {expected}",
+                product_id, source, f"{figure} is {recorded} in {where}, but {by} {expected}",
                 {"figure": figure, "recorded": recorded, "expected": expected}))
         return out
 

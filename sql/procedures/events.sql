@@ -53,7 +53,11 @@ BEGIN
         SELECT x->>'product_id' FROM jsonb_array_elements(p_events) ev, jsonb_array_elements(ev->'data'->'lines') x
          WHERE ev->>'type' = 'order.placed'
         UNION SELECT ev->'data'->>'product_id' FROM jsonb_array_elements(p_events) ev
-         WHERE ev->>'type' = 'stock.adjusted'
+         WHERE ev->>'type' IN ('stock.adjusted', 'stock.moved', 'stock.received', 'product.configured')
+        UNION SELECT x->>'product_id' FROM jsonb_array_elements(p_events) ev,
+                     jsonb_array_elements(CASE WHEN ev->>'type' = 'stock.transferred' THEN ev->'data'->'lines'
+                                               ELSE ev->'data'->'items' END) x
+         WHERE ev->>'type' IN ('stock.adjusted', 'stock.received', 'stock.transferred')
         UNION SELECT ol.product_id FROM order_lines ol  -- = ANY(ARRAY(..)): index, not a scan
          WHERE ol.order_id = ANY(ARRAY(SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev
                                         WHERE ev->>'type' IN ('order.cancelled', 'order.completed')))))
@@ -108,6 +112,12 @@ BEGIN
                 WHEN 'order.cancelled' THEN cancel_order(v_event_ids[i], v_event_data[i])
                 WHEN 'order.completed' THEN complete_order(v_event_ids[i], v_event_data[i])
                 WHEN 'stock.adjusted'  THEN adjust_stock(v_event_ids[i], v_event_data[i])
+                WHEN 'stock.moved'     THEN move_state(v_event_ids[i], v_event_data[i])
+                WHEN 'stock.transferred' THEN transfer_stock(v_event_ids[i], v_event_data[i])
+                WHEN 'stock.received'  THEN receive_stock(v_event_ids[i], v_event_data[i])
+                WHEN 'location.configured' THEN configure_location(v_event_ids[i], v_event_data[i])
+                WHEN 'channel.configured'  THEN configure_channel(v_event_ids[i], v_event_data[i])
+                WHEN 'product.configured'  THEN configure_product(v_event_ids[i], v_event_data[i])
             END;
             v_ids := array_append(v_ids, v_event_ids[i]);
             v_types := array_append(v_types, v_event_types[i]);

@@ -1,4 +1,6 @@
--- Stock changes: move_stock() (figures, ledger rows, low-stock messages) and stock.adjusted.
+-- Stock changes: change_level() (THE primitive: one level of one product), move_stock() (the
+-- default level of many products, the hot path), stock.adjusted, stock.moved,
+-- stock.transferred, stock.received.
 
 -- The messages of one product's `available` going from p_before to p_after: inventory.low_stock
 -- from above the threshold to at or below it (as always), inventory.back_in_stock from 0 to
@@ -38,7 +40,7 @@ DECLARE
     v_changed  jsonb;
     p          record;
 BEGIN
-    SELECT active AND fulfils_orders INTO v_sells FROM locations WHERE location_id = 'default';
+    v_sells := default_sells();
     FOR i IN 1 .. cardinality(p_product_ids) LOOP
         UPDATE products
            SET on_hand = on_hand + p_on_hand_deltas[i],
@@ -247,6 +249,9 @@ DECLARE
     v_moved      jsonb;
     v_after      jsonb;
 BEGIN
+    IF p_data ?| ARRAY['location_id', 'incoming', 'name', 'change_from', 'reference', 'items'] THEN
+        RETURN adjust_levels(p_event_id, p_data);  -- the newer fields (locations, states, bulk)
+    END IF;
     INSERT INTO products (product_id) VALUES (v_product_id) ON CONFLICT DO NOTHING;
     v_created := FOUND;
     SELECT * INTO v_row FROM products WHERE product_id = v_product_id FOR UPDATE;
@@ -272,4 +277,334 @@ BEGIN
         'messages', jsonb_build_array(new_message(p_event_id, 'inventory.adjusted', jsonb_build_object(
             'product_id', v_product_id, 'on_hand', v_after->'on_hand', 'reserved', v_after->'reserved',
             'available', v_after->'available'))) || (v_moved->'messages'));
+END $$;
+
+-- Creates the products of an event that do not exist yet (figures 0, version 0; in product_id
+-- order) and locks them all in product_id order (apply_events() locked those that existed).
+-- Returns the ids it created: the caller deletes those left unchanged (version 0) when done,
+-- so that a refused first change leaves no product, as it always did.
+CREATE OR REPLACE FUNCTION create_products(p_ids text[]) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_created text[];
+BEGIN
+    WITH ins AS (
+        INSERT INTO products (product_id) SELECT DISTINCT id FROM unnest(p_ids) id ORDER BY 1
+            ON CONFLICT DO NOTHING RETURNING product_id)
+    SELECT coalesce(array_agg(product_id), '{}') INTO v_created FROM ins;
+    PERFORM lock_products(p_ids);
+    RETURN v_created;
+END $$;
+
+-- A product's totals for a refusal ({on_hand, reserved}; 0 for a product not there yet).
+CREATE OR REPLACE FUNCTION product_totals(p_product_id text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    SELECT jsonb_build_object('on_hand', on_hand, 'reserved', reserved) INTO v FROM products
+     WHERE product_id = p_product_id;
+    RETURN coalesce(v, '{"on_hand": 0, "reserved": 0}');
+END $$;
+
+-- The figures after an event of every product it names that exists, by product_id.
+CREATE OR REPLACE FUNCTION figures_of(p_ids text[]) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]') INTO v
+      FROM products p WHERE p.product_id = ANY(p_ids);
+    RETURN v;
+END $$;
+
+-- One adjustment (a stock.adjusted message or one of its items) checked against its level,
+-- rules in the contract's order: {product_id, location_id, name, current, target, reason}
+-- (reason NULL: it may be applied).
+CREATE OR REPLACE FUNCTION adjustment_check(x jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_location text := coalesce(x->>'location_id', 'default');
+    v_name     text := CASE WHEN jsonb_typeof(x->'incoming') = 'number' OR x->>'name' = 'incoming'
+                            THEN 'incoming' ELSE 'on_hand' END;
+    l          record;
+    v_current  bigint;
+    v_target   bigint;
+BEGIN
+    l := level_of(x->>'product_id', v_location);
+    v_current := CASE v_name WHEN 'incoming' THEN l.incoming ELSE l.on_hand END;
+    v_target := CASE WHEN jsonb_typeof(x->'delta') = 'number' THEN v_current + (x->>'delta')::bigint
+                     ELSE (x->>v_name)::bigint END;
+    RETURN jsonb_build_object('product_id', x->>'product_id', 'location_id', v_location, 'name', v_name,
+        'current', v_current, 'target', v_target, 'reason', CASE
+            WHEN NOT EXISTS (SELECT 1 FROM locations WHERE location_id = v_location) THEN 'unknown_location'
+            WHEN jsonb_typeof(x->'change_from') = 'number' AND (x->>'change_from')::bigint <> v_current THEN 'stale'
+            WHEN v_name = 'on_hand' AND v_target < 0 THEN 'negative_on_hand'
+            WHEN v_name = 'on_hand' AND v_target - l.damaged - l.quality_control < l.reserved THEN 'below_reserved'
+            WHEN v_name = 'incoming' AND v_target < 0 THEN 'negative_incoming' END);
+END $$;
+
+-- inventory.adjustment_rejected for a checked adjustment (c: adjustment_check()); the newer
+-- fields only when the message uses a newer feature (another location, incoming, bulk).
+CREATE OR REPLACE FUNCTION adjustment_rejected(p_event_id uuid, c jsonb, p_reason text, p_index integer) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN new_message(p_event_id, 'inventory.adjustment_rejected', jsonb_build_object(
+            'product_id', c->'product_id', 'reason', p_reason, 'requested', c->'target')
+        || product_totals(c->>'product_id')
+        || CASE WHEN p_index IS NOT NULL OR c->>'location_id' <> 'default' OR c->>'name' = 'incoming'
+                THEN jsonb_build_object('location_id', c->'location_id', 'name', c->'name')
+                     || CASE WHEN p_index IS NOT NULL THEN jsonb_build_object('index', p_index) ELSE '{}' END
+                ELSE '{}' END
+        || CASE WHEN p_reason = 'stale' THEN jsonb_build_object('current', c->'current') ELSE '{}' END);
+END $$;
+
+-- Applies a checked adjustment (x the item, c its check): its messages (inventory.adjusted,
+-- then low_stock / back_in_stock) and the product's figures after.
+CREATE OR REPLACE FUNCTION adjustment_apply(p_event_id uuid, x jsonb, c jsonb, p_index integer, p_new boolean,
+                                            OUT messages jsonb, OUT figures jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_delta   bigint := (c->>'target')::bigint - (c->>'current')::bigint;
+    v_changed jsonb;
+BEGIN
+    v_changed := change_level(c->>'product_id', c->>'location_id',
+                              CASE WHEN c->>'name' = 'on_hand' THEN v_delta ELSE 0 END, 0, 0, 0,
+                              CASE WHEN c->>'name' = 'incoming' THEN v_delta ELSE 0 END,
+                              'adjust', NULL, p_event_id, x->>'reason', x->>'reference',
+                              (x->>'low_stock_threshold')::integer, false, p_new);
+    figures := v_changed->'figures';
+    messages := jsonb_build_array(new_message(p_event_id, 'inventory.adjusted',
+            (figures - 'version')
+            || CASE WHEN p_index IS NOT NULL OR c->>'location_id' <> 'default' OR c->>'name' = 'incoming'
+                    THEN jsonb_build_object('location_id', c->'location_id', 'location', v_changed->'level')
+                         || CASE WHEN p_index IS NOT NULL THEN jsonb_build_object('index', p_index) ELSE '{}' END
+                    ELSE '{}' END))
+        || (v_changed->'messages');
+END $$;
+
+-- stock.adjusted with the newer fields (spec 3.1): a location, `incoming`, `name`,
+-- `change_from` (compare-and-set: `stale`), `reference`, or bulk `items` (+ `atomic`).
+-- Items are independent (each changes one quantity of one level, none twice), so checking
+-- each against the figures before the message is checking it where it stands.
+CREATE OR REPLACE FUNCTION adjust_levels(p_event_id uuid, p_data jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_bulk     boolean := p_data ? 'items';
+    v_items    jsonb := CASE WHEN p_data ? 'items' THEN p_data->'items' ELSE jsonb_build_array(p_data) END;
+    v_atomic   boolean := coalesce((p_data->>'atomic')::boolean, true);
+    v_ids      text[] := ARRAY(SELECT x->>'product_id' FROM jsonb_array_elements(v_items) x);
+    v_created  text[];
+    v_checks   jsonb[] := '{}';
+    v_failed   boolean := false;
+    v_applied  integer := 0;
+    v_messages jsonb := '[]';
+    v_figures  jsonb := '[]';
+    v_done     record;
+    c          jsonb;
+BEGIN
+    v_created := create_products(v_ids);
+    FOR i IN 0 .. jsonb_array_length(v_items) - 1 LOOP
+        c := adjustment_check(v_items->i);
+        v_checks := array_append(v_checks, c);
+        v_failed := v_failed OR c->>'reason' IS NOT NULL;
+        IF NOT v_atomic THEN  -- each item on its own, in order
+            IF c->>'reason' IS NULL THEN
+                v_done := adjustment_apply(p_event_id, v_items->i, c, i, c->>'product_id' = ANY(v_created));
+                v_messages := v_messages || v_done.messages;
+                v_applied := v_applied + 1;
+            ELSE
+                v_messages := v_messages || adjustment_rejected(p_event_id, c, c->>'reason', i);
+            END IF;
+        END IF;
+    END LOOP;
+    IF v_atomic THEN  -- all or none
+        FOR i IN 0 .. jsonb_array_length(v_items) - 1 LOOP
+            c := v_checks[i + 1];
+            IF v_failed THEN
+                v_messages := v_messages || adjustment_rejected(p_event_id, c, coalesce(c->>'reason', 'batch_rejected'),
+                                                                CASE WHEN v_bulk THEN i END);
+            ELSE
+                v_done := adjustment_apply(p_event_id, v_items->i, c, CASE WHEN v_bulk THEN i END,
+                                           c->>'product_id' = ANY(v_created));
+                v_messages := v_messages || v_done.messages;
+                v_figures := v_figures || v_done.figures;
+                v_applied := v_applied + 1;
+            END IF;
+        END LOOP;
+    END IF;
+    DELETE FROM products WHERE product_id = ANY(v_created) AND version = 0;  -- refused first adjustments
+    RETURN jsonb_build_object('outcome', CASE WHEN v_applied > 0 THEN 'adjusted' ELSE 'rejected' END,
+        'messages', v_messages, 'products', CASE WHEN v_bulk THEN figures_of(v_ids)
+                                                 WHEN v_applied > 0 THEN v_figures ELSE figures_of(v_ids) END)
+        || CASE WHEN v_bulk THEN '{}' ELSE jsonb_build_object('product_id', p_data->'product_id') END;
+END $$;
+
+-- The location a refusal of a stock message names, or NULL: the first not configured.
+CREATE OR REPLACE FUNCTION unknown_location_of(p_ids text[]) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v text;
+BEGIN
+    SELECT id INTO v FROM unnest(p_ids) WITH ORDINALITY AS t(id, n)
+     WHERE NOT EXISTS (SELECT 1 FROM locations WHERE location_id = id) ORDER BY n LIMIT 1;
+    RETURN v;
+END $$;
+
+-- stock.moved (spec 3.2): units between quantity states at one level; `disposed` writes off.
+-- Reserved units cannot be moved out of sellable.
+CREATE OR REPLACE FUNCTION move_state(p_event_id uuid, p_data jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_product_id text := p_data->>'product_id';
+    v_location   text := coalesce(p_data->>'location_id', 'default');
+    v_quantity   bigint := (p_data->>'quantity')::bigint;
+    v_from       text := p_data->>'from';
+    v_to         text := p_data->>'to';
+    l            record;
+    v_reason     text;
+    v_changed    jsonb;
+BEGIN
+    l := level_of(v_product_id, v_location);
+    v_reason := CASE
+        WHEN unknown_location_of(ARRAY[v_location]) IS NOT NULL THEN 'unknown_location'
+        WHEN NOT EXISTS (SELECT 1 FROM products WHERE product_id = v_product_id) THEN 'unknown_product'
+        WHEN v_quantity > CASE v_from WHEN 'sellable' THEN l.on_hand - l.damaged - l.quality_control - l.reserved
+                                      WHEN 'damaged' THEN l.damaged ELSE l.quality_control END
+            THEN 'insufficient_quantity' END;
+    IF v_reason IS NOT NULL THEN
+        RETURN jsonb_build_object('outcome', 'rejected', 'product_id', v_product_id,
+            'products', figures_of(ARRAY[v_product_id]),
+            'messages', jsonb_build_array(new_message(p_event_id, 'inventory.adjustment_rejected',
+                jsonb_build_object('product_id', v_product_id, 'reason', v_reason, 'requested', v_quantity,
+                                   'location_id', v_location) || product_totals(v_product_id))));
+    END IF;
+    v_changed := change_level(v_product_id, v_location,
+        CASE WHEN v_to = 'disposed' THEN -v_quantity ELSE 0 END, 0,
+        (CASE v_to WHEN 'damaged' THEN v_quantity ELSE 0 END) - (CASE v_from WHEN 'damaged' THEN v_quantity ELSE 0 END),
+        (CASE v_to WHEN 'quality_control' THEN v_quantity ELSE 0 END)
+            - (CASE v_from WHEN 'quality_control' THEN v_quantity ELSE 0 END),
+        0, 'move', NULL, p_event_id, p_data->>'reason', p_data->>'reference');
+    RETURN jsonb_build_object('outcome', 'moved', 'product_id', v_product_id,
+        'products', jsonb_build_array(v_changed->'figures'),
+        'messages', jsonb_build_array(new_message(p_event_id, 'inventory.moved', jsonb_build_object(
+            'kind', 'state', 'product_id', v_product_id, 'location_id', v_location, 'quantity', v_quantity,
+            'from', v_from, 'to', v_to, 'reason', p_data->'reason', 'reference', p_data->'reference',
+            'location', v_changed->'level'))) || (v_changed->'messages'));
+END $$;
+
+-- stock.transferred (spec 3.3): units from one location to another (or, in transit, to its
+-- `incoming`, for stock.received to finish), all lines or none. The transfer_id is applied
+-- once whatever message ids carry it (`duplicate_transfer`); a refused transfer leaves no trace.
+CREATE OR REPLACE FUNCTION transfer_stock(p_event_id uuid, p_data jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_from       text := p_data->>'from_location_id';
+    v_to         text := p_data->>'to_location_id';
+    v_transit    boolean := coalesce((p_data->>'in_transit')::boolean, false);
+    v_unknown    text := unknown_location_of(ARRAY[p_data->>'from_location_id', p_data->>'to_location_id']);
+    v_lines      jsonb[];
+    v_failed     boolean;
+    v_messages   jsonb := '[]';
+    v_out        jsonb;
+    v_in         jsonb;
+    v_line       jsonb;
+BEGIN
+    INSERT INTO transfers (transfer_id, event_id) VALUES (p_data->>'transfer_id', p_event_id)
+        ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('outcome', 'duplicate_transfer', 'transfer_id', p_data->'transfer_id',
+                                  'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    SELECT array_agg(jsonb_build_object('product_id', x->>'product_id', 'quantity', (x->>'quantity')::bigint,
+               'index', n - 1, 'reason', CASE
+                   WHEN v_unknown IS NOT NULL THEN 'unknown_location'
+                   WHEN NOT EXISTS (SELECT 1 FROM products WHERE product_id = x->>'product_id') THEN 'unknown_product'
+                   WHEN (x->>'quantity')::bigint > l.on_hand - l.damaged - l.quality_control - l.reserved
+                       THEN 'insufficient_quantity' END) ORDER BY n)
+      INTO v_lines
+      FROM jsonb_array_elements(p_data->'lines') WITH ORDINALITY AS t(x, n),
+           LATERAL level_of(x->>'product_id', v_from) l;
+    SELECT bool_or(c->>'reason' IS NOT NULL) INTO v_failed FROM unnest(v_lines) c;
+    IF v_failed THEN
+        DELETE FROM transfers WHERE transfer_id = p_data->>'transfer_id';
+        RETURN jsonb_build_object('outcome', 'rejected', 'transfer_id', p_data->'transfer_id',
+            'products', figures_of(ARRAY(SELECT c->>'product_id' FROM unnest(v_lines) c)),
+            'messages', (SELECT jsonb_agg(new_message(p_event_id, 'inventory.adjustment_rejected', jsonb_build_object(
+                    'product_id', c->'product_id', 'reason', coalesce(c->>'reason', 'batch_rejected'),
+                    'requested', c->'quantity', 'location_id', coalesce(v_unknown, v_from), 'index', c->'index')
+                    || product_totals(c->>'product_id')) ORDER BY (c->>'index')::integer)
+                FROM unnest(v_lines) c));
+    END IF;
+    FOREACH v_line IN ARRAY v_lines LOOP
+        v_out := change_level(v_line->>'product_id', v_from, -(v_line->>'quantity')::bigint, 0, 0, 0, 0, 'transfer', NULL,
+                              p_event_id, p_data->>'reason', p_data->>'reference', NULL, true);
+        v_in := change_level(v_line->>'product_id', v_to, CASE WHEN v_transit THEN 0 ELSE (v_line->>'quantity')::bigint END,
+                             0, 0, 0, CASE WHEN v_transit THEN (v_line->>'quantity')::bigint ELSE 0 END, 'transfer', NULL,
+                             p_event_id, p_data->>'reason', p_data->>'reference', NULL, true);
+        v_messages := v_messages || to_jsonb(stock_messages(p_event_id, v_line->>'product_id',
+            (v_out->>'available_before')::bigint, (v_in->>'available_after')::bigint,
+            (v_in->>'threshold')::integer, true));
+    END LOOP;
+    RETURN jsonb_build_object('outcome', 'transferred', 'transfer_id', p_data->'transfer_id',
+        'products', figures_of(ARRAY(SELECT c->>'product_id' FROM unnest(v_lines) c)),
+        'messages', jsonb_build_array(new_message(p_event_id, 'inventory.moved', jsonb_build_object(
+            'kind', 'transfer', 'transfer_id', p_data->'transfer_id', 'from_location_id', v_from,
+            'to_location_id', v_to, 'in_transit', v_transit, 'lines', p_data->'lines'))) || v_messages);
+END $$;
+
+-- stock.received (spec 3.4): incoming units arrive (on_hand += q, incoming -= what was
+-- expected of them; more than expected is accepted and reported as `unexpected`). Creates the
+-- product like stock.adjusted. One receipt or bulk `items` (+ `atomic`), as stock.adjusted.
+CREATE OR REPLACE FUNCTION receive_stock(p_event_id uuid, p_data jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_bulk     boolean := p_data ? 'items';
+    v_items    jsonb := CASE WHEN p_data ? 'items' THEN p_data->'items' ELSE jsonb_build_array(p_data) END;
+    v_atomic   boolean := coalesce((p_data->>'atomic')::boolean, true);
+    v_ids      text[] := ARRAY(SELECT x->>'product_id' FROM jsonb_array_elements(v_items) x);
+    v_created  text[];
+    v_failed   boolean;
+    v_applied  integer := 0;
+    v_messages jsonb := '[]';
+    v_changed  jsonb;
+    v_location text;
+    v_quantity bigint;
+    v_expected bigint;
+    x          jsonb;
+BEGIN
+    -- The one refusal (an unknown location) does not depend on the figures: known up front.
+    SELECT bool_or(NOT EXISTS (SELECT 1 FROM locations WHERE location_id = coalesce(i->>'location_id', 'default')))
+      INTO v_failed FROM jsonb_array_elements(v_items) i;
+    IF NOT v_failed OR NOT v_atomic THEN
+        v_created := create_products(v_ids);
+    END IF;
+    FOR i IN 0 .. jsonb_array_length(v_items) - 1 LOOP
+        x := v_items->i;
+        v_location := coalesce(x->>'location_id', 'default');
+        v_quantity := (x->>'quantity')::bigint;
+        IF (v_failed AND v_atomic) OR NOT EXISTS (SELECT 1 FROM locations WHERE location_id = v_location) THEN
+            v_messages := v_messages || new_message(p_event_id, 'inventory.adjustment_rejected', jsonb_build_object(
+                    'product_id', x->'product_id', 'requested', v_quantity, 'location_id', v_location,
+                    'reason', CASE WHEN EXISTS (SELECT 1 FROM locations WHERE location_id = v_location)
+                                   THEN 'batch_rejected' ELSE 'unknown_location' END)
+                || product_totals(x->>'product_id')
+                || CASE WHEN v_bulk THEN jsonb_build_object('index', i) ELSE '{}' END);
+            CONTINUE;
+        END IF;
+        v_expected := least(v_quantity, (level_of(x->>'product_id', v_location)).incoming);
+        v_changed := change_level(x->>'product_id', v_location, v_quantity, 0, 0, 0, -v_expected, 'receive', NULL,
+                                  p_event_id, x->>'reason', x->>'reference', NULL, false,
+                                  x->>'product_id' = ANY(v_created));
+        v_messages := v_messages || new_message(p_event_id, 'inventory.moved', jsonb_build_object(
+                'kind', 'receipt', 'product_id', x->'product_id', 'location_id', v_location, 'quantity', v_quantity,
+                'unexpected', v_quantity - v_expected, 'reference', x->'reference', 'location', v_changed->'level')
+            || CASE WHEN v_bulk THEN jsonb_build_object('index', i) ELSE '{}' END)
+            || (v_changed->'messages');
+        v_applied := v_applied + 1;
+    END LOOP;
+    DELETE FROM products WHERE product_id = ANY(v_created) AND version = 0;
+    RETURN jsonb_build_object('outcome', CASE WHEN v_applied > 0 THEN 'received' ELSE 'rejected' END,
+        'messages', v_messages, 'products', figures_of(v_ids))
+        || CASE WHEN v_bulk THEN '{}' ELSE jsonb_build_object('product_id', p_data->'product_id') END;
 END $$;

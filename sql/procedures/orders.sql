@@ -7,7 +7,7 @@
 -- at_default: every product is default-only, so that (for an order held implicitly at
 -- `default`, orders.allocated = false) move_stock() can release or commit it in its products
 -- rows; otherwise the order goes through change_holdings().
-CREATE OR REPLACE FUNCTION locked_lines(p_order_id text,
+CREATE OR REPLACE FUNCTION locked_order_lines(p_order_id text,
     OUT product_ids text[], OUT quantities bigint[], OUT lines jsonb, OUT shortages jsonb, OUT at_default boolean)
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -218,7 +218,7 @@ BEGIN
         RETURN jsonb_build_object('outcome', 'ignored', 'order_id', v_order_id, 'status', v_status,
                                   'messages', '[]'::jsonb, 'products', '[]'::jsonb);
     END IF;
-    v_lines := locked_lines(v_order_id);
+    v_lines := locked_order_lines(v_order_id);
     IF v_allocated OR NOT v_lines.at_default THEN
         v_moved := change_holdings(v_order_id, v_allocated, 0, -1, 'release', p_event_id);
         IF v_allocated THEN
@@ -256,7 +256,7 @@ BEGIN
         RETURN jsonb_build_object('outcome', 'ignored', 'order_id', v_order_id, 'status', coalesce(v_status, 'unknown'),
                                   'messages', '[]'::jsonb, 'products', '[]'::jsonb);
     END IF;
-    v_lines := locked_lines(v_order_id);
+    v_lines := locked_order_lines(v_order_id);
     IF v_allocated OR NOT v_lines.at_default THEN
         RETURN complete_held_order(p_event_id, v_order_id, v_status, v_allocated, v_lines.lines);
     END IF;
@@ -300,7 +300,7 @@ BEGIN
         RETURN NULL;
     END IF;
     -- ... in products rows (default-only products). Locked up front by apply_events(), unless
-    -- an order was placed by a transaction that committed after that (as in locked_lines()).
+    -- an order was placed by a transaction that committed after that (as in locked_order_lines()).
     SELECT coalesce(bool_and(NOT multi_location), true) INTO v_ok FROM (
         SELECT multi_location FROM products WHERE product_id = ANY(ARRAY(
             SELECT product_id FROM order_lines WHERE order_id = ANY(v_order_ids)))
@@ -595,3 +595,7 @@ BEGIN
         'messages', jsonb_build_array(new_message(p_event_id, 'inventory.committed', jsonb_build_object(
             'order_id', p_order_id, 'lines', p_lines))) || v_taken || (v_moved->'messages'));
 END $$;
+
+-- Replaced by locked_order_lines() (its result gained at_default; a function's OUT parameters
+-- cannot be changed in place).
+DROP FUNCTION IF EXISTS locked_lines(text);

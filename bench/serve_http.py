@@ -18,9 +18,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from inventory_worker.http import server
 from inventory_worker.adapters.redis_cache import make_client
 from inventory_worker.config import Settings, load_settings
+from inventory_worker.http import server as http_server
 
 
 def baseline_server(settings: Settings) -> ThreadingHTTPServer:
@@ -67,7 +67,7 @@ def main() -> None:
     # No management listener: this is the public port alone (and the worker's may run beside it).
     http = {"server": kind, "management_port": None, **({"workers": int(workers)} if workers else {})}
     settings = settings.model_copy(update={"http": settings.http.model_copy(update=http)})
-    server.serve(settings, stop)
+    http_server.serve(settings, stop)
 
 
 if __name__ == "__main__":

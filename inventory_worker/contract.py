@@ -8,10 +8,11 @@ by the stored procedures in sql/procedures/, not here.
 from __future__ import annotations
 
 import json
-import uuid
 import re
-from datetime import datetime, UTC
-from typing import Annotated, Any, Literal
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypedDict
 
 import orjson
 from pydantic import (
@@ -306,12 +307,64 @@ def validate_output(body: dict[str, Any]) -> None:
     OUTPUT_MODELS[env.type].model_validate(env.data)
 
 
+# ---- what applying events gives back (shared by the adapters: none imports another) ---------
+
+
+class Figures(TypedDict):
+    """One product's stock figures, as product_figures() in sql/procedures/inventory.sql builds
+    them: what the cache holds and the HTTP endpoint serves."""
+
+    product_id: str
+    on_hand: int
+    reserved: int
+    available: int
+    version: int
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A result event from the outbox, to publish with its outbox row's id."""
+
+    outbox_id: int
+    message_id: str
+    routing_key: str
+    body: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> OutgoingMessage:
+        return cls(int(m["outbox_id"]), str(m["message_id"]), m["routing_key"], m["body"])
+
+
+@dataclass
+class Outcome:
+    """What applying one input event did."""
+
+    outcome: str
+    messages: list[OutgoingMessage] = field(default_factory=list)
+    products: list[Figures] = field(default_factory=list)
+    order_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> Outcome:
+        return cls(
+            outcome=r["outcome"],
+            messages=[OutgoingMessage.from_json(m) for m in r.get("messages", [])],
+            products=list(r.get("products", [])),
+            order_id=r.get("order_id"),
+            detail={k: v for k, v in r.items() if k not in ("outcome", "messages", "products", "order_id")},
+        )
+
+
 __all__ = [
     "Event",
+    "Figures",
     "InvalidMessage",
     "INPUT_TYPES",
     "OUTPUT_TYPES",
     "PRODUCT_ID_PATTERN",
+    "OutgoingMessage",
+    "Outcome",
     "make_event",
     "parse_event",
     "validate_output",

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from inventory_worker import systemd
@@ -83,14 +83,13 @@ def _child_run(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
         serve(settings, stop, health)
         return
     from inventory_worker import bootstrap
-    from inventory_worker.worker.consumer import Consumer
 
     index = int(role.rsplit("-", 1)[1])
     slot = ConsumerSlot(health, index)
     slot.starting()  # the consumer's loop beats as RUNNING
     maintenance = bootstrap.maintenance(settings, stop, measure=index == 0)
     maintenance.start()
-    Consumer(settings, stop, slot).run()
+    bootstrap.consumer(settings, stop, slot).run()
     maintenance.join(timeout=5)
     log.info("consumer stopped")
 
@@ -110,7 +109,6 @@ class Child:
     started: float = 0.0
     failures: int = 0
     next_start: float = 0.0
-    restarts: int = field(default=0)
 
 
 class Supervisor:

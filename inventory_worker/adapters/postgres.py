@@ -13,7 +13,6 @@ import os
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -23,6 +22,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from inventory_worker.config import DatabaseSettings
+from inventory_worker.contract import Figures, Outcome, OutgoingMessage
 
 # Leader election for the per-cluster singletons (expiry sweeper).
 SWEEPER_LOCK_KEY = 0x1A7E_0002
@@ -41,39 +41,6 @@ def one_row(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
     row = cur.fetchone()
     assert row is not None, "the statement returned no row"
     return row
-
-
-@dataclass(frozen=True)
-class OutgoingMessage:
-    outbox_id: int
-    message_id: str
-    routing_key: str
-    body: dict[str, Any]
-
-    @classmethod
-    def from_json(cls, m: dict[str, Any]) -> OutgoingMessage:
-        return cls(int(m["outbox_id"]), str(m["message_id"]), m["routing_key"], m["body"])
-
-
-@dataclass
-class Outcome:
-    """What applying one input event did."""
-
-    outcome: str
-    messages: list[OutgoingMessage] = field(default_factory=list)
-    products: list[dict[str, Any]] = field(default_factory=list)
-    order_id: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, r: dict[str, Any]) -> Outcome:
-        return cls(
-            outcome=r["outcome"],
-            messages=[OutgoingMessage.from_json(m) for m in r.get("messages", [])],
-            products=list(r.get("products", [])),
-            order_id=r.get("order_id"),
-            detail={k: v for k, v in r.items() if k not in ("outcome", "messages", "products", "order_id")},
-        )
 
 
 def _classify(exc: psycopg2.Error) -> Exception:
@@ -202,7 +169,7 @@ class Store:
 
     def expire_reservations(
         self, limit: int
-    ) -> tuple[int, int, list[OutgoingMessage], list[dict[str, Any]]]:
+    ) -> tuple[int, int, list[OutgoingMessage], list[Figures]]:
         """One sweep batch: (expired, candidates seen, messages, figures after)."""
         with self.transaction() as cur:
             cur.execute("SELECT expire_reservations(%s)", (limit,))
@@ -271,7 +238,7 @@ class Store:
             cur.execute("SELECT count(*) FROM products")
             return int(one_row(cur)[0])
 
-    def figures_page(self, after: str, limit: int) -> list[dict[str, Any]]:
+    def figures_page(self, after: str, limit: int) -> list[Figures]:
         """The figures of up to `limit` products whose id sorts after `after`, in id order."""
         with self.transaction() as cur:
             cur.execute(
@@ -294,7 +261,7 @@ class Store:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def stock(self, product_id: str) -> dict[str, Any] | None:
+    def stock(self, product_id: str) -> Figures | None:
         with self.transaction() as cur:
             cur.execute(
                 "SELECT product_figures(p) FROM products p WHERE product_id = %s", (product_id,)
@@ -302,7 +269,7 @@ class Store:
             row = cur.fetchone()
         return row[0] if row else None
 
-    def figures(self, product_ids: Sequence[str]) -> list[dict[str, Any]]:
+    def figures(self, product_ids: Sequence[str]) -> list[Figures]:
         with self.transaction() as cur:
             cur.execute(
                 "SELECT product_figures(p) FROM products p WHERE product_id = ANY(%s)", (list(product_ids),)

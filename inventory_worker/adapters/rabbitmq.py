@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from urllib.parse import unquote
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 import pika
@@ -23,8 +23,7 @@ import pika.exceptions
 
 from inventory_worker.adapters import amqp_framing
 from inventory_worker.config import RabbitMQSettings, reveal
-from inventory_worker.contract import INPUT_TYPES
-from inventory_worker.adapters.postgres import OutgoingMessage
+from inventory_worker.contract import INPUT_TYPES, OutgoingMessage
 
 amqp_framing.coalesce_writes()
 amqp_framing.robust_tables()
@@ -72,6 +71,15 @@ def connection_parameters(settings: RabbitMQSettings) -> pika.URLParameters:
 
 def connect(settings: RabbitMQSettings) -> pika.BlockingConnection:
     return pika.BlockingConnection(connection_parameters(settings))
+
+
+def check_queue(settings: RabbitMQSettings) -> None:
+    """Raises unless the broker is reachable and the input queue exists (a readiness check)."""
+    conn = connect(settings)
+    try:
+        conn.channel().queue_declare(settings.queue, passive=True)
+    finally:
+        conn.close()
 
 
 def declare_topology(channel: Any, settings: RabbitMQSettings) -> None:
@@ -245,10 +253,6 @@ class Publisher:
         """How many messages were nacked, or given up unconfirmed, since the last call."""
         refused, self._refused = self._refused, 0
         return refused
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
 
     def publish_results(self, messages: Sequence[OutgoingMessage]) -> list[int]:
         """Publishes the messages in order, then waits for the broker's confirms of all of them.

@@ -8,7 +8,7 @@ processes race the cache never goes back to older figures.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import redis
@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from inventory_worker.config import RedisSettings
+from inventory_worker.contract import Figures
 
 # KEYS: the product keys; ARGV[1] the TTL in seconds, then for each key its JSON and version.
 # The version sits first in the stored JSON, so it is read without decoding the whole value.
@@ -36,7 +37,7 @@ return written
 """
 
 
-def encode_figures(figures: dict[str, Any]) -> bytes:
+def encode_figures(figures: Figures) -> bytes:
     """The cached and served representation; `version` first (see the Lua script)."""
     return orjson.dumps(
         {
@@ -58,7 +59,7 @@ class StockCache:
     def key(self, product_id: str) -> str:
         return f"{self.settings.key_prefix}stock:{product_id}"
 
-    def put_many(self, figures: Iterable[dict[str, Any]]) -> int:
+    def put_many(self, figures: Iterable[Figures]) -> int:
         """Writes figures that are newer than what is cached; returns how many were written."""
         items = list(figures)
         if not items:
@@ -67,12 +68,6 @@ class StockCache:
         for f in items:
             args += [encode_figures(f), int(f["version"])]
         return int(self._put(keys=[self.key(f["product_id"]) for f in items], args=args))
-
-    def get(self, product_id: str) -> bytes | None:
-        return cast("bytes | None", self.client.get(self.key(product_id)))  # the client does not decode
-
-    def delete(self, product_id: str) -> None:
-        self.client.delete(self.key(product_id))
 
     def ping(self) -> None:
         self.client.ping()

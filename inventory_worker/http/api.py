@@ -30,7 +30,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,20 +39,16 @@ from pathlib import Path
 from typing import cast
 from urllib.parse import unquote
 
-import redis
-
 from inventory_worker import metrics
-
-from inventory_worker.adapters import rabbitmq
-from inventory_worker.http.auth import Authenticator, Headers, Principal
-from inventory_worker.adapters.redis_cache import StockCache, encode_figures
-from inventory_worker.http.tally import HttpTally
-from inventory_worker.config import Settings
-from inventory_worker.http.ratelimit import GCRA_SCRIPT, Decision, RateLimiter, RateLimitUnavailable, interval_us
-from inventory_worker.adapters.redis_async import AsyncRedis
-from inventory_worker.contract import PRODUCT_ID_PATTERN
-from inventory_worker.logs import get_logger
 from inventory_worker.adapters.postgres import Store
+from inventory_worker.adapters.redis_async import AsyncRedis
+from inventory_worker.adapters.redis_cache import StockCache, encode_figures
+from inventory_worker.config import AuthSettings, HTTPSettings, RateLimitSettings
+from inventory_worker.contract import PRODUCT_ID_PATTERN
+from inventory_worker.http.auth import Authenticator, Headers, Principal
+from inventory_worker.http.ratelimit import Decision, Limit, RateLimiter, RateLimitUnavailable
+from inventory_worker.http.tally import HttpTally
+from inventory_worker.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -69,7 +65,7 @@ class _Pending:
     principal: Principal | None
     product_id: str | None  # None: not a valid id (or the /metrics route)
     stock_key: str | None  # the cached figures to read with the rate-limit decision
-    limit: tuple[str, str, float, int] | None  # (kind, identity, rate, burst); None: limiting off
+    limit: Limit | None  # None: limiting off
     sent_authorization: bool
 
 
@@ -107,10 +103,10 @@ _INVENTORY = "/inventory/"
 class StorePool:
     """A few PostgreSQL connections shared by the HTTP threads (cache misses and /readyz)."""
 
-    def __init__(self, settings: Settings, size: int = 4) -> None:
+    def __init__(self, stores: Iterable[Store]) -> None:
         self._free: queue.LifoQueue[Store] = queue.LifoQueue()
-        for _ in range(size):
-            self._free.put(Store(settings.database))
+        for s in stores:
+            self._free.put(s)
 
     @contextmanager
     def store(self) -> Iterator[Store]:
@@ -122,23 +118,30 @@ class StorePool:
 
 
 class ReadAPI:
+    """Built by bootstrap.read_api(), which gives it its adapters."""
+
     def __init__(
         self,
-        settings: Settings,
-        cache: StockCache | None = None,
-        stores: StorePool | None = None,
+        http: HTTPSettings,
+        auth: AuthSettings,
+        rate_limit: RateLimitSettings,
+        *,
+        cache: StockCache,
+        stores: StorePool,
+        limiter: RateLimiter,
+        check_rabbitmq: Callable[[], None],
         extra_ready_checks: Mapping[str, Callable[[], None]] | None = None,
         liveness_checks: Mapping[str, Callable[[], None]] | None = None,
     ) -> None:
-        self.settings = settings
-        self.cache = cache or StockCache(settings.redis)
-        self.stores = stores or StorePool(settings)
+        self.http = http
+        self.rate_limit = rate_limit
+        self.cache = cache
+        self.stores = stores
         self._ready_lock = threading.Lock()
         self._ready_cache: tuple[float, dict[str, str]] | None = None  # (when, failing checks)
-        self.auth = Authenticator(settings.auth)
-        self.limiter = RateLimiter(self.cache.client, settings.redis.key_prefix)
+        self.auth = Authenticator(auth)
+        self.limiter = limiter
         self._limiter_warned_at = -1e9
-        self._async_sha: tuple[AsyncRedis, bytes] | None = None
         self.tally = HttpTally()
         if not self.auth.has_tokens:
             log.warning("no API tokens configured: /inventory answers 401 to everyone "
@@ -147,7 +150,7 @@ class ReadAPI:
         self.dependency_checks: dict[str, Callable[[], None]] = {
             "postgresql": self._check_postgresql,
             "redis": self.cache.ping,
-            "rabbitmq": self._check_rabbitmq,
+            "rabbitmq": check_rabbitmq,
         }
         # In-process state (e.g. every consumer attached): cheap, checked on every probe.
         self.local_ready_checks: dict[str, Callable[[], None]] = dict(extra_ready_checks or {})
@@ -168,7 +171,7 @@ class ReadAPI:
             cached = None
             try:
                 if p.limit is not None:
-                    decision, cached = self.limiter.check_and_get(*p.limit, p.stock_key)
+                    decision, cached = self.limiter.check_and_get(p.limit, p.stock_key)
                 elif p.stock_key is not None:
                     cached = self._read_cache(p.stock_key)
             except RateLimitUnavailable as exc:
@@ -196,16 +199,7 @@ class ReadAPI:
             cached = None
             try:
                 if p.limit is not None:
-                    kind, identity, rate, burst = p.limit
-                    interval = interval_us(rate)
-                    keys = (self.limiter.key(kind, identity),) if p.stock_key is None else (
-                        self.limiter.key(kind, identity), p.stock_key)
-                    try:
-                        reply = await redis_client.evalsha(self._gcra_sha(redis_client), keys, (interval, burst))
-                    except redis.RedisError as exc:
-                        raise RateLimitUnavailable(type(exc).__name__) from exc
-                    decision = Decision.from_reply(reply, interval, burst)
-                    cached = reply[4] if len(reply) > 4 else None
+                    decision, cached = await self.limiter.acheck_and_get(p.limit, p.stock_key, redis_client)
                 elif p.stock_key is not None:
                     try:
                         cached = await redis_client.execute(b"GET", p.stock_key)
@@ -224,11 +218,6 @@ class ReadAPI:
         self._observe(route, resp, started)
         return resp
 
-    def _gcra_sha(self, client: AsyncRedis) -> bytes:
-        if self._async_sha is None or self._async_sha[0] is not client:  # the client keeps the script for EVAL
-            self._async_sha = (client, client.script_sha(GCRA_SCRIPT))
-        return self._async_sha[1]
-
     def _observe(self, route: str, resp: Response, started: float) -> None:
         self.tally.request(route, resp.status, time.perf_counter() - started)
 
@@ -236,7 +225,7 @@ class ReadAPI:
                client: str) -> tuple[str, Response] | _Pending:
         """The gates that need no I/O: an answer (route, response), or what to ask Redis.
         An open route is answered (route, _DEFERRED) for the caller to run self._open(route)."""
-        limits = self.settings.http
+        limits = self.http
         # "METHOD SP target SP HTTP/1.1": the server adapter bounds the raw line too.
         if len(method) + len(target) + 10 > limits.max_request_line_bytes:
             return "other", error(414, "request line too long")
@@ -310,14 +299,15 @@ class ReadAPI:
             log.warning("rate limiter unavailable; refusing requests with 503", error=str(exc))
         return error(503, "rate limiter unavailable; try again shortly", [("Retry-After", "1")])
 
-    def _limit(self, principal: Principal | None, client: str) -> tuple[str, str, float, int] | None:
-        """Whose limit a request counts against: (kind, identity, rate, burst); None when off."""
-        rl = self.settings.rate_limit
+    def _limit(self, principal: Principal | None, client: str) -> Limit | None:
+        """Whose limit a request counts against; None when limiting is off."""
+        rl = self.rate_limit
         if not rl.enabled:
             return None
         if principal is not None:
-            return "token", principal.name, principal.rate_per_second or rl.rate_per_second, principal.burst or rl.burst
-        return "addr", client or "unknown", rl.anonymous_rate_per_second, rl.anonymous_burst
+            return Limit("token", principal.name, principal.rate_per_second or rl.rate_per_second,
+                         principal.burst or rl.burst)
+        return Limit("addr", client or "unknown", rl.anonymous_rate_per_second, rl.anonymous_burst)
 
     def _open(self, route: str) -> Response:
         if route == "/healthz":
@@ -404,9 +394,3 @@ class ReadAPI:
         with self.stores.store() as store:
             store.ping()
 
-    def _check_rabbitmq(self) -> None:
-        conn = rabbitmq.connect(self.settings.rabbitmq)
-        try:
-            conn.channel().queue_declare(self.settings.rabbitmq.queue, passive=True)
-        finally:
-            conn.close()

@@ -7,9 +7,9 @@ whole decision is one Lua script, atomic in Redis, one round trip, clocked by Re
 (so replicas with skewed clocks agree). One key per client: a limited client costs the others
 nothing but its own O(1) script calls. The same script optionally reads one more key when the
 request is admitted (the cached stock figures), so an admitted stock read costs one round trip
-in all, not two (`check_and_get`); a refused request reads nothing.
+in all, not two (`RateLimiter.check_and_get`); a refused request reads nothing.
 
-If Redis cannot answer, `check` raises RateLimitUnavailable and the API answers 503: an
+If Redis cannot answer, the check raises RateLimitUnavailable and the API answers 503: an
 endpoint that serves without limits whenever Redis hiccups is not rate limited.
 
 Response headers (draft-ietf-httpapi-ratelimit-headers, the separate-field form):
@@ -22,10 +22,14 @@ Response headers (draft-ietf-httpapi-ratelimit-headers, the separate-field form)
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
+
+if TYPE_CHECKING:
+    from inventory_worker.adapters.redis_async import AsyncRedis
 
 # KEYS[1] the client's key, KEYS[2] (optional) a key to GET once the request is admitted.
 # ARGV[1] emission interval (µs per request), ARGV[2] burst.
@@ -50,6 +54,8 @@ end
 return admitted
 """
 GCRA_SCRIPT = _GCRA
+GCRA_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()
+GCRA_SHA_BYTES = GCRA_SHA.encode()
 
 
 class RateLimitUnavailable(Exception):
@@ -94,28 +100,60 @@ def interval_us(rate_per_second: float) -> int:
     return max(1, round(1_000_000 / rate_per_second))
 
 
+class Limit(NamedTuple):  # made per request: a tuple, cheaper than a frozen dataclass
+    """Whose bucket a request counts against (kind: "token" or "addr") and its size."""
+
+    kind: str
+    identity: str
+    rate_per_second: float
+    burst: int
+
+
 class RateLimiter:
+    """The one limiter of both servers: a blocking face (`check_and_get`, redis-py: the stdlib
+    server) and an event-loop face (`acheck_and_get`, the pipelined client of adapters/redis_async.py:
+    granian), the same script, keys and decoding."""
+
     def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self.client = client
         self.key_prefix = key_prefix
-        self._script = client.register_script(_GCRA)
+        self._async_client: AsyncRedis | None = None  # the client that knows the script (for EVAL)
 
     def key(self, kind: str, identity: str) -> str:
         return f"{self.key_prefix}ratelimit:{kind}:{identity}"
 
-    def check(self, kind: str, identity: str, rate_per_second: float, burst: int) -> Decision:
-        """Counts one request of `identity` (kind: "token" or "addr") against its limit."""
-        return self.check_and_get(kind, identity, rate_per_second, burst, None)[0]
+    def _keys(self, limit: Limit, read_key: str | None) -> tuple[str, ...]:
+        key = self.key(limit.kind, limit.identity)
+        return (key,) if read_key is None else (key, read_key)
 
-    def check_and_get(self, kind: str, identity: str, rate_per_second: float, burst: int,
-                      read_key: str | None) -> tuple[Decision, bytes | None]:
-        """check(), and when the request is admitted the value at `read_key` (None: absent), read
-        in the same script: one round trip for both."""
-        interval = interval_us(rate_per_second)
-        keys = [self.key(kind, identity)] if read_key is None else [self.key(kind, identity), read_key]
+    @staticmethod
+    def _decode(reply: list[Any], interval: int, burst: int) -> tuple[Decision, bytes | None]:
+        return Decision.from_reply(reply, interval, burst), (reply[4] if len(reply) > 4 else None)
+
+    def check_and_get(self, limit: Limit, read_key: str | None) -> tuple[Decision, bytes | None]:
+        """Counts one request against `limit`, and when it is admitted reads the value at
+        `read_key` (None: absent) in the same script: one round trip for both."""
+        interval = interval_us(limit.rate_per_second)
+        keys = self._keys(limit, read_key)
         try:
-            reply = self._script(keys=keys, args=[interval, burst])
+            try:
+                reply = self.client.evalsha(GCRA_SHA, len(keys), *keys, interval, limit.burst)
+            except redis.exceptions.NoScriptError:  # Redis lost it (a restart, SCRIPT FLUSH)
+                reply = self.client.eval(GCRA_SCRIPT, len(keys), *keys, interval, limit.burst)
         except redis.RedisError as exc:
             raise RateLimitUnavailable(type(exc).__name__) from exc
-        decision = Decision.from_reply(reply, interval, burst)
-        return decision, (reply[4] if len(reply) > 4 else None)
+        return self._decode(reply, interval, limit.burst)
+
+    async def acheck_and_get(self, limit: Limit, read_key: str | None,
+                             client: AsyncRedis) -> tuple[Decision, bytes | None]:
+        """check_and_get() on an event loop, through `client` (which sends the script whole on
+        NOSCRIPT)."""
+        if client is not self._async_client:
+            client.script_sha(GCRA_SCRIPT)
+            self._async_client = client
+        interval = interval_us(limit.rate_per_second)
+        try:
+            reply = await client.evalsha(GCRA_SHA_BYTES, self._keys(limit, read_key), (interval, limit.burst))
+        except redis.RedisError as exc:
+            raise RateLimitUnavailable(type(exc).__name__) from exc
+        return self._decode(reply, interval, limit.burst)

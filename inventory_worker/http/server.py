@@ -7,6 +7,12 @@ Two servers, one behaviour (`ReadAPI.handle`), chosen by `http.server`:
   consumers' health slots by name (heartbeats.py).
 - `stdlib`: the standard library's ThreadingHTTPServer, in the http process.
 
+Why the stdlib server stays, though granian serves reads at 4.8x its rate (docs/performance.md):
+the management listener below is a stdlib server in either mode, so its code is needed anyway;
+choosing it for the public port costs only `serve()`'s last branch. It is the fallback where
+granian has no wheel (a platform without one needs a Rust toolchain to install it), and it runs
+the same ReadAPI (the blocking face of the same rate limiter), covered by the same tests.
+
 Both bound what they read before the API sees anything: the request head, idle connections (a
 timeout) and how many connections they serve at once (`granian_limits` maps the settings; the
 stdlib server answers connections beyond http.max_connections, or beyond
@@ -38,6 +44,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from inventory_worker import bootstrap
 from inventory_worker.adapters.redis_async import AsyncRedis
 from inventory_worker.config import Settings
 from inventory_worker.heartbeats import ProcessHealth
@@ -96,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(resp.body)
 
     def handle_one_request(self) -> None:
-        max_line = self.api.settings.http.max_request_line_bytes
+        max_line = self.api.http.max_request_line_bytes
         try:
             self.raw_requestline = self.rfile.readline(max_line + 1)
             if len(self.raw_requestline) > max_line:
@@ -200,7 +207,7 @@ class _BoundedServer(ThreadingHTTPServer):
 def make_server(api: ReadAPI, host: str, port: int,
                 routes: tuple[str, ...] | None = None) -> ThreadingHTTPServer:
     """The stdlib server for `api`; `routes` limits it to those paths (others are 404)."""
-    h = api.settings.http
+    h = api.http
     handler = type("Handler", (_Handler,), {"api": api, "timeout": h.client_timeout_seconds, "routes": routes})
     return _BoundedServer((host, port), handler, h.max_connections or STDLIB_MAX_CONNECTIONS,
                           h.max_connections_per_address)
@@ -211,9 +218,9 @@ def management_address(settings: Settings) -> tuple[str, int] | None:
     return None if h.management_port is None else (h.management_host or h.host, h.management_port)
 
 
-def _start_management(api: ReadAPI) -> ThreadingHTTPServer | None:
+def _start_management(api: ReadAPI, settings: Settings) -> ThreadingHTTPServer | None:
     """/healthz, /readyz and /metrics on the management port, in a thread of this process."""
-    where = management_address(api.settings)
+    where = management_address(settings)
     if where is None:
         return None
     server = make_server(api, *where, routes=MANAGEMENT_ROUTES)
@@ -288,10 +295,10 @@ class RSGIApp:
     `http.threads` threads, so it never stalls the loop.
     """
 
-    def __init__(self, api: ReadAPI) -> None:
+    def __init__(self, api: ReadAPI, redis: AsyncRedis) -> None:
         self.api = api
-        self.redis = AsyncRedis(api.settings.redis)
-        self.executor = ThreadPoolExecutor(api.settings.http.threads, thread_name_prefix="http-blocking")
+        self.redis = redis
+        self.executor = ThreadPoolExecutor(api.http.threads, thread_name_prefix="http-blocking")
 
     def __rsgi_del__(self, loop: Any) -> None:  # granian: the worker's loop is stopping
         self.api.tally.flush()
@@ -342,7 +349,7 @@ def rsgi_app_from_env() -> RSGIApp:
         name, consumers = shm.rsplit(":", 1)
         health = ProcessHealth.attach(name, int(consumers))  # mapped for this process's lifetime
         ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds)
-    return RSGIApp(ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live))
+    return RSGIApp(bootstrap.read_api(settings, ready, live), bootstrap.async_redis(settings))
 
 
 def granian_limits(settings: Settings) -> dict[str, Any]:
@@ -408,7 +415,7 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
     management = None
     if management_address(settings) is not None:
         ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds) if health else ({}, {})
-        management = _start_management(ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live))
+        management = _start_management(bootstrap.read_api(settings, ready, live), settings)
     log.info("http listening", host=settings.http.host, port=settings.http.port, server="granian",
              workers=settings.http.workers)
     try:
@@ -454,9 +461,9 @@ def serve(settings: Settings, stop: threading.Event | Any, health: ProcessHealth
         _serve_granian(settings, stop, health)
         return
     ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds) if health else ({}, {})
-    api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)
+    api = bootstrap.read_api(settings, ready, live)
     server = make_server(api, settings.http.host, settings.http.port)
-    management = _start_management(api)
+    management = _start_management(api, settings)
     log.info("http listening", host=settings.http.host, port=server.server_address[1], server="stdlib")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()

@@ -16,14 +16,16 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import redis
 
 from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.adapters.postgres import Store
+from inventory_worker.contract import Figures
 
-FIGURES = ("on_hand", "reserved", "available", "version")
+FIGURES: tuple[Literal["on_hand", "reserved", "available", "version"], ...] = (
+    "on_hand", "reserved", "available", "version")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class Audit:
         return out
 
     @staticmethod
-    def _describe(product_id: str, raw: bytes, figures: dict[str, Any] | None) -> Mismatch:
+    def _describe(product_id: str, raw: bytes, figures: Figures | None) -> Mismatch:
         cached = _decode(raw)
         if figures is None:
             return Mismatch(product_id, "cache", "cached in Redis, but no such product in PostgreSQL",

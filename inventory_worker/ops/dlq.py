@@ -17,9 +17,7 @@ from typing import Any
 
 import pika
 
-from inventory_worker.adapters import rabbitmq
-
-from inventory_worker.adapters import amqp_framing
+from inventory_worker.adapters import amqp_framing, rabbitmq
 from inventory_worker.config import RabbitMQSettings
 
 # Not carried over to a replayed message: ours describe the refusal, x-delivery-count is the
@@ -109,9 +107,6 @@ class DeadLetterQueue:
             self.conn.close()  # unsettled messages go back to the DLQ
         except Exception:  # already closed
             pass
-
-    def depth(self) -> int:
-        return int(self.channel.queue_declare(self.settings.dead_letter_queue, passive=True).method.message_count)
 
     def messages(self, limit: int | None = None) -> Iterator[DeadLetter]:
         """Takes messages off the DLQ unacked, one at a time, up to `limit`."""

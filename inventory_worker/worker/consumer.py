@@ -26,15 +26,23 @@ from typing import Any
 import tenacity
 
 from inventory_worker import metrics
-
-from inventory_worker.adapters import rabbitmq
-from inventory_worker.adapters.redis_cache import StockCache
+from inventory_worker.adapters.postgres import PermanentError, TransientError
+from inventory_worker.adapters.rabbitmq import CONNECTION_ERRORS
 from inventory_worker.config import Settings
-from inventory_worker.contract import INPUT_TYPES, Event, InvalidMessage, parse_event
-from inventory_worker.dependencies import describe
+from inventory_worker.contract import (
+    INPUT_TYPES,
+    Event,
+    Figures,
+    InvalidMessage,
+    Outcome,
+    OutgoingMessage,
+    parse_event,
+)
+from inventory_worker.dependencies import Failure
 from inventory_worker.heartbeats import ConsumerSlot
 from inventory_worker.logs import get_logger, lines_together
-from inventory_worker.adapters.postgres import Outcome, OutgoingMessage, PermanentError, Store, TransientError
+from inventory_worker.worker.cache_writer import CacheWriter
+from inventory_worker.worker.ports import AmqpChannel, AmqpConnection, EventStore, ResultPublisher, Stop
 
 log = get_logger(__name__)
 
@@ -56,6 +64,24 @@ class Delivery:
         return tag
 
 
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """The settings the consumer's loop reads."""
+
+    queue: str
+    delivery_limit: int  # attempts at applying a redelivered message before it is dead-lettered
+    batch_size: int = 100
+    batch_max_wait_ms: int = 5
+    max_message_bytes: int = 1_048_576
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConsumerConfig:
+        w = settings.worker
+        return cls(queue=settings.rabbitmq.queue, delivery_limit=settings.rabbitmq.delivery_limit,
+                   batch_size=w.batch_size, batch_max_wait_ms=w.batch_max_wait_ms,
+                   max_message_bytes=w.max_message_bytes)
+
+
 class Stopping(Exception):
     """Shutdown was asked for while waiting to retry; the batch stays unacked (redelivered)."""
 
@@ -63,6 +89,10 @@ class Stopping(Exception):
 class Unexpected(PermanentError):
     """An exception nobody foresaw while applying one message: that message is dead-lettered
     with it as the reason, rather than the process dying and the message coming back."""
+
+
+# Raised while applying, but no fault of the messages: the loop handles them.
+_NOT_THIS_MESSAGE: tuple[type[BaseException], ...] = (Stopping, *CONNECTION_ERRORS)
 
 
 def backoff_retrying(
@@ -96,21 +126,37 @@ def backoff_retrying(
 
 
 class Consumer:
-    def __init__(self, settings: Settings, stop: threading.Event | Any, slot: ConsumerSlot | None = None) -> None:
-        self.settings = settings
+    """One consumer process's loop; its collaborators come in (bootstrap.consumer() puts
+    the real ones together, the unit tests in-memory fakes)."""
+
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        stop: Stop,
+        *,
+        store: EventStore,
+        cache: CacheWriter,
+        connect: Callable[[], AmqpConnection],
+        open_publisher: Callable[[AmqpConnection], ResultPublisher],
+        declare_topology: Callable[[AmqpChannel], None],
+        slot: ConsumerSlot | None = None,
+        describe: Callable[[BaseException], Failure | None] = lambda exc: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
         self.stop = stop
         self.slot = slot or ConsumerSlot(None, 0)  # heartbeat and attachment, read by /healthz, /readyz
-        self.store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
-        self.cache = StockCache(settings.redis)
+        self.store = store
+        self.cache = cache
+        self.connect = connect
+        self.open_publisher = open_publisher
+        self.declare_topology = declare_topology
+        self.describe = describe  # which dependency failed, for the reconnect log line
+        self.clock = clock
         self._to_mark: list[int] = []  # confirmed outbox ids not yet marked published
-        self._stale_cache: set[str] = set()  # products whose cache write failed
-        # After a failed cache write Redis is left alone (writes only mark products stale)
-        # until then, with exponential backoff: a hanging Redis must not stall every batch.
-        self._cache_retry_at = 0.0
-        self._cache_backoff = 0.0
         self._attached = False
         # Result events sent and not yet confirmed, at most; past that, publishing waits.
-        self._max_in_flight = max(10 * settings.worker.batch_size, 1000)
+        self._max_in_flight = max(10 * config.batch_size, 1000)
 
     @property
     def attached(self) -> bool:
@@ -121,10 +167,10 @@ class Consumer:
         self._attached = value
         self.slot.set_attached(value)
 
-    def _sleep(self, conn: Any, seconds: float) -> None:
+    def _sleep(self, conn: AmqpConnection, seconds: float) -> None:
         """Waits between retries, still beating: waiting for a dependency is not being stuck."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0 and not self.stop.is_set():
+        deadline = self.clock() + seconds
+        while (left := deadline - self.clock()) > 0 and not self.stop.is_set():
             self.slot.beat()
             conn.sleep(min(left, 1.0))
 
@@ -139,10 +185,10 @@ class Consumer:
                 delay = 0.1
             except Stopping:
                 break
-            except rabbitmq.CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 self.attached = False
                 metrics.RETRIES.labels("rabbitmq").inc()
-                failure = describe(exc, self.settings)
+                failure = self.describe(exc)
                 log.warning("rabbitmq connection lost; reconnecting", error=repr(exc), wait_seconds=delay,
                             **(failure.fields() if failure else {}))
                 self.stop.wait(delay)
@@ -162,21 +208,21 @@ class Consumer:
         self.store.close()
 
     def _consume(self) -> None:
-        w = self.settings.worker
-        conn = rabbitmq.connect(self.settings.rabbitmq)
+        w = self.config
+        conn = self.connect()
         try:
-            channel = conn.channel()
-            rabbitmq.declare_topology(channel, self.settings.rabbitmq)
+            channel: AmqpChannel = conn.channel()
+            self.declare_topology(channel)
             channel.basic_qos(prefetch_count=max(2 * w.batch_size, 10))
-            publisher = rabbitmq.Publisher(conn.channel(), self.settings.rabbitmq)
+            publisher = self.open_publisher(conn)
             buffer: list[Delivery] = []
 
             def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
-                buffer.append(Delivery(method, properties, body, time.monotonic()))
+                buffer.append(Delivery(method, properties, body, self.clock()))
 
-            consumer_tag = channel.basic_consume(self.settings.rabbitmq.queue, on_message_callback=on_message)
+            consumer_tag = channel.basic_consume(w.queue, on_message_callback=on_message)
             self.attached = True
-            log.info("consuming", queue=self.settings.rabbitmq.queue, batch_size=w.batch_size)
+            log.info("consuming", queue=w.queue, batch_size=w.batch_size)
             max_wait = w.batch_max_wait_ms / 1000.0
             while not self.stop.is_set():
                 self.slot.beat()
@@ -186,7 +232,7 @@ class Consumer:
                     self._idle()
                     continue
                 deadline = buffer[0].received + max_wait
-                while len(buffer) < w.batch_size and (remaining := deadline - time.monotonic()) > 0:
+                while len(buffer) < w.batch_size and (remaining := deadline - self.clock()) > 0:
                     conn.process_data_events(time_limit=remaining)
                 batch = buffer[: w.batch_size]
                 del buffer[: w.batch_size]
@@ -210,8 +256,10 @@ class Consumer:
 
     # -- one batch --------------------------------------------------------------------------
 
-    def _handle(self, conn: Any, channel: Any, publisher: rabbitmq.Publisher, batch: list[Delivery]) -> None:
-        max_bytes = self.settings.worker.max_message_bytes
+    def _handle(
+        self, conn: AmqpConnection, channel: AmqpChannel, publisher: ResultPublisher, batch: list[Delivery]
+    ) -> None:
+        max_bytes = self.config.max_message_bytes
         valid: list[tuple[Delivery, Event]] = []
         for d in batch:
             try:
@@ -248,14 +296,14 @@ class Consumer:
 
     def _apply_and_ack(
         self,
-        conn: Any,
-        channel: Any,
-        publisher: rabbitmq.Publisher,
+        conn: AmqpConnection,
+        channel: AmqpChannel,
+        publisher: ResultPublisher,
         items: list[tuple[Delivery, Event]],
         ack_tag: int,
     ) -> None:
         results = self._apply(conn, items)
-        products: dict[str, dict[str, Any]] = {}
+        products: dict[str, Figures] = {}
         outgoing: list[OutgoingMessage] = []
         for (d, _), res in zip(items, results, strict=True):
             if isinstance(res, Unexpected):
@@ -270,9 +318,9 @@ class Consumer:
             for f in res.products:
                 products[f["product_id"]] = f  # later events in the batch carry newer versions
             outgoing.extend(res.messages)
-        self._write_cache(list(products.values()))
+        self.cache.write(list(products.values()))
         channel.basic_ack(ack_tag, multiple=True)
-        now = time.monotonic()
+        now = self.clock()
         self._publish(publisher, outgoing)  # before the bookkeeping below: results go out sooner
         counts: Counter[tuple[str, str]] = Counter()
         with lines_together():
@@ -301,7 +349,9 @@ class Consumer:
                 )
         metrics.observe_many(metrics.EVENT_SECONDS, waited)  # one write per bucket, not two per event
 
-    def _too_many_attempts(self, conn: Any, publisher: rabbitmq.Publisher, item: tuple[Delivery, Event]) -> bool:
+    def _too_many_attempts(
+        self, conn: AmqpConnection, publisher: ResultPublisher, item: tuple[Delivery, Event]
+    ) -> bool:
         """Notes one more attempt to apply a redelivered message; dead-letters it past the limit.
 
         The count lives in PostgreSQL and grows only when the worker starts applying the
@@ -313,14 +363,14 @@ class Consumer:
         for attempt in backoff_retrying(self.stop, conn.sleep, "postgresql", "note delivery attempt"):
             with attempt:
                 attempts = self.store.note_delivery_attempts([str(ev.id)])[str(ev.id)]
-        limit = self.settings.rabbitmq.delivery_limit
+        limit = self.config.delivery_limit
         if attempts <= limit:
             return False
         self._dead_letter(publisher, d, f"applying it was interrupted {attempts} times (delivery limit {limit}): "
                           "it may be stopping the worker", "delivery_limit")
         return True
 
-    def _apply(self, conn: Any, items: list[tuple[Delivery, Event]]) -> list[Outcome | PermanentError]:
+    def _apply(self, conn: AmqpConnection, items: list[tuple[Delivery, Event]]) -> list[Outcome | PermanentError]:
         """Applies items in one transaction; isolates the ones the database refuses."""
         events = [ev.for_store() for _, ev in items]
         try:
@@ -329,7 +379,7 @@ class Consumer:
         except PermanentError as exc:
             if len(items) == 1:
                 return [exc]
-        except (Stopping, *rabbitmq.CONNECTION_ERRORS):
+        except _NOT_THIS_MESSAGE:
             raise
         except Exception as exc:  # not the database refusing: a bug, or data nobody foresaw
             log.exception("unexpected error applying events", error=repr(exc), events=len(items))
@@ -338,7 +388,7 @@ class Consumer:
         # One bad event spoils its batch: apply them one at a time to find it.
         return [r for item in items for r in self._apply(conn, [item])]
 
-    def _retrying_apply(self, conn: Any, events: Sequence[dict[str, Any]]) -> list[Outcome]:
+    def _retrying_apply(self, conn: AmqpConnection, events: Sequence[dict[str, Any]]) -> list[Outcome]:
         for attempt in backoff_retrying(self.stop, lambda s: self._sleep(conn, s), "postgresql", "apply batch"):
             with attempt:
                 marks = list(self._to_mark)
@@ -349,7 +399,7 @@ class Consumer:
 
     # -- after the commit -------------------------------------------------------------------
 
-    def _publish(self, publisher: rabbitmq.Publisher, messages: list[OutgoingMessage]) -> None:
+    def _publish(self, publisher: ResultPublisher, messages: list[OutgoingMessage]) -> None:
         if messages:
             started = time.monotonic()
             # Not waiting for the confirms: the next batch is applied while the broker writes
@@ -360,7 +410,7 @@ class Consumer:
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
         self._collect_confirms(publisher)
 
-    def _collect_confirms(self, publisher: rabbitmq.Publisher) -> None:
+    def _collect_confirms(self, publisher: ResultPublisher) -> None:
         confirmed = publisher.take_confirmed()
         if confirmed:
             metrics.RESULTS_PUBLISHED.labels("direct").inc(len(confirmed))
@@ -368,10 +418,10 @@ class Consumer:
         if refused := publisher.take_refused():
             log.warning("results not confirmed; the outbox relay will publish them", count=refused)
 
-    def _dead_letter(self, publisher: rabbitmq.Publisher, d: Delivery, reason: str, kind: str) -> None:
+    def _dead_letter(self, publisher: ResultPublisher, d: Delivery, reason: str, kind: str) -> None:
         try:
             publisher.dead_letter(d.body, d.properties, d.method.routing_key, reason)
-        except rabbitmq.CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             raise
         except Exception as exc:  # its properties cannot be sent again: dead-letter it without them
             log.exception("dead-lettering with the original properties failed", error=repr(exc))
@@ -383,40 +433,9 @@ class Consumer:
         log.warning("message dead-lettered", reason=reason, routing_key=d.method.routing_key,
                     message_id=getattr(d.properties, "message_id", None), outcome="dead_lettered")
 
-    def _write_cache(self, figures: list[dict[str, Any]]) -> None:
-        if not figures:
-            return
-        if time.monotonic() < self._cache_retry_at:  # backing off: refilled from PostgreSQL later
-            self._mark_stale(figures)
-            return
-        try:
-            self.cache.put_many(figures)
-            self._cache_backoff = 0.0
-        except Exception as exc:  # Redis down: PostgreSQL stays right; refill the cache later
-            metrics.CACHE_WRITE_ERRORS.inc()
-            self._mark_stale(figures)
-            self._cache_failed(exc, products=len(figures))
-
-    def _mark_stale(self, figures: list[dict[str, Any]]) -> None:
-        if len(self._stale_cache) < 100_000:
-            self._stale_cache.update(f["product_id"] for f in figures)
-
-    def _cache_failed(self, exc: Exception, **info: Any) -> None:
-        self._cache_backoff = min(max(0.25, self._cache_backoff * 2), 30.0)
-        self._cache_retry_at = time.monotonic() + self._cache_backoff
-        log.warning("cache write failed; will retry", error=repr(exc), retry_in_seconds=self._cache_backoff,
-                    **info)
-
     def _idle(self) -> None:
         self._flush_marks()
-        if self._stale_cache and time.monotonic() >= self._cache_retry_at:
-            ids = list(self._stale_cache)[:1000]
-            try:
-                self.cache.put_many(self.store.figures(ids))
-                self._stale_cache.difference_update(ids)
-                self._cache_backoff = 0.0
-            except Exception as exc:  # still down: back off further
-                self._cache_failed(exc, stale_products=len(self._stale_cache))
+        self.cache.refill(self.store.figures)
 
     def _flush_marks(self, final: bool = False) -> None:
         if not self._to_mark:

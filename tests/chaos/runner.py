@@ -648,7 +648,7 @@ class Checker:
             rows = self.pg.query("SELECT product_id, product_figures(p) FROM products p")
             stale, present = [], 0
             for pid, fig in rows:
-                raw = cache.get(pid)
+                raw = cache.client.get(cache.key(pid))
                 if raw is None:
                     continue  # a miss is served from PostgreSQL
                 present += 1

@@ -27,20 +27,20 @@ from inventory_worker.contract import make_event
 from ..conftest import HTTP_SERVERS
 from ..support import (
     REPO,
+    Bus,
+    WorkerProcess,
     amqp_array,
     amqp_double,
     amqp_longstr,
     amqp_table,
     content_header_props,
-    publish_with_raw_properties,
-    Bus,
-    WorkerProcess,
     delete_topology,
-    poll,
     free_port,
     http_get,
     pg,
+    poll,
     promtool,
+    publish_with_raw_properties,
     redis_client,
     settings_env,
     uid,
@@ -428,13 +428,13 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, serve
 
 def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: the queues exist
     """/readyz waits for every consumer to attach; /healthz fails on a stale heartbeat."""
+    from inventory_worker.bootstrap import read_api
     from inventory_worker.heartbeats import ProcessHealth
-    from inventory_worker.http.api import ReadAPI
     from inventory_worker.http.server import health_checks
 
     health = ProcessHealth.create(2)  # as the supervisor does; the API reads it attached by name
     ready, live = health_checks(ProcessHealth.attach(health.name, 2), timeout=2.0)  # generous: a loaded machine
-    api = ReadAPI(settings, extra_ready_checks=ready, liveness_checks=live)
+    api = read_api(settings, ready, live)
     health.set_attached(0, True)
     r = api.handle("GET", "/readyz", {})
     assert r.status == 503 and json.loads(r.body)["failing"] == ["consumers"]

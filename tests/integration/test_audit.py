@@ -69,9 +69,9 @@ def test_verify_is_silent_on_a_clean_state_and_catches_corruption(db):
         # A figure changed by hand, outside the ledger: both on_hand and reserved of `a`.
         cur.execute("UPDATE products SET on_hand = on_hand + 5, reserved = reserved + 1 WHERE product_id = %s", (a,))
         # A stale cache entry: `b` moves on in PostgreSQL, Redis keeps its older figures.
-        stale = cache.get(b)
+        stale = cache.client.get(cache.key(b))
         apply(cur, "stock.adjusted", {"product_id": b, "delta": 1})
-    assert json.loads(cache.get(b)) == json.loads(stale)
+    assert json.loads(cache.client.get(cache.key(b))) == json.loads(stale)
     orphan = uid("GONE")
     cache.client.set(cache.key(orphan), b'{"version":1,"product_id":"x","on_hand":1,"reserved":0,"available":1}')
     try:
@@ -91,7 +91,7 @@ def test_verify_is_silent_on_a_clean_state_and_catches_corruption(db):
             cur.execute("SELECT product_figures(p) FROM products p WHERE product_id IN (%s, %s)", (a, b))
             figures = [r[0] for r in cur.fetchall()]
         for f in figures:  # the versions moved on: put_many refreshes both entries
-            cache.delete(f["product_id"])
+            cache.client.delete(cache.key(f["product_id"]))
         cache.put_many(figures)
     assert cli(db, "verify")[0] == 0
 

@@ -15,7 +15,7 @@ def fig(pid: str, version: int, on_hand: int) -> dict:
 
 
 def cached(cache: StockCache, pid: str) -> dict | None:
-    raw = cache.get(pid)
+    raw = cache.client.get(cache.key(pid))
     return json.loads(raw) if raw else None
 
 

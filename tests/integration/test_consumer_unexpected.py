@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import threading
 
-from inventory_worker.worker import consumer as consumer_module
-from inventory_worker.worker.consumer import Consumer
+from inventory_worker import bootstrap
 from inventory_worker.adapters.postgres import Store
+from inventory_worker.worker import consumer as consumer_module
 
 from ..support import Bus, delete_topology, figures, uid, with_own_queues
 
@@ -33,7 +33,7 @@ def test_an_unexpected_error_dead_letters_only_its_message(settings, monkeypatch
     monkeypatch.setattr(Store, "apply_batch", apply)
     bus = Bus(s)
     stop = threading.Event()
-    c = Consumer(s, stop)
+    c = bootstrap.consumer(s, stop)
     thread = threading.Thread(target=c.run, daemon=True)
     thread.start()
     try:

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from inventory_worker.bootstrap import read_api
 from inventory_worker.config import Settings, TokenSettings
-from inventory_worker.http.api import ReadAPI
 from inventory_worker.http.server import make_server
 
 from ..conftest import HTTP_SERVERS
@@ -33,7 +33,7 @@ def serving(settings: Settings, server: str = "stdlib") -> Iterator[str]:
         with serving_granian(settings) as base:
             yield base
         return
-    api = ReadAPI(settings)
+    api = read_api(settings)
     server = make_server(api, "127.0.0.1", 0)
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
@@ -204,7 +204,7 @@ def test_request_line_and_headers_are_bounded(api_url, settings):
     status, _ = raw_request(api_url, f"GET {long_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert status == 414
     # handle() applies the same bounds whatever server sits in front of it
-    api = ReadAPI(settings)
+    api = read_api(settings)
     assert api.handle("GET", "/inventory/" + "a" * limits.max_request_line_bytes, {}).status == 414
     assert api.handle("GET", "/healthz", {"X-Big": "x" * limits.max_header_bytes}).status == 431
     assert api.handle("GET", "/healthz", {f"X-{i}": "v" for i in range(limits.max_headers + 1)}).status == 431
@@ -300,7 +300,7 @@ def test_connections_beyond_the_cap_get_503_and_idle_ones_are_dropped(settings):
 
 
 def test_readiness_probes_are_checked_at_most_once_a_second(settings, bus):
-    api = ReadAPI(settings)
+    api = read_api(settings)
     calls = []
     api.dependency_checks["counted"] = lambda: calls.append(1)
     statuses = [api.handle("GET", "/readyz", {}).status for _ in range(50)]

@@ -314,9 +314,12 @@ def test_default_only_traffic_writes_no_level_or_allocation_rows(db):
 
 
 def _base_sql() -> Path:
-    """The sql/ folder of the commit this branch started from (before 080_locations.sql)."""
-    base = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    """The sql/ folder as it was just before 080_locations.sql was added (from git history)."""
+    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "-1", "--",
+                            "sql/migrations/080_locations.sql"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert added, "the git history of sql/migrations/080_locations.sql is needed"
+    base = f"{added}^"
     out = Path(tempfile.mkdtemp(prefix="sql-before-locations-"))
     archive = subprocess.run(["git", "archive", base, "sql"], cwd=REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from inventory_worker.contract import InvalidMessage, make_event, parse_event, validate_output
-from inventory_worker.adapters.postgres import Outcome, PermanentError, Store
+from inventory_worker.adapters.postgres import PermanentError, Store
+from inventory_worker.contract import InvalidMessage, Outcome, make_event, parse_event, validate_output
 
 from ..support import pg, uid
 

@@ -13,9 +13,9 @@ import time
 import pytest
 import redis
 
-from inventory_worker.adapters.redis_cache import make_client
-from inventory_worker.http.ratelimit import GCRA_SCRIPT, Decision, RateLimiter, interval_us
 from inventory_worker.adapters.redis_async import AsyncRedis
+from inventory_worker.adapters.redis_cache import make_client
+from inventory_worker.http.ratelimit import Limit, RateLimiter
 
 from ..support import free_port, uid
 
@@ -40,20 +40,18 @@ def test_concurrent_commands_share_one_connection_and_get_their_own_replies(sett
 
 def test_the_rate_limit_is_exact_under_concurrency_and_shared_with_the_blocking_client(settings):
     prefix = settings.redis.key_prefix + uid("ar") + ":"
+    limit = Limit("token", "shared", 0.001, 25)  # one request per 1000 s
     blocking = RateLimiter(make_client(settings.redis), prefix)
-    # 5 taken through the blocking client (the stdlib server's path) ...
-    assert all(blocking.check("token", "shared", 0.001, 25).allowed for _ in range(5))
-    interval = interval_us(0.001)  # one request per 1000 s
+    # 5 taken through the blocking face (the stdlib server's path) ...
+    assert all(blocking.check_and_get(limit, None)[0].allowed for _ in range(5))
 
     async def main():  # ... then 200 at once from two event-loop clients (two granian workers)
-        clients = [AsyncRedis(settings.redis), AsyncRedis(settings.redis)]
-        sha = clients[0].script_sha(GCRA_SCRIPT)
-        clients[1].script_sha(GCRA_SCRIPT)
-        key = blocking.key("token", "shared")
-        replies = await asyncio.gather(*(clients[i % 2].evalsha(sha, (key,), (interval, 25)) for i in range(200)))
-        for c in clients:
+        workers = [(RateLimiter(make_client(settings.redis), prefix), AsyncRedis(settings.redis)) for _ in range(2)]
+        replies = await asyncio.gather(*(workers[i % 2][0].acheck_and_get(limit, None, workers[i % 2][1])
+                                         for i in range(200)))
+        for _, c in workers:
             c.close()
-        return [Decision.from_reply(r, interval, 25) for r in replies]
+        return [d for d, _ in replies]
 
     decisions = asyncio.run(main())
     assert sum(d.allowed for d in decisions) == 20  # the burst of 25, less the 5 taken before
@@ -66,23 +64,22 @@ def test_an_admitted_request_reads_its_figures_in_the_same_call_a_refused_one_re
     blocking = make_client(settings.redis)
     blocking.set(f"{prefix}stock:P-1", b'{"version":1}', ex=60)
     limiter = RateLimiter(blocking, prefix)
+    limit = Limit("token", "t", 0.01, 1)  # one per 100 s, burst 1
 
     async def main():
         client = AsyncRedis(settings.redis)
-        sha = client.script_sha(GCRA_SCRIPT)
-        keys = (limiter.key("token", "t"), f"{prefix}stock:P-1")
-        first = await client.evalsha(sha, keys, (100_000_000, 1))  # one per 100 s, burst 1
-        second = await client.evalsha(sha, keys, (100_000_000, 1))
+        first = await limiter.acheck_and_get(limit, f"{prefix}stock:P-1", client)
+        second = await limiter.acheck_and_get(limit, f"{prefix}stock:P-1", client)
         client.close()
         return first, second
 
-    first, second = asyncio.run(main())
-    assert first[0] == 1 and first[4] == b'{"version":1}'
-    assert second[0] == 0 and len(second) == 4
-    # the blocking client's check_and_get is the same script: refused too, nothing read
-    decision, value = limiter.check_and_get("token", "t", 0.01, 1, f"{prefix}stock:P-1")
+    (first, value), (second, refused_value) = asyncio.run(main())
+    assert first.allowed and value == b'{"version":1}'
+    assert not second.allowed and refused_value is None
+    # the blocking face is the same script on the same bucket: refused too, nothing read
+    decision, value = limiter.check_and_get(limit, f"{prefix}stock:P-1")
     assert not decision.allowed and value is None
-    decision, value = limiter.check_and_get("token", "other", 0.01, 1, f"{prefix}stock:missing")
+    decision, value = limiter.check_and_get(limit._replace(identity="other"), f"{prefix}stock:missing")
     assert decision.allowed and value is None
 
 

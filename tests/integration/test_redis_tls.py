@@ -14,7 +14,7 @@ import redis
 
 from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.config import RedisSettings
-from inventory_worker.http.ratelimit import RateLimiter, RateLimitUnavailable
+from inventory_worker.http.ratelimit import Limit, RateLimiter, RateLimitUnavailable
 
 from ..support import free_port, uid
 
@@ -67,9 +67,9 @@ def _private_redis(args: list[str], settings: RedisSettings, cwd: Path | None = 
 def test_cache_and_rate_limiter_work_over_verified_tls(tls_redis):
     cache = StockCache(tls_redis)
     assert cache.put_many([{"product_id": "P-1", "version": 1, "on_hand": 3, "reserved": 1, "available": 2}]) == 1
-    assert cache.get("P-1").startswith(b'{"version":1')
+    assert cache.client.get(cache.key("P-1")).startswith(b'{"version":1')
     limiter = RateLimiter(cache.client, tls_redis.key_prefix)
-    assert [limiter.check("token", "t", 0.01, 2).allowed for _ in range(3)] == [True, True, False]
+    assert [limiter.check_and_get(Limit("token", "t", 0.01, 2), None)[0].allowed for _ in range(3)] == [True, True, False]
 
 
 def test_an_untrusted_certificate_or_plain_text_is_refused(tls_redis):
@@ -78,7 +78,7 @@ def test_an_untrusted_certificate_or_plain_text_is_refused(tls_redis):
         StockCache(untrusted).ping()
     limiter = RateLimiter(StockCache(untrusted).client, "x:")
     with pytest.raises(RateLimitUnavailable):
-        limiter.check("token", "t", 1, 1)
+        limiter.check_and_get(Limit("token", "t", 1, 1), None)
     with pytest.raises(redis.ConnectionError):
         StockCache(tls_redis.model_copy(update={"ssl": False})).ping()
 

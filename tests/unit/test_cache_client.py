@@ -55,7 +55,7 @@ def test_a_dead_redis_costs_at_most_two_connection_attempts_per_call(dead_redis,
         if call == "ping":
             cache.ping()
         elif call == "get":
-            cache.get("SKU-1")
+            cache.client.get(cache.key("SKU-1"))
         else:
             cache.put_many([{"product_id": "SKU-1", "on_hand": 1, "reserved": 0, "available": 1, "version": 1}])
     assert "redis" in type(exc.value).__module__

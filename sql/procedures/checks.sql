@@ -210,8 +210,11 @@ LANGUAGE sql IMMUTABLE AS $$
             THEN stock_event_problem(t, d)
         WHEN t <> 'stock.adjusted' AND NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
         WHEN t IN ('order.cancelled', 'order.completed') AND d - 'order_id' <> '{}' THEN 'data: unknown field'
-        WHEN t = 'order.placed' AND d - ARRAY['order_id', 'lines', 'reservation_ttl_seconds'] <> '{}'
+        WHEN t = 'order.placed' AND d - ARRAY['order_id', 'lines', 'reservation_ttl_seconds', 'channel_id'] <> '{}'
             THEN 'data: unknown field'
+        WHEN t = 'order.placed' AND NOT json_optional(d->'channel_id', jsonb_typeof(d->'channel_id') = 'string'
+                                                                       AND valid_product_id(d->>'channel_id'))
+            THEN 'data.channel_id'
         WHEN t = 'order.placed' AND NOT json_optional(d->'reservation_ttl_seconds',
                                                       json_int_between(d->'reservation_ttl_seconds', 1, 31536000))
             THEN 'data.reservation_ttl_seconds'
@@ -219,7 +222,9 @@ LANGUAGE sql IMMUTABLE AS $$
                                          AND jsonb_array_length(d->'lines') BETWEEN 1 AND 100) THEN 'data.lines'
         WHEN t = 'order.placed' AND NOT coalesce((
                 SELECT bool_and(jsonb_typeof(x) = 'object'
-                                AND x - ARRAY['product_id', 'quantity'] = '{}'
+                                AND x - ARRAY['product_id', 'quantity', 'location_id'] = '{}'
+                                AND json_optional(x->'location_id', jsonb_typeof(x->'location_id') = 'string'
+                                                                    AND valid_product_id(x->>'location_id'))
                                 AND jsonb_typeof(x->'product_id') = 'string'
                                 AND valid_product_id(x->>'product_id')
                                 AND json_int_between(x->'quantity', 1, 1000000))

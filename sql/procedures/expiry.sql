@@ -23,13 +23,19 @@ $$;
 -- the next sweep if still reserved. Set-based, because a backlog piles up on a few hot
 -- products: one UPDATE per product however many orders hold it, one ledger row per order
 -- line. (A release only raises `available`, so it never emits inventory.low_stock.)
+-- Orders held at locations (orders.allocated) or in products with levels elsewhere are
+-- released one by one, level by level (change_holdings()); an allocated order keeps its
+-- order_allocations rows as they were (what it held, for a completion after expiry).
+-- Those emit inventory.back_in_stock for a product whose `available` rises from 0.
 -- Returns {expired, candidates, messages, products}; candidates = p_limit: more may be due.
 CREATE OR REPLACE FUNCTION expire_reservations(p_limit integer DEFAULT 500) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_candidates text[];
     v_expired    text[];
+    v_held       text[];   -- of v_expired, those not held in products rows at `default`
     v_msgs       jsonb;
+    h            record;
 BEGIN
     SELECT array_agg(order_id) INTO v_candidates FROM (
         SELECT order_id FROM orders WHERE status = 'reserved' AND expires_at <= now()
@@ -39,8 +45,11 @@ BEGIN
     END IF;
     PERFORM lock_products(ARRAY(SELECT DISTINCT product_id FROM lines_of_orders(v_candidates)));
     -- Re-checked under the row lock: a completion or cancellation that committed meanwhile wins.
-    SELECT array_agg(order_id) INTO v_expired FROM (
-        SELECT o.order_id FROM unnest(v_candidates) c(order_id) JOIN orders o USING (order_id)
+    SELECT array_agg(order_id), array_agg(order_id) FILTER (WHERE held) INTO v_expired, v_held FROM (
+        SELECT o.order_id, o.allocated OR EXISTS (
+                   SELECT 1 FROM order_lines ol JOIN products p ON p.product_id = ol.product_id
+                    WHERE ol.order_id = o.order_id AND p.multi_location) AS held
+          FROM unnest(v_candidates) c(order_id) JOIN orders o USING (order_id)
          WHERE o.status = 'reserved' AND o.expires_at <= now()
          ORDER BY o.order_id FOR UPDATE OF o SKIP LOCKED) o;
     IF v_expired IS NULL THEN
@@ -49,21 +58,33 @@ BEGIN
     END IF;
     UPDATE orders o SET status = 'expired', updated_at = now()
       FROM unnest(v_expired) e(order_id) WHERE o.order_id = e.order_id;
-    INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)
-    SELECT l.product_id, l.order_id, l.placed_event_id, 0, -l.quantity, 'expire'
-      FROM lines_of_orders(v_expired) l
-     ORDER BY l.order_id, l.product_id;
-    UPDATE products p
-       SET reserved = p.reserved - s.quantity, version = p.version + 1, updated_at = now()
-      FROM (SELECT l.product_id, sum(l.quantity) AS quantity
-              FROM lines_of_orders(v_expired) l GROUP BY l.product_id) s
-     WHERE p.product_id = s.product_id;
     SELECT coalesce(jsonb_agg(m), '[]'::jsonb) INTO v_msgs FROM (
         SELECT new_message(o.placed_event_id, 'inventory.expired', jsonb_build_object(
                    'order_id', o.order_id, 'lines', order_lines_json(o.order_id),
                    'expired_at', rfc3339(o.expires_at))) AS m
           FROM unnest(v_expired) e(order_id) JOIN orders o USING (order_id)
          ORDER BY o.order_id) x;
+    -- Held at locations: one by one (few, and each at a few levels).
+    FOR h IN SELECT order_id, allocated, placed_event_id FROM orders
+              WHERE order_id = ANY(coalesce(v_held, '{}')) ORDER BY order_id LOOP
+        v_msgs := v_msgs || (change_holdings(h.order_id, h.allocated, 0, -1, 'expire', h.placed_event_id)->'messages');
+    END LOOP;
+    v_expired := ARRAY(SELECT unnest(v_expired) EXCEPT SELECT unnest(v_held));
+    IF cardinality(v_expired) > 0 THEN
+        INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)
+        SELECT l.product_id, l.order_id, l.placed_event_id, 0, -l.quantity, 'expire'
+          FROM lines_of_orders(v_expired) l
+         ORDER BY l.order_id, l.product_id;
+        -- The rest, in products rows: one UPDATE per product however many orders held it.
+        -- (No inventory.back_in_stock here, as for a cancel through move_stock(): what the
+        -- sweeper returns for default-only traffic stays what it was, C1.)
+        UPDATE products p
+           SET reserved = p.reserved - s.quantity, version = p.version + 1, updated_at = now()
+          FROM (SELECT l.product_id, sum(l.quantity) AS quantity
+                  FROM lines_of_orders(v_expired) l GROUP BY l.product_id) s
+         WHERE p.product_id = s.product_id;
+    END IF;
+    v_expired := ARRAY(SELECT unnest(v_expired) UNION SELECT unnest(v_held));
     PERFORM write_outbox(ARRAY(SELECT jsonb_array_elements(v_msgs)));
     RETURN jsonb_build_object('expired', cardinality(v_expired), 'candidates', cardinality(v_candidates),
         'messages', v_msgs, 'products', (

@@ -4,8 +4,11 @@
 -- A stored order's lines, with its products locked (in product_id order) and their figures.
 -- apply_events() locked them already, unless the order was placed by a transaction that
 -- committed after that: then this takes the locks.
-CREATE OR REPLACE FUNCTION locked_lines(p_order_id text,
-    OUT product_ids text[], OUT quantities bigint[], OUT lines jsonb, OUT shortages jsonb)
+-- at_default: every product is default-only, so that (for an order held implicitly at
+-- `default`, orders.allocated = false) move_stock() can release or commit it in its products
+-- rows; otherwise the order goes through change_holdings().
+CREATE OR REPLACE FUNCTION locked_order_lines(p_order_id text,
+    OUT product_ids text[], OUT quantities bigint[], OUT lines jsonb, OUT shortages jsonb, OUT at_default boolean)
 LANGUAGE plpgsql AS $$
 BEGIN
     SELECT array_agg(l.product_id ORDER BY l.product_id),
@@ -14,9 +17,11 @@ BEGIN
            -- What re-reserving the lines would lack (order.completed after expiry).
            jsonb_agg(jsonb_build_object('product_id', l.product_id, 'requested', l.quantity,
                                         'available', l.available) ORDER BY l.line_no)
-               FILTER (WHERE l.available < l.quantity)
-      INTO product_ids, quantities, lines, shortages
-      FROM (SELECT ol.product_id, ol.quantity, ol.line_no, p.on_hand - p.reserved AS available
+               FILTER (WHERE l.available < l.quantity),
+           coalesce(bool_and(NOT l.multi_location), true)
+      INTO product_ids, quantities, lines, shortages, at_default
+      FROM (SELECT ol.product_id, ol.quantity, ol.line_no, p.multi_location,
+                   level_available(p.on_hand, p.reserved, p.damaged, p.quality_control, p.safety_stock) AS available
               FROM order_lines ol JOIN products p ON p.product_id = ol.product_id
              WHERE ol.order_id = p_order_id
              ORDER BY ol.product_id FOR UPDATE OF p) l;
@@ -35,8 +40,8 @@ DECLARE
 BEGIN
     -- The orders row is the meeting point of every event of one order: a concurrent
     -- order.cancelled or a second order.placed waits here for us, and we for them.
-    INSERT INTO orders (order_id, status, placed_event_id, expires_at)
-    VALUES (v_order_id, 'reserved', p_event_id, v_expires)
+    INSERT INTO orders (order_id, status, placed_event_id, expires_at, channel_id)
+    VALUES (v_order_id, 'reserved', p_event_id, v_expires, p_data->>'channel_id')
         ON CONFLICT (order_id) DO NOTHING;
     IF NOT FOUND THEN
         SELECT status INTO v_status FROM orders WHERE order_id = v_order_id FOR UPDATE;
@@ -53,13 +58,24 @@ BEGIN
            jsonb_agg(jsonb_build_object('product_id', l.product_id, 'requested', l.quantity,
                                         'available', coalesce(p.on_hand - p.reserved, 0)) ORDER BY l.ord)
                FILTER (WHERE p.product_id IS NULL OR p.on_hand - p.reserved < l.quantity) AS shortages,
-           bool_or(p.product_id IS NULL) AS unknown
+           bool_or(p.product_id IS NULL) AS unknown,
+           -- Anything but every line reserved in a products row at `default` (a channel, a
+           -- pin, a product with other levels or a policy, `default` not selling): placed by
+           -- place_order_at_locations().
+           p_data->>'channel_id' IS NOT NULL OR bool_or(l.location_id IS NOT NULL OR NOT p.plain)
+               OR NOT (SELECT active AND fulfils_orders FROM locations WHERE location_id = 'default') AS elsewhere
       INTO v_check
-      FROM (SELECT x->>'product_id' AS product_id, (x->>'quantity')::bigint AS quantity, ord
+      FROM (SELECT x->>'product_id' AS product_id, (x->>'quantity')::bigint AS quantity, ord,
+                   x->>'location_id' AS location_id
               FROM jsonb_array_elements(p_data->'lines') WITH ORDINALITY AS t(x, ord)) l
       -- One primary-key lookup per line (OFFSET 0 keeps the planner from hashing the table).
-      LEFT JOIN LATERAL (SELECT on_hand, reserved, product_id FROM products
-                          WHERE product_id = l.product_id OFFSET 0) p ON true;
+      LEFT JOIN LATERAL (SELECT on_hand, reserved, product_id,
+                                NOT multi_location AND tracked AND max_per_order IS NULL AND damaged = 0
+                                AND quality_control = 0 AND safety_stock = 0 AS plain
+                           FROM products WHERE product_id = l.product_id OFFSET 0) p ON true;
+    IF v_check.elsewhere THEN
+        RETURN place_order_at_locations(p_event_id, p_data, v_expires);
+    END IF;
     IF v_check.shortages IS NOT NULL THEN
         DELETE FROM orders WHERE order_id = v_order_id;  -- a rejected order may be placed again
         RETURN rejected(p_event_id, v_order_id,
@@ -96,18 +112,24 @@ DECLARE
     r         record;
 BEGIN
     WITH ev AS (
-        SELECT d->>'order_id' AS order_id, d->'lines' AS lines FROM unnest(p_datas) AS d
+        SELECT d->>'order_id' AS order_id, d->'lines' AS lines, d->>'channel_id' AS channel_id FROM unnest(p_datas) AS d
     ), need AS (  -- what the orders not stored yet ask of each product
-        SELECT x->>'product_id' AS product_id, sum((x->>'quantity')::bigint) AS quantity
+        SELECT x->>'product_id' AS product_id, sum((x->>'quantity')::bigint) AS quantity,
+               bool_or(x ? 'location_id') AS pinned
           FROM ev, jsonb_array_elements(ev.lines) x
          WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = ev.order_id)
          GROUP BY 1
     )
-    SELECT (SELECT count(DISTINCT order_id) = count(*) FROM ev)
+    -- Only orders held whole in products rows at `default`, as place_order() alone would: no
+    -- channel, no pin, default-only products without policy, `default` selling.
+    SELECT (SELECT count(DISTINCT order_id) = count(*) AND count(channel_id) = 0 FROM ev)
            AND NOT EXISTS (SELECT 1 FROM need LEFT JOIN products p ON p.product_id = need.product_id
-                            WHERE p.product_id IS NULL OR p.on_hand - p.reserved < need.quantity)
+                            WHERE p.product_id IS NULL OR p.on_hand - p.reserved < need.quantity OR need.pinned
+                               OR p.multi_location OR NOT p.tracked OR p.max_per_order IS NOT NULL
+                               OR p.damaged <> 0 OR p.quality_control <> 0 OR p.safety_stock <> 0)
+           AND (SELECT active AND fulfils_orders FROM locations WHERE location_id = 'default')
       INTO v_ok;
-    IF NOT v_ok THEN
+    IF v_ok IS NOT TRUE THEN
         RETURN NULL;
     END IF;
 
@@ -180,6 +202,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_order_id text := p_data->>'order_id';
     v_status   text;
+    v_allocated boolean;
     v_lines    record;
     v_moved    jsonb;
 BEGIN
@@ -189,15 +212,23 @@ BEGIN
         RETURN jsonb_build_object('outcome', 'cancel_recorded', 'order_id', v_order_id,
                                   'messages', '[]'::jsonb, 'products', '[]'::jsonb);
     END IF;
-    SELECT status INTO v_status FROM orders WHERE order_id = v_order_id FOR UPDATE;
+    SELECT status, allocated INTO v_status, v_allocated FROM orders WHERE order_id = v_order_id FOR UPDATE;
     IF v_status <> 'reserved' THEN
         -- committed: too late to cancel; released/cancelled/expired: nothing left to release.
         RETURN jsonb_build_object('outcome', 'ignored', 'order_id', v_order_id, 'status', v_status,
                                   'messages', '[]'::jsonb, 'products', '[]'::jsonb);
     END IF;
-    v_lines := locked_lines(v_order_id);
-    v_moved := move_stock(v_lines.product_ids, array_fill(0::bigint, ARRAY[cardinality(v_lines.product_ids)]),
-                          ARRAY(SELECT -q FROM unnest(v_lines.quantities) q), 'release', v_order_id, p_event_id);
+    v_lines := locked_order_lines(v_order_id);
+    IF v_allocated OR NOT v_lines.at_default THEN
+        v_moved := change_holdings(v_order_id, v_allocated, 0, -1, 'release', p_event_id);
+        IF v_allocated THEN
+            UPDATE order_allocations SET reserved = 0 WHERE order_id = v_order_id;
+            UPDATE order_lines SET released = quantity WHERE order_id = v_order_id;
+        END IF;
+    ELSE
+        v_moved := move_stock(v_lines.product_ids, array_fill(0::bigint, ARRAY[cardinality(v_lines.product_ids)]),
+                              ARRAY(SELECT -q FROM unnest(v_lines.quantities) q), 'release', v_order_id, p_event_id);
+    END IF;
     UPDATE orders SET status = 'released', updated_at = now() WHERE order_id = v_order_id;
     RETURN jsonb_build_object('outcome', 'released', 'order_id', v_order_id, 'products', v_moved->'figures',
         'messages', jsonb_build_array(new_message(p_event_id, 'inventory.released', jsonb_build_object(
@@ -211,11 +242,12 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_order_id text := p_data->>'order_id';
     v_status   text;
+    v_allocated boolean;
     v_lines    record;
     v_taken    jsonb := '[]'::jsonb;
     v_moved    jsonb;
 BEGIN
-    SELECT status INTO v_status FROM orders WHERE order_id = v_order_id FOR UPDATE;
+    SELECT status, allocated INTO v_status, v_allocated FROM orders WHERE order_id = v_order_id FOR UPDATE;
     IF v_status IS NULL OR v_status IN ('placing', 'cancelled', 'released', 'committed') THEN
         IF v_status IN ('cancelled', 'released') THEN
             RETURN rejected(p_event_id, v_order_id, 'order_cancelled') || jsonb_build_object('outcome', 'ignored',
@@ -224,7 +256,10 @@ BEGIN
         RETURN jsonb_build_object('outcome', 'ignored', 'order_id', v_order_id, 'status', coalesce(v_status, 'unknown'),
                                   'messages', '[]'::jsonb, 'products', '[]'::jsonb);
     END IF;
-    v_lines := locked_lines(v_order_id);
+    v_lines := locked_order_lines(v_order_id);
+    IF v_allocated OR NOT v_lines.at_default THEN
+        RETURN complete_held_order(p_event_id, v_order_id, v_status, v_allocated, v_lines.lines);
+    END IF;
     IF v_status = 'expired' THEN
         IF v_lines.shortages IS NOT NULL THEN
             RETURN rejected(p_event_id, v_order_id, 'reservation_expired', v_lines.shortages);
@@ -258,21 +293,30 @@ BEGIN
     IF NOT v_ok THEN
         RETURN NULL;
     END IF;
-    SELECT count(*) = cardinality(v_order_ids) AND bool_and(status = 'reserved') INTO v_ok
-      FROM (SELECT status FROM orders WHERE order_id = ANY(v_order_ids) ORDER BY order_id FOR UPDATE) o;
+    -- Held implicitly at `default` (orders.allocated = false) ...
+    SELECT count(*) = cardinality(v_order_ids) AND bool_and(status = 'reserved' AND NOT allocated) INTO v_ok
+      FROM (SELECT status, allocated FROM orders WHERE order_id = ANY(v_order_ids) ORDER BY order_id FOR UPDATE) o;
     IF NOT v_ok THEN
         RETURN NULL;
     END IF;
-    -- Locked up front by apply_events(), unless an order was placed by a transaction that
-    -- committed after that (as in locked_lines()).
-    PERFORM 1 FROM products WHERE product_id = ANY(ARRAY(
-        SELECT product_id FROM order_lines WHERE order_id = ANY(v_order_ids)))
-     ORDER BY product_id FOR UPDATE;
+    -- ... in products rows (default-only products). Locked up front by apply_events(), unless
+    -- an order was placed by a transaction that committed after that (as in locked_order_lines()).
+    SELECT coalesce(bool_and(NOT multi_location), true) INTO v_ok FROM (
+        SELECT multi_location FROM products WHERE product_id = ANY(ARRAY(
+            SELECT product_id FROM order_lines WHERE order_id = ANY(v_order_ids)))
+         ORDER BY product_id FOR UPDATE) p;
+    IF NOT v_ok THEN
+        RETURN NULL;
+    END IF;
 
     FOR r IN
         WITH l AS (  -- every line of the orders, with its product's figures before the run
             SELECT t.ord, p_ids[t.ord] AS event_id, ol.order_id, ol.product_id, ol.line_no,
-                   ol.quantity::bigint AS quantity, p.on_hand, p.reserved, p.version
+                   ol.quantity::bigint AS quantity, p.on_hand, p.reserved, p.version,
+                   -- `available` as product_available(): a commit does not change it
+                   CASE WHEN (SELECT active AND fulfils_orders FROM locations WHERE location_id = 'default')
+                        THEN level_available(p.on_hand, p.reserved, p.damaged, p.quality_control, p.safety_stock)
+                        ELSE 0 END AS available
               FROM unnest(v_order_ids) WITH ORDINALITY AS t(order_id, ord)
               JOIN order_lines ol ON ol.order_id = t.order_id
               JOIN products p ON p.product_id = ol.product_id
@@ -295,7 +339,7 @@ BEGIN
         )
         SELECT a.ord, a.event_id, a.order_id,
                jsonb_agg(jsonb_build_object('product_id', a.product_id, 'on_hand', a.on_hand_after,
-                                            'reserved', a.reserved_after, 'available', a.on_hand_after - a.reserved_after,
+                                            'reserved', a.reserved_after, 'available', a.available,
                                             'version', a.version_after) ORDER BY a.product_id) AS figures,
                jsonb_agg(jsonb_build_object('product_id', a.product_id, 'quantity', a.quantity)
                          ORDER BY a.line_no) AS lines
@@ -312,3 +356,246 @@ BEGIN
     END LOOP;
     RETURN v_results;
 END $$;
+
+-- ==== Orders at locations (spec 4.1, 4.5, 4.6 without backorders) =============================
+-- An order is held implicitly at `default` (orders.allocated = false, no order_allocations
+-- rows) when every line is tracked and held whole there: the paths above, which keep
+-- default-only traffic as fast as it was. Any other placement is `allocated`: one
+-- order_allocations row per (line, location) and per-line counters kept; it goes through
+-- change_level(), one level at a time.
+
+-- order.placed with a channel, pins, untracked products, policies or levels elsewhere: the
+-- checks of spec 4.1 in their order, then allocation_plan(), all lines or none. The orders row
+-- is already inserted (by place_order()); a refusal deletes it again.
+CREATE OR REPLACE FUNCTION place_order_at_locations(p_event_id uuid, p_data jsonb, p_expires timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_order_id  text := p_data->>'order_id';
+    v_channel   text := p_data->>'channel_id';
+    v_lines     jsonb;
+    v_refusal   record;
+    v_strategy  text;
+    v_listed    text[];
+    v_locations text[];
+    v_units     jsonb;
+    v_plan      jsonb;
+    v_implicit  boolean;
+    v_moved     jsonb;
+BEGIN
+    -- The lines as placed, with what the checks need of their products (locked already).
+    SELECT jsonb_agg(jsonb_build_object('product_id', l.product_id, 'quantity', l.quantity,
+               'location_id', l.location_id, 'known', p.product_id IS NOT NULL,
+               'tracked', coalesce(p.tracked, true), 'max_per_order', p.max_per_order,
+               'available', CASE WHEN p.product_id IS NULL THEN 0 ELSE product_available(p) END) ORDER BY l.ord)
+      INTO v_lines
+      FROM (SELECT x->>'product_id' AS product_id, (x->>'quantity')::bigint AS quantity,
+                   x->>'location_id' AS location_id, ord
+              FROM jsonb_array_elements(p_data->'lines') WITH ORDINALITY AS t(x, ord)) l
+      LEFT JOIN products p ON p.product_id = l.product_id;
+
+    -- The channel's candidate locations E: its list (or C2's rule), active and fulfilling.
+    SELECT strategy, locations INTO v_strategy, v_listed FROM channels WHERE channel_id = coalesce(v_channel, 'default');
+    IF FOUND AND v_listed IS NULL THEN
+        SELECT array_agg(location_id ORDER BY priority, location_id) INTO v_locations
+          FROM locations WHERE active AND fulfils_orders;
+    ELSIF FOUND THEN
+        SELECT array_agg(l.location_id ORDER BY c.ord) INTO v_locations
+          FROM unnest(v_listed) WITH ORDINALITY AS c(location_id, ord)
+          JOIN locations l ON l.location_id = c.location_id
+         WHERE l.active AND l.fulfils_orders;
+    END IF;
+    v_locations := coalesce(v_locations, '{}');
+
+    -- Refusals, first failing rule wins (spec 4.1 steps 2-5): the reason and its shortages.
+    SELECT r.reason, r.shortages INTO v_refusal FROM (
+        SELECT 1 AS step, 'unknown_product' AS reason,
+               jsonb_agg(jsonb_build_object('product_id', x->'product_id', 'requested', x->'quantity',
+                                            'available', x->'available') ORDER BY n)
+                   FILTER (WHERE NOT (x->>'known')::boolean
+                              OR (x->>'tracked')::boolean AND (x->>'available')::bigint < (x->>'quantity')::bigint)
+                   AS shortages,
+               bool_or(NOT (x->>'known')::boolean) AS fails
+          FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n)
+        UNION ALL
+        SELECT 2, 'unknown_channel', '[]'::jsonb, v_strategy IS NULL
+        UNION ALL
+        SELECT 3, 'location_unavailable',
+               jsonb_agg(jsonb_build_object('product_id', x->'product_id', 'requested', x->'quantity', 'available', 0)
+                         ORDER BY n) FILTER (WHERE NOT x->>'location_id' = ANY(v_locations)),
+               bool_or(NOT x->>'location_id' = ANY(v_locations))
+          FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n)
+        UNION ALL
+        SELECT 4, 'quantity_limit',
+               jsonb_agg(jsonb_build_object('product_id', x->'product_id', 'requested', x->'quantity',
+                                            'available', x->'max_per_order') ORDER BY n)
+                   FILTER (WHERE (x->>'quantity')::bigint > (x->>'max_per_order')::bigint),
+               bool_or((x->>'quantity')::bigint > (x->>'max_per_order')::bigint)
+          FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n)) r
+     WHERE r.fails ORDER BY r.step LIMIT 1;
+    IF FOUND THEN
+        DELETE FROM orders WHERE order_id = v_order_id;  -- a rejected order may be placed again
+        RETURN rejected(p_event_id, v_order_id, v_refusal.reason, coalesce(v_refusal.shortages, '[]'));
+    END IF;
+
+    -- What each tracked line's product can give at each candidate: its levels there
+    -- (a default-only product's one level is its products row).
+    SELECT coalesce(jsonb_object_agg(u.product_id, u.units), '{}') INTO v_units FROM (
+        SELECT p.product_id, jsonb_object_agg(v.location_id, level_available(v.on_hand, v.reserved, v.damaged,
+                                              v.quality_control, v.safety_stock)) AS units
+          FROM products p
+         CROSS JOIN LATERAL (
+            SELECT 'default'::text AS location_id, p.on_hand, p.reserved, p.damaged, p.quality_control, p.safety_stock
+             WHERE NOT p.multi_location
+            UNION ALL
+            SELECT s.location_id, s.on_hand, s.reserved, s.damaged, s.quality_control, s.safety_stock
+              FROM stock_levels s
+             WHERE p.multi_location AND s.product_id = p.product_id AND s.location_id = ANY(v_locations)) v
+         WHERE p.product_id = ANY(ARRAY(SELECT x->>'product_id' FROM jsonb_array_elements(v_lines) x
+                                         WHERE (x->>'tracked')::boolean))
+         GROUP BY p.product_id) u;
+    v_plan := allocation_plan(
+        coalesce((SELECT jsonb_agg(jsonb_build_object('product_id', x->'product_id', 'quantity', x->'quantity')
+                                   || CASE WHEN x->>'location_id' IS NULL THEN '{}'
+                                           ELSE jsonb_build_object('location_id', x->'location_id') END ORDER BY n)
+                    FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n) WHERE (x->>'tracked')::boolean),
+                 '[]'),
+        v_locations, v_units, v_strategy);
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_plan) a WHERE (a->>'shortfall')::bigint > 0) THEN
+        DELETE FROM orders WHERE order_id = v_order_id;
+        RETURN rejected(p_event_id, v_order_id, 'insufficient_stock', (
+            SELECT jsonb_agg(jsonb_build_object('product_id', a->'product_id', 'requested', a->'quantity',
+                                                'available', (a->>'quantity')::bigint - (a->>'shortfall')::bigint) ORDER BY n)
+              FROM jsonb_array_elements(v_plan) WITH ORDINALITY AS t(a, n) WHERE (a->>'shortfall')::bigint > 0));
+    END IF;
+
+    -- Held implicitly at `default` when every line is tracked and held whole there.
+    v_implicit := NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v_lines) x WHERE NOT (x->>'tracked')::boolean)
+                  AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v_plan) a
+                                   WHERE a->'allocations' <> jsonb_build_array(jsonb_build_object(
+                                             'location_id', 'default', 'quantity', a->'quantity')));
+    INSERT INTO order_lines (order_id, product_id, line_no, quantity, tracked)
+    SELECT v_order_id, x->>'product_id', n, (x->>'quantity')::integer, (x->>'tracked')::boolean
+      FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n);
+    IF NOT v_implicit THEN
+        UPDATE orders SET allocated = true WHERE order_id = v_order_id;
+        INSERT INTO order_allocations (order_id, product_id, location_id, position, reserved)
+        SELECT v_order_id, a->>'product_id', h->>'location_id', k, (h->>'quantity')::bigint
+          FROM jsonb_array_elements(v_plan) a, jsonb_array_elements(a->'allocations') WITH ORDINALITY AS t(h, k);
+    END IF;
+    v_moved := change_holdings(v_order_id, NOT v_implicit, 0, 1, 'reserve', p_event_id);
+
+    RETURN jsonb_build_object('outcome', 'reserved', 'order_id', v_order_id, 'products', v_moved->'figures',
+        'messages', jsonb_build_array(new_message(p_event_id, 'inventory.reserved', jsonb_build_object(
+                'order_id', v_order_id,
+                'lines', (SELECT jsonb_agg(jsonb_build_object('product_id', x->'product_id', 'quantity', x->'quantity')
+                                           ORDER BY n) FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n)),
+                'expires_at', rfc3339(p_expires))))
+            -- Where the lines are held, unless that is simply everything at `default`.
+            || CASE WHEN v_implicit AND v_channel IS NULL
+                         AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v_lines) x WHERE x->>'location_id' IS NOT NULL)
+                    THEN '[]'::jsonb
+                    ELSE jsonb_build_array(new_message(p_event_id, 'inventory.allocated', jsonb_build_object(
+                        'order_id', v_order_id, 'channel_id', coalesce(v_channel, 'default'),
+                        'lines', (SELECT jsonb_agg(jsonb_build_object('product_id', x->'product_id',
+                                      'quantity', x->'quantity', 'tracked', x->'tracked',
+                                      'allocations', coalesce((SELECT a->'allocations' FROM jsonb_array_elements(v_plan) a
+                                                                WHERE a->>'product_id' = x->>'product_id'), '[]'),
+                                      'backordered', 0) ORDER BY n)
+                                    FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n))))) END
+            || (v_moved->'messages'));
+END $$;
+
+-- Changes the stock an order holds, level by level through change_level(): each holding's
+-- on_hand by p_on_hand_sign x and reserved by p_reserved_sign x its quantity. Holdings: the
+-- order_allocations rows (p_allocated; `reserved` = what the order holds or, once expired, held)
+-- or else every tracked line at `default`. The caller holds the product locks.
+-- Returns {figures: [each product's figures after, by product_id], messages: low_stock /
+-- back_in_stock, one transition per product however many of its levels changed}.
+CREATE OR REPLACE FUNCTION change_holdings(p_order_id text, p_allocated boolean, p_on_hand_sign integer,
+                                           p_reserved_sign integer, p_reason text, p_event_id uuid,
+                                           p_note text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_figures  jsonb := '[]';
+    v_messages jsonb := '[]';
+    v_changed  jsonb;
+    v_prev     jsonb;
+    v_before   bigint;
+    h          record;
+BEGIN
+    FOR h IN
+        SELECT a.product_id, a.location_id, a.reserved AS quantity, a.position
+          FROM order_allocations a WHERE p_allocated AND a.order_id = p_order_id AND a.reserved > 0
+        UNION ALL
+        SELECT ol.product_id, 'default', ol.quantity, 1 FROM order_lines ol
+         WHERE NOT p_allocated AND ol.order_id = p_order_id AND ol.tracked
+         ORDER BY 1, 4  -- products in the lock order; a product's levels in allocation order
+    LOOP
+        IF v_prev IS NOT NULL AND v_prev->'figures'->>'product_id' <> h.product_id THEN
+            v_figures := v_figures || jsonb_build_array(v_prev->'figures');
+            v_messages := v_messages || to_jsonb(stock_messages(p_event_id, v_prev->'figures'->>'product_id', v_before,
+                (v_prev->>'available_after')::bigint, (v_prev->>'threshold')::integer, true));
+            v_prev := NULL;
+        END IF;
+        v_changed := change_level(h.product_id, h.location_id, p_on_hand_sign * h.quantity, p_reserved_sign * h.quantity,
+                                  0, 0, 0, p_reason, p_order_id, p_event_id, p_note, NULL, NULL, true);
+        IF v_prev IS NULL THEN
+            v_before := (v_changed->>'available_before')::bigint;
+        END IF;
+        v_prev := v_changed;
+    END LOOP;
+    IF v_prev IS NOT NULL THEN
+        v_figures := v_figures || jsonb_build_array(v_prev->'figures');
+        v_messages := v_messages || to_jsonb(stock_messages(p_event_id, v_prev->'figures'->>'product_id', v_before,
+            (v_prev->>'available_after')::bigint, (v_prev->>'threshold')::integer, true));
+    END IF;
+    RETURN jsonb_build_object('figures', v_figures, 'messages', v_messages);
+END $$;
+
+-- order.completed of an order held at locations (or of products with levels elsewhere): commits
+-- at every level it holds; after expiry, only if each of those levels still has what the order
+-- held there (then taken again and committed in one step), else reservation_expired.
+-- The caller locked the order (status reserved or expired) and its products.
+CREATE OR REPLACE FUNCTION complete_held_order(p_event_id uuid, p_order_id text, p_status text,
+                                               p_allocated boolean, p_lines jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_shortages jsonb;
+    v_taken     jsonb := '[]';
+    v_moved     jsonb;
+BEGIN
+    IF p_status = 'expired' THEN
+        SELECT jsonb_agg(jsonb_build_object('product_id', s.product_id, 'requested', s.requested,
+                                            'available', s.available) ORDER BY s.line_no)
+               FILTER (WHERE s.available < s.requested)
+          INTO v_shortages
+          FROM (SELECT h.product_id, min(ol.line_no) AS line_no, sum(h.quantity) AS requested,
+                       sum(least(h.quantity, level_available(v.on_hand, v.reserved, v.damaged, v.quality_control,
+                                                             v.safety_stock))) AS available
+                  FROM (SELECT a.product_id, a.location_id, a.reserved AS quantity
+                          FROM order_allocations a WHERE p_allocated AND a.order_id = p_order_id AND a.reserved > 0
+                        UNION ALL
+                        SELECT ol.product_id, 'default', ol.quantity FROM order_lines ol
+                         WHERE NOT p_allocated AND ol.order_id = p_order_id AND ol.tracked) h
+                  JOIN order_lines ol ON ol.order_id = p_order_id AND ol.product_id = h.product_id
+                 CROSS JOIN LATERAL level_of(h.product_id, h.location_id) v
+                 GROUP BY h.product_id) s;
+        IF v_shortages IS NOT NULL THEN
+            RETURN rejected(p_event_id, p_order_id, 'reservation_expired', v_shortages);
+        END IF;
+        v_taken := change_holdings(p_order_id, p_allocated, 0, 1, 'reserve', p_event_id, 'taken again after expiry')->'messages';
+    END IF;
+    v_moved := change_holdings(p_order_id, p_allocated, -1, -1, 'commit', p_event_id);
+    IF p_allocated THEN
+        UPDATE order_allocations SET fulfilled = fulfilled + reserved, reserved = 0 WHERE order_id = p_order_id;
+        UPDATE order_lines SET fulfilled = quantity WHERE order_id = p_order_id;
+    END IF;
+    UPDATE orders SET status = 'committed', updated_at = now() WHERE order_id = p_order_id;
+    RETURN jsonb_build_object('outcome', 'committed', 'order_id', p_order_id, 'products', v_moved->'figures',
+        'messages', jsonb_build_array(new_message(p_event_id, 'inventory.committed', jsonb_build_object(
+            'order_id', p_order_id, 'lines', p_lines))) || v_taken || (v_moved->'messages'));
+END $$;
+
+-- Replaced by locked_order_lines() (its result gained at_default; a function's OUT parameters
+-- cannot be changed in place).
+DROP FUNCTION IF EXISTS locked_lines(text);

@@ -255,6 +255,11 @@ BEGIN
     INSERT INTO products (product_id) VALUES (v_product_id) ON CONFLICT DO NOTHING;
     v_created := FOUND;
     SELECT * INTO v_row FROM products WHERE product_id = v_product_id FOR UPDATE;
+    IF v_row.multi_location OR v_row.damaged + v_row.quality_control > 0 THEN
+        -- Its default level is not its products row (the totals), or holds unsellable units:
+        -- checked at the level (below_reserved counts sellable units only).
+        RETURN adjust_levels(p_event_id, p_data);
+    END IF;
     v_target := CASE WHEN p_data ? 'delta' AND jsonb_typeof(p_data->'delta') = 'number'
                      THEN v_row.on_hand + (p_data->>'delta')::bigint
                      ELSE (p_data->>'on_hand')::bigint END;

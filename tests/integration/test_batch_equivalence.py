@@ -24,6 +24,11 @@ from ..support import pg
 
 PRODUCTS = ["P1", "P2", "P3"]
 ORDERS = [f"O{i}" for i in range(1, 11)]
+# Locations and a channel (created by the `places` fixture, shared by every example): orders
+# with a channel or pinned lines, and stock at other levels, go one by one; they must mix
+# with the set-based runs of default-only orders exactly as one by one.
+LOCATIONS = ["EQ-A", "EQ-B"]
+CHANNEL = "EQ-C"
 
 quantity = st.integers(1, 4)
 placed = st.builds(
@@ -32,6 +37,18 @@ placed = st.builds(
         **({"reservation_ttl_seconds": ttl} if ttl else {})}),
     st.sampled_from(ORDERS), st.lists(st.sampled_from(PRODUCTS), min_size=1, max_size=3, unique=True),
     st.lists(quantity, min_size=3, max_size=3), st.sampled_from([None, 60]))
+placed_at_locations = st.builds(
+    lambda order, picked, qtys, pins, channel: ("order.placed", {
+        "order_id": order, "lines": [{"product_id": p, "quantity": q, **({"location_id": pin} if pin else {})}
+                                     for p, q, pin in zip(picked, qtys, pins, strict=False)],
+        **({"channel_id": channel} if channel else {})}),
+    st.sampled_from(ORDERS), st.lists(st.sampled_from(PRODUCTS), min_size=1, max_size=3, unique=True),
+    st.lists(quantity, min_size=3, max_size=3),
+    st.lists(st.sampled_from([None, None, None, "default", *LOCATIONS]), min_size=3, max_size=3),
+    st.sampled_from([None, None, "default", CHANNEL]))
+adjusted_elsewhere = st.builds(
+    lambda p, loc, d: ("stock.adjusted", {"product_id": p, "location_id": loc, "delta": d}),
+    st.sampled_from(PRODUCTS), st.sampled_from(LOCATIONS), st.integers(0, 8))
 adjusted = st.one_of(
     st.builds(lambda p, d, t: ("stock.adjusted", {"product_id": p, "delta": d,
                                                   **({"low_stock_threshold": t} if t is not None else {})}),
@@ -42,7 +59,8 @@ order_event = st.builds(lambda t, o: (t, {"order_id": o}),
                         st.sampled_from(["order.cancelled", "order.completed"]), st.sampled_from(ORDERS))
 # Mostly order.placed, so that runs of them (the set-based path) are common, on stock that
 # runs out now and then; and bursts of completions, so that runs of those are common too.
-an_event = st.one_of(placed, placed, placed, placed, placed, adjusted, adjusted, order_event)
+an_event = st.one_of(placed, placed, placed, placed, placed, adjusted, adjusted, order_event,
+                     placed_at_locations, adjusted_elsewhere)
 completions = st.lists(st.sampled_from(ORDERS), min_size=2, max_size=4).map(
     lambda orders: [("order.completed", {"order_id": o}) for o in orders])
 # Orders placed and then completed together: runs of completions of reserved orders.
@@ -101,12 +119,20 @@ def observe(settings, store: Store, events: list[dict[str, Any]], ns: str, one_b
         cur.execute("SELECT product_figures(p) FROM products p WHERE product_id LIKE %s ORDER BY product_id",
                     (ns + "%",))
         figures = [r[0] for r in cur.fetchall()]
-        cur.execute("SELECT product_id, order_id, event_id::text, on_hand_delta, reserved_delta, reason, note"
-                    "  FROM stock_movements WHERE product_id LIKE %s ORDER BY id", (ns + "%",))
+        cur.execute("SELECT product_id, location_id, order_id, event_id::text, on_hand_delta, reserved_delta,"
+                    "       reason, note FROM stock_movements WHERE product_id LIKE %s ORDER BY id", (ns + "%",))
         ledger = [list(r) for r in cur.fetchall()]
-        cur.execute("SELECT order_id, status FROM orders WHERE order_id LIKE %s ORDER BY order_id", (ns + "%",))
+        cur.execute("SELECT product_id, location_id, on_hand, reserved FROM stock_levels WHERE product_id LIKE %s"
+                    " ORDER BY 1, 2", (ns + "%",))
+        levels = cur.fetchall()
+        cur.execute("SELECT order_id, product_id, location_id, position, reserved, fulfilled FROM order_allocations"
+                    " WHERE order_id LIKE %s ORDER BY 1, 2, 4", (ns + "%",))
+        allocations = cur.fetchall()
+        cur.execute("SELECT order_id, status, allocated, channel_id FROM orders WHERE order_id LIKE %s"
+                    " ORDER BY order_id", (ns + "%",))
         orders = cur.fetchall()
-        cur.execute("SELECT order_id, product_id, line_no, quantity FROM order_lines WHERE order_id LIKE %s"
+        cur.execute("SELECT order_id, product_id, line_no, quantity, tracked, fulfilled, released FROM order_lines"
+                    " WHERE order_id LIKE %s"
                     " ORDER BY order_id, product_id", (ns + "%",))
         lines = cur.fetchall()
         cur.execute("SELECT count(*) FROM outbox WHERE (body->>'causation_id') = ANY(%s)", (list(ids),))
@@ -114,7 +140,8 @@ def observe(settings, store: Store, events: list[dict[str, Any]], ns: str, one_b
     return normal({
         "results": [{"outcome": r.outcome, "order_id": r.order_id, "detail": r.detail, "products": r.products,
                      "messages": [m.body for m in r.messages]} for r in results],
-        "figures": figures, "ledger": ledger, "orders": orders, "lines": lines,
+        "figures": figures, "ledger": ledger, "orders": orders, "lines": lines, "levels": levels,
+        "allocations": allocations,
         "outbox_rows": outbox, "messages": sum(len(r.messages) for r in results),
     }, ns, ids)
 
@@ -126,9 +153,19 @@ def store(settings):
     s.close()
 
 
+@pytest.fixture(scope="module")
+def places(settings):
+    with pg(settings) as cur:
+        for i, loc in enumerate(LOCATIONS):
+            cur.execute("INSERT INTO locations (location_id, priority) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                        (loc, i + 1))
+        cur.execute("INSERT INTO channels (channel_id, strategy, locations) VALUES (%s, 'most_available', %s)"
+                    " ON CONFLICT DO NOTHING", (CHANNEL, [LOCATIONS[1], "default", LOCATIONS[0]]))
+
+
 @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seq=sequences)
-def test_a_batch_gives_what_its_events_give_one_by_one(settings, store, seq):
+def test_a_batch_gives_what_its_events_give_one_by_one(settings, store, places, seq):
     run = uuid.uuid4().hex[:8]
     a, b = f"a{run}-", f"b{run}-"
     batched = observe(settings, store, namespaced(seq, a), a, one_by_one=False)

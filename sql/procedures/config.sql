@@ -32,6 +32,9 @@ BEGIN
            fulfils_orders = coalesce((p_data->>'fulfils_orders')::boolean, l.fulfils_orders),
            updated_at = now()
     RETURNING * INTO v;
+    -- default_sells() keeps default's flags for the rest of the transaction: later events of
+    -- this batch must see the change.
+    PERFORM set_config('inventory.default_sells', '', true);
     RETURN jsonb_build_object('outcome', 'configured', 'products', '[]'::jsonb,
         'messages', jsonb_build_array(new_message(p_event_id, 'inventory.configured', jsonb_build_object(
             'kind', 'location', 'location_id', v.location_id, 'name', v.name, 'priority', v.priority,

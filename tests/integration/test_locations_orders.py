@@ -19,6 +19,7 @@ import pytest
 
 from inventory_worker.adapters.postgres import Outcome, Store, TransientError
 
+from ..private_stack import private_settings
 from ..support import pg, uid
 
 
@@ -616,3 +617,27 @@ def test_a_plain_adjustment_of_a_multi_location_product_is_checked_at_default(db
     out = db.one("stock.adjusted", {"product_id": other, "delta": -1})
     assert msgs(out)[0][1]["reason"] == "below_reserved"
     db.verify()
+
+
+
+def test_a_batch_sees_default_stop_fulfilling_at_once(settings):
+    """default_sells() caches default's flags per transaction; a location.configured of
+    `default` in the same batch must be seen by the events after it. (A database of its own:
+    `default` stops fulfilling there.)"""
+    with private_settings(settings, "defsells") as s:
+        store = Store(s.database)
+        try:
+            p = uid("DS")
+            store.apply_batch([ev("stock.adjusted", {"product_id": p, "on_hand": 5})])
+            out = store.apply_batch([
+                ev("order.placed", {"order_id": uid("O"), "lines": [{"product_id": p, "quantity": 1}]}),
+                ev("location.configured", {"location_id": "default", "fulfils_orders": False}),
+                ev("order.placed", {"order_id": uid("O"), "lines": [{"product_id": p, "quantity": 1}]}),
+                ev("stock.adjusted", {"product_id": p, "delta": 1}),
+            ])
+            assert [o.outcome for o in out] == ["reserved", "configured", "rejected", "adjusted"]
+            adjusted = out[3].messages[0].body["data"]
+            assert (adjusted["on_hand"], adjusted["reserved"], adjusted["available"]) == (6, 1, 0)
+            assert out[3].products[0]["available"] == 0
+        finally:
+            store.close()

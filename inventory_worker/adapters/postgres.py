@@ -181,6 +181,20 @@ class Store:
             list(r["products"]),
         )
 
+    def recache_locations(
+        self, limit: int
+    ) -> tuple[int, bool, list[OutgoingMessage], list[Figures]]:
+        """One re-cache batch after a location flip: (products, more due, messages, figures after)."""
+        with self.transaction() as cur:
+            cur.execute("SELECT recache_locations(%s)", (limit,))
+            r = one_row(cur)[0]
+        return (
+            int(r["count"]),
+            bool(r["more"]),
+            [OutgoingMessage.from_json(m) for m in r["messages"]],
+            list(r["products"]),
+        )
+
     # -- leadership -------------------------------------------------------------------------
 
     @property

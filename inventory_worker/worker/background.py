@@ -8,7 +8,9 @@
   with its connection, so when the holder dies another process takes over at its next tick.
   Server-side TCP keepalives on that session bound how long a vanished host keeps the lock.
   A backlog is drained in back-to-back batches of `sweep_batch_size`, one short transaction
-  each, so order transactions get the product locks between batches.
+  each, so order transactions get the product locks between batches. The same process then
+  re-caches the products with a level at a location whose `active` or `fulfils_orders` flipped
+  (their `available` changed with no stock change), in batches of the same size.
 - the gauges (one process per worker, `measure=True`): outbox backlog, active reservations
   and DLQ depth, every `worker.metrics_interval_seconds`.
 """
@@ -120,6 +122,10 @@ class Maintenance(threading.Thread):
     def _sweep(self) -> None:
         if not self._try_lead():
             return
+        self._expire()
+        self._recache()
+
+    def _expire(self) -> None:
         limit = self.schedule.sweep_batch_size
         while not self.stop.is_set():
             started = time.monotonic()
@@ -139,6 +145,24 @@ class Maintenance(threading.Thread):
                      publish_ms=round((time.monotonic() - committed) * 1000, 1))
             if candidates < limit:
                 return  # the backlog is drained
+
+    def _recache(self) -> None:
+        while not self.stop.is_set():
+            count, more, messages, figures = self.store.recache_locations(self.schedule.sweep_batch_size)
+            if count == 0 and not messages:
+                return  # nothing flipped, or the flip's row is in a consumer's hands: next tick
+            self._cache_and_publish(figures, messages, "re-cache after a location flip")
+            log.info("products re-cached after a location flip", count=count, more_due=more)
+            if not more:
+                return
+
+    def _cache_and_publish(self, figures: list[Any], messages: list[Any], what: str) -> None:
+        try:
+            self.cache.put_many(figures)
+        except Exception as exc:  # the cache is only a cache; TTL bounds staleness
+            metrics.CACHE_WRITE_ERRORS.inc()
+            log.warning(f"cache write failed after {what}", error=repr(exc))
+        self._publish_now(messages)
 
     # -- outbox -----------------------------------------------------------------------------
 

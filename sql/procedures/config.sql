@@ -15,13 +15,15 @@ END $$;
 
 -- location.configured: create (priority 0, active, fulfils orders) or update the given fields
 -- (a `name` given as null clears it; other fields given as null are left as they are).
--- Products' `available` follows the flags at once where it is computed; re-caching the products
--- with a level there is the sweeper's.
+-- Products' `available` follows the flags at once where it is computed; a flip of `active` or
+-- `fulfils_orders` queues the location for the sweeper's re-cache pass (recache_locations()).
 CREATE OR REPLACE FUNCTION configure_location(p_event_id uuid, p_data jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v locations;
+    v   locations;
+    v_old locations;
 BEGIN
+    SELECT * INTO v_old FROM locations WHERE location_id = p_data->>'location_id' FOR UPDATE;
     INSERT INTO locations AS l (location_id, name, priority, active, fulfils_orders)
     VALUES (p_data->>'location_id', p_data->>'name', coalesce((p_data->>'priority')::integer, 0),
             coalesce((p_data->>'active')::boolean, true), coalesce((p_data->>'fulfils_orders')::boolean, true))
@@ -35,6 +37,16 @@ BEGIN
     -- default_sells() keeps default's flags for the rest of the transaction: later events of
     -- this batch must see the change.
     PERFORM set_config('inventory.default_sells', '', true);
+    IF v_old.location_id IS NOT NULL AND (v_old.active <> v.active OR v_old.fulfils_orders <> v.fulfils_orders) THEN
+        -- A pass already under way restarts (products it re-cached may have changed again);
+        -- was_selling stays what the products not re-cached yet were last published with
+        -- only if it had not started.
+        INSERT INTO location_recache AS q (location_id, was_selling, event_id)
+        VALUES (v.location_id, v_old.active AND v_old.fulfils_orders, p_event_id)
+            ON CONFLICT (location_id) DO UPDATE
+           SET was_selling = CASE WHEN q.cursor IS NULL THEN q.was_selling ELSE EXCLUDED.was_selling END,
+               event_id = EXCLUDED.event_id, cursor = NULL, requested_at = now();
+    END IF;
     RETURN jsonb_build_object('outcome', 'configured', 'products', '[]'::jsonb,
         'messages', jsonb_build_array(new_message(p_event_id, 'inventory.configured', jsonb_build_object(
             'kind', 'location', 'location_id', v.location_id, 'name', v.name, 'priority', v.priority,
@@ -138,4 +150,63 @@ BEGIN
                               WHERE l.safety_stock > 0))))
         || to_jsonb(stock_messages(p_event_id, v_product_id, v_before, product_available(v),
                                    v.low_stock_threshold, v_existed AND NOT v_created)));
+END $$;
+
+-- The sweeper's re-cache pass after a location flip (spec 2): up to p_limit products with a
+-- level at the oldest flipped location (every product for `default`, whose default-only
+-- products keep their level in the products row), after the location's cursor, locked in
+-- product_id order; bumps their version so that the version-checked cache takes their figures.
+-- Messages (decision 13.7 and the low_stock rule, caused by the flip's message): the product's
+-- `available` before is now's minus (or plus) its level there, as the flip added (or took
+-- away) that level; low_stock / back_in_stock on that transition. A location whose flags are
+-- back where they were bumps and re-caches only (the detail view shows the flags).
+-- Returns {count, more (another batch is due), messages, products}.
+CREATE OR REPLACE FUNCTION recache_locations(p_limit integer DEFAULT 500) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    r      location_recache;
+    v_ids  text[];
+    v_sign integer;
+    v_msgs jsonb[] := '{}';
+    v_figs jsonb[] := '{}';
+    v_more boolean;
+    v      products;
+    v_level bigint;
+    v_after bigint;
+BEGIN
+    SELECT * INTO r FROM location_recache ORDER BY requested_at, location_id LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('count', 0, 'more', false, 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    IF r.location_id = 'default' THEN
+        v_ids := ARRAY(SELECT product_id FROM products WHERE product_id > coalesce(r.cursor, '')
+                        ORDER BY product_id LIMIT p_limit);
+    ELSE
+        v_ids := ARRAY(SELECT product_id FROM stock_levels
+                        WHERE location_id = r.location_id AND product_id > coalesce(r.cursor, '')
+                        ORDER BY product_id LIMIT p_limit);
+    END IF;
+    v_sign := CASE WHEN location_sells(r.location_id) = r.was_selling THEN 0
+                   WHEN r.was_selling THEN -1 ELSE 1 END;
+    PERFORM lock_products(v_ids);
+    UPDATE products SET version = version + 1, updated_at = now() WHERE product_id = ANY(v_ids);
+    FOR v IN SELECT * FROM products WHERE product_id = ANY(v_ids) ORDER BY product_id LOOP
+        v_figs := v_figs || product_figures(v);
+        IF v_sign <> 0 THEN
+            SELECT level_available(l.on_hand, l.reserved, l.damaged, l.quality_control, l.safety_stock)
+              INTO v_level FROM level_of(v.product_id, r.location_id) l;
+            v_after := (v_figs[cardinality(v_figs)]->>'available')::bigint;
+            v_msgs := v_msgs || stock_messages(r.event_id, v.product_id, v_after - v_sign * v_level, v_after,
+                                               v.low_stock_threshold, true);
+        END IF;
+    END LOOP;
+    IF cardinality(v_ids) < p_limit THEN
+        DELETE FROM location_recache WHERE location_id = r.location_id;
+    ELSE
+        UPDATE location_recache SET cursor = v_ids[cardinality(v_ids)] WHERE location_id = r.location_id;
+    END IF;
+    v_more := EXISTS (SELECT 1 FROM location_recache);
+    PERFORM write_outbox(v_msgs);
+    RETURN jsonb_build_object('count', cardinality(v_ids), 'more', v_more, 'messages', to_jsonb(v_msgs),
+                              'products', to_jsonb(v_figs));
 END $$;

@@ -26,7 +26,8 @@ $$;
 -- Orders held at locations (orders.allocated) or in products with levels elsewhere are
 -- released one by one, level by level (change_holdings()); an allocated order keeps its
 -- order_allocations rows as they were (what it held, for a completion after expiry).
--- Those emit inventory.back_in_stock for a product whose `available` rises from 0.
+-- Both paths emit inventory.back_in_stock for a product whose `available` rises from 0 (one
+-- per product however many orders released it), after the inventory.expired messages.
 -- Returns {expired, candidates, messages, products}; candidates = p_limit: more may be due.
 CREATE OR REPLACE FUNCTION expire_reservations(p_limit integer DEFAULT 500) RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -35,6 +36,7 @@ DECLARE
     v_expired    text[];
     v_held       text[];   -- of v_expired, those not held in products rows at `default`
     v_msgs       jsonb;
+    v_back       jsonb;
     h            record;
 BEGIN
     SELECT array_agg(order_id) INTO v_candidates FROM (
@@ -75,14 +77,26 @@ BEGIN
         SELECT l.product_id, l.order_id, l.placed_event_id, 0, -l.quantity, 'expire'
           FROM lines_of_orders(v_expired) l
          ORDER BY l.order_id, l.product_id;
-        -- The rest, in products rows: one UPDATE per product however many orders held it.
-        -- (No inventory.back_in_stock here, as for a cancel through move_stock(): what the
-        -- sweeper returns for default-only traffic stays what it was, C1.)
-        UPDATE products p
-           SET reserved = p.reserved - s.quantity, version = p.version + 1, updated_at = now()
-          FROM (SELECT l.product_id, sum(l.quantity) AS quantity
-                  FROM lines_of_orders(v_expired) l GROUP BY l.product_id) s
-         WHERE p.product_id = s.product_id;
+        -- The rest, in products rows (default-only products): one UPDATE per product however
+        -- many orders held it. Its `available` before is after's plus the units released
+        -- (negative before the floor of 0); back_in_stock is caused by the placement of the
+        -- product's first order (by order_id) among those released.
+        WITH s AS (
+            SELECT l.product_id, sum(l.quantity) AS quantity,
+                   (array_agg(l.placed_event_id ORDER BY l.order_id))[1] AS event_id
+              FROM lines_of_orders(v_expired) l GROUP BY l.product_id
+        ), u AS (
+            UPDATE products p
+               SET reserved = p.reserved - s.quantity, version = p.version + 1, updated_at = now()
+              FROM s WHERE p.product_id = s.product_id
+            RETURNING p.product_id, s.event_id, s.quantity,
+                      p.on_hand - p.damaged - p.quality_control - p.reserved - p.safety_stock AS unfloored
+        )
+        SELECT coalesce(jsonb_agg(new_message(u.event_id, 'inventory.back_in_stock', jsonb_build_object(
+                   'product_id', u.product_id, 'available', u.unfloored)) ORDER BY u.product_id), '[]'::jsonb)
+          INTO v_back
+          FROM u WHERE u.unfloored > 0 AND u.unfloored - u.quantity <= 0 AND default_sells();
+        v_msgs := v_msgs || v_back;
     END IF;
     v_expired := ARRAY(SELECT unnest(v_expired) UNION SELECT unnest(v_held));
     PERFORM write_outbox(ARRAY(SELECT jsonb_array_elements(v_msgs)));

@@ -20,8 +20,8 @@ BEGIN
 END $$;
 
 -- Moves stock on some products at `default`: changes their figures, appends their ledger rows
--- and makes their low-stock messages (back-in-stock ones for adjustments only: a release's is
--- decided by the order procedures). The caller holds the row locks.
+-- and makes their low_stock / back_in_stock messages (any cause: an adjustment, a cancel's
+-- release; spec 5 and decision 13.7). The caller holds the row locks.
 -- Returns {figures: [figures after, in the order given], messages: [...]}.
 -- A default-only product (the hot path) is one UPDATE and one INSERT; a multi-location one
 -- goes through change_level() (its default level is a stock_levels row).
@@ -70,7 +70,7 @@ BEGIN
         v_before := CASE WHEN v_sells THEN greatest(0, p.on_hand - p_on_hand_deltas[i] - p.damaged - p.quality_control
                                                        - p.reserved + p_reserved_deltas[i] - p.safety_stock) ELSE 0 END;
         IF v_after <= p.low_stock_threshold AND v_before > p.low_stock_threshold
-           OR v_before = 0 AND v_after > 0 AND p_reason = 'adjust' THEN
+           OR v_before = 0 AND v_after > 0 THEN
             v_messages := v_messages || stock_messages(p_event_id, p.product_id, v_before, v_after,
                                                        p.low_stock_threshold, p.version > 1);
         END IF;

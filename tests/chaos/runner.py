@@ -512,9 +512,29 @@ class Checker:
     def _by_causation(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in self.results.values():
-            if r["type"] != "inventory.low_stock":
+            if r["type"] not in self.ORDER_DEPENDENT:
                 out[r["causation_id"]].append(r)
         return out
+
+    # Results that depend on the order of application inside a round: not in the model.
+    ORDER_DEPENDENT = ("inventory.low_stock", "inventory.back_in_stock")
+    # What can raise `available` from 0: an adjustment, a cancel, an expiry (caused by the
+    # placement of the order it releases).
+    RAISERS = ("stock.adjusted", "order.cancelled", "order.placed")
+
+    def _back_in_stock(self) -> tuple[bool, str]:
+        seen: Counter[tuple[str, str]] = Counter()
+        problems = []
+        for r in self.results.values():
+            if r["type"] != "inventory.back_in_stock":
+                continue
+            seen[(r["causation_id"], r["data"]["product_id"])] += 1
+            cause = self.wl.types.get(r["causation_id"])
+            if cause not in self.RAISERS or r["data"]["available"] <= 0:
+                problems.append(f"{r['data']} caused by {cause} {r['causation_id']}")
+        problems += [f"{k}: {n} back_in_stock for one event and product" for k, n in seen.items() if n > 1]
+        return (not problems, f"{len(problems)} wrong: {problems[:5]}" if problems
+                else f"{sum(seen.values())} back_in_stock results")
 
     def _results_match(self) -> list[str]:
         by = self._by_causation()
@@ -583,6 +603,7 @@ class Checker:
             not p, f"{len(p)} differ: " + "; ".join(p[:5]) if p else f"{len(self.wl.expect)} events")
 
         inv["every order has exactly one terminal outcome"] = self._terminal()
+        inv["back_in_stock only from events that can raise available, once per product"] = self._back_in_stock()
 
         outbox = {str(r[0]): (r[1], r[2]) for r in self.pg.query(
             "SELECT message_id, routing_key, published_at IS NOT NULL FROM outbox")}

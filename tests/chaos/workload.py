@@ -25,7 +25,9 @@ application is arbitrary; the generator makes their outcomes independent of that
     still there: placements never count on it), so only the optional `inventory.expired` before
     the `inventory.committed` depends on timing, and the check allows exactly that.
 Duplicates may be delayed to later rounds: the copy is absorbed by the message id whenever it
-arrives. `inventory.low_stock` depends on the order inside a round and is not checked.
+arrives. `inventory.low_stock` depends on the order inside a round and is not checked;
+`inventory.back_in_stock` (decision 13.7: `available` from 0 to above it, any cause, the sweeper
+included) does too, and is only checked to come from an event that can raise `available`.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class Workload:
         self._order_seq = 0
         self._ceiling: dict[str, int] = {}  # on_hand at the start of the round being generated
         self.counts: dict[str, int] = {}
+        self.types: dict[str, str] = {}  # event id -> type
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class Workload:
         body = {"id": event_id, "type": type_,
                 "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "data": data}
         self.counts[type_] = self.counts.get(type_, 0) + 1
+        self.types[event_id] = type_
         return Msg(type_, json.dumps(body).encode(), event_id, event=body)
 
     def _poison(self) -> Msg:

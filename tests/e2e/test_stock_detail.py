@@ -9,7 +9,7 @@ from typing import Any
 
 from inventory_worker.contract import validate_output
 
-from ..support import Bus, http_get, redis_client, uid
+from ..support import Bus, http_get, poll, redis_client, uid
 
 
 def _send(bus: Bus, type_: str, data: dict[str, Any], result: str | None = None) -> dict[str, Any]:
@@ -123,3 +123,24 @@ def test_location_configured_is_applied_and_answered(worker, bus):
     assert (result["type"], result["data"]) == ("inventory.configured", {
         "kind": "location", "location_id": loc, "name": "Berlin", "priority": 3, "active": True,
         "fulfils_orders": False})
+
+
+def test_deactivating_a_location_recaches_its_products(worker, bus):
+    """Spec 2: a flip makes the sweeper bump and re-cache every product with a level there."""
+    pid, loc = uid("SKU"), uid("x")
+    _send(bus, "location.configured", {"location_id": loc}, "inventory.configured")
+    _send(bus, "stock.adjusted", {"product_id": pid, "on_hand": 4})
+    _send(bus, "stock.adjusted", {"product_id": pid, "location_id": loc, "on_hand": 6})
+    status, before = _get(worker, f"/inventory/{pid}")
+    assert (status, before["available"]) == (200, 10)
+    flip = bus.publish("location.configured", {"location_id": loc, "active": False})
+
+    def recached() -> Any:
+        status, now = _get(worker, f"/inventory/{pid}")
+        return status == 200 and now["version"] > before["version"] and now
+
+    now = poll(recached, timeout=30, what="the sweeper to re-cache the product")
+    assert now == before | {"version": before["version"] + 1, "available": 4}
+    assert json.loads(redis_client(worker.settings).get(f"{worker.settings.redis.key_prefix}stock:{pid}")) == now
+    configured = bus.wait_result(flip["id"], "inventory.configured")
+    validate_output(configured)

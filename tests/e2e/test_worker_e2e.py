@@ -155,9 +155,10 @@ def test_place_cancel_complete(worker, bus, tap, settings):
                                                                          "available": 0}]})]
     assert (figures(settings, a), figures(settings, b)) == ((10, 3), (4, 4))  # all or nothing
 
-    ev = bus.publish("order.cancelled", {"order_id": o1})
-    assert tap.results(ev, 1) == [("inventory.released", {"order_id": o1, "lines": lines((b, 4), (a, 3)),
-                                                          "reason": "cancelled"})]
+    ev = bus.publish("order.cancelled", {"order_id": o1})  # b's available: 0 -> 4 (decision 13.7)
+    assert tap.results(ev, 2) == [("inventory.released", {"order_id": o1, "lines": lines((b, 4), (a, 3)),
+                                                          "reason": "cancelled"}),
+                                  ("inventory.back_in_stock", {"product_id": b, "available": 4})]
     assert (figures(settings, a), figures(settings, b)) == ((10, 0), (4, 0))
 
     ev = bus.publish("order.placed", {"order_id": o2, "lines": lines((a, 2), (b, 1))})  # placed again: fits now

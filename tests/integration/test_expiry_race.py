@@ -172,7 +172,12 @@ def test_completion_after_expiry_when_the_stock_is_gone_is_rejected(db):
         cur = conn.cursor()
         sku, order, placed_id = _due_order(cur)
         swept = apply_sweep(cur)
-        assert order in {m["body"]["data"]["order_id"] for m in swept["messages"]}
+        # The order held all 5 units: the sweep takes `available` from 0 to 5 (decision 13.7).
+        mine = [(m["routing_key"], m["body"]["data"], m["body"]["causation_id"]) for m in swept["messages"]
+                if order == m["body"]["data"].get("order_id") or sku == m["body"]["data"].get("product_id")]
+        assert [(t, c) for t, _, c in mine] == [("inventory.expired", placed_id), ("inventory.back_in_stock", placed_id)]
+        assert (mine[0][1]["order_id"], mine[0][1]["lines"]) == (order, [{"product_id": sku, "quantity": 5}])
+        assert mine[1][1] == {"product_id": sku, "available": 5}
         rival = apply(cur, "order.placed", {"order_id": uid("o"), "lines": [{"product_id": sku, "quantity": 4}]})
         assert rival["outcome"] == "reserved"
         r = apply(cur, "order.completed", {"order_id": order})

@@ -494,8 +494,10 @@ def test_cancel_releases_the_reservation(db):
     ev = event("order.cancelled", {"order_id": order})
     out = db.apply(ev)[0]
     assert out.outcome == "released"
+    # a's `available` rises from 0 to 5 (back in stock, decision 13.7); b's from 4 (no message).
     assert msgs(out) == [("inventory.released", {"order_id": order, "lines": lines((b, 1), (a, 5)),
-                                                 "reason": "cancelled"})]
+                                                 "reason": "cancelled"}),
+                         ("inventory.back_in_stock", {"product_id": a, "available": 5})]
     assert db.fig(a) == (5, 0, 5, 3) and db.fig(b) == (5, 0, 5, 3)
     assert sorted(db.ledger(ev["id"])) == sorted([(a, order, 0, -5, "release", None),
                                                  (b, order, 0, -1, "release", None)])
@@ -608,9 +610,10 @@ def test_events_of_one_order_in_one_batch_apply_in_order(db):
         event("order.completed", {"order_id": o2}),
     )
     assert [r.outcome for r in results] == ["adjusted", "reserved", "released", "reserved", "committed"]
+    # the cancel takes `available` from 0 to 5: back in stock (decision 13.7)
     assert [t for r in results for t, _ in msgs(r)] == [
         "inventory.adjusted", "inventory.reserved", "inventory.low_stock", "inventory.released",
-        "inventory.reserved", "inventory.committed"]
+        "inventory.back_in_stock", "inventory.reserved", "inventory.committed"]
     assert db.fig(pid) == (3, 0, 3, 5)
     # figures per event are those right after it: the consumer caches the last ones
     assert [r.products[0]["version"] for r in results] == [1, 2, 3, 4, 5]

@@ -380,8 +380,16 @@ def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path, workload
         else:
             migrate_with(settings, code)
             seed_products(settings, load.uniform_ids(), 1_000_000_000)
+        with pg(settings) as cur:  # which version's schema, which version's worker: on record
+            cur.execute("SELECT max(version) FROM schema_migrations")
+            out["last_migration"] = cur.fetchone()[0]
         wp.start(timeout=90)
-        log(f"worker x{procs} started (pid {wp.proc.pid}{', code from ' + str(code) if code else ''})")
+        try:
+            out["worker_cwd"] = os.readlink(f"/proc/{wp.proc.pid}/cwd")
+        except OSError:  # no /proc
+            out["worker_cwd"] = None
+        log(f"worker x{procs} started (pid {wp.proc.pid}, in {out['worker_cwd']},"
+            f" last migration {out['last_migration']})")
         for name in workloads or plan.workloads:
             w = workload(name, f"w{procs}full", plan.location_products)
             prepare(settings, w, plan.full_count)
@@ -456,6 +464,8 @@ def compare_runs(settings: Settings, plan: Plan, logs: Path, code: Path) -> tupl
             current["runs"].update(got["current"]["runs"])
             current["peak_rss_mib"] = got["current"].get("peak_rss_mib")
             pairs.append({"procs": procs, "workload": name, "first": order[0],
+                          "sides": {k: {"last_migration": v.get("last_migration"), "worker_cwd": v.get("worker_cwd")}
+                                    for k, v in got.items()},
                           "rev": got["rev"]["runs"][name], "current": got["current"]["runs"][name]})
             c, r_ = pairs[-1]["current"], pairs[-1]["rev"]
             log(f"compare x{procs} {name}: events/s {c['full']['throughput']:.0f} / {r_['full']['throughput']:.0f}"

@@ -8,7 +8,7 @@ import tempfile
 import pytest
 
 from bench import run
-from tests.support import REPO
+from tests.support import REPO, pg
 
 
 @pytest.mark.slow
@@ -72,3 +72,19 @@ def test_bench_compare_runs_the_other_version(tmp_path, monkeypatch):
     [row] = saved["summary"]["compare"]
     assert row["lost"] == 0 and row["events_ratio"] > 0, row
     assert not list(scratch.iterdir()), "a passed run leaves no temporary folder behind"
+
+
+@pytest.mark.slow
+def test_sqlcost_measures_both_versions():
+    """bench.sqlcost: the backend CPU per order on REV's procedures and on these; its databases go."""
+    from bench import sqlcost
+
+    res = sqlcost.main([_before_locations(), "--rounds", "1", "--batches", "2"])
+    for name in ("uniform", "hot"):
+        assert len(res["rounds"][name]["rev"]) == len(res["rounds"][name]["current"]) == 1, res
+        assert res["ratio"][name] > 0, res
+    settings = run.bench_settings()
+    maintenance = settings.model_copy(update={"database": settings.database.model_copy(update={"dbname": "postgres"})})
+    with pg(maintenance) as cur:
+        cur.execute("SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (res["databases"],))
+        assert cur.fetchone()[0] == 0, res["databases"]

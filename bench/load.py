@@ -270,8 +270,8 @@ def naive_consumer(settings: Settings, stop: Any) -> None:
     pipelining are missing. The previous message's outbox marks ride in the next transaction,
     so it is still one transaction per message.
     """
-    from inventory_worker.adapters.redis_cache import StockCache
     from inventory_worker.adapters.postgres import Store
+    from inventory_worker.adapters.redis_cache import StockCache
 
     store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
     cache = StockCache(settings.redis)

@@ -20,6 +20,7 @@ import pika
 
 from inventory_worker.adapters import amqp_framing
 from inventory_worker.config import Settings
+from inventory_worker.contract import parse_event
 
 from . import cpu
 
@@ -35,19 +36,49 @@ class Workload:
     name: str
     products: list[str]
     lines: int = 1
+    channel_id: str | None = None  # sent with every order when set
 
     def order(self, rng: random.Random) -> dict[str, Any]:
         picked = rng.sample(self.products, self.lines) if self.lines > 1 else [rng.choice(self.products)]
-        return {"order_id": f"o-{uuid.uuid4().hex}", "lines": [{"product_id": p, "quantity": 1} for p in picked]}
+        order: dict[str, Any] = {"order_id": f"o-{uuid.uuid4().hex}",
+                                 "lines": [{"product_id": p, "quantity": 1} for p in picked]}
+        if self.channel_id is not None:
+            order["channel_id"] = self.channel_id
+        return order
 
 
 def uniform_ids() -> list[str]:
     return [f"BENCH-U-{i:05d}" for i in range(UNIFORM_PRODUCTS)]
 
 
+def location_ids(count: int = UNIFORM_PRODUCTS) -> list[str]:
+    """The products of the locations3 workload (as many as the uniform ones but in --smoke), ids of their own."""
+    return [f"BENCH-L-{i:05d}" for i in range(count)]
+
+
 def hot_ids(tag: str) -> list[str]:
     """Fresh hot products for each run, so each run's no-oversell check stands on its own."""
     return [f"BENCH-H-{tag}-{i}" for i in range(HOT_PRODUCTS)]
+
+
+def publish(settings: Settings, messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Publishes (type, data) messages, each checked against the contract first (an invalid one
+    raises InvalidMessage before anything is sent), and waits for the broker's confirms."""
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    bodies = []
+    for type_, data in messages:
+        body = orjson.dumps({"id": str(uuid.uuid4()), "type": type_, "occurred_at": now, "data": data})
+        parse_event(body, type_)
+        bodies.append((type_, body))
+    conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for type_, body in bodies:
+            ch.basic_publish(settings.rabbitmq.exchange, type_, body,
+                             properties=pika.BasicProperties(content_type="application/json", delivery_mode=2))
+    finally:
+        conn.close()
 
 
 # ---- input publisher ----------------------------------------------------------------------
@@ -239,9 +270,8 @@ def naive_consumer(settings: Settings, stop: Any) -> None:
     pipelining are missing. The previous message's outbox marks ride in the next transaction,
     so it is still one transaction per message.
     """
-    from inventory_worker.adapters.redis_cache import StockCache
-    from inventory_worker.contract import parse_event
     from inventory_worker.adapters.postgres import Store
+    from inventory_worker.adapters.redis_cache import StockCache
 
     store = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
     cache = StockCache(settings.redis)

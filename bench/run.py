@@ -7,8 +7,13 @@
    transaction, one ack, one confirmed publish per message) on the same workloads.
 2. The worker end to end (`inventory-worker run`, N consumer processes): orders published ->
    committed -> Redis updated -> result event confirmed and received by a consumer. Uniform
-   SKUs (10,000 products), hot SKUs (10 products, stock for half the orders), 5-line orders;
-   at full load (flat out) and half load (open loop at half the full-load rate, for latency).
+   SKUs (10,000 products), hot SKUs (10 products, stock for half the orders), 5-line orders,
+   and locations3 (uniform orders sent on a channel over three locations, each product stocked
+   at one of them); at full load (flat out) and half load (open loop at half the full-load
+   rate, for latency).
+   With --compare REV, the worker part runs both REV's worker (its inventory_worker/ and sql/,
+   exported to a temporary folder) and this checkout's, taking turns per workload and process
+   count, each on a fresh database, and prints this checkout's figures over REV's.
 3. GET /inventory/{id} under wrk (32 connections): the API under granian (2 and 1 worker
    processes) and under the standard library's server, against the yardstick of the issue: a
    plain stdlib ThreadingHTTPServer answering from one Redis GET (bench/serve_http.py).
@@ -25,6 +30,7 @@ removes its names all the same (tests/reaper.py).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import multiprocessing
@@ -34,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -77,15 +84,21 @@ class Plan:
     procs: list[int]
     wrk_rounds: int = 1
     half_rounds: int = 1  # half-load runs per workload; the one with the median p99 is reported
-    workloads: list[str] = field(default_factory=lambda: ["uniform", "hot", "multi5"])
+    workloads: list[str] = field(default_factory=lambda: ["uniform", "hot", "multi5", "locations3"])
     naive_procs: list[int] = field(default_factory=lambda: [1, 4])
     pgbench_clients: list[int] = field(default_factory=lambda: [1, 4, 16])
+    location_products: int = load.UNIFORM_PRODUCTS  # products of the locations3 workload (set up by messages)
 
 
 FULL = Plan(full_count=6_000, half_seconds=6, naive_count=1_500, pgbench_seconds=8, wrk_seconds=10,
             procs=[1, 2, 4], wrk_rounds=3, half_rounds=3)
 SMOKE = Plan(full_count=400, half_seconds=1.0, naive_count=100, pgbench_seconds=1, wrk_seconds=2,
-             procs=[2], workloads=["uniform", "hot"], naive_procs=[1], pgbench_clients=[1, 16])
+             procs=[2], workloads=["uniform", "hot", "locations3"], naive_procs=[1], pgbench_clients=[1, 16],
+             location_products=1_000)
+
+# Workloads whose messages REV's worker may not know (--compare runs them on this checkout only),
+# and which the naive consumer (a baseline for default-only traffic) leaves out.
+LOCATION_WORKLOADS = {"locations3"}
 
 
 def log(msg: str) -> None:
@@ -115,20 +128,85 @@ def seed_products(settings: Settings, ids: list[str], on_hand: int) -> None:
         )
 
 
-def workload(name: str, tag: str) -> load.Workload:
+def workload(name: str, tag: str, location_products: int = load.UNIFORM_PRODUCTS) -> load.Workload:
     if name == "uniform":
         return load.Workload("uniform", load.uniform_ids())
     if name == "hot":
         return load.Workload("hot", load.hot_ids(tag))
     if name == "multi5":
         return load.Workload("multi5", load.uniform_ids(), lines=5)
+    if name == "locations3":
+        return load.Workload("locations3", load.location_ids(location_products), channel_id=CHANNEL)
     raise ValueError(name)
+
+
+# locations3: channel CHANNEL lists LOCATIONS (strategy priority: each line taken from the first
+# of them with stock); product i is stocked at LOCATIONS[i % 3] only, so its orders skip the
+# locations before it and a third of the orders lands at each. Set up through messages, as a
+# publisher would: the configuration first, then the stock once the worker has applied it.
+LOCATIONS = ["bench-A", "bench-B", "bench-C"]
+CHANNEL = "bench-3"
+
+
+def wait_for(settings: Settings, query: str, args: tuple[Any, ...], want: Any, what: str,
+             timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with pg(settings) as cur:
+            cur.execute(query, args)
+            got = cur.fetchone()[0]
+        if got == want:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: {got!r} after {timeout} s, expected {want!r}")
+        time.sleep(0.2)
+
+
+def configure_locations(settings: Settings, w: load.Workload) -> None:
+    stocked = ("SELECT count(*) FROM stock_levels WHERE product_id = ANY(%s) AND location_id = ANY(%s)"
+               " AND on_hand > 0")
+    with pg(settings) as cur:
+        cur.execute(stocked, (w.products, LOCATIONS))
+        if cur.fetchone()[0] == len(w.products):  # done for an earlier run on this database
+            return
+    started = time.monotonic()
+    # Each step once the worker has applied the one before: consumers in parallel give no order
+    # between messages (a channel naming a location not there yet is refused).
+    load.publish(settings, [("location.configured", {"location_id": loc, "priority": i + 1})
+                            for i, loc in enumerate(LOCATIONS)])
+    wait_for(settings, "SELECT count(*) FROM locations WHERE location_id = ANY(%s)", (LOCATIONS,), len(LOCATIONS),
+             "locations configured")
+    load.publish(settings, [("channel.configured", {"channel_id": CHANNEL, "locations": LOCATIONS,
+                                                    "strategy": "priority"})])
+    wait_for(settings, "SELECT (SELECT locations FROM channels WHERE channel_id = %s)", (CHANNEL,), LOCATIONS,
+             "channel configured")
+    items = [{"product_id": p, "location_id": LOCATIONS[i % len(LOCATIONS)], "on_hand": 1_000_000_000}
+             for i, p in enumerate(w.products)]
+    load.publish(settings, [("stock.adjusted", {"items": items[k:k + 1000]}) for k in range(0, len(items), 1000)])
+    wait_for(settings, stocked, (w.products, LOCATIONS), len(w.products), "products stocked at their locations")
+    log(f"{len(LOCATIONS)} locations, channel {CHANNEL}, {len(w.products)} products stocked:"
+        f" {time.monotonic() - started:.1f} s")
 
 
 def prepare(settings: Settings, w: load.Workload, orders: int) -> None:
     """Hot products get stock for half the orders (a sell-out); the others never run out."""
     if w.name == "hot":
         seed_products(settings, w.products, max(1, orders // (2 * len(w.products))))
+    if w.name == "locations3":
+        configure_locations(settings, w)
+
+
+def check_locations(settings: Settings, w: load.Workload) -> dict[str, Any]:
+    """Where the orders of the workload's products were held (all its runs on this database so
+    far), and that no level is oversold."""
+    with pg(settings) as cur:
+        cur.execute("SELECT location_id, count(*) FROM order_allocations WHERE product_id = ANY(%s)"
+                    " GROUP BY 1 ORDER BY 1", (w.products,))
+        by_location = dict(cur.fetchall())
+        cur.execute("SELECT count(*) FROM stock_levels WHERE product_id = ANY(%s)"
+                    " AND reserved > on_hand - damaged - quality_control", (w.products,))
+        oversold = cur.fetchone()[0] > 0
+    return {"allocations_by_location": by_location, "oversold": oversold}
 
 
 def check_hot(settings: Settings, w: load.Workload, r: load.RunResult) -> dict[str, Any]:
@@ -276,34 +354,63 @@ def fresh_state(settings: Settings, tag: str) -> Settings:
     })
 
 
-def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path) -> dict[str, Any]:
+def migrate_with(settings: Settings, code: Path) -> None:
+    """Migrates with another version's sql/ and migration code (its `inventory-worker migrate`)."""
+    env = {**settings_env(settings), "PYTHONPATH": str(code)}
+    res = subprocess.run([sys.executable, "-m", "inventory_worker", "migrate"], cwd=code, env=env,
+                         capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"migrate from {code} failed: {res.stdout[-500:]} {res.stderr[-1000:]}")
+
+
+def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path, workloads: list[str] | None = None,
+                code: Path | None = None, tag: str | None = None) -> dict[str, Any]:
+    """The worker with `procs` consumer processes through `workloads` (the plan's by default),
+    this checkout's or, with `code`, the version exported there (its own migrations)."""
     # Each process count starts from the same state, a fresh database: run after run in one,
     # the later ones paid for the tables and indexes the earlier ones had grown (PostgreSQL's
     # CPU per event rose from 155 us with 1 process to 240 with 4 in one such run).
-    settings = fresh_state(settings, f"p{procs}")
-    wp = WorkerProcess(settings, processes=procs, log_path=logs / f"worker-{procs}.log")
+    tag = tag or f"p{procs}"
+    settings = fresh_state(settings, tag)
+    wp = WorkerProcess(settings, processes=procs, log_path=logs / f"worker-{tag}.log", code=code)
     out: dict[str, Any] = {"procs": procs, "runs": {}}
     try:  # from here on, the finally stops the worker and drops the database, even if interrupted
-        prepare_database(settings)
+        if code is None:
+            prepare_database(settings)
+        else:
+            migrate_with(settings, code)
+            seed_products(settings, load.uniform_ids(), 1_000_000_000)
+        with pg(settings) as cur:  # which version's schema, which version's worker: on record
+            cur.execute("SELECT max(version) FROM schema_migrations")
+            out["last_migration"] = cur.fetchone()[0]
         wp.start(timeout=90)
-        log(f"worker x{procs} started (pid {wp.proc.pid})")
-        for name in plan.workloads:
-            w = workload(name, f"w{procs}full")
+        try:
+            out["worker_cwd"] = os.readlink(f"/proc/{wp.proc.pid}/cwd")
+        except OSError:  # no /proc
+            out["worker_cwd"] = None
+        log(f"worker x{procs} started (pid {wp.proc.pid}, in {out['worker_cwd']},"
+            f" last migration {out['last_migration']})")
+        for name in workloads or plan.workloads:
+            w = workload(name, f"w{procs}full", plan.location_products)
             prepare(settings, w, plan.full_count)
             full = load.drive(settings, w, plan.full_count, worker_pids=set(proc_tree(wp.proc.pid)))
             entry: dict[str, Any] = {"full": full.as_dict()}
             if name == "hot":
                 entry["full"].update(check_hot(settings, w, full))
+            if name in LOCATION_WORKLOADS:
+                entry["full"].update(check_locations(settings, w))
             rate = 0.5 * full.throughput if math.isfinite(full.throughput) else 100.0
             count = max(50, int(rate * plan.half_seconds))
             rounds = []
             for k in range(plan.half_rounds):  # each on fresh products: every sell-out checked on its own
-                w = workload(name, f"w{procs}half{k}")
+                w = workload(name, f"w{procs}half{k}", plan.location_products)
                 prepare(settings, w, count)
                 half = load.drive(settings, w, count, rate=rate, seed=2 + k)
                 rounds.append({"rate": round(rate, 1), **half.as_dict()})
                 if name == "hot":
                     rounds[-1].update(check_hot(settings, w, half))
+                if name in LOCATION_WORKLOADS:
+                    rounds[-1].update(check_locations(settings, w))
             # The median round by p99 is the figure (a shared machine's stray stall aside); every
             # round is kept, and counted for lost results and oversell.
             entry["half"] = sorted(rounds, key=lambda r: r["p99_ms"])[len(rounds) // 2]
@@ -322,6 +429,50 @@ def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path) -> dict[
             drop_database(settings)
             delete_redis_keys(settings)
     return out
+
+
+def export_rev(rev: str, dest: Path) -> str:
+    """REV's inventory_worker/ and sql/ into dest (git archive); returns REV's commit."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", "--format=tar", sha, "inventory_worker", "sql"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return sha
+
+
+def compare_runs(settings: Settings, plan: Plan, logs: Path, code: Path) -> tuple[list[dict[str, Any]],
+                                                                                  list[dict[str, Any]]]:
+    """For each process count and workload, REV's worker (from `code`) and this checkout's, one
+    after the other, each with a fresh database, the one going first alternating, so that the
+    shared machine's slow spells hit both. Location workloads run on this checkout only.
+    Returns this checkout's runs (as worker_runs() per process count) and the pairs."""
+    worker: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
+    for procs in plan.procs:
+        current: dict[str, Any] = {"procs": procs, "runs": {}}
+        for name in plan.workloads:
+            if name in LOCATION_WORKLOADS:
+                r = worker_runs(settings, plan, procs, logs, [name], tag=f"p{procs}{name}")
+                current["runs"].update(r["runs"])
+                continue
+            order = ("rev", "current") if len(pairs) % 2 == 0 else ("current", "rev")
+            got = {side: worker_runs(settings, plan, procs, logs, [name], code=code if side == "rev" else None,
+                                     tag=f"p{procs}{name[:4]}{side[0]}")
+                   for side in order}
+            current["runs"].update(got["current"]["runs"])
+            current["peak_rss_mib"] = got["current"].get("peak_rss_mib")
+            pairs.append({"procs": procs, "workload": name, "first": order[0],
+                          "sides": {k: {"last_migration": v.get("last_migration"), "worker_cwd": v.get("worker_cwd")}
+                                    for k, v in got.items()},
+                          "rev": got["rev"]["runs"][name], "current": got["current"]["runs"][name]})
+            c, r_ = pairs[-1]["current"], pairs[-1]["rev"]
+            log(f"compare x{procs} {name}: events/s {c['full']['throughput']:.0f} / {r_['full']['throughput']:.0f}"
+                f" = {ratio(c['full']['throughput'], r_['full']['throughput'])}; half p99"
+                f" {c['half']['p99_ms']:.0f} / {r_['half']['p99_ms']:.0f} ms")
+        worker.append(current)
+    return worker, pairs
 
 
 # ---- 3. the read endpoint -----------------------------------------------------------------------
@@ -451,12 +602,28 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                 "oversold": any(r.get("oversold", False) for r in [e["full"], *e.get("half_rounds", [e["half"]])]),
                 "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
             })
+    # The locations3 workload's throughput over the uniform one's, same process count, same run.
+    by = {(r["workload"], r["procs"]): r["events_per_s"] for r in rows}
+    locations = {str(n): ratio(v, by[("uniform", n)]) for (w, n), v in by.items()
+                 if w == "locations3" and ("uniform", n) in by}
+    compare = [{
+        "workload": p["workload"], "procs": p["procs"], "first": p["first"],
+        "events_per_s": [p["current"]["full"]["throughput"], p["rev"]["full"]["throughput"]],
+        "events_ratio": ratio(p["current"]["full"]["throughput"], p["rev"]["full"]["throughput"]),
+        "half_p99_ms": [p["current"]["half"]["p99_ms"], p["rev"]["half"]["p99_ms"]],
+        "half_p99_ratio": ratio(p["current"]["half"]["p99_ms"], p["rev"]["half"]["p99_ms"]),
+        "half_p99_rounds_ms": [[r["p99_ms"] for r in p[side].get("half_rounds", [p[side]["half"]])]
+                               for side in ("current", "rev")],
+        "cpu_us_per_event": [p[side]["full"].get("cpu_us_per_event", {}).get("total") for side in ("current", "rev")],
+        "lost": sum(r["sent"] - r["received"] for side in ("current", "rev")
+                    for r in [p[side]["full"], *p[side].get("half_rounds", [p[side]["half"]])]),
+    } for p in res.get("compare", {}).get("pairs", [])]
     http = res.get("http", {})
     http_sum = {}
     if "baseline" in http:  # each server's req/s over the plain stdlib+Redis server's, same run
         http_sum = {f"{k}_vs_baseline": ratio(v["rps"], http["baseline"]["rps"]) for k, v in http.items()
                     if k != "baseline"}
-    return {"rows": rows, "http": http_sum}
+    return {"rows": rows, "http": http_sum, "locations3_vs_uniform": locations, "compare": compare}
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -478,6 +645,20 @@ def print_table(res: dict[str, Any]) -> None:
                 "/".join(f"{v:.0f}" for v in r["half_p99_rounds_ms"]), f"{r['full_p99_ms']:.0f}", r["lost"],
                 r["oversold"])
         print("  ".join(f"{v!s:>9}" for v in vals))
+    for n, v in s["locations3_vs_uniform"].items():
+        print(f"locations3 / uniform events/s with {n} processes: {v}")
+    if s["compare"]:
+        c = res["compare"]
+        print()
+        print(f"this checkout ({c['current']}) over {c['rev_name']} ({c['rev'][:12]}), pairs run one after the other:")
+        hdr = ("workload", "procs", "first", "events/s", "REV", "ratio", "p99 ms", "REV p99", "p99 ratio",
+               "CPU us/ev", "REV CPU", "lost")
+        print("  ".join(f"{h:>9}" for h in hdr))
+        for r in s["compare"]:
+            vals = (r["workload"], r["procs"], r["first"], f"{r['events_per_s'][0]:.0f}", f"{r['events_per_s'][1]:.0f}",
+                    r["events_ratio"], r["half_p99_ms"][0], r["half_p99_ms"][1], r["half_p99_ratio"],
+                    r["cpu_us_per_event"][0], r["cpu_us_per_event"][1], r["lost"])
+            print("  ".join(f"{v!s:>9}" for v in vals))
     http = res.get("http", {})
     if "baseline" in http:
         print()
@@ -519,7 +700,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parts", nargs="*", default=["pgbench", "naive", "worker", "http"],
                     help="which parts to run (default all)")
     ap.add_argument("--count", type=int, help="orders per full-load run")
-    ap.add_argument("--workloads", nargs="*", help="uniform hot multi5 (default all)")
+    ap.add_argument("--workloads", nargs="*", help="uniform hot multi5 locations3 (default all)")
+    ap.add_argument("--compare", metavar="REV", help="run the worker part with REV's worker too, taking turns,"
+                    " and print this checkout's figures over REV's")
     args = ap.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.count:
@@ -540,6 +723,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     log(f"database {settings.database.dbname}, queue {settings.rabbitmq.queue}, logs {logs}")
     try:
+        code = None
+        if args.compare:
+            code = logs / "rev"  # removed with the logs
+            sha = export_rev(args.compare, code)
+            head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+                                  text=True).stdout.strip()
+            res["compare"] = {"rev_name": args.compare, "rev": sha, "current": head}
+            log(f"comparing with {args.compare} ({sha[:12]}), exported to {code}")
         prepare_database(settings)
         conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
         declare_topology(conn.channel(), settings.rabbitmq)
@@ -548,9 +739,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["pgbench"] = pgbench(settings, plan) if "pgbench" in parts else {"tps": {}, "fsync": "?",
                                                                               "synchronous_commit": "?"}
         res["naive"] = [naive(settings, plan, name, n) for n in plan.naive_procs for name in plan.workloads
-                        if n == 1 or name == "hot"] if "naive" in parts else []
+                        if (n == 1 or name == "hot") and name not in LOCATION_WORKLOADS] if "naive" in parts else []
         res["machine"]["load_avg"].append(load_avg())
-        res["worker"] = [worker_runs(settings, plan, n, logs) for n in plan.procs] if "worker" in parts else []
+        if "worker" not in parts:
+            res["worker"] = []
+        elif code is not None:
+            res["worker"], res["compare"]["pairs"] = compare_runs(settings, plan, logs, code)
+        else:
+            res["worker"] = [worker_runs(settings, plan, n, logs) for n in plan.procs]
         res["machine"]["load_avg"].append(load_avg())
         res["http"] = http_bench(settings, plan, logs) if "http" in parts else {}
         res["machine"]["load_avg"].append(load_avg())

@@ -305,7 +305,8 @@ class WorkerProcess:
     """`inventory-worker run` in a subprocess, configured only through the environment."""
 
     def __init__(self, settings: Settings, processes: int = 2, extra_env: dict[str, str] | None = None,
-                 log_path: Path | None = None, own_management_port: bool = True) -> None:
+                 log_path: Path | None = None, own_management_port: bool = True,
+                 code: Path | None = None) -> None:
         if own_management_port and settings.http.management_port is not None:
             # Workers started from one run's settings would all share its management port.
             settings = settings.model_copy(update={"http": settings.http.model_copy(
@@ -313,6 +314,11 @@ class WorkerProcess:
         self.settings = settings
         self.processes = processes
         self.env = settings_env(settings, **(extra_env or {}))
+        # Another version's inventory_worker/ and sql/ (the benchmark's --compare): run from its
+        # folder, which `python -m` puts first on the path, and on PYTHONPATH for its children.
+        self.code = code
+        if code is not None:
+            self.env["PYTHONPATH"] = str(code)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
@@ -329,7 +335,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "inventory_worker", "run", "--processes", str(self.processes)],
             env=self.env,
-            cwd=REPO,
+            cwd=self.code or REPO,
             stdout=self._log_file,
             stderr=self._log_file,
             start_new_session=True,

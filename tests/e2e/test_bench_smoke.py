@@ -2,11 +2,13 @@
 what is asserted is what must hold at any speed: every order got its result, nothing oversold."""
 
 import json
+import subprocess
 import tempfile
 
 import pytest
 
 from bench import run
+from tests.support import REPO, pg
 
 
 @pytest.mark.slow
@@ -31,6 +33,58 @@ def test_bench_smoke(tmp_path, monkeypatch):
         for run_ in [hot["full"], *hot["half_rounds"]]:
             assert run_["reserved_matches_results"] and run_["cache_matches_db"], run_
             assert run_["sold_out"], run_  # stock for half the orders: all of it sold
+        # locations3: orders on a channel over three locations, each product stocked at one of
+        # them: every location took orders (order_allocations), none is oversold.
+        loc = wr["runs"]["locations3"]
+        for run_ in [loc["full"], *loc["half_rounds"]]:
+            assert sorted(run_["allocations_by_location"]) == run.LOCATIONS, run_
+            assert min(run_["allocations_by_location"].values()) > 0, run_
+            assert run_["oversold"] is False, run_
+    assert "2" in saved["summary"]["locations3_vs_uniform"]
     if "granian" in saved["http"]:
         assert saved["http"]["granian"]["non_2xx"] == 0
     assert not list(scratch.iterdir()), "a passed run leaves no temporary folder behind"
+
+
+# The commit before Part A of "stock across locations" (migration 080): C6 is measured against it.
+def _before_locations() -> str:
+    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "-1", "--",
+                            "sql/migrations/080_locations.sql"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    return f"{added}^"
+
+
+@pytest.mark.slow
+def test_bench_compare_runs_the_other_version(tmp_path, monkeypatch):
+    """--compare REV: REV's worker runs from its own exported code and schema, beside this one."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    out = tmp_path / "results.json"
+    run.main(["--smoke", "--parts", "worker", "--workloads", "uniform", "--count", "200",
+              "--compare", _before_locations(), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    [pair] = saved["compare"]["pairs"]
+    rev, current = pair["sides"]["rev"], pair["sides"]["current"]
+    assert rev["last_migration"] < 80 <= current["last_migration"], pair["sides"]
+    assert rev["worker_cwd"].endswith("/rev") and rev["worker_cwd"] != current["worker_cwd"], pair["sides"]
+    [row] = saved["summary"]["compare"]
+    assert row["lost"] == 0 and row["events_ratio"] > 0, row
+    assert not list(scratch.iterdir()), "a passed run leaves no temporary folder behind"
+
+
+@pytest.mark.slow
+def test_sqlcost_measures_both_versions():
+    """bench.sqlcost: the backend CPU per order on REV's procedures and on these; its databases go."""
+    from bench import sqlcost
+
+    res = sqlcost.main([_before_locations(), "--rounds", "1", "--batches", "2"])
+    for name in ("uniform", "hot"):
+        assert len(res["rounds"][name]["rev"]) == len(res["rounds"][name]["current"]) == 1, res
+        assert res["ratio"][name] > 0, res
+    settings = run.bench_settings()
+    maintenance = settings.model_copy(update={"database": settings.database.model_copy(update={"dbname": "postgres"})})
+    with pg(maintenance) as cur:
+        cur.execute("SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (res["databases"],))
+        assert cur.fetchone()[0] == 0, res["databases"]

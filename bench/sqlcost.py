@@ -1,0 +1,109 @@
+"""PostgreSQL's CPU per event on default-only orders: REV's stored procedures against this checkout's.
+
+  python -m bench.sqlcost REV [--rounds 6] [--batches 30]
+
+`bench.run --compare REV` measures the whole pipeline's throughput and latency, which on a
+shared machine swing with everyone else's load. This measures the part a schema change can
+slow down, the stored procedures, as the CPU time of the one PostgreSQL backend running them
+(read from /proc: other processes' load hardly changes it): batches of 100 order.placed sent
+through apply_events() as the worker sends them, on `uniform` (10,000 stocked products: the
+set-based place_orders()) and `hot` (10 products with stock for half the orders: one by one,
+half rejected), REV's database (migrated by REV's own code) and this one's taking turns.
+Both databases grow alike round by round, so the rounds are compared pairwise. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg2
+
+from inventory_worker.adapters.migrations import migrate
+from inventory_worker.config import Settings
+from tests import reaper
+from tests.support import drop_database
+
+from . import load, run
+
+BATCH = 100
+
+
+def backend_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (here: a PostgreSQL backend on this machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / run.cpu._TICK
+
+
+def measure(settings: Settings, conn: Any, products: list[str], batches: int, seed: int) -> float:
+    """Microseconds of the backend's CPU per order.placed, over `batches` committed batches."""
+    rng = random.Random(seed)
+    cur = conn.cursor()
+    cur.execute("SELECT pg_backend_pid()")
+    pid = cur.fetchone()[0]
+    before = backend_cpu(pid)
+    for _ in range(batches):
+        events = [{"id": str(uuid.uuid4()), "type": "order.placed",
+                   "data": {"order_id": f"o-{uuid.uuid4().hex}",
+                            "lines": [{"product_id": rng.choice(products), "quantity": 1}]}}
+                  for _ in range(BATCH)]
+        cur.execute("BEGIN; SELECT apply_events(%s::jsonb, %s); COMMIT",
+                    (orjson.dumps(events).decode(), settings.worker.default_reservation_ttl_seconds))
+    return round((backend_cpu(pid) - before) / (batches * BATCH) * 1e6, 1)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("rev")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--batches", type=int, default=30, help="batches of 100 orders per workload and round")
+    args = ap.parse_args(argv)
+    base = run.bench_settings()
+    sides = {"rev": run.fresh_state(base, "sqlrev"), "current": run.fresh_state(base, "sqlcur")}
+    conns: dict[str, Any] = {}
+    out: dict[str, Any] = {"rounds": {}, "databases": [s.database.dbname for s in sides.values()]}
+    try:
+        with tempfile.TemporaryDirectory(prefix="inventory-sqlcost-") as tmp:
+            out["rev"] = run.export_rev(args.rev, Path(tmp))
+            run.migrate_with(sides["rev"], Path(tmp))
+        migrate(sides["current"].database)
+        for side, s in sides.items():
+            run.seed_products(s, load.uniform_ids(), 1_000_000_000)
+            conns[side] = psycopg2.connect(**s.database.dsn())
+            conns[side].autocommit = True
+        for r in range(args.rounds):
+            for name in ("uniform", "hot"):
+                for side in ("rev", "current") if r % 2 == 0 else ("current", "rev"):
+                    products = load.uniform_ids()
+                    if name == "hot":  # fresh hot products each round, stock for half the orders
+                        products = [f"BENCH-H-sql{r}-{i}" for i in range(load.HOT_PRODUCTS)]
+                        run.seed_products(sides[side], products, args.batches * BATCH // (2 * len(products)))
+                    us = measure(sides[side], conns[side], products, args.batches, seed=r)
+                    out["rounds"].setdefault(name, {}).setdefault(side, []).append(us)
+            run.log(f"round {r + 1}/{args.rounds}: {out['rounds']}")
+        print()
+        print(f"PostgreSQL backend CPU per order.placed, us (this checkout / {args.rev} = {out['rev'][:12]}):")
+        for name, v in out["rounds"].items():
+            ratios = [c / p for c, p in zip(v["current"], v["rev"], strict=True)]
+            out.setdefault("ratio", {})[name] = round(sorted(ratios)[len(ratios) // 2], 3)
+            print(f"  {name:>8}: current {v['current']}  rev {v['rev']}  median ratio {out['ratio'][name]}")
+        return out
+    finally:
+        reaper.hold()
+        for c in conns.values():
+            c.close()
+        for s in sides.values():
+            try:
+                drop_database(s)
+            except Exception as exc:
+                run.log(f"dropping {s.database.dbname} failed: {exc}")
+
+
+if __name__ == "__main__":
+    reaper.install()
+    main()

@@ -8,7 +8,8 @@
   with its connection, so when the holder dies another process takes over at its next tick.
   Server-side TCP keepalives on that session bound how long a vanished host keeps the lock.
   A backlog is drained in back-to-back batches of `sweep_batch_size`, one short transaction
-  each, so order transactions get the product locks between batches.
+  each, so order transactions get the product locks between batches. After each sweep it
+  runs a backorder fill pass (products with open backorders and `available`).
 - the gauges (one process per worker, `measure=True`): outbox backlog, active reservations
   and DLQ depth, every `worker.metrics_interval_seconds`.
 """
@@ -45,6 +46,7 @@ class Schedule:
     outbox_relay_interval_seconds: float
     outbox_relay_min_age_seconds: float
     metrics_interval_seconds: float
+    backorder_fill_batch: int = 100
 
 
 class Maintenance(threading.Thread):
@@ -86,6 +88,7 @@ class Maintenance(threading.Thread):
         if self._amqp is not None and self._amqp.is_open:
             self._amqp.process_data_events(time_limit=0)  # keep heartbeats flowing while idle
         self._sweep()
+        self._fill_backorders()
         self._relay()
         if self.measure and time.monotonic() >= self._next_measure:
             self._next_measure = time.monotonic() + self.schedule.metrics_interval_seconds
@@ -139,6 +142,26 @@ class Maintenance(threading.Thread):
                      publish_ms=round((time.monotonic() - committed) * 1000, 1))
             if candidates < limit:
                 return  # the backlog is drained
+
+    # -- backorders -------------------------------------------------------------------------
+
+    def _fill_backorders(self) -> None:
+        """The elected sweeper's fill pass (spec 4.3): open backorders of products that have
+        `available` again (stock freed by expiry, a fill an event could not finish, a location
+        activated), one short transaction per pass, then the cache and the messages."""
+        if not self.store.is_leader:
+            return
+        filled, messages, figures = self.store.fill_backorders(self.schedule.sweep_batch_size,
+                                                               self.schedule.backorder_fill_batch)
+        if filled == 0:
+            return
+        try:
+            self.cache.put_many(figures)
+        except Exception as exc:  # the cache is only a cache; TTL bounds staleness
+            metrics.CACHE_WRITE_ERRORS.inc()
+            log.warning("cache write failed after backorder fill", error=repr(exc))
+        self._publish_now(messages)
+        log.info("backorders filled", orders=filled)
 
     # -- outbox -----------------------------------------------------------------------------
 

@@ -148,6 +148,35 @@ def test_fill_is_fifo_by_placement_and_partial_fills_report_what_remains(db):
     db.verify()
 
 
+def test_a_backorder_placed_earlier_in_the_same_batch_is_filled_by_a_later_receipt(db):
+    pid = db.product(mode="allow", limit=3)
+    o = uid("o")
+    placed, adjusted = db.apply(ev("order.placed", {"order_id": o, "lines": [{"product_id": pid, "quantity": 2}]}),
+                                ev("stock.adjusted", {"product_id": pid, "delta": 5}))
+    assert placed.outcome == "reserved" and placed.detail == {}  # apply_events' marker does not leak
+    assert filled(o, [(pid, "default", 2)], []) in msgs(adjusted)
+    assert adjusted.products[0]["reserved"] == 2
+    db.verify()
+
+
+def test_an_order_of_two_backordered_products_completes_once_both_are_filled(db):
+    x, y = db.product(mode="allow"), db.product(mode="incoming", limit=5)
+    db.one("stock.adjusted", {"product_id": y, "incoming": 1})
+    o = uid("o")
+    out = db.one("order.placed", {"order_id": o, "lines": [{"product_id": x, "quantity": 2},
+                                                            {"product_id": y, "quantity": 1}]})
+    assert [line["backordered"] for t, d in msgs(out) if t == "inventory.allocated" for line in d["lines"]] == [2, 1]
+    assert msgs(db.one("stock.adjusted", {"product_id": x, "delta": 2}))[2] == filled(o, [(x, "default", 2)], [(y, 1)])
+    assert msgs(db.one("order.completed", {"order_id": o}))[0][1]["reason"] == "backorder_pending"
+    assert filled(o, [(y, "default", 1)], []) in msgs(db.one("stock.received", {"product_id": y, "quantity": 1}))
+    db.verify()
+    out = db.one("order.completed", {"order_id": o})
+    assert msgs(out)[0] == ("inventory.committed", {"order_id": o, "lines": [{"product_id": x, "quantity": 2},
+                                                                             {"product_id": y, "quantity": 1}]})
+    assert db.totals(x) == (0, 0, 0) and db.totals(y) == (0, 0, 0)
+    db.verify()
+
+
 def test_allow_backorder_false_never_backorders(db):
     pid = db.product(stock=2, mode="allow", limit=10)
     o = uid("o")

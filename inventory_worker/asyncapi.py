@@ -31,7 +31,8 @@ DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
 REF = "#/components/schemas/{model}"
 
 INPUT_DESCRIPTIONS = {
-    "order.placed": "Reserve every line of the order, or none.",
+    "order.placed": "Reserve every line of the order (shortfalls backordered where the products' policy "
+                    "allows), or none.",
     "order.cancelled": "Release the order's reservation (remembered if it comes before order.placed).",
     "order.completed": "Commit the reservation: on_hand and reserved both fall by the quantities.",
     "stock.adjusted": "Change on_hand (or incoming) by a delta or set it to a count, at a location; creates "
@@ -58,6 +59,9 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.allocated": "Where a placed order is held, when not every line is held whole at default.",
     "inventory.moved": "Units moved between states, between locations, or were received.",
     "inventory.back_in_stock": "available rose from 0 to above 0.",
+    "inventory.backorder_filled": "Backordered units of an open order were reserved (oldest order first); "
+                                  "causation_id is the stock change's id, or the order.placed id when the "
+                                  "sweeper filled it.",
 }
 
 

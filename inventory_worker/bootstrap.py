@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 def postgres(settings: Settings) -> Store:
     """The PostgreSQL adapter; it connects on first use."""
-    return Store(settings.database, settings.worker.default_reservation_ttl_seconds)
+    return Store(settings.database, settings.worker.default_reservation_ttl_seconds,
+                 {"backorder_fill_batch": settings.worker.backorder_fill_batch})
 
 
 def redis_cache(settings: Settings) -> StockCache:
@@ -51,6 +52,7 @@ def maintenance(settings: Settings, stop: threading.Event | Any, measure: bool =
     schedule = Schedule(
         sweep_interval_seconds=w.sweep_interval_seconds,
         sweep_batch_size=w.sweep_batch_size,
+        backorder_fill_batch=w.backorder_fill_batch,
         outbox_relay_interval_seconds=w.outbox_relay_interval_seconds,
         outbox_relay_min_age_seconds=w.outbox_relay_min_age_seconds,
         metrics_interval_seconds=w.metrics_interval_seconds,

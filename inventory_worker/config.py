@@ -237,6 +237,13 @@ class WorkerSettings(_Section):
         description="Reservations released per sweep "
         "transaction: lower for shorter lock holds, higher for a faster drain.",
     )
+    backorder_fill_batch: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Open backorders filled per product per transaction, oldest order first (after "
+        "a stock change, and in the elected sweeper's fill pass each tick); the rest wait for the next.",
+    )
     shutdown_grace_seconds: float = Field(
         25.0, gt=0, description="On SIGTERM: time to finish before children are killed."
     )

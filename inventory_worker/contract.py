@@ -85,6 +85,7 @@ OUTPUT_TYPES = (
     "inventory.allocated",
     "inventory.moved",
     "inventory.back_in_stock",
+    "inventory.backorder_filled",
 )
 
 
@@ -139,6 +140,9 @@ class OrderPlaced(_Strict):
     lines: Annotated[list[OrderLine], Field(min_length=1, max_length=100)]
     reservation_ttl_seconds: Annotated[int, Field(ge=1, le=31_536_000, strict=True)] | None = None
     channel_id: ChannelId | None = None
+    # Absent: None (the product's policy decides); an explicit null is refused, as a bool field's.
+    allow_backorder: StrictBool = Field(None, description="false: never backorder this order (default: as each "  # type: ignore[assignment]
+                                        "product's backorder policy allows)", json_schema_extra=_no_default)
 
     @field_validator("lines")
     @classmethod
@@ -284,6 +288,17 @@ class SafetyStock(_Strict):
     quantity: Threshold
 
 
+class BackorderPolicy(_Strict):
+    """Set whole: a limit or until left out (or null) is none. `until` is RFC 3339 with an
+    offset; from then on the product behaves as `deny`."""
+
+    mode: Literal["deny", "allow", "incoming"]
+    limit: Annotated[int, Field(ge=0, le=1_000_000_000, strict=True)] | None = None
+    until: Annotated[AwareDatetime, BeforeValidator(lambda v: _rfc3339_string(v)),
+                     Field(json_schema_extra={"pattern": r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+                                              r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"})] | None = None
+
+
 class ProductConfigured(_Strict):
     """Creates the product (all figures 0) if missing, then sets the fields given;
     max_per_order null removes the limit; safety_stock names a location at most once."""
@@ -295,6 +310,7 @@ class ProductConfigured(_Strict):
     low_stock_threshold: Threshold = _absent()
     max_per_order: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] | None = None
     safety_stock: Annotated[list[SafetyStock], Field(min_length=1, max_length=100)] = _absent()
+    backorder: BackorderPolicy = _absent()
 
     @field_validator("safety_stock")
     @classmethod
@@ -560,7 +576,7 @@ class Reserved(_Strict):
 class Rejected(_Strict):
     order_id: str
     reason: Literal["insufficient_stock", "unknown_product", "order_cancelled", "reservation_expired",
-                    "unknown_channel", "location_unavailable", "quantity_limit"]
+                    "unknown_channel", "location_unavailable", "quantity_limit", "backorder_pending"]
     shortages: list[Shortage]
 
 
@@ -669,6 +685,12 @@ class SafetyStockOut(_Strict):
     quantity: Positive
 
 
+class BackorderConfiguration(_Strict):
+    mode: Literal["deny", "allow", "incoming"]
+    limit: Count | None
+    until: AwareDatetime | None
+
+
 class ProductConfiguration(_Strict):
     """safety_stock: every location where it is above 0, by location_id."""
 
@@ -677,6 +699,7 @@ class ProductConfiguration(_Strict):
     tracked: bool
     low_stock_threshold: Count
     max_per_order: Positive | None
+    backorder: BackorderConfiguration
     safety_stock: list[SafetyStockOut]
 
 
@@ -729,6 +752,26 @@ class Allocated(_Strict):
     order_id: str
     channel_id: str
     lines: Annotated[list[AllocatedLine], Field(min_length=1)]
+
+
+class FilledLine(_Strict):
+    product_id: str
+    location_id: str
+    quantity: Positive
+
+
+class RemainingLine(_Strict):
+    product_id: str
+    quantity: Positive
+
+
+class BackorderFilled(_Strict):
+    """Backordered units of one product of an open order now reserved (lines: where);
+    backordered_remaining: the order's lines still backordered ([] once none is)."""
+
+    order_id: str
+    lines: Annotated[list[FilledLine], Field(min_length=1)]
+    backordered_remaining: list[RemainingLine]
 
 
 class StateMove(_Strict):
@@ -791,6 +834,7 @@ OUTPUT_MODELS: dict[str, type[BaseModel]] = {
     "inventory.allocated": Allocated,
     "inventory.moved": Moved,
     "inventory.back_in_stock": BackInStock,
+    "inventory.backorder_filled": BackorderFilled,
 }
 assert tuple(OUTPUT_MODELS) == OUTPUT_TYPES
 

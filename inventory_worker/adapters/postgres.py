@@ -50,9 +50,12 @@ def _classify(exc: psycopg2.Error) -> Exception:
 
 
 class Store:
-    def __init__(self, settings: DatabaseSettings, default_ttl_seconds: int = 900) -> None:
+    def __init__(self, settings: DatabaseSettings, default_ttl_seconds: int = 900,
+                 options: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.default_ttl_seconds = default_ttl_seconds
+        # worker settings the procedures read (apply_events' p_options), e.g. backorder_fill_batch
+        self.options = orjson.dumps(options or {}).decode()
         self._conn: psycopg2.extensions.connection | None = None
         self._leader_conn: psycopg2.extensions.connection | None = None  # holds the sweeper lock
 
@@ -126,9 +129,9 @@ class Store:
             # is the last one's).
             cur.execute(
                 ("SELECT mark_published(%s); " if mark_published else "")
-                + "SELECT apply_events(%s::jsonb, %s)",
+                + "SELECT apply_events(%s::jsonb, %s, %s::jsonb)",
                 ((list(mark_published),) if mark_published else ())
-                + (orjson.dumps(list(events)).decode(), self.default_ttl_seconds),
+                + (orjson.dumps(list(events)).decode(), self.default_ttl_seconds, self.options),
             )
             results = one_row(cur)[0]
         return [Outcome.from_json(r) for r in results]
@@ -194,6 +197,14 @@ class Store:
             [OutgoingMessage.from_json(m) for m in r["messages"]],
             list(r["products"]),
         )
+
+    def fill_backorders(self, products: int, per_product: int) -> tuple[int, list[OutgoingMessage], list[Figures]]:
+        """The sweeper's backorder fill pass (fill_backorder_pass() in sql/procedures/backorders.sql):
+        (orders filled, messages, figures after)."""
+        with self.transaction() as cur:
+            cur.execute("SELECT fill_backorder_pass(%s, %s)", (products, per_product))
+            r = one_row(cur)[0]
+        return int(r["filled"]), [OutgoingMessage.from_json(m) for m in r["messages"]], list(r["products"])
 
     # -- leadership -------------------------------------------------------------------------
 

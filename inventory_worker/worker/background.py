@@ -10,7 +10,8 @@
   A backlog is drained in back-to-back batches of `sweep_batch_size`, one short transaction
   each, so order transactions get the product locks between batches. The same process then
   re-caches the products with a level at a location whose `active` or `fulfils_orders` flipped
-  (their `available` changed with no stock change), in batches of the same size.
+  (their `available` changed with no stock change), in batches of the same size. After each sweep it
+  also runs a backorder fill pass (products with open backorders and `available`).
 - the gauges (one process per worker, `measure=True`): outbox backlog, active reservations
   and DLQ depth, every `worker.metrics_interval_seconds`.
 """
@@ -47,6 +48,7 @@ class Schedule:
     outbox_relay_interval_seconds: float
     outbox_relay_min_age_seconds: float
     metrics_interval_seconds: float
+    backorder_fill_batch: int = 100
 
 
 class Maintenance(threading.Thread):
@@ -88,6 +90,7 @@ class Maintenance(threading.Thread):
         if self._amqp is not None and self._amqp.is_open:
             self._amqp.process_data_events(time_limit=0)  # keep heartbeats flowing while idle
         self._sweep()
+        self._fill_backorders()
         self._relay()
         if self.measure and time.monotonic() >= self._next_measure:
             self._next_measure = time.monotonic() + self.schedule.metrics_interval_seconds
@@ -155,6 +158,21 @@ class Maintenance(threading.Thread):
             log.info("products re-cached after a location flip", count=count, more_due=more)
             if not more:
                 return
+
+    # -- backorders -------------------------------------------------------------------------
+
+    def _fill_backorders(self) -> None:
+        """The elected sweeper's fill pass (spec 4.3): open backorders of products that have
+        `available` again (stock freed by expiry, a fill an event could not finish, a location
+        activated), one short transaction per pass, then the cache and the messages."""
+        if not self.store.is_leader:
+            return
+        filled, messages, figures = self.store.fill_backorders(self.schedule.sweep_batch_size,
+                                                               self.schedule.backorder_fill_batch)
+        if filled == 0:
+            return
+        self._cache_and_publish(figures, messages, "backorder fill")
+        log.info("backorders filled", orders=filled)
 
     def _cache_and_publish(self, figures: list[Any], messages: list[Any], what: str) -> None:
         try:

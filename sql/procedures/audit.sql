@@ -31,7 +31,9 @@ $$;
 --   reservations: each level's reserved vs what open orders hold there (allocation rows; an
 --                 order without them holds its tracked lines at `default`);
 --   levels:       a multi-location product's totals vs the sums of its levels (its own
---                 safety_stock vs 0: the levels hold it).
+--                 safety_stock vs 0: the levels hold it);
+--   backordered:  the product's vs the sum of its ledger rows' backordered_delta (ledger) and
+--                 vs the backordered units of open orders' lines (backorders).
 -- A default-only product's one level is its products row: its figures are named as they always
 -- were (`on_hand`); a level of a multi-location product is named `on_hand at LOCATION`.
 -- One statement, so one snapshot: safe to run while the worker applies events.
@@ -96,6 +98,15 @@ LANGUAGE sql STABLE AS $$
                                -- unused once the levels hold the safety stock
                                ('safety_stock', p.safety_stock, 0)) f(name, recorded, expected)
          WHERE p.multi_location
+        UNION ALL  -- backordered (product-level): its ledger rows, and what open orders' lines wait for
+        SELECT p.product_id, 'backordered', p.backordered, f.expected, f.source
+          FROM products p
+          LEFT JOIN (SELECT m.product_id, sum(m.backordered_delta) AS units FROM stock_movements m
+                      GROUP BY 1) l USING (product_id)
+          LEFT JOIN (SELECT ol.product_id, sum(ol.backordered) AS units FROM order_lines ol JOIN orders o USING (order_id)
+                      WHERE o.status = 'reserved' GROUP BY 1) b USING (product_id),
+               LATERAL (VALUES (coalesce(l.units, 0)::bigint, 'ledger'),
+                               (coalesce(b.units, 0)::bigint, 'backorders')) f(expected, source)
     )
     SELECT * FROM checks WHERE recorded IS DISTINCT FROM expected
      ORDER BY product_id, source, figure

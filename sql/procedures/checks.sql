@@ -44,6 +44,21 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT v IS NOT NULL AND jsonb_typeof(v) <> 'null' 
 CREATE OR REPLACE FUNCTION json_id(v jsonb) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$ SELECT coalesce(jsonb_typeof(v) = 'string' AND valid_product_id(v #>> '{}'), false) $$;
 
+-- A JSON string holding an RFC 3339 date-time with its offset (Z or +hh:mm), a real instant.
+CREATE OR REPLACE FUNCTION json_rfc3339(v jsonb) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF NOT coalesce(jsonb_typeof(v) = 'string' AND (v #>> '{}') ~
+                    '^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$',
+                    false) THEN
+        RETURN false;
+    END IF;
+    PERFORM (v #>> '{}')::timestamptz;
+    RETURN true;
+EXCEPTION WHEN datetime_field_overflow OR invalid_datetime_format THEN
+    RETURN false;
+END $$;
+
 CREATE OR REPLACE FUNCTION json_bool(v jsonb) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$ SELECT coalesce(jsonb_typeof(v) = 'boolean', false) $$;
 
@@ -170,8 +185,17 @@ LANGUAGE sql IMMUTABLE AS $$
                                       FROM jsonb_array_elements(d->'locations') x)) THEN 'data.locations'
     END
     WHEN 'product.configured' THEN CASE
-        WHEN d - ARRAY['product_id', 'tracked', 'low_stock_threshold', 'max_per_order', 'safety_stock'] <> '{}'
+        WHEN d - ARRAY['product_id', 'tracked', 'low_stock_threshold', 'max_per_order', 'safety_stock',
+                       'backorder'] <> '{}'
             THEN 'data: unknown field'
+        WHEN d ? 'backorder' AND NOT coalesce(jsonb_typeof(d->'backorder') = 'object'
+                                      AND (d->'backorder') - ARRAY['mode', 'limit', 'until'] = '{}'
+                                      AND d->'backorder'->'mode' IN ('"deny"', '"allow"', '"incoming"')
+                                      AND json_optional(d->'backorder'->'limit',
+                                                        json_int_between(d->'backorder'->'limit', 0, 1000000000))
+                                      AND json_optional(d->'backorder'->'until', json_rfc3339(d->'backorder'->'until')),
+                                      false)
+            THEN 'data.backorder'
         WHEN NOT json_id(d->'product_id') THEN 'data.product_id'
         WHEN NOT json_optional(d->'tracked', json_bool(d->'tracked')) THEN 'data.tracked'
         WHEN NOT json_optional(d->'low_stock_threshold', json_int_between(d->'low_stock_threshold', 0, 1000000000))
@@ -210,8 +234,11 @@ LANGUAGE sql IMMUTABLE AS $$
             THEN stock_event_problem(t, d)
         WHEN t <> 'stock.adjusted' AND NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
         WHEN t IN ('order.cancelled', 'order.completed') AND d - 'order_id' <> '{}' THEN 'data: unknown field'
-        WHEN t = 'order.placed' AND d - ARRAY['order_id', 'lines', 'reservation_ttl_seconds', 'channel_id'] <> '{}'
+        WHEN t = 'order.placed' AND d - ARRAY['order_id', 'lines', 'reservation_ttl_seconds', 'channel_id',
+                                              'allow_backorder'] <> '{}'
             THEN 'data: unknown field'
+        WHEN t = 'order.placed' AND NOT json_optional(d->'allow_backorder', json_bool(d->'allow_backorder'))
+            THEN 'data.allow_backorder'
         WHEN t = 'order.placed' AND NOT json_optional(d->'channel_id', jsonb_typeof(d->'channel_id') = 'string'
                                                                        AND valid_product_id(d->>'channel_id'))
             THEN 'data.channel_id'

@@ -86,7 +86,9 @@ END $$;
 -- policy fields (`max_per_order` given as null clears it) and safety stock per location. A
 -- safety stock change moves `available`: low_stock / back_in_stock as for a stock change.
 -- Refusals: a safety stock at an unconfigured location (unknown_location); `tracked: false`
--- while units are reserved (has_open_reservations).
+-- while units are reserved or backordered (has_open_reservations). A limit below the current
+-- `backordered` is accepted (headroom 0 until it falls).
+-- A safety stock lowered raises `available`: apply_events() then fills open backorders.
 CREATE OR REPLACE FUNCTION configure_product(p_event_id uuid, p_data jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -113,6 +115,10 @@ BEGIN
         RETURN configuration_rejected(p_event_id, 'product', v_product_id, 'has_open_reservations',
                                       v.reserved || ' units reserved');
     END IF;
+    IF p_data->'tracked' = 'false' AND v.backordered > 0 THEN
+        RETURN configuration_rejected(p_event_id, 'product', v_product_id, 'has_open_reservations',
+                                      v.backordered || ' units backordered');
+    END IF;
     v_existed := v.version > 0;
     v_before := product_available(v);
     FOR s IN SELECT x->>'location_id' AS location_id, (x->>'quantity')::bigint AS quantity
@@ -133,6 +139,12 @@ BEGIN
            low_stock_threshold = coalesce((p_data->>'low_stock_threshold')::integer, low_stock_threshold),
            max_per_order = CASE WHEN p_data ? 'max_per_order' THEN (p_data->>'max_per_order')::integer
                                 ELSE max_per_order END,
+           -- `backorder` is set whole: a limit or until left out is none
+           backorder_mode = coalesce(p_data->'backorder'->>'mode', backorder_mode),
+           backorder_limit = CASE WHEN p_data ? 'backorder' THEN (p_data->'backorder'->>'limit')::bigint
+                                  ELSE backorder_limit END,
+           backorder_until = CASE WHEN p_data ? 'backorder' THEN (p_data->'backorder'->>'until')::timestamptz
+                                  ELSE backorder_until END,
            version = version + 1, updated_at = now()
      WHERE product_id = v_product_id
     RETURNING * INTO v;
@@ -141,6 +153,8 @@ BEGIN
         'messages', jsonb_build_array(new_message(p_event_id, 'inventory.configured', jsonb_build_object(
             'kind', 'product', 'product_id', v_product_id, 'tracked', v.tracked,
             'low_stock_threshold', v.low_stock_threshold, 'max_per_order', v.max_per_order,
+            'backorder', jsonb_build_object('mode', v.backorder_mode, 'limit', v.backorder_limit,
+                                            'until', rfc3339(v.backorder_until)),
             'safety_stock', (SELECT coalesce(jsonb_agg(jsonb_build_object('location_id', l.location_id,
                                                                          'quantity', l.safety_stock)
                                                       ORDER BY l.location_id), '[]'::jsonb)

@@ -17,7 +17,11 @@ $$;
 -- Returns one result per event: {outcome, messages: [to publish], products: [figures after]}.
 -- An id met again with the same content is a 'duplicate' (changes nothing); with another type
 -- or data it is 'id_reused' (changes nothing, recorded nowhere: the worker dead-letters it).
-CREATE OR REPLACE FUNCTION apply_events(p_events jsonb, p_default_ttl integer DEFAULT 900) RETURNS jsonb
+-- p_options: worker settings some events need ({backorder_fill_batch}); a key
+-- left out takes its default.
+DROP FUNCTION IF EXISTS apply_events(jsonb, integer);
+CREATE OR REPLACE FUNCTION apply_events(p_events jsonb, p_default_ttl integer DEFAULT 900,
+                                        p_options jsonb DEFAULT '{}') RETURNS jsonb
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_bad      record;
@@ -40,6 +44,10 @@ DECLARE
     v_outcomes text[] := '{}';
     v_digests  uuid[] := '{}';
     v_written  bigint;
+    -- Backorder filling after stock changes (backorders.sql): only while some product has
+    -- open backorders (an empty partial index: default-only traffic pays one probe a batch).
+    v_fill     boolean;
+    v_fill_batch integer := coalesce((p_options->>'backorder_fill_batch')::integer, 100);
 BEGIN
     -- 1. Every event is checked (checks.sql) before anything is written.
     SELECT ord, problem INTO v_bad FROM event_problems(p_events) WHERE problem IS NOT NULL ORDER BY ord LIMIT 1;
@@ -62,6 +70,8 @@ BEGIN
          WHERE ol.order_id = ANY(ARRAY(SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev
                                         WHERE ev->>'type' IN ('order.cancelled', 'order.completed')))))
      ORDER BY product_id FOR UPDATE;
+
+    v_fill := EXISTS (SELECT 1 FROM products WHERE backordered > 0);
 
     -- 3. Which events are new: neither applied before nor met earlier in this batch; and of
     --    the others, which carry other content than their id did the first time (compared
@@ -119,6 +129,13 @@ BEGIN
                 WHEN 'channel.configured'  THEN configure_channel(v_event_ids[i], v_event_data[i])
                 WHEN 'product.configured'  THEN configure_product(v_event_ids[i], v_event_data[i])
             END;
+            IF v_result ? 'backordered' THEN  -- an order backordered: fills may be due from now on
+                v_fill := true;
+                v_result := v_result - 'backordered';
+            END IF;
+            IF v_fill AND v_result->'products' <> '[]' THEN
+                v_result := fill_after_event(v_event_ids[i], v_result, v_fill_batch);
+            END IF;
             v_ids := array_append(v_ids, v_event_ids[i]);
             v_types := array_append(v_types, v_event_types[i]);
             v_digests := array_append(v_digests, v_event_digests[i]);

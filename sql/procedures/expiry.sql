@@ -70,6 +70,8 @@ BEGIN
     FOR h IN SELECT order_id, allocated, placed_event_id FROM orders
               WHERE order_id = ANY(coalesce(v_held, '{}')) ORDER BY order_id LOOP
         v_msgs := v_msgs || (change_holdings(h.order_id, h.allocated, 0, -1, 'expire', h.placed_event_id)->'messages');
+        -- and its backordered units (the lines keep their counts: completion refuses them)
+        PERFORM release_backorders(h.order_id, 'expire', h.placed_event_id, false);
     END LOOP;
     v_expired := ARRAY(SELECT unnest(v_expired) EXCEPT SELECT unnest(v_held));
     IF cardinality(v_expired) > 0 THEN

@@ -71,7 +71,7 @@ BEGIN
       -- One primary-key lookup per line (OFFSET 0 keeps the planner from hashing the table).
       LEFT JOIN LATERAL (SELECT on_hand, reserved, product_id,
                                 NOT multi_location AND tracked AND max_per_order IS NULL AND damaged = 0
-                                AND quality_control = 0 AND safety_stock = 0 AS plain
+                                AND quality_control = 0 AND safety_stock = 0 AND backorder_mode = 'deny' AS plain
                            FROM products WHERE product_id = l.product_id OFFSET 0) p ON true;
     IF v_check.elsewhere THEN
         RETURN place_order_at_locations(p_event_id, p_data, v_expires);
@@ -126,7 +126,8 @@ BEGIN
            AND NOT EXISTS (SELECT 1 FROM need LEFT JOIN products p ON p.product_id = need.product_id
                             WHERE p.product_id IS NULL OR p.on_hand - p.reserved < need.quantity OR need.pinned
                                OR p.multi_location OR NOT p.tracked OR p.max_per_order IS NOT NULL
-                               OR p.damaged <> 0 OR p.quality_control <> 0 OR p.safety_stock <> 0)
+                               OR p.damaged <> 0 OR p.quality_control <> 0 OR p.safety_stock <> 0
+                               OR p.backorder_mode <> 'deny')
            AND (SELECT active AND fulfils_orders FROM locations WHERE location_id = 'default')
       INTO v_ok;
     IF v_ok IS NOT TRUE THEN
@@ -222,6 +223,9 @@ BEGIN
     IF v_allocated OR NOT v_lines.at_default THEN
         v_moved := change_holdings(v_order_id, v_allocated, 0, -1, 'release', p_event_id);
         IF v_allocated THEN
+            -- backordered units too (product backordered falls)
+            v_moved := jsonb_set(v_moved, '{figures}', merge_figures(v_moved->'figures',
+                                 release_backorders(v_order_id, 'release', p_event_id, true)));
             UPDATE order_allocations SET reserved = 0 WHERE order_id = v_order_id;
             UPDATE order_lines SET released = quantity WHERE order_id = v_order_id;
         END IF;
@@ -257,6 +261,10 @@ BEGIN
                                   'messages', '[]'::jsonb, 'products', '[]'::jsonb);
     END IF;
     v_lines := locked_order_lines(v_order_id);
+    -- Backordered units cannot be committed (also those an expired order had): spec 4.5.
+    IF v_allocated AND EXISTS (SELECT 1 FROM order_lines WHERE order_id = v_order_id AND backordered > 0) THEN
+        RETURN rejected(p_event_id, v_order_id, 'backorder_pending');
+    END IF;
     IF v_allocated OR NOT v_lines.at_default THEN
         RETURN complete_held_order(p_event_id, v_order_id, v_status, v_allocated, v_lines.lines);
     END IF;
@@ -381,6 +389,10 @@ DECLARE
     v_plan      jsonb;
     v_implicit  boolean;
     v_moved     jsonb;
+    v_backorders jsonb;   -- {product_id: units backordered}
+    v_short     jsonb;
+    v_backordered record;
+    v_figures   jsonb := '[]';
 BEGIN
     -- The lines as placed, with what the checks need of their products (locked already).
     SELECT jsonb_agg(jsonb_build_object('product_id', l.product_id, 'quantity', l.quantity,
@@ -460,21 +472,35 @@ BEGIN
                     FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n) WHERE (x->>'tracked')::boolean),
                  '[]'),
         v_locations, v_units, v_strategy);
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_plan) a WHERE (a->>'shortfall')::bigint > 0) THEN
+    -- Shortfalls within the product's headroom (and the order allowing it) are backordered
+    -- (spec 4.1); any other refuses the order, each such line's shortage `available` being
+    -- what it could have had: reservable + headroom (= today's figure without a policy).
+    SELECT jsonb_object_agg(b.product_id, b.shortfall) FILTER (WHERE b.shortfall > 0),
+           jsonb_agg(jsonb_build_object('product_id', b.product_id, 'requested', b.quantity,
+                                        'available', b.quantity - b.shortfall + b.headroom) ORDER BY b.n)
+               FILTER (WHERE b.shortfall > b.headroom)
+      INTO v_backorders, v_short
+      FROM (SELECT n, a->>'product_id' AS product_id, (a->>'quantity')::bigint AS quantity,
+                   (a->>'shortfall')::bigint AS shortfall,
+                   CASE WHEN (a->>'shortfall')::bigint = 0 OR p_data->'allow_backorder' = 'false' THEN 0
+                        ELSE coalesce(product_headroom(p), 4000000000000000000) END AS headroom
+              FROM jsonb_array_elements(v_plan) WITH ORDINALITY AS t(a, n)
+              JOIN products p ON p.product_id = a->>'product_id') b;
+    IF v_short IS NOT NULL THEN
         DELETE FROM orders WHERE order_id = v_order_id;
-        RETURN rejected(p_event_id, v_order_id, 'insufficient_stock', (
-            SELECT jsonb_agg(jsonb_build_object('product_id', a->'product_id', 'requested', a->'quantity',
-                                                'available', (a->>'quantity')::bigint - (a->>'shortfall')::bigint) ORDER BY n)
-              FROM jsonb_array_elements(v_plan) WITH ORDINALITY AS t(a, n) WHERE (a->>'shortfall')::bigint > 0));
+        RETURN rejected(p_event_id, v_order_id, 'insufficient_stock', v_short);
     END IF;
+    v_backorders := coalesce(v_backorders, '{}');
 
     -- Held implicitly at `default` when every line is tracked and held whole there.
-    v_implicit := NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v_lines) x WHERE NOT (x->>'tracked')::boolean)
+    v_implicit := v_backorders = '{}'
+                  AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v_lines) x WHERE NOT (x->>'tracked')::boolean)
                   AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v_plan) a
                                    WHERE a->'allocations' <> jsonb_build_array(jsonb_build_object(
                                              'location_id', 'default', 'quantity', a->'quantity')));
-    INSERT INTO order_lines (order_id, product_id, line_no, quantity, tracked)
-    SELECT v_order_id, x->>'product_id', n, (x->>'quantity')::integer, (x->>'tracked')::boolean
+    INSERT INTO order_lines (order_id, product_id, line_no, quantity, tracked, backordered)
+    SELECT v_order_id, x->>'product_id', n, (x->>'quantity')::integer, (x->>'tracked')::boolean,
+           coalesce((v_backorders->>(x->>'product_id'))::integer, 0)
       FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n);
     IF NOT v_implicit THEN
         UPDATE orders SET allocated = true WHERE order_id = v_order_id;
@@ -482,9 +508,15 @@ BEGIN
         SELECT v_order_id, a->>'product_id', h->>'location_id', k, (h->>'quantity')::bigint
           FROM jsonb_array_elements(v_plan) a, jsonb_array_elements(a->'allocations') WITH ORDINALITY AS t(h, k);
     END IF;
+    -- Backordered first: change_holdings()' figures (the later version) then win the merge.
+    FOR v_backordered IN SELECT key, value::bigint FROM jsonb_each_text(v_backorders) ORDER BY key LOOP
+        v_figures := v_figures || jsonb_build_array(change_backordered(v_backordered.key, v_backordered.value,
+                                                                       'backorder', v_order_id, p_event_id));
+    END LOOP;
     v_moved := change_holdings(v_order_id, NOT v_implicit, 0, 1, 'reserve', p_event_id);
 
-    RETURN jsonb_build_object('outcome', 'reserved', 'order_id', v_order_id, 'products', v_moved->'figures',
+    RETURN jsonb_build_object('outcome', 'reserved', 'order_id', v_order_id,
+        'products', CASE WHEN v_figures = '[]' THEN v_moved->'figures' ELSE merge_figures(v_figures, v_moved->'figures') END,
         'messages', jsonb_build_array(new_message(p_event_id, 'inventory.reserved', jsonb_build_object(
                 'order_id', v_order_id,
                 'lines', (SELECT jsonb_agg(jsonb_build_object('product_id', x->'product_id', 'quantity', x->'quantity')
@@ -500,9 +532,11 @@ BEGIN
                                       'quantity', x->'quantity', 'tracked', x->'tracked',
                                       'allocations', coalesce((SELECT a->'allocations' FROM jsonb_array_elements(v_plan) a
                                                                 WHERE a->>'product_id' = x->>'product_id'), '[]'),
-                                      'backordered', 0) ORDER BY n)
+                                      'backordered', coalesce((v_backorders->>(x->>'product_id'))::bigint, 0)) ORDER BY n)
                                     FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(x, n))))) END
-            || (v_moved->'messages'));
+            || (v_moved->'messages'))
+        -- for apply_events(), which takes it out: fills may be due from now on in this batch
+        || CASE WHEN v_backorders = '{}' THEN '{}'::jsonb ELSE jsonb_build_object('backordered', true) END;
 END $$;
 
 -- Changes the stock an order holds, level by level through change_level(): each holding's

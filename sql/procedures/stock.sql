@@ -207,17 +207,17 @@ BEGIN
 END $$;
 
 -- The detail document of GET /inventory/{id}/detail (without its `channel` part), or NULL for
--- an unknown product. Part A has no backorders: `orderable` = `available`, `backordered` 0,
--- `backorder` deny (Part B changes the values, not the shape). `locations` lists every level,
+-- an unknown product. `orderable` = `available` + headroom (null when the headroom has no
+-- limit); `backorder` {mode, limit, until, headroom} (backorders.sql). `locations` lists every level,
 -- by (priority, location_id); a default-only product's one level is its products row.
 CREATE OR REPLACE FUNCTION product_detail(p_product_id text) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object('version', p.version, 'product_id', p.product_id, 'tracked', p.tracked,
                'on_hand', p.on_hand, 'reserved', p.reserved, 'available', a.available,
-               'orderable', a.available, 'backordered', 0,
+               'orderable', a.available + product_headroom(p), 'backordered', p.backordered,
                'damaged', p.damaged, 'quality_control', p.quality_control, 'incoming', p.incoming,
                'low_stock_threshold', p.low_stock_threshold, 'max_per_order', p.max_per_order,
-               'backorder', jsonb_build_object('mode', 'deny', 'limit', NULL, 'until', NULL, 'headroom', 0),
+               'backorder', backorder_json(p),
                'locations', (
                    SELECT coalesce(jsonb_agg(jsonb_build_object('location_id', l.location_id,
                                       'priority', l.priority, 'active', l.active, 'fulfils_orders', l.fulfils_orders)

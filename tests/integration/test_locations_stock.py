@@ -197,8 +197,9 @@ def test_safety_stock_floor_lowers_available(db):
             {"location_id": "default", "quantity": 2}]})
         assert out["outcome"] == "configured"
         assert datas(out, "inventory.configured") == [{"kind": "product", "product_id": p, "tracked": True,
-            "low_stock_threshold": 0, "max_per_order": None, "safety_stock": [{"location_id": "default",
-                                                                               "quantity": 2}]}]
+            "low_stock_threshold": 0, "max_per_order": None,
+            "backorder": {"mode": "deny", "limit": None, "until": None},
+            "safety_stock": [{"location_id": "default", "quantity": 2}]}]
         assert out["products"][0]["available"] == 3
         default, detail = level(db, p, "default")
         assert (detail["available"], default["available"], default["safety_stock"]) == (3, 3, 2)

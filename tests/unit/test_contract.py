@@ -410,6 +410,12 @@ def test_same_product_at_two_locations_or_two_quantities_in_one_bulk():
 # ---- order.placed, extended --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("allow", [True, False])
+def test_order_may_forbid_or_allow_backorders(allow):
+    d = {"order_id": "o", "lines": [{"product_id": "A", "quantity": 2}], "allow_backorder": allow}
+    assert data("order.placed", d) == d
+
+
 def test_order_with_channel_and_pinned_lines():
     d = {"order_id": "o", "channel_id": "web", "lines": [{"product_id": "A", "quantity": 2, "location_id": "s-1"},
                                                           {"product_id": "B", "quantity": 1}]}
@@ -422,7 +428,9 @@ def test_order_with_channel_and_pinned_lines():
     ({"channel_id": 7}, {}, "data.channel_id"),
     ({}, {"location_id": "a/b"}, "data.lines.0.location_id"),
     ({}, {"location_id": "x" * 65}, "data.lines.0.location_id"),
-    ({"allow_backorder": False}, {}, "data.allow_backorder: Extra inputs"),  # Part B
+    ({"allow_backorder": "no"}, {}, "data.allow_backorder"),
+    ({"allow_backorder": 0}, {}, "data.allow_backorder"),
+    ({"allow_backorder": None}, {}, "data.allow_backorder"),
 ])
 def test_order_extensions_refused(extra, line, where):
     assert where in refused(placed([{"product_id": "A", "quantity": 1, **line}], **extra))
@@ -452,6 +460,10 @@ def test_a_product_pinned_at_two_locations_is_still_twice_in_the_order():
                             "max_per_order": 1_000_000,
                             "safety_stock": [{"location_id": "default", "quantity": 0},
                                              {"location_id": "s", "quantity": 1_000_000_000}]}),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "deny"}}),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow", "limit": 0,
+                                                             "until": "2026-12-31T00:00:00+02:00"}}),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "incoming", "limit": 1_000_000_000}}),
 ])
 def test_configuration_accepted(type_, d):
     assert data(type_, d) == d
@@ -506,7 +518,20 @@ def test_a_null_that_unsets_a_configuration_field_reaches_the_store(type_, d, ke
     ("product.configured", {"product_id": "A", "safety_stock": [{"location_id": "s", "quantity": 1},
                                                                 {"location_id": "s", "quantity": 2}]},
      "location s appears twice in safety_stock"),
-    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow"}}, "data.backorder: Extra inputs"),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "sometimes"}}, "data.backorder.mode"),
+    ("product.configured", {"product_id": "A", "backorder": {"limit": 3}}, "data.backorder.mode"),
+    ("product.configured", {"product_id": "A", "backorder": None}, "data.backorder"),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow", "limit": -1}}, "data.backorder.limit"),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow", "limit": 10**9 + 1}},
+     "data.backorder.limit"),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow", "until": "2026-12-31T00:00:00"}},
+     "data.backorder.until"),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow", "until": "2026-13-01T00:00:00Z"}},
+     "data.backorder.until"),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow", "until": 1767139200}},
+     "data.backorder.until"),
+    ("product.configured", {"product_id": "A", "backorder": {"mode": "allow", "after": 1}},
+     "data.backorder.after: Extra inputs"),
 ])
 def test_configuration_refused(type_, d, why):
     assert why in refused(body(type_, d), type_)
@@ -663,9 +688,17 @@ GOOD_OUTPUTS = [
     ("inventory.configured", {"kind": "channel", "channel_id": "web", "locations": ["b", "a"],
                               "strategy": "single_location"}),
     ("inventory.configured", {"kind": "product", "product_id": "A", "tracked": True, "low_stock_threshold": 0,
-                              "max_per_order": None, "safety_stock": []}),
+                              "max_per_order": None, "backorder": {"mode": "deny", "limit": None, "until": None},
+                              "safety_stock": []}),
     ("inventory.configured", {"kind": "product", "product_id": "A", "tracked": False, "low_stock_threshold": 4,
-                              "max_per_order": 5, "safety_stock": [{"location_id": "s", "quantity": 2}]}),
+                              "max_per_order": 5,
+                              "backorder": {"mode": "allow", "limit": 10, "until": "2026-12-31T00:00:00Z"},
+                              "safety_stock": [{"location_id": "s", "quantity": 2}]}),
+    ("inventory.rejected", {"order_id": "o", "reason": "backorder_pending", "shortages": []}),
+    ("inventory.backorder_filled", {"order_id": "o", "lines": [{"product_id": "A", "location_id": "s", "quantity": 2}],
+                                    "backordered_remaining": [{"product_id": "A", "quantity": 1}]}),
+    ("inventory.backorder_filled", {"order_id": "o", "lines": [{"product_id": "A", "location_id": "s", "quantity": 2}],
+                                    "backordered_remaining": []}),
     ("inventory.configuration_rejected", {"kind": "channel", "id": "web", "reason": "unknown_location",
                                           "detail": "location x is not configured"}),
     ("inventory.configuration_rejected", {"kind": "product", "id": "A", "reason": "has_open_reservations",
@@ -710,7 +743,6 @@ BAD_OUTPUTS = [
                                        "requested": 5}),
     ("inventory.adjustment_rejected", {"product_id": "A", "reason": "unknown_location", "on_hand": 1, "reserved": 0,
                                        "requested": 5, "name": "damaged"}),
-    ("inventory.rejected", {"order_id": "o", "reason": "backorder_pending", "shortages": []}),  # Part B
     ("inventory.configured", {"kind": "location", "location_id": "s", "priority": 0, "active": True,
                               "fulfils_orders": True}),  # unset name: null, not missing
     ("inventory.configured", {"kind": "channel", "location_id": "s", "name": None, "priority": 0, "active": True,
@@ -720,6 +752,11 @@ BAD_OUTPUTS = [
                               "max_per_order": 0, "safety_stock": []}),
     ("inventory.configured", {"kind": "product", "product_id": "A", "tracked": True, "low_stock_threshold": 0,
                               "max_per_order": None, "safety_stock": [], "backorder": None}),
+    ("inventory.configured", {"kind": "product", "product_id": "A", "tracked": True, "low_stock_threshold": 0,
+                              "max_per_order": None, "safety_stock": []}),  # backorder: always there
+    ("inventory.backorder_filled", {"order_id": "o", "lines": [], "backordered_remaining": []}),
+    ("inventory.backorder_filled", {"order_id": "o", "lines": [{"product_id": "A", "location_id": "s", "quantity": 0}],
+                                    "backordered_remaining": []}),
     ("inventory.configuration_rejected", {"kind": "channel", "id": "web", "reason": "has_open_reservations",
                                           "detail": "x"}),
     ("inventory.configuration_rejected", {"kind": "location", "id": "s", "reason": "unknown_location",

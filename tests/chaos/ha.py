@@ -332,19 +332,6 @@ class RabbitNode(PrivateRabbitMQ):
         cookie_file.write_text(cookie)
         os.chmod(cookie_file, 0o400)
 
-    def os_pid(self) -> int:
-        """The Erlang VM's pid (beam.smp), whose loss is the node's."""
-        out = subprocess.run(["pgrep", "-f", f"-sname {self.node.split('@')[0]} "], capture_output=True,
-                             text=True).stdout.split()
-        out += subprocess.run(["pgrep", "-f", f"{self.node}"], capture_output=True, text=True).stdout.split()
-        for p in map(int, out):
-            try:
-                if "beam" in Path(f"/proc/{p}/comm").read_text():
-                    return p
-            except OSError:
-                continue
-        raise RuntimeError(f"no beam process for {self.node}")
-
 
 class RabbitCluster:
     def __init__(self, root: Path, size: int = 3, extra_listen: str | None = None) -> None:
@@ -391,7 +378,7 @@ class RabbitCluster:
             if n.proc is None or n.proc.poll() is not None:
                 continue
             try:
-                out = n.ctl("list_queues", "name", "leader", "--no-table-headers", timeout=30)
+                out = n.ctl("list_queues", "--no-table-headers", "name", "leader", timeout=30)
             except Exception:
                 continue
             for line in out.splitlines():
@@ -400,8 +387,11 @@ class RabbitCluster:
                     return next(m for m in self.nodes if m.node == parts[1])
         raise RuntimeError(f"no leader found for {queue}")
 
+    def any_node(self) -> RabbitNode:
+        return next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
+
     def members(self, queue: str) -> list[str]:
-        out = self.nodes[0].ctl("list_queues", "name", "members", "--no-table-headers", "--formatter", "json")
+        out = self.any_node().ctl("list_queues", "--formatter", "json", "name", "members")
         import json
         for q in json.loads(out):
             if q["name"] == queue:
@@ -417,8 +407,8 @@ class RabbitCluster:
 
     def restart(self, node: RabbitNode) -> None:
         node.start()
-        wait_until(lambda: all(m.node in self.nodes[0 if node is not self.nodes[0] else 1].ctl(
-            "cluster_status") for m in self.nodes), 60, "the node back in the cluster")
+        wait_until(lambda: node.node in self.any_node().ctl("cluster_status", "--formatter", "json")
+                   .split('"running_nodes"', 1)[1], 60, "the node back in the cluster")
 
     def pause(self, node: RabbitNode, seconds: float) -> None:
         """SIGSTOP of every process of the node for `seconds`, then SIGCONT: a hung node."""

@@ -30,8 +30,7 @@ import psycopg2
 import redis
 from pydantic import AnyUrl, SecretStr
 
-from .services import (GiveUp, PrivatePostgres, PrivateRabbitMQ, _port_free, _run, pick_port,
-                       wait_until)
+from .services import GiveUp, PrivatePostgres, PrivateRabbitMQ, _port_free, _run, pick_port, wait_until
 
 
 def _kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -254,10 +253,12 @@ class RedisSentinels:
     def __init__(self, root: Path, extra_listen: str | None = None) -> None:
         root = root / "redis"
         bind = "127.0.0.1" + (f" {extra_listen}" if extra_listen else "")
+        # The address the sentinels announce: one every worker reaches, the partitioned one too.
+        self.address = extra_listen or "127.0.0.1"
         common = ["--bind", *bind.split(), "--save", "", "--appendonly", "no", "--protected-mode", "no"]
         a, b = pick_port(), pick_port()
         self.servers = [RedisProc(root, "redis-a", ["--port", str(a), *common], a),
-                        RedisProc(root, "redis-b", ["--port", str(b), *common, "--replicaof", "127.0.0.1",
+                        RedisProc(root, "redis-b", ["--port", str(b), *common, "--replicaof", self.address,
                                                     str(a)], b)]
         self.sentinels: list[RedisProc] = []
         for i in range(3):
@@ -266,7 +267,7 @@ class RedisSentinels:
             conf.parent.mkdir(parents=True)
             conf.write_text(
                 f"port {port}\nbind {bind}\nprotected-mode no\ndir {conf.parent}\n"
-                f"sentinel monitor {self.SERVICE} 127.0.0.1 {a} 2\n"
+                f"sentinel monitor {self.SERVICE} {self.address} {a} 2\n"
                 f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
                 f"sentinel failover-timeout {self.SERVICE} 10000\n"
                 f"sentinel parallel-syncs {self.SERVICE} 1\n")
@@ -300,7 +301,7 @@ class RedisSentinels:
         wait_until(lambda: self.master_port() != old_port, 60, "the sentinels' failover", interval=0.2)
         t_promoted = time.monotonic()
         new_port = self.master_port()
-        old.start(["--replicaof", "127.0.0.1", str(new_port)])
+        old.start(["--replicaof", self.address, str(new_port)])
         wait_until(lambda: old.client().info("replication")["master_link_status"] == "up", 60,
                    "the old master back as a replica")
         return {"promoted_after": round(t_promoted - t0, 2),
@@ -440,15 +441,82 @@ class RabbitCluster:
             time.sleep(0.3)
 
 
+# ---- a network partition ------------------------------------------------------------------
+
+
+class Partition:
+    """A network namespace joined to this host by a veth pair with addresses in a private /30:
+    a worker started in it (`prefix()` before its command) reaches the services at `host_ip`;
+    cut() takes its end of the link down (its packets go nowhere, new connections fail),
+    join() brings it back. close() deletes the namespace and the pair."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.ns, self.host_dev, self.ns_dev = f"iwha-{tag}", f"iwh{tag}a", f"iwh{tag}b"
+        used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+        rng = secrets.SystemRandom()
+        while True:
+            net = f"10.213.{rng.randrange(256)}.{rng.randrange(64) * 4}"
+            if net.rsplit(".", 1)[0] + "." not in used:
+                break
+        base = net.rsplit(".", 1)
+        self.host_ip, self.ns_ip = f"{base[0]}.{int(base[1]) + 1}", f"{base[0]}.{int(base[1]) + 2}"
+        self.created = False
+
+    def _ip(self, *args: str, ns: bool = False) -> None:
+        cmd = ["ip", "netns", "exec", self.ns, "ip", *args] if ns else ["ip", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+    def create(self) -> Partition:
+        self._ip("netns", "add", self.ns)
+        self.created = True
+        self._ip("link", "add", self.host_dev, "type", "veth", "peer", "name", self.ns_dev)
+        self._ip("link", "set", self.ns_dev, "netns", self.ns)
+        self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_dev)
+        self._ip("link", "set", self.host_dev, "up")
+        self._ip("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_dev, ns=True)
+        self._ip("link", "set", self.ns_dev, "up", ns=True)
+        self._ip("link", "set", "lo", "up", ns=True)
+        return self
+
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.ns]
+
+    def cut(self) -> None:
+        self._ip("link", "set", self.ns_dev, "down", ns=True)
+
+    def join(self) -> None:
+        self._ip("link", "set", self.ns_dev, "up", ns=True)
+
+    def close(self) -> None:
+        if not self.created:
+            return
+        # Whatever still runs in the namespace (a worker the run could not stop) goes first.
+        pids = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        subprocess.run(["ip", "link", "del", self.host_dev], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
+        self.created = False
+
+
 # ---- all three ------------------------------------------------------------------------------
 
 
 class HAServices:
     """The replicated services of one run; close() stops everything it started."""
 
-    def __init__(self, extra_listen: str | None = None, rabbit: bool = True) -> None:
+    def __init__(self, partition: bool = True, rabbit: bool = True) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="inventory-chaos-ha-"))
         os.chmod(self.root, 0o755)
+        # The namespace comes first: the services listen on its host-side address too.
+        self.partition = Partition().create() if partition else None
+        extra_listen = self.partition.host_ip if self.partition else None
         self.postgres = PgPair(self.root, extra_listen)
         self.redis = RedisSentinels(self.root, extra_listen)
         self.rabbitmq = RabbitCluster(self.root, extra_listen=extra_listen) if rabbit else None
@@ -499,11 +567,12 @@ class HAServices:
         }
         if self.rabbitmq:
             update["rabbitmq"] = base.rabbitmq.model_copy(update={
-                "url": AnyUrl(self.rabbitmq.url), "addresses": self.rabbitmq.addresses(address)})
+                "url": AnyUrl(self.rabbitmq.url.replace("127.0.0.1", address)),
+                "addresses": self.rabbitmq.addresses(address)})
         return base.model_copy(update=update)
 
     def close(self, keep: bool = False) -> bool:
-        for svc in (self.rabbitmq, self.redis, self.postgres):
+        for svc in (self.rabbitmq, self.redis, self.postgres, self.partition):
             if svc is None:
                 continue
             try:
@@ -516,4 +585,4 @@ class HAServices:
         return self.root.exists()
 
 
-__all__ = ["HAServices", "PgPair", "RedisSentinels", "RabbitCluster", "GiveUp"]
+__all__ = ["HAServices", "PgPair", "RedisSentinels", "RabbitCluster", "Partition", "GiveUp"]

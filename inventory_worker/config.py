@@ -259,7 +259,8 @@ class RabbitMQSettings(_Section):
         default=None,
         ge=1,
         description="Replicas of the input queue and the DLQ, chosen when they are first declared "
-        "(`x-quorum-initial-group-size`); null: the broker's default (`quorum_cluster_size`). "
+        "(`x-quorum-initial-group-size`); null: the broker's default (RabbitMQ 3.10 puts one on each "
+        "node of a 3-node cluster). "
         "Set it only before the queues exist: RabbitMQ refuses a declaration whose arguments "
         "differ from the queue's. A queue's members change with `rabbitmq-queues grow/shrink`.",
     )

@@ -17,7 +17,7 @@ from ..support import REPO
 from .ha import HAServices
 from .ha_runner import HA_FAULTS, run_ha, table
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

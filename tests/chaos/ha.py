@@ -515,7 +515,14 @@ class HAServices:
         self.root = Path(tempfile.mkdtemp(prefix="inventory-chaos-ha-"))
         os.chmod(self.root, 0o755)
         # The namespace comes first: the services listen on its host-side address too.
-        self.partition = Partition().create() if partition else None
+        self.partition = Partition() if partition else None
+        if self.partition is not None:
+            try:
+                self.partition.create()
+            except BaseException:
+                self.partition.close()  # what was made of it
+                shutil.rmtree(self.root, ignore_errors=True)
+                raise
         extra_listen = self.partition.host_ip if self.partition else None
         self.postgres = PgPair(self.root, extra_listen)
         self.redis = RedisSentinels(self.root, extra_listen)

@@ -306,7 +306,10 @@ def run_ha(services: HAServices, *, seed: int, cycles: int = 1, duration: float 
     try:
         report = run_chaos(services, duration=duration, seed=seed, processes=3, round_size=40, kinds=kinds,  # type: ignore[arg-type]
                            fault_interval=interval, log_dir=log_dir, progress=progress, injector=make,
-                           until=lambda f: getattr(f, "done", True))
+                           until=lambda f: getattr(f, "done", True),
+                           # Longer than the run's slowest tail (a fault, the last rounds, the drain),
+                           # so that the check compares every product's cached figures, not none.
+                           cache_ttl_seconds=120)
     finally:
         for f in faults_ref:  # a partitioned worker still running (the run failed meanwhile)
             if f.ns_worker is not None and f.ns_worker.proc is not None and f.ns_worker.proc.poll() is None:

@@ -79,7 +79,7 @@ class Progress(threading.Thread):
             print(self.line(), flush=True)
 
 
-def chaos_settings(services: PrivateServices, run_id: str) -> Settings:
+def chaos_settings(services: PrivateServices, run_id: str, cache_ttl_seconds: int = 30) -> Settings:
     """Isolated names on the private services, with short timings so faults show quickly."""
     base = services.settings(load_settings())
     s = isolated_settings(base, run_id)
@@ -87,7 +87,7 @@ def chaos_settings(services: PrivateServices, run_id: str) -> Settings:
         "batch_size": 20, "sweep_interval_seconds": 0.25, "outbox_relay_min_age_seconds": 1.0,
         "outbox_relay_interval_seconds": 0.5, "default_reservation_ttl_seconds": 3600,
         "shutdown_grace_seconds": 10.0})
-    r = s.redis.model_copy(update={"cache_ttl_seconds": 30})
+    r = s.redis.model_copy(update={"cache_ttl_seconds": cache_ttl_seconds})
     q = s.rabbitmq.model_copy(update={"heartbeat_seconds": 10})
     return s.model_copy(update={"worker": w, "redis": r, "rabbitmq": q})
 
@@ -391,11 +391,11 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
               fault_interval: tuple[float, float] = (1.0, 3.0), log_dir: Path | None = None,
               progress: Progress | None = None,
               injector: Callable[..., FaultInjector] | None = None,
-              until: Callable[[FaultInjector], bool] | None = None) -> Report:
+              until: Callable[[FaultInjector], bool] | None = None, cache_ttl_seconds: int = 30) -> Report:
     """`injector` makes the fault thread (default FaultInjector); with `until`, publishing
     goes on past `duration` until it says the faults are done (the HA run: each fault once)."""
     run_id = f"chaos{uuid.uuid4().hex[:8]}"
-    settings = chaos_settings(services, run_id)
+    settings = chaos_settings(services, run_id, cache_ttl_seconds)
     migrate(settings.database)
     log_dir = log_dir or services.root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

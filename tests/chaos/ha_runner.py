@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         services = HAServices(partition=not args.no_partition)
         services.start()
-        print(f"chaos-ha: services up {services.start_seconds}, data in {services.root}", flush=True)
+        ns = f", namespace {services.partition.ns}" if services.partition else ""
+        print(f"chaos-ha: services up {services.start_seconds}{ns}, data in {services.root}", flush=True)
         report, figures = run_ha(services, seed=args.seed, cycles=args.cycles, progress=progress)
         print(report.text(), flush=True)
         print("\n=== faults ===\n" + table(figures), flush=True)

@@ -11,7 +11,7 @@ STAMP_DEV  = $(VENV)/.installed-dev
 # The official AsyncAPI JSON Schemas (npm package), to validate docs/asyncapi.yaml in the tests.
 ASYNCAPI_SPECS = .cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json
 
-.PHONY: run test lint fuzz migrate install install-dev clean asyncapi-specs test-tools bench soak chaos
+.PHONY: run test lint fuzz migrate install install-dev clean asyncapi-specs test-tools bench soak chaos chaos-ha
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,14 @@ soak: $(STAMP_TEST)
 ## Interrupted (Ctrl-C, SIGTERM), it stops every process and private instance it started.
 chaos: $(STAMP_TEST)
 	$(BIN)/python -m tests.chaos.runner $(CHAOS_ARGS)
+
+## The HA run (docs/topology.md): a 3-node RabbitMQ cluster, a PostgreSQL primary with a
+## synchronous standby, Redis with a replica and three Sentinels, a worker in its own network
+## namespace (needs root: ip netns); the chaos workload through the loss of a node of each and
+## a partition, each fault once per cycle (CHAOS_HA_ARGS="--cycles 3 --seed 3"). A table of
+## figures per fault, also in .cache/chaos-ha.json; the verdict line last.
+chaos-ha: $(STAMP_TEST)
+	$(BIN)/python -m tests.chaos.ha_runner $(CHAOS_HA_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info .cache

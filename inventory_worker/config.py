@@ -39,6 +39,26 @@ def reveal(value: SecretStr | str | None) -> str:
     return value or ""
 
 
+def split_address(address: str, default_port: int) -> tuple[str, int]:
+    """`host:port` (or `host`, or `[v6addr]:port`) -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "]" in port or (host.count(":") and not host.startswith("[")):
+        host, port = address, str(default_port)  # no port, or a bare IPv6 address
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port")
+    return host, int(port)
+
+
+def _addresses(default_port: int) -> Any:
+    """A validator of a list of `host:port`, each checked (and kept as given)."""
+    def check(values: list[str]) -> list[str]:
+        for v in values:
+            split_address(v, default_port)
+        return values
+    return check
+
+
 class _Section(BaseModel):
     # A misspelt key (`database.hots`, INVENTORY_DATABASE__HOTS) is refused, not silently
     # replaced by the default: a worker must not quietly run against the wrong services.
@@ -64,12 +84,35 @@ class DatabaseSettings(_Section):
     )
     sslcert: str | None = Field(default=None, description="Client certificate (mutual TLS), with `sslkey`.")
     sslkey: str | None = Field(default=None, description="Client certificate's key (mutual TLS).")
+    hosts: list[str] = Field(
+        default=[],
+        description="Several servers, `host:port` each (replaces `host` and `port`): libpq's "
+        "multi-host form with `target_session_attrs=read-write`, so the worker connects to "
+        "whichever is the primary (after a failover, the promoted standby) and never writes to "
+        "a standby. In the environment, a JSON list: "
+        "`INVENTORY_DATABASE__HOSTS='[\"pg-a:5432\",\"pg-b:5432\"]'`. See docs/topology.md.",
+    )
+
+    _check_hosts = field_validator("hosts")(_addresses(5432))
+
+    @property
+    def where(self) -> str:
+        """The server(s), for messages."""
+        return ",".join(self.hosts) if self.hosts else f"{self.host}:{self.port}"
 
     def dsn(self, dbname: str | None = None) -> dict[str, Any]:
         """Keyword arguments for psycopg2.connect; the password is never put in a string."""
+        if self.hosts:
+            pairs = [split_address(h, 5432) for h in self.hosts]
+            place: dict[str, Any] = {"host": ",".join(h for h, _ in pairs),
+                                     "port": ",".join(str(p) for _, p in pairs),
+                                     # libpq tries them in order and keeps the first that
+                                     # accepts writes (it asks `SHOW transaction_read_only`).
+                                     "target_session_attrs": "read-write"}
+        else:
+            place = {"host": self.host, "port": self.port}
         kwargs: dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
+            **place,
             "user": self.user,
             "dbname": dbname or self.dbname,
             "connect_timeout": self.connect_timeout_seconds,
@@ -115,6 +158,32 @@ class RedisSettings(_Section):
     ssl_check_hostname: bool = Field(
         default=True, description="Check the server certificate's host name (with `ssl`)."
     )
+    sentinels: list[str] = Field(
+        default=[],
+        description="Redis Sentinel: the sentinels, `host:port` each (replaces `host` and `port`); "
+        "the worker asks them for the master of `sentinel_service` and asks again when it fails "
+        "over. In the environment, a JSON list. See docs/topology.md.",
+    )
+    sentinel_service: str = Field(
+        default="mymaster", description="With `sentinels`: the monitored master's name."
+    )
+    sentinel_password: SecretStr = Field(
+        default=SecretStr(""),
+        description="With `sentinels`: the sentinels' own password (`requirepass` in sentinel.conf; "
+        "a secret: never printed); empty: none.",
+    )
+
+    _check_sentinels = field_validator("sentinels")(_addresses(26379))
+
+    @property
+    def where(self) -> str:
+        """The server(s), for messages."""
+        if self.sentinels:
+            return f"sentinel {self.sentinel_service} via {','.join(self.sentinels)}"
+        return f"{self.host}:{self.port}"
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [split_address(a, 26379) for a in self.sentinels]
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for redis.Redis (connection, credentials, TLS)."""
@@ -180,6 +249,36 @@ class RabbitMQSettings(_Section):
     )
     certfile: str | None = Field(default=None, description="Client certificate (mutual TLS), with `keyfile`.")
     keyfile: str | None = Field(default=None, description="Client certificate's key (mutual TLS).")
+    addresses: list[str] = Field(
+        default=[],
+        description="The nodes of a cluster, `host:port` each, tried in order at every (re)connect "
+        "(credentials, vhost and TLS still come from `url`, whose host and port are then unused). "
+        "In the environment, a JSON list. See docs/topology.md.",
+    )
+    quorum_initial_group_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Replicas of the input queue and the DLQ, chosen when they are first declared "
+        "(`x-quorum-initial-group-size`); null: the broker's default (RabbitMQ 3.10 puts one on each "
+        "node of a 3-node cluster). "
+        "Set it only before the queues exist: RabbitMQ refuses a declaration whose arguments "
+        "differ from the queue's. A queue's members change with `rabbitmq-queues grow/shrink`.",
+    )
+    queue_leader_locator: Literal["client-local", "balanced"] | None = Field(
+        default=None,
+        description="Where a new quorum queue's leader goes (`x-queue-leader-locator`); null: "
+        "the broker's default. Like `quorum_initial_group_size`: only for queues not yet declared "
+        "(a policy's `queue-leader-locator` does it for existing ones).",
+    )
+
+    _check_addresses = field_validator("addresses")(_addresses(5672))
+
+    @property
+    def where(self) -> str:
+        """The broker(s), for messages."""
+        if self.addresses:
+            return ",".join(self.addresses)
+        return f"{self.url.host}:{self.url.port or (5671 if self.url.scheme == 'amqps' else 5672)}"
 
     @field_validator("url")
     @classmethod

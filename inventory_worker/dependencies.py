@@ -64,8 +64,7 @@ def _cause_chain(exc: BaseException) -> list[BaseException]:
 
 
 def rabbitmq_address(settings: Settings) -> str:
-    url = settings.rabbitmq.url
-    return f"{url.host}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
+    return settings.rabbitmq.where
 
 
 def describe(exc: BaseException, settings: Settings) -> Failure | None:
@@ -73,7 +72,7 @@ def describe(exc: BaseException, settings: Settings) -> Failure | None:
     for e in _cause_chain(exc):
         if isinstance(e, psycopg2.OperationalError):
             text = str(e).strip()
-            where = f"{settings.database.host}:{settings.database.port}"
+            where = settings.database.where
             # libpq: 'connection to server at "h", port p failed: FATAL:  the reason'
             first = text.splitlines()[0] if text else ""
             detail = re.sub(r"^connection to server .*? failed: (FATAL:\s+)?", "", first)
@@ -93,7 +92,7 @@ def describe(exc: BaseException, settings: Settings) -> Failure | None:
             text = " ".join(str(a) or repr(a) for a in e.args) or type(e).__name__
             return Failure("RabbitMQ", where, _network_reason(text) or text, False)
         if isinstance(e, redis.RedisError):
-            where = f"{settings.redis.host}:{settings.redis.port}"
+            where = settings.redis.where
             if isinstance(e, redis.AuthenticationError) or re.match(r"(WRONGPASS|NOAUTH)", str(e)):
                 return Failure("Redis", where, f"authentication failed ({str(e).strip()})", True)
             text = str(e)

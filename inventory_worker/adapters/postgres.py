@@ -43,6 +43,24 @@ def one_row(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
     return row
 
 
+# A server that cannot take writes: a standby (a demoted primary, or one that libpq reached
+# before target_session_attrs could say), or one set read-only. Retrying on the same connection
+# can never succeed; a new one finds the primary (DatabaseSettings.hosts).
+READ_ONLY_SQLSTATES = frozenset({
+    "25006",  # read_only_sql_transaction: "cannot execute X in a read-only transaction"
+    "57P03",  # cannot_connect_now: the server is starting up or in recovery
+})
+
+
+def read_only_server(exc: psycopg2.Error) -> bool:
+    """Whether the error says this server does not take writes (now), e.g. a standby."""
+    if exc.pgcode in READ_ONLY_SQLSTATES:
+        return True
+    # Functions refused during recovery (pg_try_advisory_lock, ...) say so in their message
+    # under a generic SQLSTATE (55000 object_not_in_prerequisite_state).
+    return "recovery is in progress" in (exc.pgerror or str(exc))
+
+
 def _classify(exc: psycopg2.Error) -> Exception:
     if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
         return PermanentError(f"{type(exc).__name__}: {exc.pgerror or exc}".strip())
@@ -106,6 +124,9 @@ class Store:
             with conn if in_transaction else nullcontext(), conn.cursor() as cur:
                 yield cur
         except psycopg2.Error as exc:
+            if read_only_server(exc) and not conn.closed:
+                # Never used again for writes: the next connect asks libpq for a primary.
+                conn.close()
             if conn.closed:
                 self._conn = None
             raise _classify(exc) from exc

@@ -10,7 +10,9 @@ Topology (names from config):
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import ssl
 import time
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ import pika
 import pika.exceptions
 
 from inventory_worker.adapters import amqp_framing
-from inventory_worker.config import RabbitMQSettings, reveal
+from inventory_worker.config import RabbitMQSettings, reveal, split_address
 from inventory_worker.contract import INPUT_TYPES, OutgoingMessage
 
 amqp_framing.coalesce_writes()
@@ -46,6 +48,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def connection_parameters(settings: RabbitMQSettings) -> pika.URLParameters:
+    """The parameters of `url` (with the password of its own setting, heartbeat, TLS)."""
     url = settings.url
     password = reveal(settings.password)
     if password:  # the URL may carry a user name only; the password comes from its own setting
@@ -69,8 +72,49 @@ def connection_parameters(settings: RabbitMQSettings) -> pika.URLParameters:
     return params
 
 
+def cluster_parameters(settings: RabbitMQSettings) -> list[pika.URLParameters]:
+    """One set of parameters per node: `addresses` if given, else `url`'s host alone."""
+    base = connection_parameters(settings)
+    if not settings.addresses:
+        return [base]
+    out = []
+    for address in settings.addresses:
+        host, port = split_address(address, 5671 if settings.url.scheme == "amqps" else 5672)
+        params = copy.copy(base)  # a shallow copy: credentials and TLS context are shared
+        params.host, params.port = host, port
+        if base.ssl_options is not None:  # each node's certificate is checked against its own name
+            params.ssl_options = pika.SSLOptions(base.ssl_options.context, server_hostname=host)
+        out.append(params)
+    return out
+
+
 def connect(settings: RabbitMQSettings) -> pika.BlockingConnection:
-    return pika.BlockingConnection(connection_parameters(settings))
+    """A connection to the first node that answers, trying the next ones in turn.
+
+    The list starts at a different node in each process (rotated by its pid), so that the
+    consumers of one worker spread over the cluster and a node's loss moves only its share;
+    a node that is down (refused, or silent: `socket_timeout`) costs one attempt, then pika
+    goes on to the next one."""
+    params = cluster_parameters(settings)
+    start = os.getpid() % len(params)
+    return pika.BlockingConnection(params[start:] + params[:start])
+
+
+def quorum_arguments(settings: RabbitMQSettings) -> dict[str, Any]:
+    """What makes a queue a replicated quorum queue, spread over a cluster.
+
+    Its members are chosen when it is first declared (on every node the cluster has then, up
+    to `quorum_initial_group_size`); a lost leader is replaced by an election among the other
+    members. Both optional arguments are sent only when set: RabbitMQ refuses a declaration
+    whose arguments differ from those the queue was created with (PRECONDITION_FAILED), so a
+    queue made before they were set keeps working (a policy sets `queue-leader-locator` too).
+    """
+    args: dict[str, Any] = {"x-queue-type": "quorum"}
+    if settings.quorum_initial_group_size is not None:
+        args["x-quorum-initial-group-size"] = settings.quorum_initial_group_size
+    if settings.queue_leader_locator is not None:
+        args["x-queue-leader-locator"] = settings.queue_leader_locator
+    return args
 
 
 def check_queue(settings: RabbitMQSettings) -> None:
@@ -86,15 +130,13 @@ def declare_topology(channel: Any, settings: RabbitMQSettings) -> None:
     channel.exchange_declare(settings.exchange, exchange_type="topic", durable=True)
     channel.exchange_declare(settings.events_exchange, exchange_type="topic", durable=True)
     channel.exchange_declare(settings.dead_letter_exchange, exchange_type="fanout", durable=True)
-    channel.queue_declare(
-        settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
-    )
+    channel.queue_declare(settings.dead_letter_queue, durable=True, arguments=quorum_arguments(settings))
     channel.queue_bind(settings.dead_letter_queue, settings.dead_letter_exchange)
     channel.queue_declare(
         settings.queue,
         durable=True,
         arguments={
-            "x-queue-type": "quorum",
+            **quorum_arguments(settings),
             "x-dead-letter-exchange": settings.dead_letter_exchange,
             "x-delivery-limit": settings.broker_delivery_limit,
             # Dead-letter without losing the message if the DLQ cannot take it at once.

@@ -15,6 +15,10 @@ alike: a lost connection fails the commands in flight and the next command conne
 retries here: the API answers 503 or falls back to PostgreSQL, as with the blocking client).
 A reply that takes longer than `socket_timeout_seconds` fails every command waiting on the
 connection and closes it, as a socket timeout does in redis-py.
+
+With `redis.sentinels`, each connection is made to the master the sentinels name at that
+moment, and a READONLY reply (the server was demoted by a failover) drops the connection, as
+redis-py's Sentinel client does.
 """
 
 from __future__ import annotations
@@ -65,6 +69,12 @@ class _Protocol(asyncio.Protocol):
                 if fut.done():  # its caller was cancelled: the reply is nobody's
                     continue
                 if isinstance(reply, hiredis.ReplyError):
+                    if str(reply).startswith("READONLY"):
+                        # The server was demoted to a replica (a Sentinel failover): this
+                        # connection is done; the next command asks the sentinels again.
+                        fut.set_exception(redis.ReadOnlyError(str(reply)))
+                        self.fail(redis.ConnectionError("Redis is now a replica"))
+                        return
                     fut.set_exception(redis.ResponseError(str(reply)))
                 else:
                     fut.set_result(reply)
@@ -168,13 +178,53 @@ class AsyncRedis:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None
 
+    async def _master_address(self) -> tuple[str, int]:
+        """The master's address from the first sentinel that knows it (as redis-py's Sentinel
+        asks them in turn); every (re)connect asks again, so a failover is followed."""
+        s = self.settings
+        errors = []
+        for host, port in s.sentinel_addresses():
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, ssl=self._ssl_context(),
+                                            server_hostname=host if s.ssl else None),
+                    s.socket_timeout_seconds)
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                errors.append(f"{host}:{port}: {exc!r}")
+                continue
+            try:
+                commands: list[tuple[bytes | str, ...]] = [
+                    (b"SENTINEL", b"get-master-addr-by-name", s.sentinel_service)]
+                if password := reveal(s.sentinel_password):
+                    commands.insert(0, (b"AUTH", password))
+                writer.write(b"".join(encode(c) for c in commands))
+                parser, replies = hiredis.Reader(), list[Any]()
+                while len(replies) < len(commands):
+                    data = await asyncio.wait_for(reader.read(4096), s.socket_timeout_seconds)
+                    if not data:
+                        raise ConnectionError("closed by the sentinel")
+                    parser.feed(data)
+                    while (reply := parser.gets()) is not False:
+                        replies.append(reply)
+                answer = replies[-1]
+                if isinstance(answer, list) and len(answer) == 2:
+                    return answer[0].decode(), int(answer[1])
+                errors.append(f"{host}:{port}: no master {s.sentinel_service!r} ({answer!r})")
+            except (OSError, TimeoutError, hiredis.ProtocolError) as exc:
+                errors.append(f"{host}:{port}: {exc!r}")
+            finally:
+                writer.close()
+        raise redis.ConnectionError(f"no sentinel named the master of {s.sentinel_service!r}: "
+                                    + "; ".join(errors))
+
     async def _open(self) -> _Protocol:
         s = self.settings
         loop = asyncio.get_running_loop()
+        host, port = await self._master_address() if s.sentinels else (s.host, s.port)
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), s.host, s.port, ssl=self._ssl_context(),
-                                       server_hostname=s.host if s.ssl else None),
+                loop.create_connection(lambda: _Protocol(self), host, port, ssl=self._ssl_context(),
+                                       server_hostname=host if s.ssl else None),
                 s.socket_timeout_seconds)
         except (OSError, ssl.SSLError) as exc:
             raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc

@@ -21,8 +21,9 @@ import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
-from inventory_worker.config import RedisSettings
+from inventory_worker.config import RedisSettings, reveal
 from inventory_worker.contract import Figures
 
 # KEYS: for each product its figures key then its detail key; ARGV[1] the TTL in seconds, then
@@ -159,4 +160,22 @@ def make_client(settings: RedisSettings) -> redis.Redis:
     # refills the cache later, HTTP reads PostgreSQL). redis-py's default (retries with
     # backoff, at the client and again at the connection level) stalled every batch and
     # request for up to ~50 s while Redis was unreachable.
-    return redis.Redis(**settings.client_kwargs(), health_check_interval=30, retry=Retry(NoBackoff(), 0))
+    options: dict[str, Any] = {"health_check_interval": 30, "retry": Retry(NoBackoff(), 0)}
+    if not settings.sentinels:
+        return redis.Redis(**settings.client_kwargs(), **options)
+    client: redis.Redis = sentinel(settings).master_for(settings.sentinel_service, **options)  # type: ignore[no-untyped-call]
+    return client
+
+
+def sentinel(settings: RedisSettings) -> Sentinel:
+    """redis-py's Sentinel client: each new connection asks the sentinels for the current
+    master; a connection that meets a READONLY reply (its server was demoted) is dropped."""
+    kwargs = settings.client_kwargs()
+    del kwargs["host"], kwargs["port"]
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": settings.socket_timeout_seconds,
+                                       "socket_connect_timeout": settings.socket_timeout_seconds}
+    if password := reveal(settings.sentinel_password):
+        sentinel_kwargs["password"] = password
+    if settings.ssl:  # sentinels listening for TLS, with the same CA and client certificate
+        sentinel_kwargs.update({k: v for k, v in kwargs.items() if k.startswith("ssl")})
+    return Sentinel(settings.sentinel_addresses(), sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]

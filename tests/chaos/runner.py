@@ -37,7 +37,7 @@ import pika
 import pika.exceptions
 import psycopg2
 
-from inventory_worker.adapters.rabbitmq import declare_topology
+from inventory_worker.adapters.rabbitmq import cluster_parameters, declare_topology
 from inventory_worker.config import Settings, load_settings
 from inventory_worker.adapters.migrations import migrate
 
@@ -79,7 +79,7 @@ class Progress(threading.Thread):
             print(self.line(), flush=True)
 
 
-def chaos_settings(services: PrivateServices, run_id: str) -> Settings:
+def chaos_settings(services: PrivateServices, run_id: str, cache_ttl_seconds: int = 30) -> Settings:
     """Isolated names on the private services, with short timings so faults show quickly."""
     base = services.settings(load_settings())
     s = isolated_settings(base, run_id)
@@ -87,7 +87,7 @@ def chaos_settings(services: PrivateServices, run_id: str) -> Settings:
         "batch_size": 20, "sweep_interval_seconds": 0.25, "outbox_relay_min_age_seconds": 1.0,
         "outbox_relay_interval_seconds": 0.5, "default_reservation_ttl_seconds": 3600,
         "shutdown_grace_seconds": 10.0})
-    r = s.redis.model_copy(update={"cache_ttl_seconds": 30})
+    r = s.redis.model_copy(update={"cache_ttl_seconds": cache_ttl_seconds})
     q = s.rabbitmq.model_copy(update={"heartbeat_seconds": 10})
     return s.model_copy(update={"worker": w, "redis": r, "rabbitmq": q})
 
@@ -100,13 +100,16 @@ class ReliablePublisher:
         self.conn: Any = None
         self.ch: Any = None
         self.reconnects = 0
+        self.sent: list[tuple[float, str]] = []  # (when, message id) of every confirmed publish
 
     def _connect(self) -> None:
-        params = pika.URLParameters(str(self.settings.rabbitmq.url))
-        params.socket_timeout = 5
-        params.connection_attempts = 1
-        params.heartbeat = 10
-        self.conn = pika.BlockingConnection(params)
+        nodes = cluster_parameters(self.settings.rabbitmq)  # every node of a cluster, in turn
+        for params in nodes:
+            params.socket_timeout = 5
+            params.connection_attempts = 1
+            params.heartbeat = 10
+        nodes = nodes[self.reconnects % len(nodes):] + nodes[:self.reconnects % len(nodes)]
+        self.conn = pika.BlockingConnection(nodes)
         self.ch = self.conn.channel()
         self.ch.confirm_delivery()
 
@@ -120,6 +123,7 @@ class ReliablePublisher:
                     self.settings.rabbitmq.exchange, m.routing_key, m.body,
                     properties=pika.BasicProperties(delivery_mode=2, content_type="application/json",
                                                     message_id=m.message_id))
+                self.sent.append((time.time(), m.message_id))
                 return
             except AMQP_ERRORS:
                 self.close()
@@ -138,9 +142,10 @@ class ReliablePublisher:
 
 
 def _amqp_channel(settings: Settings) -> tuple[Any, Any]:
-    params = pika.URLParameters(str(settings.rabbitmq.url))
-    params.socket_timeout = 5
-    conn = pika.BlockingConnection(params)
+    nodes = cluster_parameters(settings.rabbitmq)
+    for params in nodes:
+        params.socket_timeout = 5
+    conn = pika.BlockingConnection(nodes)
     return conn, conn.channel()
 
 
@@ -349,6 +354,7 @@ class Sampler(threading.Thread):
 class Report:
     summary: dict[str, Any]
     invariants: dict[str, tuple[bool, str]]
+    context: dict[str, Any] = field(default_factory=dict)  # the run's settings, publisher, faults
 
     @property
     def ok(self) -> bool:
@@ -383,9 +389,13 @@ def wait_applied(pg: Pg, ids: list[str], timeout: float) -> None:
 def run_chaos(services: PrivateServices, *, duration: float, seed: int, processes: int = 3,
               round_size: int = 40, kinds: tuple[str, ...] = FAULT_KINDS,
               fault_interval: tuple[float, float] = (1.0, 3.0), log_dir: Path | None = None,
-              progress: Progress | None = None) -> Report:
+              progress: Progress | None = None,
+              injector: Callable[..., FaultInjector] | None = None,
+              until: Callable[[FaultInjector], bool] | None = None, cache_ttl_seconds: int = 30) -> Report:
+    """`injector` makes the fault thread (default FaultInjector); with `until`, publishing
+    goes on past `duration` until it says the faults are done (the HA run: each fault once)."""
     run_id = f"chaos{uuid.uuid4().hex[:8]}"
-    settings = chaos_settings(services, run_id)
+    settings = chaos_settings(services, run_id, cache_ttl_seconds)
     migrate(settings.database)
     log_dir = log_dir or services.root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -401,7 +411,7 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
     pg = Pg(settings)
     fleet = Fleet(settings, log_dir, processes)
     sampler = Sampler(settings)
-    faults = FaultInjector(services, fleet, kinds, seed, fault_interval)
+    faults = (injector or FaultInjector)(services, fleet, kinds, seed, fault_interval)
     published: Counter[str] = Counter()
     rounds = 0
     errors: list[str] = []
@@ -435,7 +445,7 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         if kinds:
             faults.start()
         t_faults = time.monotonic()  # `duration` is of faults: the worker's start is not counted
-        while time.monotonic() - t_faults < duration:
+        while time.monotonic() - t_faults < duration or (until is not None and not until(faults)):
             publish_round(wl.round(round_size))
         publish_round(wl.pending_round())
         faults.stop_event.set()
@@ -490,7 +500,8 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         "publish phase seconds": round(t_published - t_start, 1),
         "drain seconds": round(t_drained - t_published, 1) if drained else "did not drain",
     }
-    return Report(summary, invariants)
+    return Report(summary, invariants, {"settings": settings, "publisher": pub, "faults": faults,
+                                        "fleet": fleet})
 
 
 class Checker:
@@ -661,8 +672,10 @@ class Checker:
         from inventory_worker.adapters.redis_cache import StockCache
 
         ttl = self.settings.redis.cache_ttl_seconds
-        cache = StockCache(self.settings.redis, redis_lib.Redis(host=self.settings.redis.host,
-                                                                port=self.settings.redis.port))
+        from inventory_worker.adapters.redis_cache import make_client
+
+        cache = StockCache(self.settings.redis, make_client(self.settings.redis) if self.settings.redis.sentinels
+                           else redis_lib.Redis(host=self.settings.redis.host, port=self.settings.redis.port))
         started = time.monotonic()
         stale_at_drain: int | None = None
         while True:

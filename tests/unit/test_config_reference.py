@@ -52,6 +52,8 @@ def _shown(default: Any) -> str:
 
 def _another_value(field: Any) -> tuple[str, Any] | None:
     """A valid value other than the default, as an environment variable's text and as parsed."""
+    if typing.get_origin(field.annotation) is list and typing.get_args(field.annotation) == (str,):
+        return '["doc-check:1"]', ["doc-check:1"]  # the lists of host:port
     kinds = [a for a in (typing.get_args(field.annotation) or (field.annotation,)) if a is not type(None)]
     kind = kinds[0]
     if typing.get_origin(kind) is Literal:

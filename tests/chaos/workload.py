@@ -240,16 +240,17 @@ class Workload:
     # -- configuration ----------------------------------------------------------------------
 
     def setup_rounds(self) -> list[list[Msg]]:
-        """Locations and the channel; every product's default level; then, in one bulk message, a
+        """Locations, then the channel; every product's default level; then, in one bulk message, a
         second (and third) level for half of them (the rest stay default-only: today's path)."""
         config = []
         for loc, prio in LOCATIONS.items():
             m = self._event("location.configured", {"location_id": loc, "name": f"chaos {loc}", "priority": prio})
             config.append(self._expect(m, Expect([("inventory.configured", "")],
                                                  data=[("inventory.configured", None, {"priority": prio})])))
+        # its own round: a channel naming a location not yet configured is refused (C4)
         m = self._event("channel.configured", {"channel_id": "web", "locations": CHAINS["web"], "strategy": "priority"})
-        config.append(self._expect(m, Expect([("inventory.configured", "")],
-                                             data=[("inventory.configured", None, {"locations": CHAINS["web"]})])))
+        channel = [self._expect(m, Expect([("inventory.configured", "")],
+                                          data=[("inventory.configured", None, {"locations": CHAINS["web"]})]))]
         stock = [self._adjust(pid) for pid in self.product_ids]
         items, want = [], []
         for pid in self.product_ids[::2]:
@@ -260,7 +261,7 @@ class Workload:
                 want.append(("inventory.adjusted", len(want), {"location_id": loc, "location": {"on_hand": q}}))
         m = self._event("stock.adjusted", {"items": items})
         bulk = self._expect(m, Expect([("inventory.adjusted", "")] * len(items), data=want))
-        return [config, stock, [bulk]]
+        return [config, channel, stock, [bulk]]
 
     # -- the model's transitions (applied as the round is generated) ------------------------
 

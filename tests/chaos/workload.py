@@ -179,6 +179,7 @@ class Workload:
         self.races: list[Race] = []  # unresolved: resolve() after the round is applied
         self.race_outcomes: dict[str, int] = {}
         self.transfers: list[dict[str, Any]] = []  # applied transfers' data (re-sent under new ids)
+        self._old_transfers: list[dict[str, Any]] = []  # those applied before the round being generated
         self._order_seq = 0
         self._transfer_seq = 0
         self._ceiling: dict[tuple[str, str], int] = {}  # a level's highest on_hand in the round generated
@@ -415,10 +416,11 @@ class Workload:
                                       data=[("inventory.moved", None, want)]))
 
     def _transfer_again(self) -> Msg | None:
-        """An applied transfer_id under a new message id: duplicate_transfer, nothing changes."""
-        if not self.transfers:
+        """An applied transfer_id under a new message id: duplicate_transfer, nothing changes (one
+        of an earlier round: within its own round either copy could be the one applied)."""
+        if not self._old_transfers:
             return None
-        m = self._event("stock.transferred", dict(self.rng.choice(self.transfers)))
+        m = self._event("stock.transferred", dict(self.rng.choice(self._old_transfers)))
         return self._expect(m, Expect([]))
 
     def _receive(self, pid: str) -> Msg:
@@ -643,6 +645,7 @@ class Workload:
         # on_hand only falls during a round (commits; raised by the racing counts, noted at once):
         # its value now bounds what can be available in it
         self._ceiling = {(k, loc): lv.on_hand for k, p in self.products.items() for loc, lv in p.levels.items()}
+        self._old_transfers = list(self.transfers)
         msgs.extend(self._stock_ops(sorted(adjusted)))
         budget = {(k, loc): lv.worst_free for k, p in self.products.items() if k not in adjusted
                   for loc, lv in p.levels.items()}

@@ -693,7 +693,7 @@ class Workload:
             cas_levels.add((k, loc))
             msgs.extend(self._cas_race(k, loc, budget, racer))
 
-        def lines_for(channel: str | None, fit: bool = True, max_lines: int = 10) -> tuple[dict[str, int], dict[str, str]]:
+        def lines_for(channel: str | None, max_lines: int = 10) -> tuple[dict[str, int], dict[str, str]]:
             chain = CHAINS[channel]
             pool = [k for k in free if k not in claimed and (chain[0] in self.products[k].levels)]
             pool = pool or [k for k in free if k not in claimed and self.products[k].multi]

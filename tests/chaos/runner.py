@@ -328,23 +328,36 @@ class FaultInjector(threading.Thread):
             raise ValueError(kind)
 
 
+# Every level: the stock_levels rows, and the products row of a default-only product (its one
+# level); a multi-location product's row holds its totals, which must hold the same rules.
+LEVELS_SQL = """
+    SELECT product_id, location_id, on_hand, reserved, damaged, quality_control, incoming FROM stock_levels
+    UNION ALL
+    SELECT product_id, CASE WHEN multi_location THEN '(total)' ELSE 'default' END, on_hand, reserved, damaged,
+           quality_control, incoming FROM products"""
+
+
 class Sampler(threading.Thread):
-    """Samples PostgreSQL during the run: no product is ever oversold."""
+    """Samples PostgreSQL during the run: no level of any product is ever oversold."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(name="sampler", daemon=True)
         self.pg = Pg(settings)
         self.stop_event = threading.Event()
         self.samples = 0
+        self.levels_seen = 0
         self.violations: list[Any] = []
 
     def run(self) -> None:
         while not self.stop_event.wait(0.3):
             try:
-                rows = self.pg.query("SELECT product_id, on_hand, reserved FROM products "
-                                     "WHERE reserved > on_hand OR reserved < 0 OR on_hand < 0")
+                # one statement: one snapshot of every level at this instant
+                rows = self.pg.query(f"SELECT count(*), array_agg(l::text) FILTER (WHERE reserved > on_hand - damaged "
+                                     f"- quality_control OR damaged + quality_control > on_hand OR least(on_hand, "
+                                     f"reserved, damaged, quality_control, incoming) < 0) FROM ({LEVELS_SQL}) l")
                 self.samples += 1
-                self.violations.extend(rows)
+                self.levels_seen += rows[0][0]
+                self.violations.extend(rows[0][1] or [])
             except Exception:  # PostgreSQL is being restarted
                 pass
         self.pg.close()
@@ -384,6 +397,15 @@ def wait_applied(pg: Pg, ids: list[str], timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(want)} events not applied after {timeout}s")
         time.sleep(0.05)
+
+
+def results_of(pg: Pg, event_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The result events of these input events, from the outbox (written with their effects, so
+    there once the round barrier passed): how the model learns which side of a race ran first."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (body,) in pg.query("SELECT body FROM outbox WHERE body->>'causation_id' = ANY(%s)", (event_ids,)):
+        out[body["causation_id"]].append(body)
+    return out
 
 
 def run_chaos(services: PrivateServices, *, duration: float, seed: int, processes: int = 3,
@@ -440,8 +462,10 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
                 published["poison" if m.poison else "event"] += 1
             rounds += 1
             wait_applied(pg, [m.message_id for m in batch if not m.poison], timeout=240)
+            wl.resolve(lambda ids: _retry(lambda: results_of(pg, ids)))
 
-        publish_round(wl.first_round())
+        for msgs in wl.setup_rounds():
+            publish_round(msgs)
         if kinds:
             faults.start()
         t_faults = time.monotonic()  # `duration` is of faults: the worker's start is not counted
@@ -496,7 +520,8 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         "faults injected": dict(sorted(faults.counts.items())),
         "publisher reconnects": pub.reconnects,
         "worker generations (supervisor restarts + 1)": fleet.generation,
-        "oversell samples": sampler.samples,
+        "oversell samples": f"{sampler.samples} instants, {sampler.levels_seen} levels read",
+        "compare-and-set races (as resolved)": dict(sorted(wl.race_outcomes.items())),
         "publish phase seconds": round(t_published - t_start, 1),
         "drain seconds": round(t_drained - t_published, 1) if drained else "did not drain",
     }
@@ -529,9 +554,10 @@ class Checker:
 
     # Results that depend on the order of application inside a round: not in the model.
     ORDER_DEPENDENT = ("inventory.low_stock", "inventory.back_in_stock")
-    # What can raise `available` from 0: an adjustment, a cancel, an expiry (caused by the
-    # placement of the order it releases).
-    RAISERS = ("stock.adjusted", "order.cancelled", "order.placed")
+    # What can raise `available` from 0: an adjustment, a receipt, a move to sellable, a
+    # transfer in, a cancel, an expiry (caused by the placement of the order it releases).
+    RAISERS = ("stock.adjusted", "stock.received", "stock.moved", "stock.transferred", "order.cancelled",
+               "order.placed")
 
     def _back_in_stock(self) -> tuple[bool, str]:
         seen: Counter[tuple[str, str]] = Counter()
@@ -558,9 +584,13 @@ class Checker:
                 problems.append(f"{eid} ({e.order_id or e.product_id}): want {want}"
                                 f"{' (+' + str(e.optional) + ')' if e.optional else ''}, got {got}")
                 continue
+            for type_, index, want in e.data:
+                for r in by.get(eid, []):
+                    if r["type"] == type_ and r["data"].get("index") == index and not _holds(r["data"], want):
+                        problems.append(f"{eid} ({e.order_id or e.product_id}): {type_} {r['data']} lacks {want}")
             for r in by.get(eid, []):
-                if r["type"] == "inventory.adjusted" and r["data"]["on_hand"] != e.on_hand:
-                    problems.append(f"{eid}: adjusted on_hand {r['data']['on_hand']} != model {e.on_hand}")
+                if r["type"] == "inventory.allocated" and _sorted_allocation(r["data"]) != e.allocated:
+                    problems.append(f"{eid} ({e.order_id}): allocated {r['data']}, model {e.allocated}")
                 if r["type"] == "inventory.rejected" and e.must_short:
                     short = {s["product_id"] for s in r["data"]["shortages"]}
                     if not e.must_short <= short:
@@ -571,7 +601,7 @@ class Checker:
         return problems
 
     def _figures_match(self) -> list[str]:
-        rows = self.pg.query("SELECT product_id, on_hand, reserved FROM products")
+        rows = self.pg.query("SELECT product_id, on_hand, reserved, multi_location FROM products")
         actual = {r[0]: (r[1], r[2]) for r in rows}
         want = self.wl.expected_figures()
         problems = [f"{k}: want (on_hand, reserved) {v}, PostgreSQL has {actual.get(k)}"
@@ -579,7 +609,18 @@ class Checker:
         extra = set(actual) - set(want)
         if extra:
             problems.append(f"products that should not exist: {sorted(extra)}")
-        return problems
+        multi = {r[0]: r[3] for r in rows}
+        problems += [f"{k}: multi_location {multi.get(k)}, the model has levels {sorted(self.wl.products[k].levels)}"
+                     for k, v in sorted(self.wl.expected_multi().items()) if k in multi and multi[k] != v]
+        return problems + self._levels_match()
+
+    def _levels_match(self) -> list[str]:
+        """Every level's (on_hand, reserved, damaged, quality_control, incoming), all-zero ones aside."""
+        actual = {(r[0], r[1]): tuple(r[2:]) for r in self.pg.query(LEVELS_SQL) if r[1] != "(total)" and any(r[2:])}
+        want = self.wl.expected_levels()
+        return [f"{k} at {loc}: want (on_hand, reserved, damaged, quality_control, incoming) {want.get((k, loc))}, "
+                f"PostgreSQL has {actual.get((k, loc))}"
+                for k, loc in sorted(set(want) | set(actual)) if want.get((k, loc)) != actual.get((k, loc))]
 
     def wait_drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -603,11 +644,13 @@ class Checker:
         self._collect()
 
         p = self._figures_match()
-        inv["on_hand/reserved/available of every product match the model"] = (
-            not p, f"{len(p)} differ: " + "; ".join(p[:5]) if p else f"{len(self.wl.products)} products")
-        inv["never oversold (sampled during the run)"] = (
+        inv["the figures of every product and of every level match the model"] = (
+            not p, f"{len(p)} differ: " + "; ".join(p[:5]) if p else
+            f"{len(self.wl.products)} products, {len(self.wl.expected_levels())} levels")
+        inv["no level ever oversold (reserved <= on_hand - damaged - quality_control, sampled during the run)"] = (
             not sampler.violations and sampler.samples > 0,
-            f"{sampler.samples} samples, {len(sampler.violations)} violations {sampler.violations[:3]}")
+            f"{sampler.samples} samples of {sampler.levels_seen} levels, {len(sampler.violations)} violations "
+            f"{sampler.violations[:3]}")
 
         p = self._results_match()
         inv["every event's results match the model (exactly once in effect)"] = (
@@ -710,6 +753,20 @@ class Checker:
         r = subprocess.run([sys.executable, "-m", "inventory_worker", "verify"], env=settings_env(self.settings),
                            cwd=REPO, capture_output=True, text=True, timeout=300)
         return r.returncode == 0, (r.stdout + r.stderr).strip()[-1000:]
+
+
+def _holds(got: Any, want: Any) -> bool:
+    """want's fields are in got with equal values; dicts compared as subsets, recursively."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(k in got and _holds(got[k], v) for k, v in want.items())
+    return bool(got == want)
+
+
+def _sorted_allocation(data: dict[str, Any]) -> dict[str, Any]:
+    """inventory.allocated with its lines by product and their allocations by location."""
+    lines = [dict(line, allocations=sorted(line["allocations"], key=lambda a: a["location_id"]))
+             for line in data["lines"]]
+    return {"channel_id": data["channel_id"], "lines": sorted(lines, key=lambda x: x["product_id"])}
 
 
 def finish(services: PrivateServices, report: Report | None, seconds: float,

@@ -25,3 +25,9 @@ def test_chaos_bounded(private_services: PrivateServices, tmp_path: Path) -> Non
     kinds_seen = set(report.summary["faults injected"])
     assert report.ok, report.text() + f"\nthe worker's logs: {tmp_path / 'logs'}"
     assert kinds_seen == set(FAULT_KINDS), f"not every kind of fault was injected: {kinds_seen}"
+    # The stock-across-locations parts of the workload were all exercised, races of both kinds too.
+    exercised = {"location.configured", "channel.configured", "stock.transferred", "stock.received",
+                 "stock.moved", "stock.adjusted (bulk)", "order.placed (split)"}
+    assert exercised <= set(report.summary["by type"]), f"not exercised: {exercised - set(report.summary['by type'])}"
+    races = report.summary["compare-and-set races (as resolved)"]
+    assert races.get("count vs count") and any(k.startswith("count vs completion") for k in races), races

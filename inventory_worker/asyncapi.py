@@ -42,6 +42,7 @@ INPUT_DESCRIPTIONS = {
     "stock.moved": "Move units between quantity states (sellable, damaged, quality_control, disposed).",
     "stock.transferred": "Move units between two locations (or put them in transit), all lines or none.",
     "stock.received": "Incoming units arrived: on_hand rises, incoming falls; creates the product if new.",
+    "reservation.extended": "Move a live reservation's deadline later (capped), or hold it until fulfilled.",
 }
 OUTPUT_DESCRIPTIONS = {
     "inventory.reserved": "Every line of the order is reserved until expires_at.",
@@ -58,6 +59,7 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.allocated": "Where a placed order is held, when not every line is held whole at default.",
     "inventory.moved": "Units moved between states, between locations, or were received.",
     "inventory.back_in_stock": "available rose from 0 to above 0.",
+    "inventory.reservation_extended": "A reservation's deadline moved (expires_at null: held until fulfilled).",
 }
 
 

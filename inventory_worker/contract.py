@@ -70,6 +70,7 @@ INPUT_TYPES = (
     "stock.moved",
     "stock.transferred",
     "stock.received",
+    "reservation.extended",
 )
 OUTPUT_TYPES = (
     "inventory.reserved",
@@ -85,6 +86,7 @@ OUTPUT_TYPES = (
     "inventory.allocated",
     "inventory.moved",
     "inventory.back_in_stock",
+    "inventory.reservation_extended",
 )
 
 
@@ -153,6 +155,36 @@ class OrderCancelled(_Strict):
 
 class OrderCompleted(_Strict):
     order_id: OrderId
+
+
+def _true(value: bool) -> bool:
+    if not value:
+        raise ValueError("must be true (leave it out to extend by seconds)")
+    return value
+
+
+def _const_true(schema: dict[str, Any]) -> None:
+    _no_default(schema)
+    schema["const"] = True
+
+
+class ReservationExtended(_Strict):
+    """Exactly one of: extend_by_seconds, until_fulfilled (true)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {**_required("extend_by_seconds"), **_not_any("until_fulfilled")},
+        {**_required("until_fulfilled"), **_not_any("extend_by_seconds")},
+    ]})
+
+    order_id: OrderId
+    extend_by_seconds: Annotated[int, Field(ge=1, le=31_536_000, strict=True)] = _absent()
+    until_fulfilled: Annotated[StrictBool, AfterValidator(_true)] = Field(None, json_schema_extra=_const_true)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.extend_by_seconds is None) == (self.until_fulfilled is None):
+            raise ValueError("exactly one of 'extend_by_seconds' and 'until_fulfilled' is required")
+        return self
 
 
 # ---- stock.adjusted -------------------------------------------------------------------------
@@ -422,6 +454,7 @@ DATA_MODELS: dict[str, type[_Strict]] = {
     "stock.moved": StockMoved,
     "stock.transferred": StockTransferred,
     "stock.received": StockReceived,
+    "reservation.extended": ReservationExtended,
 }
 assert tuple(DATA_MODELS) == INPUT_TYPES
 
@@ -560,7 +593,8 @@ class Reserved(_Strict):
 class Rejected(_Strict):
     order_id: str
     reason: Literal["insufficient_stock", "unknown_product", "order_cancelled", "reservation_expired",
-                    "unknown_channel", "location_unavailable", "quantity_limit"]
+                    "unknown_channel", "location_unavailable", "quantity_limit", "unknown_order",
+                    "order_completed", "extension_limit"]
     shortages: list[Shortage]
 
 
@@ -771,6 +805,14 @@ class Receipt(_Strict):
         return self
 
 
+class ReservationExtendedOut(_Strict):
+    """expires_at null: held until fulfilled (or cancelled), never expired."""
+
+    order_id: str
+    expires_at: AwareDatetime | None
+    previous_expires_at: AwareDatetime
+
+
 class Moved(RootModel[StateMove | Transfer | Receipt]):
     """kind state (stock.moved), transfer (stock.transferred) or receipt (stock.received)."""
 
@@ -791,6 +833,7 @@ OUTPUT_MODELS: dict[str, type[BaseModel]] = {
     "inventory.allocated": Allocated,
     "inventory.moved": Moved,
     "inventory.back_in_stock": BackInStock,
+    "inventory.reservation_extended": ReservationExtendedOut,
 }
 assert tuple(OUTPUT_MODELS) == OUTPUT_TYPES
 

@@ -50,9 +50,13 @@ def _classify(exc: psycopg2.Error) -> Exception:
 
 
 class Store:
-    def __init__(self, settings: DatabaseSettings, default_ttl_seconds: int = 900) -> None:
+    def __init__(self, settings: DatabaseSettings, default_ttl_seconds: int = 900,
+                 options: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.default_ttl_seconds = default_ttl_seconds
+        # Worker settings apply_events() passes on to the procedures (p_options); a key left
+        # out takes the procedures' default (the setting's default).
+        self.options = orjson.dumps(options or {}).decode()
         self._conn: psycopg2.extensions.connection | None = None
         self._leader_conn: psycopg2.extensions.connection | None = None  # holds the sweeper lock
 
@@ -126,9 +130,9 @@ class Store:
             # is the last one's).
             cur.execute(
                 ("SELECT mark_published(%s); " if mark_published else "")
-                + "SELECT apply_events(%s::jsonb, %s)",
+                + "SELECT apply_events(%s::jsonb, %s, %s::jsonb)",
                 ((list(mark_published),) if mark_published else ())
-                + (orjson.dumps(list(events)).decode(), self.default_ttl_seconds),
+                + (orjson.dumps(list(events)).decode(), self.default_ttl_seconds, self.options),
             )
             results = one_row(cur)[0]
         return [Outcome.from_json(r) for r in results]

@@ -17,7 +17,11 @@ $$;
 -- Returns one result per event: {outcome, messages: [to publish], products: [figures after]}.
 -- An id met again with the same content is a 'duplicate' (changes nothing); with another type
 -- or data it is 'id_reused' (changes nothing, recorded nowhere: the worker dead-letters it).
-CREATE OR REPLACE FUNCTION apply_events(p_events jsonb, p_default_ttl integer DEFAULT 900) RETURNS jsonb
+-- p_options: worker settings some events need ({max_reservation_lifetime_seconds}); a key
+-- left out takes its default.
+DROP FUNCTION IF EXISTS apply_events(jsonb, integer);
+CREATE OR REPLACE FUNCTION apply_events(p_events jsonb, p_default_ttl integer DEFAULT 900,
+                                        p_options jsonb DEFAULT '{}') RETURNS jsonb
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_bad      record;
@@ -118,6 +122,7 @@ BEGIN
                 WHEN 'location.configured' THEN configure_location(v_event_ids[i], v_event_data[i])
                 WHEN 'channel.configured'  THEN configure_channel(v_event_ids[i], v_event_data[i])
                 WHEN 'product.configured'  THEN configure_product(v_event_ids[i], v_event_data[i])
+                WHEN 'reservation.extended' THEN extend_reservation(v_event_ids[i], v_event_data[i], p_options)
             END;
             v_ids := array_append(v_ids, v_event_ids[i]);
             v_types := array_append(v_types, v_event_types[i]);

@@ -141,6 +141,11 @@ INPUTS = [
     ("stock.received", {"product_id": "A"}),
     ("stock.received", {"product_id": "A", "quantity": 1, "atomic": False}),
     ("stock.received", {"items": [{"product_id": "A", "quantity": 1}], "location_id": "s"}),
+    ("reservation.extended", {"order_id": "o", "extend_by_seconds": 60}),
+    ("reservation.extended", {"order_id": "o", "until_fulfilled": True}),
+    ("reservation.extended", {"order_id": "o", "until_fulfilled": False}),
+    ("reservation.extended", {"order_id": "o"}),
+    ("reservation.extended", {"order_id": "o", "extend_by_seconds": 60, "until_fulfilled": True}),
 ]
 
 

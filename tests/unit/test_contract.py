@@ -605,6 +605,33 @@ def test_receipt_refused(d, why):
     assert why in refused(body("stock.received", d), "stock.received")
 
 
+# ---- reservation.extended ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [
+    {"order_id": "o", "extend_by_seconds": 1},
+    {"order_id": "o", "extend_by_seconds": 31_536_000},
+    {"order_id": "o", "until_fulfilled": True},
+])
+def test_extension_accepted(d):
+    assert data("reservation.extended", d) == d
+
+
+@pytest.mark.parametrize("d,why", [
+    ({"order_id": "o"}, "exactly one of 'extend_by_seconds' and 'until_fulfilled'"),
+    ({"order_id": "o", "extend_by_seconds": 5, "until_fulfilled": True}, "exactly one of"),
+    ({"order_id": "o", "extend_by_seconds": 0}, "data.extend_by_seconds"),
+    ({"order_id": "o", "extend_by_seconds": 31_536_001}, "data.extend_by_seconds"),
+    ({"order_id": "o", "extend_by_seconds": "5"}, "data.extend_by_seconds"),
+    ({"order_id": "o", "until_fulfilled": False}, "data.until_fulfilled"),
+    ({"order_id": "o", "until_fulfilled": 1}, "data.until_fulfilled"),
+    ({"order_id": "", "until_fulfilled": True}, "data.order_id"),
+    ({"order_id": "o", "until_fulfilled": True, "note": "x"}, "data.note"),
+])
+def test_extension_refused(d, why):
+    assert why in refused(body("reservation.extended", d), "reservation.extended")
+
+
 # ---- types, routing keys, the publish command ---------------------------------------------------
 
 
@@ -616,7 +643,7 @@ def test_new_types_are_input_types_and_need_their_routing_key():
     raw = body("location.configured", {"location_id": "s"})
     assert parse_event(raw, "location.configured").type == "location.configured"
     assert "does not match routing key 'stock.adjusted'" in refused(raw, "stock.adjusted")
-    assert "type" in refused(body("reservation.extended", {"order_id": "o", "until_fulfilled": True}))  # Part B
+    assert "type" in refused(body("order.returned", {"order_id": "o"}))  # not yet an input type
 
 
 def test_make_event_for_a_new_type():
@@ -683,6 +710,11 @@ GOOD_OUTPUTS = [
     ("inventory.moved", {"kind": "receipt", "product_id": "A", "location_id": "s", "quantity": 5, "unexpected": 0,
                          "reference": None, "location": FIG, "index": 0}),
     ("inventory.back_in_stock", {"product_id": "A", "available": 1}),
+    ("inventory.reservation_extended", {"order_id": "o", "expires_at": "2026-11-25T10:00:00Z",
+                                        "previous_expires_at": "2026-11-25T09:00:00Z"}),
+    ("inventory.reservation_extended", {"order_id": "o", "expires_at": None,
+                                        "previous_expires_at": "2026-11-25T09:00:00Z"}),
+    ("inventory.rejected", {"order_id": "o", "reason": "extension_limit", "shortages": []}),
 ]
 
 
@@ -754,6 +786,8 @@ BAD_OUTPUTS = [
     ("inventory.moved", {"kind": "shipment", "product_id": "A", "location_id": "s", "quantity": 5}),
     ("inventory.back_in_stock", {"product_id": "A", "available": 0}),
     ("inventory.back_in_stock", {"product_id": "A", "available": 1, "threshold": 0}),
+    ("inventory.reservation_extended", {"order_id": "o", "expires_at": None}),
+    ("inventory.reservation_extended", {"order_id": "o", "expires_at": None, "previous_expires_at": None}),
 ]
 
 

@@ -43,6 +43,7 @@ INPUT_DESCRIPTIONS = {
     "stock.transferred": "Move units between two locations (or put them in transit), all lines or none.",
     "stock.received": "Incoming units arrived: on_hand rises, incoming falls; creates the product if new.",
     "reservation.extended": "Move a live reservation's deadline later (capped), or hold it until fulfilled.",
+    "order.fulfilled": "A shipment: some reserved units leave, all lines or none; the last one commits the order.",
 }
 OUTPUT_DESCRIPTIONS = {
     "inventory.reserved": "Every line of the order is reserved until expires_at.",
@@ -60,6 +61,7 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.moved": "Units moved between states, between locations, or were received.",
     "inventory.back_in_stock": "available rose from 0 to above 0.",
     "inventory.reservation_extended": "A reservation's deadline moved (expires_at null: held until fulfilled).",
+    "inventory.fulfilled": "Units of an order left, from these locations; what stays open.",
 }
 
 

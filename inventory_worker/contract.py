@@ -71,6 +71,7 @@ INPUT_TYPES = (
     "stock.transferred",
     "stock.received",
     "reservation.extended",
+    "order.fulfilled",
 )
 OUTPUT_TYPES = (
     "inventory.reserved",
@@ -87,6 +88,7 @@ OUTPUT_TYPES = (
     "inventory.moved",
     "inventory.back_in_stock",
     "inventory.reservation_extended",
+    "inventory.fulfilled",
 )
 
 
@@ -185,6 +187,27 @@ class ReservationExtended(_Strict):
         if (self.extend_by_seconds is None) == (self.until_fulfilled is None):
             raise ValueError("exactly one of 'extend_by_seconds' and 'until_fulfilled' is required")
         return self
+
+
+class FulfilmentLine(_Strict):
+    product_id: ProductId
+    quantity: Quantity
+    location_id: LocationId | None = None
+
+
+class OrderFulfilled(_Strict):
+    """A (product_id, location_id) appears at most once in lines."""
+
+    order_id: OrderId
+    fulfilment_id: Annotated[str, StringConstraints(min_length=1, max_length=200), *_NO_NUL]
+    lines: Annotated[list[FulfilmentLine], Field(min_length=1, max_length=100)]
+
+    @field_validator("lines")
+    @classmethod
+    def _distinct_lines(cls, lines: list[FulfilmentLine]) -> list[FulfilmentLine]:
+        _distinct(lines, lambda x: (x.product_id, x.location_id),
+                  lambda x: f"({x.product_id}, {x.location_id or 'any location'})", "lines (product_id, location_id)")
+        return lines
 
 
 # ---- stock.adjusted -------------------------------------------------------------------------
@@ -455,6 +478,7 @@ DATA_MODELS: dict[str, type[_Strict]] = {
     "stock.transferred": StockTransferred,
     "stock.received": StockReceived,
     "reservation.extended": ReservationExtended,
+    "order.fulfilled": OrderFulfilled,
 }
 assert tuple(DATA_MODELS) == INPUT_TYPES
 
@@ -594,7 +618,8 @@ class Rejected(_Strict):
     order_id: str
     reason: Literal["insufficient_stock", "unknown_product", "order_cancelled", "reservation_expired",
                     "unknown_channel", "location_unavailable", "quantity_limit", "unknown_order",
-                    "order_completed", "extension_limit"]
+                    "order_completed", "extension_limit", "unknown_line", "exceeds_reserved",
+                    "backorder_pending"]
     shortages: list[Shortage]
 
 
@@ -813,6 +838,30 @@ class ReservationExtendedOut(_Strict):
     previous_expires_at: AwareDatetime
 
 
+class FulfilledLine(_Strict):
+    """location_id: where the units left from (null for a line of an untracked product)."""
+
+    product_id: str
+    location_id: str | None
+    quantity: Positive
+
+
+class OpenLine(_Strict):
+    product_id: str
+    reserved: Count
+    backordered: Count
+
+
+class Fulfilled(_Strict):
+    """open: the lines still open (reserved or backordered units) after this fulfilment;
+    empty when it closed the order (then inventory.committed follows)."""
+
+    order_id: str
+    fulfilment_id: str
+    lines: Annotated[list[FulfilledLine], Field(min_length=1)]
+    open: list[OpenLine]
+
+
 class Moved(RootModel[StateMove | Transfer | Receipt]):
     """kind state (stock.moved), transfer (stock.transferred) or receipt (stock.received)."""
 
@@ -834,6 +883,7 @@ OUTPUT_MODELS: dict[str, type[BaseModel]] = {
     "inventory.moved": Moved,
     "inventory.back_in_stock": BackInStock,
     "inventory.reservation_extended": ReservationExtendedOut,
+    "inventory.fulfilled": Fulfilled,
 }
 assert tuple(OUTPUT_MODELS) == OUTPUT_TYPES
 

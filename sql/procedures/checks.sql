@@ -204,6 +204,19 @@ LANGUAGE sql IMMUTABLE AS $$
             THEN 'data.extend_by_seconds'
         WHEN NOT json_optional(d->'until_fulfilled', d->'until_fulfilled' = 'true') THEN 'data.until_fulfilled'
     END
+    WHEN 'order.fulfilled' THEN CASE
+        WHEN d - ARRAY['order_id', 'fulfilment_id', 'lines'] <> '{}' THEN 'data: unknown field'
+        WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
+        WHEN NOT json_text_between(d->'fulfilment_id', 1, 200) THEN 'data.fulfilment_id'
+        WHEN NOT (jsonb_typeof(d->'lines') = 'array' AND jsonb_array_length(d->'lines') BETWEEN 1 AND 100)
+            THEN 'data.lines'
+        WHEN NOT coalesce((
+                SELECT bool_and(jsonb_typeof(x) = 'object' AND x - ARRAY['product_id', 'quantity', 'location_id'] = '{}'
+                                AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, 1000000)
+                                AND json_optional(x->'location_id', json_id(x->'location_id')))
+                       AND count(DISTINCT jsonb_build_array(x->'product_id', x->'location_id')) = count(*)
+                  FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
+    END
     END
 $$;
 
@@ -218,9 +231,10 @@ LANGUAGE sql IMMUTABLE AS $$
         WHEN jsonb_typeof(d) IS DISTINCT FROM 'object' THEN 'data'
         WHEN t IS NULL OR t NOT IN ('order.placed', 'order.cancelled', 'order.completed', 'stock.adjusted',
                                     'stock.moved', 'stock.transferred', 'stock.received', 'location.configured',
-                                    'channel.configured', 'product.configured', 'reservation.extended')
+                                    'channel.configured', 'product.configured', 'reservation.extended',
+                                    'order.fulfilled')
             THEN 'type ' || coalesce(t, 'null')
-        WHEN t IN ('reservation.extended') THEN order_event_problem(t, d)
+        WHEN t IN ('reservation.extended', 'order.fulfilled') THEN order_event_problem(t, d)
         WHEN t IN ('stock.moved', 'stock.transferred', 'stock.received', 'location.configured',
                    'channel.configured', 'product.configured')
              OR t = 'stock.adjusted' AND d ?| ARRAY['location_id', 'incoming', 'name', 'change_from', 'reference',

@@ -64,7 +64,8 @@ BEGIN
          WHERE ev->>'type' IN ('stock.adjusted', 'stock.received', 'stock.transferred')
         UNION SELECT ol.product_id FROM order_lines ol  -- = ANY(ARRAY(..)): index, not a scan
          WHERE ol.order_id = ANY(ARRAY(SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev
-                                        WHERE ev->>'type' IN ('order.cancelled', 'order.completed')))))
+                                        WHERE ev->>'type' IN ('order.cancelled', 'order.completed',
+                                                              'order.fulfilled')))))
      ORDER BY product_id FOR UPDATE;
 
     -- 3. Which events are new: neither applied before nor met earlier in this batch; and of
@@ -123,6 +124,7 @@ BEGIN
                 WHEN 'channel.configured'  THEN configure_channel(v_event_ids[i], v_event_data[i])
                 WHEN 'product.configured'  THEN configure_product(v_event_ids[i], v_event_data[i])
                 WHEN 'reservation.extended' THEN extend_reservation(v_event_ids[i], v_event_data[i], p_options)
+                WHEN 'order.fulfilled' THEN fulfil_order(v_event_ids[i], v_event_data[i])
             END;
             v_ids := array_append(v_ids, v_event_ids[i]);
             v_types := array_append(v_types, v_event_types[i]);

@@ -1,4 +1,5 @@
--- An order's life after placement (spec Part B): reservation.extended (4.2). Each takes the
+-- An order's life after placement (spec Part B): reservation.extended (4.2), order.fulfilled
+-- (4.4); order.completed (4.5) is in orders.sql. Each takes the
 -- orders row lock first; that lock decides races with the sweeper (expire_reservations()
 -- re-checks status and deadline under it).
 
@@ -54,3 +55,183 @@ BEGIN
             'order_id', v_order_id, 'expires_at', rfc3339(v_new), 'previous_expires_at', rfc3339(o.expires_at)))));
 END $$;
 
+-- ==== order.fulfilled (4.4) =====================================================================
+
+-- Where an order holds its units: its allocation rows, or (held implicitly, orders.allocated
+-- = false) every tracked line whole at `default`.
+CREATE OR REPLACE FUNCTION order_holdings(p_order_id text, p_allocated boolean)
+RETURNS TABLE (product_id text, location_id text, "position" integer, reserved bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT a.product_id, a.location_id, a.position, a.reserved
+      FROM order_allocations a WHERE p_allocated AND a.order_id = p_order_id
+    UNION ALL
+    SELECT ol.product_id, 'default', 1, ol.quantity
+      FROM order_lines ol WHERE NOT p_allocated AND ol.order_id = p_order_id AND ol.tracked
+$$;
+
+-- Gives an implicitly held order its allocation rows (one per tracked line, at `default`),
+-- so that per-line counters can be kept: done when an order first needs them (its first
+-- fulfilment), never on the default-only fast paths.
+CREATE OR REPLACE FUNCTION make_allocated(p_order_id text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO order_allocations (order_id, product_id, location_id, position, reserved)
+    SELECT order_id, product_id, 'default', 1, quantity FROM order_lines WHERE order_id = p_order_id AND tracked;
+    UPDATE orders SET allocated = true WHERE order_id = p_order_id;
+END $$;
+
+-- The lines of an allocated order with what each still holds: `reserved` = the sum of its
+-- allocations (an untracked line holds without stock: its units neither fulfilled,
+-- released nor backordered).
+CREATE OR REPLACE FUNCTION order_line_state(p_order_id text)
+RETURNS TABLE (product_id text, line_no integer, quantity bigint, reserved bigint, fulfilled bigint,
+               backordered bigint, released bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT ol.product_id, ol.line_no, ol.quantity,
+           CASE WHEN ol.tracked
+                THEN (SELECT coalesce(sum(a.reserved), 0) FROM order_allocations a
+                       WHERE a.order_id = ol.order_id AND a.product_id = ol.product_id)
+                ELSE ol.quantity - ol.fulfilled - ol.released - ol.backordered END::bigint,
+           ol.fulfilled, ol.backordered, ol.released
+      FROM order_lines ol WHERE ol.order_id = p_order_id
+$$;
+
+-- inventory.committed of an order closed after partial changes: each line's fulfilled total.
+CREATE OR REPLACE FUNCTION fulfilled_lines(p_order_id text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object('product_id', product_id, 'quantity', fulfilled) ORDER BY line_no)
+                        FILTER (WHERE fulfilled > 0), '[]'::jsonb)
+      FROM order_lines WHERE order_id = p_order_id
+$$;
+
+-- Each line of an order.fulfilled (n = its position, from 1) with what it may take: a line
+-- pinned to a location, what the order holds there; another, what the order holds of that
+-- product less what its pinned lines ask; an untracked line, its open units (never pinned).
+CREATE OR REPLACE FUNCTION fulfilment_asks(p_order_id text, p_allocated boolean, p_lines jsonb)
+RETURNS TABLE (n bigint, product_id text, location_id text, quantity bigint, known boolean, tracked boolean,
+               may_take bigint)
+LANGUAGE sql STABLE AS $$
+    WITH asks AS (
+        SELECT t.n, t.x->>'product_id' AS product_id, t.x->>'location_id' AS location_id,
+               (t.x->>'quantity')::bigint AS quantity, ol.product_id IS NOT NULL AS known,
+               coalesce(ol.tracked, true) AS tracked,
+               ol.quantity - ol.fulfilled - ol.released - ol.backordered AS untracked_open
+          FROM jsonb_array_elements(p_lines) WITH ORDINALITY AS t(x, n)
+          LEFT JOIN order_lines ol ON ol.order_id = p_order_id AND ol.product_id = t.x->>'product_id'
+    )
+    SELECT a.n, a.product_id, a.location_id, a.quantity, a.known, a.tracked,
+           CASE WHEN NOT a.known THEN 0
+                WHEN NOT a.tracked THEN CASE WHEN a.location_id IS NULL THEN a.untracked_open ELSE 0 END
+                WHEN a.location_id IS NOT NULL THEN
+                     (SELECT coalesce(sum(h.reserved), 0) FROM order_holdings(p_order_id, p_allocated) h
+                       WHERE h.product_id = a.product_id AND h.location_id = a.location_id)
+                ELSE greatest(0, (SELECT coalesce(sum(h.reserved), 0) FROM order_holdings(p_order_id, p_allocated) h
+                                   WHERE h.product_id = a.product_id)
+                                 - (SELECT coalesce(sum(b.quantity), 0) FROM asks b
+                                     WHERE b.product_id = a.product_id AND b.location_id IS NOT NULL)) END::bigint
+      FROM asks a
+$$;
+
+-- order.fulfilled: a shipment of some reserved units, all lines or none. A line without
+-- location_id consumes the order's allocations of that product in allocation order; with
+-- it, that location's only. The first fulfilment ends the deadline (expires_at NULL); the
+-- one that leaves nothing open commits the order (inventory.committed too).
+CREATE OR REPLACE FUNCTION fulfil_order(p_event_id uuid, p_data jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_order_id text := p_data->>'order_id';
+    v_fid      text := p_data->>'fulfilment_id';
+    o          record;
+    v_reason   text;
+    v_refusal  record;
+    x          record;
+    a          record;
+    v_left     bigint;
+    n          bigint;
+    v_taken    jsonb := '[]';
+    v_open     jsonb;
+    v_messages jsonb;
+BEGIN
+    SELECT status, allocated, expires_at INTO o FROM orders WHERE order_id = v_order_id FOR UPDATE;
+    IF EXISTS (SELECT 1 FROM fulfilments f WHERE f.order_id = v_order_id AND f.fulfilment_id = v_fid) THEN
+        RETURN jsonb_build_object('outcome', 'duplicate_fulfilment', 'order_id', v_order_id,
+                                  'fulfilment_id', v_fid, 'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    v_reason := order_refusal(o.status, o.expires_at);
+    IF v_reason IS NOT NULL THEN
+        RETURN rejected(p_event_id, v_order_id, v_reason);
+    END IF;
+    PERFORM locked_order_lines(v_order_id);  -- its products, locked (if this batch did not yet)
+
+    -- What each line asks and what it may take: pinned lines from their location, the others
+    -- from what the product's pinned lines leave.
+    SELECT r.reason, r.shortages INTO v_refusal FROM (
+        SELECT 1 AS step, 'unknown_line' AS reason,
+               jsonb_agg(jsonb_build_object('product_id', s.product_id, 'requested', s.quantity, 'available', 0)
+                         ORDER BY s.n) FILTER (WHERE NOT s.known) AS shortages,
+               bool_or(NOT s.known) AS fails
+          FROM fulfilment_asks(v_order_id, o.allocated, p_data->'lines') s
+        UNION ALL
+        SELECT 2, 'exceeds_reserved',
+               jsonb_agg(jsonb_build_object('product_id', s.product_id, 'requested', s.quantity, 'available', s.may_take)
+                         ORDER BY s.n) FILTER (WHERE s.quantity > s.may_take),
+               bool_or(s.quantity > s.may_take)
+          FROM fulfilment_asks(v_order_id, o.allocated, p_data->'lines') s) r
+     WHERE r.fails ORDER BY r.step LIMIT 1;
+    IF FOUND THEN
+        RETURN rejected(p_event_id, v_order_id, v_refusal.reason, v_refusal.shortages);
+    END IF;
+
+    IF NOT o.allocated THEN
+        PERFORM make_allocated(v_order_id);
+    END IF;
+    INSERT INTO fulfilments (order_id, fulfilment_id, event_id) VALUES (v_order_id, v_fid, p_event_id);
+    FOR x IN SELECT s.n, s.product_id, s.location_id, s.quantity, s.tracked
+               FROM fulfilment_asks(v_order_id, true, p_data->'lines') s
+              ORDER BY s.product_id, s.location_id NULLS LAST LOOP
+        UPDATE order_lines SET fulfilled = fulfilled + x.quantity
+         WHERE order_id = v_order_id AND product_id = x.product_id;
+        IF NOT x.tracked THEN  -- held without stock: nothing moves
+            v_taken := v_taken || jsonb_build_array(jsonb_build_object(
+                'n', x.n, 'product_id', x.product_id, 'location_id', x.location_id, 'quantity', x.quantity));
+            CONTINUE;
+        END IF;
+        v_left := x.quantity;
+        FOR a IN SELECT al.location_id, al.reserved FROM order_allocations al
+                  WHERE al.order_id = v_order_id AND al.product_id = x.product_id AND al.reserved > 0
+                    AND (x.location_id IS NULL OR al.location_id = x.location_id)
+                  ORDER BY al.position LOOP
+            EXIT WHEN v_left = 0;
+            n := least(v_left, a.reserved);
+            -- on_hand and reserved fall alike: `available` does not change (no messages).
+            PERFORM change_level(x.product_id, a.location_id, -n, -n, 0, 0, 0, 'fulfil', v_order_id, p_event_id,
+                                 NULL, v_fid, NULL, true);
+            UPDATE order_allocations SET reserved = reserved - n, fulfilled = fulfilled + n
+             WHERE order_id = v_order_id AND product_id = x.product_id AND location_id = a.location_id;
+            v_taken := v_taken || jsonb_build_array(jsonb_build_object(
+                'n', x.n, 'product_id', x.product_id, 'location_id', a.location_id, 'quantity', n));
+            v_left := v_left - n;
+        END LOOP;
+    END LOOP;
+
+    -- Taken in the lock order; reported in the order of the message's lines.
+    SELECT jsonb_agg(t - 'n' ORDER BY (t->>'n')::integer, k) INTO v_taken
+      FROM jsonb_array_elements(v_taken) WITH ORDINALITY AS e(t, k);
+    UPDATE orders SET expires_at = NULL, updated_at = now() WHERE order_id = v_order_id;
+    SELECT jsonb_agg(jsonb_build_object('product_id', s.product_id, 'reserved', s.reserved,
+                                        'backordered', s.backordered) ORDER BY s.line_no)
+               FILTER (WHERE s.reserved + s.backordered > 0)
+      INTO v_open FROM order_line_state(v_order_id) s;
+    v_messages := jsonb_build_array(new_message(p_event_id, 'inventory.fulfilled', jsonb_build_object(
+        'order_id', v_order_id, 'fulfilment_id', v_fid, 'lines', v_taken, 'open', coalesce(v_open, '[]'::jsonb))));
+    IF v_open IS NULL THEN
+        UPDATE orders SET status = 'committed', updated_at = now() WHERE order_id = v_order_id;
+        v_messages := v_messages || jsonb_build_array(new_message(p_event_id, 'inventory.committed',
+            jsonb_build_object('order_id', v_order_id, 'lines', fulfilled_lines(v_order_id))));
+    END IF;
+    RETURN jsonb_build_object('outcome', 'fulfilled', 'order_id', v_order_id, 'messages', v_messages,
+        'products', (SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
+                       FROM products p WHERE p.product_id = ANY(ARRAY(
+                           SELECT t->>'product_id' FROM jsonb_array_elements(v_taken) t
+                            WHERE t->>'location_id' IS NOT NULL))));
+END $$;

@@ -225,3 +225,182 @@ def test_extension_and_sweeper_race_under_the_order_lock(settings, life):
     assert msgs(result[0]) == [rejected(oid, "reservation_expired")]
     life.verify()
 
+
+# ==== order.fulfilled (4.4) and order.completed generalised (4.5), acceptance check 11 ==========
+
+
+def fulfilled(order_id: str, fid: str, lines: list[tuple], open_: list[tuple]) -> tuple[str, dict[str, Any]]:
+    return ("inventory.fulfilled", {"order_id": order_id, "fulfilment_id": fid,
+                                    "lines": [{"product_id": p, "location_id": loc, "quantity": q} for p, loc, q in lines],
+                                    "open": [{"product_id": p, "reserved": r, "backordered": b} for p, r, b in open_]})
+
+
+def committed(order_id: str, *lines: tuple[str, int]) -> tuple[str, dict[str, Any]]:
+    return ("inventory.committed", {"order_id": order_id, "lines": [{"product_id": p, "quantity": q} for p, q in lines]})
+
+
+def fulfil(life: Life, order_id: str, fid: str, *lines: tuple) -> Outcome:
+    return life.one("order.fulfilled", {"order_id": order_id, "fulfilment_id": fid, "lines": [
+        {"product_id": x[0], "quantity": x[1], **({"location_id": x[2]} if len(x) > 2 else {})} for x in lines]})
+
+
+def line_counters(life: Life, order_id: str) -> list[tuple]:
+    with pg(life.settings) as cur:
+        cur.execute("SELECT product_id, quantity, fulfilled, released, backordered, returned FROM order_lines"
+                    " WHERE order_id = %s ORDER BY line_no", (order_id,))
+        return cur.fetchall()
+
+
+def ledger(life: Life, order_id: str) -> list[tuple]:
+    with pg(life.settings) as cur:
+        cur.execute("SELECT reason, product_id, location_id, on_hand_delta, reserved_delta, reference"
+                    " FROM stock_movements WHERE order_id = %s ORDER BY id", (order_id,))
+        return cur.fetchall()
+
+
+def test_partial_fulfilment_3_then_2_commits_once(life):
+    """Acceptance check 11, on an order held implicitly at default (converted at its first
+    partial fulfilment)."""
+    pid = life.stock({"default": 10})
+    oid = uid("o")
+    life.place(oid, (pid, 5), reservation_ttl_seconds=60)
+    assert life.order(oid) == ("reserved", False, None)
+    out = fulfil(life, oid, "f1", (pid, 3))
+    assert out.outcome == "fulfilled"
+    assert msgs(out) == [fulfilled(oid, "f1", [(pid, "default", 3)], [(pid, 2, 0)])]
+    assert life.order(oid) == ("reserved", True, None) and life.deadline(oid)[0] is None
+    assert life.totals(pid) == (7, 2, 5)
+    assert out.products == [{"product_id": pid, "on_hand": 7, "reserved": 2, "available": 5,
+                             "version": out.products[0]["version"]}]
+    life.verify()
+    # Reused fulfilment_id under a new message id: nothing, nothing published.
+    out = fulfil(life, oid, "f1", (pid, 2))
+    assert (out.outcome, out.messages) == ("duplicate_fulfilment", [])
+    assert life.totals(pid) == (7, 2, 5)
+    out = fulfil(life, oid, "f2", (pid, 2))
+    assert msgs(out) == [fulfilled(oid, "f2", [(pid, "default", 2)], []), committed(oid, (pid, 5))]
+    assert life.order(oid)[0] == "committed" and life.totals(pid) == (5, 0, 5)
+    assert line_counters(life, oid) == [(pid, 5, 5, 0, 0, 0)]
+    # A third fulfilment -> order_completed; the reused id stays a duplicate.
+    assert msgs(fulfil(life, oid, "f3", (pid, 1))) == [rejected(oid, "order_completed")]
+    assert fulfil(life, oid, "f2", (pid, 1)).outcome == "duplicate_fulfilment"
+    assert ledger(life, oid) == [("reserve", pid, "default", 0, 5, None), ("fulfil", pid, "default", -3, -3, "f1"),
+                                 ("fulfil", pid, "default", -2, -2, "f2")]
+    life.verify()
+
+
+def test_fulfilment_consumes_allocations_in_order_and_by_location(life):
+    a, b = life.location(0), life.location(1)
+    ch = life.channel([a, b])
+    p, q = life.stock({a: 3, b: 5}), life.stock({a: 4})
+    oid = uid("o")
+    assert life.place(oid, (p, 6), (q, 2), channel_id=ch).outcome == "reserved"   # p: a 3, b 3
+    # Without location: allocation order (a first, then b); with it: that location only.
+    out = fulfil(life, oid, "f1", (p, 4), (q, 1, a))
+    assert msgs(out) == [fulfilled(oid, "f1", [(p, a, 3), (p, b, 1), (q, a, 1)], [(p, 2, 0), (q, 1, 0)])]
+    assert life.levels(p) == {"default": (0, 0), a: (0, 0), b: (4, 2)}
+    assert sorted(life.allocations(oid)) == sorted([(p, a, 1, 0, 3), (p, b, 2, 2, 1), (q, a, 1, 1, 1)])
+    life.verify()
+    # Refusals, nothing changes: exceeds_reserved (at that location; backordered units are not
+    # reserved), unknown_line, a location without an allocation.
+    before = (life.levels(p), life.levels(q), life.allocations(oid))
+    assert msgs(fulfil(life, oid, "f2", (p, 1, a))) == [rejected(oid, "exceeds_reserved", (p, 1, 0))]
+    assert msgs(fulfil(life, oid, "f2", (p, 3), (q, 1))) == [rejected(oid, "exceeds_reserved", (p, 3, 2))]
+    assert msgs(fulfil(life, oid, "f2", (p, 2, b), (p, 1))) == [rejected(oid, "exceeds_reserved", (p, 1, 0))]
+    other = uid("P")
+    assert msgs(fulfil(life, oid, "f2", (q, 1), (other, 1))) == [rejected(oid, "unknown_line", (other, 1, 0))]
+    assert (life.levels(p), life.levels(q), life.allocations(oid)) == before
+    # A refused fulfilment_id may be used again.
+    out = fulfil(life, oid, "f2", (p, 2, b), (q, 1))
+    assert msgs(out) == [fulfilled(oid, "f2", [(p, b, 2), (q, a, 1)], []), committed(oid, (p, 6), (q, 2))]
+    assert line_counters(life, oid) == [(p, 6, 6, 0, 0, 0), (q, 2, 2, 0, 0, 0)]
+    life.verify()
+
+
+def test_fulfilment_refusals_by_order_state(life):
+    pid = life.stock({"default": 10})
+    oid = uid("o")
+    assert msgs(fulfil(life, oid, "f", (pid, 1))) == [rejected(oid, "unknown_order")]
+    assert life.order(oid) is None
+    life.place(oid, (pid, 2))
+    life.one("order.cancelled", {"order_id": oid})
+    assert msgs(fulfil(life, oid, "f", (pid, 1))) == [rejected(oid, "order_cancelled")]
+    oid = uid("o")
+    life.place(oid, (pid, 2))
+    life.sql("UPDATE orders SET expires_at = now() - interval '1 second' WHERE order_id = %s", oid)
+    assert msgs(fulfil(life, oid, "f", (pid, 1))) == [rejected(oid, "reservation_expired")]
+    life.sweep()
+    assert msgs(fulfil(life, oid, "f", (pid, 1))) == [rejected(oid, "reservation_expired")]
+    assert life.totals(pid) == (10, 0, 10)
+    life.verify()
+
+
+def test_completion_after_partial_fulfilment_commits_the_rest(life):
+    a = life.location(0)
+    ch = life.channel([a, "default"])
+    p, q = life.stock({a: 2, "default": 5}), life.stock({"default": 5})
+    oid = uid("o")
+    life.place(oid, (p, 4), (q, 3), channel_id=ch)   # p: a 2, default 2; q: default 3
+    fulfil(life, oid, "f1", (p, 1))
+    out = life.one("order.completed", {"order_id": oid})
+    assert out.outcome == "committed"
+    assert msgs(out) == [committed(oid, (p, 4), (q, 3))]
+    assert life.levels(p) == {"default": (3, 0), a: (0, 0)} and life.totals(q) == (2, 0, 2)
+    assert line_counters(life, oid) == [(p, 4, 4, 0, 0, 0), (q, 3, 3, 0, 0, 0)]
+    assert msgs(fulfil(life, oid, "f2", (p, 1))) == [rejected(oid, "order_completed")]
+    life.verify()
+
+
+def test_completion_refuses_backorder_pending(life):
+    """The refusal is checked (no order can be backordered before the backorders slice: made
+    by hand here)."""
+    pid = life.stock({"default": 5})
+    oid = uid("o")
+    life.place(oid, (pid, 2))
+    fulfil(life, oid, "f1", (pid, 1))
+    life.sql("UPDATE order_lines SET backordered = 1 WHERE order_id = %s", oid)
+    assert msgs(life.one("order.completed", {"order_id": oid})) == [rejected(oid, "backorder_pending")]
+    assert life.order(oid)[0] == "reserved" and life.totals(pid) == (4, 1, 3)
+    life.sql("UPDATE order_lines SET backordered = 0 WHERE order_id = %s", oid)
+    assert msgs(life.one("order.completed", {"order_id": oid})) == [committed(oid, (pid, 2))]
+    life.verify()
+
+
+def test_untracked_line_is_fulfilled_without_stock(life):
+    p = life.stock({"default": 5})
+    u = life.stock({"default": 0}, tracked=False)
+    oid = uid("o")
+    life.place(oid, (p, 2), (u, 3))
+    out = fulfil(life, oid, "f1", (u, 2), (p, 2))
+    assert msgs(out) == [fulfilled(oid, "f1", [(u, None, 2), (p, "default", 2)], [(u, 1, 0)])]
+    assert [f["product_id"] for f in out.products] == [p]
+    assert msgs(fulfil(life, oid, "f2", (u, 1, "default"))) == [rejected(oid, "exceeds_reserved", (u, 1, 0))]
+    assert msgs(fulfil(life, oid, "f2", (u, 2))) == [rejected(oid, "exceeds_reserved", (u, 2, 1))]
+    assert msgs(fulfil(life, oid, "f2", (u, 1))) == [fulfilled(oid, "f2", [(u, None, 1)], []),
+                                                      committed(oid, (p, 2), (u, 3))]
+    assert life.totals(u) == (0, 0, 0) and life.totals(p) == (3, 0, 3)
+    life.verify()
+
+
+def test_verify_checks_the_line_counters(life):
+    pid = life.stock({"default": 10})
+    oid = uid("o")
+    life.place(oid, (pid, 5))
+    fulfil(life, oid, "f1", (pid, 2))
+    life.verify()
+
+    def found() -> list[tuple]:
+        with pg(life.settings) as cur:
+            cur.execute("SELECT figure, recorded, expected, source FROM stock_mismatches() WHERE product_id = %s", (pid,))
+            return cur.fetchall()
+
+    for change, mismatch in (
+        ("fulfilled = fulfilled + 1", [("fulfilled of order " + oid, 3, 2, "orders"),
+                                       ("quantity of order " + oid, 5, 6, "orders")]),
+        ("released = 1", [("quantity of order " + oid, 5, 6, "orders")]),
+        ("returned = 3", [("returned of order " + oid, 3, 2, "orders")]),
+    ):
+        life.sql(f"UPDATE order_lines SET {change} WHERE order_id = %s", oid)
+        assert found() == mismatch
+        life.sql("UPDATE order_lines SET fulfilled = 2, released = 0, returned = 0 WHERE order_id = %s", oid)
+    assert found() == []

@@ -30,6 +30,7 @@ NEW_MESSAGES = {
                           "lines": [{"product_id": "SKU-1", "quantity": 1}]},
     "stock.received": {"product_id": "SKU-1", "quantity": 1},
     "reservation.extended": {"order_id": "o-1", "until_fulfilled": True},
+    "order.fulfilled": {"order_id": "o-1", "fulfilment_id": "f-1", "lines": [{"product_id": "SKU-1", "quantity": 1}]},
 }
 
 

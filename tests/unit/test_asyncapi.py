@@ -145,6 +145,10 @@ INPUTS = [
     ("reservation.extended", {"order_id": "o", "until_fulfilled": True}),
     ("reservation.extended", {"order_id": "o", "until_fulfilled": False}),
     ("reservation.extended", {"order_id": "o"}),
+    ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1,
+                                                                         "location_id": "s"}]}),
+    ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": []}),
+    ("order.fulfilled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
     ("reservation.extended", {"order_id": "o", "extend_by_seconds": 60, "until_fulfilled": True}),
 ]
 

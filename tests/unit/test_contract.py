@@ -632,6 +632,38 @@ def test_extension_refused(d, why):
     assert why in refused(body("reservation.extended", d), "reservation.extended")
 
 
+# ---- order.fulfilled ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [
+    {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1}]},
+    {"order_id": "o", "fulfilment_id": "f" * 200, "lines": [
+        {"product_id": "A", "quantity": 1}, {"product_id": "A", "quantity": 2, "location_id": "s"},
+        {"product_id": "A", "quantity": 3, "location_id": "t"}]},
+])
+def test_fulfilment_accepted(d):
+    assert data("order.fulfilled", d) == d
+
+
+@pytest.mark.parametrize("d,why", [
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}, "data.fulfilment_id"),
+    ({"order_id": "o", "fulfilment_id": "", "lines": [{"product_id": "A", "quantity": 1}]}, "data.fulfilment_id"),
+    ({"order_id": "o", "fulfilment_id": "f" * 201, "lines": [{"product_id": "A", "quantity": 1}]},
+     "data.fulfilment_id"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": []}, "data.lines"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 0}]}, "data.lines.0.quantity"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1, "location_id": "a b"}]},
+     "data.lines.0.location_id"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1},
+                                                        {"product_id": "A", "quantity": 2}]}, "appears twice"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1, "location_id": "s"},
+                                                        {"product_id": "A", "quantity": 2, "location_id": "s"}]},
+     "appears twice"),
+])
+def test_fulfilment_refused(d, why):
+    assert why in refused(body("order.fulfilled", d), "order.fulfilled")
+
+
 # ---- types, routing keys, the publish command ---------------------------------------------------
 
 
@@ -715,6 +747,14 @@ GOOD_OUTPUTS = [
     ("inventory.reservation_extended", {"order_id": "o", "expires_at": None,
                                         "previous_expires_at": "2026-11-25T09:00:00Z"}),
     ("inventory.rejected", {"order_id": "o", "reason": "extension_limit", "shortages": []}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [
+        {"product_id": "A", "location_id": "a", "quantity": 3}, {"product_id": "U", "location_id": None, "quantity": 1}],
+        "open": [{"product_id": "A", "reserved": 2, "backordered": 0}]}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "open": [],
+                             "lines": [{"product_id": "A", "location_id": "a", "quantity": 3}]}),
+    ("inventory.rejected", {"order_id": "o", "reason": "exceeds_reserved",
+                            "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
+    ("inventory.rejected", {"order_id": "o", "reason": "backorder_pending", "shortages": []}),
 ]
 
 
@@ -742,7 +782,7 @@ BAD_OUTPUTS = [
                                        "requested": 5}),
     ("inventory.adjustment_rejected", {"product_id": "A", "reason": "unknown_location", "on_hand": 1, "reserved": 0,
                                        "requested": 5, "name": "damaged"}),
-    ("inventory.rejected", {"order_id": "o", "reason": "backorder_pending", "shortages": []}),  # Part B
+    ("inventory.rejected", {"order_id": "o", "reason": "too_late", "shortages": []}),
     ("inventory.configured", {"kind": "location", "location_id": "s", "priority": 0, "active": True,
                               "fulfils_orders": True}),  # unset name: null, not missing
     ("inventory.configured", {"kind": "channel", "location_id": "s", "name": None, "priority": 0, "active": True,
@@ -788,6 +828,11 @@ BAD_OUTPUTS = [
     ("inventory.back_in_stock", {"product_id": "A", "available": 1, "threshold": 0}),
     ("inventory.reservation_extended", {"order_id": "o", "expires_at": None}),
     ("inventory.reservation_extended", {"order_id": "o", "expires_at": None, "previous_expires_at": None}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [], "open": []}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "open": [],
+                             "lines": [{"product_id": "A", "location_id": "a", "quantity": 0}]}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "location_id": "a",
+                             "quantity": 1}], "open": [{"product_id": "A", "reserved": -1, "backordered": 0}]}),
 ]
 
 

@@ -32,7 +32,8 @@ REF = "#/components/schemas/{model}"
 
 INPUT_DESCRIPTIONS = {
     "order.placed": "Reserve every line of the order, or none.",
-    "order.cancelled": "Release the order's reservation (remembered if it comes before order.placed).",
+    "order.cancelled": "Release the order's reservation (remembered if it comes before order.placed), or, "
+                       "with lines, those units only.",
     "order.completed": "Commit the reservation: on_hand and reserved both fall by the quantities.",
     "stock.adjusted": "Change on_hand (or incoming) by a delta or set it to a count, at a location; creates "
                       "the product if new.",

@@ -151,8 +151,22 @@ class OrderPlaced(_Strict):
         return lines
 
 
+class CancelLine(_Strict):
+    product_id: ProductId
+    quantity: Quantity
+
+
 class OrderCancelled(_Strict):
+    """Without lines: the whole order. With lines (a product at most once): those units only."""
+
     order_id: OrderId
+    lines: Annotated[list[CancelLine], Field(min_length=1, max_length=100)] = _absent()
+
+    @field_validator("lines")
+    @classmethod
+    def _distinct_products(cls, lines: list[CancelLine]) -> list[CancelLine]:
+        _distinct(lines, lambda line: line.product_id, lambda line: f"product {line.product_id}", "lines")
+        return lines
 
 
 class OrderCompleted(_Strict):
@@ -619,7 +633,7 @@ class Rejected(_Strict):
     reason: Literal["insufficient_stock", "unknown_product", "order_cancelled", "reservation_expired",
                     "unknown_channel", "location_unavailable", "quantity_limit", "unknown_order",
                     "order_completed", "extension_limit", "unknown_line", "exceeds_reserved",
-                    "backorder_pending"]
+                    "backorder_pending", "exceeds_open_quantity"]
     shortages: list[Shortage]
 
 

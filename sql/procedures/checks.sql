@@ -204,6 +204,17 @@ LANGUAGE sql IMMUTABLE AS $$
             THEN 'data.extend_by_seconds'
         WHEN NOT json_optional(d->'until_fulfilled', d->'until_fulfilled' = 'true') THEN 'data.until_fulfilled'
     END
+    WHEN 'order.cancelled' THEN CASE  -- with lines: a partial cancel
+        WHEN d - ARRAY['order_id', 'lines'] <> '{}' THEN 'data: unknown field'
+        WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
+        WHEN NOT (jsonb_typeof(d->'lines') = 'array' AND jsonb_array_length(d->'lines') BETWEEN 1 AND 100)
+            THEN 'data.lines'
+        WHEN NOT coalesce((
+                SELECT bool_and(jsonb_typeof(x) = 'object' AND x - ARRAY['product_id', 'quantity'] = '{}'
+                                AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, 1000000))
+                       AND count(DISTINCT x->>'product_id') = count(*)
+                  FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
+    END
     WHEN 'order.fulfilled' THEN CASE
         WHEN d - ARRAY['order_id', 'fulfilment_id', 'lines'] <> '{}' THEN 'data: unknown field'
         WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
@@ -234,7 +245,8 @@ LANGUAGE sql IMMUTABLE AS $$
                                     'channel.configured', 'product.configured', 'reservation.extended',
                                     'order.fulfilled')
             THEN 'type ' || coalesce(t, 'null')
-        WHEN t IN ('reservation.extended', 'order.fulfilled') THEN order_event_problem(t, d)
+        WHEN t IN ('reservation.extended', 'order.fulfilled') OR t = 'order.cancelled' AND d ? 'lines'
+            THEN order_event_problem(t, d)
         WHEN t IN ('stock.moved', 'stock.transferred', 'stock.received', 'location.configured',
                    'channel.configured', 'product.configured')
              OR t = 'stock.adjusted' AND d ?| ARRAY['location_id', 'incoming', 'name', 'change_from', 'reference',

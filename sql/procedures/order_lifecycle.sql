@@ -1,5 +1,6 @@
 -- An order's life after placement (spec Part B): reservation.extended (4.2), order.fulfilled
--- (4.4); order.completed (4.5) is in orders.sql. Each takes the
+-- (4.4), partial order.cancelled (4.6); order.completed (4.5) and the whole cancel are in
+-- orders.sql. Each takes the
 -- orders row lock first; that lock decides races with the sweeper (expire_reservations()
 -- re-checks status and deadline under it).
 
@@ -234,4 +235,137 @@ BEGIN
                        FROM products p WHERE p.product_id = ANY(ARRAY(
                            SELECT t->>'product_id' FROM jsonb_array_elements(v_taken) t
                             WHERE t->>'location_id' IS NOT NULL))));
+END $$;
+
+-- ==== partial order.cancelled (4.6) ===============================================================
+
+-- Releases units of a live order: p_lines ({product_id, quantity} each), or NULL for every
+-- unit still open (a whole cancel of an order partly fulfilled or cancelled already). Per
+-- line, backordered units first, then reserved ones in reverse allocation order (the preferred
+-- location keeps its hold). When nothing stays open the order ends `committed` if anything
+-- was fulfilled (inventory.committed follows), else `released`.
+-- The caller checked the order (locked, `reserved`); this checks the lines.
+CREATE OR REPLACE FUNCTION release_order_lines(p_event_id uuid, p_order_id text, p_allocated boolean, p_lines jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_lines    jsonb := p_lines;
+    v_refusal  record;
+    x          record;
+    a          record;
+    v_left     bigint;
+    n          bigint;
+    v_changed  jsonb;
+    v_before   bigint;
+    v_figures  jsonb := '[]';
+    v_stock    jsonb := '[]';
+    v_open     boolean;
+    v_messages jsonb;
+BEGIN
+    PERFORM locked_order_lines(p_order_id);  -- its products, locked (if this batch did not yet)
+    IF v_lines IS NULL THEN
+        SELECT jsonb_agg(jsonb_build_object('product_id', s.product_id, 'quantity', s.reserved + s.backordered)
+                         ORDER BY s.line_no) FILTER (WHERE s.reserved + s.backordered > 0)
+          INTO v_lines FROM order_line_state(p_order_id) s;
+        v_lines := coalesce(v_lines, '[]');
+    END IF;
+    -- What each line may release: what it holds (an implicitly held order: all of it) and
+    -- what it has backordered.
+    SELECT r.reason, r.shortages INTO v_refusal FROM (
+        SELECT 1 AS step, 'unknown_line' AS reason,
+               jsonb_agg(jsonb_build_object('product_id', s.product_id, 'requested', s.quantity, 'available', 0)
+                         ORDER BY s.n) FILTER (WHERE s.open IS NULL) AS shortages,
+               bool_or(s.open IS NULL) AS fails
+          FROM cancel_asks(p_order_id, p_allocated, v_lines) s
+        UNION ALL
+        SELECT 2, 'exceeds_open_quantity',
+               jsonb_agg(jsonb_build_object('product_id', s.product_id, 'requested', s.quantity, 'available', s.open)
+                         ORDER BY s.n) FILTER (WHERE s.quantity > s.open),
+               bool_or(s.quantity > s.open)
+          FROM cancel_asks(p_order_id, p_allocated, v_lines) s) r
+     WHERE r.fails ORDER BY r.step LIMIT 1;
+    IF FOUND THEN
+        RETURN rejected(p_event_id, p_order_id, v_refusal.reason, v_refusal.shortages);
+    END IF;
+
+    IF NOT p_allocated THEN
+        PERFORM make_allocated(p_order_id);
+    END IF;
+    FOR x IN SELECT ol.product_id, ol.tracked, ol.backordered, (l->>'quantity')::bigint AS quantity
+               FROM jsonb_array_elements(v_lines) l
+               JOIN order_lines ol ON ol.order_id = p_order_id AND ol.product_id = l->>'product_id'
+              ORDER BY ol.product_id LOOP
+        -- Backordered units first: they hold no stock. (The product-level backordered figure
+        -- belongs to the backorders slice: until it lands no line has any.)
+        n := least(x.quantity, x.backordered);
+        v_left := x.quantity - n;
+        UPDATE order_lines SET backordered = backordered - n, released = released + x.quantity
+         WHERE order_id = p_order_id AND product_id = x.product_id;
+        CONTINUE WHEN NOT x.tracked OR v_left = 0;  -- an untracked line holds no stock
+        v_before := NULL;
+        FOR a IN SELECT al.location_id, al.reserved FROM order_allocations al
+                  WHERE al.order_id = p_order_id AND al.product_id = x.product_id AND al.reserved > 0
+                  ORDER BY al.position DESC LOOP
+            EXIT WHEN v_left = 0;
+            n := least(v_left, a.reserved);
+            v_changed := change_level(x.product_id, a.location_id, 0, -n, 0, 0, 0, 'release', p_order_id, p_event_id,
+                                      NULL, NULL, NULL, true);
+            v_before := coalesce(v_before, (v_changed->>'available_before')::bigint);
+            UPDATE order_allocations SET reserved = reserved - n
+             WHERE order_id = p_order_id AND product_id = x.product_id AND location_id = a.location_id;
+            v_left := v_left - n;
+        END LOOP;
+        v_figures := v_figures || jsonb_build_array(v_changed->'figures');
+        -- One transition per product however many of its levels changed (back_in_stock).
+        v_stock := v_stock || to_jsonb(stock_messages(p_event_id, x.product_id, v_before,
+            (v_changed->>'available_after')::bigint, (v_changed->>'threshold')::integer, true));
+    END LOOP;
+
+    v_messages := jsonb_build_array(new_message(p_event_id, 'inventory.released', jsonb_build_object(
+        'order_id', p_order_id,
+        'lines', (SELECT jsonb_agg(jsonb_build_object('product_id', l->'product_id', 'quantity', l->'quantity')
+                                   ORDER BY k) FROM jsonb_array_elements(v_lines) WITH ORDINALITY AS t(l, k)),
+        'reason', 'cancelled')));
+    SELECT bool_or(s.reserved + s.backordered > 0) INTO v_open FROM order_line_state(p_order_id) s;
+    IF NOT coalesce(v_open, false) THEN
+        IF EXISTS (SELECT 1 FROM order_lines WHERE order_id = p_order_id AND fulfilled > 0) THEN
+            UPDATE orders SET status = 'committed', updated_at = now() WHERE order_id = p_order_id;
+            v_messages := v_messages || jsonb_build_array(new_message(p_event_id, 'inventory.committed',
+                jsonb_build_object('order_id', p_order_id, 'lines', fulfilled_lines(p_order_id))));
+        ELSE
+            UPDATE orders SET status = 'released', updated_at = now() WHERE order_id = p_order_id;
+        END IF;
+    END IF;
+    RETURN jsonb_build_object('outcome', 'released', 'order_id', p_order_id, 'products', v_figures,
+                              'messages', v_messages || v_stock);
+END $$;
+
+-- Each line of a partial cancel (n = its position, from 1) with what its order line has open
+-- (reserved + backordered; NULL: the product is not in the order).
+CREATE OR REPLACE FUNCTION cancel_asks(p_order_id text, p_allocated boolean, p_lines jsonb)
+RETURNS TABLE (n bigint, product_id text, quantity bigint, open bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT t.n, t.x->>'product_id', (t.x->>'quantity')::bigint,
+           CASE WHEN ol.product_id IS NULL THEN NULL
+                WHEN NOT ol.tracked THEN ol.quantity - ol.fulfilled - ol.released
+                ELSE (SELECT coalesce(sum(h.reserved), 0) FROM order_holdings(p_order_id, p_allocated) h
+                       WHERE h.product_id = ol.product_id) + ol.backordered END::bigint
+      FROM jsonb_array_elements(p_lines) WITH ORDINALITY AS t(x, n)
+      LEFT JOIN order_lines ol ON ol.order_id = p_order_id AND ol.product_id = t.x->>'product_id'
+$$;
+
+-- order.cancelled with `lines`: refusals first (nothing is remembered for an unknown order).
+CREATE OR REPLACE FUNCTION cancel_order_lines(p_event_id uuid, p_data jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_order_id text := p_data->>'order_id';
+    o          record;
+    v_reason   text;
+BEGIN
+    SELECT status, allocated, expires_at INTO o FROM orders WHERE order_id = v_order_id FOR UPDATE;
+    v_reason := order_refusal(o.status, o.expires_at);
+    IF v_reason IS NOT NULL THEN
+        RETURN rejected(p_event_id, v_order_id, v_reason);
+    END IF;
+    RETURN release_order_lines(p_event_id, v_order_id, o.allocated, p_data->'lines');
 END $$;

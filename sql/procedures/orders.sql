@@ -206,6 +206,9 @@ DECLARE
     v_lines    record;
     v_moved    jsonb;
 BEGIN
+    IF p_data ? 'lines' THEN  -- Part B: a partial cancel (order_lifecycle.sql)
+        RETURN cancel_order_lines(p_event_id, p_data);
+    END IF;
     INSERT INTO orders (order_id, status) VALUES (v_order_id, 'cancelled')
         ON CONFLICT (order_id) DO NOTHING;
     IF FOUND THEN
@@ -217,6 +220,11 @@ BEGIN
         -- committed: too late to cancel; released/cancelled/expired: nothing left to release.
         RETURN jsonb_build_object('outcome', 'ignored', 'order_id', v_order_id, 'status', v_status,
                                   'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    -- Part B: an order partly fulfilled or cancelled already releases what it still holds
+    -- (and ends committed if anything was fulfilled).
+    IF v_allocated AND EXISTS (SELECT 1 FROM order_lines WHERE order_id = v_order_id AND (fulfilled > 0 OR released > 0)) THEN
+        RETURN release_order_lines(p_event_id, v_order_id, true, NULL);
     END IF;
     v_lines := locked_order_lines(v_order_id);
     IF v_allocated OR NOT v_lines.at_default THEN

@@ -404,3 +404,111 @@ def test_verify_checks_the_line_counters(life):
         assert found() == mismatch
         life.sql("UPDATE order_lines SET fulfilled = 2, released = 0, returned = 0 WHERE order_id = %s", oid)
     assert found() == []
+
+
+# ==== partial order.cancelled (4.6), acceptance check 12 ========================================
+
+
+def cancel(life: Life, order_id: str, *lines: tuple[str, int]) -> Outcome:
+    return life.one("order.cancelled", {"order_id": order_id, **(
+        {"lines": [{"product_id": p, "quantity": q} for p, q in lines]} if lines else {})})
+
+
+def released(order_id: str, *lines: tuple[str, int]) -> tuple[str, dict[str, Any]]:
+    return ("inventory.released", {"order_id": order_id, "lines": [{"product_id": p, "quantity": q} for p, q in lines],
+                                   "reason": "cancelled"})
+
+
+def test_partial_cancel_releases_the_last_location_first(life):
+    a, b = life.location(0), life.location(1)
+    ch = life.channel([a, b])
+    p, q = life.stock({a: 3, b: 5}), life.stock({a: 4})
+    oid = uid("o")
+    life.place(oid, (p, 6), (q, 2), channel_id=ch)   # p: a 3, b 3
+    out = cancel(life, oid, (p, 4))
+    assert out.outcome == "released"
+    assert msgs(out) == [released(oid, (p, 4))]
+    assert life.levels(p) == {"default": (0, 0), a: (3, 2), b: (5, 0)}
+    assert sorted(life.allocations(oid)) == sorted([(p, a, 1, 2, 0), (p, b, 2, 0, 0), (q, a, 1, 2, 0)])
+    assert line_counters(life, oid) == [(p, 6, 0, 4, 0, 0), (q, 2, 0, 0, 0, 0)]
+    assert life.order(oid)[0] == "reserved"
+    life.verify()
+    # Refusals, nothing changes.
+    other = uid("P")
+    assert msgs(cancel(life, oid, (p, 3))) == [rejected(oid, "exceeds_open_quantity", (p, 3, 2))]
+    assert msgs(cancel(life, oid, (q, 1), (other, 1))) == [rejected(oid, "unknown_line", (other, 1, 0))]
+    assert line_counters(life, oid) == [(p, 6, 0, 4, 0, 0), (q, 2, 0, 0, 0, 0)]
+    # Cancelling what is left closes the order: released (nothing was fulfilled).
+    out = cancel(life, oid, (q, 2), (p, 2))
+    assert msgs(out) == [released(oid, (q, 2), (p, 2))]
+    assert life.order(oid)[0] == "released" and life.totals(p) == (8, 0, 8) and life.totals(q) == (4, 0, 4)
+    assert msgs(cancel(life, oid, (p, 1))) == [rejected(oid, "order_cancelled")]
+    life.verify()
+
+
+def test_partial_cancel_of_an_implicit_order_then_completion(life):
+    pid = life.stock({"default": 10})
+    oid = uid("o")
+    life.place(oid, (pid, 5))
+    assert msgs(cancel(life, oid, (pid, 2))) == [released(oid, (pid, 2))]
+    assert life.order(oid)[:2] == ("reserved", True) and life.totals(pid) == (10, 3, 7)
+    life.verify()
+    assert msgs(life.one("order.completed", {"order_id": oid})) == [committed(oid, (pid, 3))]
+    assert line_counters(life, oid) == [(pid, 5, 3, 2, 0, 0)]
+    assert life.totals(pid) == (7, 0, 7)
+    life.verify()
+
+
+def test_cancel_closing_a_partly_fulfilled_order_commits_it(life):
+    pid, q = life.stock({"default": 10}), life.stock({"default": 1})
+    oid = uid("o")
+    life.place(oid, (pid, 5), (q, 1))
+    fulfil(life, oid, "f1", (pid, 3))
+    # Taking q's last unit back into stock: back_in_stock after the release.
+    out = cancel(life, oid, (pid, 2), (q, 1))
+    assert msgs(out) == [released(oid, (pid, 2), (q, 1)), committed(oid, (pid, 3)),
+                         ("inventory.back_in_stock", {"product_id": q, "available": 1})]
+    assert life.order(oid)[0] == "committed"
+    assert line_counters(life, oid) == [(pid, 5, 3, 2, 0, 0), (q, 1, 0, 1, 0, 0)]
+    life.verify()
+    # A whole cancel of a partly fulfilled order: what is still open is released, then committed.
+    oid = uid("o")
+    life.place(oid, (pid, 4))
+    fulfil(life, oid, "f1", (pid, 1))
+    out = cancel(life, oid)
+    assert msgs(out) == [released(oid, (pid, 3)), committed(oid, (pid, 1))]
+    assert life.order(oid)[0] == "committed" and line_counters(life, oid) == [(pid, 4, 1, 3, 0, 0)]
+    assert msgs(cancel(life, oid, (pid, 1))) == [rejected(oid, "order_completed")]
+    life.verify()
+
+
+def test_partial_cancel_refusals_by_order_state(life):
+    pid = life.stock({"default": 10})
+    oid = uid("o")
+    assert msgs(cancel(life, oid, (pid, 1))) == [rejected(oid, "unknown_order")]
+    assert life.order(oid) is None  # not remembered: the order may still be placed
+    assert life.place(oid, (pid, 2)).outcome == "reserved"
+    life.sql("UPDATE orders SET expires_at = now() - interval '1 second' WHERE order_id = %s", oid)
+    assert msgs(cancel(life, oid, (pid, 1))) == [rejected(oid, "reservation_expired")]
+    life.sweep()
+    assert msgs(cancel(life, oid, (pid, 1))) == [rejected(oid, "reservation_expired")]
+    oid = uid("o")
+    cancel(life, oid)  # remembered before its order
+    assert msgs(cancel(life, oid, (pid, 1))) == [rejected(oid, "order_cancelled")]
+    assert life.totals(pid) == (10, 0, 10)
+    life.verify()
+
+
+def test_partial_cancel_takes_backordered_units_first(life):
+    """Line-level only: no placement backorders before the backorders slice (made by hand)."""
+    a = life.location(0)
+    ch = life.channel(["default", a])
+    pid = life.stock({"default": 2, a: 2})
+    oid = uid("o")
+    life.place(oid, (pid, 4), channel_id=ch)   # default 2, a 2
+    life.sql("UPDATE order_lines SET quantity = 6, backordered = 2 WHERE order_id = %s", oid)
+    assert msgs(cancel(life, oid, (pid, 3))) == [released(oid, (pid, 3)),
+                                                 ("inventory.back_in_stock", {"product_id": pid, "available": 1})]
+    assert line_counters(life, oid) == [(pid, 6, 0, 3, 0, 0)]
+    assert life.levels(pid) == {"default": (2, 2), a: (2, 1)}
+    life.verify()

@@ -78,6 +78,11 @@ BAD = [
     ("order.fulfilled", lambda p: {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": p, "quantity": 1}] * 2}),
     ("order.fulfilled", lambda p: {"order_id": "o", "fulfilment_id": "f", "x": 1,
                                    "lines": [{"product_id": p, "quantity": 1}]}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": []}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 0}]}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}] * 2}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "location_id": "s"}]}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}], "x": 1}),
     ("stock.dropped", lambda p: {"product_id": p, "delta": 1}),
     (None, lambda p: {"product_id": p, "delta": 1}),
 ]

@@ -148,6 +148,8 @@ INPUTS = [
     ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1,
                                                                          "location_id": "s"}]}),
     ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": []}),
+    ("order.cancelled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
+    ("order.cancelled", {"order_id": "o", "lines": []}),
     ("order.fulfilled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
     ("reservation.extended", {"order_id": "o", "extend_by_seconds": 60, "until_fulfilled": True}),
 ]

@@ -664,6 +664,27 @@ def test_fulfilment_refused(d, why):
     assert why in refused(body("order.fulfilled", d), "order.fulfilled")
 
 
+# ---- order.cancelled with lines ----------------------------------------------------------------
+
+
+def test_partial_cancel_accepted_and_a_plain_cancel_unchanged():
+    d = {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}, {"product_id": "B", "quantity": 2}]}
+    assert data("order.cancelled", d) == d
+    assert data("order.cancelled", {"order_id": "o"}) == {"order_id": "o"}
+
+
+@pytest.mark.parametrize("d,why", [
+    ({"order_id": "o", "lines": []}, "data.lines"),
+    ({"order_id": "o", "lines": None}, "data.lines"),
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 0}]}, "data.lines.0.quantity"),
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 1, "location_id": "s"}]}, "data.lines.0.location_id"),
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}, {"product_id": "A", "quantity": 2}]},
+     "appears twice"),
+])
+def test_partial_cancel_refused(d, why):
+    assert why in refused(body("order.cancelled", d), "order.cancelled")
+
+
 # ---- types, routing keys, the publish command ---------------------------------------------------
 
 
@@ -755,6 +776,8 @@ GOOD_OUTPUTS = [
     ("inventory.rejected", {"order_id": "o", "reason": "exceeds_reserved",
                             "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
     ("inventory.rejected", {"order_id": "o", "reason": "backorder_pending", "shortages": []}),
+    ("inventory.rejected", {"order_id": "o", "reason": "exceeds_open_quantity",
+                            "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
 ]
 
 

@@ -45,6 +45,7 @@ INPUT_DESCRIPTIONS = {
     "stock.received": "Incoming units arrived: on_hand rises, incoming falls; creates the product if new.",
     "reservation.extended": "Move a live reservation's deadline later (capped), or hold it until fulfilled.",
     "order.fulfilled": "A shipment: some reserved units leave, all lines or none; the last one commits the order.",
+    "order.returned": "Fulfilled units come back, in a condition (sellable, damaged, quality_control, disposed).",
 }
 OUTPUT_DESCRIPTIONS = {
     "inventory.reserved": "Every line of the order is reserved until expires_at.",
@@ -63,6 +64,7 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.back_in_stock": "available rose from 0 to above 0.",
     "inventory.reservation_extended": "A reservation's deadline moved (expires_at null: held until fulfilled).",
     "inventory.fulfilled": "Units of an order left, from these locations; what stays open.",
+    "inventory.returned": "Units of an order came back, to these locations, in these conditions.",
 }
 
 

@@ -72,6 +72,7 @@ INPUT_TYPES = (
     "stock.received",
     "reservation.extended",
     "order.fulfilled",
+    "order.returned",
 )
 OUTPUT_TYPES = (
     "inventory.reserved",
@@ -89,6 +90,7 @@ OUTPUT_TYPES = (
     "inventory.back_in_stock",
     "inventory.reservation_extended",
     "inventory.fulfilled",
+    "inventory.returned",
 )
 
 
@@ -221,6 +223,34 @@ class OrderFulfilled(_Strict):
     def _distinct_lines(cls, lines: list[FulfilmentLine]) -> list[FulfilmentLine]:
         _distinct(lines, lambda x: (x.product_id, x.location_id),
                   lambda x: f"({x.product_id}, {x.location_id or 'any location'})", "lines (product_id, location_id)")
+        return lines
+
+
+Condition = Literal["sellable", "damaged", "quality_control", "disposed"]
+
+
+class ReturnLine(_Strict):
+    """location_id: where the units come back; default: where the line was first fulfilled from."""
+
+    product_id: ProductId
+    quantity: Quantity
+    condition: Condition
+    location_id: LocationId | None = None
+
+
+class OrderReturned(_Strict):
+    """A (product_id, location_id, condition) appears at most once in lines."""
+
+    order_id: OrderId
+    return_id: Annotated[str, StringConstraints(min_length=1, max_length=200), *_NO_NUL]
+    lines: Annotated[list[ReturnLine], Field(min_length=1, max_length=100)]
+
+    @field_validator("lines")
+    @classmethod
+    def _distinct_lines(cls, lines: list[ReturnLine]) -> list[ReturnLine]:
+        _distinct(lines, lambda x: (x.product_id, x.location_id, x.condition),
+                  lambda x: f"({x.product_id}, {x.location_id or 'default location'}, {x.condition})",
+                  "lines (product_id, location_id, condition)")
         return lines
 
 
@@ -493,6 +523,7 @@ DATA_MODELS: dict[str, type[_Strict]] = {
     "stock.received": StockReceived,
     "reservation.extended": ReservationExtended,
     "order.fulfilled": OrderFulfilled,
+    "order.returned": OrderReturned,
 }
 assert tuple(DATA_MODELS) == INPUT_TYPES
 
@@ -633,7 +664,7 @@ class Rejected(_Strict):
     reason: Literal["insufficient_stock", "unknown_product", "order_cancelled", "reservation_expired",
                     "unknown_channel", "location_unavailable", "quantity_limit", "unknown_order",
                     "order_completed", "extension_limit", "unknown_line", "exceeds_reserved",
-                    "backorder_pending", "exceeds_open_quantity"]
+                    "backorder_pending", "exceeds_open_quantity", "unknown_location", "exceeds_fulfilled"]
     shortages: list[Shortage]
 
 
@@ -876,6 +907,21 @@ class Fulfilled(_Strict):
     open: list[OpenLine]
 
 
+class ReturnedLine(_Strict):
+    """location_id: where the units came back (null for a line of an untracked product)."""
+
+    product_id: str
+    location_id: str | None
+    quantity: Positive
+    condition: Literal["sellable", "damaged", "quality_control", "disposed"]
+
+
+class Returned(_Strict):
+    order_id: str
+    return_id: str
+    lines: Annotated[list[ReturnedLine], Field(min_length=1)]
+
+
 class Moved(RootModel[StateMove | Transfer | Receipt]):
     """kind state (stock.moved), transfer (stock.transferred) or receipt (stock.received)."""
 
@@ -898,6 +944,7 @@ OUTPUT_MODELS: dict[str, type[BaseModel]] = {
     "inventory.back_in_stock": BackInStock,
     "inventory.reservation_extended": ReservationExtendedOut,
     "inventory.fulfilled": Fulfilled,
+    "inventory.returned": Returned,
 }
 assert tuple(OUTPUT_MODELS) == OUTPUT_TYPES
 

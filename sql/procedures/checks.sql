@@ -215,6 +215,23 @@ LANGUAGE sql IMMUTABLE AS $$
                        AND count(DISTINCT x->>'product_id') = count(*)
                   FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
     END
+    WHEN 'order.returned' THEN CASE
+        WHEN d - ARRAY['order_id', 'return_id', 'lines'] <> '{}' THEN 'data: unknown field'
+        WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
+        WHEN NOT json_text_between(d->'return_id', 1, 200) THEN 'data.return_id'
+        WHEN NOT (jsonb_typeof(d->'lines') = 'array' AND jsonb_array_length(d->'lines') BETWEEN 1 AND 100)
+            THEN 'data.lines'
+        WHEN NOT coalesce((
+                SELECT bool_and(jsonb_typeof(x) = 'object'
+                                AND x - ARRAY['product_id', 'quantity', 'location_id', 'condition'] = '{}'
+                                AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, 1000000)
+                                AND json_optional(x->'location_id', json_id(x->'location_id'))
+                                AND coalesce(x->'condition' IN ('"sellable"', '"damaged"', '"quality_control"',
+                                                                '"disposed"'), false))
+                       AND count(DISTINCT jsonb_build_array(x->'product_id', x->'location_id', x->'condition'))
+                           = count(*)
+                  FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
+    END
     WHEN 'order.fulfilled' THEN CASE
         WHEN d - ARRAY['order_id', 'fulfilment_id', 'lines'] <> '{}' THEN 'data: unknown field'
         WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
@@ -243,9 +260,9 @@ LANGUAGE sql IMMUTABLE AS $$
         WHEN t IS NULL OR t NOT IN ('order.placed', 'order.cancelled', 'order.completed', 'stock.adjusted',
                                     'stock.moved', 'stock.transferred', 'stock.received', 'location.configured',
                                     'channel.configured', 'product.configured', 'reservation.extended',
-                                    'order.fulfilled')
+                                    'order.fulfilled', 'order.returned')
             THEN 'type ' || coalesce(t, 'null')
-        WHEN t IN ('reservation.extended', 'order.fulfilled') OR t = 'order.cancelled' AND d ? 'lines'
+        WHEN t IN ('reservation.extended', 'order.fulfilled', 'order.returned') OR t = 'order.cancelled' AND d ? 'lines'
             THEN order_event_problem(t, d)
         WHEN t IN ('stock.moved', 'stock.transferred', 'stock.received', 'location.configured',
                    'channel.configured', 'product.configured')

@@ -65,7 +65,7 @@ BEGIN
         UNION SELECT ol.product_id FROM order_lines ol  -- = ANY(ARRAY(..)): index, not a scan
          WHERE ol.order_id = ANY(ARRAY(SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev
                                         WHERE ev->>'type' IN ('order.cancelled', 'order.completed',
-                                                              'order.fulfilled')))))
+                                                              'order.fulfilled', 'order.returned')))))
      ORDER BY product_id FOR UPDATE;
 
     -- 3. Which events are new: neither applied before nor met earlier in this batch; and of
@@ -125,6 +125,7 @@ BEGIN
                 WHEN 'product.configured'  THEN configure_product(v_event_ids[i], v_event_data[i])
                 WHEN 'reservation.extended' THEN extend_reservation(v_event_ids[i], v_event_data[i], p_options)
                 WHEN 'order.fulfilled' THEN fulfil_order(v_event_ids[i], v_event_data[i])
+                WHEN 'order.returned'  THEN return_order(v_event_ids[i], v_event_data[i])
             END;
             v_ids := array_append(v_ids, v_event_ids[i]);
             v_types := array_append(v_types, v_event_types[i]);

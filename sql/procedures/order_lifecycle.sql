@@ -1,6 +1,6 @@
 -- An order's life after placement (spec Part B): reservation.extended (4.2), order.fulfilled
--- (4.4), partial order.cancelled (4.6); order.completed (4.5) and the whole cancel are in
--- orders.sql. Each takes the
+-- (4.4), partial order.cancelled (4.6), order.returned (4.7); order.completed (4.5) and the
+-- whole cancel are in orders.sql. Each takes the
 -- orders row lock first; that lock decides races with the sweeper (expire_reservations()
 -- re-checks status and deadline under it).
 
@@ -368,4 +368,134 @@ BEGIN
         RETURN rejected(p_event_id, v_order_id, v_reason);
     END IF;
     RETURN release_order_lines(p_event_id, v_order_id, o.allocated, p_data->'lines');
+END $$;
+
+-- ==== order.returned (4.7) ========================================================================
+
+-- Each line of an order.returned (n = its position, from 1) with its order line: known (the
+-- product is in the order), what the line has fulfilled and returned (an order committed
+-- while held implicitly keeps no counters: all of it was fulfilled), where it was first
+-- fulfilled from (the default location of a return), and whether the location given exists.
+CREATE OR REPLACE FUNCTION return_asks(p_order_id text, p_status text, p_allocated boolean, p_lines jsonb)
+RETURNS TABLE (n bigint, product_id text, quantity bigint, condition text, location_id text, known boolean,
+               tracked boolean, fulfilled bigint, returned bigint, location_known boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT t.n, t.x->>'product_id', (t.x->>'quantity')::bigint, t.x->>'condition',
+           coalesce(t.x->>'location_id', CASE WHEN ol.tracked THEN coalesce(
+               (SELECT a.location_id FROM order_allocations a
+                 WHERE p_allocated AND a.order_id = p_order_id AND a.product_id = ol.product_id AND a.fulfilled > 0
+                 ORDER BY a.position LIMIT 1), 'default') END),
+           ol.product_id IS NOT NULL, coalesce(ol.tracked, true),
+           (CASE WHEN p_allocated OR NOT ol.tracked THEN ol.fulfilled
+                 WHEN p_status = 'committed' THEN ol.quantity ELSE 0 END)::bigint,
+           ol.returned::bigint,
+           t.x->>'location_id' IS NULL OR EXISTS (SELECT 1 FROM locations l WHERE l.location_id = t.x->>'location_id')
+      FROM jsonb_array_elements(p_lines) WITH ORDINALITY AS t(x, n)
+      LEFT JOIN order_lines ol ON ol.order_id = p_order_id AND ol.product_id = t.x->>'product_id'
+$$;
+
+-- order.returned: fulfilled units come back, all lines or none. `sellable` raises on_hand;
+-- `damaged` / `quality_control` raise on_hand and that bucket; `disposed` changes no stock
+-- (recorded on the line). Line and allocations `returned` grow (allocations in allocation
+-- order, never beyond what each fulfilled).
+CREATE OR REPLACE FUNCTION return_order(p_event_id uuid, p_data jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_order_id text := p_data->>'order_id';
+    v_rid      text := p_data->>'return_id';
+    o          record;
+    v_refusal  record;
+    v_lines    jsonb;
+    x          record;
+    a          record;
+    v_left     bigint;
+    n          bigint;
+    v_changed  jsonb;
+    v_before   jsonb := '{}';   -- product_id -> `available` before this return
+    v_after    jsonb := '{}';   -- product_id -> the last change_level() result
+    v_messages jsonb := '[]';
+    k          text;
+BEGIN
+    SELECT status, allocated INTO o FROM orders WHERE order_id = v_order_id FOR UPDATE;
+    IF EXISTS (SELECT 1 FROM returns r WHERE r.order_id = v_order_id AND r.return_id = v_rid) THEN
+        RETURN jsonb_build_object('outcome', 'duplicate_return', 'order_id', v_order_id, 'return_id', v_rid,
+                                  'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    IF o.status IS NULL OR o.status = 'placing' THEN
+        RETURN rejected(p_event_id, v_order_id, 'unknown_order');
+    END IF;
+    PERFORM locked_order_lines(v_order_id);  -- its products, locked (if this batch did not yet)
+
+    SELECT r.reason, r.shortages INTO v_refusal FROM (
+        SELECT 1 AS step, 'unknown_line' AS reason,
+               jsonb_agg(jsonb_build_object('product_id', s.product_id, 'requested', s.quantity, 'available', 0)
+                         ORDER BY s.n) FILTER (WHERE NOT s.known) AS shortages,
+               bool_or(NOT s.known) AS fails
+          FROM return_asks(v_order_id, o.status, o.allocated, p_data->'lines') s
+        UNION ALL
+        SELECT 2, 'unknown_location',
+               jsonb_agg(jsonb_build_object('product_id', s.product_id, 'requested', s.quantity, 'available', 0)
+                         ORDER BY s.n) FILTER (WHERE NOT s.location_known),
+               bool_or(NOT s.location_known)
+          FROM return_asks(v_order_id, o.status, o.allocated, p_data->'lines') s
+        UNION ALL
+        SELECT 3, 'exceeds_fulfilled',
+               jsonb_agg(jsonb_build_object('product_id', p.product_id, 'requested', p.quantity,
+                                            'available', p.fulfilled - p.returned) ORDER BY p.n)
+                   FILTER (WHERE p.returned + p.quantity > p.fulfilled),
+               bool_or(p.returned + p.quantity > p.fulfilled)
+          FROM (SELECT s.product_id, min(s.n) AS n, sum(s.quantity) AS quantity, min(s.fulfilled) AS fulfilled,
+                       min(s.returned) AS returned
+                  FROM return_asks(v_order_id, o.status, o.allocated, p_data->'lines') s GROUP BY s.product_id) p) r
+     WHERE r.fails ORDER BY r.step LIMIT 1;
+    IF FOUND THEN
+        RETURN rejected(p_event_id, v_order_id, v_refusal.reason, v_refusal.shortages);
+    END IF;
+
+    -- An order committed while held implicitly gets what it never kept: its allocation rows
+    -- and fulfilled counters.
+    IF NOT o.allocated AND o.status = 'committed' THEN
+        INSERT INTO order_allocations (order_id, product_id, location_id, position, reserved, fulfilled)
+        SELECT order_id, product_id, 'default', 1, 0, quantity FROM order_lines WHERE order_id = v_order_id AND tracked;
+        UPDATE order_lines SET fulfilled = quantity WHERE order_id = v_order_id AND tracked;
+        UPDATE orders SET allocated = true WHERE order_id = v_order_id;
+    END IF;
+    INSERT INTO returns (order_id, return_id, event_id) VALUES (v_order_id, v_rid, p_event_id);
+    SELECT jsonb_agg(jsonb_build_object('product_id', s.product_id, 'location_id', s.location_id,
+                                        'quantity', s.quantity, 'condition', s.condition) ORDER BY s.n)
+      INTO v_lines FROM return_asks(v_order_id, o.status, o.allocated, p_data->'lines') s;
+    FOR x IN SELECT s.product_id, s.location_id, s.quantity, s.condition, s.tracked
+               FROM return_asks(v_order_id, o.status, o.allocated, p_data->'lines') s
+              ORDER BY s.product_id, s.location_id, s.condition LOOP
+        UPDATE order_lines SET returned = returned + x.quantity WHERE order_id = v_order_id AND product_id = x.product_id;
+        v_left := x.quantity;
+        FOR a IN SELECT al.location_id, al.fulfilled - al.returned AS remaining FROM order_allocations al
+                  WHERE al.order_id = v_order_id AND al.product_id = x.product_id AND al.fulfilled > al.returned
+                  ORDER BY al.position LOOP
+            EXIT WHEN v_left = 0;
+            n := least(v_left, a.remaining);
+            UPDATE order_allocations SET returned = returned + n
+             WHERE order_id = v_order_id AND product_id = x.product_id AND location_id = a.location_id;
+            v_left := v_left - n;
+        END LOOP;
+        CONTINUE WHEN NOT x.tracked OR x.condition = 'disposed';  -- no stock moves
+        v_changed := change_level(x.product_id, x.location_id, x.quantity, 0,
+                                  CASE WHEN x.condition = 'damaged' THEN x.quantity ELSE 0 END,
+                                  CASE WHEN x.condition = 'quality_control' THEN x.quantity ELSE 0 END, 0,
+                                  'return', v_order_id, p_event_id, x.condition, v_rid, NULL, true);
+        IF NOT v_before ? x.product_id THEN
+            v_before := v_before || jsonb_build_object(x.product_id, v_changed->'available_before');
+        END IF;
+        v_after := v_after || jsonb_build_object(x.product_id, v_changed);
+    END LOOP;
+    -- One transition per product however many of its levels changed (back_in_stock).
+    FOR k IN SELECT key FROM jsonb_object_keys(v_after) AS key ORDER BY key LOOP
+        v_messages := v_messages || to_jsonb(stock_messages(p_event_id, k, (v_before->>k)::bigint,
+            (v_after->k->>'available_after')::bigint, (v_after->k->>'threshold')::integer, true));
+    END LOOP;
+    RETURN jsonb_build_object('outcome', 'returned', 'order_id', v_order_id,
+        'products', (SELECT coalesce(jsonb_agg(v_after->key->'figures' ORDER BY key), '[]'::jsonb)
+                       FROM jsonb_object_keys(v_after) AS key),
+        'messages', jsonb_build_array(new_message(p_event_id, 'inventory.returned', jsonb_build_object(
+            'order_id', v_order_id, 'return_id', v_rid, 'lines', v_lines))) || v_messages);
 END $$;

@@ -512,3 +512,94 @@ def test_partial_cancel_takes_backordered_units_first(life):
     assert line_counters(life, oid) == [(pid, 6, 0, 3, 0, 0)]
     assert life.levels(pid) == {"default": (2, 2), a: (2, 1)}
     life.verify()
+
+
+# ==== order.returned (4.7), acceptance check 13 =================================================
+
+
+def give_back(life: Life, order_id: str, rid: str, *lines: tuple) -> Outcome:
+    """A line is (product_id, quantity, condition[, location_id])."""
+    return life.one("order.returned", {"order_id": order_id, "return_id": rid, "lines": [
+        {"product_id": x[0], "quantity": x[1], "condition": x[2], **({"location_id": x[3]} if len(x) > 3 else {})}
+        for x in lines]})
+
+
+def returned(order_id: str, rid: str, *lines: tuple) -> tuple[str, dict[str, Any]]:
+    return ("inventory.returned", {"order_id": order_id, "return_id": rid, "lines": [
+        {"product_id": p, "location_id": loc, "quantity": q, "condition": c} for p, q, c, loc in lines]})
+
+
+def detail(life: Life, pid: str) -> tuple[int, int, int, int, int]:
+    """(on_hand, reserved, damaged, quality_control, available) of the product."""
+    with pg(life.settings) as cur:
+        cur.execute("SELECT on_hand, reserved, damaged, quality_control, (product_figures(p)->>'available')::int"
+                    " FROM products p WHERE product_id = %s", (pid,))
+        return cur.fetchone()
+
+
+def test_return_sellable_and_damaged_restocks_where_it_was_fulfilled(life):
+    a = life.location(0)
+    ch = life.channel([a, "default"])
+    pid = life.stock({a: 5, "default": 5})
+    oid = uid("o")
+    life.place(oid, (pid, 5), channel_id=ch)   # all at a
+    fulfil(life, oid, "f1", (pid, 5))
+    before = detail(life, pid)
+    out = give_back(life, oid, "r1", (pid, 2, "sellable"), (pid, 1, "damaged"))
+    assert out.outcome == "returned"
+    assert msgs(out) == [returned(oid, "r1", (pid, 2, "sellable", a), (pid, 1, "damaged", a))]
+    after = detail(life, pid)
+    assert (after[0] - before[0], after[2] - before[2], after[4] - before[4]) == (3, 1, 2)
+    assert life.levels(pid)[a] == (3, 0)
+    assert line_counters(life, oid) == [(pid, 5, 5, 0, 0, 3)]
+    assert out.products == [{"product_id": pid, "on_hand": after[0], "reserved": 0, "available": after[4],
+                             "version": out.products[0]["version"]}]
+    # More than fulfilled -> exceeds_fulfilled (available = fulfilled - returned), nothing changes.
+    assert msgs(give_back(life, oid, "r2", (pid, 2, "sellable"), (pid, 1, "disposed"))) == [
+        rejected(oid, "exceeds_fulfilled", (pid, 3, 2))]
+    assert detail(life, pid) == after
+    # Reused return_id: nothing, nothing published.
+    out = give_back(life, oid, "r1", (pid, 1, "sellable"))
+    assert (out.outcome, out.messages) == ("duplicate_return", [])
+    # Disposed: recorded, no stock moves.
+    out = give_back(life, oid, "r2", (pid, 2, "disposed"))
+    assert msgs(out) == [returned(oid, "r2", (pid, 2, "disposed", a))] and detail(life, pid) == after
+    assert line_counters(life, oid) == [(pid, 5, 5, 0, 0, 5)]
+    assert [r[0] for r in ledger(life, oid)].count("return") == 2
+    life.verify()
+
+
+def test_return_to_another_location_and_of_an_order_committed_at_default(life):
+    store = life.location(5, active=False)    # a store that sells nothing still takes returns
+    pid = life.stock({"default": 1})
+    oid = uid("o")
+    life.place(oid, (pid, 1))
+    assert life.one("order.completed", {"order_id": oid}).outcome == "committed"   # fast path, no counters
+    assert life.totals(pid) == (0, 0, 0)
+    out = give_back(life, oid, "r1", (pid, 1, "sellable"))
+    assert msgs(out) == [returned(oid, "r1", (pid, 1, "sellable", "default")),
+                         ("inventory.back_in_stock", {"product_id": pid, "available": 1})]
+    assert line_counters(life, oid) == [(pid, 1, 1, 0, 0, 1)] and life.totals(pid) == (1, 0, 1)
+    life.verify()
+    other = uid("o")
+    life.place(other, (pid, 1))
+    fulfil(life, other, "f1", (pid, 1))
+    out = give_back(life, other, "r1", (pid, 1, "quality_control", store))
+    assert msgs(out) == [returned(other, "r1", (pid, 1, "quality_control", store))]
+    assert life.levels(pid)[store] == (1, 0) and detail(life, pid) == (1, 0, 0, 1, 0)
+    life.verify()
+
+
+def test_return_refusals(life):
+    pid = life.stock({"default": 5})
+    oid = uid("o")
+    assert msgs(give_back(life, oid, "r", (pid, 1, "sellable"))) == [rejected(oid, "unknown_order")]
+    life.place(oid, (pid, 2))
+    assert msgs(give_back(life, oid, "r", (pid, 1, "sellable"))) == [rejected(oid, "exceeds_fulfilled", (pid, 1, 0))]
+    fulfil(life, oid, "f", (pid, 1))
+    other = uid("P")
+    assert msgs(give_back(life, oid, "r", (other, 1, "sellable"))) == [rejected(oid, "unknown_line", (other, 1, 0))]
+    assert msgs(give_back(life, oid, "r", (pid, 1, "sellable", uid("L")))) == [
+        rejected(oid, "unknown_location", (pid, 1, 0))]
+    assert give_back(life, oid, "r", (pid, 1, "sellable")).outcome == "returned"   # a refused id may be reused
+    life.verify()

@@ -83,6 +83,13 @@ BAD = [
     ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}] * 2}),
     ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "location_id": "s"}]}),
     ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}], "x": 1}),
+    ("order.returned", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "condition": "sellable"}]}),
+    ("order.returned", lambda p: {"order_id": "o", "return_id": "r", "lines": [{"product_id": p, "quantity": 1}]}),
+    ("order.returned", lambda p: {"order_id": "o", "return_id": "r",
+                                  "lines": [{"product_id": p, "quantity": 1, "condition": "lost"}]}),
+    ("order.returned", lambda p: {"order_id": "o", "return_id": "r",
+                                  "lines": [{"product_id": p, "quantity": 1, "condition": "sellable"}] * 2}),
+    ("order.returned", lambda p: {"order_id": "o", "return_id": "r", "lines": []}),
     ("stock.dropped", lambda p: {"product_id": p, "delta": 1}),
     (None, lambda p: {"product_id": p, "delta": 1}),
 ]

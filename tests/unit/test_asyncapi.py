@@ -150,6 +150,11 @@ INPUTS = [
     ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": []}),
     ("order.cancelled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
     ("order.cancelled", {"order_id": "o", "lines": []}),
+    ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1,
+                                                                     "condition": "damaged", "location_id": "s"}]}),
+    ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1}]}),
+    ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1,
+                                                                     "condition": "lost"}]}),
     ("order.fulfilled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
     ("reservation.extended", {"order_id": "o", "extend_by_seconds": 60, "until_fulfilled": True}),
 ]

@@ -685,6 +685,33 @@ def test_partial_cancel_refused(d, why):
     assert why in refused(body("order.cancelled", d), "order.cancelled")
 
 
+# ---- order.returned ----------------------------------------------------------------------------
+
+
+def test_return_accepted():
+    d = {"order_id": "o", "return_id": "r", "lines": [
+        {"product_id": "A", "quantity": 2, "condition": "sellable"},
+        {"product_id": "A", "quantity": 1, "condition": "damaged"},
+        {"product_id": "A", "quantity": 1, "condition": "damaged", "location_id": "store"},
+        {"product_id": "B", "quantity": 1, "condition": "quality_control"},
+        {"product_id": "C", "quantity": 1, "condition": "disposed"}]}
+    assert data("order.returned", d) == d
+
+
+@pytest.mark.parametrize("d,why", [
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 1, "condition": "sellable"}]}, "data.return_id"),
+    ({"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1}]}, "data.lines.0.condition"),
+    ({"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1, "condition": "broken"}]},
+     "data.lines.0.condition"),
+    ({"order_id": "o", "return_id": "r", "lines": []}, "data.lines"),
+    ({"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1, "condition": "sellable"},
+                                                    {"product_id": "A", "quantity": 2, "condition": "sellable"}]},
+     "appears twice"),
+])
+def test_return_refused(d, why):
+    assert why in refused(body("order.returned", d), "order.returned")
+
+
 # ---- types, routing keys, the publish command ---------------------------------------------------
 
 
@@ -696,7 +723,7 @@ def test_new_types_are_input_types_and_need_their_routing_key():
     raw = body("location.configured", {"location_id": "s"})
     assert parse_event(raw, "location.configured").type == "location.configured"
     assert "does not match routing key 'stock.adjusted'" in refused(raw, "stock.adjusted")
-    assert "type" in refused(body("order.returned", {"order_id": "o"}))  # not yet an input type
+    assert "type" in refused(body("order.reallocated", {"order_id": "o"}))  # not an input type
 
 
 def test_make_event_for_a_new_type():
@@ -776,6 +803,11 @@ GOOD_OUTPUTS = [
     ("inventory.rejected", {"order_id": "o", "reason": "exceeds_reserved",
                             "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
     ("inventory.rejected", {"order_id": "o", "reason": "backorder_pending", "shortages": []}),
+    ("inventory.returned", {"order_id": "o", "return_id": "r", "lines": [
+        {"product_id": "A", "location_id": "a", "quantity": 2, "condition": "sellable"},
+        {"product_id": "U", "location_id": None, "quantity": 1, "condition": "disposed"}]}),
+    ("inventory.rejected", {"order_id": "o", "reason": "exceeds_fulfilled",
+                            "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
     ("inventory.rejected", {"order_id": "o", "reason": "exceeds_open_quantity",
                             "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
 ]
@@ -852,6 +884,9 @@ BAD_OUTPUTS = [
     ("inventory.reservation_extended", {"order_id": "o", "expires_at": None}),
     ("inventory.reservation_extended", {"order_id": "o", "expires_at": None, "previous_expires_at": None}),
     ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [], "open": []}),
+    ("inventory.returned", {"order_id": "o", "return_id": "r", "lines": []}),
+    ("inventory.returned", {"order_id": "o", "return_id": "r", "lines": [
+        {"product_id": "A", "location_id": "a", "quantity": 2, "condition": "broken"}]}),
     ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "open": [],
                              "lines": [{"product_id": "A", "location_id": "a", "quantity": 0}]}),
     ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "location_id": "a",

@@ -33,7 +33,8 @@ REF = "#/components/schemas/{model}"
 INPUT_DESCRIPTIONS = {
     "order.placed": "Reserve every line of the order (shortfalls backordered where the products' policy "
                     "allows), or none.",
-    "order.cancelled": "Release the order's reservation (remembered if it comes before order.placed).",
+    "order.cancelled": "Release the order's reservation (remembered if it comes before order.placed), or, "
+                       "with lines, those units only.",
     "order.completed": "Commit the reservation: on_hand and reserved both fall by the quantities.",
     "stock.adjusted": "Change on_hand (or incoming) by a delta or set it to a count, at a location; creates "
                       "the product if new.",
@@ -43,6 +44,9 @@ INPUT_DESCRIPTIONS = {
     "stock.moved": "Move units between quantity states (sellable, damaged, quality_control, disposed).",
     "stock.transferred": "Move units between two locations (or put them in transit), all lines or none.",
     "stock.received": "Incoming units arrived: on_hand rises, incoming falls; creates the product if new.",
+    "reservation.extended": "Move a live reservation's deadline later (capped), or hold it until fulfilled.",
+    "order.fulfilled": "A shipment: some reserved units leave, all lines or none; the last one commits the order.",
+    "order.returned": "Fulfilled units come back, in a condition (sellable, damaged, quality_control, disposed).",
 }
 OUTPUT_DESCRIPTIONS = {
     "inventory.reserved": "Every line of the order is reserved until expires_at.",
@@ -62,6 +66,9 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.backorder_filled": "Backordered units of an open order were reserved (oldest order first); "
                                   "causation_id is the stock change's id, or the order.placed id when the "
                                   "sweeper filled it.",
+    "inventory.reservation_extended": "A reservation's deadline moved (expires_at null: held until fulfilled).",
+    "inventory.fulfilled": "Units of an order left, from these locations; what stays open.",
+    "inventory.returned": "Units of an order came back, to these locations, in these conditions.",
 }
 
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 def postgres(settings: Settings) -> Store:
     """The PostgreSQL adapter; it connects on first use."""
     return Store(settings.database, settings.worker.default_reservation_ttl_seconds,
-                 {"backorder_fill_batch": settings.worker.backorder_fill_batch})
+                 {"backorder_fill_batch": settings.worker.backorder_fill_batch,
+                  "max_reservation_lifetime_seconds": settings.worker.max_reservation_lifetime_seconds})
 
 
 def redis_cache(settings: Settings) -> StockCache:

@@ -313,6 +313,12 @@ class WorkerSettings(_Section):
         le=31_536_000,
         description="Reservation lifetime when the order does not say (`reservation_ttl_seconds`).",
     )
+    max_reservation_lifetime_seconds: int = Field(
+        604_800,
+        ge=1,
+        le=31_536_000,
+        description="`reservation.extended` never moves a deadline past the order's placement plus this.",
+    )
     max_message_bytes: int = Field(1_048_576, ge=1, description="Larger bodies go to the DLQ unparsed.")
     outbox_relay_min_age_seconds: float = Field(
         5.0,

@@ -70,6 +70,9 @@ INPUT_TYPES = (
     "stock.moved",
     "stock.transferred",
     "stock.received",
+    "reservation.extended",
+    "order.fulfilled",
+    "order.returned",
 )
 OUTPUT_TYPES = (
     "inventory.reserved",
@@ -86,6 +89,9 @@ OUTPUT_TYPES = (
     "inventory.moved",
     "inventory.back_in_stock",
     "inventory.backorder_filled",
+    "inventory.reservation_extended",
+    "inventory.fulfilled",
+    "inventory.returned",
 )
 
 
@@ -151,12 +157,105 @@ class OrderPlaced(_Strict):
         return lines
 
 
+class CancelLine(_Strict):
+    product_id: ProductId
+    quantity: Quantity
+
+
 class OrderCancelled(_Strict):
+    """Without lines: the whole order. With lines (a product at most once): those units only."""
+
     order_id: OrderId
+    lines: Annotated[list[CancelLine], Field(min_length=1, max_length=100)] = _absent()
+
+    @field_validator("lines")
+    @classmethod
+    def _distinct_products(cls, lines: list[CancelLine]) -> list[CancelLine]:
+        _distinct(lines, lambda line: line.product_id, lambda line: f"product {line.product_id}", "lines")
+        return lines
 
 
 class OrderCompleted(_Strict):
     order_id: OrderId
+
+
+def _true(value: bool) -> bool:
+    if not value:
+        raise ValueError("must be true (leave it out to extend by seconds)")
+    return value
+
+
+def _const_true(schema: dict[str, Any]) -> None:
+    _no_default(schema)
+    schema["const"] = True
+
+
+class ReservationExtended(_Strict):
+    """Exactly one of: extend_by_seconds, until_fulfilled (true)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {**_required("extend_by_seconds"), **_not_any("until_fulfilled")},
+        {**_required("until_fulfilled"), **_not_any("extend_by_seconds")},
+    ]})
+
+    order_id: OrderId
+    extend_by_seconds: Annotated[int, Field(ge=1, le=31_536_000, strict=True)] = _absent()
+    until_fulfilled: Annotated[StrictBool, AfterValidator(_true)] = Field(None, json_schema_extra=_const_true)  # type: ignore[assignment]  # absent: None; null refused
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.extend_by_seconds is None) == (self.until_fulfilled is None):
+            raise ValueError("exactly one of 'extend_by_seconds' and 'until_fulfilled' is required")
+        return self
+
+
+class FulfilmentLine(_Strict):
+    product_id: ProductId
+    quantity: Quantity
+    location_id: LocationId | None = None
+
+
+class OrderFulfilled(_Strict):
+    """A (product_id, location_id) appears at most once in lines."""
+
+    order_id: OrderId
+    fulfilment_id: Annotated[str, StringConstraints(min_length=1, max_length=200), *_NO_NUL]
+    lines: Annotated[list[FulfilmentLine], Field(min_length=1, max_length=100)]
+
+    @field_validator("lines")
+    @classmethod
+    def _distinct_lines(cls, lines: list[FulfilmentLine]) -> list[FulfilmentLine]:
+        _distinct(lines, lambda x: (x.product_id, x.location_id),
+                  lambda x: f"({x.product_id}, {x.location_id or 'any location'})", "lines (product_id, location_id)")
+        return lines
+
+
+Condition = Literal["sellable", "damaged", "quality_control", "disposed"]
+
+
+class ReturnLine(_Strict):
+    """location_id: where the units come back; default: where the line was first fulfilled from."""
+
+    product_id: ProductId
+    quantity: Quantity
+    condition: Condition
+    location_id: LocationId | None = None
+
+
+class OrderReturned(_Strict):
+    """A (product_id, location_id, condition) appears at most once in lines."""
+
+    order_id: OrderId
+    return_id: Annotated[str, StringConstraints(min_length=1, max_length=200), *_NO_NUL]
+    lines: Annotated[list[ReturnLine], Field(min_length=1, max_length=100)]
+
+    @field_validator("lines")
+    @classmethod
+    def _distinct_lines(cls, lines: list[ReturnLine]) -> list[ReturnLine]:
+        _distinct(lines, lambda x: (x.product_id, x.location_id, x.condition),
+                  lambda x: f"({x.product_id}, {x.location_id or 'default location'}, {x.condition})",
+                  "lines (product_id, location_id, condition)")
+        return lines
 
 
 # ---- stock.adjusted -------------------------------------------------------------------------
@@ -438,6 +537,9 @@ DATA_MODELS: dict[str, type[_Strict]] = {
     "stock.moved": StockMoved,
     "stock.transferred": StockTransferred,
     "stock.received": StockReceived,
+    "reservation.extended": ReservationExtended,
+    "order.fulfilled": OrderFulfilled,
+    "order.returned": OrderReturned,
 }
 assert tuple(DATA_MODELS) == INPUT_TYPES
 
@@ -576,7 +678,9 @@ class Reserved(_Strict):
 class Rejected(_Strict):
     order_id: str
     reason: Literal["insufficient_stock", "unknown_product", "order_cancelled", "reservation_expired",
-                    "unknown_channel", "location_unavailable", "quantity_limit", "backorder_pending"]
+                    "unknown_channel", "location_unavailable", "quantity_limit", "unknown_order",
+                    "order_completed", "extension_limit", "unknown_line", "exceeds_reserved",
+                    "backorder_pending", "exceeds_open_quantity", "unknown_location", "exceeds_fulfilled"]
     shortages: list[Shortage]
 
 
@@ -814,6 +918,53 @@ class Receipt(_Strict):
         return self
 
 
+class ReservationExtendedOut(_Strict):
+    """expires_at null: held until fulfilled (or cancelled), never expired."""
+
+    order_id: str
+    expires_at: AwareDatetime | None
+    previous_expires_at: AwareDatetime
+
+
+class FulfilledLine(_Strict):
+    """location_id: where the units left from (null for a line of an untracked product)."""
+
+    product_id: str
+    location_id: str | None
+    quantity: Positive
+
+
+class OpenLine(_Strict):
+    product_id: str
+    reserved: Count
+    backordered: Count
+
+
+class Fulfilled(_Strict):
+    """open: the lines still open (reserved or backordered units) after this fulfilment;
+    empty when it closed the order (then inventory.committed follows)."""
+
+    order_id: str
+    fulfilment_id: str
+    lines: Annotated[list[FulfilledLine], Field(min_length=1)]
+    open: list[OpenLine]
+
+
+class ReturnedLine(_Strict):
+    """location_id: where the units came back (null for a line of an untracked product)."""
+
+    product_id: str
+    location_id: str | None
+    quantity: Positive
+    condition: Literal["sellable", "damaged", "quality_control", "disposed"]
+
+
+class Returned(_Strict):
+    order_id: str
+    return_id: str
+    lines: Annotated[list[ReturnedLine], Field(min_length=1)]
+
+
 class Moved(RootModel[StateMove | Transfer | Receipt]):
     """kind state (stock.moved), transfer (stock.transferred) or receipt (stock.received)."""
 
@@ -835,6 +986,9 @@ OUTPUT_MODELS: dict[str, type[BaseModel]] = {
     "inventory.moved": Moved,
     "inventory.back_in_stock": BackInStock,
     "inventory.backorder_filled": BackorderFilled,
+    "inventory.reservation_extended": ReservationExtendedOut,
+    "inventory.fulfilled": Fulfilled,
+    "inventory.returned": Returned,
 }
 assert tuple(OUTPUT_MODELS) == OUTPUT_TYPES
 

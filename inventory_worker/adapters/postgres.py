@@ -72,7 +72,8 @@ class Store:
                  options: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.default_ttl_seconds = default_ttl_seconds
-        # worker settings the procedures read (apply_events' p_options), e.g. backorder_fill_batch
+        # Worker settings apply_events() passes on to the procedures (p_options); a key left
+        # out takes the procedures' default (the setting's default).
         self.options = orjson.dumps(options or {}).decode()
         self._conn: psycopg2.extensions.connection | None = None
         self._leader_conn: psycopg2.extensions.connection | None = None  # holds the sweeper lock

@@ -60,8 +60,9 @@ class Audit:
     def _database_mismatches(self) -> list[Mismatch]:
         out = []
         for product_id, figure, recorded, expected, source in self.store.mismatches():
-            by = {"ledger": "the ledger sums to", "levels": "its levels sum to"}.get(source, "active reservations hold")
-            where = "stock_levels" if " at " in figure else "products"
+            by = {"ledger": "the ledger sums to", "levels": "its levels sum to",
+                  "orders": "its counters allow"}.get(source, "active reservations hold")
+            where = "order_lines" if source == "orders" else "stock_levels" if " at " in figure else "products"
             out.append(Mismatch(
                 product_id, source, f"{figure} is {recorded} in {where}, but {by} {expected}",
                 {"figure": figure, "recorded": recorded, "expected": expected}))

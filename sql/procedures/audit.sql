@@ -34,6 +34,9 @@ $$;
 --                 safety_stock vs 0: the levels hold it);
 --   backordered:  the product's vs the sum of its ledger rows' backordered_delta (ledger) and
 --                 vs the backordered units of open orders' lines (backorders).
+--   orders:       each line of a live allocated order: quantity vs reserved (its allocations)
+--                 + fulfilled + backordered + released; returned vs at most fulfilled; an
+--                 allocated line's fulfilled vs its allocations' fulfilled.
 -- A default-only product's one level is its products row: its figures are named as they always
 -- were (`on_hand`); a level of a multi-location product is named `on_hand at LOCATION`.
 -- One statement, so one snapshot: safe to run while the worker applies events.
@@ -78,6 +81,16 @@ LANGUAGE sql STABLE AS $$
         SELECT s.product_id, sum(s.on_hand) AS on_hand, sum(s.reserved) AS reserved, sum(s.damaged) AS damaged,
                sum(s.quality_control) AS quality_control, sum(s.incoming) AS incoming
           FROM stock_levels s GROUP BY 1
+    ), lines AS (  -- Part B: every order line with its counters and what its allocations say
+        SELECT ol.product_id, ol.order_id, ol.quantity::bigint AS quantity, ol.fulfilled::bigint AS fulfilled,
+               ol.returned::bigint AS returned,
+               o.status = 'reserved' AND o.allocated AND ol.tracked AS live,
+               o.allocated AND ol.tracked AS allocated,
+               (coalesce(a.reserved, 0) + ol.fulfilled + ol.backordered + ol.released)::bigint AS accounted,
+               coalesce(a.fulfilled, 0)::bigint AS allocations_fulfilled
+          FROM order_lines ol JOIN orders o USING (order_id)
+          LEFT JOIN (SELECT a.order_id, a.product_id, sum(a.reserved) AS reserved, sum(a.fulfilled) AS fulfilled
+                       FROM order_allocations a GROUP BY 1, 2) a USING (order_id, product_id)
     ), checks AS (
         SELECT x.product_id,
                CASE WHEN x.multi_location OR x.location_id <> 'default' THEN f.name || ' at ' || x.location_id
@@ -107,6 +120,16 @@ LANGUAGE sql STABLE AS $$
                       WHERE o.status = 'reserved' GROUP BY 1) b USING (product_id),
                LATERAL (VALUES (coalesce(l.units, 0)::bigint, 'ledger'),
                                (coalesce(b.units, 0)::bigint, 'backorders')) f(expected, source)
+        UNION ALL
+        -- A live line's units are held, fulfilled, backordered or released (an implicitly held
+        -- order keeps no counters: its status implies them); never more returned than fulfilled;
+        -- an allocated line's fulfilled units are its allocations' ones.
+        SELECT l.product_id, f.name || ' of order ' || l.order_id, f.recorded, f.expected, 'orders'
+          FROM lines l,
+               LATERAL (VALUES ('quantity', l.quantity, CASE WHEN l.live THEN l.accounted ELSE l.quantity END),
+                               ('returned', l.returned, least(l.returned, l.fulfilled)),
+                               ('fulfilled', l.fulfilled, CASE WHEN l.allocated THEN l.allocations_fulfilled
+                                                               ELSE l.fulfilled END)) f(name, recorded, expected)
     )
     SELECT * FROM checks WHERE recorded IS DISTINCT FROM expected
      ORDER BY product_id, source, figure

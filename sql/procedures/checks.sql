@@ -214,6 +214,64 @@ LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
+-- The order messages of Part B (an order's life after placement). Like stock_event_problem(),
+-- a query of its own per event, called only for these.
+CREATE OR REPLACE FUNCTION order_event_problem(t text, d jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE t
+    WHEN 'reservation.extended' THEN CASE
+        WHEN d - ARRAY['order_id', 'extend_by_seconds', 'until_fulfilled'] <> '{}' THEN 'data: unknown field'
+        WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
+        WHEN json_given(d->'extend_by_seconds')::int + json_given(d->'until_fulfilled')::int <> 1
+            THEN 'data: exactly one of extend_by_seconds and until_fulfilled'
+        WHEN NOT json_optional(d->'extend_by_seconds', json_int_between(d->'extend_by_seconds', 1, 31536000))
+            THEN 'data.extend_by_seconds'
+        WHEN NOT json_optional(d->'until_fulfilled', d->'until_fulfilled' = 'true') THEN 'data.until_fulfilled'
+    END
+    WHEN 'order.cancelled' THEN CASE  -- with lines: a partial cancel
+        WHEN d - ARRAY['order_id', 'lines'] <> '{}' THEN 'data: unknown field'
+        WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
+        WHEN NOT (jsonb_typeof(d->'lines') = 'array' AND jsonb_array_length(d->'lines') BETWEEN 1 AND 100)
+            THEN 'data.lines'
+        WHEN NOT coalesce((
+                SELECT bool_and(jsonb_typeof(x) = 'object' AND x - ARRAY['product_id', 'quantity'] = '{}'
+                                AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, 1000000))
+                       AND count(DISTINCT x->>'product_id') = count(*)
+                  FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
+    END
+    WHEN 'order.returned' THEN CASE
+        WHEN d - ARRAY['order_id', 'return_id', 'lines'] <> '{}' THEN 'data: unknown field'
+        WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
+        WHEN NOT json_text_between(d->'return_id', 1, 200) THEN 'data.return_id'
+        WHEN NOT (jsonb_typeof(d->'lines') = 'array' AND jsonb_array_length(d->'lines') BETWEEN 1 AND 100)
+            THEN 'data.lines'
+        WHEN NOT coalesce((
+                SELECT bool_and(jsonb_typeof(x) = 'object'
+                                AND x - ARRAY['product_id', 'quantity', 'location_id', 'condition'] = '{}'
+                                AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, 1000000)
+                                AND json_optional(x->'location_id', json_id(x->'location_id'))
+                                AND coalesce(x->'condition' IN ('"sellable"', '"damaged"', '"quality_control"',
+                                                                '"disposed"'), false))
+                       AND count(DISTINCT jsonb_build_array(x->'product_id', x->'location_id', x->'condition'))
+                           = count(*)
+                  FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
+    END
+    WHEN 'order.fulfilled' THEN CASE
+        WHEN d - ARRAY['order_id', 'fulfilment_id', 'lines'] <> '{}' THEN 'data: unknown field'
+        WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
+        WHEN NOT json_text_between(d->'fulfilment_id', 1, 200) THEN 'data.fulfilment_id'
+        WHEN NOT (jsonb_typeof(d->'lines') = 'array' AND jsonb_array_length(d->'lines') BETWEEN 1 AND 100)
+            THEN 'data.lines'
+        WHEN NOT coalesce((
+                SELECT bool_and(jsonb_typeof(x) = 'object' AND x - ARRAY['product_id', 'quantity', 'location_id'] = '{}'
+                                AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, 1000000)
+                                AND json_optional(x->'location_id', json_id(x->'location_id')))
+                       AND count(DISTINCT jsonb_build_array(x->'product_id', x->'location_id')) = count(*)
+                  FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
+    END
+    END
+$$;
+
 -- What is wrong with each input event ({id, type, data}) of a batch, or NULL: the first
 -- field that breaks the contract's rules. A set function that PostgreSQL inlines into the
 -- caller's query, so apply_events() checks a whole batch in one query before it writes
@@ -225,8 +283,11 @@ LANGUAGE sql IMMUTABLE AS $$
         WHEN jsonb_typeof(d) IS DISTINCT FROM 'object' THEN 'data'
         WHEN t IS NULL OR t NOT IN ('order.placed', 'order.cancelled', 'order.completed', 'stock.adjusted',
                                     'stock.moved', 'stock.transferred', 'stock.received', 'location.configured',
-                                    'channel.configured', 'product.configured')
+                                    'channel.configured', 'product.configured', 'reservation.extended',
+                                    'order.fulfilled', 'order.returned')
             THEN 'type ' || coalesce(t, 'null')
+        WHEN t IN ('reservation.extended', 'order.fulfilled', 'order.returned') OR t = 'order.cancelled' AND d ? 'lines'
+            THEN order_event_problem(t, d)
         WHEN t IN ('stock.moved', 'stock.transferred', 'stock.received', 'location.configured',
                    'channel.configured', 'product.configured')
              OR t = 'stock.adjusted' AND d ?| ARRAY['location_id', 'incoming', 'name', 'change_from', 'reference',

@@ -17,7 +17,8 @@ $$;
 -- Returns one result per event: {outcome, messages: [to publish], products: [figures after]}.
 -- An id met again with the same content is a 'duplicate' (changes nothing); with another type
 -- or data it is 'id_reused' (changes nothing, recorded nowhere: the worker dead-letters it).
--- p_options: worker settings some events need ({backorder_fill_batch}); a key
+-- p_options: worker settings some events need ({backorder_fill_batch,
+-- max_reservation_lifetime_seconds}); a key
 -- left out takes its default.
 DROP FUNCTION IF EXISTS apply_events(jsonb, integer);
 CREATE OR REPLACE FUNCTION apply_events(p_events jsonb, p_default_ttl integer DEFAULT 900,
@@ -68,7 +69,8 @@ BEGIN
          WHERE ev->>'type' IN ('stock.adjusted', 'stock.received', 'stock.transferred')
         UNION SELECT ol.product_id FROM order_lines ol  -- = ANY(ARRAY(..)): index, not a scan
          WHERE ol.order_id = ANY(ARRAY(SELECT ev->'data'->>'order_id' FROM jsonb_array_elements(p_events) ev
-                                        WHERE ev->>'type' IN ('order.cancelled', 'order.completed')))))
+                                        WHERE ev->>'type' IN ('order.cancelled', 'order.completed',
+                                                              'order.fulfilled', 'order.returned')))))
      ORDER BY product_id FOR UPDATE;
 
     v_fill := EXISTS (SELECT 1 FROM products WHERE backordered > 0);
@@ -128,6 +130,9 @@ BEGIN
                 WHEN 'location.configured' THEN configure_location(v_event_ids[i], v_event_data[i])
                 WHEN 'channel.configured'  THEN configure_channel(v_event_ids[i], v_event_data[i])
                 WHEN 'product.configured'  THEN configure_product(v_event_ids[i], v_event_data[i])
+                WHEN 'reservation.extended' THEN extend_reservation(v_event_ids[i], v_event_data[i], p_options)
+                WHEN 'order.fulfilled' THEN fulfil_order(v_event_ids[i], v_event_data[i])
+                WHEN 'order.returned'  THEN return_order(v_event_ids[i], v_event_data[i])
             END;
             IF v_result ? 'backordered' THEN  -- an order backordered: fills may be due from now on
                 v_fill := true;

@@ -207,6 +207,9 @@ DECLARE
     v_lines    record;
     v_moved    jsonb;
 BEGIN
+    IF p_data ? 'lines' THEN  -- Part B: a partial cancel (order_lifecycle.sql)
+        RETURN cancel_order_lines(p_event_id, p_data);
+    END IF;
     INSERT INTO orders (order_id, status) VALUES (v_order_id, 'cancelled')
         ON CONFLICT (order_id) DO NOTHING;
     IF FOUND THEN
@@ -218,6 +221,11 @@ BEGIN
         -- committed: too late to cancel; released/cancelled/expired: nothing left to release.
         RETURN jsonb_build_object('outcome', 'ignored', 'order_id', v_order_id, 'status', v_status,
                                   'messages', '[]'::jsonb, 'products', '[]'::jsonb);
+    END IF;
+    -- Part B: an order partly fulfilled or cancelled already releases what it still holds
+    -- (and ends committed if anything was fulfilled).
+    IF v_allocated AND EXISTS (SELECT 1 FROM order_lines WHERE order_id = v_order_id AND (fulfilled > 0 OR released > 0)) THEN
+        RETURN release_order_lines(p_event_id, v_order_id, true, NULL);
     END IF;
     v_lines := locked_order_lines(v_order_id);
     IF v_allocated OR NOT v_lines.at_default THEN
@@ -598,6 +606,10 @@ DECLARE
     v_taken     jsonb := '[]';
     v_moved     jsonb;
 BEGIN
+    -- Part B: units promised without stock cannot be committed (cancel them or wait).
+    IF EXISTS (SELECT 1 FROM order_lines WHERE order_id = p_order_id AND backordered > 0) THEN
+        RETURN rejected(p_event_id, p_order_id, 'backorder_pending');
+    END IF;
     IF p_status = 'expired' THEN
         SELECT jsonb_agg(jsonb_build_object('product_id', s.product_id, 'requested', s.requested,
                                             'available', s.available) ORDER BY s.line_no)
@@ -622,12 +634,15 @@ BEGIN
     v_moved := change_holdings(p_order_id, p_allocated, -1, -1, 'commit', p_event_id);
     IF p_allocated THEN
         UPDATE order_allocations SET fulfilled = fulfilled + reserved, reserved = 0 WHERE order_id = p_order_id;
-        UPDATE order_lines SET fulfilled = quantity WHERE order_id = p_order_id;
+        -- Everything still held is fulfilled now (Part B: after partial fulfilments or cancels).
+        UPDATE order_lines SET fulfilled = quantity - released WHERE order_id = p_order_id;
     END IF;
     UPDATE orders SET status = 'committed', updated_at = now() WHERE order_id = p_order_id;
     RETURN jsonb_build_object('outcome', 'committed', 'order_id', p_order_id, 'products', v_moved->'figures',
         'messages', jsonb_build_array(new_message(p_event_id, 'inventory.committed', jsonb_build_object(
-            'order_id', p_order_id, 'lines', p_lines))) || v_taken || (v_moved->'messages'));
+            -- each line's fulfilled total: the lines as placed unless part was cancelled
+            'order_id', p_order_id, 'lines', CASE WHEN p_allocated THEN fulfilled_lines(p_order_id) ELSE p_lines END)))
+            || v_taken || (v_moved->'messages'));
 END $$;
 
 -- Replaced by locked_order_lines() (its result gained at_default; a function's OUT parameters

@@ -285,7 +285,7 @@ def test_verify_detects_a_hand_made_mismatch_in_each_new_figure(db):
         ("UPDATE products SET safety_stock = 1 WHERE product_id = %s", p, [(p, "safety_stock", "levels")]),
         ("UPDATE products SET incoming = incoming + 1 WHERE product_id = %s", p, [(p, "incoming", "levels")]),
         ("UPDATE order_allocations SET reserved = 1 WHERE product_id = %s", p,
-         [(p, "reserved at store", "reservations")]),
+         [(p, "reserved at store", "reservations"), (p, f"quantity of order {order}", "orders")]),
         ("UPDATE products SET damaged = 1 WHERE product_id = %s", d, [(d, "damaged", "ledger")]),
         ("UPDATE products SET quality_control = 1 WHERE product_id = %s", d, [(d, "quality_control", "ledger")]),
         ("UPDATE products SET incoming = 1 WHERE product_id = %s", d, [(d, "incoming", "ledger")]),

@@ -29,6 +29,10 @@ NEW_MESSAGES = {
     "stock.transferred": {"transfer_id": "t-1", "from_location_id": "a", "to_location_id": "b",
                           "lines": [{"product_id": "SKU-1", "quantity": 1}]},
     "stock.received": {"product_id": "SKU-1", "quantity": 1},
+    "reservation.extended": {"order_id": "o-1", "until_fulfilled": True},
+    "order.fulfilled": {"order_id": "o-1", "fulfilment_id": "f-1", "lines": [{"product_id": "SKU-1", "quantity": 1}]},
+    "order.returned": {"order_id": "o-1", "return_id": "r-1",
+                       "lines": [{"product_id": "SKU-1", "quantity": 1, "condition": "sellable"}]},
 }
 
 

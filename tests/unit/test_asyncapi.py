@@ -141,6 +141,22 @@ INPUTS = [
     ("stock.received", {"product_id": "A"}),
     ("stock.received", {"product_id": "A", "quantity": 1, "atomic": False}),
     ("stock.received", {"items": [{"product_id": "A", "quantity": 1}], "location_id": "s"}),
+    ("reservation.extended", {"order_id": "o", "extend_by_seconds": 60}),
+    ("reservation.extended", {"order_id": "o", "until_fulfilled": True}),
+    ("reservation.extended", {"order_id": "o", "until_fulfilled": False}),
+    ("reservation.extended", {"order_id": "o"}),
+    ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1,
+                                                                         "location_id": "s"}]}),
+    ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": []}),
+    ("order.cancelled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
+    ("order.cancelled", {"order_id": "o", "lines": []}),
+    ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1,
+                                                                     "condition": "damaged", "location_id": "s"}]}),
+    ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1}]}),
+    ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1,
+                                                                     "condition": "lost"}]}),
+    ("order.fulfilled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
+    ("reservation.extended", {"order_id": "o", "extend_by_seconds": 60, "until_fulfilled": True}),
 ]
 
 

@@ -630,6 +630,113 @@ def test_receipt_refused(d, why):
     assert why in refused(body("stock.received", d), "stock.received")
 
 
+# ---- reservation.extended ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [
+    {"order_id": "o", "extend_by_seconds": 1},
+    {"order_id": "o", "extend_by_seconds": 31_536_000},
+    {"order_id": "o", "until_fulfilled": True},
+])
+def test_extension_accepted(d):
+    assert data("reservation.extended", d) == d
+
+
+@pytest.mark.parametrize("d,why", [
+    ({"order_id": "o"}, "exactly one of 'extend_by_seconds' and 'until_fulfilled'"),
+    ({"order_id": "o", "extend_by_seconds": 5, "until_fulfilled": True}, "exactly one of"),
+    ({"order_id": "o", "extend_by_seconds": 0}, "data.extend_by_seconds"),
+    ({"order_id": "o", "extend_by_seconds": 31_536_001}, "data.extend_by_seconds"),
+    ({"order_id": "o", "extend_by_seconds": "5"}, "data.extend_by_seconds"),
+    ({"order_id": "o", "until_fulfilled": False}, "data.until_fulfilled"),
+    ({"order_id": "o", "until_fulfilled": 1}, "data.until_fulfilled"),
+    ({"order_id": "", "until_fulfilled": True}, "data.order_id"),
+    ({"order_id": "o", "until_fulfilled": True, "note": "x"}, "data.note"),
+])
+def test_extension_refused(d, why):
+    assert why in refused(body("reservation.extended", d), "reservation.extended")
+
+
+# ---- order.fulfilled ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [
+    {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1}]},
+    {"order_id": "o", "fulfilment_id": "f" * 200, "lines": [
+        {"product_id": "A", "quantity": 1}, {"product_id": "A", "quantity": 2, "location_id": "s"},
+        {"product_id": "A", "quantity": 3, "location_id": "t"}]},
+])
+def test_fulfilment_accepted(d):
+    assert data("order.fulfilled", d) == d
+
+
+@pytest.mark.parametrize("d,why", [
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}, "data.fulfilment_id"),
+    ({"order_id": "o", "fulfilment_id": "", "lines": [{"product_id": "A", "quantity": 1}]}, "data.fulfilment_id"),
+    ({"order_id": "o", "fulfilment_id": "f" * 201, "lines": [{"product_id": "A", "quantity": 1}]},
+     "data.fulfilment_id"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": []}, "data.lines"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 0}]}, "data.lines.0.quantity"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1, "location_id": "a b"}]},
+     "data.lines.0.location_id"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1},
+                                                        {"product_id": "A", "quantity": 2}]}, "appears twice"),
+    ({"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1, "location_id": "s"},
+                                                        {"product_id": "A", "quantity": 2, "location_id": "s"}]},
+     "appears twice"),
+])
+def test_fulfilment_refused(d, why):
+    assert why in refused(body("order.fulfilled", d), "order.fulfilled")
+
+
+# ---- order.cancelled with lines ----------------------------------------------------------------
+
+
+def test_partial_cancel_accepted_and_a_plain_cancel_unchanged():
+    d = {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}, {"product_id": "B", "quantity": 2}]}
+    assert data("order.cancelled", d) == d
+    assert data("order.cancelled", {"order_id": "o"}) == {"order_id": "o"}
+
+
+@pytest.mark.parametrize("d,why", [
+    ({"order_id": "o", "lines": []}, "data.lines"),
+    ({"order_id": "o", "lines": None}, "data.lines"),
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 0}]}, "data.lines.0.quantity"),
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 1, "location_id": "s"}]}, "data.lines.0.location_id"),
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}, {"product_id": "A", "quantity": 2}]},
+     "appears twice"),
+])
+def test_partial_cancel_refused(d, why):
+    assert why in refused(body("order.cancelled", d), "order.cancelled")
+
+
+# ---- order.returned ----------------------------------------------------------------------------
+
+
+def test_return_accepted():
+    d = {"order_id": "o", "return_id": "r", "lines": [
+        {"product_id": "A", "quantity": 2, "condition": "sellable"},
+        {"product_id": "A", "quantity": 1, "condition": "damaged"},
+        {"product_id": "A", "quantity": 1, "condition": "damaged", "location_id": "store"},
+        {"product_id": "B", "quantity": 1, "condition": "quality_control"},
+        {"product_id": "C", "quantity": 1, "condition": "disposed"}]}
+    assert data("order.returned", d) == d
+
+
+@pytest.mark.parametrize("d,why", [
+    ({"order_id": "o", "lines": [{"product_id": "A", "quantity": 1, "condition": "sellable"}]}, "data.return_id"),
+    ({"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1}]}, "data.lines.0.condition"),
+    ({"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1, "condition": "broken"}]},
+     "data.lines.0.condition"),
+    ({"order_id": "o", "return_id": "r", "lines": []}, "data.lines"),
+    ({"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1, "condition": "sellable"},
+                                                    {"product_id": "A", "quantity": 2, "condition": "sellable"}]},
+     "appears twice"),
+])
+def test_return_refused(d, why):
+    assert why in refused(body("order.returned", d), "order.returned")
+
+
 # ---- types, routing keys, the publish command ---------------------------------------------------
 
 
@@ -641,7 +748,7 @@ def test_new_types_are_input_types_and_need_their_routing_key():
     raw = body("location.configured", {"location_id": "s"})
     assert parse_event(raw, "location.configured").type == "location.configured"
     assert "does not match routing key 'stock.adjusted'" in refused(raw, "stock.adjusted")
-    assert "type" in refused(body("reservation.extended", {"order_id": "o", "until_fulfilled": True}))  # Part B
+    assert "type" in refused(body("order.reallocated", {"order_id": "o"}))  # not an input type
 
 
 def test_make_event_for_a_new_type():
@@ -716,6 +823,26 @@ GOOD_OUTPUTS = [
     ("inventory.moved", {"kind": "receipt", "product_id": "A", "location_id": "s", "quantity": 5, "unexpected": 0,
                          "reference": None, "location": FIG, "index": 0}),
     ("inventory.back_in_stock", {"product_id": "A", "available": 1}),
+    ("inventory.reservation_extended", {"order_id": "o", "expires_at": "2026-11-25T10:00:00Z",
+                                        "previous_expires_at": "2026-11-25T09:00:00Z"}),
+    ("inventory.reservation_extended", {"order_id": "o", "expires_at": None,
+                                        "previous_expires_at": "2026-11-25T09:00:00Z"}),
+    ("inventory.rejected", {"order_id": "o", "reason": "extension_limit", "shortages": []}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [
+        {"product_id": "A", "location_id": "a", "quantity": 3}, {"product_id": "U", "location_id": None, "quantity": 1}],
+        "open": [{"product_id": "A", "reserved": 2, "backordered": 0}]}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "open": [],
+                             "lines": [{"product_id": "A", "location_id": "a", "quantity": 3}]}),
+    ("inventory.rejected", {"order_id": "o", "reason": "exceeds_reserved",
+                            "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
+    ("inventory.rejected", {"order_id": "o", "reason": "backorder_pending", "shortages": []}),
+    ("inventory.returned", {"order_id": "o", "return_id": "r", "lines": [
+        {"product_id": "A", "location_id": "a", "quantity": 2, "condition": "sellable"},
+        {"product_id": "U", "location_id": None, "quantity": 1, "condition": "disposed"}]}),
+    ("inventory.rejected", {"order_id": "o", "reason": "exceeds_fulfilled",
+                            "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
+    ("inventory.rejected", {"order_id": "o", "reason": "exceeds_open_quantity",
+                            "shortages": [{"product_id": "A", "requested": 3, "available": 2}]}),
 ]
 
 
@@ -743,6 +870,7 @@ BAD_OUTPUTS = [
                                        "requested": 5}),
     ("inventory.adjustment_rejected", {"product_id": "A", "reason": "unknown_location", "on_hand": 1, "reserved": 0,
                                        "requested": 5, "name": "damaged"}),
+    ("inventory.rejected", {"order_id": "o", "reason": "too_late", "shortages": []}),
     ("inventory.configured", {"kind": "location", "location_id": "s", "priority": 0, "active": True,
                               "fulfils_orders": True}),  # unset name: null, not missing
     ("inventory.configured", {"kind": "channel", "location_id": "s", "name": None, "priority": 0, "active": True,
@@ -791,6 +919,16 @@ BAD_OUTPUTS = [
     ("inventory.moved", {"kind": "shipment", "product_id": "A", "location_id": "s", "quantity": 5}),
     ("inventory.back_in_stock", {"product_id": "A", "available": 0}),
     ("inventory.back_in_stock", {"product_id": "A", "available": 1, "threshold": 0}),
+    ("inventory.reservation_extended", {"order_id": "o", "expires_at": None}),
+    ("inventory.reservation_extended", {"order_id": "o", "expires_at": None, "previous_expires_at": None}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [], "open": []}),
+    ("inventory.returned", {"order_id": "o", "return_id": "r", "lines": []}),
+    ("inventory.returned", {"order_id": "o", "return_id": "r", "lines": [
+        {"product_id": "A", "location_id": "a", "quantity": 2, "condition": "broken"}]}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "open": [],
+                             "lines": [{"product_id": "A", "location_id": "a", "quantity": 0}]}),
+    ("inventory.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "location_id": "a",
+                             "quantity": 1}], "open": [{"product_id": "A", "reserved": -1, "backordered": 0}]}),
 ]
 
 

@@ -13,10 +13,17 @@ import pytest
 from inventory_worker.adapters import rabbitmq
 from inventory_worker.adapters.postgres import Store, TransientError
 
+from ..private_stack import private_settings
 from ..support import free_port, uid
 
 
 def test_a_connection_to_a_server_that_refuses_writes_is_dropped_not_reused(settings):
+    # A database of its own: the run's shared workers hold the sweeper lock in the shared one.
+    with private_settings(settings, "readonly") as s:
+        _refuses_writes(s)
+
+
+def _refuses_writes(settings) -> None:
     store = Store(settings.database)
     try:
         assert store.try_lead()

@@ -73,7 +73,7 @@ def test_both_clients_follow_the_master_through_a_failover(group):
     # The first call after the failover may fail (its connection was to the lost master);
     # the next ones reach the promoted replica, which took the figures over.
     assert _eventually(lambda: cache.put_many([_figures(2)])) == 1
-    assert b'"version":2' in _eventually(lambda: cache.get("P1"))
+    assert b'"version":2' in _eventually(lambda: cache.client.get(cache.key("P1")))
     assert b'"version":2' in _eventually(lambda: asyncio.run(async_get()))
     cache.close()
 

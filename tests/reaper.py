@@ -27,6 +27,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _received: int | None = None
 _as_keyboard_interrupt = False
+_token: str | None = None
 
 
 class Interrupted(SystemExit):
@@ -54,9 +55,13 @@ def install(keyboard_interrupt: bool = False) -> str:
     `keyboard_interrupt`: raise KeyboardInterrupt instead of Interrupted, for pytest, which
     stops the session and tears every fixture down on it (a SystemExit would only fail the
     running test)."""
-    global _as_keyboard_interrupt
+    global _as_keyboard_interrupt, _token
+    if _as_keyboard_interrupt and _token:
+        # The test session installed it already (a test running a runner's main() in-process):
+        # its mode and token stay, so pytest still stops on a signal and sweeps at its exit.
+        return _token
     _as_keyboard_interrupt = keyboard_interrupt
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    token = _token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.environ[OWNER_VAR] = token
     for sig in SIGNALS:
         signal.signal(sig, _on_signal)
@@ -149,7 +154,11 @@ def sweep(timeout: float = 10.0) -> list[int]:
 
 
 def hold() -> None:
-    """From now on the signals are ignored: the cleanup is under way and must not be cut short."""
+    """From now on the signals are ignored: the cleanup is under way and must not be cut short.
+    Not in a test session (keyboard_interrupt mode): a runner's cleanup called in-process must
+    not leave pytest deaf to the signal that stops the whole run."""
     global _received
+    if _as_keyboard_interrupt:
+        return
     if _received is None:
         _received = 0

@@ -27,7 +27,9 @@ def test_sigterm_to_pytest_stops_a_detached_process_a_test_started(tmp_path: Pat
     # run never reaches it, and only the suite's own cleanup can stop it.
     (tmp_path / "test_detached.py").write_text(textwrap.dedent(f"""
         import subprocess, time
+        from tests import reaper
         def test_starts_a_detached_program():
+            reaper.hold()  # as a runner's cleanup does when a test calls it in-process
             p = subprocess.Popen(["sleep", "300"], start_new_session=True)
             open({str(pidfile)!r}, "w").write(str(p.pid))
             time.sleep(300)

@@ -40,8 +40,10 @@ class Workload:
 
     def order(self, rng: random.Random) -> dict[str, Any]:
         picked = rng.sample(self.products, self.lines) if self.lines > 1 else [rng.choice(self.products)]
-        order: dict[str, Any] = {"order_id": f"o-{uuid.uuid4().hex}",
-                                 "lines": [{"product_id": p, "quantity": 1} for p in picked]}
+        order: dict[str, Any] = {
+            "order_id": f"o-{uuid.uuid4().hex}",
+            "lines": [{"product_id": p, "quantity": 1} for p in picked],
+        }
         if self.channel_id is not None:
             order["channel_id"] = self.channel_id
         return order
@@ -75,8 +77,12 @@ def publish(settings: Settings, messages: list[tuple[str, dict[str, Any]]]) -> N
         ch = conn.channel()
         ch.confirm_delivery()
         for type_, body in bodies:
-            ch.basic_publish(settings.rabbitmq.exchange, type_, body,
-                             properties=pika.BasicProperties(content_type="application/json", delivery_mode=2))
+            ch.basic_publish(
+                settings.rabbitmq.exchange,
+                type_,
+                body,
+                properties=pika.BasicProperties(content_type="application/json", delivery_mode=2),
+            )
     finally:
         conn.close()
 
@@ -84,8 +90,15 @@ def publish(settings: Settings, messages: list[tuple[str, dict[str, Any]]]) -> N
 # ---- input publisher ----------------------------------------------------------------------
 
 
-def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: float | None, seed: int,
-               started: Any, out: Any) -> None:
+def _publisher(
+    settings: Settings,
+    workload: Workload,
+    ids: list[str],
+    rate: float | None,
+    seed: int,
+    started: Any,
+    out: Any,
+) -> None:
     """Publishes `count` orders, as fast as it can (rate None) or at `rate` per second, in
     bursts of what is due within 5 ms (open loop: it does not wait for results). Sends back
     ({id: wall-clock sent}, CPU seconds spent publishing)."""
@@ -131,11 +144,20 @@ def _publisher(settings: Settings, workload: Workload, ids: list[str], rate: flo
                 conn.sleep(ahead)  # writes what is buffered (the last burst) first
         eid = ids[i]
         now = time.time()
-        body = {"id": eid, "type": "order.placed",
-                "occurred_at": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
-                "data": data}
-        amqp_framing.publish(ch._impl, exchange, "order.placed", orjson.dumps(body),
-                               content_type="application/json", delivery_mode=2)
+        body = {
+            "id": eid,
+            "type": "order.placed",
+            "occurred_at": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+            "data": data,
+        }
+        amqp_framing.publish(
+            ch._impl,
+            exchange,
+            "order.placed",
+            orjson.dumps(body),
+            content_type="application/json",
+            delivery_mode=2,
+        )
         outstanding[i + 1] = eid
         sent[eid] = now
         if i % 50 == 0:
@@ -176,8 +198,14 @@ def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: A
         now = time.time()
         r = orjson.loads(body)
         cid = r["causation_id"]
-        if cid in wanted and cid not in got:  # a result may arrive twice (relay after a crash): first one counts
-            qty = sum(line["quantity"] for line in r["data"].get("lines", [])) if r["type"] == "inventory.reserved" else 0
+        if (
+            cid in wanted and cid not in got
+        ):  # a result may arrive twice (relay after a crash): first one counts
+            qty = (
+                sum(line["quantity"] for line in r["data"].get("lines", []))
+                if r["type"] == "inventory.reserved"
+                else 0
+            )
             got[cid] = (now, r["type"], qty)
         last[0] = time.monotonic()
 
@@ -217,8 +245,15 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-def drive(settings: Settings, workload: Workload, count: int, rate: float | None = None,
-          seed: int = 1, idle_timeout: float = 20.0, worker_pids: set[int] | None = None) -> RunResult:
+def drive(
+    settings: Settings,
+    workload: Workload,
+    count: int,
+    rate: float | None = None,
+    seed: int = 1,
+    idle_timeout: float = 20.0,
+    worker_pids: set[int] | None = None,
+) -> RunResult:
     """Publishes `count` orders (at `rate`/s, or flat out) while something consumes the input
     queue; waits for every result; returns throughput and latency from occurred_at to result.
     With `worker_pids`, also the CPU the whole machine spent per event, by component."""
@@ -228,7 +263,9 @@ def drive(settings: Settings, workload: Workload, count: int, rate: float | None
     c_recv, c_send = ctx.Pipe(duplex=False)
     p_recv, p_send = ctx.Pipe(duplex=False)
     collector = ctx.Process(target=_collector, args=(settings, ids, idle_timeout, ready, c_send), daemon=True)
-    publisher = ctx.Process(target=_publisher, args=(settings, workload, ids, rate, seed, go, p_send), daemon=True)
+    publisher = ctx.Process(
+        target=_publisher, args=(settings, workload, ids, rate, seed, go, p_send), daemon=True
+    )
     collector.start()
     publisher.start()
     if not ready.wait(30):
@@ -252,11 +289,17 @@ def drive(settings: Settings, workload: Workload, count: int, rate: float | None
     else:
         tput = float("nan")
     return RunResult(
-        sent=len(sent), received=len(got), throughput=tput,
-        p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
+        sent=len(sent),
+        received=len(got),
+        throughput=tput,
+        p50_ms=percentile(lat, 50),
+        p95_ms=percentile(lat, 95),
+        p99_ms=percentile(lat, 99),
         reserved_qty=sum(q for _, t, q in got.values() if t == "inventory.reserved"),
         rejected=sum(1 for _, t, _ in got.values() if t == "inventory.rejected"),
-        seconds=elapsed, load_cpu_seconds=load_cpu, cpu_us_per_event=per_event,
+        seconds=elapsed,
+        load_cpu_seconds=load_cpu,
+        cpu_us_per_event=per_event,
     )
 
 
@@ -289,10 +332,17 @@ def naive_consumer(settings: Settings, stop: Any) -> None:
         cache.put_many(res.products)
         ch.basic_ack(method.delivery_tag)
         for m in res.messages:
-            pub.basic_publish(settings.rabbitmq.events_exchange, m.routing_key,
-                              orjson.dumps(m.body),
-                              properties=pika.BasicProperties(content_type="application/json", delivery_mode=2,
-                                                              message_id=m.message_id, type=m.routing_key))
+            pub.basic_publish(
+                settings.rabbitmq.events_exchange,
+                m.routing_key,
+                orjson.dumps(m.body),
+                properties=pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=2,
+                    message_id=m.message_id,
+                    type=m.routing_key,
+                ),
+            )
             marks.append(m.outbox_id)
 
     ch.basic_consume(settings.rabbitmq.queue, on_message)

@@ -51,11 +51,11 @@ from typing import Any
 
 import pika
 
+from inventory_worker.adapters.migrations import migrate
+from inventory_worker.adapters.postgres import Store
 from inventory_worker.adapters.rabbitmq import declare_topology
 from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.config import Settings, load_settings
-from inventory_worker.adapters.migrations import migrate
-from inventory_worker.adapters.postgres import Store
 from tests import reaper
 from tests.support import (
     REPO,
@@ -90,11 +90,28 @@ class Plan:
     location_products: int = load.UNIFORM_PRODUCTS  # products of the locations3 workload (set up by messages)
 
 
-FULL = Plan(full_count=6_000, half_seconds=6, naive_count=1_500, pgbench_seconds=8, wrk_seconds=10,
-            procs=[1, 2, 4], wrk_rounds=3, half_rounds=3)
-SMOKE = Plan(full_count=400, half_seconds=1.0, naive_count=100, pgbench_seconds=1, wrk_seconds=2,
-             procs=[2], workloads=["uniform", "hot", "locations3"], naive_procs=[1], pgbench_clients=[1, 16],
-             location_products=1_000)
+FULL = Plan(
+    full_count=6_000,
+    half_seconds=6,
+    naive_count=1_500,
+    pgbench_seconds=8,
+    wrk_seconds=10,
+    procs=[1, 2, 4],
+    wrk_rounds=3,
+    half_rounds=3,
+)
+SMOKE = Plan(
+    full_count=400,
+    half_seconds=1.0,
+    naive_count=100,
+    pgbench_seconds=1,
+    wrk_seconds=2,
+    procs=[2],
+    workloads=["uniform", "hot", "locations3"],
+    naive_procs=[1],
+    pgbench_clients=[1, 16],
+    location_products=1_000,
+)
 
 # Workloads whose messages REV's worker may not know (--compare runs them on this checkout only),
 # and which the naive consumer (a baseline for default-only traffic) leaves out.
@@ -148,8 +165,9 @@ LOCATIONS = ["bench-A", "bench-B", "bench-C"]
 CHANNEL = "bench-3"
 
 
-def wait_for(settings: Settings, query: str, args: tuple[Any, ...], want: Any, what: str,
-             timeout: float = 120) -> None:
+def wait_for(
+    settings: Settings, query: str, args: tuple[Any, ...], want: Any, what: str, timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         with pg(settings) as cur:
@@ -163,8 +181,10 @@ def wait_for(settings: Settings, query: str, args: tuple[Any, ...], want: Any, w
 
 
 def configure_locations(settings: Settings, w: load.Workload) -> None:
-    stocked = ("SELECT count(*) FROM stock_levels WHERE product_id = ANY(%s) AND location_id = ANY(%s)"
-               " AND on_hand > 0")
+    stocked = (
+        "SELECT count(*) FROM stock_levels WHERE product_id = ANY(%s) AND location_id = ANY(%s)"
+        " AND on_hand > 0"
+    )
     with pg(settings) as cur:
         cur.execute(stocked, (w.products, LOCATIONS))
         if cur.fetchone()[0] == len(w.products):  # done for an earlier run on this database
@@ -172,20 +192,42 @@ def configure_locations(settings: Settings, w: load.Workload) -> None:
     started = time.monotonic()
     # Each step once the worker has applied the one before: consumers in parallel give no order
     # between messages (a channel naming a location not there yet is refused).
-    load.publish(settings, [("location.configured", {"location_id": loc, "priority": i + 1})
-                            for i, loc in enumerate(LOCATIONS)])
-    wait_for(settings, "SELECT count(*) FROM locations WHERE location_id = ANY(%s)", (LOCATIONS,), len(LOCATIONS),
-             "locations configured")
-    load.publish(settings, [("channel.configured", {"channel_id": CHANNEL, "locations": LOCATIONS,
-                                                    "strategy": "priority"})])
-    wait_for(settings, "SELECT (SELECT locations FROM channels WHERE channel_id = %s)", (CHANNEL,), LOCATIONS,
-             "channel configured")
-    items = [{"product_id": p, "location_id": LOCATIONS[i % len(LOCATIONS)], "on_hand": 1_000_000_000}
-             for i, p in enumerate(w.products)]
-    load.publish(settings, [("stock.adjusted", {"items": items[k:k + 1000]}) for k in range(0, len(items), 1000)])
-    wait_for(settings, stocked, (w.products, LOCATIONS), len(w.products), "products stocked at their locations")
-    log(f"{len(LOCATIONS)} locations, channel {CHANNEL}, {len(w.products)} products stocked:"
-        f" {time.monotonic() - started:.1f} s")
+    load.publish(
+        settings,
+        [("location.configured", {"location_id": loc, "priority": i + 1}) for i, loc in enumerate(LOCATIONS)],
+    )
+    wait_for(
+        settings,
+        "SELECT count(*) FROM locations WHERE location_id = ANY(%s)",
+        (LOCATIONS,),
+        len(LOCATIONS),
+        "locations configured",
+    )
+    load.publish(
+        settings,
+        [("channel.configured", {"channel_id": CHANNEL, "locations": LOCATIONS, "strategy": "priority"})],
+    )
+    wait_for(
+        settings,
+        "SELECT (SELECT locations FROM channels WHERE channel_id = %s)",
+        (CHANNEL,),
+        LOCATIONS,
+        "channel configured",
+    )
+    items = [
+        {"product_id": p, "location_id": LOCATIONS[i % len(LOCATIONS)], "on_hand": 1_000_000_000}
+        for i, p in enumerate(w.products)
+    ]
+    load.publish(
+        settings, [("stock.adjusted", {"items": items[k : k + 1000]}) for k in range(0, len(items), 1000)]
+    )
+    wait_for(
+        settings, stocked, (w.products, LOCATIONS), len(w.products), "products stocked at their locations"
+    )
+    log(
+        f"{len(LOCATIONS)} locations, channel {CHANNEL}, {len(w.products)} products stocked:"
+        f" {time.monotonic() - started:.1f} s"
+    )
 
 
 def prepare(settings: Settings, w: load.Workload, orders: int) -> None:
@@ -200,11 +242,17 @@ def check_locations(settings: Settings, w: load.Workload) -> dict[str, Any]:
     """Where the orders of the workload's products were held (all its runs on this database so
     far), and that no level is oversold."""
     with pg(settings) as cur:
-        cur.execute("SELECT location_id, count(*) FROM order_allocations WHERE product_id = ANY(%s)"
-                    " GROUP BY 1 ORDER BY 1", (w.products,))
+        cur.execute(
+            "SELECT location_id, count(*) FROM order_allocations WHERE product_id = ANY(%s)"
+            " GROUP BY 1 ORDER BY 1",
+            (w.products,),
+        )
         by_location = dict(cur.fetchall())
-        cur.execute("SELECT count(*) FROM stock_levels WHERE product_id = ANY(%s)"
-                    " AND reserved > on_hand - damaged - quality_control", (w.products,))
+        cur.execute(
+            "SELECT count(*) FROM stock_levels WHERE product_id = ANY(%s)"
+            " AND reserved > on_hand - damaged - quality_control",
+            (w.products,),
+        )
         oversold = cur.fetchone()[0] > 0
     return {"allocations_by_location": by_location, "oversold": oversold}
 
@@ -213,8 +261,10 @@ def check_hot(settings: Settings, w: load.Workload, r: load.RunResult) -> dict[s
     """No oversell: reserved <= on_hand, and what is reserved is exactly what results announced;
     the Redis cache shows PostgreSQL's figures."""
     with pg(settings) as cur:
-        cur.execute("SELECT product_id, on_hand, reserved, version FROM products WHERE product_id = ANY(%s)",
-                    (w.products,))
+        cur.execute(
+            "SELECT product_id, on_hand, reserved, version FROM products WHERE product_id = ANY(%s)",
+            (w.products,),
+        )
         rows = cur.fetchall()
     client = redis_client(settings)
     cache_ok = True
@@ -244,11 +294,17 @@ COMMIT;
 
 def pgbench(settings: Settings, plan: Plan) -> dict[str, Any]:
     with pg(settings) as cur:
-        cur.execute("CREATE TABLE IF NOT EXISTS bench_stock (id int PRIMARY KEY, reserved bigint NOT NULL,"
-                    " version bigint NOT NULL)")
-        cur.execute("INSERT INTO bench_stock SELECT g, 0, 0 FROM generate_series(1, 10000) g ON CONFLICT DO NOTHING")
-        cur.execute("CREATE TABLE IF NOT EXISTS bench_processed (event_id uuid PRIMARY KEY,"
-                    " processed_at timestamptz NOT NULL DEFAULT now())")
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS bench_stock (id int PRIMARY KEY, reserved bigint NOT NULL,"
+            " version bigint NOT NULL)"
+        )
+        cur.execute(
+            "INSERT INTO bench_stock SELECT g, 0, 0 FROM generate_series(1, 10000) g ON CONFLICT DO NOTHING"
+        )
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS bench_processed (event_id uuid PRIMARY KEY,"
+            " processed_at timestamptz NOT NULL DEFAULT now())"
+        )
         cur.execute("SHOW fsync")
         fsync = cur.fetchone()[0]
         cur.execute("SHOW synchronous_commit")
@@ -260,11 +316,30 @@ def pgbench(settings: Settings, plan: Plan) -> dict[str, Any]:
         for clients, rows in runs:
             script = Path(tmp) / f"event_{rows}.sql"
             script.write_text(PGBENCH_SCRIPT.format(rows=rows))
-            cmd = ["pgbench", "-n", "-h", db.host, "-p", str(db.port), "-U", db.user, "-f", str(script),
-                   "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(plan.pgbench_seconds), db.dbname]
+            cmd = [
+                "pgbench",
+                "-n",
+                "-h",
+                db.host,
+                "-p",
+                str(db.port),
+                "-U",
+                db.user,
+                "-f",
+                str(script),
+                "-c",
+                str(clients),
+                "-j",
+                str(min(clients, 2)),
+                "-T",
+                str(plan.pgbench_seconds),
+                db.dbname,
+            ]
             env = dict(os.environ, PGPASSWORD=db.password) if db.password else None
             busy = cpu.machine_busy()
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=plan.pgbench_seconds + 60)
+            res = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, timeout=plan.pgbench_seconds + 60
+            )
             m = re.search(r"tps = ([\d.]+)", res.stdout)
             if not m:
                 raise RuntimeError(f"pgbench failed: {res.stdout[-500:]} {res.stderr[-500:]}")
@@ -273,7 +348,9 @@ def pgbench(settings: Settings, plan: Plan) -> dict[str, Any]:
             done = re.search(r"transactions actually processed: (\d+)", res.stdout)
             if done:  # the whole machine's CPU (pgbench's own included) per transaction
                 out["cpu_us_per_txn"][key] = cpu.machine_per_unit(busy, int(done.group(1)))
-            log(f"pgbench {key}: {out['tps'][key]} tps, {out['cpu_us_per_txn'].get(key)} us CPU per transaction")
+            log(
+                f"pgbench {key}: {out['tps'][key]} tps, {out['cpu_us_per_txn'].get(key)} us CPU per transaction"
+            )
     return out
 
 
@@ -293,7 +370,9 @@ def consumers_attached(settings: Settings, n: int, timeout: float = 60) -> None:
 def naive(settings: Settings, plan: Plan, name: str, procs: int) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
-    workers = [ctx.Process(target=load.naive_consumer, args=(settings, stop), daemon=True) for _ in range(procs)]
+    workers = [
+        ctx.Process(target=load.naive_consumer, args=(settings, stop), daemon=True) for _ in range(procs)
+    ]
     for p in workers:
         p.start()
     try:
@@ -348,23 +427,38 @@ def prepare_database(settings: Settings) -> None:
 
 def fresh_state(settings: Settings, tag: str) -> Settings:
     """A database and a cache key prefix of their own (prepare_database makes them as at the start)."""
-    return settings.model_copy(update={
-        "database": settings.database.model_copy(update={"dbname": f"{settings.database.dbname}_{tag}"}),
-        "redis": settings.redis.model_copy(update={"key_prefix": f"{settings.redis.key_prefix}{tag}:"}),
-    })
+    return settings.model_copy(
+        update={
+            "database": settings.database.model_copy(update={"dbname": f"{settings.database.dbname}_{tag}"}),
+            "redis": settings.redis.model_copy(update={"key_prefix": f"{settings.redis.key_prefix}{tag}:"}),
+        }
+    )
 
 
 def migrate_with(settings: Settings, code: Path) -> None:
     """Migrates with another version's sql/ and migration code (its `inventory-worker migrate`)."""
     env = {**settings_env(settings), "PYTHONPATH": str(code)}
-    res = subprocess.run([sys.executable, "-m", "inventory_worker", "migrate"], cwd=code, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "inventory_worker", "migrate"],
+        cwd=code,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"migrate from {code} failed: {res.stdout[-500:]} {res.stderr[-1000:]}")
 
 
-def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path, workloads: list[str] | None = None,
-                code: Path | None = None, tag: str | None = None) -> dict[str, Any]:
+def worker_runs(
+    settings: Settings,
+    plan: Plan,
+    procs: int,
+    logs: Path,
+    workloads: list[str] | None = None,
+    code: Path | None = None,
+    tag: str | None = None,
+) -> dict[str, Any]:
     """The worker with `procs` consumer processes through `workloads` (the plan's by default),
     this checkout's or, with `code`, the version exported there (its own migrations)."""
     # Each process count starts from the same state, a fresh database: run after run in one,
@@ -388,8 +482,10 @@ def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path, workload
             out["worker_cwd"] = os.readlink(f"/proc/{wp.proc.pid}/cwd")
         except OSError:  # no /proc
             out["worker_cwd"] = None
-        log(f"worker x{procs} started (pid {wp.proc.pid}, in {out['worker_cwd']},"
-            f" last migration {out['last_migration']})")
+        log(
+            f"worker x{procs} started (pid {wp.proc.pid}, in {out['worker_cwd']},"
+            f" last migration {out['last_migration']})"
+        )
         for name in workloads or plan.workloads:
             w = workload(name, f"w{procs}full", plan.location_products)
             prepare(settings, w, plan.full_count)
@@ -416,13 +512,17 @@ def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path, workload
             entry["half"] = sorted(rounds, key=lambda r: r["p99_ms"])[len(rounds) // 2]
             entry["half_rounds"] = rounds
             out["runs"][name] = entry
-            log(f"worker x{procs} {name}: full {full.throughput:.0f}/s p99 {full.p99_ms:.0f} ms;"
+            log(
+                f"worker x{procs} {name}: full {full.throughput:.0f}/s p99 {full.p99_ms:.0f} ms;"
                 f" half ({rate:.0f}/s) p50 {entry['half']['p50_ms']:.1f} p99 {entry['half']['p99_ms']:.1f} ms"
-                f" (p99 of each round: {[r['p99_ms'] for r in rounds]})")
+                f" (p99 of each round: {[r['p99_ms'] for r in rounds]})"
+            )
         pids = proc_tree(wp.proc.pid)
-        out["peak_rss_mib"] = {"max_process": round(max(rss_kib(p) for p in pids) / 1024, 1),
-                               "processes": len(pids),
-                               "sum": round(sum(rss_kib(p) for p in pids) / 1024, 1)}
+        out["peak_rss_mib"] = {
+            "max_process": round(max(rss_kib(p) for p in pids) / 1024, 1),
+            "processes": len(pids),
+            "sum": round(sum(rss_kib(p) for p in pids) / 1024, 1),
+        }
     finally:
         wp.stop()
         if not os.environ.get("INVENTORY_TEST_KEEP"):
@@ -433,17 +533,27 @@ def worker_runs(settings: Settings, plan: Plan, procs: int, logs: Path, workload
 
 def export_rev(rev: str, dest: Path) -> str:
     """REV's inventory_worker/ and sql/ into dest (git archive); returns REV's commit."""
-    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    archive = subprocess.run(["git", "archive", "--format=tar", sha, "inventory_worker", "sql"], cwd=REPO,
-                             capture_output=True, check=True).stdout
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", sha, "inventory_worker", "sql"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
     return sha
 
 
-def compare_runs(settings: Settings, plan: Plan, logs: Path, code: Path) -> tuple[list[dict[str, Any]],
-                                                                                  list[dict[str, Any]]]:
+def compare_runs(
+    settings: Settings, plan: Plan, logs: Path, code: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """For each process count and workload, REV's worker (from `code`) and this checkout's, one
     after the other, each with a fresh database, the one going first alternating, so that the
     shared machine's slow spells hit both. Location workloads run on this checkout only.
@@ -458,19 +568,39 @@ def compare_runs(settings: Settings, plan: Plan, logs: Path, code: Path) -> tupl
                 current["runs"].update(r["runs"])
                 continue
             order = ("rev", "current") if len(pairs) % 2 == 0 else ("current", "rev")
-            got = {side: worker_runs(settings, plan, procs, logs, [name], code=code if side == "rev" else None,
-                                     tag=f"p{procs}{name[:4]}{side[0]}")
-                   for side in order}
+            got = {
+                side: worker_runs(
+                    settings,
+                    plan,
+                    procs,
+                    logs,
+                    [name],
+                    code=code if side == "rev" else None,
+                    tag=f"p{procs}{name[:4]}{side[0]}",
+                )
+                for side in order
+            }
             current["runs"].update(got["current"]["runs"])
             current["peak_rss_mib"] = got["current"].get("peak_rss_mib")
-            pairs.append({"procs": procs, "workload": name, "first": order[0],
-                          "sides": {k: {"last_migration": v.get("last_migration"), "worker_cwd": v.get("worker_cwd")}
-                                    for k, v in got.items()},
-                          "rev": got["rev"]["runs"][name], "current": got["current"]["runs"][name]})
+            pairs.append(
+                {
+                    "procs": procs,
+                    "workload": name,
+                    "first": order[0],
+                    "sides": {
+                        k: {"last_migration": v.get("last_migration"), "worker_cwd": v.get("worker_cwd")}
+                        for k, v in got.items()
+                    },
+                    "rev": got["rev"]["runs"][name],
+                    "current": got["current"]["runs"][name],
+                }
+            )
             c, r_ = pairs[-1]["current"], pairs[-1]["rev"]
-            log(f"compare x{procs} {name}: events/s {c['full']['throughput']:.0f} / {r_['full']['throughput']:.0f}"
+            log(
+                f"compare x{procs} {name}: events/s {c['full']['throughput']:.0f} / {r_['full']['throughput']:.0f}"
                 f" = {ratio(c['full']['throughput'], r_['full']['throughput'])}; half p99"
-                f" {c['half']['p99_ms']:.0f} / {r_['half']['p99_ms']:.0f} ms")
+                f" {c['half']['p99_ms']:.0f} / {r_['half']['p99_ms']:.0f} ms"
+            )
         worker.append(current)
     return worker, pairs
 
@@ -493,16 +623,24 @@ def _ms(value: str) -> float:
 
 
 def wrk(url: str, seconds: int, script: Path) -> dict[str, Any]:
-    res = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, timeout=seconds + 60)
+    res = subprocess.run(
+        ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
     text = res.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     lat = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)", text, re.M))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors = re.search(r"Socket errors: (.*)", text)
-    return {"rps": round(float(rps.group(1)), 1) if rps else float("nan"),
-            "p50_ms": _ms(lat.get("50", "")), "p99_ms": _ms(lat.get("99", "")),
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors.group(1) if errors else ""}
+    return {
+        "rps": round(float(rps.group(1)), 1) if rps else float("nan"),
+        "p50_ms": _ms(lat.get("50", "")),
+        "p99_ms": _ms(lat.get("99", "")),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+    }
 
 
 # Servers of the read-endpoint run, the yardstick first: `baseline` is a plain stdlib
@@ -513,8 +651,9 @@ def wrk(url: str, seconds: int, script: Path) -> dict[str, Any]:
 HTTP_SERVERS = ("baseline", "stdlib", "granian", "granian:1")
 
 
-def _serve_and_wrk(settings: Settings, kind: str, seconds: int, script: Path, logs: Path,
-                   metrics_dir: Path) -> dict[str, Any]:
+def _serve_and_wrk(
+    settings: Settings, kind: str, seconds: int, script: Path, logs: Path, metrics_dir: Path
+) -> dict[str, Any]:
     port = free_port()
     s = settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})})
     # As under the supervisor: metrics written to files shared by the processes (multiprocess mode).
@@ -522,8 +661,14 @@ def _serve_and_wrk(settings: Settings, kind: str, seconds: int, script: Path, lo
     metrics_dir.mkdir()
     env = {**settings_env(s), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     with open(logs / f"http-{kind}.log", "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.serve_http", kind], env=env,
-                                cwd=REPO, stdout=logf, stderr=logf, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.serve_http", kind],
+            env=env,
+            cwd=REPO,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 30
@@ -545,8 +690,13 @@ def _serve_and_wrk(settings: Settings, kind: str, seconds: int, script: Path, lo
                 proc.wait()
 
 
-def http_bench(settings: Settings, plan: Plan, logs: Path, servers: tuple[str, ...] = HTTP_SERVERS,
-               rounds: int | None = None) -> dict[str, Any]:
+def http_bench(
+    settings: Settings,
+    plan: Plan,
+    logs: Path,
+    servers: tuple[str, ...] = HTTP_SERVERS,
+    rounds: int | None = None,
+) -> dict[str, Any]:
     if not shutil.which("wrk"):
         log("wrk not found (apt-get install wrk): read endpoint skipped")
         return {"skipped": "wrk not installed"}
@@ -564,8 +714,10 @@ def http_bench(settings: Settings, plan: Plan, logs: Path, servers: tuple[str, .
                 r = _serve_and_wrk(settings, kind, plan.wrk_seconds, script, logs, Path(tmp) / "metrics")
                 r["load_avg"] = load_avg()
                 runs[kind].append(r)
-                log(f"http {kind} (round {i + 1}/{rounds}): {r['rps']:.0f} req/s, p50 {r['p50_ms']} ms,"
-                    f" p99 {r['p99_ms']} ms, non-2xx {r['non_2xx']}")
+                log(
+                    f"http {kind} (round {i + 1}/{rounds}): {r['rps']:.0f} req/s, p50 {r['p50_ms']} ms,"
+                    f" p99 {r['p99_ms']} ms, non-2xx {r['non_2xx']}"
+                )
     out: dict[str, Any] = {}
     for kind, rs in runs.items():
         med = sorted(rs, key=lambda r: r["rps"])[(len(rs) - 1) // 2]
@@ -588,41 +740,67 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     for wr in res["worker"]:
         for name, e in wr["runs"].items():
             base_naive = naive.get((name, wr["procs"])) or naive.get((name, 1))
-            rows.append({
-                "workload": name, "procs": wr["procs"],
-                "events_per_s": e["full"]["throughput"],
-                "vs_pg_limit_c16": ratio(e["full"]["throughput"], limit16),
-                "vs_naive": ratio(e["full"]["throughput"], base_naive) if base_naive else float("nan"),
-                "half_rate": e["half"]["rate"],
-                "half_p50_ms": e["half"]["p50_ms"], "half_p95_ms": e["half"]["p95_ms"],
-                "half_p99_ms": e["half"]["p99_ms"],
-                "full_p99_ms": e["full"]["p99_ms"],
-                "half_p99_rounds_ms": [r["p99_ms"] for r in e.get("half_rounds", [e["half"]])],
-                "lost": sum(r["sent"] - r["received"] for r in [e["full"], *e.get("half_rounds", [e["half"]])]),
-                "oversold": any(r.get("oversold", False) for r in [e["full"], *e.get("half_rounds", [e["half"]])]),
-                "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
-            })
+            rows.append(
+                {
+                    "workload": name,
+                    "procs": wr["procs"],
+                    "events_per_s": e["full"]["throughput"],
+                    "vs_pg_limit_c16": ratio(e["full"]["throughput"], limit16),
+                    "vs_naive": ratio(e["full"]["throughput"], base_naive) if base_naive else float("nan"),
+                    "half_rate": e["half"]["rate"],
+                    "half_p50_ms": e["half"]["p50_ms"],
+                    "half_p95_ms": e["half"]["p95_ms"],
+                    "half_p99_ms": e["half"]["p99_ms"],
+                    "full_p99_ms": e["full"]["p99_ms"],
+                    "half_p99_rounds_ms": [r["p99_ms"] for r in e.get("half_rounds", [e["half"]])],
+                    "lost": sum(
+                        r["sent"] - r["received"] for r in [e["full"], *e.get("half_rounds", [e["half"]])]
+                    ),
+                    "oversold": any(
+                        r.get("oversold", False) for r in [e["full"], *e.get("half_rounds", [e["half"]])]
+                    ),
+                    "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
+                }
+            )
     # The locations3 workload's throughput over the uniform one's, same process count, same run.
     by = {(r["workload"], r["procs"]): r["events_per_s"] for r in rows}
-    locations = {str(n): ratio(v, by[("uniform", n)]) for (w, n), v in by.items()
-                 if w == "locations3" and ("uniform", n) in by}
-    compare = [{
-        "workload": p["workload"], "procs": p["procs"], "first": p["first"],
-        "events_per_s": [p["current"]["full"]["throughput"], p["rev"]["full"]["throughput"]],
-        "events_ratio": ratio(p["current"]["full"]["throughput"], p["rev"]["full"]["throughput"]),
-        "half_p99_ms": [p["current"]["half"]["p99_ms"], p["rev"]["half"]["p99_ms"]],
-        "half_p99_ratio": ratio(p["current"]["half"]["p99_ms"], p["rev"]["half"]["p99_ms"]),
-        "half_p99_rounds_ms": [[r["p99_ms"] for r in p[side].get("half_rounds", [p[side]["half"]])]
-                               for side in ("current", "rev")],
-        "cpu_us_per_event": [p[side]["full"].get("cpu_us_per_event", {}).get("total") for side in ("current", "rev")],
-        "lost": sum(r["sent"] - r["received"] for side in ("current", "rev")
-                    for r in [p[side]["full"], *p[side].get("half_rounds", [p[side]["half"]])]),
-    } for p in res.get("compare", {}).get("pairs", [])]
+    locations = {
+        str(n): ratio(v, by[("uniform", n)])
+        for (w, n), v in by.items()
+        if w == "locations3" and ("uniform", n) in by
+    }
+    compare = [
+        {
+            "workload": p["workload"],
+            "procs": p["procs"],
+            "first": p["first"],
+            "events_per_s": [p["current"]["full"]["throughput"], p["rev"]["full"]["throughput"]],
+            "events_ratio": ratio(p["current"]["full"]["throughput"], p["rev"]["full"]["throughput"]),
+            "half_p99_ms": [p["current"]["half"]["p99_ms"], p["rev"]["half"]["p99_ms"]],
+            "half_p99_ratio": ratio(p["current"]["half"]["p99_ms"], p["rev"]["half"]["p99_ms"]),
+            "half_p99_rounds_ms": [
+                [r["p99_ms"] for r in p[side].get("half_rounds", [p[side]["half"]])]
+                for side in ("current", "rev")
+            ],
+            "cpu_us_per_event": [
+                p[side]["full"].get("cpu_us_per_event", {}).get("total") for side in ("current", "rev")
+            ],
+            "lost": sum(
+                r["sent"] - r["received"]
+                for side in ("current", "rev")
+                for r in [p[side]["full"], *p[side].get("half_rounds", [p[side]["half"]])]
+            ),
+        }
+        for p in res.get("compare", {}).get("pairs", [])
+    ]
     http = res.get("http", {})
     http_sum = {}
     if "baseline" in http:  # each server's req/s over the plain stdlib+Redis server's, same run
-        http_sum = {f"{k}_vs_baseline": ratio(v["rps"], http["baseline"]["rps"]) for k, v in http.items()
-                    if k != "baseline"}
+        http_sum = {
+            f"{k}_vs_baseline": ratio(v["rps"], http["baseline"]["rps"])
+            for k, v in http.items()
+            if k != "baseline"
+        }
     return {"rows": rows, "http": http_sum, "locations3_vs_uniform": locations, "compare": compare}
 
 
@@ -631,41 +809,96 @@ def print_table(res: dict[str, Any]) -> None:
     pgb = res["pgbench"]
     print()
     print(f"machine: {res['machine']['cpus']} CPUs, load average {res['machine']['load_avg']}")
-    print(f"pgbench (fsync={pgb['fsync']}, synchronous_commit={pgb['synchronous_commit']}), one event per"
-          f" transaction, tps: " + ", ".join(f"{k} {v:.0f}" for k, v in pgb["tps"].items()))
-    print("naive consumer, events/s: " + ", ".join(
-        f"{n['workload']} x{n['procs']} {n['throughput']:.0f}" for n in res["naive"]))
+    print(
+        f"pgbench (fsync={pgb['fsync']}, synchronous_commit={pgb['synchronous_commit']}), one event per"
+        f" transaction, tps: " + ", ".join(f"{k} {v:.0f}" for k, v in pgb["tps"].items())
+    )
+    print(
+        "naive consumer, events/s: "
+        + ", ".join(f"{n['workload']} x{n['procs']} {n['throughput']:.0f}" for n in res["naive"])
+    )
     print()
-    hdr = ("workload", "procs", "events/s", "/pg16", "/naive", "half/s", "p50 ms", "p95 ms", "p99 ms",
-           "p99 rounds", "full p99", "lost", "oversold")
+    hdr = (
+        "workload",
+        "procs",
+        "events/s",
+        "/pg16",
+        "/naive",
+        "half/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "p99 rounds",
+        "full p99",
+        "lost",
+        "oversold",
+    )
     print("  ".join(f"{h:>9}" for h in hdr))
     for r in s["rows"]:
-        vals = (r["workload"], r["procs"], f"{r['events_per_s']:.0f}", r["vs_pg_limit_c16"], r["vs_naive"],
-                f"{r['half_rate']:.0f}", r["half_p50_ms"], r["half_p95_ms"], r["half_p99_ms"],
-                "/".join(f"{v:.0f}" for v in r["half_p99_rounds_ms"]), f"{r['full_p99_ms']:.0f}", r["lost"],
-                r["oversold"])
+        vals = (
+            r["workload"],
+            r["procs"],
+            f"{r['events_per_s']:.0f}",
+            r["vs_pg_limit_c16"],
+            r["vs_naive"],
+            f"{r['half_rate']:.0f}",
+            r["half_p50_ms"],
+            r["half_p95_ms"],
+            r["half_p99_ms"],
+            "/".join(f"{v:.0f}" for v in r["half_p99_rounds_ms"]),
+            f"{r['full_p99_ms']:.0f}",
+            r["lost"],
+            r["oversold"],
+        )
         print("  ".join(f"{v!s:>9}" for v in vals))
     for n, v in s["locations3_vs_uniform"].items():
         print(f"locations3 / uniform events/s with {n} processes: {v}")
     if s["compare"]:
         c = res["compare"]
         print()
-        print(f"this checkout ({c['current']}) over {c['rev_name']} ({c['rev'][:12]}), pairs run one after the other:")
-        hdr = ("workload", "procs", "first", "events/s", "REV", "ratio", "p99 ms", "REV p99", "p99 ratio",
-               "CPU us/ev", "REV CPU", "lost")
+        print(
+            f"this checkout ({c['current']}) over {c['rev_name']} ({c['rev'][:12]}), pairs run one after the other:"
+        )
+        hdr = (
+            "workload",
+            "procs",
+            "first",
+            "events/s",
+            "REV",
+            "ratio",
+            "p99 ms",
+            "REV p99",
+            "p99 ratio",
+            "CPU us/ev",
+            "REV CPU",
+            "lost",
+        )
         print("  ".join(f"{h:>9}" for h in hdr))
         for r in s["compare"]:
-            vals = (r["workload"], r["procs"], r["first"], f"{r['events_per_s'][0]:.0f}", f"{r['events_per_s'][1]:.0f}",
-                    r["events_ratio"], r["half_p99_ms"][0], r["half_p99_ms"][1], r["half_p99_ratio"],
-                    r["cpu_us_per_event"][0], r["cpu_us_per_event"][1], r["lost"])
+            vals = (
+                r["workload"],
+                r["procs"],
+                r["first"],
+                f"{r['events_per_s'][0]:.0f}",
+                f"{r['events_per_s'][1]:.0f}",
+                r["events_ratio"],
+                r["half_p99_ms"][0],
+                r["half_p99_ms"][1],
+                r["half_p99_ratio"],
+                r["cpu_us_per_event"][0],
+                r["cpu_us_per_event"][1],
+                r["lost"],
+            )
             print("  ".join(f"{v!s:>9}" for v in vals))
     http = res.get("http", {})
     if "baseline" in http:
         print()
         for k, v in http.items():
             vs = f"x{s['http'][k + '_vs_baseline']}" if k != "baseline" else "(the yardstick)"
-            print(f"GET /inventory/{{id}} {k:>10}: {v['rps']:>8.0f} req/s {vs:>15}  p50 {v['p50_ms']} ms"
-                  f"  p99 {v['p99_ms']} ms  non-2xx {v['non_2xx']}  rounds (req/s) {[r['rps'] for r in v['rounds']]}")
+            print(
+                f"GET /inventory/{{id}} {k:>10}: {v['rps']:>8.0f} req/s {vs:>15}  p50 {v['p50_ms']} ms"
+                f"  p99 {v['p99_ms']} ms  non-2xx {v['non_2xx']}  rounds (req/s) {[r['rps'] for r in v['rounds']]}"
+            )
     for wr in res["worker"]:
         if "peak_rss_mib" in wr:
             print(f"peak RSS x{wr['procs']}: {wr['peak_rss_mib']}")
@@ -683,26 +916,44 @@ def print_cpu(res: dict[str, Any]) -> None:
     kinds = ["postgres", "rabbitmq", "worker", "redis", "load generator", "other", "total"]
     print()
     print(f"CPU per event at full load, us (whole machine; pgbench c16: {per_txn} us per transaction):")
-    print("  ".join(f"{h:>9}" for h in ("workload", "procs")) + "  " + "  ".join(f"{k:>14}" for k in kinds)
-          + "  pg16 txn/event")
+    print(
+        "  ".join(f"{h:>9}" for h in ("workload", "procs"))
+        + "  "
+        + "  ".join(f"{k:>14}" for k in kinds)
+        + "  pg16 txn/event"
+    )
     for r in rows:
         c = r["cpu_us_per_event"]
         bound = ratio(per_txn, c.get("total", float("nan"))) if per_txn else float("nan")
-        print("  ".join(f"{v!s:>9}" for v in (r["workload"], r["procs"])) + "  "
-              + "  ".join(f"{c.get(k, ''):>14}" for k in kinds) + f"  {bound:>14}")
+        print(
+            "  ".join(f"{v!s:>9}" for v in (r["workload"], r["procs"]))
+            + "  "
+            + "  ".join(f"{c.get(k, ''):>14}" for k in kinds)
+            + f"  {bound:>14}"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="a few seconds of each part, to keep it from rotting")
+    ap.add_argument(
+        "--smoke", action="store_true", help="a few seconds of each part, to keep it from rotting"
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     ap.add_argument("--procs", type=int, nargs="*", help="worker process counts (default 1 2 4)")
-    ap.add_argument("--parts", nargs="*", default=["pgbench", "naive", "worker", "http"],
-                    help="which parts to run (default all)")
+    ap.add_argument(
+        "--parts",
+        nargs="*",
+        default=["pgbench", "naive", "worker", "http"],
+        help="which parts to run (default all)",
+    )
     ap.add_argument("--count", type=int, help="orders per full-load run")
     ap.add_argument("--workloads", nargs="*", help="uniform hot multi5 locations3 (default all)")
-    ap.add_argument("--compare", metavar="REV", help="run the worker part with REV's worker too, taking turns,"
-                    " and print this checkout's figures over REV's")
+    ap.add_argument(
+        "--compare",
+        metavar="REV",
+        help="run the worker part with REV's worker too, taking turns,"
+        " and print this checkout's figures over REV's",
+    )
     args = ap.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.count:
@@ -717,8 +968,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     res: dict[str, Any] = {
         "smoke": args.smoke,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg": [load_avg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg": [load_avg()],
+        },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
     log(f"database {settings.database.dbname}, queue {settings.rabbitmq.queue}, logs {logs}")
@@ -727,8 +982,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.compare:
             code = logs / "rev"  # removed with the logs
             sha = export_rev(args.compare, code)
-            head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                                  text=True).stdout.strip()
+            head = subprocess.run(
+                ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip()
             res["compare"] = {"rev_name": args.compare, "rev": sha, "current": head}
             log(f"comparing with {args.compare} ({sha[:12]}), exported to {code}")
         prepare_database(settings)
@@ -736,10 +992,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         declare_topology(conn.channel(), settings.rabbitmq)
         conn.close()
         parts = set(args.parts)
-        res["pgbench"] = pgbench(settings, plan) if "pgbench" in parts else {"tps": {}, "fsync": "?",
-                                                                              "synchronous_commit": "?"}
-        res["naive"] = [naive(settings, plan, name, n) for n in plan.naive_procs for name in plan.workloads
-                        if (n == 1 or name == "hot") and name not in LOCATION_WORKLOADS] if "naive" in parts else []
+        res["pgbench"] = (
+            pgbench(settings, plan)
+            if "pgbench" in parts
+            else {"tps": {}, "fsync": "?", "synchronous_commit": "?"}
+        )
+        res["naive"] = (
+            [
+                naive(settings, plan, name, n)
+                for n in plan.naive_procs
+                for name in plan.workloads
+                if (n == 1 or name == "hot") and name not in LOCATION_WORKLOADS
+            ]
+            if "naive" in parts
+            else []
+        )
         res["machine"]["load_avg"].append(load_avg())
         if "worker" not in parts:
             res["worker"] = []

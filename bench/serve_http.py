@@ -35,7 +35,7 @@ def baseline_server(settings: Settings) -> ThreadingHTTPServer:
         def do_GET(self) -> None:
             body = None
             if self.path.startswith("/inventory/"):
-                body = client.get(prefix + self.path[len("/inventory/"):])
+                body = client.get(prefix + self.path[len("/inventory/") :])
             elif self.path == "/healthz":
                 body = b'{"status":"ok"}'
             status, body = (200, body) if body is not None else (404, b'{"error":"unknown product"}')

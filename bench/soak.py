@@ -51,14 +51,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         w = load.Workload("uniform", load.uniform_ids())
         chunk = 20.0  # seconds of load per drive() call, sampling in between
         while time.monotonic() - started < args.minutes * 60:
-            r = load.drive(wp.settings, w, max(1, int(args.rate * chunk)), rate=args.rate,
-                           seed=len(results) + 1)
+            r = load.drive(
+                wp.settings, w, max(1, int(args.rate * chunk)), rate=args.rate, seed=len(results) + 1
+            )
             results.append(r.as_dict())
             pids = [p for p in proc_tree(wp.proc.pid) if p != wp.proc.pid]
-            samples.append({"t": round(time.monotonic() - started, 1),
-                            "rss_kib": {str(p): rss_kib(p, "VmRSS") for p in pids}})
-            log(f"t={samples[-1]['t']:.0f}s {r.throughput:.0f}/s p99 {r.p99_ms:.0f} ms lost {r.sent - r.received}"
-                f" rss MiB {[round(v / 1024, 1) for v in samples[-1]['rss_kib'].values()]}")
+            samples.append(
+                {
+                    "t": round(time.monotonic() - started, 1),
+                    "rss_kib": {str(p): rss_kib(p, "VmRSS") for p in pids},
+                }
+            )
+            log(
+                f"t={samples[-1]['t']:.0f}s {r.throughput:.0f}/s p99 {r.p99_ms:.0f} ms lost {r.sent - r.received}"
+                f" rss MiB {[round(v / 1024, 1) for v in samples[-1]['rss_kib'].values()]}"
+            )
         completed = True
     except reaper.Interrupted:
         completed = True  # nothing to look into: the logs go too
@@ -82,15 +89,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if base:
             growth[pid] = round(max(later) / base - 1, 3)
     out = {
-        "minutes": args.minutes, "rate": args.rate, "procs": args.procs,
-        "orders": sum(r["sent"] for r in results), "lost": sum(r["sent"] - r["received"] for r in results),
-        "reference_t": ref["t"], "max_growth": max(growth.values()) if growth else None,
+        "minutes": args.minutes,
+        "rate": args.rate,
+        "procs": args.procs,
+        "orders": sum(r["sent"] for r in results),
+        "lost": sum(r["sent"] - r["received"] for r in results),
+        "reference_t": ref["t"],
+        "max_growth": max(growth.values()) if growth else None,
         "flat_within_10pct": bool(growth) and max(growth.values()) <= 0.10,
-        "growth_by_process": growth, "samples": samples, "runs": results,
+        "growth_by_process": growth,
+        "samples": samples,
+        "runs": results,
     }
     Path(args.out).write_text(json.dumps(out, indent=2))
-    log(f"orders {out['orders']}, lost {out['lost']}, max RSS growth after warm-up {out['max_growth']:.1%}:"
-        f" {'flat' if out['flat_within_10pct'] else 'NOT flat'} (written {args.out})")
+    log(
+        f"orders {out['orders']}, lost {out['lost']}, max RSS growth after warm-up {out['max_growth']:.1%}:"
+        f" {'flat' if out['flat_within_10pct'] else 'NOT flat'} (written {args.out})"
+    )
     return out
 
 

@@ -48,12 +48,21 @@ def measure(settings: Settings, conn: Any, products: list[str], batches: int, se
     pid = cur.fetchone()[0]
     before = backend_cpu(pid)
     for _ in range(batches):
-        events = [{"id": str(uuid.uuid4()), "type": "order.placed",
-                   "data": {"order_id": f"o-{uuid.uuid4().hex}",
-                            "lines": [{"product_id": rng.choice(products), "quantity": 1}]}}
-                  for _ in range(BATCH)]
-        cur.execute("BEGIN; SELECT apply_events(%s::jsonb, %s); COMMIT",
-                    (orjson.dumps(events).decode(), settings.worker.default_reservation_ttl_seconds))
+        events = [
+            {
+                "id": str(uuid.uuid4()),
+                "type": "order.placed",
+                "data": {
+                    "order_id": f"o-{uuid.uuid4().hex}",
+                    "lines": [{"product_id": rng.choice(products), "quantity": 1}],
+                },
+            }
+            for _ in range(BATCH)
+        ]
+        cur.execute(
+            "BEGIN; SELECT apply_events(%s::jsonb, %s); COMMIT",
+            (orjson.dumps(events).decode(), settings.worker.default_reservation_ttl_seconds),
+        )
     return round((backend_cpu(pid) - before) / (batches * BATCH) * 1e6, 1)
 
 
@@ -87,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     out["rounds"].setdefault(name, {}).setdefault(side, []).append(us)
             run.log(f"round {r + 1}/{args.rounds}: {out['rounds']}")
         print()
-        print(f"PostgreSQL backend CPU per order.placed, us (this checkout / {args.rev} = {out['rev'][:12]}):")
+        print(
+            f"PostgreSQL backend CPU per order.placed, us (this checkout / {args.rev} = {out['rev'][:12]}):"
+        )
         for name, v in out["rounds"].items():
             ratios = [c / p for c, p in zip(v["current"], v["rev"], strict=True)]
             out.setdefault("ratio", {})[name] = round(sorted(ratios)[len(ratios) // 2], 3)

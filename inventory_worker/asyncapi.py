@@ -25,19 +25,26 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from inventory_worker import __version__
 from inventory_worker.config import RabbitMQSettings
-from inventory_worker.contract import DATA_MODELS, INPUT_TYPES, OUTPUT_MODELS, OUTPUT_TYPES, Envelope, OutputEnvelope
+from inventory_worker.contract import (
+    DATA_MODELS,
+    INPUT_TYPES,
+    OUTPUT_MODELS,
+    OUTPUT_TYPES,
+    Envelope,
+    OutputEnvelope,
+)
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
 REF = "#/components/schemas/{model}"
 
 INPUT_DESCRIPTIONS = {
     "order.placed": "Reserve every line of the order (shortfalls backordered where the products' policy "
-                    "allows), or none.",
+    "allows), or none.",
     "order.cancelled": "Release the order's reservation (remembered if it comes before order.placed), or, "
-                       "with lines, those units only.",
+    "with lines, those units only.",
     "order.completed": "Commit the reservation: on_hand and reserved both fall by the quantities.",
     "stock.adjusted": "Change on_hand (or incoming) by a delta or set it to a count, at a location; creates "
-                      "the product if new.",
+    "the product if new.",
     "location.configured": "Create a location or change its name, priority, active or fulfils_orders.",
     "channel.configured": "Create a channel or change its locations (in preference order) or strategy.",
     "product.configured": "Create a product (all figures 0) if missing, then set its policy fields.",
@@ -56,7 +63,7 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.expired": "A reservation passed its deadline and was released; causation_id is the order.placed id.",
     "inventory.adjusted": "on_hand changed; the product's figures after the change.",
     "inventory.adjustment_rejected": "An adjustment, move, transfer or receipt that would break a stock rule "
-                                     "changed nothing.",
+    "changed nothing.",
     "inventory.low_stock": "available fell from above the product's threshold to at or below it.",
     "inventory.configured": "A location, channel or product configuration was applied: the whole of it.",
     "inventory.configuration_rejected": "A configuration change named something unknown or not allowed now.",
@@ -64,8 +71,8 @@ OUTPUT_DESCRIPTIONS = {
     "inventory.moved": "Units moved between states, between locations, or were received.",
     "inventory.back_in_stock": "available rose from 0 to above 0.",
     "inventory.backorder_filled": "Backordered units of an open order were reserved (oldest order first); "
-                                  "causation_id is the stock change's id, or the order.placed id when the "
-                                  "sweeper filled it.",
+    "causation_id is the stock change's id, or the order.placed id when the "
+    "sweeper filled it.",
     "inventory.reservation_extended": "A reservation's deadline moved (expires_at null: held until fulfilled).",
     "inventory.fulfilled": "Units of an order left, from these locations; what stays open.",
     "inventory.returned": "Units of an order came back, to these locations, in these conditions.",
@@ -80,7 +87,11 @@ def _name(routing_key: str) -> str:
 def _envelope(base: dict[str, Any], routing_key: str, data_model: str) -> dict[str, Any]:
     schema = copy.deepcopy(base)
     schema.pop("title", None)
-    schema["properties"]["type"] = {"type": "string", "const": routing_key, "description": "equals the routing key"}
+    schema["properties"]["type"] = {
+        "type": "string",
+        "const": routing_key,
+        "description": "equals the routing key",
+    }
     schema["properties"]["data"] = {"$ref": REF.format(model=data_model)}
     return schema
 
@@ -88,7 +99,8 @@ def _envelope(base: dict[str, Any], routing_key: str, data_model: str) -> dict[s
 def document(rabbitmq: RabbitMQSettings | None = None) -> dict[str, Any]:
     r = rabbitmq or RabbitMQSettings()
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        (m, "validation") for m in (*DATA_MODELS.values(), *OUTPUT_MODELS.values())]
+        (m, "validation") for m in (*DATA_MODELS.values(), *OUTPUT_MODELS.values())
+    ]
     _, defs = models_json_schema(models, ref_template=REF)
     schemas: dict[str, Any] = dict(sorted(defs.get("$defs", {}).items()))
     in_env = Envelope.model_json_schema(mode="validation")
@@ -96,7 +108,13 @@ def document(rabbitmq: RabbitMQSettings | None = None) -> dict[str, Any]:
 
     amqp_exchange = {
         "orders": {"name": r.exchange, "type": "topic", "durable": True, "autoDelete": False, "vhost": "/"},
-        "events": {"name": r.events_exchange, "type": "topic", "durable": True, "autoDelete": False, "vhost": "/"},
+        "events": {
+            "name": r.events_exchange,
+            "type": "topic",
+            "durable": True,
+            "autoDelete": False,
+            "vhost": "/",
+        },
     }
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
@@ -121,8 +139,13 @@ def document(rabbitmq: RabbitMQSettings | None = None) -> dict[str, Any]:
                 "address": key,
                 "title": f"{amqp_exchange[exchange]['name']} exchange, routing key {key}",
                 "messages": {name: {"$ref": f"#/components/messages/{name}"}},
-                "bindings": {"amqp": {"is": "routingKey", "exchange": amqp_exchange[exchange],
-                                      "bindingVersion": "0.3.0"}},
+                "bindings": {
+                    "amqp": {
+                        "is": "routingKey",
+                        "exchange": amqp_exchange[exchange],
+                        "bindingVersion": "0.3.0",
+                    }
+                },
             }
             op: dict[str, Any] = {
                 "action": "receive" if direction == "in" else "send",
@@ -188,7 +211,9 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inventory_worker.asyncapi", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m inventory_worker.asyncapi", description=__doc__.split("\n")[0]
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", action="store_true", help=f"rewrite {DOC_PATH.name}")
     group.add_argument("--check", action="store_true", help="exit 1 if the committed file differs")

@@ -29,9 +29,14 @@ if TYPE_CHECKING:
 
 def postgres(settings: Settings) -> Store:
     """The PostgreSQL adapter; it connects on first use."""
-    return Store(settings.database, settings.worker.default_reservation_ttl_seconds,
-                 {"backorder_fill_batch": settings.worker.backorder_fill_batch,
-                  "max_reservation_lifetime_seconds": settings.worker.max_reservation_lifetime_seconds})
+    return Store(
+        settings.database,
+        settings.worker.default_reservation_ttl_seconds,
+        {
+            "backorder_fill_batch": settings.worker.backorder_fill_batch,
+            "max_reservation_lifetime_seconds": settings.worker.max_reservation_lifetime_seconds,
+        },
+    )
 
 
 def redis_cache(settings: Settings) -> StockCache:
@@ -42,6 +47,7 @@ def redis_cache(settings: Settings) -> StockCache:
 def rabbitmq_connect(settings: Settings) -> Callable[[], pika.BlockingConnection]:
     """Opens a new RabbitMQ connection at each call."""
     from inventory_worker.adapters import rabbitmq
+
     return functools.partial(rabbitmq.connect, settings.rabbitmq)
 
 

@@ -8,9 +8,9 @@ import datetime
 import json
 import re
 import sys
-from typing import Any
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from typing import Any
 
 from inventory_worker.config import ConfigError, Settings, load_settings
 from inventory_worker.contract import INPUT_TYPES
@@ -125,7 +125,9 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
             done = dlq.replay(selected, args.limit)
             for m in done:
                 print(json.dumps({"replayed": m.message_id, "routing_key": m.routing_key}))
-            print(f"replayed {len(done)} message(s) to exchange {settings.rabbitmq.exchange}", file=sys.stderr)
+            print(
+                f"replayed {len(done)} message(s) to exchange {settings.rabbitmq.exchange}", file=sys.stderr
+            )
             return 0
         if not args.yes:
             print("purge deletes dead-lettered messages for good: add --yes", file=sys.stderr)
@@ -153,9 +155,12 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
     known = checked_roles(settings.auth)
     unknown = [r for r in args.role if r not in known]
     if unknown and not args.unchecked_role:
-        print(f"inventory-worker: no route checks role {', '.join(map(repr, unknown))}, so it would grant "
-              f"nothing; roles checked with this configuration: {', '.join(sorted(known))} (for /metrics, "
-              "set auth.metrics_role first; --unchecked-role accepts it anyway)", file=sys.stderr)
+        print(
+            f"inventory-worker: no route checks role {', '.join(map(repr, unknown))}, so it would grant "
+            f"nothing; roles checked with this configuration: {', '.join(sorted(known))} (for /metrics, "
+            "set auth.metrics_role first; --unchecked-role accepts it anyway)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     token = new_token()
     entry = token_config(args.name, args.role, token)
@@ -163,12 +168,16 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
     print(f"  {token}\n")
     print("Add it to the configuration under auth.tokens (only its hash is stored):\n")
     print(f"  - {json.dumps(entry)}\n")
-    print("or set this environment variable, with or without a config file (it replaces the whole\n"
-          "auth.tokens list, the file's entries included: put every token in it):\n")
+    print(
+        "or set this environment variable, with or without a config file (it replaces the whole\n"
+        "auth.tokens list, the file's entries included: put every token in it):\n"
+    )
     print(f"  INVENTORY_AUTH__TOKENS='{json.dumps([entry])}'\n")
-    print("Then restart the worker, which reads tokens only when it starts: stop it (Ctrl-C or SIGTERM)\n"
-          "and run `inventory-worker run` again, with the variable exported if you chose it\n"
-          "(`systemctl restart inventory-worker` under systemd).")
+    print(
+        "Then restart the worker, which reads tokens only when it starts: stop it (Ctrl-C or SIGTERM)\n"
+        "and run `inventory-worker run` again, with the variable exported if you chose it\n"
+        "(`systemctl restart inventory-worker` under systemd)."
+    )
     return 0
 
 
@@ -191,13 +200,17 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
             print(json.dumps(r, default=str))
         return 0
     # Each movement's change, then the figures the ledger gives right after it.
-    print(f"{'id':>8}  {'occurred_at (UTC)':<26}  {'reason':<7}  {'on_hand±':>8}  {'reserved±':>9}"
-          f"  {'on_hand':>9}  {'reserved':>9}  order / event / note")
+    print(
+        f"{'id':>8}  {'occurred_at (UTC)':<26}  {'reason':<7}  {'on_hand±':>8}  {'reserved±':>9}"
+        f"  {'on_hand':>9}  {'reserved':>9}  order / event / note"
+    )
     for r in rows:
         ref = " ".join(str(x) for x in (r["order_id"], r["event_id"], r["note"]) if x is not None)
         when = r["occurred_at"].astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-        print(f"{r['id']:>8}  {when:<26}  {r['reason']:<7}  {r['on_hand_delta']:>+8}  {r['reserved_delta']:>+9}"
-              f"  {r['on_hand_after']:>9}  {r['reserved_after']:>9}  {ref}")
+        print(
+            f"{r['id']:>8}  {when:<26}  {r['reason']:<7}  {r['on_hand_delta']:>+8}  {r['reserved_delta']:>+9}"
+            f"  {r['on_hand_after']:>9}  {r['reserved_after']:>9}  {ref}"
+        )
     return 0
 
 
@@ -209,8 +222,11 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
         mismatches, checked = Audit(store, cache).verify(settle_seconds=args.settle)
     for m in mismatches:
         print(m.as_json() if args.json else f"{m.product_id}: [{m.check}] {m.message}")
-    print(f"verify: {checked['products']} products, {checked['cached']} cached entries checked; "
-          f"{len(mismatches)} mismatch{'es' if len(mismatches) != 1 else ''}", file=sys.stderr)
+    print(
+        f"verify: {checked['products']} products, {checked['cached']} cached entries checked; "
+        f"{len(mismatches)} mismatch{'es' if len(mismatches) != 1 else ''}",
+        file=sys.stderr,
+    )
     if "cache_error" in checked:
         print(f"verify: the Redis cache was not checked: {checked['cache_error']}", file=sys.stderr)
         return 1
@@ -281,11 +297,21 @@ def _data_help() -> str:
     return "\n".join(out)
 
 
-def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, epilog: str = "",
-         description: str | None = None) -> argparse.ArgumentParser:
+def _add(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    epilog: str = "",
+    description: str | None = None,
+) -> argparse.ArgumentParser:
     """A subcommand whose --help says what it does and shows examples (kept as written)."""
-    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
-                          epilog=epilog.strip("\n") or None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=description or help[0].upper() + help[1:] + ".",
+        epilog=epilog.strip("\n") or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return parser
 
 
@@ -303,17 +329,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _add(sub, "migrate", "create the database if missing and apply sql/ migrations", """
+    p = _add(
+        sub,
+        "migrate",
+        "create the database if missing and apply sql/ migrations",
+        """
 Applies, in order, the migrations in sql/ not yet recorded in the database (each in a transaction),
 and prints each one applied, or "database is up to date". Safe to run again, and while workers run.
 
 examples:
   inventory-worker migrate
   inventory-worker --config /etc/inventory-worker/config.yaml migrate
-""")
+""",
+    )
     p.set_defaults(func=_migrate)
 
-    p = _add(sub, "run", "run the worker until SIGTERM/SIGINT", """
+    p = _add(
+        sub,
+        "run",
+        "run the worker until SIGTERM/SIGINT",
+        """
 Starts the consumer processes and the HTTP endpoint, and restarts any that dies. Refuses to start
 while migrations are pending, or when a dependency refuses its credentials; waits and retries
 while one cannot be reached. Logs one JSON line per event to stderr.
@@ -322,12 +357,22 @@ examples:
   inventory-worker run
   inventory-worker run --processes 4
   INVENTORY_HTTP__PORT=9090 inventory-worker run
-""")
-    p.add_argument("--processes", type=int, metavar="N",
-                   help="consumer processes (default: worker.processes, else the number of CPUs)")
+""",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="consumer processes (default: worker.processes, else the number of CPUs)",
+    )
     p.set_defaults(func=_run)
 
-    p = _add(sub, "publish", "publish one input event through the message contract", _data_help() + """
+    p = _add(
+        sub,
+        "publish",
+        "publish one input event through the message contract",
+        _data_help()
+        + """
 
 It prints the event it published (with its id and occurred_at) as one JSON line.
 
@@ -341,126 +386,211 @@ examples:
   inventory-worker publish stock.adjusted --data '{"product_id": "SKU-1", "location_id": "store-1", "delta": 5}'
   inventory-worker publish stock.moved \\
       --data '{"product_id": "SKU-1", "quantity": 1, "from": "sellable", "to": "damaged"}'
-""")
-    p.add_argument("type", metavar="TYPE", choices=list(INPUT_TYPES),
-                   help="one of " + ", ".join(INPUT_TYPES))
+""",
+    )
+    p.add_argument("type", metavar="TYPE", choices=list(INPUT_TYPES), help="one of " + ", ".join(INPUT_TYPES))
     p.add_argument("--data", required=True, metavar="JSON", help="the event's data (see below)")
-    p.add_argument("--id", metavar="UUID", help="the idempotency key (default: a new UUID); "
-                   "publishing again with the same id changes nothing")
+    p.add_argument(
+        "--id",
+        metavar="UUID",
+        help="the idempotency key (default: a new UUID); publishing again with the same id changes nothing",
+    )
     p.set_defaults(func=_publish)
 
-    p = _add(sub, "stock", "print a product's stock (per location, states, policy) from PostgreSQL", """
+    p = _add(
+        sub,
+        "stock",
+        "print a product's stock (per location, states, policy) from PostgreSQL",
+        """
 Prints one JSON object, the document of GET /inventory/{id}/detail: the product's version, totals
 (on_hand, reserved, available, damaged, quality_control, incoming), policy, and its level at each
 location, by (priority, location_id). Exit status 1 for an unknown product.
 
 example:
   inventory-worker stock SKU-1
-""")
+""",
+    )
     p.add_argument("product_id", metavar="PRODUCT_ID")
     p.set_defaults(func=_stock)
 
-    p = _add(sub, "locations", "list the locations and the channels from PostgreSQL", """
+    p = _add(
+        sub,
+        "locations",
+        "list the locations and the channels from PostgreSQL",
+        """
 Prints one JSON line per location ({"kind": "location", location_id, name, priority, active,
 fulfils_orders}, by priority then id), then one per channel ({"kind": "channel", channel_id,
 strategy, locations}: locations null means every active, order-fulfilling location).
 
 example:
   inventory-worker locations
-""")
+""",
+    )
     p.set_defaults(func=_locations)
 
-    p = _add(sub, "dlq", "inspect, replay or purge dead-lettered messages", """
+    p = _add(
+        sub,
+        "dlq",
+        "inspect, replay or purge dead-lettered messages",
+        """
 examples:
   inventory-worker dlq list --limit 10
   inventory-worker dlq replay --message-id 3f1c...
   inventory-worker dlq purge --yes
-""")
+""",
+    )
     dsub = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     for name, text, example in (
-            ("list", "print each dead-lettered message as a JSON line (left in place)", "dlq list --limit 10"),
-            ("replay", "publish them again to the input exchange, with their routing key",
-             "dlq replay --message-id ID"),
-            ("purge", "delete them", "dlq purge --yes --message-id ID")):
+        ("list", "print each dead-lettered message as a JSON line (left in place)", "dlq list --limit 10"),
+        (
+            "replay",
+            "publish them again to the input exchange, with their routing key",
+            "dlq replay --message-id ID",
+        ),
+        ("purge", "delete them", "dlq purge --yes --message-id ID"),
+    ):
         d = _add(dsub, name, text, f"example:\n  inventory-worker {example}\n")
         d.add_argument("--limit", type=int, metavar="N", help="at most N messages")
         if name != "list":
-            d.add_argument("--message-id", action="append", metavar="ID",
-                           help="only the message with this AMQP message id (repeatable)")
+            d.add_argument(
+                "--message-id",
+                action="append",
+                metavar="ID",
+                help="only the message with this AMQP message id (repeatable)",
+            )
         if name == "purge":
             d.add_argument("--yes", action="store_true", help="really delete")
     p.set_defaults(func=_dlq)
 
-    p = _add(sub, "cache", "the Redis stock cache", """
+    p = _add(
+        sub,
+        "cache",
+        "the Redis stock cache",
+        """
 example:
   inventory-worker cache rebuild
-""")
+""",
+    )
     csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    _add(csub, "rebuild", "refill Redis from PostgreSQL (version-checked, safe while running)", """
+    _add(
+        csub,
+        "rebuild",
+        "refill Redis from PostgreSQL (version-checked, safe while running)",
+        """
 Prints {"products": N, "written": M}: entries already newer in Redis are left alone.
 
 example:
   inventory-worker cache rebuild
-""")
+""",
+    )
     p.set_defaults(func=_cache)
-    p = _add(sub, "token", "manage API tokens for the HTTP endpoint", """
+    p = _add(
+        sub,
+        "token",
+        "manage API tokens for the HTTP endpoint",
+        """
 example:
   inventory-worker token create shop-frontend --role inventory:read
-""")
+""",
+    )
     token_sub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    t = _add(token_sub, "create", "print a new random token once, and the config entry to add", """
+    t = _add(
+        token_sub,
+        "create",
+        "print a new random token once, and the config entry to add",
+        """
 Only the token's SHA-256 goes into the configuration (auth.tokens, or INVENTORY_AUTH__TOKENS); the
 worker reads it when it starts. A role no route checks is refused (--unchecked-role to insist).
 
 examples:
   inventory-worker token create shop-frontend --role inventory:read
   INVENTORY_AUTH__METRICS_ROLE=metrics:read inventory-worker token create prometheus --role metrics:read
-""")
-    t.add_argument("name", metavar="NAME", help="who the token is for (letters, digits and ._-), shown in logs")
-    t.add_argument("--role", action="append", required=True, metavar="ROLE",
-                   help="a role of the token (repeatable): inventory:read for GET /inventory/..., "
-                   "or the role set as auth.metrics_role")
-    t.add_argument("--unchecked-role", action="store_true",
-                   help="accept a role no route checks with the current configuration")
+""",
+    )
+    t.add_argument(
+        "name", metavar="NAME", help="who the token is for (letters, digits and ._-), shown in logs"
+    )
+    t.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        metavar="ROLE",
+        help="a role of the token (repeatable): inventory:read for GET /inventory/..., "
+        "or the role set as auth.metrics_role",
+    )
+    t.add_argument(
+        "--unchecked-role",
+        action="store_true",
+        help="accept a role no route checks with the current configuration",
+    )
     t.set_defaults(func=_token_create)
 
-    p = _add(sub, "history", "print a product's stock movements (the ledger), newest first", """
+    p = _add(
+        sub,
+        "history",
+        "print a product's stock movements (the ledger), newest first",
+        """
 Each movement's change and the figures right after it, with the order, event id or note behind it.
 
 examples:
   inventory-worker history SKU-1
   inventory-worker history SKU-1 --limit 500 --json
-""")
+""",
+    )
     p.add_argument("product_id", metavar="PRODUCT_ID")
     p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N movements (default 50)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_history)
 
-    p = _add(sub, "verify", "check every figure against the ledger, the reservations and the Redis cache; "
-             "exit 1 on any mismatch", """
+    p = _add(
+        sub,
+        "verify",
+        "check every figure against the ledger, the reservations and the Redis cache; exit 1 on any mismatch",
+        """
 Prints each mismatch and a summary line on stderr. Read-only; safe while the worker runs.
 
 examples:
   inventory-worker verify
   inventory-worker verify --json --settle 5
-""")
-    p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
-                   help="re-check a cache difference after this long before reporting it (default 1)")
+""",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="re-check a cache difference after this long before reporting it (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per mismatch")
     p.set_defaults(func=_verify)
 
-    p = _add(sub, "prune", "delete published outbox rows and old idempotency keys, in short batches", """
+    p = _add(
+        sub,
+        "prune",
+        "delete published outbox rows and old idempotency keys, in short batches",
+        """
 Prints {"deleted": {...}} with the rows deleted per table. Safe while the worker runs (a cron job).
 
 examples:
   inventory-worker prune
   inventory-worker prune --outbox-days 1 --events-days 14
-""")
-    p.add_argument("--outbox-days", type=float, default=7, metavar="DAYS",
-                   help="published outbox rows older than this (default 7)")
-    p.add_argument("--events-days", type=float, default=30, metavar="DAYS",
-                   help="idempotency keys older than this, at least 1 (default 30): keep them longer than "
-                   "any message can be redelivered or replayed, or it applies again")
+""",
+    )
+    p.add_argument(
+        "--outbox-days",
+        type=float,
+        default=7,
+        metavar="DAYS",
+        help="published outbox rows older than this (default 7)",
+    )
+    p.add_argument(
+        "--events-days",
+        type=float,
+        default=30,
+        metavar="DAYS",
+        help="idempotency keys older than this, at least 1 (default 30): keep them longer than "
+        "any message can be redelivered or replayed, or it applies again",
+    )
     p.set_defaults(func=_prune)
     return parser
 
@@ -502,7 +632,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         import psycopg2
 
         from inventory_worker.adapters.postgres import TransientError
-
         from inventory_worker.dependencies import describe
 
         failure = describe(exc, settings)
@@ -513,8 +642,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"inventory-worker: cannot reach a dependency: {failure}", file=sys.stderr)
             return 1
         if isinstance(exc, (TransientError, psycopg2.OperationalError, pika.exceptions.AMQPError, OSError)):
-            print(f"inventory-worker: cannot reach a dependency: {str(exc).strip() or type(exc).__name__}",
-                  file=sys.stderr)
+            print(
+                f"inventory-worker: cannot reach a dependency: {str(exc).strip() or type(exc).__name__}",
+                file=sys.stderr,
+            )
             return 1
         raise
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import difflib
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AnyUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
-    SettingsError,
     BaseSettings,
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 from pydantic_settings.sources.utils import parse_env_vars
@@ -52,10 +52,12 @@ def split_address(address: str, default_port: int) -> tuple[str, int]:
 
 def _addresses(default_port: int) -> Any:
     """A validator of a list of `host:port`, each checked (and kept as given)."""
+
     def check(values: list[str]) -> list[str]:
         for v in values:
             split_address(v, default_port)
         return values
+
     return check
 
 
@@ -90,7 +92,7 @@ class DatabaseSettings(_Section):
         "multi-host form with `target_session_attrs=read-write`, so the worker connects to "
         "whichever is the primary (after a failover, the promoted standby) and never writes to "
         "a standby. In the environment, a JSON list: "
-        "`INVENTORY_DATABASE__HOSTS='[\"pg-a:5432\",\"pg-b:5432\"]'`. See docs/topology.md.",
+        '`INVENTORY_DATABASE__HOSTS=\'["pg-a:5432","pg-b:5432"]\'`. See docs/topology.md.',
     )
 
     _check_hosts = field_validator("hosts")(_addresses(5432))
@@ -104,11 +106,13 @@ class DatabaseSettings(_Section):
         """Keyword arguments for psycopg2.connect; the password is never put in a string."""
         if self.hosts:
             pairs = [split_address(h, 5432) for h in self.hosts]
-            place: dict[str, Any] = {"host": ",".join(h for h, _ in pairs),
-                                     "port": ",".join(str(p) for _, p in pairs),
-                                     # libpq tries them in order and keeps the first that
-                                     # accepts writes (it asks `SHOW transaction_read_only`).
-                                     "target_session_attrs": "read-write"}
+            place: dict[str, Any] = {
+                "host": ",".join(h for h, _ in pairs),
+                "port": ",".join(str(p) for _, p in pairs),
+                # libpq tries them in order and keeps the first that
+                # accepts writes (it asks `SHOW transaction_read_only`).
+                "target_session_attrs": "read-write",
+            }
         else:
             place = {"host": self.host, "port": self.port}
         kwargs: dict[str, Any] = {
@@ -549,11 +553,17 @@ def environ_with_files(environ: Mapping[str, str]) -> dict[str, str]:
 # INVENTORY_* variables the project reads that are not settings: the config file's path, where
 # sql/ and docs/ are, the HTTP server's hand-over to its granian workers, and the test suite's
 # and benchmark's knobs.
-NON_SETTINGS = frozenset({
-    "INVENTORY_CONFIG", "INVENTORY_SQL_DIR", "INVENTORY_DOCS_DIR",
-    "INVENTORY_HTTP_SETTINGS_JSON", "INVENTORY_HTTP_HEALTH_SHM",
-    "INVENTORY_TEST_RUN_ID", "INVENTORY_TEST_KEEP",
-})
+NON_SETTINGS = frozenset(
+    {
+        "INVENTORY_CONFIG",
+        "INVENTORY_SQL_DIR",
+        "INVENTORY_DOCS_DIR",
+        "INVENTORY_HTTP_SETTINGS_JSON",
+        "INVENTORY_HTTP_HEALTH_SHM",
+        "INVENTORY_TEST_RUN_ID",
+        "INVENTORY_TEST_KEEP",
+    }
+)
 NON_SETTING_PREFIXES = ("INVENTORY_FUZZ_",)
 
 
@@ -583,9 +593,13 @@ def check_environment(environ: Mapping[str, str]) -> None:
         if base in known:
             continue
         close = difflib.get_close_matches(base, known | NON_SETTINGS, n=1, cutoff=0.8)
-        hint = f" (did you mean {close[0] + (suffix if close[0] not in NON_SETTINGS else '')}?)" if close else ""
-        raise ConfigError(f"unknown environment variable {raw}{hint}: not a setting "
-                          "(settings are INVENTORY_<SECTION>__<KEY>)")
+        hint = (
+            f" (did you mean {close[0] + (suffix if close[0] not in NON_SETTINGS else '')}?)" if close else ""
+        )
+        raise ConfigError(
+            f"unknown environment variable {raw}{hint}: not a setting "
+            "(settings are INVENTORY_<SECTION>__<KEY>)"
+        )
 
 
 class _EnvWithFilesSource(EnvSettingsSource):
@@ -593,8 +607,12 @@ class _EnvWithFilesSource(EnvSettingsSource):
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         check_environment(os.environ)
-        return parse_env_vars(environ_with_files(os.environ), self.case_sensitive,
-                              self.env_ignore_empty, self.env_parse_none_str)
+        return parse_env_vars(
+            environ_with_files(os.environ),
+            self.case_sensitive,
+            self.env_ignore_empty,
+            self.env_parse_none_str,
+        )
 
 
 _yaml_path: Path | None = None

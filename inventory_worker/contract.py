@@ -147,8 +147,12 @@ class OrderPlaced(_Strict):
     reservation_ttl_seconds: Annotated[int, Field(ge=1, le=31_536_000, strict=True)] | None = None
     channel_id: ChannelId | None = None
     # Absent: None (the product's policy decides); an explicit null is refused, as a bool field's.
-    allow_backorder: StrictBool = Field(None, description="false: never backorder this order (default: as each "  # type: ignore[assignment]
-                                        "product's backorder policy allows)", json_schema_extra=_no_default)
+    allow_backorder: StrictBool = Field(
+        None,
+        description="false: never backorder this order (default: as each "  # type: ignore[assignment]
+        "product's backorder policy allows)",
+        json_schema_extra=_no_default,
+    )
 
     @field_validator("lines")
     @classmethod
@@ -193,10 +197,14 @@ def _const_true(schema: dict[str, Any]) -> None:
 class ReservationExtended(_Strict):
     """Exactly one of: extend_by_seconds, until_fulfilled (true)."""
 
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {**_required("extend_by_seconds"), **_not_any("until_fulfilled")},
-        {**_required("until_fulfilled"), **_not_any("extend_by_seconds")},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {**_required("extend_by_seconds"), **_not_any("until_fulfilled")},
+                {**_required("until_fulfilled"), **_not_any("extend_by_seconds")},
+            ]
+        }
+    )
 
     order_id: OrderId
     extend_by_seconds: Annotated[int, Field(ge=1, le=31_536_000, strict=True)] = _absent()
@@ -225,8 +233,12 @@ class OrderFulfilled(_Strict):
     @field_validator("lines")
     @classmethod
     def _distinct_lines(cls, lines: list[FulfilmentLine]) -> list[FulfilmentLine]:
-        _distinct(lines, lambda x: (x.product_id, x.location_id),
-                  lambda x: f"({x.product_id}, {x.location_id or 'any location'})", "lines (product_id, location_id)")
+        _distinct(
+            lines,
+            lambda x: (x.product_id, x.location_id),
+            lambda x: f"({x.product_id}, {x.location_id or 'any location'})",
+            "lines (product_id, location_id)",
+        )
         return lines
 
 
@@ -252,9 +264,12 @@ class OrderReturned(_Strict):
     @field_validator("lines")
     @classmethod
     def _distinct_lines(cls, lines: list[ReturnLine]) -> list[ReturnLine]:
-        _distinct(lines, lambda x: (x.product_id, x.location_id, x.condition),
-                  lambda x: f"({x.product_id}, {x.location_id or 'default location'}, {x.condition})",
-                  "lines (product_id, location_id, condition)")
+        _distinct(
+            lines,
+            lambda x: (x.product_id, x.location_id, x.condition),
+            lambda x: f"({x.product_id}, {x.location_id or 'default location'}, {x.condition})",
+            "lines (product_id, location_id, condition)",
+        )
         return lines
 
 
@@ -262,9 +277,13 @@ class OrderReturned(_Strict):
 
 _QUANTITIES = ("delta", "on_hand", "incoming")
 # JSON Schema mirrors of the validators below: exactly one quantity; `name` only with `delta`.
-_ONE_QUANTITY: dict[str, Any] = {"oneOf": [{"required": [k], "properties": {k: {"type": "integer"}}} for k in _QUANTITIES]}
-_NAME_WITH_DELTA: dict[str, Any] = {"if": {"required": ["name"], "properties": {"name": {"type": "string"}}},
-                    "then": {"required": ["delta"], "properties": {"delta": {"type": "integer"}}}}
+_ONE_QUANTITY: dict[str, Any] = {
+    "oneOf": [{"required": [k], "properties": {k: {"type": "integer"}}} for k in _QUANTITIES]
+}
+_NAME_WITH_DELTA: dict[str, Any] = {
+    "if": {"required": ["name"], "properties": {"name": {"type": "string"}}},
+    "then": {"required": ["delta"], "properties": {"delta": {"type": "integer"}}},
+}
 
 
 class _AdjustmentFields(_Strict):
@@ -310,10 +329,18 @@ class StockAdjusted(_AdjustmentFields):
     adjustment, items (and atomic) and none of the other fields; in items a (product_id,
     location_id, quantity changed) appears at most once."""
 
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {**_required("items"), **_not_any(*_ADJUSTMENT_FIELDS)},
-        {**_required("product_id"), **_not_any("items", "atomic"), "allOf": [_ONE_QUANTITY, _NAME_WITH_DELTA]},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {**_required("items"), **_not_any(*_ADJUSTMENT_FIELDS)},
+                {
+                    **_required("product_id"),
+                    **_not_any("items", "atomic"),
+                    "allOf": [_ONE_QUANTITY, _NAME_WITH_DELTA],
+                },
+            ]
+        }
+    )
 
     product_id: ProductId = _absent()  # required without items (checked below)
     items: Annotated[list[StockAdjustmentItem], Field(min_length=1, max_length=1000)] = _absent()
@@ -322,8 +349,12 @@ class StockAdjusted(_AdjustmentFields):
     @field_validator("items")
     @classmethod
     def _distinct_items(cls, items: list[StockAdjustmentItem]) -> list[StockAdjustmentItem]:
-        _distinct(items, StockAdjustmentItem.key,
-                  lambda i: "({}, {}, {})".format(*i.key()), "items (product_id, location_id, quantity)")
+        _distinct(
+            items,
+            StockAdjustmentItem.key,
+            lambda i: "({}, {}, {})".format(*i.key()),
+            "items (product_id, location_id, quantity)",
+        )
         return items
 
     @model_validator(mode="after")
@@ -361,9 +392,12 @@ class ChannelConfigured(_Strict):
     default takes no list."""
 
     NULL_UNSETS = ("locations",)
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"required": ["channel_id"], "properties": {"channel_id": {"const": "default"}}},
-        "then": {"properties": {"locations": {"type": "null"}}}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"required": ["channel_id"], "properties": {"channel_id": {"const": "default"}}},
+            "then": {"properties": {"locations": {"type": "null"}}},
+        }
+    )
 
     channel_id: ChannelId
     locations: Annotated[list[LocationId], Field(min_length=1, max_length=100)] | None = None
@@ -378,7 +412,9 @@ class ChannelConfigured(_Strict):
     @model_validator(mode="after")
     def _default_takes_no_list(self) -> Self:
         if self.channel_id == "default" and self.locations is not None:
-            raise ValueError("channel default takes no 'locations' (it is every active, order-fulfilling location)")
+            raise ValueError(
+                "channel default takes no 'locations' (it is every active, order-fulfilling location)"
+            )
         return self
 
 
@@ -393,9 +429,19 @@ class BackorderPolicy(_Strict):
 
     mode: Literal["deny", "allow", "incoming"]
     limit: Annotated[int, Field(ge=0, le=1_000_000_000, strict=True)] | None = None
-    until: Annotated[AwareDatetime, BeforeValidator(lambda v: _rfc3339_string(v)),
-                     Field(json_schema_extra={"pattern": r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
-                                              r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"})] | None = None
+    until: (
+        Annotated[
+            AwareDatetime,
+            BeforeValidator(lambda v: _rfc3339_string(v)),
+            Field(
+                json_schema_extra={
+                    "pattern": r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+                    r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+                }
+            ),
+        ]
+        | None
+    ) = None
 
 
 class ProductConfigured(_Strict):
@@ -424,8 +470,16 @@ _STATES = ("sellable", "damaged", "quality_control")
 
 
 class _StockMovedRules(_Strict):
-    model_config = ConfigDict(json_schema_extra={"not": {"anyOf": [
-        {"required": ["from", "to"], "properties": {"from": {"const": s}, "to": {"const": s}}} for s in _STATES]}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "anyOf": [
+                    {"required": ["from", "to"], "properties": {"from": {"const": s}, "to": {"const": s}}}
+                    for s in _STATES
+                ]
+            }
+        }
+    )
 
     @model_validator(mode="after")
     def _from_is_not_to(self) -> Self:
@@ -472,7 +526,9 @@ class StockTransferred(_Strict):
     @field_validator("lines")
     @classmethod
     def _distinct_products(cls, lines: list[TransferLine]) -> list[TransferLine]:
-        _distinct(lines, lambda line: line.product_id, lambda line: f"product {line.product_id}", "one transfer")
+        _distinct(
+            lines, lambda line: line.product_id, lambda line: f"product {line.product_id}", "one transfer"
+        )
         return lines
 
     @model_validator(mode="after")
@@ -497,10 +553,14 @@ class StockReceived(ReceiptItem):
     """product_id and quantity, or, for a bulk receipt, items (with atomic) and none of the
     other fields; in items a (product_id, location_id) appears at most once."""
 
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {**_required("items"), **_not_any(*_RECEIPT_FIELDS)},
-        {**_required("product_id", "quantity"), **_not_any("items", "atomic")},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {**_required("items"), **_not_any(*_RECEIPT_FIELDS)},
+                {**_required("product_id", "quantity"), **_not_any("items", "atomic")},
+            ]
+        }
+    )
 
     product_id: ProductId = _absent()
     quantity: StockQuantity = _absent()
@@ -510,8 +570,12 @@ class StockReceived(ReceiptItem):
     @field_validator("items")
     @classmethod
     def _distinct_items(cls, items: list[ReceiptItem]) -> list[ReceiptItem]:
-        _distinct(items, lambda i: (i.product_id, i.location_id or "default"),
-                  lambda i: f"({i.product_id}, {i.location_id or 'default'})", "items (product_id, location_id)")
+        _distinct(
+            items,
+            lambda i: (i.product_id, i.location_id or "default"),
+            lambda i: f"({i.product_id}, {i.location_id or 'default'})",
+            "items (product_id, location_id)",
+        )
         return items
 
     @model_validator(mode="after")
@@ -557,7 +621,9 @@ def _for_store(data: _Strict) -> dict[str, Any]:
 # occurred_at: an RFC 3339 date-time string with its offset (Z or +hh:mm), 'T' or space between
 # date and time, from 2000-01-01T00:00:00Z up to (not including) 2100-01-01T00:00:00Z. Without
 # this, pydantic also took numbers (as Unix times) and the years 0001 and 9999.
-RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})")
+RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 OCCURRED_AT_MIN = datetime(2000, 1, 1, tzinfo=UTC)
 OCCURRED_AT_MAX = datetime(2100, 1, 1, tzinfo=UTC)  # exclusive
 
@@ -577,9 +643,16 @@ def _sane_instant(value: datetime) -> datetime:
 class Envelope(_Strict):
     id: uuid.UUID
     type: Literal[INPUT_TYPES]  # type: ignore[valid-type]
-    occurred_at: Annotated[AwareDatetime, BeforeValidator(_rfc3339_string), AfterValidator(_sane_instant),
-                           Field(description="RFC 3339 with an offset, from 2000-01-01T00:00:00Z up to (not "
-                                 "including) 2100-01-01T00:00:00Z", json_schema_extra={"pattern": RFC3339.pattern})]
+    occurred_at: Annotated[
+        AwareDatetime,
+        BeforeValidator(_rfc3339_string),
+        AfterValidator(_sane_instant),
+        Field(
+            description="RFC 3339 with an offset, from 2000-01-01T00:00:00Z up to (not "
+            "including) 2100-01-01T00:00:00Z",
+            json_schema_extra={"pattern": RFC3339.pattern},
+        ),
+    ]
     data: dict[str, Any]
 
 
@@ -677,10 +750,24 @@ class Reserved(_Strict):
 
 class Rejected(_Strict):
     order_id: str
-    reason: Literal["insufficient_stock", "unknown_product", "order_cancelled", "reservation_expired",
-                    "unknown_channel", "location_unavailable", "quantity_limit", "unknown_order",
-                    "order_completed", "extension_limit", "unknown_line", "exceeds_reserved",
-                    "backorder_pending", "exceeds_open_quantity", "unknown_location", "exceeds_fulfilled"]
+    reason: Literal[
+        "insufficient_stock",
+        "unknown_product",
+        "order_cancelled",
+        "reservation_expired",
+        "unknown_channel",
+        "location_unavailable",
+        "quantity_limit",
+        "unknown_order",
+        "order_completed",
+        "extension_limit",
+        "unknown_line",
+        "exceeds_reserved",
+        "backorder_pending",
+        "exceeds_open_quantity",
+        "unknown_location",
+        "exceeds_fulfilled",
+    ]
     shortages: list[Shortage]
 
 
@@ -738,8 +825,16 @@ class AdjustmentRejected(_Strict):
     """current is given with reason stale, and only then; index only with location_id."""
 
     product_id: str
-    reason: Literal["negative_on_hand", "below_reserved", "unknown_location", "unknown_product", "stale",
-                    "negative_incoming", "insufficient_quantity", "batch_rejected"]
+    reason: Literal[
+        "negative_on_hand",
+        "below_reserved",
+        "unknown_location",
+        "unknown_product",
+        "stale",
+        "negative_incoming",
+        "insufficient_quantity",
+        "batch_rejected",
+    ]
     on_hand: int
     reserved: int
     requested: int
@@ -845,10 +940,13 @@ class AllocatedLine(_Strict):
     def _adds_up(self) -> Self:
         held = sum(a.quantity for a in self.allocations) + self.backordered
         if held != (self.quantity if self.tracked else 0):
-            raise ValueError(f"holds {held} units of a {'tracked' if self.tracked else 'untracked'} line of "
-                             f"{self.quantity}")
-        _distinct(self.allocations, lambda a: a.location_id, lambda a: f"location {a.location_id}",
-                  "allocations")
+            raise ValueError(
+                f"holds {held} units of a {'tracked' if self.tracked else 'untracked'} line of "
+                f"{self.quantity}"
+            )
+        _distinct(
+            self.allocations, lambda a: a.location_id, lambda a: f"location {a.location_id}", "allocations"
+        )
         return self
 
 

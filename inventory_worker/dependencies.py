@@ -23,8 +23,10 @@ from inventory_worker.logs import get_logger
 log = get_logger(__name__)
 
 # libpq's messages for credentials the server refused (the role unknown counts: same remedy).
-_PG_AUTH = re.compile(r"password authentication failed|authentication failed|no password supplied|"
-                      r"role \"[^\"]*\" does not exist|pg_hba\.conf rejects")
+_PG_AUTH = re.compile(
+    r"password authentication failed|authentication failed|no password supplied|"
+    r"role \"[^\"]*\" does not exist|pg_hba\.conf rejects"
+)
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,14 @@ def describe(exc: BaseException, settings: Settings) -> Failure | None:
             return Failure("PostgreSQL", where, _network_reason(text) or detail or type(e).__name__, False)
         if isinstance(e, pika.exceptions.AMQPError):
             where = rabbitmq_address(settings)
-            if isinstance(e, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError,
-                              pika.exceptions.ProbableAccessDeniedError)):
+            if isinstance(
+                e,
+                (
+                    pika.exceptions.ProbableAuthenticationError,
+                    pika.exceptions.AuthenticationError,
+                    pika.exceptions.ProbableAccessDeniedError,
+                ),
+            ):
                 m = re.search(r"(ACCESS_REFUSED|NOT_ALLOWED)[^'\"]*", str(e))
                 why = m.group(0) if m else type(e).__name__
                 return Failure("RabbitMQ", where, f"authentication failed ({why})", True)
@@ -128,9 +136,12 @@ def _until_reachable(settings: Settings, check: Callable[[Settings], Any]) -> An
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         failure = describe(state.outcome.exception(), settings)  # type: ignore[union-attr, arg-type]
-        log.warning("cannot reach a dependency; retrying", **failure.fields(),  # type: ignore[union-attr]
-                    attempt=state.attempt_number,
-                    wait_seconds=round(state.next_action.sleep, 2) if state.next_action else None)
+        log.warning(
+            "cannot reach a dependency; retrying",
+            **failure.fields(),  # type: ignore[union-attr]
+            attempt=state.attempt_number,
+            wait_seconds=round(state.next_action.sleep, 2) if state.next_action else None,
+        )
 
     def transient(exc: BaseException) -> bool:
         failure = describe(exc, settings)
@@ -159,4 +170,3 @@ def check_at_start(settings: Settings) -> list[str]:
             raise
         log.warning("cannot reach a dependency; starting without it", **failure.fields())
     return todo
-

@@ -28,7 +28,6 @@ from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-
 STARTING, RUNNING = 0, 1
 
 

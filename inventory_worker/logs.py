@@ -17,7 +17,6 @@ from structlog.typing import EventDict
 
 from inventory_worker.config import LoggingSettings
 
-
 # Pipes (journald, a container runtime) keep a write of at most PIPE_BUF bytes whole.
 _PIPE_BUF = 4096
 _held = threading.local()
@@ -197,12 +196,18 @@ def _log_uncaught_exceptions() -> None:
     def other_thread(args: Any) -> None:
         if issubclass(args.exc_type, SystemExit):
             return
-        crash.critical("uncaught exception in a thread", thread=getattr(args.thread, "name", None),
-                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        crash.critical(
+            "uncaught exception in a thread",
+            thread=getattr(args.thread, "name", None),
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
 
     def unraisable(u: Any) -> None:
-        crash.error(u.err_msg or "exception ignored", object=repr(u.object)[:200],
-                    exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+        crash.error(
+            u.err_msg or "exception ignored",
+            object=repr(u.object)[:200],
+            exc_info=(u.exc_type, u.exc_value, u.exc_traceback),
+        )
 
     sys.excepthook = main_thread
     threading.excepthook = other_thread

@@ -21,8 +21,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
-from prometheus_client import multiprocess
 
 EVENTS = Counter(
     "inventory_events_total",

@@ -60,8 +60,9 @@ def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
     return local
 
 
-def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
-               health: ProcessHealth | None = None) -> None:
+def child_main(
+    role: str, settings: Settings, shared_stop: Any, parent_pid: int, health: ProcessHealth | None = None
+) -> None:
     configure(settings.logging, process=role, pid=os.getpid())
     try:
         _child_run(role, settings, shared_stop, parent_pid, health)
@@ -71,8 +72,9 @@ def child_main(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
         sys.exit(1)  # the exit code the supervisor reports; multiprocessing prints nothing for it
 
 
-def _child_run(role: str, settings: Settings, shared_stop: Any, parent_pid: int,
-               health: ProcessHealth | None) -> None:
+def _child_run(
+    role: str, settings: Settings, shared_stop: Any, parent_pid: int, health: ProcessHealth | None
+) -> None:
     stop = _child_stop_event(shared_stop, parent_pid)
     if role == "http":
         from inventory_worker.http.server import serve
@@ -159,18 +161,25 @@ class Supervisor:
         """One check of the main loop at monotonic time `now`: the live consumers to kill."""
         if self._last_check is not None and (gap := now - self._last_check) > PAUSE_SECONDS:
             self._resumed = now
-            log.warning("supervisor was paused; heartbeats are counted from now",
-                        paused_seconds=round(gap, 1))
+            log.warning(
+                "supervisor was paused; heartbeats are counted from now", paused_seconds=round(gap, 1)
+            )
         self._last_check = now
-        return [child for child in self.children
-                if (slot := self._slot(child)) is not None and child.process is not None
-                and child.process.is_alive() and self._stuck(child, slot, now, timeout)]
+        return [
+            child
+            for child in self.children
+            if (slot := self._slot(child)) is not None
+            and child.process is not None
+            and child.process.is_alive()
+            and self._stuck(child, slot, now, timeout)
+        ]
 
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
 
     def run(self) -> int:
         from inventory_worker import metrics
+
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         if self.settings.http.enabled:
@@ -181,8 +190,11 @@ class Supervisor:
             except PortTaken as exc:
                 log.error(f"cannot start: {exc}")
                 return 1
-        log.info("worker starting", processes=self.processes, http_port=self.settings.http.port
-                 if self.settings.http.enabled else None)
+        log.info(
+            "worker starting",
+            processes=self.processes,
+            http_port=self.settings.http.port if self.settings.http.enabled else None,
+        )
         for role in {c.role.split("-")[0] for c in self.children}:
             for reason in ("died", "stuck"):
                 metrics.PROCESS_RESTARTS.labels(role, reason)  # exported as 0 from the start
@@ -205,8 +217,12 @@ class Supervisor:
                     if now - child.started > 30:
                         child.failures = 0
                     if slot is not None and child in stuck:
-                        log.error("process stuck; killing it", role=child.role, child_pid=p.pid,
-                                  heartbeat_age_seconds=round(self.health.age(slot), 1))
+                        log.error(
+                            "process stuck; killing it",
+                            role=child.role,
+                            child_pid=p.pid,
+                            heartbeat_age_seconds=round(self.health.age(slot), 1),
+                        )
                         p.kill()
                         stuck_reason[child.role] = "stuck"
                     continue
@@ -230,8 +246,13 @@ class Supervisor:
                     child.failures += 1
                     delay = min(0.5 * 2 ** (child.failures - 1), 30.0)
                     child.next_start = now + delay
-                    log.error("process ended; restarting", role=child.role, exitcode=p.exitcode,
-                              reason=reason, restart_in_seconds=delay)
+                    log.error(
+                        "process ended; restarting",
+                        role=child.role,
+                        exitcode=p.exitcode,
+                        reason=reason,
+                        restart_in_seconds=delay,
+                    )
                     child.process = None
                 if now >= child.next_start and not self._stop_requested:
                     self._start(child)

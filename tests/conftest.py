@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from inventory_worker.config import Settings, load_settings
 from inventory_worker.adapters.migrations import migrate
+from inventory_worker.config import Settings, load_settings
 
 from . import reaper
 from .support import (
@@ -68,22 +68,29 @@ def _start_containers(base: Settings, missing: list[str], stack: list[Any]) -> S
 
         c = PostgresContainer("postgres:16-alpine", username="postgres", password="postgres").start()
         stack.append(c)
-        update["database"] = base.database.model_copy(update={
-            "host": c.get_container_host_ip(), "port": int(c.get_exposed_port(5432)), "password": "postgres"})
+        update["database"] = base.database.model_copy(
+            update={
+                "host": c.get_container_host_ip(),
+                "port": int(c.get_exposed_port(5432)),
+                "password": "postgres",
+            }
+        )
     if "Redis" in missing:
         from testcontainers.redis import RedisContainer
 
         c = RedisContainer("redis:7-alpine").start()
         stack.append(c)
-        update["redis"] = base.redis.model_copy(update={
-            "host": c.get_container_host_ip(), "port": int(c.get_exposed_port(6379))})
+        update["redis"] = base.redis.model_copy(
+            update={"host": c.get_container_host_ip(), "port": int(c.get_exposed_port(6379))}
+        )
     if "RabbitMQ" in missing:
         from testcontainers.rabbitmq import RabbitMqContainer
 
         c = RabbitMqContainer("rabbitmq:3.13-alpine").start()
         stack.append(c)
-        update["rabbitmq"] = base.rabbitmq.model_copy(update={
-            "url": f"amqp://guest:guest@{c.get_container_host_ip()}:{c.get_exposed_port(5672)}/%2F"})
+        update["rabbitmq"] = base.rabbitmq.model_copy(
+            update={"url": f"amqp://guest:guest@{c.get_container_host_ip()}:{c.get_exposed_port(5672)}/%2F"}
+        )
     return base.model_copy(update=update)
 
 
@@ -172,12 +179,20 @@ def start_worker(settings: Settings, logs_dir: Path) -> Iterator[Any]:
     """Starts extra workers for one test (with settings overrides); stops them afterwards."""
     started: list[WorkerProcess] = []
 
-    def _start(processes: int = 2, wait_ready: bool = True, settings_override: Settings | None = None,
-               **extra_env: str) -> WorkerProcess:
+    def _start(
+        processes: int = 2,
+        wait_ready: bool = True,
+        settings_override: Settings | None = None,
+        **extra_env: str,
+    ) -> WorkerProcess:
         s = settings_override or settings
         s = s.model_copy(update={"http": s.http.model_copy(update={"port": free_port()})})
-        w = WorkerProcess(s, processes=processes, extra_env=extra_env,
-                          log_path=logs_dir / f"worker-{uuid.uuid4().hex[:6]}.log")
+        w = WorkerProcess(
+            s,
+            processes=processes,
+            extra_env=extra_env,
+            log_path=logs_dir / f"worker-{uuid.uuid4().hex[:6]}.log",
+        )
         started.append(w)
         return w.start(wait_ready=wait_ready)
 

@@ -149,7 +149,9 @@ def sweep(timeout: float = 10.0) -> list[int]:
         except ChildProcessError:
             pass
     if killed:
-        print(f"cleanup: killed {len(set(killed))} leftover processes: {sorted(set(killed))[:20]}", flush=True)
+        print(
+            f"cleanup: killed {len(set(killed))} leftover processes: {sorted(set(killed))[:20]}", flush=True
+        )
     return killed
 
 

@@ -28,7 +28,6 @@ import pika
 import psycopg2
 import pytest
 import redis
-
 from pydantic import SecretStr
 
 from inventory_worker.config import Settings, TokenSettings
@@ -41,16 +40,22 @@ REPO = Path(__file__).resolve().parent.parent
 # in extra_env starts a worker without it).
 TEST_TOKEN = "test-token-not-a-secret"
 TEST_TOKEN_SETTINGS = TokenSettings(
-    name="test", roles=["inventory:read"], sha256=hashlib.sha256(TEST_TOKEN.encode()).hexdigest(),
-    rate_per_second=1_000_000, burst=1_000_000)
+    name="test",
+    roles=["inventory:read"],
+    sha256=hashlib.sha256(TEST_TOKEN.encode()).hexdigest(),
+    rate_per_second=1_000_000,
+    burst=1_000_000,
+)
 
 
 def promtool() -> str:
     """The path of Prometheus's promtool, which some tests run; a clear failure without it."""
     path = shutil.which("promtool")
     if not path:
-        pytest.fail("promtool not found: `make test` installs it where apt-get is available"
-                    " (Debian package prometheus); elsewhere install Prometheus's promtool")
+        pytest.fail(
+            "promtool not found: `make test` installs it where apt-get is available"
+            " (Debian package prometheus); elsewhere install Prometheus's promtool"
+        )
     return path
 
 
@@ -80,8 +85,9 @@ def isolated_settings(base: Settings, run_id: str) -> Settings:
                     "dead_letter_queue": f"inventory.orders.dlq.{run_id}",
                 }
             ),
-            "http": base.http.model_copy(update={"host": "127.0.0.1", "port": free_port(),
-                                                 "management_port": free_port()}),
+            "http": base.http.model_copy(
+                update={"host": "127.0.0.1", "port": free_port(), "management_port": free_port()}
+            ),
             "logging": base.logging.model_copy(update={"format": "json"}),
             # Every test worker accepts TEST_TOKEN (see http_get), with no practical rate limit.
             "auth": base.auth.model_copy(update={"tokens": [TEST_TOKEN_SETTINGS]}),
@@ -99,7 +105,9 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
             if isinstance(value, SecretStr):
                 data[section][key] = value.get_secret_value()
     tokens = data["auth"]["tokens"]
-    if not any(t["name"] == TEST_TOKEN_SETTINGS.name for t in tokens):  # settings not made by isolated_settings
+    if not any(
+        t["name"] == TEST_TOKEN_SETTINGS.name for t in tokens
+    ):  # settings not made by isolated_settings
         tokens.append(TEST_TOKEN_SETTINGS.model_dump(mode="json"))
     for section, values in data.items():
         for key, value in values.items():
@@ -117,8 +125,9 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
 # ---- waiting ------------------------------------------------------------------------------
 
 
-def poll(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,
-         what: str = "condition") -> Any:
+def poll(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Calls `predicate` until it returns something true (and returns that), or fails the test."""
     deadline = time.monotonic() + timeout
     while True:
@@ -161,7 +170,9 @@ class Bus:
         self.publish_raw(json.dumps(body).encode(), routing_key=type_)
         return body
 
-    def publish_raw(self, body: bytes, routing_key: str, properties: pika.BasicProperties | None = None) -> None:
+    def publish_raw(
+        self, body: bytes, routing_key: str, properties: pika.BasicProperties | None = None
+    ) -> None:
         self.channel.basic_publish(
             self.settings.rabbitmq.exchange,
             routing_key,
@@ -198,12 +209,18 @@ class Bus:
         self.drain()
         return [r for r in self.results if r["causation_id"] == causation_id]
 
-    def wait_result(self, causation_id: str, type_: str | None = None, timeout: float = 15.0) -> dict[str, Any]:
+    def wait_result(
+        self, causation_id: str, type_: str | None = None, timeout: float = 15.0
+    ) -> dict[str, Any]:
         def found(rs: list[dict[str, Any]]) -> bool:
-            return any(r["causation_id"] == causation_id and (type_ is None or r["type"] == type_) for r in rs)
+            return any(
+                r["causation_id"] == causation_id and (type_ is None or r["type"] == type_) for r in rs
+            )
 
         rs = self.wait_for(found, timeout)
-        return next(r for r in rs if r["causation_id"] == causation_id and (type_ is None or r["type"] == type_))
+        return next(
+            r for r in rs if r["causation_id"] == causation_id and (type_ is None or r["type"] == type_)
+        )
 
     def dead_letters(self, requeue: bool = True) -> list[tuple[Any, bytes]]:
         """Every message now in the DLQ (left there unless requeue=False)."""
@@ -230,7 +247,8 @@ def with_own_queues(settings: Settings, tag: str) -> Settings:
     r = settings.rabbitmq
     names = ("exchange", "queue", "events_exchange", "dead_letter_exchange", "dead_letter_queue")
     return settings.model_copy(
-        update={"rabbitmq": r.model_copy(update={k: f"{getattr(r, k)}.{tag}" for k in names})})
+        update={"rabbitmq": r.model_copy(update={k: f"{getattr(r, k)}.{tag}" for k in names})}
+    )
 
 
 def delete_topology(settings: Settings) -> None:
@@ -283,11 +301,16 @@ def pg(settings: Settings) -> Iterator[Any]:
 
 def wait_for_lock_waiter(settings: Settings, my_pid: int, timeout: float = 20.0) -> None:
     """Until another session of this database waits for a row lock (the worker, on ours)."""
+
     def waiting() -> bool:
         with pg(settings) as watch:
-            watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                          " AND wait_event_type = 'Lock' AND pid <> %s", (my_pid,))
+            watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND pid <> %s",
+                (my_pid,),
+            )
             return watch.fetchone()[0] > 0
+
     poll(waiting, timeout, 0.05, "the worker to wait for the locked product")
 
 
@@ -304,13 +327,20 @@ def figures(settings: Settings, product_id: str) -> tuple[int, int] | None:
 class WorkerProcess:
     """`inventory-worker run` in a subprocess, configured only through the environment."""
 
-    def __init__(self, settings: Settings, processes: int = 2, extra_env: dict[str, str] | None = None,
-                 log_path: Path | None = None, own_management_port: bool = True,
-                 code: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        processes: int = 2,
+        extra_env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        own_management_port: bool = True,
+        code: Path | None = None,
+    ) -> None:
         if own_management_port and settings.http.management_port is not None:
             # Workers started from one run's settings would all share its management port.
-            settings = settings.model_copy(update={"http": settings.http.model_copy(
-                update={"management_port": free_port()})})
+            settings = settings.model_copy(
+                update={"http": settings.http.model_copy(update={"management_port": free_port()})}
+            )
         self.settings = settings
         self.processes = processes
         self.env = settings_env(settings, **(extra_env or {}))
@@ -328,8 +358,11 @@ class WorkerProcess:
         # The metrics folder is ours, not the supervisor's own: a SIGKILLed supervisor cannot
         # remove its own, and the suite and the chaos run SIGKILL some (beside the log, if any).
         if self.metrics_dir is None:
-            self.metrics_dir = Path(tempfile.mkdtemp(prefix="inventory-metrics-",
-                                                     dir=self.log_path.parent if self.log_path else None))
+            self.metrics_dir = Path(
+                tempfile.mkdtemp(
+                    prefix="inventory-metrics-", dir=self.log_path.parent if self.log_path else None
+                )
+            )
         self.env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         self._log_file = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
@@ -413,9 +446,13 @@ class WorkerProcess:
 # ---- HTTP ---------------------------------------------------------------------------------
 
 
-
-def http_get(url: str, token: str | None = TEST_TOKEN, method: str = "GET",
-             headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, Any, bytes]:
+def http_get(
+    url: str,
+    token: str | None = TEST_TOKEN,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, Any, bytes]:
     """One request; returns (status, headers, body) for every status, errors included.
 
     The headers are looked up case-insensitively, as HTTP has it (granian sends them lowercase).
@@ -467,22 +504,40 @@ def amqp_array(values: list[bytes]) -> bytes:
 def content_header_props(headers_table: bytes, message_id: str | None = None) -> bytes:
     """A Basic content header's property flags and values: headers, delivery mode 2 [, message id]."""
     flags = (1 << 13) | (1 << 12) | ((1 << 7) if message_id is not None else 0)
-    return (struct.pack(">H", flags) + headers_table + b"\x02"
-            + (amqp_shortstr(message_id) if message_id is not None else b""))
+    return (
+        struct.pack(">H", flags)
+        + headers_table
+        + b"\x02"
+        + (amqp_shortstr(message_id) if message_id is not None else b"")
+    )
 
 
-def publish_with_raw_properties(channel: Any, exchange: str, routing_key: str, body: bytes,
-                                properties: bytes) -> None:
+def publish_with_raw_properties(
+    channel: Any, exchange: str, routing_key: str, body: bytes, properties: bytes
+) -> None:
     """Writes a Basic.Publish whose content header carries `properties` as given (flags and
     values, e.g. content_header_props()) on a pika BlockingChannel, as another client would."""
     impl = channel._impl
     n = impl.channel_number
     method = struct.pack(">HHH", 60, 40, 0) + amqp_shortstr(exchange) + amqp_shortstr(routing_key) + b"\x00"
     header = struct.pack(">HHQ", 60, 0, len(body)) + properties
-    impl.connection._output_marshaled_frames([b"".join((
-        struct.pack(">BHI", 1, n, len(method)), method, b"\xce",
-        struct.pack(">BHI", 2, n, len(header)), header, b"\xce",
-        struct.pack(">BHI", 3, n, len(body)), body, b"\xce"))])
+    impl.connection._output_marshaled_frames(
+        [
+            b"".join(
+                (
+                    struct.pack(">BHI", 1, n, len(method)),
+                    method,
+                    b"\xce",
+                    struct.pack(">BHI", 2, n, len(header)),
+                    header,
+                    b"\xce",
+                    struct.pack(">BHI", 3, n, len(body)),
+                    body,
+                    b"\xce",
+                )
+            )
+        ]
+    )
 
 
 # ---- what a stopped run left behind -------------------------------------------------------
@@ -515,7 +570,8 @@ class RunOutput:
                 if needle in line:
                     return line
             assert self.proc.poll() is None or self._thread.is_alive(), (
-                f"exited with {self.proc.returncode} before printing {needle!r}:\n{self.text()[-4000:]}")
+                f"exited with {self.proc.returncode} before printing {needle!r}:\n{self.text()[-4000:]}"
+            )
             assert time.monotonic() < deadline, f"no {needle!r} after {timeout}s:\n{self.text()[-4000:]}"
             time.sleep(0.2)
 

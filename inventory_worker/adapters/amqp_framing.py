@@ -80,7 +80,13 @@ _PUBLISH = struct.pack(">HHH", 60, 40, 0)  # class basic, method publish, reserv
 _NOT_MANDATORY = b"\x00"  # the mandatory and immediate bits, both off
 # Property flags of the content header, in the order the properties follow it.
 _CONTENT_TYPE, _DELIVERY_MODE, _CORRELATION_ID, _MESSAGE_ID, _TIMESTAMP, _TYPE = (
-    1 << 15, 1 << 12, 1 << 10, 1 << 7, 1 << 6, 1 << 5)
+    1 << 15,
+    1 << 12,
+    1 << 10,
+    1 << 7,
+    1 << 6,
+    1 << 5,
+)
 
 
 def _shortstr(value: str) -> bytes:
@@ -99,10 +105,20 @@ def _method_frame(channel_number: int, exchange: str, routing_key: str) -> bytes
 _cached_shortstr = functools.lru_cache(maxsize=256)(_shortstr)  # for values that repeat: content types
 
 
-def encode_publish(channel_number: int, exchange: str, routing_key: str, body: bytes, body_max: int, *,
-                   content_type: str | None = None, delivery_mode: int | None = None,
-                   correlation_id: str | None = None, message_id: str | None = None,
-                   timestamp: int | None = None, type: str | None = None) -> bytes:  # noqa: A002 (AMQP's name)
+def encode_publish(
+    channel_number: int,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    body_max: int,
+    *,
+    content_type: str | None = None,
+    delivery_mode: int | None = None,
+    correlation_id: str | None = None,
+    message_id: str | None = None,
+    timestamp: int | None = None,
+    type: str | None = None,
+) -> bytes:  # noqa: A002 (AMQP's name)
     """The frames of one Basic.Publish (method, content header, body in frames of at most
     `body_max` bytes), as one bytes object."""
     flags, props = 0, []
@@ -125,8 +141,12 @@ def encode_publish(channel_number: int, exchange: str, routing_key: str, body: b
         flags |= _TYPE
         props.append(_cached_shortstr(type))
     header = struct.pack(">HHQH", 60, 0, len(body), flags) + b"".join(props)
-    out = [_method_frame(channel_number, exchange, routing_key),
-           struct.pack(">BHI", 2, channel_number, len(header)), header, _FRAME_END]
+    out = [
+        _method_frame(channel_number, exchange, routing_key),
+        struct.pack(">BHI", 2, channel_number, len(header)),
+        header,
+        _FRAME_END,
+    ]
     for start in range(0, len(body), body_max):
         chunk = body[start : start + body_max]
         out += (struct.pack(">BHI", 3, channel_number, len(chunk)), chunk, _FRAME_END)
@@ -143,7 +163,12 @@ def publish(channel: Any, exchange: str, routing_key: str, body: bytes, **proper
     if not conn.is_open:
         raise pika.exceptions.ConnectionWrongStateError("Connection is not open.")
     conn._output_marshaled_frames(
-        [encode_publish(channel.channel_number, exchange, routing_key, body, conn._body_max_length, **properties)])
+        [
+            encode_publish(
+                channel.channel_number, exchange, routing_key, body, conn._body_max_length, **properties
+            )
+        ]
+    )
 
 
 # ---- header tables that any AMQP 0-9-1 client can send (AMQP 0-9-1 section 4.2.5.5) -----------
@@ -198,7 +223,7 @@ def _decode_table(encoded: bytes, offset: int) -> tuple[dict[Any, Any], int]:
 
 
 def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
-    kind = encoded[offset:offset + 1]
+    kind = encoded[offset : offset + 1]
     if kind == b"d":
         return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
     if kind == b"f":

@@ -46,10 +46,12 @@ def one_row(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
 # A server that cannot take writes: a standby (a demoted primary, or one that libpq reached
 # before target_session_attrs could say), or one set read-only. Retrying on the same connection
 # can never succeed; a new one finds the primary (DatabaseSettings.hosts).
-READ_ONLY_SQLSTATES = frozenset({
-    "25006",  # read_only_sql_transaction: "cannot execute X in a read-only transaction"
-    "57P03",  # cannot_connect_now: the server is starting up or in recovery
-})
+READ_ONLY_SQLSTATES = frozenset(
+    {
+        "25006",  # read_only_sql_transaction: "cannot execute X in a read-only transaction"
+        "57P03",  # cannot_connect_now: the server is starting up or in recovery
+    }
+)
 
 
 def read_only_server(exc: psycopg2.Error) -> bool:
@@ -68,8 +70,12 @@ def _classify(exc: psycopg2.Error) -> Exception:
 
 
 class Store:
-    def __init__(self, settings: DatabaseSettings, default_ttl_seconds: int = 900,
-                 options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: DatabaseSettings,
+        default_ttl_seconds: int = 900,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.default_ttl_seconds = default_ttl_seconds
         # Worker settings apply_events() passes on to the procedures (p_options); a key left
@@ -167,7 +173,9 @@ class Store:
     def note_delivery_attempts(self, event_ids: Sequence[str]) -> dict[str, int]:
         """Counts one more attempt to apply each (redelivered) message; committed at once."""
         with self.transaction() as cur:
-            cur.execute("SELECT event_id, attempts FROM note_delivery_attempts(%s::uuid[])", (list(event_ids),))
+            cur.execute(
+                "SELECT event_id, attempts FROM note_delivery_attempts(%s::uuid[])", (list(event_ids),)
+            )
             return {str(r[0]): int(r[1]) for r in cur.fetchall()}
 
     def forget_delivery_attempts(self, event_ids: Sequence[str]) -> None:
@@ -192,9 +200,7 @@ class Store:
             if rows:
                 cur.execute("SELECT mark_published(%s)", ([m.outbox_id for m in rows],))
 
-    def expire_reservations(
-        self, limit: int
-    ) -> tuple[int, int, list[OutgoingMessage], list[Figures]]:
+    def expire_reservations(self, limit: int) -> tuple[int, int, list[OutgoingMessage], list[Figures]]:
         """One sweep batch: (expired, candidates seen, messages, figures after)."""
         with self.transaction() as cur:
             cur.execute("SELECT expire_reservations(%s)", (limit,))
@@ -206,9 +212,7 @@ class Store:
             list(r["products"]),
         )
 
-    def recache_locations(
-        self, limit: int
-    ) -> tuple[int, bool, list[OutgoingMessage], list[Figures]]:
+    def recache_locations(self, limit: int) -> tuple[int, bool, list[OutgoingMessage], list[Figures]]:
         """One re-cache batch after a location flip: (products, more due, messages, figures after)."""
         with self.transaction() as cur:
             cur.execute("SELECT recache_locations(%s)", (limit,))
@@ -220,7 +224,9 @@ class Store:
             list(r["products"]),
         )
 
-    def fill_backorders(self, products: int, per_product: int) -> tuple[int, list[OutgoingMessage], list[Figures]]:
+    def fill_backorders(
+        self, products: int, per_product: int
+    ) -> tuple[int, list[OutgoingMessage], list[Figures]]:
         """The sweeper's backorder fill pass (fill_backorder_pass() in sql/procedures/backorders.sql):
         (orders filled, messages, figures after)."""
         with self.transaction() as cur:
@@ -310,9 +316,7 @@ class Store:
 
     def stock(self, product_id: str) -> Figures | None:
         with self.transaction() as cur:
-            cur.execute(
-                "SELECT product_figures(p) FROM products p WHERE product_id = %s", (product_id,)
-            )
+            cur.execute("SELECT product_figures(p) FROM products p WHERE product_id = %s", (product_id,))
             row = cur.fetchone()
         return row[0] if row else None
 
@@ -328,21 +332,35 @@ class Store:
         """A channel's configuration {channel_id, strategy, locations (null: the default rule)};
         None for an unknown channel."""
         with self._statement() as cur:
-            cur.execute("SELECT channel_id, strategy, locations FROM channels WHERE channel_id = %s", (channel_id,))
+            cur.execute(
+                "SELECT channel_id, strategy, locations FROM channels WHERE channel_id = %s", (channel_id,)
+            )
             row = cur.fetchone()
         return {"channel_id": row[0], "strategy": row[1], "locations": row[2]} if row else None
 
     def locations_and_channels(self) -> list[dict[str, Any]]:
         """Every location (by priority, location_id) then every channel (by channel_id)."""
         with self.transaction() as cur:
-            cur.execute("SELECT location_id, name, priority, active, fulfils_orders FROM locations"
-                        " ORDER BY priority, location_id")
+            cur.execute(
+                "SELECT location_id, name, priority, active, fulfils_orders FROM locations"
+                " ORDER BY priority, location_id"
+            )
             out: list[dict[str, Any]] = [
-                {"kind": "location", "location_id": r[0], "name": r[1], "priority": r[2], "active": r[3],
-                 "fulfils_orders": r[4]} for r in cur.fetchall()]
+                {
+                    "kind": "location",
+                    "location_id": r[0],
+                    "name": r[1],
+                    "priority": r[2],
+                    "active": r[3],
+                    "fulfils_orders": r[4],
+                }
+                for r in cur.fetchall()
+            ]
             cur.execute("SELECT channel_id, strategy, locations FROM channels ORDER BY channel_id")
-            out += [{"kind": "channel", "channel_id": r[0], "strategy": r[1], "locations": r[2]}
-                    for r in cur.fetchall()]
+            out += [
+                {"kind": "channel", "channel_id": r[0], "strategy": r[1], "locations": r[2]}
+                for r in cur.fetchall()
+            ]
         return out
 
     def figures(self, product_ids: Sequence[str]) -> list[Figures]:
@@ -362,8 +380,11 @@ class Store:
             backlog, oldest = one_row(cur)
             cur.execute("SELECT count(*) FROM orders WHERE status = 'reserved'")
             (reservations,) = one_row(cur)
-        return {"outbox_backlog": int(backlog), "outbox_oldest_age_seconds": float(oldest),
-                "active_reservations": int(reservations)}
+        return {
+            "outbox_backlog": int(backlog),
+            "outbox_oldest_age_seconds": float(oldest),
+            "active_reservations": int(reservations),
+        }
 
     def ping(self) -> None:
         with self.transaction() as cur:

@@ -179,6 +179,7 @@ class Publisher:
             conn = self.channel.connection
             ch = conn.channel()
             selected: list[bool] = []
+
             # pika's BlockingChannel only offers one-at-a-time confirms; its underlying channel
             # takes an ack/nack callback, which is all pipelining needs.
             def on_select_ok(_frame: Any) -> None:
@@ -313,9 +314,7 @@ class Publisher:
         if len(confirmed) != len(messages):
             raise NotConfirmed(f"{len(messages) - len(confirmed)} of {len(messages)} results not confirmed")
 
-    def dead_letter(
-        self, body: bytes, properties: Any, routing_key: str, reason: str
-    ) -> None:
+    def dead_letter(self, body: bytes, properties: Any, routing_key: str, reason: str) -> None:
         """Sends a message we refuse to the DLQ, with why, keeping its body and properties
         (header values RabbitMQ would not take back as they are go as text: safe_headers)."""
         headers = amqp_framing.safe_headers(getattr(properties, "headers", None))

@@ -142,7 +142,9 @@ class AsyncRedis:
         self._scripts[sha] = script.encode()
         return sha
 
-    async def evalsha(self, sha: bytes, keys: tuple[bytes | str, ...], args: tuple[bytes | str | int, ...]) -> Any:
+    async def evalsha(
+        self, sha: bytes, keys: tuple[bytes | str, ...], args: tuple[bytes | str | int, ...]
+    ) -> Any:
         """EVALSHA of a script registered with script_sha(); EVAL when Redis does not have it."""
         try:
             return await self.send(encode((b"EVALSHA", sha, len(keys), *keys, *args)))
@@ -186,15 +188,18 @@ class AsyncRedis:
         for host, port in s.sentinel_addresses():
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, ssl=self._ssl_context(),
-                                            server_hostname=host if s.ssl else None),
-                    s.socket_timeout_seconds)
+                    asyncio.open_connection(
+                        host, port, ssl=self._ssl_context(), server_hostname=host if s.ssl else None
+                    ),
+                    s.socket_timeout_seconds,
+                )
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 errors.append(f"{host}:{port}: {exc!r}")
                 continue
             try:
                 commands: list[tuple[bytes | str, ...]] = [
-                    (b"SENTINEL", b"get-master-addr-by-name", s.sentinel_service)]
+                    (b"SENTINEL", b"get-master-addr-by-name", s.sentinel_service)
+                ]
                 if password := reveal(s.sentinel_password):
                     commands.insert(0, (b"AUTH", password))
                 writer.write(b"".join(encode(c) for c in commands))
@@ -214,8 +219,9 @@ class AsyncRedis:
                 errors.append(f"{host}:{port}: {exc!r}")
             finally:
                 writer.close()
-        raise redis.ConnectionError(f"no sentinel named the master of {s.sentinel_service!r}: "
-                                    + "; ".join(errors))
+        raise redis.ConnectionError(
+            f"no sentinel named the master of {s.sentinel_service!r}: " + "; ".join(errors)
+        )
 
     async def _open(self) -> _Protocol:
         s = self.settings
@@ -223,9 +229,15 @@ class AsyncRedis:
         host, port = await self._master_address() if s.sentinels else (s.host, s.port)
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), host, port, ssl=self._ssl_context(),
-                                       server_hostname=host if s.ssl else None),
-                s.socket_timeout_seconds)
+                loop.create_connection(
+                    lambda: _Protocol(self),
+                    host,
+                    port,
+                    ssl=self._ssl_context(),
+                    server_hostname=host if s.ssl else None,
+                ),
+                s.socket_timeout_seconds,
+            )
         except (OSError, ssl.SSLError) as exc:
             raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
         except TimeoutError as exc:  # asyncio.wait_for raises the builtin (3.11)

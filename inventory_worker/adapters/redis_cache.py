@@ -72,11 +72,36 @@ return 1
 CHANNEL_TTL_SECONDS = 5
 
 # The order of the detail document's keys (spec 7): `version` first, as in the figures.
-_DETAIL_KEYS = ("version", "product_id", "tracked", "on_hand", "reserved", "available", "orderable",
-                "backordered", "damaged", "quality_control", "incoming", "low_stock_threshold",
-                "max_per_order", "backorder", "locations")
-_LOCATION_KEYS = ("location_id", "priority", "active", "fulfils_orders", "on_hand", "reserved", "available",
-                  "damaged", "quality_control", "incoming", "safety_stock")
+_DETAIL_KEYS = (
+    "version",
+    "product_id",
+    "tracked",
+    "on_hand",
+    "reserved",
+    "available",
+    "orderable",
+    "backordered",
+    "damaged",
+    "quality_control",
+    "incoming",
+    "low_stock_threshold",
+    "max_per_order",
+    "backorder",
+    "locations",
+)
+_LOCATION_KEYS = (
+    "location_id",
+    "priority",
+    "active",
+    "fulfils_orders",
+    "on_hand",
+    "reserved",
+    "available",
+    "damaged",
+    "quality_control",
+    "incoming",
+    "safety_stock",
+)
 _BACKORDER_KEYS = ("mode", "limit", "until", "headroom")
 
 
@@ -140,10 +165,17 @@ class StockCache:
         """Caches a detail document read from PostgreSQL (and its figures, if newer than the
         cached ones); False when newer figures are cached already (this detail is old)."""
         product_id = detail["product_id"]
-        return bool(self._put_detail(
-            keys=[self.key(product_id), self.detail_key(product_id)],
-            args=[self.settings.cache_ttl_seconds, encode_figures(cast("Figures", detail)),
-                  encoded or encode_detail(detail), int(detail["version"])]))
+        return bool(
+            self._put_detail(
+                keys=[self.key(product_id), self.detail_key(product_id)],
+                args=[
+                    self.settings.cache_ttl_seconds,
+                    encode_figures(cast("Figures", detail)),
+                    encoded or encode_detail(detail),
+                    int(detail["version"]),
+                ],
+            )
+        )
 
     def put_channel(self, channel_id: str, document: bytes) -> None:
         self.client.set(self.channel_key(channel_id), document, ex=CHANNEL_TTL_SECONDS)
@@ -172,8 +204,10 @@ def sentinel(settings: RedisSettings) -> Sentinel:
     master; a connection that meets a READONLY reply (its server was demoted) is dropped."""
     kwargs = settings.client_kwargs()
     del kwargs["host"], kwargs["port"]
-    sentinel_kwargs: dict[str, Any] = {"socket_timeout": settings.socket_timeout_seconds,
-                                       "socket_connect_timeout": settings.socket_timeout_seconds}
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_seconds,
+        "socket_connect_timeout": settings.socket_timeout_seconds,
+    }
     if password := reveal(settings.sentinel_password):
         sentinel_kwargs["password"] = password
     if settings.ssl:  # sentinels listening for TLS, with the same CA and client certificate

@@ -96,8 +96,10 @@ def openapi_document() -> bytes:
     """docs/openapi.json, from a checkout or a wheel install (INVENTORY_DOCS_DIR overrides)."""
     env = os.environ.get("INVENTORY_DOCS_DIR")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "docs",
-                   Path(sys.prefix) / "share" / "inventory-worker" / "docs"]
+    candidates += [
+        Path(__file__).resolve().parents[2] / "docs",
+        Path(sys.prefix) / "share" / "inventory-worker" / "docs",
+    ]
     for c in candidates:
         if (c / "openapi.json").is_file():
             return (c / "openapi.json").read_bytes()
@@ -120,12 +122,18 @@ def channel_figures(detail: dict[str, Any], channel: dict[str, Any]) -> dict[str
     default rule); `orderable` adds the product's backorder headroom (null when unlimited)."""
     names = channel.get("locations")
     chosen = set(names) if names is not None else None
-    available = sum(int(level["available"]) for level in detail["locations"]
-                    if level["active"] and level["fulfils_orders"]
-                    and (chosen is None or level["location_id"] in chosen))
+    available = sum(
+        int(level["available"])
+        for level in detail["locations"]
+        if level["active"] and level["fulfils_orders"] and (chosen is None or level["location_id"] in chosen)
+    )
     headroom = (detail.get("backorder") or {}).get("headroom", 0)
-    return {"channel_id": channel["channel_id"], "strategy": channel["strategy"], "available": available,
-            "orderable": None if headroom is None else available + int(headroom)}
+    return {
+        "channel_id": channel["channel_id"],
+        "strategy": channel["strategy"],
+        "available": available,
+        "orderable": None if headroom is None else available + int(headroom),
+    }
 
 
 class StorePool:
@@ -172,8 +180,10 @@ class ReadAPI:
         self._limiter_warned_at = -1e9
         self.tally = HttpTally()
         if not self.auth.has_tokens:
-            log.warning("no API tokens configured: /inventory answers 401 to everyone "
-                        "(create one with `inventory-worker token create NAME --role inventory:read`)")
+            log.warning(
+                "no API tokens configured: /inventory answers 401 to everyone "
+                "(create one with `inventory-worker token create NAME --role inventory:read`)"
+            )
         # Dependencies cost a connection each: checked at most once per READY_CACHE_SECONDS.
         self.dependency_checks: dict[str, Callable[[], None]] = {
             "postgresql": self._check_postgresql,
@@ -215,8 +225,15 @@ class ReadAPI:
         self._observe(route, resp, started)
         return resp
 
-    async def handle_async(self, method: str, path: str, headers: Headers, client: str,
-                           redis_client: AsyncRedis, executor: Executor) -> Response:
+    async def handle_async(
+        self,
+        method: str,
+        path: str,
+        headers: Headers,
+        client: str,
+        redis_client: AsyncRedis,
+        executor: Executor,
+    ) -> Response:
         """handle() on an event loop: the Redis step through `redis_client`, blocking work in
         `executor`."""
         started = time.perf_counter()
@@ -227,7 +244,9 @@ class ReadAPI:
             cached: list[bytes | None] = []
             try:
                 if p.limit is not None:
-                    decision, cached = await self.limiter.acheck_and_get_many(p.limit, p.read_keys, redis_client)
+                    decision, cached = await self.limiter.acheck_and_get_many(
+                        p.limit, p.read_keys, redis_client
+                    )
                 elif p.read_keys:
                     try:
                         cached = await redis_client.execute(b"MGET", *p.read_keys)
@@ -249,8 +268,9 @@ class ReadAPI:
     def _observe(self, route: str, resp: Response, started: float) -> None:
         self.tally.request(route, resp.status, time.perf_counter() - started)
 
-    def _begin(self, method: str, target: str, headers: Headers,
-               client: str) -> tuple[str, Response] | _Pending:
+    def _begin(
+        self, method: str, target: str, headers: Headers, client: str
+    ) -> tuple[str, Response] | _Pending:
         """The gates that need no I/O: an answer (route, response), or what to ask Redis.
         An open route is answered (route, _DEFERRED) for the caller to run self._open(route)."""
         limits = self.http
@@ -258,7 +278,10 @@ class ReadAPI:
         if len(method) + len(target) + 10 > limits.max_request_line_bytes:
             return "other", error(414, "request line too long")
         items = headers.items()
-        if len(items) > limits.max_headers or sum(len(k) + len(v) + 4 for k, v in items) > limits.max_header_bytes:
+        if (
+            len(items) > limits.max_headers
+            or sum(len(k) + len(v) + 4 for k, v in items) > limits.max_header_bytes
+        ):
             return "other", error(431, "request header fields too large")
         path, _, query = target.partition("?")
         if path.startswith(_INVENTORY):
@@ -269,7 +292,9 @@ class ReadAPI:
             route = "other"
         # Before the 404: there is no write method on any path, known or not.
         if method not in ("GET", "HEAD"):
-            return route, error(405, "method not allowed: this endpoint is read-only", [("Allow", "GET, HEAD")])
+            return route, error(
+                405, "method not allowed: this endpoint is read-only", [("Allow", "GET, HEAD")]
+            )
         if route == "other":
             return route, error(404, "not found")
         role = self.auth.required_role(route)
@@ -282,9 +307,9 @@ class ReadAPI:
         principal = self.auth.authenticate(headers)
         product_id = None
         if route == "/inventory/{product_id}":
-            product_id = self._product_id(path[len(_INVENTORY):])
+            product_id = self._product_id(path[len(_INVENTORY) :])
         elif route == DETAIL_ROUTE:
-            product_id = self._product_id(path[len(_INVENTORY):-len(_DETAIL)])
+            product_id = self._product_id(path[len(_INVENTORY) : -len(_DETAIL)])
         # Redis reads the figures only for a request that will be served them: a valid token
         # with the role and a valid id (anything else is answered without them).
         read = principal is not None and role in principal.roles and product_id is not None
@@ -299,11 +324,21 @@ class ReadAPI:
             read_keys = (self.cache.detail_key(product_id),)
             if channel_id is not None:
                 read_keys += (self.cache.channel_key(channel_id),)
-        return _Pending(route, role, principal, product_id, read_keys, limit, sent_authorization,
-                        channel_id, channel_invalid)
+        return _Pending(
+            route,
+            role,
+            principal,
+            product_id,
+            read_keys,
+            limit,
+            sent_authorization,
+            channel_id,
+            channel_invalid,
+        )
 
-    def _decide(self, p: _Pending, decision: Decision | None,
-                cached: list[bytes | None]) -> Response | Callable[[], Response]:
+    def _decide(
+        self, p: _Pending, decision: Decision | None, cached: list[bytes | None]
+    ) -> Response | Callable[[], Response]:
         """The answer after the Redis step, or a function doing the blocking rest (a cache miss
         read from PostgreSQL, /metrics) that returns it."""
         limit_headers = decision.headers() if decision is not None else []
@@ -313,11 +348,21 @@ class ReadAPI:
             challenge = 'Bearer realm="inventory"'
             if p.sent_authorization:
                 challenge += ', error="invalid_token"'
-            return error(401, "a valid bearer token is required", [("WWW-Authenticate", challenge)] + limit_headers)
+            return error(
+                401, "a valid bearer token is required", [("WWW-Authenticate", challenge)] + limit_headers
+            )
         if p.role not in p.principal.roles:
-            return error(403, f"this token lacks the role {p.role}",
-                         [("WWW-Authenticate", f'Bearer realm="inventory", error="insufficient_scope", '
-                                               f'scope="{p.role}"')] + limit_headers)
+            return error(
+                403,
+                f"this token lacks the role {p.role}",
+                [
+                    (
+                        "WWW-Authenticate",
+                        f'Bearer realm="inventory", error="insufficient_scope", scope="{p.role}"',
+                    )
+                ]
+                + limit_headers,
+            )
         if p.route == "/metrics":
             return lambda: self._with_headers(self._metrics(), limit_headers)
         if p.product_id is None:
@@ -330,8 +375,9 @@ class ReadAPI:
             return Response(200, cached[0], JSON, limit_headers)
         return lambda: self._with_headers(self._stock_from_db(product_id), limit_headers)
 
-    def _decide_detail(self, p: _Pending, product_id: str, cached: list[bytes | None],
-                       limit_headers: list[tuple[str, str]]) -> Response | Callable[[], Response]:
+    def _decide_detail(
+        self, p: _Pending, product_id: str, cached: list[bytes | None], limit_headers: list[tuple[str, str]]
+    ) -> Response | Callable[[], Response]:
         if p.channel_invalid:
             return error(400, _INVALID_CHANNEL, limit_headers)
         detail = cached[0] if cached else None
@@ -340,8 +386,9 @@ class ReadAPI:
         if detail is not None and (channel_id is None or channel is not None):
             self.tally.cache("hit")
             return self._with_headers(self._detail_response(detail, channel), limit_headers)
-        return lambda: self._with_headers(self._detail_from_db(product_id, channel_id, detail, channel),
-                                          limit_headers)
+        return lambda: self._with_headers(
+            self._detail_from_db(product_id, channel_id, detail, channel), limit_headers
+        )
 
     @staticmethod
     def _channel_id(query: str) -> tuple[str | None, bool]:
@@ -376,14 +423,19 @@ class ReadAPI:
         if not rl.enabled:
             return None
         if principal is not None:
-            return Limit("token", principal.name, principal.rate_per_second or rl.rate_per_second,
-                         principal.burst or rl.burst)
+            return Limit(
+                "token",
+                principal.name,
+                principal.rate_per_second or rl.rate_per_second,
+                principal.burst or rl.burst,
+            )
         return Limit("addr", client or "unknown", rl.anonymous_rate_per_second, rl.anonymous_burst)
 
     def _open(self, route: str) -> Response:
         if route == "/healthz":
-            return self._verdict(self._failures(self.liveness_checks), sorted(self.liveness_checks),
-                                 "ok", "unhealthy")
+            return self._verdict(
+                self._failures(self.liveness_checks), sorted(self.liveness_checks), "ok", "unhealthy"
+            )
         if route == "/readyz":
             return self._readyz()
         if route == "/openapi.json":
@@ -442,8 +494,9 @@ class ReadAPI:
         doc["channel"] = channel_figures(doc, orjson.loads(channel))
         return Response(200, orjson.dumps(doc))
 
-    def _detail_from_db(self, product_id: str, channel_id: str | None, detail: bytes | None,
-                        channel: bytes | None) -> Response:
+    def _detail_from_db(
+        self, product_id: str, channel_id: str | None, detail: bytes | None, channel: bytes | None
+    ) -> Response:
         """A detail read that missed the cache: what is missing from PostgreSQL, cached again."""
         self.tally.cache("miss")
         doc = chan = None
@@ -507,4 +560,3 @@ class ReadAPI:
     def _check_postgresql(self) -> None:
         with self.stores.store() as store:
             store.ping()
-

@@ -91,8 +91,11 @@ class Authenticator:
 
 def route_roles(settings: AuthSettings) -> dict[str, str | None]:
     """The routes that may need a role, and the role each needs (None: open)."""
-    return {"/inventory/{product_id}": INVENTORY_READ, "/inventory/{product_id}/detail": INVENTORY_READ,
-            "/metrics": settings.metrics_role}
+    return {
+        "/inventory/{product_id}": INVENTORY_READ,
+        "/inventory/{product_id}/detail": INVENTORY_READ,
+        "/metrics": settings.metrics_role,
+    }
 
 
 def checked_roles(settings: AuthSettings) -> frozenset[str]:

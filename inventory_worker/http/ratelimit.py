@@ -134,7 +134,9 @@ class RateLimiter:
         decision, values = self.check_and_get_many(limit, () if read_key is None else (read_key,))
         return decision, values[0] if values else None
 
-    def check_and_get_many(self, limit: Limit, read_keys: tuple[str, ...]) -> tuple[Decision, list[bytes | None]]:
+    def check_and_get_many(
+        self, limit: Limit, read_keys: tuple[str, ...]
+    ) -> tuple[Decision, list[bytes | None]]:
         """check_and_get() reading any number of keys: their values, in order (none when the
         request is refused)."""
         interval = interval_us(limit.rate_per_second)
@@ -148,15 +150,19 @@ class RateLimiter:
             raise RateLimitUnavailable(type(exc).__name__) from exc
         return self._decode(reply, interval, limit.burst)
 
-    async def acheck_and_get(self, limit: Limit, read_key: str | None,
-                             client: AsyncRedis) -> tuple[Decision, bytes | None]:
+    async def acheck_and_get(
+        self, limit: Limit, read_key: str | None, client: AsyncRedis
+    ) -> tuple[Decision, bytes | None]:
         """check_and_get() on an event loop, through `client` (which sends the script whole on
         NOSCRIPT)."""
-        decision, values = await self.acheck_and_get_many(limit, () if read_key is None else (read_key,), client)
+        decision, values = await self.acheck_and_get_many(
+            limit, () if read_key is None else (read_key,), client
+        )
         return decision, values[0] if values else None
 
-    async def acheck_and_get_many(self, limit: Limit, read_keys: tuple[str, ...],
-                                  client: AsyncRedis) -> tuple[Decision, list[bytes | None]]:
+    async def acheck_and_get_many(
+        self, limit: Limit, read_keys: tuple[str, ...], client: AsyncRedis
+    ) -> tuple[Decision, list[bytes | None]]:
         """check_and_get_many() on an event loop, through `client`."""
         if client is not self._async_client:
             client.script_sha(GCRA_SCRIPT)

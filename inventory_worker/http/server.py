@@ -141,9 +141,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-         + _SECURITY_BYTES +
-         b"Connection: close\r\nContent-Length: 33\r\n\r\n" + b'{"error": "too many connections"}')
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    + _SECURITY_BYTES
+    + b"Connection: close\r\nContent-Length: 33\r\n\r\n"
+    + b'{"error": "too many connections"}'
+)
 
 STDLIB_MAX_CONNECTIONS = 256  # http.max_connections unset: a thread each
 GRANIAN_MAX_CONNECTIONS = 8192  # http.max_connections unset: a task each, a few KB
@@ -157,8 +160,9 @@ class _BoundedServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # the listen backlog (socketserver's 5 drops bursts of connections)
 
-    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int,
-                 per_address: int) -> None:
+    def __init__(
+        self, address: tuple[str, int], handler: type[_Handler], max_connections: int, per_address: int
+    ) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
         self._per_address = per_address
         self._held: dict[str, int] = {}
@@ -204,13 +208,17 @@ class _BoundedServer(ThreadingHTTPServer):
             self._give(client_address[0])
 
 
-def make_server(api: ReadAPI, host: str, port: int,
-                routes: tuple[str, ...] | None = None) -> ThreadingHTTPServer:
+def make_server(
+    api: ReadAPI, host: str, port: int, routes: tuple[str, ...] | None = None
+) -> ThreadingHTTPServer:
     """The stdlib server for `api`; `routes` limits it to those paths (others are 404)."""
     h = api.http
-    handler = type("Handler", (_Handler,), {"api": api, "timeout": h.client_timeout_seconds, "routes": routes})
-    return _BoundedServer((host, port), handler, h.max_connections or STDLIB_MAX_CONNECTIONS,
-                          h.max_connections_per_address)
+    handler = type(
+        "Handler", (_Handler,), {"api": api, "timeout": h.client_timeout_seconds, "routes": routes}
+    )
+    return _BoundedServer(
+        (host, port), handler, h.max_connections or STDLIB_MAX_CONNECTIONS, h.max_connections_per_address
+    )
 
 
 def management_address(settings: Settings) -> tuple[str, int] | None:
@@ -224,10 +232,12 @@ def _start_management(api: ReadAPI, settings: Settings) -> ThreadingHTTPServer |
     if where is None:
         return None
     server = make_server(api, *where, routes=MANAGEMENT_ROUTES)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-management",
-                     daemon=True).start()
-    log.info("management listening", host=where[0], port=server.server_address[1],
-             paths=list(MANAGEMENT_ROUTES))
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-management", daemon=True
+    ).start()
+    log.info(
+        "management listening", host=where[0], port=server.server_address[1], paths=list(MANAGEMENT_ROUTES)
+    )
     return server
 
 
@@ -258,13 +268,16 @@ def check_ports(settings: Settings, wait: float = 0.0) -> None:
                 if exc.errno != errno.EADDRINUSE:
                     raise PortTaken(f"cannot listen on {host}:{port} ({key}): {exc.strerror}") from None
                 if time.monotonic() >= deadline:
-                    raise PortTaken(f"{host}:{port} ({key}) is already in use: is another worker "
-                                    "or program listening there?") from None
+                    raise PortTaken(
+                        f"{host}:{port} ({key}) is already in use: is another worker "
+                        "or program listening there?"
+                    ) from None
                 time.sleep(0.1)
 
 
 def settings_json(settings: Settings) -> str:
     """The settings as JSON with the secrets' real values (model_dump_json writes them masked)."""
+
     def plain(value: Any) -> Any:
         return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
 
@@ -416,8 +429,13 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
     if management_address(settings) is not None:
         ready, live = health_checks(health, settings.worker.heartbeat_timeout_seconds) if health else ({}, {})
         management = _start_management(bootstrap.read_api(settings, ready, live), settings)
-    log.info("http listening", host=settings.http.host, port=settings.http.port, server="granian",
-             workers=settings.http.workers)
+    log.info(
+        "http listening",
+        host=settings.http.host,
+        port=settings.http.port,
+        server="granian",
+        workers=settings.http.workers,
+    )
     try:
         server.serve()
     finally:
@@ -431,7 +449,9 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard)
+            )
         except (ValueError, OSError):
             pass
 
@@ -445,8 +465,10 @@ def health_checks(health: ProcessHealth, timeout: float) -> tuple[dict[str, Any]
 
     def heartbeats() -> None:
         if stuck := health.stuck(timeout):
-            raise RuntimeError(f"no heartbeat for more than {timeout:g}s: "
-                               + ", ".join(f"consumer-{i} ({health.age(i):.1f}s)" for i in stuck))
+            raise RuntimeError(
+                f"no heartbeat for more than {timeout:g}s: "
+                + ", ".join(f"consumer-{i} ({health.age(i):.1f}s)" for i in stuck)
+            )
 
     return {"consumers": attached}, {"consumers": heartbeats}
 

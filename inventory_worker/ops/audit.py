@@ -20,12 +20,16 @@ from typing import Any, Literal, cast
 
 import redis
 
-from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.adapters.postgres import Store
+from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.contract import Figures
 
 FIGURES: tuple[Literal["on_hand", "reserved", "available", "version"], ...] = (
-    "on_hand", "reserved", "available", "version")
+    "on_hand",
+    "reserved",
+    "available",
+    "version",
+)
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,22 @@ class Audit:
     def _database_mismatches(self) -> list[Mismatch]:
         out = []
         for product_id, figure, recorded, expected, source in self.store.mismatches():
-            by = {"ledger": "the ledger sums to", "levels": "its levels sum to",
-                  "orders": "its counters allow"}.get(source, "active reservations hold")
-            where = "order_lines" if source == "orders" else "stock_levels" if " at " in figure else "products"
-            out.append(Mismatch(
-                product_id, source, f"{figure} is {recorded} in {where}, but {by} {expected}",
-                {"figure": figure, "recorded": recorded, "expected": expected}))
+            by = {
+                "ledger": "the ledger sums to",
+                "levels": "its levels sum to",
+                "orders": "its counters allow",
+            }.get(source, "active reservations hold")
+            where = (
+                "order_lines" if source == "orders" else "stock_levels" if " at " in figure else "products"
+            )
+            out.append(
+                Mismatch(
+                    product_id,
+                    source,
+                    f"{figure} is {recorded} in {where}, but {by} {expected}",
+                    {"figure": figure, "recorded": recorded, "expected": expected},
+                )
+            )
         return out
 
     def _cache_mismatches(self, settle_seconds: float) -> tuple[int, list[Mismatch]]:
@@ -88,7 +102,7 @@ class Audit:
         prefix = self.cache.key("")
         pattern = _glob_escape(prefix) + "*"
         for key in self.cache.client.scan_iter(match=pattern, count=1000):
-            yield key.decode()[len(prefix):]
+            yield key.decode()[len(prefix) :]
 
     def _differing(self, product_ids: list[str]) -> dict[str, bytes]:
         """Those whose cached entry differs from PostgreSQL's figures, with the entry."""
@@ -103,8 +117,7 @@ class Audit:
                 continue  # expired or evicted meanwhile: a miss is refilled from PostgreSQL
             cached = _decode(raw)
             figures = db.get(product_id)
-            if cached is None or figures is None or any(
-                    cached.get(k) != figures[k] for k in FIGURES):
+            if cached is None or figures is None or any(cached.get(k) != figures[k] for k in FIGURES):
                 out[product_id] = raw
         return out
 
@@ -112,17 +125,29 @@ class Audit:
     def _describe(product_id: str, raw: bytes, figures: Figures | None) -> Mismatch:
         cached = _decode(raw)
         if figures is None:
-            return Mismatch(product_id, "cache", "cached in Redis, but no such product in PostgreSQL",
-                            {"cached": raw.decode(errors="replace")})
+            return Mismatch(
+                product_id,
+                "cache",
+                "cached in Redis, but no such product in PostgreSQL",
+                {"cached": raw.decode(errors="replace")},
+            )
         if cached is None:
-            return Mismatch(product_id, "cache", "the Redis entry is not valid figures",
-                            {"cached": raw.decode(errors="replace")})
+            return Mismatch(
+                product_id,
+                "cache",
+                "the Redis entry is not valid figures",
+                {"cached": raw.decode(errors="replace")},
+            )
         show = " ".join
         return Mismatch(
-            product_id, "cache",
-            "Redis has " + show(f"{k}={cached.get(k)}" for k in FIGURES)
-            + ", PostgreSQL " + show(f"{k}={figures[k]}" for k in FIGURES),
-            {"cached": {k: cached.get(k) for k in FIGURES}, "database": {k: figures[k] for k in FIGURES}})
+            product_id,
+            "cache",
+            "Redis has "
+            + show(f"{k}={cached.get(k)}" for k in FIGURES)
+            + ", PostgreSQL "
+            + show(f"{k}={figures[k]}" for k in FIGURES),
+            {"cached": {k: cached.get(k) for k in FIGURES}, "database": {k: figures[k] for k in FIGURES}},
+        )
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.adapters.postgres import Store
+from inventory_worker.adapters.redis_cache import StockCache
 
 
 @dataclass

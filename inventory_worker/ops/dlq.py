@@ -91,7 +91,8 @@ def _reason(properties: Any) -> str:
         reason = d.get("reason")
         count = d.get("count")
         return f"rabbitmq: {_text(reason) or reason}" + (
-            f" (dead-lettered {count} times)" if isinstance(count, int) and count else "")
+            f" (dead-lettered {count} times)" if isinstance(count, int) and count else ""
+        )
     return "unknown"
 
 
@@ -116,8 +117,14 @@ class DeadLetterQueue:
             if method is None:
                 return
             n += 1
-            yield DeadLetter(method.delivery_tag, original_routing_key(props, method.routing_key),
-                             getattr(props, "message_id", None), _reason(props), props, body)
+            yield DeadLetter(
+                method.delivery_tag,
+                original_routing_key(props, method.routing_key),
+                getattr(props, "message_id", None),
+                _reason(props),
+                props,
+                body,
+            )
 
     def replay(self, selected: Callable[[DeadLetter], bool], limit: int | None = None) -> list[DeadLetter]:
         """Re-publishes the selected messages to the input exchange; acks each once confirmed."""
@@ -127,8 +134,11 @@ class DeadLetterQueue:
         for m in self.messages(limit):
             if not selected(m):
                 continue
-            headers = {k: v for k, v in amqp_framing.safe_headers(_headers(m.properties)).items()
-                       if k not in INTERNAL_HEADERS}
+            headers = {
+                k: v
+                for k, v in amqp_framing.safe_headers(_headers(m.properties)).items()
+                if k not in INTERNAL_HEADERS
+            }
             replays = headers.get("x-replayed-from-dlq")
             headers["x-replayed-from-dlq"] = (replays if isinstance(replays, int) and replays >= 0 else 0) + 1
             props = pika.BasicProperties(
@@ -139,8 +149,9 @@ class DeadLetterQueue:
                 headers=headers,
             )
             # Raises (NackError, UnroutableError) unless the broker took it: then we do not ack.
-            publisher.basic_publish(self.settings.exchange, m.routing_key, m.body, properties=props,
-                                    mandatory=True)
+            publisher.basic_publish(
+                self.settings.exchange, m.routing_key, m.body, properties=props, mandatory=True
+            )
             self.channel.basic_ack(m.delivery_tag)
             done.append(m)
         return done

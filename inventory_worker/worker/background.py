@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from inventory_worker import metrics
-
 from inventory_worker.adapters import rabbitmq
+from inventory_worker.adapters.postgres import Store, TransientError
 from inventory_worker.adapters.redis_cache import StockCache
 from inventory_worker.config import RabbitMQSettings
 from inventory_worker.logs import get_logger
-from inventory_worker.adapters.postgres import Store, TransientError
 
 log = get_logger(__name__)
 
@@ -55,9 +54,16 @@ class Maintenance(threading.Thread):
     """The duties, on their own store, cache and RabbitMQ connection (made by `connect`, again
     after it breaks); the thread closes the store and the connection when it ends."""
 
-    def __init__(self, store: Store, cache: StockCache, connect: Callable[[], Any],
-                 amqp_settings: RabbitMQSettings, schedule: Schedule, stop: threading.Event | Any,
-                 measure: bool = False) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cache: StockCache,
+        connect: Callable[[], Any],
+        amqp_settings: RabbitMQSettings,
+        schedule: Schedule,
+        stop: threading.Event | Any,
+        measure: bool = False,
+    ) -> None:
         super().__init__(name="maintenance", daemon=True)
         self.store = store
         self.cache = cache
@@ -143,9 +149,13 @@ class Maintenance(threading.Thread):
                 metrics.CACHE_WRITE_ERRORS.inc()
                 log.warning("cache write failed after expiry", error=repr(exc))
             self._publish_now(messages)
-            log.info("reservations expired", count=count, more_due=candidates == limit,
-                     transaction_ms=round((committed - started) * 1000, 1),
-                     publish_ms=round((time.monotonic() - committed) * 1000, 1))
+            log.info(
+                "reservations expired",
+                count=count,
+                more_due=candidates == limit,
+                transaction_ms=round((committed - started) * 1000, 1),
+                publish_ms=round((time.monotonic() - committed) * 1000, 1),
+            )
             if candidates < limit:
                 return  # the backlog is drained
 
@@ -167,8 +177,9 @@ class Maintenance(threading.Thread):
         activated), one short transaction per pass, then the cache and the messages."""
         if not self.store.is_leader:
             return
-        filled, messages, figures = self.store.fill_backorders(self.schedule.sweep_batch_size,
-                                                               self.schedule.backorder_fill_batch)
+        filled, messages, figures = self.store.fill_backorders(
+            self.schedule.sweep_batch_size, self.schedule.backorder_fill_batch
+        )
         if filled == 0:
             return
         self._cache_and_publish(figures, messages, "backorder fill")

@@ -77,9 +77,13 @@ class ConsumerConfig:
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsumerConfig:
         w = settings.worker
-        return cls(queue=settings.rabbitmq.queue, delivery_limit=settings.rabbitmq.delivery_limit,
-                   batch_size=w.batch_size, batch_max_wait_ms=w.batch_max_wait_ms,
-                   max_message_bytes=w.max_message_bytes)
+        return cls(
+            queue=settings.rabbitmq.queue,
+            delivery_limit=settings.rabbitmq.delivery_limit,
+            batch_size=w.batch_size,
+            batch_max_wait_ms=w.batch_max_wait_ms,
+            max_message_bytes=w.max_message_bytes,
+        )
 
 
 class Stopping(Exception):
@@ -103,8 +107,14 @@ def backoff_retrying(
     def _before_sleep(state: tenacity.RetryCallState) -> None:
         metrics.RETRIES.labels(dependency).inc()
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("retrying", dependency=dependency, what=what, attempt=state.attempt_number,
-                    error=str(exc), wait_seconds=round(state.next_action.sleep, 3) if state.next_action else None)
+        log.warning(
+            "retrying",
+            dependency=dependency,
+            what=what,
+            attempt=state.attempt_number,
+            error=str(exc),
+            wait_seconds=round(state.next_action.sleep, 3) if state.next_action else None,
+        )
 
     def _sleep(seconds: float) -> None:
         if stop.is_set():
@@ -189,8 +199,12 @@ class Consumer:
                 self.attached = False
                 metrics.RETRIES.labels("rabbitmq").inc()
                 failure = self.describe(exc)
-                log.warning("rabbitmq connection lost; reconnecting", error=repr(exc), wait_seconds=delay,
-                            **(failure.fields() if failure else {}))
+                log.warning(
+                    "rabbitmq connection lost; reconnecting",
+                    error=repr(exc),
+                    wait_seconds=delay,
+                    **(failure.fields() if failure else {}),
+                )
                 self.stop.wait(delay)
                 self.slot.beat()
                 delay = min(delay * 2, 5.0)
@@ -329,8 +343,13 @@ class Consumer:
             metrics.EVENTS.labels(type_, outcome).inc(n)
         metrics.BATCH_SIZE.observe(len(items))
 
-    def _log_handled(self, items: list[tuple[Delivery, Event]], results: list[Outcome | PermanentError],
-                     now: float, counts: Counter[tuple[str, str]]) -> None:
+    def _log_handled(
+        self,
+        items: list[tuple[Delivery, Event]],
+        results: list[Outcome | PermanentError],
+        now: float,
+        counts: Counter[tuple[str, str]],
+    ) -> None:
         waited: list[float] = []
         for (d, ev), res in zip(items, results, strict=True):
             if isinstance(res, Outcome) and res.outcome != ID_REUSED:
@@ -366,11 +385,18 @@ class Consumer:
         limit = self.config.delivery_limit
         if attempts <= limit:
             return False
-        self._dead_letter(publisher, d, f"applying it was interrupted {attempts} times (delivery limit {limit}): "
-                          "it may be stopping the worker", "delivery_limit")
+        self._dead_letter(
+            publisher,
+            d,
+            f"applying it was interrupted {attempts} times (delivery limit {limit}): "
+            "it may be stopping the worker",
+            "delivery_limit",
+        )
         return True
 
-    def _apply(self, conn: AmqpConnection, items: list[tuple[Delivery, Event]]) -> list[Outcome | PermanentError]:
+    def _apply(
+        self, conn: AmqpConnection, items: list[tuple[Delivery, Event]]
+    ) -> list[Outcome | PermanentError]:
         """Applies items in one transaction; isolates the ones the database refuses."""
         events = [ev.for_store() for _, ev in items]
         try:
@@ -389,7 +415,9 @@ class Consumer:
         return [r for item in items for r in self._apply(conn, [item])]
 
     def _retrying_apply(self, conn: AmqpConnection, events: Sequence[dict[str, Any]]) -> list[Outcome]:
-        for attempt in backoff_retrying(self.stop, lambda s: self._sleep(conn, s), "postgresql", "apply batch"):
+        for attempt in backoff_retrying(
+            self.stop, lambda s: self._sleep(conn, s), "postgresql", "apply batch"
+        ):
             with attempt:
                 marks = list(self._to_mark)
                 results = self.store.apply_batch(events, mark_published=marks)
@@ -425,13 +453,20 @@ class Consumer:
             raise
         except Exception as exc:  # its properties cannot be sent again: dead-letter it without them
             log.exception("dead-lettering with the original properties failed", error=repr(exc))
-            publisher.dead_letter(d.body, None, d.method.routing_key,
-                                  f"{reason} (original properties dropped: {exc!r})")
+            publisher.dead_letter(
+                d.body, None, d.method.routing_key, f"{reason} (original properties dropped: {exc!r})"
+            )
         metrics.DEAD_LETTERED.labels(kind).inc()
-        metrics.EVENTS.labels(d.method.routing_key if d.method.routing_key in INPUT_TYPES else "unknown",
-                              "dead_lettered").inc()
-        log.warning("message dead-lettered", reason=reason, routing_key=d.method.routing_key,
-                    message_id=getattr(d.properties, "message_id", None), outcome="dead_lettered")
+        metrics.EVENTS.labels(
+            d.method.routing_key if d.method.routing_key in INPUT_TYPES else "unknown", "dead_lettered"
+        ).inc()
+        log.warning(
+            "message dead-lettered",
+            reason=reason,
+            routing_key=d.method.routing_key,
+            message_id=getattr(d.properties, "message_id", None),
+            outcome="dead_lettered",
+        )
 
     def _idle(self) -> None:
         self._flush_marks()
@@ -448,4 +483,3 @@ class Consumer:
             # Unmarked rows are merely published again by the relay (same id): harmless.
             if final:
                 log.warning("could not mark results published", error=str(exc), count=len(marks))
-

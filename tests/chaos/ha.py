@@ -54,24 +54,54 @@ class PgNode(PrivatePostgres):
 
     def conf(self) -> str:
         listen = "127.0.0.1" + (f",{self.extra_listen}" if self.extra_listen else "")
-        return (f"\nport = {self.port}\nlisten_addresses = '{listen}'\n"
-                f"unix_socket_directories = '{self.dir}'\nfsync = off\nmax_connections = 80\n"
-                "shared_buffers = 32MB\nwal_level = replica\nmax_wal_senders = 5\n"
-                "wal_log_hints = on\nhot_standby = on\nwal_keep_size = 256MB\n"
-                "synchronous_standby_names = '*'\nwal_receiver_status_interval = 1s\n")
+        return (
+            f"\nport = {self.port}\nlisten_addresses = '{listen}'\n"
+            f"unix_socket_directories = '{self.dir}'\nfsync = off\nmax_connections = 80\n"
+            "shared_buffers = 32MB\nwal_level = replica\nmax_wal_senders = 5\n"
+            "wal_log_hints = on\nhot_standby = on\nwal_keep_size = 256MB\n"
+            "synchronous_standby_names = '*'\nwal_receiver_status_interval = 1s\n"
+        )
 
     def init_primary(self) -> None:
         self.dir.mkdir(parents=True)
         self._own(self.dir)
-        _run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-              "-E", "UTF8", "--no-sync"], user=self.user)
+        _run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            user=self.user,
+        )
         self._append_conf()
 
     def init_standby_of(self, primary: PgNode) -> None:
         self.dir.mkdir(parents=True)
         self._own(self.dir)
-        _run([str(self.bin / "pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
-              "-p", str(primary.port), "-U", "postgres", "-X", "stream", "--no-sync"], user=self.user)
+        _run(
+            [
+                str(self.bin / "pg_basebackup"),
+                "-D",
+                str(self.data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(primary.port),
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+            user=self.user,
+        )
         self._append_conf()
         self.follow(primary)
 
@@ -79,8 +109,10 @@ class PgNode(PrivatePostgres):
         """standby.signal and primary_conninfo: the next start is as `primary`'s standby."""
         (self.data / "standby.signal").write_text("")
         with open(self.data / "postgresql.auto.conf", "a") as f:
-            f.write(f"\nprimary_conninfo = 'host=127.0.0.1 port={primary.port} user=postgres "
-                    f"application_name={self.name}'\n")
+            f.write(
+                f"\nprimary_conninfo = 'host=127.0.0.1 port={primary.port} user=postgres "
+                f"application_name={self.name}'\n"
+            )
         self._own(self.data / "standby.signal")
 
     def _append_conf(self) -> None:
@@ -102,8 +134,9 @@ class PgNode(PrivatePostgres):
         return time.monotonic() - t0
 
     def sql(self, query: str, args: Any = None) -> list[tuple[Any, ...]]:
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                                connect_timeout=3)
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", connect_timeout=3
+        )
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
@@ -196,9 +229,17 @@ class PgPair:
         # promotion; before it, pg_rewind would see no divergence and rewind nothing.
         new.sql("CHECKPOINT")
         # pg_rewind runs the crashed node's recovery first, then takes what diverged from `new`.
-        r = _run([str(old.bin / "pg_rewind"), "-D", str(old.data),
-                  f"--source-server=host=127.0.0.1 port={new.port} user=postgres dbname=postgres"],
-                 user=old.user, timeout=300, check=False)
+        r = _run(
+            [
+                str(old.bin / "pg_rewind"),
+                "-D",
+                str(old.data),
+                f"--source-server=host=127.0.0.1 port={new.port} user=postgres dbname=postgres",
+            ],
+            user=old.user,
+            timeout=300,
+            check=False,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"pg_rewind failed: {r.stderr.strip()[-800:]}")
         # pg_rewind copied the source's configuration files too: this node's own settings again.
@@ -209,8 +250,11 @@ class PgPair:
         self.set_sync(new, "*")
         wait_until(self.synchronous, 60, "the old primary streaming as the new standby")
         t_back = time.monotonic()
-        return {"promoted_after": round(t_promoted - t0, 2), "crash": round(t_crash - t0, 2),
-                "standby_back_after": round(t_back - t0, 2)}
+        return {
+            "promoted_after": round(t_promoted - t0, 2),
+            "crash": round(t_crash - t0, 2),
+            "standby_back_after": round(t_back - t0, 2),
+        }
 
     def close(self) -> None:
         for n in self.nodes:
@@ -231,8 +275,13 @@ class RedisProc:
 
     def start(self, extra: list[str] | None = None) -> None:
         log = open(self.dir / "redis.log", "ab")
-        self.proc = subprocess.Popen(["redis-server", *self.args, *(extra or [])], stdout=log, stderr=log,
-                                     start_new_session=True, cwd=self.dir)
+        self.proc = subprocess.Popen(
+            ["redis-server", *self.args, *(extra or [])],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=self.dir,
+        )
         log.close()
         wait_until(lambda: self.client().ping(), 30, self.name)
 
@@ -257,9 +306,10 @@ class RedisSentinels:
         self.address = extra_listen or "127.0.0.1"
         common = ["--bind", *bind.split(), "--save", "", "--appendonly", "no", "--protected-mode", "no"]
         a, b = pick_port(), pick_port()
-        self.servers = [RedisProc(root, "redis-a", ["--port", str(a), *common], a),
-                        RedisProc(root, "redis-b", ["--port", str(b), *common, "--replicaof", self.address,
-                                                    str(a)], b)]
+        self.servers = [
+            RedisProc(root, "redis-a", ["--port", str(a), *common], a),
+            RedisProc(root, "redis-b", ["--port", str(b), *common, "--replicaof", self.address, str(a)], b),
+        ]
         self.sentinels: list[RedisProc] = []
         for i in range(3):
             port = pick_port()
@@ -270,22 +320,33 @@ class RedisSentinels:
                 f"sentinel monitor {self.SERVICE} {self.address} {a} 2\n"
                 f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
                 f"sentinel failover-timeout {self.SERVICE} 10000\n"
-                f"sentinel parallel-syncs {self.SERVICE} 1\n")
+                f"sentinel parallel-syncs {self.SERVICE} 1\n"
+            )
             self.sentinels.append(RedisProc(root, f"sentinel-{i}", [str(conf), "--sentinel"], port))
 
     def start(self) -> None:
         for s in self.servers:
             s.start()
-        wait_until(lambda: self.servers[1].client().info("replication")["master_link_status"] == "up",
-                   30, "the Redis replica in sync")
+        wait_until(
+            lambda: self.servers[1].client().info("replication")["master_link_status"] == "up",
+            30,
+            "the Redis replica in sync",
+        )
         for s in self.sentinels:
             s.start()
-        wait_until(lambda: all(int(s.client().sentinel_master(self.SERVICE)["num-other-sentinels"]) == 2
-                               for s in self.sentinels), 30, "the sentinels seeing each other")
+        wait_until(
+            lambda: all(
+                int(s.client().sentinel_master(self.SERVICE)["num-other-sentinels"]) == 2
+                for s in self.sentinels
+            ),
+            30,
+            "the sentinels seeing each other",
+        )
 
     def master_port(self) -> int:
-        host, port = self.sentinels[0].client().execute_command(
-            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+        host, port = (
+            self.sentinels[0].client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+        )
         return int(port)
 
     def addresses(self, address: str = "127.0.0.1") -> list[str]:
@@ -302,10 +363,15 @@ class RedisSentinels:
         t_promoted = time.monotonic()
         new_port = self.master_port()
         old.start(["--replicaof", self.address, str(new_port)])
-        wait_until(lambda: old.client().info("replication")["master_link_status"] == "up", 60,
-                   "the old master back as a replica")
-        return {"promoted_after": round(t_promoted - t0, 2),
-                "replica_back_after": round(time.monotonic() - t0, 2)}
+        wait_until(
+            lambda: old.client().info("replication")["master_link_status"] == "up",
+            60,
+            "the old master back as a replica",
+        )
+        return {
+            "promoted_after": round(t_promoted - t0, 2),
+            "replica_back_after": round(time.monotonic() - t0, 2),
+        }
 
     def close(self) -> None:
         for s in (*self.sentinels, *self.servers):
@@ -316,16 +382,18 @@ class RedisSentinels:
 
 
 class RabbitNode(PrivateRabbitMQ):
-    def __init__(self, root: Path, name: str, epmd_port: int, cookie: str,
-                 extra_listen: str | None = None) -> None:
+    def __init__(
+        self, root: Path, name: str, epmd_port: int, cookie: str, extra_listen: str | None = None
+    ) -> None:
         super().__init__(root / name)
         self.epmd_port = epmd_port
         self.node = f"{name}@localhost"
         listeners = f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
         if extra_listen:
             listeners += f"listeners.tcp.2 = {extra_listen}:{self.port}\n"
-        (self.dir / "rabbitmq.conf").write_text("loopback_users = none\n" + listeners
-                                                + "cluster_partition_handling = pause_minority\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            "loopback_users = none\n" + listeners + "cluster_partition_handling = pause_minority\n"
+        )
         self.env.update({"RABBITMQ_NODENAME": self.node, "ERL_EPMD_PORT": str(epmd_port)})
         self.env.pop("RABBITMQ_NODE_IP_ADDRESS", None)
         self.env.pop("RABBITMQ_NODE_PORT", None)
@@ -339,8 +407,10 @@ class RabbitCluster:
         self.epmd_port = pick_port()
         cookie = secrets.token_hex(16)
         tag = secrets.token_hex(3)
-        self.nodes = [RabbitNode(root / "rabbitmq", f"ha{tag}n{i}", self.epmd_port, cookie, extra_listen)
-                      for i in range(size)]
+        self.nodes = [
+            RabbitNode(root / "rabbitmq", f"ha{tag}n{i}", self.epmd_port, cookie, extra_listen)
+            for i in range(size)
+        ]
         self.env = self.nodes[0].env
 
     def start(self) -> None:
@@ -394,6 +464,7 @@ class RabbitCluster:
     def members(self, queue: str) -> list[str]:
         out = self.any_node().ctl("list_queues", "--formatter", "json", "name", "members")
         import json
+
         for q in json.loads(out):
             if q["name"] == queue:
                 return list(q["members"])
@@ -408,8 +479,14 @@ class RabbitCluster:
 
     def restart(self, node: RabbitNode) -> None:
         node.start()
-        wait_until(lambda: node.node in self.any_node().ctl("cluster_status", "--formatter", "json")
-                   .split('"running_nodes"', 1)[1], 60, "the node back in the cluster")
+        wait_until(
+            lambda: (
+                node.node
+                in self.any_node().ctl("cluster_status", "--formatter", "json").split('"running_nodes"', 1)[1]
+            ),
+            60,
+            "the node back in the cluster",
+        )
 
     def pause(self, node: RabbitNode, seconds: float) -> None:
         """SIGSTOP of every process of the node for `seconds`, then SIGCONT: a hung node."""
@@ -434,8 +511,13 @@ class RabbitCluster:
             n.proc = None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], capture_output=True,
-                           env=self.env, timeout=30, check=False)
+            subprocess.run(
+                ["epmd", "-port", str(self.epmd_port), "-kill"],
+                capture_output=True,
+                env=self.env,
+                timeout=30,
+                check=False,
+            )
             if _port_free(self.epmd_port):
                 return
             time.sleep(0.3)
@@ -566,16 +648,25 @@ class HAServices:
     def settings(self, base: Any, address: str = "127.0.0.1") -> Any:
         """`base` pointed at every node, in the multi-node forms the worker takes."""
         update: dict[str, Any] = {
-            "database": base.database.model_copy(update={"hosts": self.postgres.hosts(address),
-                                                         "user": "postgres", "password": SecretStr("")}),
-            "redis": base.redis.model_copy(update={"sentinels": self.redis.addresses(address),
-                                                   "sentinel_service": RedisSentinels.SERVICE,
-                                                   "host": "127.0.0.1", "port": self.redis.servers[0].port}),
+            "database": base.database.model_copy(
+                update={"hosts": self.postgres.hosts(address), "user": "postgres", "password": SecretStr("")}
+            ),
+            "redis": base.redis.model_copy(
+                update={
+                    "sentinels": self.redis.addresses(address),
+                    "sentinel_service": RedisSentinels.SERVICE,
+                    "host": "127.0.0.1",
+                    "port": self.redis.servers[0].port,
+                }
+            ),
         }
         if self.rabbitmq:
-            update["rabbitmq"] = base.rabbitmq.model_copy(update={
-                "url": AnyUrl(self.rabbitmq.url.replace("127.0.0.1", address)),
-                "addresses": self.rabbitmq.addresses(address)})
+            update["rabbitmq"] = base.rabbitmq.model_copy(
+                update={
+                    "url": AnyUrl(self.rabbitmq.url.replace("127.0.0.1", address)),
+                    "addresses": self.rabbitmq.addresses(address),
+                }
+            )
         return base.model_copy(update=update)
 
     def close(self, keep: bool = False) -> bool:

@@ -37,9 +37,9 @@ import pika
 import pika.exceptions
 import psycopg2
 
+from inventory_worker.adapters.migrations import migrate
 from inventory_worker.adapters.rabbitmq import cluster_parameters, declare_topology
 from inventory_worker.config import Settings, load_settings
-from inventory_worker.adapters.migrations import migrate
 
 from .. import reaper
 from ..support import REPO, WorkerProcess, free_port, isolated_settings
@@ -48,8 +48,16 @@ from .workload import Msg, Workload
 
 AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
 FAULT_KINDS = (
-    "kill_consumer", "kill_supervisor", "restart_rabbitmq", "restart_postgresql", "crash_postgresql",
-    "flush_redis", "restart_redis", "cut_postgresql", "cut_rabbitmq", "cut_redis",
+    "kill_consumer",
+    "kill_supervisor",
+    "restart_rabbitmq",
+    "restart_postgresql",
+    "crash_postgresql",
+    "flush_redis",
+    "restart_redis",
+    "cut_postgresql",
+    "cut_rabbitmq",
+    "cut_redis",
     "rabbitmq_flapping_during_postgresql_outage",
 )
 DEFAULT_SECONDS = 600  # `make chaos`: ten minutes of faults
@@ -72,7 +80,9 @@ class Progress(threading.Thread):
             detail = self.status() if self.status else ""
         except Exception as exc:  # a count read while it changes: the next line will do
             detail = repr(exc)
-        return f"chaos {time.monotonic() - self.started:6.0f}s  {self.phase}" + (f": {detail}" if detail else "")
+        return f"chaos {time.monotonic() - self.started:6.0f}s  {self.phase}" + (
+            f": {detail}" if detail else ""
+        )
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
@@ -83,10 +93,16 @@ def chaos_settings(services: PrivateServices, run_id: str, cache_ttl_seconds: in
     """Isolated names on the private services, with short timings so faults show quickly."""
     base = services.settings(load_settings())
     s = isolated_settings(base, run_id)
-    w = s.worker.model_copy(update={
-        "batch_size": 20, "sweep_interval_seconds": 0.25, "outbox_relay_min_age_seconds": 1.0,
-        "outbox_relay_interval_seconds": 0.5, "default_reservation_ttl_seconds": 3600,
-        "shutdown_grace_seconds": 10.0})
+    w = s.worker.model_copy(
+        update={
+            "batch_size": 20,
+            "sweep_interval_seconds": 0.25,
+            "outbox_relay_min_age_seconds": 1.0,
+            "outbox_relay_interval_seconds": 0.5,
+            "default_reservation_ttl_seconds": 3600,
+            "shutdown_grace_seconds": 10.0,
+        }
+    )
     r = s.redis.model_copy(update={"cache_ttl_seconds": cache_ttl_seconds})
     q = s.rabbitmq.model_copy(update={"heartbeat_seconds": 10})
     return s.model_copy(update={"worker": w, "redis": r, "rabbitmq": q})
@@ -108,7 +124,7 @@ class ReliablePublisher:
             params.socket_timeout = 5
             params.connection_attempts = 1
             params.heartbeat = 10
-        nodes = nodes[self.reconnects % len(nodes):] + nodes[:self.reconnects % len(nodes)]
+        nodes = nodes[self.reconnects % len(nodes) :] + nodes[: self.reconnects % len(nodes)]
         self.conn = pika.BlockingConnection(nodes)
         self.ch = self.conn.channel()
         self.ch.confirm_delivery()
@@ -120,9 +136,13 @@ class ReliablePublisher:
                 if self.conn is None or not self.conn.is_open:
                     self._connect()
                 self.ch.basic_publish(
-                    self.settings.rabbitmq.exchange, m.routing_key, m.body,
-                    properties=pika.BasicProperties(delivery_mode=2, content_type="application/json",
-                                                    message_id=m.message_id))
+                    self.settings.rabbitmq.exchange,
+                    m.routing_key,
+                    m.body,
+                    properties=pika.BasicProperties(
+                        delivery_mode=2, content_type="application/json", message_id=m.message_id
+                    ),
+                )
                 self.sent.append((time.time(), m.message_id))
                 return
             except AMQP_ERRORS:
@@ -174,6 +194,7 @@ def drain_queue(settings: Settings, queue: str) -> list[tuple[Any, bytes]]:
                 out.append((props, body))
         finally:
             conn.close()
+
     _retry(go)
     return out
 
@@ -187,7 +208,9 @@ class Pg:
 
     def query(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg2.connect(**{**self.settings.database.dsn(), "application_name": "chaos-check"})
+            self.conn = psycopg2.connect(
+                **{**self.settings.database.dsn(), "application_name": "chaos-check"}
+            )
             self.conn.autocommit = True
         try:
             with self.conn.cursor() as cur:
@@ -219,8 +242,12 @@ class Fleet:
 
     def start(self, wait_ready: bool = True) -> WorkerProcess:
         self.generation += 1
-        s = self.settings.model_copy(update={"http": self.settings.http.model_copy(update={"port": free_port()})})
-        w = WorkerProcess(s, processes=self.processes, log_path=self.log_dir / f"worker-{self.generation}.log")
+        s = self.settings.model_copy(
+            update={"http": self.settings.http.model_copy(update={"port": free_port()})}
+        )
+        w = WorkerProcess(
+            s, processes=self.processes, log_path=self.log_dir / f"worker-{self.generation}.log"
+        )
         w.start(wait_ready=False)
         self.current = w  # before waiting: stop() must find it if the run is stopped meanwhile
         self.all_pids.add(w.proc.pid)
@@ -255,8 +282,14 @@ class Fleet:
 
 
 class FaultInjector(threading.Thread):
-    def __init__(self, services: PrivateServices, fleet: Fleet, kinds: tuple[str, ...], seed: int,
-                 interval: tuple[float, float]) -> None:
+    def __init__(
+        self,
+        services: PrivateServices,
+        fleet: Fleet,
+        kinds: tuple[str, ...],
+        seed: int,
+        interval: tuple[float, float],
+    ) -> None:
         super().__init__(name="faults", daemon=True)
         self.services, self.fleet, self.kinds = services, fleet, kinds
         self.rng = random.Random(seed ^ 0x5EED)
@@ -292,8 +325,9 @@ class FaultInjector(threading.Thread):
             fleet.remember_children()
             old = fleet.current
             if old.proc.poll() is not None:
-                raise RuntimeError(f"the supervisor had exited by itself with {old.proc.returncode}; "
-                                   f"see {old.log_path}")
+                raise RuntimeError(
+                    f"the supervisor had exited by itself with {old.proc.returncode}; see {old.log_path}"
+                )
             os.kill(old.proc.pid, signal.SIGKILL)
             old.proc.wait()
             fleet.start(wait_ready=False)  # orphaned children stop by themselves
@@ -352,9 +386,11 @@ class Sampler(threading.Thread):
         while not self.stop_event.wait(0.3):
             try:
                 # one statement: one snapshot of every level at this instant
-                rows = self.pg.query(f"SELECT count(*), array_agg(l::text) FILTER (WHERE reserved > on_hand - damaged "
-                                     f"- quality_control OR damaged + quality_control > on_hand OR least(on_hand, "
-                                     f"reserved, damaged, quality_control, incoming) < 0) FROM ({LEVELS_SQL}) l")
+                rows = self.pg.query(
+                    f"SELECT count(*), array_agg(l::text) FILTER (WHERE reserved > on_hand - damaged "
+                    f"- quality_control OR damaged + quality_control > on_hand OR least(on_hand, "
+                    f"reserved, damaged, quality_control, incoming) < 0) FROM ({LEVELS_SQL}) l"
+                )
                 self.samples += 1
                 self.levels_seen += rows[0][0]
                 self.violations.extend(rows[0][1] or [])
@@ -408,12 +444,21 @@ def results_of(pg: Pg, event_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def run_chaos(services: PrivateServices, *, duration: float, seed: int, processes: int = 3,
-              round_size: int = 40, kinds: tuple[str, ...] = FAULT_KINDS,
-              fault_interval: tuple[float, float] = (1.0, 3.0), log_dir: Path | None = None,
-              progress: Progress | None = None,
-              injector: Callable[..., FaultInjector] | None = None,
-              until: Callable[[FaultInjector], bool] | None = None, cache_ttl_seconds: int = 30) -> Report:
+def run_chaos(
+    services: PrivateServices,
+    *,
+    duration: float,
+    seed: int,
+    processes: int = 3,
+    round_size: int = 40,
+    kinds: tuple[str, ...] = FAULT_KINDS,
+    fault_interval: tuple[float, float] = (1.0, 3.0),
+    log_dir: Path | None = None,
+    progress: Progress | None = None,
+    injector: Callable[..., FaultInjector] | None = None,
+    until: Callable[[FaultInjector], bool] | None = None,
+    cache_ttl_seconds: int = 30,
+) -> Report:
     """`injector` makes the fault thread (default FaultInjector); with `until`, publishing
     goes on past `duration` until it says the faults are done (the HA run: each fault once)."""
     run_id = f"chaos{uuid.uuid4().hex[:8]}"
@@ -445,8 +490,11 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         if check is not None:
             return check.status
         injecting = f", injecting {faults.current}" if faults.current else ""
-        return (f"round {rounds}, {sum(published.values())} messages published, "
-                f"{sum(faults.counts.values())} faults{injecting}, worker generation {fleet.generation}")
+        return (
+            f"round {rounds}, {sum(published.values())} messages published, "
+            f"{sum(faults.counts.values())} faults{injecting}, worker generation {fleet.generation}"
+        )
+
     progress.status = status
     try:
         progress.phase = "starting the worker"
@@ -504,7 +552,8 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         pg.close()
     invariants["the worker stops on SIGTERM with exit 0 within its grace period"] = (
         stop_rc == 0 and stop_seconds <= settings.worker.shutdown_grace_seconds + 5,
-        f"exit {stop_rc} after {stop_seconds:.1f}s (grace {settings.worker.shutdown_grace_seconds:.0f}s)")
+        f"exit {stop_rc} after {stop_seconds:.1f}s (grace {settings.worker.shutdown_grace_seconds:.0f}s)",
+    )
     if faults.errors:
         invariants["every fault injected"] = (False, "; ".join(faults.errors[:5]))
     n_events = sum(1 for _ in wl.expect)
@@ -525,8 +574,9 @@ def run_chaos(services: PrivateServices, *, duration: float, seed: int, processe
         "publish phase seconds": round(t_published - t_start, 1),
         "drain seconds": round(t_drained - t_published, 1) if drained else "did not drain",
     }
-    return Report(summary, invariants, {"settings": settings, "publisher": pub, "faults": faults,
-                                        "fleet": fleet})
+    return Report(
+        summary, invariants, {"settings": settings, "publisher": pub, "faults": faults, "fleet": fleet}
+    )
 
 
 class Checker:
@@ -556,8 +606,14 @@ class Checker:
     ORDER_DEPENDENT = ("inventory.low_stock", "inventory.back_in_stock")
     # What can raise `available` from 0: an adjustment, a receipt, a move to sellable, a
     # transfer in, a cancel, an expiry (caused by the placement of the order it releases).
-    RAISERS = ("stock.adjusted", "stock.received", "stock.moved", "stock.transferred", "order.cancelled",
-               "order.placed")
+    RAISERS = (
+        "stock.adjusted",
+        "stock.received",
+        "stock.moved",
+        "stock.transferred",
+        "order.cancelled",
+        "order.placed",
+    )
 
     def _back_in_stock(self) -> tuple[bool, str]:
         seen: Counter[tuple[str, str]] = Counter()
@@ -570,31 +626,48 @@ class Checker:
             if cause not in self.RAISERS or r["data"]["available"] <= 0:
                 problems.append(f"{r['data']} caused by {cause} {r['causation_id']}")
         problems += [f"{k}: {n} back_in_stock for one event and product" for k, n in seen.items() if n > 1]
-        return (not problems, f"{len(problems)} wrong: {problems[:5]}" if problems
-                else f"{sum(seen.values())} back_in_stock results")
+        return (
+            not problems,
+            f"{len(problems)} wrong: {problems[:5]}"
+            if problems
+            else f"{sum(seen.values())} back_in_stock results",
+        )
 
     def _results_match(self) -> list[str]:
         by = self._by_causation()
         problems = []
         for eid, e in self.wl.expect.items():
-            got = sorted((r["type"], r["data"].get("reason", "") if r["type"] == "inventory.rejected"
-                          or r["type"] == "inventory.adjustment_rejected" else "") for r in by.get(eid, []))
+            got = sorted(
+                (
+                    r["type"],
+                    r["data"].get("reason", "")
+                    if r["type"] == "inventory.rejected" or r["type"] == "inventory.adjustment_rejected"
+                    else "",
+                )
+                for r in by.get(eid, [])
+            )
             want = sorted(e.results)
             if got != want and not (e.optional and got == sorted(e.results + e.optional)):
-                problems.append(f"{eid} ({e.order_id or e.product_id}): want {want}"
-                                f"{' (+' + str(e.optional) + ')' if e.optional else ''}, got {got}")
+                problems.append(
+                    f"{eid} ({e.order_id or e.product_id}): want {want}"
+                    f"{' (+' + str(e.optional) + ')' if e.optional else ''}, got {got}"
+                )
                 continue
             for type_, index, want in e.data:
                 for r in by.get(eid, []):
                     if r["type"] == type_ and r["data"].get("index") == index and not _holds(r["data"], want):
-                        problems.append(f"{eid} ({e.order_id or e.product_id}): {type_} {r['data']} lacks {want}")
+                        problems.append(
+                            f"{eid} ({e.order_id or e.product_id}): {type_} {r['data']} lacks {want}"
+                        )
             for r in by.get(eid, []):
                 if r["type"] == "inventory.allocated" and _sorted_allocation(r["data"]) != e.allocated:
                     problems.append(f"{eid} ({e.order_id}): allocated {r['data']}, model {e.allocated}")
                 if r["type"] == "inventory.rejected" and e.must_short:
                     short = {s["product_id"] for s in r["data"]["shortages"]}
                     if not e.must_short <= short:
-                        problems.append(f"{eid}: shortages {sorted(short)} lack {sorted(e.must_short - short)}")
+                        problems.append(
+                            f"{eid}: shortages {sorted(short)} lack {sorted(e.must_short - short)}"
+                        )
         unknown = set(by) - set(self.wl.expect)
         if unknown:
             problems.append(f"results caused by {len(unknown)} events never published: {sorted(unknown)[:3]}")
@@ -604,23 +677,34 @@ class Checker:
         rows = self.pg.query("SELECT product_id, on_hand, reserved, multi_location FROM products")
         actual = {r[0]: (r[1], r[2]) for r in rows}
         want = self.wl.expected_figures()
-        problems = [f"{k}: want (on_hand, reserved) {v}, PostgreSQL has {actual.get(k)}"
-                    for k, v in sorted(want.items()) if actual.get(k) != v]
+        problems = [
+            f"{k}: want (on_hand, reserved) {v}, PostgreSQL has {actual.get(k)}"
+            for k, v in sorted(want.items())
+            if actual.get(k) != v
+        ]
         extra = set(actual) - set(want)
         if extra:
             problems.append(f"products that should not exist: {sorted(extra)}")
         multi = {r[0]: r[3] for r in rows}
-        problems += [f"{k}: multi_location {multi.get(k)}, the model has levels {sorted(self.wl.products[k].levels)}"
-                     for k, v in sorted(self.wl.expected_multi().items()) if k in multi and multi[k] != v]
+        problems += [
+            f"{k}: multi_location {multi.get(k)}, the model has levels {sorted(self.wl.products[k].levels)}"
+            for k, v in sorted(self.wl.expected_multi().items())
+            if k in multi and multi[k] != v
+        ]
         return problems + self._levels_match()
 
     def _levels_match(self) -> list[str]:
         """Every level's (on_hand, reserved, damaged, quality_control, incoming), all-zero ones aside."""
-        actual = {(r[0], r[1]): tuple(r[2:]) for r in self.pg.query(LEVELS_SQL) if r[1] != "(total)" and any(r[2:])}
+        actual = {
+            (r[0], r[1]): tuple(r[2:]) for r in self.pg.query(LEVELS_SQL) if r[1] != "(total)" and any(r[2:])
+        }
         want = self.wl.expected_levels()
-        return [f"{k} at {loc}: want (on_hand, reserved, damaged, quality_control, incoming) {want.get((k, loc))}, "
-                f"PostgreSQL has {actual.get((k, loc))}"
-                for k, loc in sorted(set(want) | set(actual)) if want.get((k, loc)) != actual.get((k, loc))]
+        return [
+            f"{k} at {loc}: want (on_hand, reserved, damaged, quality_control, incoming) {want.get((k, loc))}, "
+            f"PostgreSQL has {actual.get((k, loc))}"
+            for k, loc in sorted(set(want) | set(actual))
+            if want.get((k, loc)) != actual.get((k, loc))
+        ]
 
     def wait_drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -629,9 +713,11 @@ class Checker:
                 self._collect()
                 results, figures = self._results_match(), self._figures_match()
                 unpublished = self.pg.query("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0]
-                self.status = (f"{len(self.results)} results received, {len(results)} events and "
-                               f"{len(figures)} products not yet as the model says, {unpublished} unpublished "
-                               "in the outbox")
+                self.status = (
+                    f"{len(self.results)} results received, {len(results)} events and "
+                    f"{len(figures)} products not yet as the model says, {unpublished} unpublished "
+                    "in the outbox"
+                )
                 if not results and not figures and unpublished == 0:
                     return True
             except Exception as exc:
@@ -645,22 +731,34 @@ class Checker:
 
         p = self._figures_match()
         inv["the figures of every product and of every level match the model"] = (
-            not p, f"{len(p)} differ: " + "; ".join(p[:5]) if p else
-            f"{len(self.wl.products)} products, {len(self.wl.expected_levels())} levels")
-        inv["no level ever oversold (reserved <= on_hand - damaged - quality_control, sampled during the run)"] = (
+            not p,
+            f"{len(p)} differ: " + "; ".join(p[:5])
+            if p
+            else f"{len(self.wl.products)} products, {len(self.wl.expected_levels())} levels",
+        )
+        inv[
+            "no level ever oversold (reserved <= on_hand - damaged - quality_control, sampled during the run)"
+        ] = (
             not sampler.violations and sampler.samples > 0,
             f"{sampler.samples} samples of {sampler.levels_seen} levels, {len(sampler.violations)} violations "
-            f"{sampler.violations[:3]}")
+            f"{sampler.violations[:3]}",
+        )
 
         p = self._results_match()
         inv["every event's results match the model (exactly once in effect)"] = (
-            not p, f"{len(p)} differ: " + "; ".join(p[:5]) if p else f"{len(self.wl.expect)} events")
+            not p,
+            f"{len(p)} differ: " + "; ".join(p[:5]) if p else f"{len(self.wl.expect)} events",
+        )
 
         inv["every order has exactly one terminal outcome"] = self._terminal()
-        inv["back_in_stock only from events that can raise available, once per product"] = self._back_in_stock()
+        inv["back_in_stock only from events that can raise available, once per product"] = (
+            self._back_in_stock()
+        )
 
-        outbox = {str(r[0]): (r[1], r[2]) for r in self.pg.query(
-            "SELECT message_id, routing_key, published_at IS NOT NULL FROM outbox")}
+        outbox = {
+            str(r[0]): (r[1], r[2])
+            for r in self.pg.query("SELECT message_id, routing_key, published_at IS NOT NULL FROM outbox")
+        }
         missing = [m for m in outbox if m not in self.results]
         foreign = [m for m in self.results if m not in outbox]
         unmarked = [m for m, (_, pub) in outbox.items() if not pub]
@@ -669,18 +767,23 @@ class Checker:
             not missing and not foreign and not self.bad_results,
             f"{len(outbox)} outbox rows, {len(missing)} never published, {len(foreign)} published but not in "
             f"the outbox, {len(unmarked)} not marked yet, {dups} redelivered copies (same id)"
-            + (f"; {self.bad_results[:3]}" if self.bad_results else ""))
+            + (f"; {self.bad_results[:3]}" if self.bad_results else ""),
+        )
 
         dlq = drain_queue(self.settings, self.settings.rabbitmq.dead_letter_queue)
         seen = Counter(props.message_id for props, _ in dlq)
         poison = set(self.wl.poison_ids)
-        not_poison = [(props.message_id, (props.headers or {}).get("x-inventory-error"), body[:120])
-                      for props, body in dlq if props.message_id not in poison]
+        not_poison = [
+            (props.message_id, (props.headers or {}).get("x-inventory-error"), body[:120])
+            for props, body in dlq
+            if props.message_id not in poison
+        ]
         lacking = poison - set(seen)
         inv["the DLQ holds exactly the poison messages"] = (
             not not_poison and not lacking,
             f"{len(poison)} poison, {len(dlq)} dead letters ({sum(seen.values()) - len(set(seen))} copies), "
-            f"{len(lacking)} poison missing, {len(not_poison)} not poison: {not_poison[:3]}")
+            f"{len(lacking)} poison missing, {len(not_poison)} not poison: {not_poison[:3]}",
+        )
 
         inv["Redis agrees with PostgreSQL within one TTL"] = self._redis_agrees()
 
@@ -701,13 +804,23 @@ class Checker:
             if c["inventory.reserved"] > 1 or ends > 1 or c["inventory.expired"] > 1:
                 problems.append(f"{oid}: {dict(c)}")
                 continue
-            got = ("committed" if c["inventory.committed"] else "released" if c["inventory.released"]
-                   else "expired" if c["inventory.expired"] else "rejected")
+            got = (
+                "committed"
+                if c["inventory.committed"]
+                else "released"
+                if c["inventory.released"]
+                else "expired"
+                if c["inventory.expired"]
+                else "rejected"
+            )
             want = "rejected" if status == "cancelled" else status
             if got != want:
                 problems.append(f"{oid}: want {want}, got {got} {dict(c)}")
         counts = Counter("rejected" if s == "cancelled" else s for s in final.values())
-        return (not problems, f"{len(problems)} wrong: {problems[:5]}" if problems else dict(counts).__repr__())
+        return (
+            not problems,
+            f"{len(problems)} wrong: {problems[:5]}" if problems else dict(counts).__repr__(),
+        )
 
     def _redis_agrees(self) -> tuple[bool, str]:
         import redis as redis_lib
@@ -717,8 +830,12 @@ class Checker:
         ttl = self.settings.redis.cache_ttl_seconds
         from inventory_worker.adapters.redis_cache import make_client
 
-        cache = StockCache(self.settings.redis, make_client(self.settings.redis) if self.settings.redis.sentinels
-                           else redis_lib.Redis(host=self.settings.redis.host, port=self.settings.redis.port))
+        cache = StockCache(
+            self.settings.redis,
+            make_client(self.settings.redis)
+            if self.settings.redis.sentinels
+            else redis_lib.Redis(host=self.settings.redis.host, port=self.settings.redis.port),
+        )
         started = time.monotonic()
         stale_at_drain: int | None = None
         while True:
@@ -731,14 +848,20 @@ class Checker:
                 present += 1
                 c = json.loads(raw)
                 if (c["on_hand"], c["reserved"], c["available"], c["version"]) != (
-                        fig["on_hand"], fig["reserved"], fig["available"], fig["version"]):
+                    fig["on_hand"],
+                    fig["reserved"],
+                    fig["available"],
+                    fig["version"],
+                ):
                     stale.append((pid, c, fig))
             took = time.monotonic() - started
             if stale_at_drain is None:
                 stale_at_drain = len(stale)
             if not stale:
-                return True, (f"{present}/{len(rows)} cached, all equal after {took:.1f}s "
-                              f"({stale_at_drain} stale when drained)")
+                return True, (
+                    f"{present}/{len(rows)} cached, all equal after {took:.1f}s "
+                    f"({stale_at_drain} stale when drained)"
+                )
             if took > ttl + 2:
                 return False, f"{len(stale)} stale after {took:.0f}s: {stale[:2]}"
             time.sleep(1.0)
@@ -750,8 +873,14 @@ class Checker:
             return True, "SKIPPED: this build has no `inventory-worker verify` command"
         from ..support import settings_env
 
-        r = subprocess.run([sys.executable, "-m", "inventory_worker", "verify"], env=settings_env(self.settings),
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "inventory_worker", "verify"],
+            env=settings_env(self.settings),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         return r.returncode == 0, (r.stdout + r.stderr).strip()[-1000:]
 
 
@@ -764,13 +893,16 @@ def _holds(got: Any, want: Any) -> bool:
 
 def _sorted_allocation(data: dict[str, Any]) -> dict[str, Any]:
     """inventory.allocated with its lines by product and their allocations by location."""
-    lines = [dict(line, allocations=sorted(line["allocations"], key=lambda a: a["location_id"]))
-             for line in data["lines"]]
+    lines = [
+        dict(line, allocations=sorted(line["allocations"], key=lambda a: a["location_id"]))
+        for line in data["lines"]
+    ]
     return {"channel_id": data["channel_id"], "lines": sorted(lines, key=lambda x: x["product_id"])}
 
 
-def finish(services: PrivateServices, report: Report | None, seconds: float,
-           interrupted: str | None = None) -> str:
+def finish(
+    services: PrivateServices, report: Report | None, seconds: float, interrupted: str | None = None
+) -> str:
     """Stops the private services and keeps their folder if the run failed; the verdict line."""
     passed = report is not None and report.ok and interrupted is None
     kept = services.close(keep=not passed and interrupted is None)
@@ -781,20 +913,33 @@ def finish(services: PrivateServices, report: Report | None, seconds: float,
         return f"chaos: FAIL the run did not complete after {seconds:.0f} s (see the error above){where}"
     failed = [name for name, (ok, _) in report.invariants.items() if not ok]
     s = report.summary
-    counts = (f"{s['distinct events']} events, {sum(s['faults injected'].values())} faults, "
-              f"seed {s['seed']}, {seconds:.0f} s")
+    counts = (
+        f"{s['distinct events']} events, {sum(s['faults injected'].values())} faults, "
+        f"seed {s['seed']}, {seconds:.0f} s"
+    )
     if not failed:
         return f"chaos: PASS all {len(report.invariants)} invariants hold ({counts}){where}"
-    return (f"chaos: FAIL {len(failed)} of {len(report.invariants)} invariants broken ({counts}): "
-            + "; ".join(failed) + where)
+    return (
+        f"chaos: FAIL {len(failed)} of {len(report.invariants)} invariants broken ({counts}): "
+        + "; ".join(failed)
+        + where
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=DEFAULT_SECONDS,
-                    help=f"seconds of publishing under faults (default {DEFAULT_SECONDS})")
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", DEFAULT_SEED)),
-                    help=f"the workload's and the faults' seed (default CHAOS_SEED or {DEFAULT_SEED})")
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=DEFAULT_SECONDS,
+        help=f"seconds of publishing under faults (default {DEFAULT_SECONDS})",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=int(os.environ.get("CHAOS_SEED", DEFAULT_SEED)),
+        help=f"the workload's and the faults' seed (default CHAOS_SEED or {DEFAULT_SEED})",
+    )
     ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--round-size", type=int, default=60)
     ap.add_argument("--node-restarts", action="store_true", help="also restart the whole RabbitMQ node")
@@ -807,15 +952,28 @@ def main(argv: list[str] | None = None) -> int:
     services = PrivateServices()
     report: Report | None = None
     interrupted: str | None = None
-    print(f"chaos: {args.duration:.0f} s of faults, seed {args.seed}, {args.processes} consumer processes;"
-          f" private services in {services.root}", flush=True)
+    print(
+        f"chaos: {args.duration:.0f} s of faults, seed {args.seed}, {args.processes} consumer processes;"
+        f" private services in {services.root}",
+        flush=True,
+    )
     try:
         services.start()
-        print(f"chaos: private services up in {services.start_seconds.get('total', 0):.1f} s: "
-              f"{services.describe()}", flush=True)
+        print(
+            f"chaos: private services up in {services.start_seconds.get('total', 0):.1f} s: "
+            f"{services.describe()}",
+            flush=True,
+        )
         kinds = FAULT_KINDS + (("restart_rabbitmq_node",) if args.node_restarts else ())
-        report = run_chaos(services, duration=args.duration, seed=args.seed, processes=args.processes,
-                           round_size=args.round_size, kinds=kinds, progress=progress)
+        report = run_chaos(
+            services,
+            duration=args.duration,
+            seed=args.seed,
+            processes=args.processes,
+            round_size=args.round_size,
+            kinds=kinds,
+            progress=progress,
+        )
         print(report.text(), flush=True)
     except reaper.Interrupted as exc:
         interrupted = exc.name

@@ -80,8 +80,13 @@ def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> 
     raise TimeoutError(f"{what} not ready after {timeout}s (last error: {last!r})")
 
 
-def _run(cmd: list[str], timeout: float = 120, check: bool = True, env: dict[str, str] | None = None,
-         user: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    cmd: list[str],
+    timeout: float = 120,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    user: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     if user and os.geteuid() == 0:
         cmd = ["runuser", "-u", user, "--", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check, env=env)
@@ -120,15 +125,29 @@ class PrivatePostgres:
                 if self.user:
                     os.chown(pwfile, pw.pw_uid, pw.pw_gid)
                 auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
-            _run([str(self.bin / "initdb"), "-D", str(self.data), *auth, "-U", "postgres",
-                  "-E", "UTF8", "--no-sync"], user=self.user)
+            _run(
+                [
+                    str(self.bin / "initdb"),
+                    "-D",
+                    str(self.data),
+                    *auth,
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
+                user=self.user,
+            )
             # fsync=off is safe here: the suite kills processes, never the OS. Commits stay
             # synchronous: with synchronous_commit=off an immediate stop loses acknowledged ones.
             with open(self.data / "postgresql.conf", "a") as f:
-                f.write(f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
-                        f"unix_socket_directories = '{self.dir}'\nfsync = off\n"
-                        "max_connections = 60\n"
-                        "shared_buffers = 32MB\n")
+                f.write(
+                    f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                    f"unix_socket_directories = '{self.dir}'\nfsync = off\n"
+                    "max_connections = 60\n"
+                    "shared_buffers = 32MB\n"
+                )
         self._ctl("-l", str(self.dir / "server.log"), "-w", "-t", "60", "start")
         self.started_seconds = time.monotonic() - t0
         return self.started_seconds
@@ -145,13 +164,21 @@ class PrivatePostgres:
 
     def terminate_worker_backends(self) -> int:
         """Cuts every connection of the worker (application_name inventory-worker...)."""
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                                connect_timeout=5, password=self.password)
+        conn = psycopg2.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user="postgres",
+            dbname="postgres",
+            connect_timeout=5,
+            password=self.password,
+        )
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                            "WHERE application_name LIKE 'inventory-worker%' AND pid <> pg_backend_pid()")
+                cur.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'inventory-worker%' AND pid <> pg_backend_pid()"
+                )
                 return int(cur.fetchone()[0])
         finally:
             conn.close()
@@ -180,17 +207,38 @@ class PrivateRedis:
         self.started_seconds = 0.0
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=5,
-                           password=self.password)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            password=self.password,
+        )
 
     def start(self) -> float:
         t0 = time.monotonic()
         log = open(self.dir / "redis.log", "ab")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
-             *(["--requirepass", self.password] if self.password is not None else [])],
-            stdout=log, stderr=log, start_new_session=True)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--protected-mode",
+                "no",
+                *(["--requirepass", self.password] if self.password is not None else []),
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         log.close()
         wait_until(lambda: self.client().ping(), 30, "redis")
         self.started_seconds = time.monotonic() - t0
@@ -252,8 +300,12 @@ class PrivateRabbitMQ:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
 
     def ctl(self, *args: str, timeout: float = 120) -> str:
-        r = _run(["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", "-n", self.node, *args], timeout=timeout,
-                 env=self.env, check=False)
+        r = _run(
+            ["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", "-n", self.node, *args],
+            timeout=timeout,
+            env=self.env,
+            check=False,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
         return r.stdout
@@ -268,8 +320,14 @@ class PrivateRabbitMQ:
     def start(self) -> float:
         t0 = time.monotonic()
         log = open(self.dir / "server.out", "ab")
-        self.proc = subprocess.Popen(["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=self.env, stdout=log,
-                                     stderr=log, start_new_session=True, cwd=self.dir)
+        self.proc = subprocess.Popen(
+            ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=self.dir,
+        )
         log.close()
 
         def up() -> bool:
@@ -333,8 +391,13 @@ class PrivateRabbitMQ:
         # still registered, so ask until it is gone.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], capture_output=True,
-                           env=self.env, timeout=30, check=False)
+            subprocess.run(
+                ["epmd", "-port", str(self.epmd_port), "-kill"],
+                capture_output=True,
+                env=self.env,
+                timeout=30,
+                check=False,
+            )
             if _port_free(self.epmd_port):
                 return
             time.sleep(0.3)
@@ -378,18 +441,32 @@ class PrivateServices:
 
     def settings(self, base: Any) -> Any:
         """`base` (Settings) pointed at the private instances."""
-        return base.model_copy(update={
-            "database": base.database.model_copy(update={"host": "127.0.0.1", "port": self.postgres.port,
-                                                         "user": "postgres",
-                                                         "password": SecretStr(self.postgres.password or "")}),
-            "redis": base.redis.model_copy(update={"host": "127.0.0.1", "port": self.redis.port,
-                                                   "password": SecretStr(self.redis.password or "")}),
-            "rabbitmq": base.rabbitmq.model_copy(update={"url": AnyUrl(self.rabbitmq.url)}),
-        })
+        return base.model_copy(
+            update={
+                "database": base.database.model_copy(
+                    update={
+                        "host": "127.0.0.1",
+                        "port": self.postgres.port,
+                        "user": "postgres",
+                        "password": SecretStr(self.postgres.password or ""),
+                    }
+                ),
+                "redis": base.redis.model_copy(
+                    update={
+                        "host": "127.0.0.1",
+                        "port": self.redis.port,
+                        "password": SecretStr(self.redis.password or ""),
+                    }
+                ),
+                "rabbitmq": base.rabbitmq.model_copy(update={"url": AnyUrl(self.rabbitmq.url)}),
+            }
+        )
 
     def describe(self) -> str:
-        return (f"PostgreSQL :{self.postgres.port}, Redis :{self.redis.port}, RabbitMQ :{self.rabbitmq.port}"
-                f" (node {self.rabbitmq.node}, epmd :{self.rabbitmq.epmd_port}), data in {self.root}")
+        return (
+            f"PostgreSQL :{self.postgres.port}, Redis :{self.redis.port}, RabbitMQ :{self.rabbitmq.port}"
+            f" (node {self.rabbitmq.node}, epmd :{self.rabbitmq.epmd_port}), data in {self.root}"
+        )
 
     def close(self, keep: bool = False) -> bool:
         """Stops every instance; removes the data folder unless `keep` (or INVENTORY_TEST_KEEP).

@@ -19,15 +19,31 @@ def test_chaos_bounded(private_services: PrivateServices, tmp_path: Path) -> Non
     seconds = float(os.environ.get("CHAOS_SECONDS", "60"))
     seed = int(os.environ.get("CHAOS_SEED", "20261125"))
     # The worker's logs in pytest's tmp_path, which outlives the private services' folder.
-    report = run_chaos(private_services, duration=seconds, seed=seed, processes=3, round_size=60,
-                       fault_interval=(1.0, 2.5), log_dir=tmp_path / "logs")
+    report = run_chaos(
+        private_services,
+        duration=seconds,
+        seed=seed,
+        processes=3,
+        round_size=60,
+        fault_interval=(1.0, 2.5),
+        log_dir=tmp_path / "logs",
+    )
     print(report.text())
     kinds_seen = set(report.summary["faults injected"])
     assert report.ok, report.text() + f"\nthe worker's logs: {tmp_path / 'logs'}"
     assert kinds_seen == set(FAULT_KINDS), f"not every kind of fault was injected: {kinds_seen}"
     # The stock-across-locations parts of the workload were all exercised, races of both kinds too.
-    exercised = {"location.configured", "channel.configured", "stock.transferred", "stock.received",
-                 "stock.moved", "stock.adjusted (bulk)", "order.placed (split)"}
-    assert exercised <= set(report.summary["by type"]), f"not exercised: {exercised - set(report.summary['by type'])}"
+    exercised = {
+        "location.configured",
+        "channel.configured",
+        "stock.transferred",
+        "stock.received",
+        "stock.moved",
+        "stock.adjusted (bulk)",
+        "order.placed (split)",
+    }
+    assert exercised <= set(report.summary["by type"]), (
+        f"not exercised: {exercised - set(report.summary['by type'])}"
+    )
     races = report.summary["compare-and-set races (as resolved)"]
     assert races.get("count vs count") and any(k.startswith("count vs completion") for k in races), races

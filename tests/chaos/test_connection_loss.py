@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from inventory_worker.adapters.rabbitmq import declare_topology
 from inventory_worker.adapters.migrations import migrate
+from inventory_worker.adapters.rabbitmq import declare_topology
 
 from ..support import WorkerProcess, pg
 from .runner import Pg, ReliablePublisher, _amqp_channel, chaos_settings, drain_queue
@@ -24,8 +24,12 @@ from .workload import Msg
 
 
 def _adjust(product_id: str, delta: int) -> Msg:
-    body = {"id": str(uuid.uuid4()), "type": "stock.adjusted", "occurred_at": "2026-01-01T00:00:00Z",
-            "data": {"product_id": product_id, "delta": delta}}
+    body = {
+        "id": str(uuid.uuid4()),
+        "type": "stock.adjusted",
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "data": {"product_id": product_id, "delta": delta},
+    }
     return Msg("stock.adjusted", json.dumps(body).encode(), body["id"], event=body)
 
 
@@ -82,19 +86,28 @@ class Scenario:
         ids = [m.message_id for m in self.sent]
 
         def applied() -> bool:
-            rows = self.pg.query("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,))
+            rows = self.pg.query(
+                "SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,)
+            )
             return rows[0][0] == len(ids)
 
         wait_until(applied, timeout, "every event applied", interval=0.2)
 
     def check_exactly_once(self, expected: dict[str, int]) -> None:
         with pg(self.settings) as cur:
-            cur.execute("SELECT product_id, on_hand FROM products WHERE product_id = ANY(%s)", (list(expected),))
+            cur.execute(
+                "SELECT product_id, on_hand FROM products WHERE product_id = ANY(%s)", (list(expected),)
+            )
             assert dict(cur.fetchall()) == expected, "stock must be exactly the sum of the distinct events"
-            cur.execute("SELECT event_id::text, count(*) FROM stock_movements WHERE event_id = ANY(%s::uuid[]) "
-                        "GROUP BY 1", ([m.message_id for m in self.sent],))
+            cur.execute(
+                "SELECT event_id::text, count(*) FROM stock_movements WHERE event_id = ANY(%s::uuid[]) "
+                "GROUP BY 1",
+                ([m.message_id for m in self.sent],),
+            )
             ledger = dict(cur.fetchall())
-        assert ledger == {m.message_id: 1 for m in self.sent}, "one ledger row per event: none lost or doubled"
+        assert ledger == {m.message_id: 1 for m in self.sent}, (
+            "one ledger row per event: none lost or doubled"
+        )
 
         def all_results() -> bool:
             self.results = {}
@@ -130,7 +143,7 @@ def scenario(private_services: PrivateServices, tmp_path: Path) -> Any:
 
 def _is_backoff(waits: list[float], initial: float) -> bool:
     """At least three retries whose waits grow exponentially (jitter allowed on top)."""
-    return len(waits) >= 3 and all(w >= initial * 2 ** i * 0.99 for i, w in enumerate(waits[:6]))
+    return len(waits) >= 3 and all(w >= initial * 2**i * 0.99 for i, w in enumerate(waits[:6]))
 
 
 def test_rabbitmq_restart(scenario: Scenario, private_services: PrivateServices) -> None:
@@ -157,8 +170,14 @@ def test_postgresql_restart(scenario: Scenario, private_services: PrivateService
     private_services.postgres.stop("fast")
     try:
         scenario.publish(sku, 20)  # consumed while PostgreSQL is down: retried, never acked
-        wait_until(lambda: len([e for e in _log_events(scenario.log, "retrying")
-                                if e["dependency"] == "postgresql"]) >= 6, 60, "retries while down")
+        wait_until(
+            lambda: (
+                len([e for e in _log_events(scenario.log, "retrying") if e["dependency"] == "postgresql"])
+                >= 6
+            ),
+            60,
+            "retries while down",
+        )
     finally:
         private_services.postgres.start()
     scenario.publish(sku, 20)
@@ -210,7 +229,7 @@ def test_redis_restart(scenario: Scenario, private_services: PrivateServices) ->
     for e in failed:
         by_pid.setdefault(e["pid"], []).append(e["retry_in_seconds"])
     # Redis is retried with exponential backoff, not hammered at every batch.
-    assert all(w == [min(0.25 * 2 ** i, 30.0) for i in range(len(w))] for w in by_pid.values()), by_pid
+    assert all(w == [min(0.25 * 2**i, 30.0) for i in range(len(w))] for w in by_pid.values()), by_pid
     # The product changed only during the outage is refilled when Redis returns.
     key = f"{scenario.settings.redis.key_prefix}stock:"
     client = private_services.redis.client()
@@ -223,7 +242,9 @@ def test_redis_restart(scenario: Scenario, private_services: PrivateServices) ->
     assert cached(sku)["on_hand"] == 40
 
 
-def test_rabbitmq_flapping_during_a_postgresql_outage(scenario: Scenario, private_services: PrivateServices) -> None:
+def test_rabbitmq_flapping_during_a_postgresql_outage(
+    scenario: Scenario, private_services: PrivateServices
+) -> None:
     """Every broker connection loss returns the unacked messages, and RabbitMQ counts each
     return as a delivery: events held while PostgreSQL is down must not reach the delivery
     limit (and the DLQ) merely because the broker connection dropped again and again."""
@@ -255,7 +276,8 @@ def _held_by_consumers(scenario: Scenario) -> bool:
 
 
 def test_cache_repaired_after_a_crash_between_commit_and_cache_write(
-        private_services: PrivateServices, tmp_path: Path) -> None:
+    private_services: PrivateServices, tmp_path: Path
+) -> None:
     """A worker killed after its commit but before its cache write leaves Redis with the old
     figures; the redelivered message is a duplicate, and must still bring the cache up to date
     (else it serves stale stock until the entry's TTL, an hour by default)."""
@@ -286,8 +308,11 @@ def _crash_before_cache_write(scenario: Scenario, private_services: PrivateServi
         cur.execute("SELECT on_hand, version FROM products WHERE product_id = %s", (sku,))
         on_hand, version = cur.fetchone()
     assert on_hand == 2
-    wait_until(lambda: json.loads(client.get(key) or b"{}").get("version") == version, 30,
-               "the cache catches up with PostgreSQL when the message is redelivered")
+    wait_until(
+        lambda: json.loads(client.get(key) or b"{}").get("version") == version,
+        30,
+        "the cache catches up with PostgreSQL when the message is redelivered",
+    )
     # Children were SIGKILLed: the worker must still stop cleanly, within its grace period.
     import time
 

@@ -38,7 +38,9 @@ def ha_services() -> Iterator[HAServices]:
         services.close()
 
 
-def test_nothing_lost_through_the_loss_of_a_node_of_each_service(ha_services: HAServices, tmp_path: Path) -> None:
+def test_nothing_lost_through_the_loss_of_a_node_of_each_service(
+    ha_services: HAServices, tmp_path: Path
+) -> None:
     seed = int(os.environ.get("CHAOS_SEED", "20261129"))
     report, figures = run_ha(ha_services, seed=seed, cycles=1, log_dir=tmp_path / "logs")
     print(report.text() + "\n" + table(figures))
@@ -58,9 +60,15 @@ def test_stopped_during_the_partition_it_removes_everything_it_made() -> None:
     env = {k: v for k, v in os.environ.items() if k != "INVENTORY_TEST_KEEP"}
     env.update({TAG_VAR: tag, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
     # Seed 3 injects the partition first.
-    proc = subprocess.Popen([sys.executable, "-m", "tests.chaos.ha_runner", "--seed", "3", "--json", os.devnull],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.chaos.ha_runner", "--seed", "3", "--json", os.devnull],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     out = RunOutput(proc)
     root = ns = None
     try:
@@ -75,7 +83,10 @@ def test_stopped_during_the_partition_it_removes_everything_it_made() -> None:
         left = leftover_processes(TAG_VAR, tag, (root,))
         assert not left, f"processes left behind: {left}"
         assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert ns.removeprefix("iwha-") not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+        assert (
+            ns.removeprefix("iwha-")
+            not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+        )
         assert not Path(root).exists()
     finally:
         if proc.poll() is None:

@@ -33,9 +33,15 @@ def start_runner(*args: str) -> tuple[RunOutput, str]:
     tag = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != "INVENTORY_TEST_KEEP"}
     env.update({TAG_VAR: tag, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
-    proc = subprocess.Popen([sys.executable, "-m", "tests.chaos.runner", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.chaos.runner", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     return RunOutput(proc), tag
 
 
@@ -96,8 +102,9 @@ def test_a_short_run_shows_progress_and_ends_with_one_verdict_line_leaving_nothi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM", "SIGINT-to-group"])
+@pytest.mark.parametrize(
+    "sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["SIGTERM", "SIGINT-to-group"]
+)
 def test_stopped_from_outside_it_stops_everything_it_started(sig, to_group):
     out, tag = start_runner("--duration", "60")
     try:
@@ -126,8 +133,10 @@ def test_a_failed_run_keeps_its_folder_and_says_where_a_passed_one_removes_it(mo
     try:
         (failed.root / "logs").mkdir()
         line = finish(failed, report(ok=False), 12.0)
-        assert line == (f"chaos: FAIL 1 of 2 invariants broken (10 events, 2 faults, seed 1, 12 s): "
-                        f"results match; logs kept in {failed.root}")
+        assert line == (
+            f"chaos: FAIL 1 of 2 invariants broken (10 events, 2 faults, seed 1, 12 s): "
+            f"results match; logs kept in {failed.root}"
+        )
         assert (failed.root / "logs").is_dir()
     finally:
         subprocess.run(["rm", "-rf", str(failed.root)], check=True)

@@ -66,8 +66,10 @@ from typing import Any
 SHORT_TTL_CHOICES = (1, 2, 3)
 MAX_QTY = 1_000_000
 LOCATIONS = {"east": 5, "west": 10}  # configured beside `default` (priority 0)
-CHAINS: dict[str | None, list[str]] = {None: ["default", "east", "west"],  # the default channel
-                                       "web": ["west", "east"]}
+CHAINS: dict[str | None, list[str]] = {
+    None: ["default", "east", "west"],  # the default channel
+    "web": ["west", "east"],
+}
 UNKNOWN_LOCATION = "nowhere"  # never configured
 
 
@@ -140,7 +142,9 @@ class Product:
 
 @dataclass
 class Order:
-    status: str | None = None  # None (never reserved, or rejected), reserved, committed, released, expired, cancelled
+    status: str | None = (
+        None  # None (never reserved, or rejected), reserved, committed, released, expired, cancelled
+    )
     lines: dict[str, int] = field(default_factory=dict)
     alloc: dict[str, dict[str, int]] = field(default_factory=dict)  # product -> location -> units held
     short: bool = False
@@ -192,19 +196,39 @@ class Workload:
 
     def _event(self, type_: str, data: dict[str, Any]) -> Msg:
         event_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
-        body = {"id": event_id, "type": type_,
-                "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "data": data}
+        body = {
+            "id": event_id,
+            "type": type_,
+            "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "data": data,
+        }
         self.counts[type_] = self.counts.get(type_, 0) + 1
         self.types[event_id] = type_
         return Msg(type_, json.dumps(body).encode(), event_id, event=body)
 
     def _poison(self) -> Msg:
         marker = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
-        kind = self.rng.choice(["not_json", "wrong_key", "bad_quantity", "unknown_field", "no_id", "not_object",
-                                "transfer_to_itself", "move_to_itself"])
-        good = {"id": marker, "type": "order.placed", "occurred_at": "2026-01-01T00:00:00Z",
-                "data": {"order_id": f"poison-{marker[:8]}", "lines": [{"product_id": self.product_ids[0],
-                                                                         "quantity": 1}]}}
+        kind = self.rng.choice(
+            [
+                "not_json",
+                "wrong_key",
+                "bad_quantity",
+                "unknown_field",
+                "no_id",
+                "not_object",
+                "transfer_to_itself",
+                "move_to_itself",
+            ]
+        )
+        good = {
+            "id": marker,
+            "type": "order.placed",
+            "occurred_at": "2026-01-01T00:00:00Z",
+            "data": {
+                "order_id": f"poison-{marker[:8]}",
+                "lines": [{"product_id": self.product_ids[0], "quantity": 1}],
+            },
+        }
         key = "order.placed"
         if kind == "not_json":
             body = b"{not json " + marker.encode()
@@ -221,12 +245,21 @@ class Workload:
             body = json.dumps(good).encode()
         elif kind == "transfer_to_itself":
             key = good["type"] = "stock.transferred"
-            good["data"] = {"transfer_id": f"poison-{marker[:8]}", "from_location_id": "east",
-                            "to_location_id": "east", "lines": [{"product_id": self.product_ids[0], "quantity": 1}]}
+            good["data"] = {
+                "transfer_id": f"poison-{marker[:8]}",
+                "from_location_id": "east",
+                "to_location_id": "east",
+                "lines": [{"product_id": self.product_ids[0], "quantity": 1}],
+            }
             body = json.dumps(good).encode()
         elif kind == "move_to_itself":
             key = good["type"] = "stock.moved"
-            good["data"] = {"product_id": self.product_ids[0], "quantity": 1, "from": "damaged", "to": "damaged"}
+            good["data"] = {
+                "product_id": self.product_ids[0],
+                "quantity": 1,
+                "from": "damaged",
+                "to": "damaged",
+            }
             body = json.dumps(good).encode()
         else:
             body = json.dumps([marker]).encode()
@@ -249,13 +282,31 @@ class Workload:
         second (and third) level for half of them (the rest stay default-only: today's path)."""
         config = []
         for loc, prio in LOCATIONS.items():
-            m = self._event("location.configured", {"location_id": loc, "name": f"chaos {loc}", "priority": prio})
-            config.append(self._expect(m, Expect([("inventory.configured", "")],
-                                                 data=[("inventory.configured", None, {"priority": prio})])))
+            m = self._event(
+                "location.configured", {"location_id": loc, "name": f"chaos {loc}", "priority": prio}
+            )
+            config.append(
+                self._expect(
+                    m,
+                    Expect(
+                        [("inventory.configured", "")],
+                        data=[("inventory.configured", None, {"priority": prio})],
+                    ),
+                )
+            )
         # its own round: a channel naming a location not yet configured is refused (C4)
-        m = self._event("channel.configured", {"channel_id": "web", "locations": CHAINS["web"], "strategy": "priority"})
-        channel = [self._expect(m, Expect([("inventory.configured", "")],
-                                          data=[("inventory.configured", None, {"locations": CHAINS["web"]})]))]
+        m = self._event(
+            "channel.configured", {"channel_id": "web", "locations": CHAINS["web"], "strategy": "priority"}
+        )
+        channel = [
+            self._expect(
+                m,
+                Expect(
+                    [("inventory.configured", "")],
+                    data=[("inventory.configured", None, {"locations": CHAINS["web"]})],
+                ),
+            )
+        ]
         stock = [self._adjust(pid) for pid in self.product_ids]
         items, want = [], []
         for pid in self.product_ids[::2]:
@@ -263,15 +314,18 @@ class Workload:
                 q = self.rng.randint(10, 80)
                 items.append({"product_id": pid, "location_id": loc, "on_hand": q})
                 self.products[pid].level(loc).on_hand = q
-                want.append(("inventory.adjusted", len(want), {"location_id": loc, "location": {"on_hand": q}}))
+                want.append(
+                    ("inventory.adjusted", len(want), {"location_id": loc, "location": {"on_hand": q}})
+                )
         m = self._event("stock.adjusted", {"items": items})
         bulk = self._expect(m, Expect([("inventory.adjusted", "")] * len(items), data=want))
         return [config, channel, stock, [bulk]]
 
     # -- the model's transitions (applied as the round is generated) ------------------------
 
-    def _adjust(self, pid: str, *, refuse: bool | None = None, loc: str = "default",
-                cas: str | None = None) -> Msg:
+    def _adjust(
+        self, pid: str, *, refuse: bool | None = None, loc: str = "default", cas: str | None = None
+    ) -> Msg:
         """A count or delta at one level; cas: None, "right" (change_from = on_hand) or "wrong"."""
         p = self.products.get(pid)
         if p is None:  # creation
@@ -279,8 +333,14 @@ class Workload:
             m = self._event("stock.adjusted", {"product_id": pid, "on_hand": target})
             self.products[pid] = Product()
             self.products[pid].level("default").on_hand = target
-            return self._expect(m, Expect([("inventory.adjusted", "")], product_id=pid,
-                                          data=[("inventory.adjusted", None, {"on_hand": target})]))
+            return self._expect(
+                m,
+                Expect(
+                    [("inventory.adjusted", "")],
+                    product_id=pid,
+                    data=[("inventory.adjusted", None, {"on_hand": target})],
+                ),
+            )
         lv = p.level(loc)
         all_reserved = lv.firm + sum(lv.expirable.values())
         floor = lv.damaged + lv.quality_control
@@ -308,12 +368,19 @@ class Workload:
         located = loc != "default" or reason == "stale"
         if reason:
             want = {"reason": reason} | ({"current": lv.on_hand} if reason == "stale" else {})
-            return self._expect(m, Expect([("inventory.adjustment_rejected", reason)], product_id=pid,
-                                          data=[("inventory.adjustment_rejected", None, want)]))
+            return self._expect(
+                m,
+                Expect(
+                    [("inventory.adjustment_rejected", reason)],
+                    product_id=pid,
+                    data=[("inventory.adjustment_rejected", None, want)],
+                ),
+            )
         lv.on_hand = target
-        want = ({"location_id": loc, "location": {"on_hand": target}} if located else {"on_hand": p.on_hand})
-        return self._expect(m, Expect([("inventory.adjusted", "")], product_id=pid,
-                                      data=[("inventory.adjusted", None, want)]))
+        want = {"location_id": loc, "location": {"on_hand": target}} if located else {"on_hand": p.on_hand}
+        return self._expect(
+            m, Expect([("inventory.adjusted", "")], product_id=pid, data=[("inventory.adjusted", None, want)])
+        )
 
     def _bulk(self, pids: list[str]) -> Msg:
         """items over several products and levels, atomic or not, maybe with one item refused for sure."""
@@ -324,21 +391,34 @@ class Workload:
             p = self.products[pid]
             for loc in self.rng.sample(sorted(p.levels), min(len(p.levels), self.rng.randint(1, 2))):
                 lv = p.level(loc)
-                target = max(lv.firm + sum(lv.expirable.values()) + lv.damaged + lv.quality_control,
-                             lv.on_hand + self.rng.randint(-10, 40))
+                target = max(
+                    lv.firm + sum(lv.expirable.values()) + lv.damaged + lv.quality_control,
+                    lv.on_hand + self.rng.randint(-10, 40),
+                )
                 items.append({"product_id": pid, "location_id": loc, "delta": target - lv.on_hand})
                 plans.append((pid, loc, target, ""))
         if self.rng.random() < 0.5:  # one item refused whatever the order of the round
             pid = self.rng.choice(pids)
             bad = self.rng.choice(["unknown_location", "negative_on_hand"])
-            loc = UNKNOWN_LOCATION if bad == "unknown_location" else self.rng.choice(
-                [loc for loc in ("default", *LOCATIONS) if not any(x[0] == pid and x[1] == loc for x in plans)] or
-                ["default"])
+            loc = (
+                UNKNOWN_LOCATION
+                if bad == "unknown_location"
+                else self.rng.choice(
+                    [
+                        loc
+                        for loc in ("default", *LOCATIONS)
+                        if not any(x[0] == pid and x[1] == loc for x in plans)
+                    ]
+                    or ["default"]
+                )
+            )
             if any(x[0] == pid and x[1] == loc for x in plans):
                 bad, loc = "unknown_location", UNKNOWN_LOCATION
             lv = self.products[pid].levels.get(loc, Level())
             pos = self.rng.randint(0, len(items))
-            items.insert(pos, {"product_id": pid, "location_id": loc, "delta": -(lv.on_hand + self.rng.randint(1, 5))})
+            items.insert(
+                pos, {"product_id": pid, "location_id": loc, "delta": -(lv.on_hand + self.rng.randint(1, 5))}
+            )
             plans.insert(pos, (pid, loc, None, bad))
         failed = any(reason for *_, reason in plans)
         results, want = [], []
@@ -374,16 +454,23 @@ class Workload:
             data["location_id"] = loc
         m = self._event("stock.moved", data)
         if refuse:
-            return self._expect(m, Expect([("inventory.adjustment_rejected", "insufficient_quantity")], product_id=pid))
+            return self._expect(
+                m, Expect([("inventory.adjustment_rejected", "insufficient_quantity")], product_id=pid)
+            )
         if frm != "sellable":
             setattr(lv, frm, getattr(lv, frm) - q)
         if to == "disposed":
             lv.on_hand -= q
         elif to != "sellable":
             setattr(lv, to, getattr(lv, to) + q)
-        want = {"kind": "state", "location_id": loc, "location": {
-            "on_hand": lv.on_hand, "damaged": lv.damaged, "quality_control": lv.quality_control}}
-        return self._expect(m, Expect([("inventory.moved", "")], product_id=pid, data=[("inventory.moved", None, want)]))
+        want = {
+            "kind": "state",
+            "location_id": loc,
+            "location": {"on_hand": lv.on_hand, "damaged": lv.damaged, "quality_control": lv.quality_control},
+        }
+        return self._expect(
+            m, Expect([("inventory.moved", "")], product_id=pid, data=[("inventory.moved", None, want)])
+        )
 
     def _transfer(self, pids: list[str]) -> Msg:
         """stock.transferred from one location to another (in transit: to its incoming), all or none."""
@@ -395,18 +482,31 @@ class Workload:
         for i, pid in enumerate(pids):
             lv = self.products[pid].levels.get(src, Level())
             if i == refuse_at or lv.worst_free < 1:
-                lines.append({"product_id": pid, "quantity": max(1, lv.sellable - lv.firm + self.rng.randint(1, 5))})
+                lines.append(
+                    {"product_id": pid, "quantity": max(1, lv.sellable - lv.firm + self.rng.randint(1, 5))}
+                )
                 reasons.append("insufficient_quantity")
             else:
                 lines.append({"product_id": pid, "quantity": self.rng.randint(1, min(lv.worst_free, 20))})
                 reasons.append("")
         self._transfer_seq += 1
-        data = {"transfer_id": f"t{self.tag}-{self._transfer_seq}", "from_location_id": src, "to_location_id": dst,
-                "lines": lines, "in_transit": transit, "reason": "chaos"}
+        data = {
+            "transfer_id": f"t{self.tag}-{self._transfer_seq}",
+            "from_location_id": src,
+            "to_location_id": dst,
+            "lines": lines,
+            "in_transit": transit,
+            "reason": "chaos",
+        }
         m = self._event("stock.transferred", data)
         if any(reasons):
-            return self._expect(m, Expect([("inventory.adjustment_rejected", r or "batch_rejected") for r in reasons],
-                                          product_id=pids[0]))
+            return self._expect(
+                m,
+                Expect(
+                    [("inventory.adjustment_rejected", r or "batch_rejected") for r in reasons],
+                    product_id=pids[0],
+                ),
+            )
         for line in lines:
             p = self.products[line["product_id"]]
             p.level(src).on_hand -= line["quantity"]
@@ -416,8 +516,9 @@ class Workload:
                 p.level(dst).on_hand += line["quantity"]
         self.transfers.append(data)
         want = {"kind": "transfer", "transfer_id": data["transfer_id"], "in_transit": transit, "lines": lines}
-        return self._expect(m, Expect([("inventory.moved", "")], product_id=pids[0],
-                                      data=[("inventory.moved", None, want)]))
+        return self._expect(
+            m, Expect([("inventory.moved", "")], product_id=pids[0], data=[("inventory.moved", None, want)])
+        )
 
     def _transfer_again(self) -> Msg | None:
         """An applied transfer_id under a new message id: duplicate_transfer, nothing changes (one
@@ -441,11 +542,19 @@ class Workload:
         if loc != "default" or self.rng.random() < 0.5:
             data["location_id"] = loc
         m = self._event("stock.received", data)
-        want = {"kind": "receipt", "location_id": loc, "unexpected": unexpected,
-                "location": {"on_hand": lv.on_hand, "incoming": lv.incoming}}
-        return self._expect(m, Expect([("inventory.moved", "")], product_id=pid, data=[("inventory.moved", None, want)]))
+        want = {
+            "kind": "receipt",
+            "location_id": loc,
+            "unexpected": unexpected,
+            "location": {"on_hand": lv.on_hand, "incoming": lv.incoming},
+        }
+        return self._expect(
+            m, Expect([("inventory.moved", "")], product_id=pid, data=[("inventory.moved", None, want)])
+        )
 
-    def _cas_race(self, pid: str, loc: str, budget: dict[tuple[str, str], int], racer: str | None) -> list[Msg]:
+    def _cas_race(
+        self, pid: str, loc: str, budget: dict[tuple[str, str], int], racer: str | None
+    ) -> list[Msg]:
         """Counts with change_from = the level's on_hand now, racing the round's orders: with
         racer = an order holding (pid, loc) that is completed in the same round, or None: a
         second count with the same change_from. Resolved by resolve() once the round is applied."""
@@ -462,10 +571,19 @@ class Workload:
         msgs = []
         race = Race(pid, loc, before, [])
         for t in targets:
-            m = self._event("stock.adjusted", {"product_id": pid, "location_id": loc, "on_hand": t,
-                                               "change_from": before, "reason": "count"})
-            self.counts["stock.adjusted (compare-and-set race)"] = \
+            m = self._event(
+                "stock.adjusted",
+                {
+                    "product_id": pid,
+                    "location_id": loc,
+                    "on_hand": t,
+                    "change_from": before,
+                    "reason": "count",
+                },
+            )
+            self.counts["stock.adjusted (compare-and-set race)"] = (
                 self.counts.get("stock.adjusted (compare-and-set race)", 0) + 1
+            )
             self._expect(m, Expect([("inventory.adjusted", "")], product_id=pid))  # fixed by resolve()
             race.counts.append((m.message_id, t))
             msgs.append(m)
@@ -484,17 +602,24 @@ class Workload:
         got = fetch([eid for r in self.races for eid, _ in r.counts])
         for r in self.races:
             lv = self.products[r.pid].level(r.loc)
-            applied = [(eid, t) for eid, t in r.counts
-                       if any(x["type"] == "inventory.adjusted" for x in got.get(eid, []))]
+            applied = [
+                (eid, t)
+                for eid, t in r.counts
+                if any(x["type"] == "inventory.adjusted" for x in got.get(eid, []))
+            ]
             if r.completed:  # one count vs a completion: applied only if it ran first
-                (eid, t), = r.counts
+                ((eid, t),) = r.counts
                 if applied:
                     lv.on_hand = t - r.completed
                     self._set_applied(eid, r, t)
                 else:
                     self._set_stale(eid, r, r.before - r.completed)  # lv.on_hand already says so
-                self.race_outcomes["count vs completion: " + ("count first" if applied else "stale")] = \
-                    self.race_outcomes.get("count vs completion: " + ("count first" if applied else "stale"), 0) + 1
+                self.race_outcomes["count vs completion: " + ("count first" if applied else "stale")] = (
+                    self.race_outcomes.get(
+                        "count vs completion: " + ("count first" if applied else "stale"), 0
+                    )
+                    + 1
+                )
             else:  # two counts from the same value: the first applies, the second finds its target
                 first = applied[0] if applied else r.counts[0]
                 lv.on_hand = first[1]
@@ -507,22 +632,39 @@ class Workload:
         self.races = []
 
     def _set_applied(self, eid: str, r: Race, target: int) -> None:
-        self.expect[eid] = Expect([("inventory.adjusted", "")], product_id=r.pid, data=[
-            ("inventory.adjusted", None, {"location_id": r.loc, "location": {"on_hand": target}})])
+        self.expect[eid] = Expect(
+            [("inventory.adjusted", "")],
+            product_id=r.pid,
+            data=[("inventory.adjusted", None, {"location_id": r.loc, "location": {"on_hand": target}})],
+        )
 
     def _set_stale(self, eid: str, r: Race, current: int) -> None:
-        self.expect[eid] = Expect([("inventory.adjustment_rejected", "stale")], product_id=r.pid, data=[
-            ("inventory.adjustment_rejected", None, {"location_id": r.loc, "current": current})])
+        self.expect[eid] = Expect(
+            [("inventory.adjustment_rejected", "stale")],
+            product_id=r.pid,
+            data=[("inventory.adjustment_rejected", None, {"location_id": r.loc, "current": current})],
+        )
 
-    def _place(self, oid: str, lines: dict[str, int], short: bool, budget: dict[tuple[str, str], int],
-               channel: str | None = None, pins: dict[str, str] | None = None,
-               split: dict[str, dict[str, int]] | None = None) -> Msg:
+    def _place(
+        self,
+        oid: str,
+        lines: dict[str, int],
+        short: bool,
+        budget: dict[tuple[str, str], int],
+        channel: str | None = None,
+        pins: dict[str, str] | None = None,
+        split: dict[str, dict[str, int]] | None = None,
+    ) -> Msg:
         pins, split = pins or {}, split or {}
         chain = CHAINS[channel]
         o = self.orders.setdefault(oid, Order())
-        data: dict[str, Any] = {"order_id": oid, "lines": [
-            {"product_id": k, "quantity": q} | ({"location_id": pins[k]} if k in pins else {})
-            for k, q in lines.items()]}
+        data: dict[str, Any] = {
+            "order_id": oid,
+            "lines": [
+                {"product_id": k, "quantity": q} | ({"location_id": pins[k]} if k in pins else {})
+                for k, q in lines.items()
+            ],
+        }
         if short:
             data["reservation_ttl_seconds"] = self.rng.choice(SHORT_TTL_CHOICES)
         if channel:
@@ -538,8 +680,11 @@ class Workload:
             plan = {k: split.get(k) or {pins.get(k, chain[0]): q} for k, q in lines.items()}
             unknown = [k for k in lines if k not in self.products]
             unavailable = [k for k, loc in pins.items() if loc not in chain]
-            short_of = [k for k in lines if k not in unknown and
-                        any(q > budget.get((k, loc), 0) for loc, q in plan[k].items())]
+            short_of = [
+                k
+                for k in lines
+                if k not in unknown and any(q > budget.get((k, loc), 0) for loc, q in plan[k].items())
+            ]
             if unknown:
                 e.results, e.must_short = [("inventory.rejected", "unknown_product")], set(unknown)
                 o.rejections += 1
@@ -548,8 +693,12 @@ class Workload:
                 o.rejections += 1
             elif short_of:
                 # only ever generated with a line above what its locations could hold in the round: a sure shortage
-                sure = {k for k in short_of
-                        if lines[k] > sum(self._ceiling.get((k, loc), 0) for loc in ([pins[k]] if k in pins else chain))}
+                sure = {
+                    k
+                    for k in short_of
+                    if lines[k]
+                    > sum(self._ceiling.get((k, loc), 0) for loc in ([pins[k]] if k in pins else chain))
+                }
                 assert sure, f"a placement meant to fail must ask for more than on_hand: {lines} {plan}"
                 e.results, e.must_short = [("inventory.rejected", "insufficient_stock")], sure
                 o.rejections += 1
@@ -562,16 +711,36 @@ class Workload:
                             lv.expirable[oid] = q
                         else:
                             lv.firm += q
-                o.status, o.lines, o.alloc, o.short, o.placed_id, o.ever_reserved = \
-                    "reserved", dict(lines), plan, short, m.message_id, True
+                o.status, o.lines, o.alloc, o.short, o.placed_id, o.ever_reserved = (
+                    "reserved",
+                    dict(lines),
+                    plan,
+                    short,
+                    m.message_id,
+                    True,
+                )
                 e.results = [("inventory.reserved", "")]
                 if channel or pins or any(set(at) != {"default"} for at in plan.values()):
                     e.results.append(("inventory.allocated", ""))
-                    e.allocated = {"channel_id": channel or "default", "lines": sorted(
-                        ({"product_id": k, "quantity": lines[k], "tracked": True, "backordered": 0,
-                          "allocations": sorted(({"location_id": loc, "quantity": q} for loc, q in at.items()),
-                                                key=lambda a: a["location_id"])}
-                         for k, at in plan.items()), key=lambda x: x["product_id"])}
+                    e.allocated = {
+                        "channel_id": channel or "default",
+                        "lines": sorted(
+                            (
+                                {
+                                    "product_id": k,
+                                    "quantity": lines[k],
+                                    "tracked": True,
+                                    "backordered": 0,
+                                    "allocations": sorted(
+                                        ({"location_id": loc, "quantity": q} for loc, q in at.items()),
+                                        key=lambda a: a["location_id"],
+                                    ),
+                                }
+                                for k, at in plan.items()
+                            ),
+                            key=lambda x: x["product_id"],
+                        ),
+                    }
                 if short:
                     e.optional = [("inventory.expired", "")]  # decided at completion or at the end
         self.expect[m.message_id] = e
@@ -648,11 +817,17 @@ class Workload:
         adjusted = set(rng.sample(self.product_ids, k=max(1, len(self.product_ids) // 10)))
         # on_hand only falls during a round (commits; raised by the racing counts, noted at once):
         # its value now bounds what can be available in it
-        self._ceiling = {(k, loc): lv.on_hand for k, p in self.products.items() for loc, lv in p.levels.items()}
+        self._ceiling = {
+            (k, loc): lv.on_hand for k, p in self.products.items() for loc, lv in p.levels.items()
+        }
         self._old_transfers = list(self.transfers)
         msgs.extend(self._stock_ops(sorted(adjusted)))
-        budget = {(k, loc): lv.worst_free for k, p in self.products.items() if k not in adjusted
-                  for loc, lv in p.levels.items()}
+        budget = {
+            (k, loc): lv.worst_free
+            for k, p in self.products.items()
+            if k not in adjusted
+            for loc, lv in p.levels.items()
+        }
         free = [k for k in self.product_ids if k not in adjusted]
         used: set[str] = set()  # products any order event of the round touches
         claimed: set[str] = set()  # products of a split placement: nothing else touches them
@@ -665,9 +840,16 @@ class Workload:
         for _ in range(rng.randint(0, 2)):
             channel = rng.choice([None, "web"])
             chain = CHAINS[channel]
-            cands = [k for k in free if k not in used and all(
-                not self.products[k].levels.get(loc, Level()).expirable and
-                self.products[k].levels.get(loc, Level()).worst_free > 0 for loc in chain[:2])]
+            cands = [
+                k
+                for k in free
+                if k not in used
+                and all(
+                    not self.products[k].levels.get(loc, Level()).expirable
+                    and self.products[k].levels.get(loc, Level()).worst_free > 0
+                    for loc in chain[:2]
+                )
+            ]
             if not cands:
                 continue
             k = rng.choice(cands)
@@ -678,17 +860,30 @@ class Workload:
             used.add(k)
             claimed.add(k)
             self.counts["order.placed (split)"] = self.counts.get("order.placed (split)", 0) + 1
-            msgs.append(self._place(oid, {k: first + rest}, False, budget, channel=channel,
-                                    split={k: {chain[0]: first, chain[1]: rest}}))
+            msgs.append(
+                self._place(
+                    oid,
+                    {k: first + rest},
+                    False,
+                    budget,
+                    channel=channel,
+                    split={k: {chain[0]: first, chain[1]: rest}},
+                )
+            )
 
         # compare-and-set counts racing the orders of the round
         for _ in range(rng.randint(0, 2)):
-            levels = [(k, loc) for k in free if k not in used for loc in self.products[k].levels if loc != "default"]
+            levels = [
+                (k, loc) for k in free if k not in used for loc in self.products[k].levels if loc != "default"
+            ]
             if not levels:
                 break
             k, loc = rng.choice(levels)
-            racers = [oid for oid, o in self.orders.items() if o.status == "reserved" and oid not in touched
-                      and (k, loc) in o.holds() and clear(o)]
+            racers = [
+                oid
+                for oid, o in self.orders.items()
+                if o.status == "reserved" and oid not in touched and (k, loc) in o.holds() and clear(o)
+            ]
             racer = rng.choice(racers) if racers and rng.random() < 0.7 else None
             if racer:
                 touched.add(racer)
@@ -706,7 +901,9 @@ class Workload:
             lines, pins = {}, {}
             for k in rng.sample(pool, rng.randint(1, min(max_lines, len(pool)))):
                 at = chain[0]
-                if self.products[k].multi and rng.random() < 0.3:  # a pin (at default: a level off the channel too)
+                if (
+                    self.products[k].multi and rng.random() < 0.3
+                ):  # a pin (at default: a level off the channel too)
                     at = rng.choice([loc for loc in self.products[k].levels if loc in chain] or [chain[0]])
                     pins[k] = at
                 avail = budget.get((k, at), 0)
@@ -727,24 +924,43 @@ class Workload:
             msgs.append(self._place(oid, lines or {self.unknown_ids[0]: 1}, False, budget, pins=pins))
         while len(msgs) < size:
             roll = rng.random()
-            reserved = [oid for oid, o in self.orders.items()
-                        if o.status == "reserved" and oid not in touched and clear(o)]
+            reserved = [
+                oid
+                for oid, o in self.orders.items()
+                if o.status == "reserved" and oid not in touched and clear(o)
+            ]
             if roll < 0.42:  # a new placement meant to succeed (or a rejected order placed again)
-                retry = [oid for oid, o in self.orders.items()
-                         if o.status is None and o.rejections and oid not in touched]
+                retry = [
+                    oid
+                    for oid, o in self.orders.items()
+                    if o.status is None and o.rejections and oid not in touched
+                ]
                 oid = rng.choice(retry) if retry and rng.random() < 0.3 else self._new_order_id()
                 channel = rng.choice([None, None, "web"])
                 lines, pins = lines_for(channel)
                 short = rng.random() < 0.25
-                if short:  # short holds stay off the default level of multi-location products: room for splits
-                    lines = {k: q for k, q in lines.items() if not self.products[k].multi
-                             or pins.get(k, CHAINS[channel][0]) != "default"}
+                if (
+                    short
+                ):  # short holds stay off the default level of multi-location products: room for splits
+                    lines = {
+                        k: q
+                        for k, q in lines.items()
+                        if not self.products[k].multi or pins.get(k, CHAINS[channel][0]) != "default"
+                    }
                 if not lines:
                     continue
                 touched.add(oid)
                 used.update(lines)
-                msgs.append(self._place(oid, lines, short, budget, channel=channel,
-                                        pins={k: loc for k, loc in pins.items() if k in lines}))
+                msgs.append(
+                    self._place(
+                        oid,
+                        lines,
+                        short,
+                        budget,
+                        channel=channel,
+                        pins={k: loc for k, loc in pins.items() if k in lines},
+                    )
+                )
             elif roll < 0.50:  # meant to fail: above on_hand, an unknown product, a pin off the channel
                 oid = self._new_order_id()
                 channel = rng.choice([None, "web"])
@@ -787,8 +1003,11 @@ class Workload:
                 msgs.append(self._cancel(oid) if rng.random() < 0.6 else self._complete(oid))
                 self.pending_place.append(oid)
             elif roll < 0.88:  # events for orders already done: rejected or ignored, changing nothing
-                done = [oid for oid, o in self.orders.items()
-                        if o.status in ("committed", "released", "cancelled") and oid not in touched]
+                done = [
+                    oid
+                    for oid, o in self.orders.items()
+                    if o.status in ("committed", "released", "cancelled") and oid not in touched
+                ]
                 if not done:
                     continue
                 oid = rng.choice(done)
@@ -799,9 +1018,13 @@ class Workload:
                 if m:
                     msgs.append(m)
             else:  # a second placement of a reserved or finished order, under a new id
-                placed = [oid for oid, o in self.orders.items()
-                          if o.status in ("reserved", "committed", "released", "expired")
-                          and oid not in touched and clear(o)]
+                placed = [
+                    oid
+                    for oid, o in self.orders.items()
+                    if o.status in ("reserved", "committed", "released", "expired")
+                    and oid not in touched
+                    and clear(o)
+                ]
                 if not placed:
                     continue
                 oid = rng.choice(placed)
@@ -813,7 +1036,9 @@ class Workload:
 
     def pending_round(self) -> list[Msg]:
         """The placements still owed to orders cancelled or completed before them."""
-        self._ceiling = {(k, loc): lv.on_hand for k, p in self.products.items() for loc, lv in p.levels.items()}
+        self._ceiling = {
+            (k, loc): lv.on_hand for k, p in self.products.items() for loc, lv in p.levels.items()
+        }
         budget = {(k, loc): lv.worst_free for k, p in self.products.items() for loc, lv in p.levels.items()}
         msgs = []
         for oid in self.pending_place:
@@ -859,8 +1084,12 @@ class Workload:
 
     def expected_levels(self) -> dict[tuple[str, str], tuple[int, int, int, int, int]]:
         """(on_hand, reserved, damaged, quality_control, incoming) per level, all-zero ones left out."""
-        return {(k, loc): lv.figures() for k, p in self.products.items() for loc, lv in p.levels.items()
-                if any(lv.figures())}
+        return {
+            (k, loc): lv.figures()
+            for k, p in self.products.items()
+            for loc, lv in p.levels.items()
+            if any(lv.figures())
+        }
 
     def expected_multi(self) -> dict[str, bool]:
         return {k: p.multi for k, p in self.products.items()}

@@ -26,10 +26,33 @@ def test_bench_stopped_by_sigterm_stops_its_worker_and_removes_what_it_made(sett
     env = {k: v for k, v in os.environ.items() if k != "INVENTORY_TEST_KEEP"}
     env.update({TAG_VAR: tag, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
     # Its smallest configuration, with more orders than it gets to publish before the signal.
-    cmd = [sys.executable, "-m", "bench.run", "--smoke", "--parts", "worker", "--procs", "1",
-           "--workloads", "uniform", "--count", "200000", "--out", str(tmp_path / "results.json")]
-    out = RunOutput(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True))
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.run",
+        "--smoke",
+        "--parts",
+        "worker",
+        "--procs",
+        "1",
+        "--workloads",
+        "uniform",
+        "--count",
+        "200000",
+        "--out",
+        str(tmp_path / "results.json"),
+    ]
+    out = RunOutput(
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    )
     logs = None
     try:
         first = out.wait_for("logs ", timeout=60)

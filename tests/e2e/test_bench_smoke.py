@@ -48,9 +48,13 @@ def test_bench_smoke(tmp_path, monkeypatch):
 
 # The commit before Part A of "stock across locations" (migration 080): C6 is measured against it.
 def _before_locations() -> str:
-    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "-1", "--",
-                            "sql/migrations/080_locations.sql"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    added = subprocess.run(
+        ["git", "log", "--diff-filter=A", "--format=%H", "-1", "--", "sql/migrations/080_locations.sql"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     return f"{added}^"
 
 
@@ -62,8 +66,21 @@ def test_bench_compare_runs_the_other_version(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setenv("TMPDIR", str(scratch))
     out = tmp_path / "results.json"
-    run.main(["--smoke", "--parts", "worker", "--workloads", "uniform", "--count", "200",
-              "--compare", _before_locations(), "--out", str(out)])
+    run.main(
+        [
+            "--smoke",
+            "--parts",
+            "worker",
+            "--workloads",
+            "uniform",
+            "--count",
+            "200",
+            "--compare",
+            _before_locations(),
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     [pair] = saved["compare"]["pairs"]
     rev, current = pair["sides"]["rev"], pair["sides"]["current"]
@@ -84,7 +101,9 @@ def test_sqlcost_measures_both_versions():
         assert len(res["rounds"][name]["rev"]) == len(res["rounds"][name]["current"]) == 1, res
         assert res["ratio"][name] > 0, res
     settings = run.bench_settings()
-    maintenance = settings.model_copy(update={"database": settings.database.model_copy(update={"dbname": "postgres"})})
+    maintenance = settings.model_copy(
+        update={"database": settings.database.model_copy(update={"dbname": "postgres"})}
+    )
     with pg(maintenance) as cur:
         cur.execute("SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (res["databases"],))
         assert cur.fetchone()[0] == 0, res["databases"]

@@ -38,19 +38,27 @@ CLI = Path(sys.executable).with_name("inventory-worker")
 
 
 def cli(settings: Any, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(CLI), *args], env=settings_env(settings, **env), cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(CLI), *args],
+        env=settings_env(settings, **env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def fresh(settings: Any) -> Any:
     """A clean state: a database, queues, a Redis prefix and an HTTP port nobody used."""
     tag = uuid.uuid4().hex[:8]
     s = with_own_queues(settings, tag)
-    return s.model_copy(update={
-        "database": s.database.model_copy(update={"dbname": f"{settings.database.dbname}_{tag}"}),
-        "redis": s.redis.model_copy(update={"key_prefix": f"{settings.redis.key_prefix}{tag}:"}),
-        "http": s.http.model_copy(update={"port": free_port(), "management_port": free_port()}),
-    })
+    return s.model_copy(
+        update={
+            "database": s.database.model_copy(update={"dbname": f"{settings.database.dbname}_{tag}"}),
+            "redis": s.redis.model_copy(update={"key_prefix": f"{settings.redis.key_prefix}{tag}:"}),
+            "http": s.http.model_copy(update={"port": free_port(), "management_port": free_port()}),
+        }
+    )
 
 
 @pytest.fixture
@@ -79,14 +87,17 @@ def test_make_run_starts_on_a_clean_state_gets_ready_and_stops_on_sigterm(clean_
         env.pop(k, None)
     log_path = logs_dir / f"make-run-{uuid.uuid4().hex[:6]}.log"
     with open(log_path, "wb") as log:
-        make = subprocess.Popen(["make", "run"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        make = subprocess.Popen(
+            ["make", "run"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         base = f"http://127.0.0.1:{clean_state.http.port}"
         deadline = time.monotonic() + 90
         status = None
         while status != 200:
-            assert make.poll() is None, f"make run exited with {make.returncode}: {log_path.read_text()[-3000:]}"
+            assert make.poll() is None, (
+                f"make run exited with {make.returncode}: {log_path.read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"not ready (last {status}): {log_path.read_text()[-3000:]}"
             try:
                 status = http_get(base + "/readyz", timeout=3)[0]
@@ -95,8 +106,12 @@ def test_make_run_starts_on_a_clean_state_gets_ready_and_stops_on_sigterm(clean_
             time.sleep(0.2)
         assert "applied 001_schema.sql" in log_path.read_text()  # it migrated the new database
         # make waits for the worker it started; SIGTERM that worker as a service manager would
-        (worker_pid,) = [int(p) for p in subprocess.run(["pgrep", "-P", str(make.pid)], capture_output=True,
-                                                         text=True).stdout.split()]
+        (worker_pid,) = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(make.pid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
         os.kill(worker_pid, signal.SIGTERM)
         assert make.wait(60) == 0
         deadline = time.monotonic() + 15
@@ -119,8 +134,13 @@ def test_make_run_installs_the_package_alone_and_make_test_the_test_extras(tmp_p
     (venv / "bin" / "python").symlink_to(sys.executable)
 
     def dry_run(target: str) -> str:  # the commands make would run, none run
-        r = subprocess.run(["make", "-n", f"VENV={venv}", target], cwd=REPO, capture_output=True, text=True,
-                           env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
+        r = subprocess.run(
+            ["make", "-n", f"VENV={venv}", target],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
+        )
         assert r.returncode == 0, r.stderr
         return r.stdout
 
@@ -186,7 +206,10 @@ def test_every_subcommand_has_a_description_and_examples(capsys):
         assert code == 0, err
         usage, description = out.split("\n\n")[:2]
         assert description.strip() and not description.startswith(("options:", "positional")), (path, out)
-        assert "\nexample" in out and f"inventory-worker {' '.join(path)}" in out.split("\nexample")[1], (path, out)
+        assert "\nexample" in out and f"inventory-worker {' '.join(path)}" in out.split("\nexample")[1], (
+            path,
+            out,
+        )
 
 
 def test_publish_help_lists_what_each_type_needs_from_the_contract(capsys):
@@ -195,7 +218,7 @@ def test_publish_help_lists_what_each_type_needs_from_the_contract(capsys):
     out = in_process(capsys, "publish", "--help")[1]
     for type_, model in DATA_MODELS.items():
         block = re.split(r"\n(?!    )", out.split(f"\n  {type_}: ")[1])[0]  # up to the next type
-        lines = {l.split()[0]: l for l in block.splitlines()[1:] if l.startswith("    ") and l.split()}
+        lines = {ln.split()[0]: ln for ln in block.splitlines()[1:] if ln.startswith("    ") and ln.split()}
         for name, field in model.model_fields.items():
             assert ("required," if field.is_required() else "optional,") in lines[name], (type_, name, block)
     assert "exactly one of: delta, on_hand" in out
@@ -206,8 +229,8 @@ def test_migrate_creates_the_database_and_is_idempotent(clean_state):
     first = cli(clean_state, "migrate")
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
-        f"applied {p.name}" for p in sorted((REPO / "sql" / "migrations").glob("*.sql"))] + [
-        f"applied procedures/{p.name}" for p in sorted((REPO / "sql" / "procedures").glob("*.sql"))]
+        f"applied {p.name}" for p in sorted((REPO / "sql" / "migrations").glob("*.sql"))
+    ] + [f"applied procedures/{p.name}" for p in sorted((REPO / "sql" / "procedures").glob("*.sql"))]
     second = cli(clean_state, "migrate")
     assert (second.returncode, second.stdout.strip()) == (0, "database is up to date")
     with pg(clean_state) as cur:
@@ -222,8 +245,15 @@ def test_publish_then_stock_shows_the_figures(worker, settings):
     sent = json.loads(adj.stdout)
     assert (sent["type"], sent["data"]) == ("stock.adjusted", {"product_id": pid, "delta": 12})
     event_id = str(uuid.uuid4())
-    placed = cli(settings, "publish", "order.placed", "--id", event_id, "--data",
-                 json.dumps({"order_id": order, "lines": [{"product_id": pid, "quantity": 5}]}))
+    placed = cli(
+        settings,
+        "publish",
+        "order.placed",
+        "--id",
+        event_id,
+        "--data",
+        json.dumps({"order_id": order, "lines": [{"product_id": pid, "quantity": 5}]}),
+    )
     assert placed.returncode == 0, placed.stderr
     assert json.loads(placed.stdout)["id"] == event_id
     deadline = time.monotonic() + 20
@@ -234,17 +264,36 @@ def test_publish_then_stock_shows_the_figures(worker, settings):
     assert shown.returncode == 0, shown.stderr
     detail = json.loads(shown.stdout)  # one JSON object: the detail view (spec 8), the figures' keys too
     assert {k: detail[k] for k in ("product_id", "on_hand", "reserved", "available", "version")} == {
-        "product_id": pid, "on_hand": 12, "reserved": 5, "available": 7, "version": 2}
-    assert detail["locations"] == [{"location_id": "default", "priority": 0, "active": True, "fulfils_orders": True,
-                                    "on_hand": 12, "reserved": 5, "available": 7, "damaged": 0,
-                                    "quality_control": 0, "incoming": 0, "safety_stock": 0}]
+        "product_id": pid,
+        "on_hand": 12,
+        "reserved": 5,
+        "available": 7,
+        "version": 2,
+    }
+    assert detail["locations"] == [
+        {
+            "location_id": "default",
+            "priority": 0,
+            "active": True,
+            "fulfils_orders": True,
+            "on_hand": 12,
+            "reserved": 5,
+            "available": 7,
+            "damaged": 0,
+            "quality_control": 0,
+            "incoming": 0,
+            "safety_stock": 0,
+        }
+    ]
     assert shown.stdout.startswith('{"version":2,"product_id":')
 
 
 def test_locations_lists_locations_then_channels(worker, settings):
     loc, web = uid("store"), uid("web")
-    for type_, data in (("location.configured", {"location_id": loc, "priority": -1000000, "active": False}),
-                        ("channel.configured", {"channel_id": web, "locations": [loc, "default"]})):
+    for type_, data in (
+        ("location.configured", {"location_id": loc, "priority": -1000000, "active": False}),
+        ("channel.configured", {"channel_id": web, "locations": [loc, "default"]}),
+    ):
         assert cli(settings, "publish", type_, "--data", json.dumps(data)).returncode == 0
 
     def listed() -> list[dict[str, Any]] | None:
@@ -256,23 +305,51 @@ def test_locations_lists_locations_then_channels(worker, settings):
     rows = poll(listed, what="the channel listed")
     kinds = [x["kind"] for x in rows]
     assert kinds == sorted(kinds, key=["location", "channel"].index)  # locations first
-    assert rows[0] == {"kind": "location", "location_id": loc, "name": None, "priority": -1000000,
-                       "active": False, "fulfils_orders": True}  # the lowest priority possible: first
-    assert {"kind": "location", "location_id": "default", "name": None, "priority": 0, "active": True,
-            "fulfils_orders": True} in rows
-    assert {"kind": "channel", "channel_id": web, "strategy": "priority", "locations": [loc, "default"]} in rows
+    assert rows[0] == {
+        "kind": "location",
+        "location_id": loc,
+        "name": None,
+        "priority": -1000000,
+        "active": False,
+        "fulfils_orders": True,
+    }  # the lowest priority possible: first
+    assert {
+        "kind": "location",
+        "location_id": "default",
+        "name": None,
+        "priority": 0,
+        "active": True,
+        "fulfils_orders": True,
+    } in rows
+    assert {
+        "kind": "channel",
+        "channel_id": web,
+        "strategy": "priority",
+        "locations": [loc, "default"],
+    } in rows
     assert [x["locations"] for x in rows if x.get("channel_id") == "default"] == [None]
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["publish", "order.placed", "--data", '{"order_id": "o", "lines": []}'],
-         "not a valid order.placed event: data.lines"),
-        (["publish", "order.placed", "--data", '{"order_id": "o", "lines": [{"product_id": "A", "quantity": 0}]}'],
-         "data.lines.0.quantity"),
-        (["publish", "stock.adjusted", "--data", '{"product_id": "A", "delta": 1, "colour": "red"}'],
-         "data.colour"),
+        (
+            ["publish", "order.placed", "--data", '{"order_id": "o", "lines": []}'],
+            "not a valid order.placed event: data.lines",
+        ),
+        (
+            [
+                "publish",
+                "order.placed",
+                "--data",
+                '{"order_id": "o", "lines": [{"product_id": "A", "quantity": 0}]}',
+            ],
+            "data.lines.0.quantity",
+        ),
+        (
+            ["publish", "stock.adjusted", "--data", '{"product_id": "A", "delta": 1, "colour": "red"}'],
+            "data.colour",
+        ),
         (["publish", "stock.adjusted", "--data", "{not json"], "--data is not JSON"),
         (["publish", "order.cancelled", "--data", '{"order_id": "o"}', "--id", "42"], "--id must be a UUID"),
         (["publish", "order.shipped", "--data", "{}"], "invalid choice"),

@@ -21,13 +21,22 @@ import pika
 import psycopg2
 import pytest
 
-from inventory_worker.contract import make_event
-from inventory_worker.adapters.postgres import Store
-
 from inventory_worker.adapters.migrations import migrate
+from inventory_worker.adapters.postgres import Store
+from inventory_worker.contract import make_event
 
-from ..support import (Bus, WorkerProcess, delete_topology, drop_database, figures, free_port, pg, uid,
-                       wait_for_lock_waiter, with_own_queues)
+from ..support import (
+    Bus,
+    WorkerProcess,
+    delete_topology,
+    drop_database,
+    figures,
+    free_port,
+    pg,
+    uid,
+    wait_for_lock_waiter,
+    with_own_queues,
+)
 
 REFUSED_ORDER_ID = "refused-by-the-database"
 
@@ -40,15 +49,19 @@ def own(settings):
     the session's shared worker and sent where this module's bus does not listen."""
     tag = uuid.uuid4().hex[:8]
     s = with_own_queues(settings, tag)
-    s = s.model_copy(update={
-        "database": s.database.model_copy(update={"dbname": f"{s.database.dbname}_{tag}"}),
-        "worker": s.worker.model_copy(update={"batch_max_wait_ms": 400}),
-        "http": s.http.model_copy(update={"port": free_port()}),
-    })
+    s = s.model_copy(
+        update={
+            "database": s.database.model_copy(update={"dbname": f"{s.database.dbname}_{tag}"}),
+            "worker": s.worker.model_copy(update={"batch_max_wait_ms": 400}),
+            "http": s.http.model_copy(update={"port": free_port()}),
+        }
+    )
     migrate(s.database)
     with pg(s) as cur:  # a rule the contract does not know: the database alone refuses this order id
-        cur.execute("ALTER TABLE orders ADD CONSTRAINT test_refused CHECK (order_id <> %s) NOT VALID",
-                    (REFUSED_ORDER_ID,))
+        cur.execute(
+            "ALTER TABLE orders ADD CONSTRAINT test_refused CHECK (order_id <> %s) NOT VALID",
+            (REFUSED_ORDER_ID,),
+        )
     yield s
     delete_topology(s)
     drop_database(s)
@@ -74,11 +87,14 @@ def publish_burst(bus: Bus, items: list[tuple[str, Any]]) -> list[dict[str, Any]
     for type_, data in items:
         if type_ == "garbage":
             body = {"id": str(uuid.uuid4()), "raw": b"\x00 not json"}
-            bus.publish_raw(body["raw"], "order.placed", pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
+            bus.publish_raw(
+                body["raw"], "order.placed", pika.BasicProperties(delivery_mode=2, message_id=body["id"])
+            )
         else:
             body = make_event(type_, data)
-            bus.publish_raw(json.dumps(body).encode(), type_,
-                            pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
+            bus.publish_raw(
+                json.dumps(body).encode(), type_, pika.BasicProperties(delivery_mode=2, message_id=body["id"])
+            )
         bodies.append(body)
     return bodies
 
@@ -101,7 +117,8 @@ def wait_results(bus: Bus, expected: dict[str, list[str]], timeout: float = 40.0
             bus.conn.sleep(0.3)
             got = results_by_cause(bus)
             assert {eid: sorted(r["type"] for r in got.get(eid, [])) for eid in expected} == {
-                eid: sorted(t) for eid, t in expected.items()}, "extra results arrived"
+                eid: sorted(t) for eid, t in expected.items()
+            }, "extra results arrived"
             return got
         assert time.monotonic() < deadline, f"results so far: {types}"
         bus.conn.sleep(0.1)
@@ -126,19 +143,30 @@ def wait_dead_letters(bus: Bus, reasons: dict[str, str], timeout: float = 30.0) 
 def test_a_refused_message_is_isolated_from_its_batch(batch_worker, own_bus, own):
     x, y = uid("X"), uid("Y")
     o1, o2 = uid("O"), uid("O")
-    bodies = publish_burst(own_bus, [
-        ("stock.adjusted", {"product_id": x, "delta": 5}),
-        ("order.placed", {"order_id": o1, "lines": [{"product_id": x, "quantity": 2}]}),
-        ("order.cancelled", {"order_id": REFUSED_ORDER_ID}),
-        ("garbage", None),
-        ("order.placed", {"order_id": o2, "lines": [{"product_id": x, "quantity": 1}]}),
-        ("stock.adjusted", {"product_id": y, "delta": 1}),
-    ])
+    bodies = publish_burst(
+        own_bus,
+        [
+            ("stock.adjusted", {"product_id": x, "delta": 5}),
+            ("order.placed", {"order_id": o1, "lines": [{"product_id": x, "quantity": 2}]}),
+            ("order.cancelled", {"order_id": REFUSED_ORDER_ID}),
+            ("garbage", None),
+            ("order.placed", {"order_id": o2, "lines": [{"product_id": x, "quantity": 1}]}),
+            ("stock.adjusted", {"product_id": y, "delta": 1}),
+        ],
+    )
     adj, p1, refused, garbage, p2, adj_y = bodies
     # the good ones applied in their order (o1 after the stock it needs), each exactly once
-    got = wait_results(own_bus, {adj["id"]: ["inventory.adjusted"], p1["id"]: ["inventory.reserved"],
-                                 p2["id"]: ["inventory.reserved"], adj_y["id"]: ["inventory.adjusted"],
-                                 refused["id"]: [], garbage["id"]: []})
+    got = wait_results(
+        own_bus,
+        {
+            adj["id"]: ["inventory.adjusted"],
+            p1["id"]: ["inventory.reserved"],
+            p2["id"]: ["inventory.reserved"],
+            adj_y["id"]: ["inventory.adjusted"],
+            refused["id"]: [],
+            garbage["id"]: [],
+        },
+    )
     assert got[p1["id"]][0]["data"]["lines"] == [{"product_id": x, "quantity": 2}]
     assert figures(own, x) == (5, 3) and figures(own, y) == (1, 0)
     wait_dead_letters(own_bus, {refused["id"]: "refused by the database", garbage["id"]: "body is not JSON"})
@@ -164,8 +192,9 @@ def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(
     k, f = uid("K"), uid("F")
     store = Store(own.database)
     for pid in (k, f):
-        store.apply_batch([{"id": str(uuid.uuid4()), "type": "stock.adjusted", "data": {"product_id": pid,
-                                                                                          "delta": 5}}])
+        store.apply_batch(
+            [{"id": str(uuid.uuid4()), "type": "stock.adjusted", "data": {"product_id": pid, "delta": 5}}]
+        )
     store.close()
 
     blocker = psycopg2.connect(**own.database.dsn())
@@ -174,14 +203,19 @@ def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(
         cur.execute("SELECT pg_backend_pid()")
         my_pid = cur.fetchone()[0]
         cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (k,))
-        bodies = publish_burst(own_bus, [
-            ("order.placed", {"order_id": uid("A"), "lines": [{"product_id": k, "quantity": 1}]}),
-            ("order.placed", {"order_id": uid("B"), "lines": [{"product_id": f, "quantity": 1}]}),
-            ("order.cancelled", {"order_id": REFUSED_ORDER_ID}),
-            ("garbage", None),
-            ("order.placed", {"order_id": uid("C"), "lines": [{"product_id": f, "quantity": 1}]}),
-        ])
-        wait_for_lock_waiter(own, my_pid)  # the worker's transaction waits for our lock: nothing is committed yet
+        bodies = publish_burst(
+            own_bus,
+            [
+                ("order.placed", {"order_id": uid("A"), "lines": [{"product_id": k, "quantity": 1}]}),
+                ("order.placed", {"order_id": uid("B"), "lines": [{"product_id": f, "quantity": 1}]}),
+                ("order.cancelled", {"order_id": REFUSED_ORDER_ID}),
+                ("garbage", None),
+                ("order.placed", {"order_id": uid("C"), "lines": [{"product_id": f, "quantity": 1}]}),
+            ],
+        )
+        wait_for_lock_waiter(
+            own, my_pid
+        )  # the worker's transaction waits for our lock: nothing is committed yet
         children = _consumer_children(batch_worker)
         assert children
         for pid in children:
@@ -192,8 +226,17 @@ def test_killed_before_commit_nothing_is_lost_and_redeliveries_apply_one_by_one(
 
     a, b, refused, garbage, c = bodies
     # the supervisor restarts the consumer; RabbitMQ redelivers the unacked messages to it
-    wait_results(own_bus, {a["id"]: ["inventory.reserved"], b["id"]: ["inventory.reserved"],
-                           c["id"]: ["inventory.reserved"], refused["id"]: [], garbage["id"]: []}, timeout=60)
+    wait_results(
+        own_bus,
+        {
+            a["id"]: ["inventory.reserved"],
+            b["id"]: ["inventory.reserved"],
+            c["id"]: ["inventory.reserved"],
+            refused["id"]: [],
+            garbage["id"]: [],
+        },
+        timeout=60,
+    )
     assert figures(own, k) == (5, 1) and figures(own, f) == (5, 2)  # each applied once
     wait_dead_letters(own_bus, {refused["id"]: "refused by the database", garbage["id"]: "body is not JSON"})
 

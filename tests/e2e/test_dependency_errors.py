@@ -23,8 +23,14 @@ CLI = Path(sys.executable).with_name("inventory-worker")
 
 
 def run_worker(settings: Any, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(CLI), "run", "--processes", "1"], env=settings_env(settings, **env), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(CLI), "run", "--processes", "1"],
+        env=settings_env(settings, **env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def last_line(stderr: str) -> str:
@@ -33,7 +39,8 @@ def last_line(stderr: str) -> str:
     assert lines, "nothing on stderr"
     last = lines[-1]
     assert last["level"] == "error" and last["event"].endswith(
-        f"{last['dependency']} at {last['address']}: {last['reason']}"), last
+        f"{last['dependency']} at {last['address']}: {last['reason']}"
+    ), last
     return last["event"]
 
 
@@ -41,9 +48,11 @@ def test_a_wrong_rabbitmq_password_stops_the_worker_at_start(settings):
     r = run_worker(settings, INVENTORY_RABBITMQ__PASSWORD="not-the-password")
     assert r.returncode == 1, r.stderr[-2000:]
     host, port = settings.rabbitmq.url.host, settings.rabbitmq.url.port or 5672
-    assert last_line(r.stderr) == (f"cannot start: RabbitMQ at {host}:{port}: authentication failed "
-                                   "(ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. "
-                                   "For details see the broker logfile.)")
+    assert last_line(r.stderr) == (
+        f"cannot start: RabbitMQ at {host}:{port}: authentication failed "
+        "(ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. "
+        "For details see the broker logfile.)"
+    )
     assert "not-the-password" not in r.stderr
 
 
@@ -51,8 +60,9 @@ def test_a_wrong_redis_password_stops_the_worker_at_start(settings):
     r = run_worker(settings, INVENTORY_REDIS__USERNAME="nobody", INVENTORY_REDIS__PASSWORD="not-the-password")
     assert r.returncode == 1, r.stderr[-2000:]
     line = last_line(r.stderr)
-    assert line.startswith(f"cannot start: Redis at {settings.redis.host}:{settings.redis.port}: "
-                           "authentication failed ("), line
+    assert line.startswith(
+        f"cannot start: Redis at {settings.redis.host}:{settings.redis.port}: authentication failed ("
+    ), line
     assert "not-the-password" not in r.stderr
 
 
@@ -88,19 +98,27 @@ def scram_postgres():
 
 
 def test_a_wrong_postgresql_password_stops_the_worker_at_start(settings, scram_postgres):
-    r = run_worker(settings, INVENTORY_DATABASE__HOST="127.0.0.1", INVENTORY_DATABASE__PORT=str(scram_postgres.port),
-                   INVENTORY_DATABASE__USER="worker", INVENTORY_DATABASE__PASSWORD="not-the-password")
+    r = run_worker(
+        settings,
+        INVENTORY_DATABASE__HOST="127.0.0.1",
+        INVENTORY_DATABASE__PORT=str(scram_postgres.port),
+        INVENTORY_DATABASE__USER="worker",
+        INVENTORY_DATABASE__PASSWORD="not-the-password",
+    )
     assert r.returncode == 1, r.stderr[-2000:]
-    assert last_line(r.stderr) == (f"cannot start: PostgreSQL at 127.0.0.1:{scram_postgres.port}: "
-                                   'authentication failed (password authentication failed for user "worker")')
+    assert last_line(r.stderr) == (
+        f"cannot start: PostgreSQL at 127.0.0.1:{scram_postgres.port}: "
+        'authentication failed (password authentication failed for user "worker")'
+    )
     assert "not-the-password" not in r.stderr
 
 
 def test_a_closed_rabbitmq_port_is_waited_for_saying_where_and_why(settings):
     port = free_port()
     env = settings_env(settings, INVENTORY_RABBITMQ__URL=f"amqp://guest:guest@127.0.0.1:{port}/%2F")
-    p = subprocess.Popen([str(CLI), "run", "--processes", "1"], env=env, cwd=REPO, stderr=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        [str(CLI), "run", "--processes", "1"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
     try:
         retries = []
         deadline = time.monotonic() + 30
@@ -112,7 +130,10 @@ def test_a_closed_rabbitmq_port_is_waited_for_saying_where_and_why(settings):
                 retries.append(event)
         for event in retries:
             assert {k: event[k] for k in ("dependency", "address", "reason")} == {
-                "dependency": "RabbitMQ", "address": f"127.0.0.1:{port}", "reason": "connection refused"}
+                "dependency": "RabbitMQ",
+                "address": f"127.0.0.1:{port}",
+                "reason": "connection refused",
+            }
     finally:
         p.send_signal(signal.SIGINT)
         try:
@@ -125,12 +146,28 @@ def test_a_closed_rabbitmq_port_is_waited_for_saying_where_and_why(settings):
 
 def test_a_command_names_the_unreachable_dependency_and_where(settings):
     port = free_port()
-    r = subprocess.run([str(CLI), "publish", "order.cancelled", "--data", '{"order_id": "o-1"}'],
-                       env=settings_env(settings, INVENTORY_RABBITMQ__URL=f"amqp://guest:guest@127.0.0.1:{port}/%2F"),
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(CLI), "publish", "order.cancelled", "--data", '{"order_id": "o-1"}'],
+        env=settings_env(settings, INVENTORY_RABBITMQ__URL=f"amqp://guest:guest@127.0.0.1:{port}/%2F"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (r.returncode, r.stdout) == (1, "")
-    assert r.stderr == f"inventory-worker: cannot reach a dependency: RabbitMQ at 127.0.0.1:{port}: connection refused\n"
-    r = subprocess.run([str(CLI), "stock", "SKU-1"], env=settings_env(settings, INVENTORY_DATABASE__PORT=str(port)),
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.stderr == ("inventory-worker: cannot reach a dependency: "
-                        f"PostgreSQL at {settings.database.host}:{port}: connection refused\n")
+    assert (
+        r.stderr
+        == f"inventory-worker: cannot reach a dependency: RabbitMQ at 127.0.0.1:{port}: connection refused\n"
+    )
+    r = subprocess.run(
+        [str(CLI), "stock", "SKU-1"],
+        env=settings_env(settings, INVENTORY_DATABASE__PORT=str(port)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stderr == (
+        "inventory-worker: cannot reach a dependency: "
+        f"PostgreSQL at {settings.database.host}:{port}: connection refused\n"
+    )

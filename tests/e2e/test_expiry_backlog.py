@@ -44,8 +44,10 @@ ANALYZE products, orders, order_lines;
 """
 
 # The sweeper's candidate query, as expire_reservations() runs it.
-CANDIDATES_SQL = ("SELECT order_id FROM orders WHERE status = 'reserved' AND expires_at <= now()"
-                  " ORDER BY expires_at LIMIT 500")
+CANDIDATES_SQL = (
+    "SELECT order_id FROM orders WHERE status = 'reserved' AND expires_at <= now()"
+    " ORDER BY expires_at LIMIT 500"
+)
 
 
 def test_backlog_of_100k_expired_reservations_drains_while_orders_flow(settings, start_worker):
@@ -79,34 +81,51 @@ def test_backlog_of_100k_expired_reservations_drains_while_orders_flow(settings,
                 while remaining:
                     assert time.monotonic() < deadline, f"{remaining} reservations still not expired"
                     order = f"live-{uuid.uuid4().hex[:10]}"
-                    body = make_event("order.placed", {"order_id": order, "reservation_ttl_seconds": 600,
-                                                       "lines": [{"product_id": skus[len(placed) % PRODUCTS],
-                                                                  "quantity": 1}]})
+                    body = make_event(
+                        "order.placed",
+                        {
+                            "order_id": order,
+                            "reservation_ttl_seconds": 600,
+                            "lines": [{"product_id": skus[len(placed) % PRODUCTS], "quantity": 1}],
+                        },
+                    )
                     sent = time.monotonic()
-                    ch.basic_publish(s.rabbitmq.exchange, "order.placed", json.dumps(body).encode(),
-                                     pika.BasicProperties(delivery_mode=2))
+                    ch.basic_publish(
+                        s.rabbitmq.exchange,
+                        "order.placed",
+                        json.dumps(body).encode(),
+                        pika.BasicProperties(delivery_mode=2),
+                    )
                     placed.append(order)
                     while True:  # its inventory.reserved
                         method, _, raw = ch.basic_get(queue, auto_ack=True)
                         if method is not None and json.loads(raw)["causation_id"] == body["id"]:
                             break
-                        assert time.monotonic() - sent < 30, "an order got no answer while the backlog drained"
+                        assert time.monotonic() - sent < 30, (
+                            "an order got no answer while the backlog drained"
+                        )
                         if method is None:
                             conn.sleep(0.01)
                     latencies.append(time.monotonic() - sent)
                     time.sleep(max(0.0, 0.1 - latencies[-1]))  # a steady trickle, ~10 orders a second
                     # How long the sweeper's current transaction (and so its locks) has lasted.
-                    cur.execute("SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)"
-                                "  FROM pg_stat_activity WHERE application_name LIKE 'inventory-worker sweeper%'"
-                                "   AND state <> 'idle' AND datname = current_database()")
+                    cur.execute(
+                        "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)"
+                        "  FROM pg_stat_activity WHERE application_name LIKE 'inventory-worker sweeper%'"
+                        "   AND state <> 'idle' AND datname = current_database()"
+                    )
                     sweep_xact_ages.append(float(cur.fetchone()[0]))
                     if time.monotonic() >= next_count:  # counting is not free: once a second
-                        cur.execute("SELECT count(*) FROM orders WHERE status = 'reserved' AND order_id LIKE 'bk-%'")
+                        cur.execute(
+                            "SELECT count(*) FROM orders WHERE status = 'reserved' AND order_id LIKE 'bk-%'"
+                        )
                         remaining = cur.fetchone()[0]
                         next_count = time.monotonic() + 1.0
                 drained = time.monotonic() - worker_started
-                cur.execute("SELECT count(*), count(DISTINCT order_id) FROM stock_movements"
-                            " WHERE reason = 'expire' AND order_id LIKE 'bk-%'")
+                cur.execute(
+                    "SELECT count(*), count(DISTINCT order_id) FROM stock_movements"
+                    " WHERE reason = 'expire' AND order_id LIKE 'bk-%'"
+                )
                 expire_rows, expired_orders = cur.fetchone()
                 cur.execute("SELECT count(*) FROM orders WHERE status = 'expired' AND order_id LIKE 'bk-%'")
                 expired_status = cur.fetchone()[0]
@@ -122,9 +141,11 @@ def test_backlog_of_100k_expired_reservations_drains_while_orders_flow(settings,
         p50 = statistics.median(latencies)
         p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) >= 20 else max(latencies)
         print(f"sequential scans of order_lines while draining: {lines_scans}")
-        print(f"drained {BACKLOG} in {drained:.1f}s ({BACKLOG / drained:.0f}/s) while {len(placed)} orders flowed;"
-              f" order latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms;"
-              f" longest sweep transaction seen {max(sweep_xact_ages) * 1000:.0f} ms")
+        print(
+            f"drained {BACKLOG} in {drained:.1f}s ({BACKLOG / drained:.0f}/s) while {len(placed)} orders flowed;"
+            f" order latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms;"
+            f" longest sweep transaction seen {max(sweep_xact_ages) * 1000:.0f} ms"
+        )
         # Every overdue reservation released exactly once, through the ledger and the outbox.
         assert expire_rows == expired_orders == expired_status == expired_events == BACKLOG
         after = all_figures(s, skus)

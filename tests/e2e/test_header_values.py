@@ -21,9 +21,20 @@ import pika.exceptions
 
 from inventory_worker.contract import make_event
 
-from ..support import (Bus, amqp_array, amqp_double, amqp_longstr, amqp_table, amqp_timestamp,
-                       content_header_props, delete_topology, figures, publish_with_raw_properties, uid,
-                       with_own_queues)
+from ..support import (
+    Bus,
+    amqp_array,
+    amqp_double,
+    amqp_longstr,
+    amqp_table,
+    amqp_timestamp,
+    content_header_props,
+    delete_topology,
+    figures,
+    publish_with_raw_properties,
+    uid,
+    with_own_queues,
+)
 
 CASES = {
     "double_1e20": amqp_double(1e20),
@@ -33,8 +44,18 @@ CASES = {
     "float_1e30": b"f" + struct.pack(">f", 1e30),
     "decimal": b"D" + struct.pack(">Bi", 2, 12345),
     "timestamp_2_63": amqp_timestamp(2**63 - 1),
-    "nested": b"F" + amqp_table([("price", amqp_double(1e20)), ("when", amqp_array([
-        amqp_timestamp(2**63 - 1), amqp_double(-1e300), b"D" + struct.pack(">Bi", 255, 7)]))]),
+    "nested": b"F"
+    + amqp_table(
+        [
+            ("price", amqp_double(1e20)),
+            (
+                "when",
+                amqp_array(
+                    [amqp_timestamp(2**63 - 1), amqp_double(-1e300), b"D" + struct.pack(">Bi", 255, 7)]
+                ),
+            ),
+        ]
+    ),
     "nested_nan": amqp_array([b"F" + amqp_table([("x", amqp_double(math.nan))])]),
     "long_string": amqp_longstr(b"s" * 100_000),
     "long_string_not_utf8": amqp_longstr(b"\xff\xfe\x00"),
@@ -45,8 +66,9 @@ CASES = {
 
 def publish(r, channel, routing_key: str, body: bytes, case: str, field: bytes) -> None:
     table = amqp_table([("x-case", amqp_longstr(case.encode())), ("x-v", field)])
-    publish_with_raw_properties(channel, r.exchange, routing_key, body,
-                                content_header_props(table, message_id=str(uuid.uuid4())))
+    publish_with_raw_properties(
+        channel, r.exchange, routing_key, body, content_header_props(table, message_id=str(uuid.uuid4()))
+    )
 
 
 def test_no_header_value_stops_a_consumer(settings, start_worker):
@@ -79,8 +101,11 @@ def test_no_header_value_stops_a_consumer(settings, start_worker):
             finally:
                 if conn.is_open:
                     conn.close()
-            orders.append(bus.publish("order.placed", {"order_id": uid("O"),
-                                                       "lines": [{"product_id": product, "quantity": 1}]}))
+            orders.append(
+                bus.publish(
+                    "order.placed", {"order_id": uid("O"), "lines": [{"product_id": product, "quantity": 1}]}
+                )
+            )
         assert "double_1e20" in taken and "timestamp_2_63" in taken and "nested" in taken
 
         started = time.monotonic()

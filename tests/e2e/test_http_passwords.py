@@ -33,11 +33,14 @@ def guarded(settings, tmp_path):
         svc.start()
         svc.rabbitmq.add_user("inventory", RABBIT_PASSWORD)
         s = svc.settings(settings)
-        s = s.model_copy(update={
-            "rabbitmq": s.rabbitmq.model_copy(update={
-                "url": AnyUrl(f"amqp://inventory@127.0.0.1:{svc.rabbitmq.port}/%2F")}),
-            "http": s.http.model_copy(update={"server": "granian", "port": free_port()}),
-        })
+        s = s.model_copy(
+            update={
+                "rabbitmq": s.rabbitmq.model_copy(
+                    update={"url": AnyUrl(f"amqp://inventory@127.0.0.1:{svc.rabbitmq.port}/%2F")}
+                ),
+                "http": s.http.model_copy(update={"server": "granian", "port": free_port()}),
+            }
+        )
         migrate(s.database)
         yield s, svc
     finally:
@@ -48,20 +51,28 @@ def test_a_worker_whose_services_all_need_passwords_serves_stock_under_granian(g
     s, svc = guarded
     # the instances do refuse a client without the password
     with pytest.raises(psycopg2.OperationalError, match="password"):
-        psycopg2.connect(host="127.0.0.1", port=svc.postgres.port, user="postgres", dbname="postgres",
-                         connect_timeout=5).close()
+        psycopg2.connect(
+            host="127.0.0.1", port=svc.postgres.port, user="postgres", dbname="postgres", connect_timeout=5
+        ).close()
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host="127.0.0.1", port=svc.redis.port, socket_timeout=5).ping()
 
     secret_file = tmp_path / "rabbitmq-password"
     secret_file.write_text(RABBIT_PASSWORD + "\n")
-    w = WorkerProcess(s, processes=1, log_path=tmp_path / "worker.log",
-                      extra_env={"INVENTORY_RABBITMQ__PASSWORD_FILE": str(secret_file)}).start(wait_ready=False)
+    w = WorkerProcess(
+        s,
+        processes=1,
+        log_path=tmp_path / "worker.log",
+        extra_env={"INVENTORY_RABBITMQ__PASSWORD_FILE": str(secret_file)},
+    ).start(wait_ready=False)
     try:
         deadline = time.monotonic() + 30
         while True:  # both listeners' /readyz: PostgreSQL, Redis and RabbitMQ all reachable
-            got = [http_get(url + "/readyz", token=None, timeout=3)[::2] for url in (w.base_url, w.management_url)
-                   if _listening(url)]
+            got = [
+                http_get(url + "/readyz", token=None, timeout=3)[::2]
+                for url in (w.base_url, w.management_url)
+                if _listening(url)
+            ]
             if len(got) == 2 and all(status == 200 for status, _ in got):
                 break
             assert w.proc.poll() is None, w.log_path.read_text()[-3000:]
@@ -69,8 +80,15 @@ def test_a_worker_whose_services_all_need_passwords_serves_stock_under_granian(g
             time.sleep(0.2)
 
         sku = uid("SKU")
-        client = s.model_copy(update={"rabbitmq": s.rabbitmq.model_copy(update={
-            "url": AnyUrl(f"amqp://inventory:{RABBIT_PASSWORD}@127.0.0.1:{svc.rabbitmq.port}/%2F")})})
+        client = s.model_copy(
+            update={
+                "rabbitmq": s.rabbitmq.model_copy(
+                    update={
+                        "url": AnyUrl(f"amqp://inventory:{RABBIT_PASSWORD}@127.0.0.1:{svc.rabbitmq.port}/%2F")
+                    }
+                )
+            }
+        )
         bus = Bus(client)
         try:
             bus.wait_result(bus.publish("stock.adjusted", {"product_id": sku, "delta": 7})["id"])

@@ -17,16 +17,26 @@ import pytest
 
 from ..conftest import HTTP_SERVERS
 from ..integration.test_http_security import raw_request
-from .test_operations import log_lines
 from ..support import WorkerProcess, delete_topology, free_port, http_get, pg, poll, uid, with_own_queues
+from .test_operations import log_lines
 
 
 @pytest.fixture(scope="module", params=HTTP_SERVERS)
 def bounded(request, settings, logs_dir):
     s = with_own_queues(settings, f"bounds-{request.param}")
-    s = s.model_copy(update={"http": s.http.model_copy(update={
-        "server": request.param, "port": free_port(), "workers": 1, "max_connections": 2,
-        "client_timeout_seconds": 2.0})})
+    s = s.model_copy(
+        update={
+            "http": s.http.model_copy(
+                update={
+                    "server": request.param,
+                    "port": free_port(),
+                    "workers": 1,
+                    "max_connections": 2,
+                    "client_timeout_seconds": 2.0,
+                }
+            )
+        }
+    )
     w = WorkerProcess(s, processes=1, log_path=logs_dir / f"bounds-{request.param}.log").start()
     yield w
     w.stop()  # before its queues go, or its consumer would declare them again
@@ -56,7 +66,9 @@ def test_idle_connections_are_dropped_and_connections_are_capped(bounded):
         extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         if server == "stdlib":  # a connection beyond the cap is answered at once, and closed
             status, raw = _read_response(extra)
-            assert status == 503 and json.loads(raw.partition(b"\r\n\r\n")[2]) == {"error": "too many connections"}
+            assert status == 503 and json.loads(raw.partition(b"\r\n\r\n")[2]) == {
+                "error": "too many connections"
+            }
         else:  # granian does not accept it while the two idle ones hold both slots ...
             extra.settimeout(0.5)
             with pytest.raises(TimeoutError):
@@ -90,9 +102,13 @@ def test_granian_workers_do_not_outlive_a_killed_http_process(settings, logs_dir
     s = s.model_copy(update={"http": s.http.model_copy(update={"server": "granian", "port": free_port()})})
     w = WorkerProcess(s, processes=1, log_path=logs_dir / "orphans.log").start()
     try:
+
         def http_pids() -> list[int]:
-            return [x["child_pid"] for x in log_lines(w.log_path)
-                    if x.get("event") == "process started" and x.get("role") == "http"]
+            return [
+                x["child_pid"]
+                for x in log_lines(w.log_path)
+                if x.get("event") == "process started" and x.get("role") == "http"
+            ]
 
         (http_pid,) = http_pids()
         old_workers = _poll(lambda: _children(http_pid), what="granian's workers")
@@ -141,8 +157,9 @@ def test_a_thousand_idle_connections_from_one_address_lock_nobody_out(settings, 
     if soft < 1200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
     # Idle connections held for the whole test (the default drops them after 10 s).
-    s = settings.model_copy(update={"http": settings.http.model_copy(update={
-        "server": server, "client_timeout_seconds": 60.0})})
+    s = settings.model_copy(
+        update={"http": settings.http.model_copy(update={"server": server, "client_timeout_seconds": 60.0})}
+    )
     w = start_worker(processes=1, settings_override=s)
     sku = uid("SKU")
     with pg(settings) as cur:
@@ -150,8 +167,11 @@ def test_a_thousand_idle_connections_from_one_address_lock_nobody_out(settings, 
     idle = []
     try:
         for _ in range(1000):
-            idle.append(socket.create_connection(("127.0.0.1", w.settings.http.port), timeout=5,
-                                                 source_address=("127.0.0.2", 0)))
+            idle.append(
+                socket.create_connection(
+                    ("127.0.0.1", w.settings.http.port), timeout=5, source_address=("127.0.0.2", 0)
+                )
+            )
         time.sleep(0.5)  # the server has taken what it takes of them
         for url in (f"{w.base_url}/inventory/{sku}", f"{w.base_url}/healthz") * 3:
             started = time.monotonic()
@@ -200,8 +220,11 @@ def test_a_second_worker_on_the_same_port_exits_instead_of_sharing_it(settings, 
     s = s.model_copy(update={"http": s.http.model_copy(update={"server": "granian", "port": free_port()})})
     first = WorkerProcess(s, processes=1, log_path=logs_dir / "twin-1.log").start()
     try:
-        second = WorkerProcess(s.model_copy(update={"auth": s.auth.model_copy(update={"tokens": []})}),
-                               processes=1, log_path=logs_dir / "twin-2.log").start(wait_ready=False)
+        second = WorkerProcess(
+            s.model_copy(update={"auth": s.auth.model_copy(update={"tokens": []})}),
+            processes=1,
+            log_path=logs_dir / "twin-2.log",
+        ).start(wait_ready=False)
         _exits_naming(second, f"127.0.0.1:{s.http.port}")
         assert [http_get(f"{first.base_url}/inventory/{uid()}")[0] for _ in range(20)] == [404] * 20
     finally:

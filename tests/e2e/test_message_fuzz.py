@@ -24,23 +24,42 @@ from ..support import Bus, delete_topology, figures, uid
 MAX_BYTES = 4096  # the test worker's worker.max_message_bytes
 FUZZ_ID = "x-fuzz-id"
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30))
-json_any = st.recursive(json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c,
-                                                                                           max_size=4), max_leaves=12)
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=30),
+)
+json_any = st.recursive(
+    json_leaf,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=12,
+)
 header_values = st.one_of(st.text(max_size=40), st.integers(-(2**63), 2**63 - 1), st.booleans(), st.none())
-headers = st.dictionaries(st.text(min_size=1, max_size=20).filter(lambda k: k != FUZZ_ID), header_values, max_size=5)
-content_types = st.one_of(st.sampled_from(["application/json", "text/plain", "", "application/json; charset=utf-7",
-                                           "application/x-msgpack"]), st.text(max_size=40))
+headers = st.dictionaries(
+    st.text(min_size=1, max_size=20).filter(lambda k: k != FUZZ_ID), header_values, max_size=5
+)
+content_types = st.one_of(
+    st.sampled_from(
+        ["application/json", "text/plain", "", "application/json; charset=utf-7", "application/x-msgpack"]
+    ),
+    st.text(max_size=40),
+)
 
 
 def valid_data(type_: str, products: list[str]) -> st.SearchStrategy[dict[str, Any]]:
     order_id = st.text(min_size=1, max_size=30)
     if type_ == "order.placed":
-        line = st.fixed_dictionaries({"product_id": st.sampled_from(products),
-                                      "quantity": st.integers(1, 1_000_000)})
-        return st.fixed_dictionaries({"order_id": order_id,
-                                      "lines": st.lists(line, min_size=1, max_size=3, unique_by=lambda x: x["product_id"])})
+        line = st.fixed_dictionaries(
+            {"product_id": st.sampled_from(products), "quantity": st.integers(1, 1_000_000)}
+        )
+        return st.fixed_dictionaries(
+            {
+                "order_id": order_id,
+                "lines": st.lists(line, min_size=1, max_size=3, unique_by=lambda x: x["product_id"]),
+            }
+        )
     if type_ == "stock.adjusted":
         return st.fixed_dictionaries({"product_id": st.sampled_from(products)}) | st.just(None)
     return st.fixed_dictionaries({"order_id": order_id})
@@ -50,14 +69,36 @@ def valid_data(type_: str, products: list[str]) -> st.SearchStrategy[dict[str, A
 def near_valid(draw, products: list[str]) -> tuple[bytes, str]:
     """A contract-valid event for our products with one thing broken."""
     type_ = draw(st.sampled_from(INPUT_TYPES))
-    data = draw(valid_data(type_, products)) or {"product_id": draw(st.sampled_from(products)),
-                                                 "delta": draw(st.integers(-5, 5))}
+    data = draw(valid_data(type_, products)) or {
+        "product_id": draw(st.sampled_from(products)),
+        "delta": draw(st.integers(-5, 5)),
+    }
     if type_ == "stock.adjusted" and "delta" not in data:
         data["delta"] = draw(st.integers(-5, 5))
-    body: dict[str, Any] = {"id": str(uuid.uuid4()), "type": type_, "occurred_at": "2026-01-01T00:00:00Z", "data": data}
+    body: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "type": type_,
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "data": data,
+    }
     routing_key = type_
-    kind = draw(st.sampled_from(["drop", "retype", "extra", "data_field", "data_extra", "routing", "truncate",
-                                 "non_utf8", "deep", "oversize", "lines"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "drop",
+                "retype",
+                "extra",
+                "data_field",
+                "data_extra",
+                "routing",
+                "truncate",
+                "non_utf8",
+                "deep",
+                "oversize",
+                "lines",
+            ]
+        )
+    )
     if kind == "drop":
         del body[draw(st.sampled_from(sorted(body)))]
     elif kind == "retype":
@@ -72,11 +113,20 @@ def near_valid(draw, products: list[str]) -> tuple[bytes, str]:
         routing_key = draw(st.sampled_from([t for t in INPUT_TYPES if t != type_]))
     elif kind == "lines":
         body["type"] = routing_key = "order.placed"
-        body["data"] = {"order_id": "o", "lines": draw(st.one_of(
-            st.just([]),
-            st.just([{"product_id": products[0], "quantity": 1}] * 2),
-            st.lists(st.fixed_dictionaries({"product_id": st.text(max_size=70), "quantity": json_any}), min_size=1,
-                     max_size=3)))}
+        body["data"] = {
+            "order_id": "o",
+            "lines": draw(
+                st.one_of(
+                    st.just([]),
+                    st.just([{"product_id": products[0], "quantity": 1}] * 2),
+                    st.lists(
+                        st.fixed_dictionaries({"product_id": st.text(max_size=70), "quantity": json_any}),
+                        min_size=1,
+                        max_size=3,
+                    ),
+                )
+            ),
+        }
     raw = json.dumps(body).encode()
     if kind == "truncate":
         raw = raw[: draw(st.integers(0, len(raw) - 1))]
@@ -93,8 +143,11 @@ def near_valid(draw, products: list[str]) -> tuple[bytes, str]:
 
 
 def random_message() -> st.SearchStrategy[tuple[bytes, str]]:
-    oversize = st.tuples(st.binary(min_size=1, max_size=32), st.integers(1, 64)).map(  # cheaper than 4 KiB draws
-        lambda t: (t[0] * (MAX_BYTES // len(t[0]) + 2))[: MAX_BYTES + t[1]])
+    oversize = st.tuples(
+        st.binary(min_size=1, max_size=32), st.integers(1, 64)
+    ).map(  # cheaper than 4 KiB draws
+        lambda t: (t[0] * (MAX_BYTES // len(t[0]) + 2))[: MAX_BYTES + t[1]]
+    )
     body = st.one_of(st.binary(max_size=300), json_any.map(lambda v: json.dumps(v).encode()), oversize)
     return st.tuples(body, st.sampled_from(INPUT_TYPES))
 
@@ -102,10 +155,23 @@ def random_message() -> st.SearchStrategy[tuple[bytes, str]]:
 def test_random_and_near_valid_messages_end_in_the_dlq_and_change_nothing(settings, start_worker):
     run = uid("fuzz")
     r = settings.rabbitmq
-    s = settings.model_copy(update={
-        "rabbitmq": r.model_copy(update={k: f"{getattr(r, k)}.{run}" for k in (
-            "exchange", "queue", "events_exchange", "dead_letter_exchange", "dead_letter_queue")}),
-        "worker": settings.worker.model_copy(update={"max_message_bytes": MAX_BYTES})})
+    s = settings.model_copy(
+        update={
+            "rabbitmq": r.model_copy(
+                update={
+                    k: f"{getattr(r, k)}.{run}"
+                    for k in (
+                        "exchange",
+                        "queue",
+                        "events_exchange",
+                        "dead_letter_exchange",
+                        "dead_letter_queue",
+                    )
+                }
+            ),
+            "worker": settings.worker.model_copy(update={"max_message_bytes": MAX_BYTES}),
+        }
+    )
     bus = Bus(s)
     try:
         worker = start_worker(processes=2, settings_override=s)
@@ -113,7 +179,9 @@ def test_random_and_near_valid_messages_end_in_the_dlq_and_change_nothing(settin
         products = [uid("FZ") for _ in range(3)]
         for p in products:
             bus.wait_result(bus.publish("stock.adjusted", {"product_id": p, "delta": 100})["id"])
-        order = bus.publish("order.placed", {"order_id": uid("O"), "lines": [{"product_id": products[0], "quantity": 7}]})
+        order = bus.publish(
+            "order.placed", {"order_id": uid("O"), "lines": [{"product_id": products[0], "quantity": 7}]}
+        )
         bus.wait_result(order["id"], "inventory.reserved")
         before = {p: figures(s, p) for p in products}
         control = uid("CTRL")
@@ -124,10 +192,19 @@ def test_random_and_near_valid_messages_end_in_the_dlq_and_change_nothing(settin
         print(f"fuzz seed: {fuzz_seed} (INVENTORY_FUZZ_SEED={fuzz_seed} repeats this run)")
 
         @seed(fuzz_seed)
-        @hsettings(max_examples=int(os.environ.get("INVENTORY_FUZZ_MESSAGES", "2000")), deadline=None, database=None,
-                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-        @given(msg=st.one_of(near_valid(products), random_message()), hdrs=headers, ctype=content_types,
-               message_id=st.none() | st.text(max_size=50))
+        @hsettings(
+            max_examples=int(os.environ.get("INVENTORY_FUZZ_MESSAGES", "2000")),
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(
+            msg=st.one_of(near_valid(products), random_message()),
+            hdrs=headers,
+            ctype=content_types,
+            message_id=st.none() | st.text(max_size=50),
+        )
         def publish(msg: tuple[bytes, str], hdrs: dict[str, Any], ctype: str, message_id: str | None) -> None:
             body, routing_key = msg
             try:
@@ -136,8 +213,9 @@ def test_random_and_near_valid_messages_end_in_the_dlq_and_change_nothing(settin
             except InvalidMessage:
                 pass
             fuzz_id = str(len(sent))
-            props = pika.BasicProperties(content_type=ctype, headers={**hdrs, FUZZ_ID: fuzz_id},
-                                         message_id=message_id, delivery_mode=2)
+            props = pika.BasicProperties(
+                content_type=ctype, headers={**hdrs, FUZZ_ID: fuzz_id}, message_id=message_id, delivery_mode=2
+            )
             fast.basic_publish(s.rabbitmq.exchange, routing_key, body, properties=props)
             sent[fuzz_id] = body
             if len(sent) % 100 == 0:  # valid traffic keeps flowing through the same workers

@@ -52,13 +52,24 @@ pytestmark = pytest.mark.slow
 def own_settings(settings: Settings, **worker: object) -> Settings:
     tag = uuid.uuid4().hex[:6]
     r = settings.rabbitmq
-    return settings.model_copy(update={
-        "rabbitmq": r.model_copy(update={
-            name: f"{getattr(r, name)}.{tag}"
-            for name in ("exchange", "queue", "events_exchange", "dead_letter_exchange", "dead_letter_queue")}),
-        "worker": settings.worker.model_copy(update=worker),
-        "http": settings.http.model_copy(update={"port": free_port()}),
-    })
+    return settings.model_copy(
+        update={
+            "rabbitmq": r.model_copy(
+                update={
+                    name: f"{getattr(r, name)}.{tag}"
+                    for name in (
+                        "exchange",
+                        "queue",
+                        "events_exchange",
+                        "dead_letter_exchange",
+                        "dead_letter_queue",
+                    )
+                }
+            ),
+            "worker": settings.worker.model_copy(update=worker),
+            "http": settings.http.model_copy(update={"port": free_port()}),
+        }
+    )
 
 
 def scrape(worker: WorkerProcess) -> str:
@@ -79,8 +90,14 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "inventory_worker", *args], env=settings_env(settings),
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "inventory_worker", *args],
+        env=settings_env(settings),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def log_lines(path: Path) -> list[dict]:
@@ -131,7 +148,9 @@ def test_metrics_move_with_traffic_and_pass_promtool(ops):
     sku, order = uid("SKU"), uid("O")
     adjusts = [bus.publish("stock.adjusted", {"product_id": sku, "delta": 1}) for _ in range(5)]
     placed = bus.publish("order.placed", {"order_id": order, "lines": [{"product_id": sku, "quantity": 2}]})
-    too_big = bus.publish("order.placed", {"order_id": uid("O"), "lines": [{"product_id": sku, "quantity": 99}]})
+    too_big = bus.publish(
+        "order.placed", {"order_id": uid("O"), "lines": [{"product_id": sku, "quantity": 99}]}
+    )
     bus.publish_raw(b"not json", routing_key="order.placed")
     bus.wait_result(placed["id"], "inventory.reserved")
     bus.wait_result(too_big["id"], "inventory.rejected")
@@ -146,8 +165,17 @@ def test_metrics_move_with_traffic_and_pass_promtool(ops):
     # Each HTTP process writes its request metrics every 0.5 s too (http/tally.py).
     def measured():
         t = scrape(worker)
-        return t if (sample(t, "inventory_dead_letter_queue_messages") == 1 and sample(
-            t, "inventory_http_request_duration_seconds_count", route="/inventory/{product_id}") == 4) else None
+        return (
+            t
+            if (
+                sample(t, "inventory_dead_letter_queue_messages") == 1
+                and sample(
+                    t, "inventory_http_request_duration_seconds_count", route="/inventory/{product_id}"
+                )
+                == 4
+            )
+            else None
+        )
 
     text = poll(measured, what="DLQ depth gauge = 1 and the 4 stock reads counted")
     assert sample(text, "inventory_events_total", type="stock.adjusted", outcome="adjusted") == 5
@@ -170,7 +198,10 @@ def test_metrics_move_with_traffic_and_pass_promtool(ops):
         cur.execute("SELECT count(*) FROM orders WHERE status = 'reserved'")
         live = cur.fetchone()[0]
     assert live >= 1
-    poll(lambda: sample(scrape(worker), "inventory_reservations_active") == live, what=f"reservations gauge = {live}")
+    poll(
+        lambda: sample(scrape(worker), "inventory_reservations_active") == live,
+        what=f"reservations gauge = {live}",
+    )
     assert sample(text, "inventory_outbox_backlog_messages") is not None
     assert sample(text, "inventory_process_restarts_total", role="consumer", reason="died") == 0
     assert sample(text, "inventory_process_restarts_total", role="consumer", reason="stuck") == 0
@@ -188,8 +219,11 @@ def test_one_json_log_line_per_event_handled(ops):
     bus.wait_result(placed["id"], "inventory.reserved")
 
     def handled():
-        lines = [x for x in log_lines(worker.log_path) if x.get("event") == "event handled"
-                 and x.get("event_id") in (adj["id"], placed["id"])]
+        lines = [
+            x
+            for x in log_lines(worker.log_path)
+            if x.get("event") == "event handled" and x.get("event_id") in (adj["id"], placed["id"])
+        ]
         return lines if len(lines) >= 2 else None
 
     lines = poll(handled, what="two 'event handled' lines")
@@ -214,18 +248,38 @@ def test_dlq_list_replay_purge(ops):
     sku = uid("SKU")
     # A valid event that was dead-lettered (as when the database refused it for a reason since
     # fixed), put there as the worker does it, and a body that is not JSON, refused by the worker.
-    good = {"id": str(uuid.uuid4()), "type": "stock.adjusted", "occurred_at": "2026-01-01T00:00:00Z",
-            "data": {"product_id": sku, "delta": 7}}
+    good = {
+        "id": str(uuid.uuid4()),
+        "type": "stock.adjusted",
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "data": {"product_id": sku, "delta": 7},
+    }
     bus.channel.basic_publish(
-        s.rabbitmq.dead_letter_exchange, "stock.adjusted", json.dumps(good).encode(),
-        properties=pika.BasicProperties(message_id=good["id"], content_type="application/json", delivery_mode=2,
-                                        headers={"x-inventory-error": "refused by the database: test",
-                                                 "x-original-routing-key": "stock.adjusted"}))
+        s.rabbitmq.dead_letter_exchange,
+        "stock.adjusted",
+        json.dumps(good).encode(),
+        properties=pika.BasicProperties(
+            message_id=good["id"],
+            content_type="application/json",
+            delivery_mode=2,
+            headers={
+                "x-inventory-error": "refused by the database: test",
+                "x-original-routing-key": "stock.adjusted",
+            },
+        ),
+    )
     bad_id = str(uuid.uuid4())
-    bus.publish_raw(b"{broken", routing_key="order.cancelled",
-                    properties=pika.BasicProperties(message_id=bad_id, delivery_mode=2))
-    poll(lambda: bus.channel.queue_declare(s.rabbitmq.dead_letter_queue, passive=True).method.message_count == 2,
-         what="two dead letters")
+    bus.publish_raw(
+        b"{broken",
+        routing_key="order.cancelled",
+        properties=pika.BasicProperties(message_id=bad_id, delivery_mode=2),
+    )
+    poll(
+        lambda: (
+            bus.channel.queue_declare(s.rabbitmq.dead_letter_queue, passive=True).method.message_count == 2
+        ),
+        what="two dead letters",
+    )
 
     listed = {m["message_id"]: m for m in map(json.loads, cli(s, "dlq", "list").stdout.splitlines())}
     assert listed[good["id"]]["routing_key"] == "stock.adjusted"
@@ -253,18 +307,40 @@ def test_dlq_list_and_replay_read_malformed_headers(ops):
     s = worker.settings
     bus.channel.queue_purge(s.rabbitmq.dead_letter_queue)
     sku = uid("SKU")
-    good = {"id": str(uuid.uuid4()), "type": "stock.adjusted", "occurred_at": "2026-01-01T00:00:00Z",
-            "data": {"product_id": sku, "delta": 4}}
-    table = amqp_table([("x-death", amqp_longstr(b"not a list")), ("x-price", amqp_double(1e20)),
-                        ("x-original-routing-key", amqp_array([amqp_longstr(b"x")]))])
-    publish_with_raw_properties(bus.channel, s.rabbitmq.dead_letter_exchange, "stock.adjusted",
-                                json.dumps(good).encode(), content_header_props(table, message_id=good["id"]))
-    poll(lambda: bus.channel.queue_declare(s.rabbitmq.dead_letter_queue, passive=True).method.message_count == 1,
-         what="the dead letter")
+    good = {
+        "id": str(uuid.uuid4()),
+        "type": "stock.adjusted",
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "data": {"product_id": sku, "delta": 4},
+    }
+    table = amqp_table(
+        [
+            ("x-death", amqp_longstr(b"not a list")),
+            ("x-price", amqp_double(1e20)),
+            ("x-original-routing-key", amqp_array([amqp_longstr(b"x")])),
+        ]
+    )
+    publish_with_raw_properties(
+        bus.channel,
+        s.rabbitmq.dead_letter_exchange,
+        "stock.adjusted",
+        json.dumps(good).encode(),
+        content_header_props(table, message_id=good["id"]),
+    )
+    poll(
+        lambda: (
+            bus.channel.queue_declare(s.rabbitmq.dead_letter_queue, passive=True).method.message_count == 1
+        ),
+        what="the dead letter",
+    )
     r = cli(s, "dlq", "list")
     assert r.returncode == 0, r.stderr
     [listed] = map(json.loads, r.stdout.splitlines())
-    assert (listed["message_id"], listed["routing_key"], listed["reason"]) == (good["id"], "stock.adjusted", "unknown")
+    assert (listed["message_id"], listed["routing_key"], listed["reason"]) == (
+        good["id"],
+        "stock.adjusted",
+        "unknown",
+    )
     r = cli(s, "dlq", "replay", "--message-id", good["id"])
     assert r.returncode == 0, r.stderr
     assert bus.wait_result(good["id"], "inventory.adjusted")["data"]["on_hand"] == 4
@@ -309,13 +385,21 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
     n = 10_000
     ids = []
     try:
-        w = WorkerProcess(s, processes=2, log_path=logs_dir / f"sigterm-{uuid.uuid4().hex[:6]}.log",
-                          extra_env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+        w = WorkerProcess(
+            s,
+            processes=2,
+            log_path=logs_dir / f"sigterm-{uuid.uuid4().hex[:6]}.log",
+            extra_env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"},
+        )
         w.start(wait_ready=False)
         # Every consumer attached first: queued before, the burst could be a tenth done by the
         # consumer that started first, and the SIGTERM land before READY=1.
-        poll(lambda: any(m.startswith("READY=1") for m in notify.drain()), timeout=60, interval=0.05,
-             what="READY=1")
+        poll(
+            lambda: any(m.startswith("READY=1") for m in notify.drain()),
+            timeout=60,
+            interval=0.05,
+            what="READY=1",
+        )
         # Published from another connection (without per-message confirms) while the results
         # are counted here, so the SIGTERM lands in the middle of the burst.
         bodies = [make_event("stock.adjusted", {"product_id": products[i % 5], "delta": 1}) for i in range(n)]
@@ -326,13 +410,18 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
             try:
                 ch = conn.channel()
                 for body in bodies:
-                    ch.basic_publish(s.rabbitmq.exchange, "stock.adjusted", json.dumps(body).encode(),
-                                     properties=pika.BasicProperties(delivery_mode=2, message_id=body["id"]))
+                    ch.basic_publish(
+                        s.rabbitmq.exchange,
+                        "stock.adjusted",
+                        json.dumps(body).encode(),
+                        properties=pika.BasicProperties(delivery_mode=2, message_id=body["id"]),
+                    )
             finally:
                 conn.close()
 
         publisher = threading.Thread(target=publish)
         publisher.start()
+
         def applied() -> int:
             with pg(s) as cur:
                 cur.execute("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,))
@@ -358,8 +447,11 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
             cur.execute("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (ids,))
             applied_first = cur.fetchone()[0]
             # Everything applied before the stop had its results published and marked so.
-            cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL"
-                        "   AND body->>'causation_id' = ANY(%s)", (ids,))
+            cur.execute(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+                "   AND body->>'causation_id' = ANY(%s)",
+                (ids,),
+            )
             unpublished = cur.fetchone()[0]
         assert 0 < applied_first < n, "the SIGTERM should land mid-burst"
         assert unpublished == 0
@@ -386,22 +478,35 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, serve
     s = own_settings(settings, heartbeat_timeout_seconds=4.0)
     s = s.model_copy(update={"http": s.http.model_copy(update={"server": server})})
     bus = Bus(s)
-    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"stuck-{server}-{uuid.uuid4().hex[:6]}.log").start()
+    w = WorkerProcess(
+        s, processes=1, log_path=logs_dir / f"stuck-{server}-{uuid.uuid4().hex[:6]}.log"
+    ).start()
     try:
         assert http_get(w.base_url + "/healthz")[0] == 200
 
         def consumer_pids() -> list[int]:
-            return [x["child_pid"] for x in log_lines(w.log_path)
-                    if x.get("event") == "process started" and x.get("role") == "consumer-0"]
+            return [
+                x["child_pid"]
+                for x in log_lines(w.log_path)
+                if x.get("event") == "process started" and x.get("role") == "consumer-0"
+            ]
 
         def fails_on_consumers(route: str, logged: str) -> None:
             """route answers 503 naming the consumers, and the log says `logged` of them."""
-            _, _, body = poll(lambda: (r := http_get(w.base_url + route, timeout=5))[0] == 503 and r,
-                              interval=0.05, what=f"{route} 503")
+            _, _, body = poll(
+                lambda: (r := http_get(w.base_url + route, timeout=5))[0] == 503 and r,
+                interval=0.05,
+                what=f"{route} 503",
+            )
             assert json.loads(body)["failing"] == ["consumers"]
-            poll(lambda: any(logged in str(x.get("failing", {}).get("consumers", ""))
-                             for x in log_lines(w.log_path) if x.get("event") == "health check failing"),
-                 what=f"the log saying {logged!r}")
+            poll(
+                lambda: any(
+                    logged in str(x.get("failing", {}).get("consumers", ""))
+                    for x in log_lines(w.log_path)
+                    if x.get("event") == "health check failing"
+                ),
+                what=f"the log saying {logged!r}",
+            )
 
         (stuck_pid,) = consumer_pids()
         os.kill(stuck_pid, signal.SIGSTOP)
@@ -411,15 +516,21 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, serve
         new_pid = poll(lambda: [p for p in consumer_pids() if p != stuck_pid], what="a new consumer-0")[0]
         poll(lambda: http_get(w.base_url + "/healthz")[0] == 200, what="/healthz 200 again")
         poll(lambda: http_get(w.base_url + "/readyz")[0] == 200, what="/readyz 200 again")
-        assert not os.path.exists(f"/proc/{stuck_pid}/status") or "zombie" in Path(
-            f"/proc/{stuck_pid}/status").read_text()
+        assert (
+            not os.path.exists(f"/proc/{stuck_pid}/status")
+            or "zombie" in Path(f"/proc/{stuck_pid}/status").read_text()
+        )
         assert new_pid != stuck_pid
         text = scrape(w)
         assert sample(text, "inventory_process_restarts_total", role="consumer", reason="stuck") == 1
         assert sample(text, "inventory_process_restarts_total", role="consumer", reason="died") == 0
         sku = uid("SKU")  # and the new consumer works
-        assert bus.wait_result(bus.publish("stock.adjusted", {"product_id": sku, "delta": 2})["id"],
-                               "inventory.adjusted")["data"]["on_hand"] == 2
+        assert (
+            bus.wait_result(
+                bus.publish("stock.adjusted", {"product_id": sku, "delta": 2})["id"], "inventory.adjusted"
+            )["data"]["on_hand"]
+            == 2
+        )
     finally:
         assert w.stop() == 0
         bus.close()
@@ -433,7 +544,9 @@ def test_readyz_and_healthz_follow_the_consumer_slots(settings, bus):  # bus: th
     from inventory_worker.http.server import health_checks
 
     health = ProcessHealth.create(2)  # as the supervisor does; the API reads it attached by name
-    ready, live = health_checks(ProcessHealth.attach(health.name, 2), timeout=2.0)  # generous: a loaded machine
+    ready, live = health_checks(
+        ProcessHealth.attach(health.name, 2), timeout=2.0
+    )  # generous: a loaded machine
     api = read_api(settings, ready, live)
     health.set_attached(0, True)
     r = api.handle("GET", "/readyz", {})

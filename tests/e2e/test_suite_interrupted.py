@@ -25,7 +25,8 @@ def test_sigterm_to_pytest_stops_a_detached_process_a_test_started(tmp_path: Pat
     pidfile = tmp_path / "pid"
     # A program in a session of its own, as the private services are: the signal sent to the
     # run never reaches it, and only the suite's own cleanup can stop it.
-    (tmp_path / "test_detached.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "test_detached.py").write_text(
+        textwrap.dedent(f"""
         import subprocess, time
         from tests import reaper
         def test_starts_a_detached_program():
@@ -33,11 +34,28 @@ def test_sigterm_to_pytest_stops_a_detached_process_a_test_started(tmp_path: Pat
             p = subprocess.Popen(["sleep", "300"], start_new_session=True)
             open({str(pidfile)!r}, "w").write(str(p.pid))
             time.sleep(300)
-    """))
+    """)
+    )
     run = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q", "-o", "addopts=", "--rootdir",
-         str(tmp_path), str(tmp_path / "test_detached.py")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.conftest",
+            "-q",
+            "-o",
+            "addopts=",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_detached.py"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not pidfile.exists() or not pidfile.read_text():

@@ -26,7 +26,8 @@ def sweeper_holders(s) -> list[tuple[int, str]]:
             "SELECT l.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
             " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s"
             "   AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            (SWEEPER_LOCK_KEY >> 32, SWEEPER_LOCK_KEY & 0xFFFFFFFF))
+            (SWEEPER_LOCK_KEY >> 32, SWEEPER_LOCK_KEY & 0xFFFFFFFF),
+        )
         return cur.fetchall()
 
 
@@ -71,18 +72,33 @@ def test_one_sweeper_across_replicas_and_takeover_after_sigkill(settings, start_
 
             sku = uid("SWP")
             bus.wait_result(bus.publish("stock.adjusted", {"product_id": sku, "on_hand": 10})["id"])
-            first = bus.publish("order.placed", {"order_id": uid("o"), "reservation_ttl_seconds": 1,
-                                                 "lines": [{"product_id": sku, "quantity": 2}]})
+            first = bus.publish(
+                "order.placed",
+                {
+                    "order_id": uid("o"),
+                    "reservation_ttl_seconds": 1,
+                    "lines": [{"product_id": sku, "quantity": 2}],
+                },
+            )
             bus.wait_result(first["id"], "inventory.expired", timeout=20)
 
             # A reservation that falls due while the sweeper is dead.
-            second = bus.publish("order.placed", {"order_id": uid("o"), "reservation_ttl_seconds": 1,
-                                                  "lines": [{"product_id": sku, "quantity": 3}]})
+            second = bus.publish(
+                "order.placed",
+                {
+                    "order_id": uid("o"),
+                    "reservation_ttl_seconds": 1,
+                    "lines": [{"product_id": sku, "quantity": 3}],
+                },
+            )
             bus.wait_result(second["id"], "inventory.reserved")
             os.kill(holder, signal.SIGKILL)
             killed_at = time.monotonic()
-            successor = wait_for(lambda: (p := holder_process(s)) not in (None, holder) and p, 15,
-                                 "another process to take the sweeper over")
+            successor = wait_for(
+                lambda: (p := holder_process(s)) not in (None, holder) and p,
+                15,
+                "another process to take the sweeper over",
+            )
             takeover = time.monotonic() - killed_at
             assert takeover < 5.0, f"takeover took {takeover:.1f}s"
             print(f"sweeper takeover after SIGKILL: {takeover:.2f}s")

@@ -18,9 +18,8 @@ from typing import Any
 import pika
 import pytest
 
-from inventory_worker.http.api import READY_CACHE_SECONDS
-
 from inventory_worker.contract import make_event, validate_output
+from inventory_worker.http.api import READY_CACHE_SECONDS
 
 from ..support import (
     Bus,
@@ -109,8 +108,10 @@ def lines(*pairs: tuple[str, int]) -> list[dict[str, Any]]:
 
 
 def adjusted(pid: str, on_hand: int, reserved: int = 0) -> tuple[str, dict]:
-    return ("inventory.adjusted", {"product_id": pid, "on_hand": on_hand, "reserved": reserved,
-                                   "available": on_hand - reserved})
+    return (
+        "inventory.adjusted",
+        {"product_id": pid, "on_hand": on_hand, "reserved": reserved, "available": on_hand - reserved},
+    )
 
 
 def stock(bus: Bus, tap: Tap, pid: str, delta: int, **extra: Any) -> None:
@@ -123,16 +124,24 @@ def stock(bus: Bus, tap: Tap, pid: str, delta: int, **extra: Any) -> None:
 
 def test_adjustments(worker, bus, tap, settings):
     pid = uid()
-    ev = bus.publish("stock.adjusted", {"product_id": pid, "delta": 10, "reason": "PO-1", "low_stock_threshold": 2})
+    ev = bus.publish(
+        "stock.adjusted", {"product_id": pid, "delta": 10, "reason": "PO-1", "low_stock_threshold": 2}
+    )
     assert tap.results(ev, 1) == [adjusted(pid, 10)]
     ev = bus.publish("stock.adjusted", {"product_id": pid, "on_hand": 6})
     assert tap.results(ev, 1) == [adjusted(pid, 6)]
     ev = bus.publish("stock.adjusted", {"product_id": pid, "delta": -7})
-    assert tap.results(ev, 1) == [("inventory.adjustment_rejected", {
-        "product_id": pid, "reason": "negative_on_hand", "on_hand": 6, "reserved": 0, "requested": -1})]
+    assert tap.results(ev, 1) == [
+        (
+            "inventory.adjustment_rejected",
+            {"product_id": pid, "reason": "negative_on_hand", "on_hand": 6, "reserved": 0, "requested": -1},
+        )
+    ]
     ev = bus.publish("stock.adjusted", {"product_id": pid, "delta": -4})
-    assert tap.results(ev, 2) == [adjusted(pid, 2),
-                                  ("inventory.low_stock", {"product_id": pid, "available": 2, "threshold": 2})]
+    assert tap.results(ev, 2) == [
+        adjusted(pid, 2),
+        ("inventory.low_stock", {"product_id": pid, "available": 2, "threshold": 2}),
+    ]
     assert figures(settings, pid) == (2, 0)
 
 
@@ -142,7 +151,9 @@ def test_place_cancel_complete(worker, bus, tap, settings):
     stock(bus, tap, b, 4)
     o1, o2 = uid("O"), uid("O")
 
-    ev = bus.publish("order.placed", {"order_id": o1, "lines": lines((b, 4), (a, 3)), "reservation_ttl_seconds": 120})
+    ev = bus.publish(
+        "order.placed", {"order_id": o1, "lines": lines((b, 4), (a, 3)), "reservation_ttl_seconds": 120}
+    )
     assert tap.results(ev, 2) == [
         ("inventory.reserved", {"order_id": o1, "lines": lines((b, 4), (a, 3))}),
         ("inventory.low_stock", {"product_id": b, "available": 0, "threshold": 0}),
@@ -150,18 +161,28 @@ def test_place_cancel_complete(worker, bus, tap, settings):
     assert (figures(settings, a), figures(settings, b)) == ((10, 3), (4, 4))
 
     ev = bus.publish("order.placed", {"order_id": o2, "lines": lines((a, 2), (b, 1))})
-    assert tap.results(ev, 1) == [("inventory.rejected", {"order_id": o2, "reason": "insufficient_stock",
-                                                          "shortages": [{"product_id": b, "requested": 1,
-                                                                         "available": 0}]})]
+    assert tap.results(ev, 1) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": o2,
+                "reason": "insufficient_stock",
+                "shortages": [{"product_id": b, "requested": 1, "available": 0}],
+            },
+        )
+    ]
     assert (figures(settings, a), figures(settings, b)) == ((10, 3), (4, 4))  # all or nothing
 
     ev = bus.publish("order.cancelled", {"order_id": o1})  # b's available: 0 -> 4 (decision 13.7)
-    assert tap.results(ev, 2) == [("inventory.released", {"order_id": o1, "lines": lines((b, 4), (a, 3)),
-                                                          "reason": "cancelled"}),
-                                  ("inventory.back_in_stock", {"product_id": b, "available": 4})]
+    assert tap.results(ev, 2) == [
+        ("inventory.released", {"order_id": o1, "lines": lines((b, 4), (a, 3)), "reason": "cancelled"}),
+        ("inventory.back_in_stock", {"product_id": b, "available": 4}),
+    ]
     assert (figures(settings, a), figures(settings, b)) == ((10, 0), (4, 0))
 
-    ev = bus.publish("order.placed", {"order_id": o2, "lines": lines((a, 2), (b, 1))})  # placed again: fits now
+    ev = bus.publish(
+        "order.placed", {"order_id": o2, "lines": lines((a, 2), (b, 1))}
+    )  # placed again: fits now
     assert tap.results(ev, 1)[0][0] == "inventory.reserved"
     ev = bus.publish("order.completed", {"order_id": o2})
     assert tap.results(ev, 1) == [("inventory.committed", {"order_id": o2, "lines": lines((a, 2), (b, 1))})]
@@ -173,8 +194,9 @@ def test_place_cancel_complete(worker, bus, tap, settings):
     assert tap.for_event(ev["id"]) == []
     # completing a cancelled one is refused
     ev = bus.publish("order.completed", {"order_id": o1})
-    assert tap.results(ev, 1) == [("inventory.rejected", {"order_id": o1, "reason": "order_cancelled",
-                                                          "shortages": []})]
+    assert tap.results(ev, 1) == [
+        ("inventory.rejected", {"order_id": o1, "reason": "order_cancelled", "shortages": []})
+    ]
     assert (figures(settings, a), figures(settings, b)) == ((8, 0), (3, 0))
 
 
@@ -183,9 +205,16 @@ def test_unknown_product_and_unknown_orders(worker, bus, tap, settings):
     stock(bus, tap, known, 5)
     order = uid("O")
     ev = bus.publish("order.placed", {"order_id": order, "lines": lines((known, 1), (unknown, 1))})
-    assert tap.results(ev, 1) == [("inventory.rejected", {"order_id": order, "reason": "unknown_product",
-                                                          "shortages": [{"product_id": unknown, "requested": 1,
-                                                                         "available": 0}]})]
+    assert tap.results(ev, 1) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": order,
+                "reason": "unknown_product",
+                "shortages": [{"product_id": unknown, "requested": 1, "available": 0}],
+            },
+        )
+    ]
     for type_ in ("order.completed", "order.cancelled"):
         ev = bus.publish(type_, {"order_id": uid("NOPE")})
         assert processed(settings, ev) in ("ignored", "cancel_recorded")
@@ -200,8 +229,9 @@ def test_cancel_before_place(worker, bus, tap, settings):
     cancel = bus.publish("order.cancelled", {"order_id": order})
     assert processed(settings, cancel) == "cancel_recorded"
     ev = bus.publish("order.placed", {"order_id": order, "lines": lines((pid, 1))})
-    assert tap.results(ev, 1) == [("inventory.rejected", {"order_id": order, "reason": "order_cancelled",
-                                                          "shortages": []})]
+    assert tap.results(ev, 1) == [
+        ("inventory.rejected", {"order_id": order, "reason": "order_cancelled", "shortages": []})
+    ]
     assert tap.for_event(cancel["id"]) == []
     assert figures(settings, pid) == (5, 0)
 
@@ -254,14 +284,20 @@ def test_every_message_delivered_twice_gives_the_same_figures_as_once(worker, bu
             if copies == 2:
                 delivered_twice.append(body["id"])
             n = {"stock.adjusted": 1, "order.placed": 1, "order.completed": 1, "order.cancelled": 1}[type_]
-            produced[pid].append([(t, {k: v for k, v in d.items() if k not in ("product_id", "order_id", "lines")})
-                                  for t, d in tap.results(body, n)])
+            produced[pid].append(
+                [
+                    (t, {k: v for k, v in d.items() if k not in ("product_id", "order_id", "lines")})
+                    for t, d in tap.results(body, n)
+                ]
+            )
     wait_metric(worker.base_url, "inventory_events_total", dup_before + len(story), outcome="duplicate")
     assert produced[twice] == produced[once]
     assert [len(tap.for_event(i)) for i in delivered_twice] == [1] * len(story)  # nothing new from the copies
     with pg(settings) as cur:
-        cur.execute("SELECT product_id, on_hand, reserved, version FROM products WHERE product_id IN (%s, %s)",
-                    (once, twice))
+        cur.execute(
+            "SELECT product_id, on_hand, reserved, version FROM products WHERE product_id IN (%s, %s)",
+            (once, twice),
+        )
         rows = {r[0]: r[1:] for r in cur.fetchall()}
     assert rows[twice] == rows[once] == (5, 0, 6)
 
@@ -287,10 +323,15 @@ def test_an_id_reused_with_other_content_is_dead_lettered(worker, bus, tap, sett
     stock(bus, tap, pid, 10)
     placed = bus.publish("order.placed", {"order_id": order, "lines": lines((pid, 3))})
     tap.results(placed, 1)
-    bus.publish("order.placed", {"order_id": order, "lines": lines((pid, 3))}, event_id=placed["id"])  # a duplicate
+    bus.publish(
+        "order.placed", {"order_id": order, "lines": lines((pid, 3))}, event_id=placed["id"]
+    )  # a duplicate
     cancel = make_event("order.cancelled", {"order_id": order}, event_id=uuid.UUID(placed["id"]))
-    bus.publish_raw(json.dumps(cancel).encode(), "order.cancelled",
-                    pika.BasicProperties(delivery_mode=2, message_id=placed["id"], content_type="application/json"))
+    bus.publish_raw(
+        json.dumps(cancel).encode(),
+        "order.cancelled",
+        pika.BasicProperties(delivery_mode=2, message_id=placed["id"], content_type="application/json"),
+    )
     after = bus.publish("stock.adjusted", {"product_id": pid, "delta": 1})
     tap.results(after, 1)
     deadline = time.monotonic() + 20
@@ -310,8 +351,11 @@ def test_an_id_reused_with_other_content_is_dead_lettered(worker, bus, tap, sett
 def test_malformed_messages_go_to_the_dlq_and_the_worker_carries_on(worker, bus, tap, settings):
     limit = settings.worker.max_message_bytes
     valid_cancel = json.dumps(make_event("order.cancelled", {"order_id": "o"})).encode()
-    schema = json.dumps(make_event("order.placed", {"order_id": "o", "lines": lines(("A", 1))})).replace(
-        '"quantity": 1', '"quantity": 0').encode()
+    schema = (
+        json.dumps(make_event("order.placed", {"order_id": "o", "lines": lines(("A", 1))}))
+        .replace('"quantity": 1', '"quantity": 0')
+        .encode()
+    )
     big = make_event("stock.adjusted", {"product_id": "BIG", "delta": 1})
     big["data"]["reason"] = "x" * limit
     cases = {
@@ -324,8 +368,11 @@ def test_malformed_messages_go_to_the_dlq_and_the_worker_carries_on(worker, bus,
     ids = {}
     for name, (raw, key, _) in cases.items():
         ids[name] = str(uuid.uuid4())
-        bus.publish_raw(raw, key, pika.BasicProperties(delivery_mode=2, message_id=ids[name],
-                                                       content_type="application/json"))
+        bus.publish_raw(
+            raw,
+            key,
+            pika.BasicProperties(delivery_mode=2, message_id=ids[name], content_type="application/json"),
+        )
     pid = uid()
     after = bus.publish("stock.adjusted", {"product_id": pid, "delta": 1})
     assert tap.results(after, 1) == [adjusted(pid, 1)]
@@ -369,7 +416,13 @@ def test_http_serves_figures_from_redis_and_falls_back_to_postgresql(worker, ser
     status, _, raw = http_get(url)
     assert status == 200
     assert json.loads(raw) == {"product_id": pid, "on_hand": 7, "reserved": 0, "available": 7, "version": 1}
-    assert json.loads(r.get(key)) == {"version": 1, "product_id": pid, "on_hand": 7, "reserved": 0, "available": 7}
+    assert json.loads(r.get(key)) == {
+        "version": 1,
+        "product_id": pid,
+        "on_hand": 7,
+        "reserved": 0,
+        "available": 7,
+    }
     assert r.ttl(key) > 0
 
 
@@ -379,10 +432,20 @@ def test_cache_follows_every_change(worker, bus, tap, settings):
     order = uid("O")
     tap.results(bus.publish("order.placed", {"order_id": order, "lines": lines((pid, 2))}), 1)
     assert json.loads(http_get(f"{worker.base_url}/inventory/{pid}")[2]) == {
-        "product_id": pid, "on_hand": 5, "reserved": 2, "available": 3, "version": 2}
+        "product_id": pid,
+        "on_hand": 5,
+        "reserved": 2,
+        "available": 3,
+        "version": 2,
+    }
     tap.results(bus.publish("order.completed", {"order_id": order}), 1)
     assert json.loads(http_get(f"{worker.base_url}/inventory/{pid}")[2]) == {
-        "product_id": pid, "on_hand": 3, "reserved": 0, "available": 3, "version": 3}
+        "product_id": pid,
+        "on_hand": 3,
+        "reserved": 0,
+        "available": 3,
+        "version": 3,
+    }
 
 
 def test_http_errors(served):
@@ -419,8 +482,9 @@ def test_health_readiness_and_metrics(worker, served, bus, tap):
 
 def test_readyz_names_redis_when_redis_is_unreachable(start_worker, settings):
     s = with_own_queues(settings, uuid.uuid4().hex[:8])
-    s = s.model_copy(update={"redis": s.redis.model_copy(update={"port": free_port(),
-                                                                 "socket_timeout_seconds": 1})})
+    s = s.model_copy(
+        update={"redis": s.redis.model_copy(update={"port": free_port(), "socket_timeout_seconds": 1})}
+    )
     w = None
     try:
         w = start_worker(processes=1, wait_ready=False, settings_override=s)
@@ -448,11 +512,25 @@ def test_readyz_names_redis_when_redis_is_unreachable(start_worker, settings):
 
 def test_results_are_counted_by_outcome(worker, bus, tap):
     pid = uid()
-    before = Counter({o: metric_total(worker.base_url, "inventory_events_total", type="stock.adjusted", outcome=o)
-                      for o in ("adjusted", "rejected")})
+    before = Counter(
+        {
+            o: metric_total(worker.base_url, "inventory_events_total", type="stock.adjusted", outcome=o)
+            for o in ("adjusted", "rejected")
+        }
+    )
     stock(bus, tap, pid, 1)
     tap.results(bus.publish("stock.adjusted", {"product_id": pid, "delta": -5}), 1)
-    wait_metric(worker.base_url, "inventory_events_total", before["adjusted"] + 1,
-                type="stock.adjusted", outcome="adjusted")
-    wait_metric(worker.base_url, "inventory_events_total", before["rejected"] + 1,
-                type="stock.adjusted", outcome="rejected")
+    wait_metric(
+        worker.base_url,
+        "inventory_events_total",
+        before["adjusted"] + 1,
+        type="stock.adjusted",
+        outcome="adjusted",
+    )
+    wait_metric(
+        worker.base_url,
+        "inventory_events_total",
+        before["rejected"] + 1,
+        type="stock.adjusted",
+        outcome="rejected",
+    )

@@ -21,8 +21,14 @@ def db(settings):
 
 
 def cli(s, *args):
-    p = subprocess.run([sys.executable, "-m", "inventory_worker", *args], env=settings_env(s), cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "inventory_worker", *args],
+        env=settings_env(s),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return p.returncode, p.stdout, p.stderr
 
 
@@ -33,8 +39,14 @@ def _stock_with_history(s):
         apply(cur, "stock.adjusted", {"product_id": a, "on_hand": 10})
         apply(cur, "stock.adjusted", {"product_id": b, "delta": 4})
         order = uid("o")
-        apply(cur, "order.placed", {"order_id": order, "lines": [{"product_id": a, "quantity": 3},
-                                                                  {"product_id": b, "quantity": 1}]})
+        apply(
+            cur,
+            "order.placed",
+            {
+                "order_id": order,
+                "lines": [{"product_id": a, "quantity": 3}, {"product_id": b, "quantity": 1}],
+            },
+        )
         apply(cur, "order.completed", {"order_id": order})
         apply(cur, "order.placed", {"order_id": uid("o"), "lines": [{"product_id": a, "quantity": 2}]})
         cur.execute("SELECT product_figures(p) FROM products p")
@@ -47,9 +59,15 @@ def test_history_prints_movements_newest_first_with_running_figures(db):
     rc, out, err = cli(db, "history", a, "--json")
     assert rc == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
-    assert [(r["reason"], r["on_hand_delta"], r["reserved_delta"], r["on_hand_after"], r["reserved_after"])
-            for r in rows] == [("reserve", 0, 2, 7, 2), ("commit", -3, -3, 7, 0),
-                               ("reserve", 0, 3, 10, 3), ("adjust", 10, 0, 10, 0)]
+    assert [
+        (r["reason"], r["on_hand_delta"], r["reserved_delta"], r["on_hand_after"], r["reserved_after"])
+        for r in rows
+    ] == [
+        ("reserve", 0, 2, 7, 2),
+        ("commit", -3, -3, 7, 0),
+        ("reserve", 0, 3, 10, 3),
+        ("adjust", 10, 0, 10, 0),
+    ]
     assert rows[0]["id"] > rows[1]["id"] and rows[0]["event_id"]
     rc, out, _ = cli(db, "history", a, "--limit", "2")
     lines = out.splitlines()
@@ -67,27 +85,48 @@ def test_verify_is_silent_on_a_clean_state_and_catches_corruption(db):
     cache = StockCache(db.redis)
     with pg(db) as cur:
         # A figure changed by hand, outside the ledger: both on_hand and reserved of `a`.
-        cur.execute("UPDATE products SET on_hand = on_hand + 5, reserved = reserved + 1 WHERE product_id = %s", (a,))
+        cur.execute(
+            "UPDATE products SET on_hand = on_hand + 5, reserved = reserved + 1 WHERE product_id = %s", (a,)
+        )
         # A stale cache entry: `b` moves on in PostgreSQL, Redis keeps its older figures.
         stale = cache.client.get(cache.key(b))
         apply(cur, "stock.adjusted", {"product_id": b, "delta": 1})
     assert json.loads(cache.client.get(cache.key(b))) == json.loads(stale)
     orphan = uid("GONE")
-    cache.client.set(cache.key(orphan), b'{"version":1,"product_id":"x","on_hand":1,"reserved":0,"available":1}')
+    cache.client.set(
+        cache.key(orphan), b'{"version":1,"product_id":"x","on_hand":1,"reserved":0,"available":1}'
+    )
     try:
         rc, out, err = cli(db, "verify", "--settle", "0.2", "--json")
         assert rc == 1, err
-        found = sorted((m["product_id"], m["check"], m["detail"].get("figure")) for m in map(json.loads, out.splitlines()))
-        assert found == sorted([(a, "ledger", "on_hand"), (a, "ledger", "reserved"), (a, "reservations", "reserved"),
-                                (a, "cache", None), (b, "cache", None), (orphan, "cache", None)])
+        found = sorted(
+            (m["product_id"], m["check"], m["detail"].get("figure"))
+            for m in map(json.loads, out.splitlines())
+        )
+        assert found == sorted(
+            [
+                (a, "ledger", "on_hand"),
+                (a, "ledger", "reserved"),
+                (a, "reservations", "reserved"),
+                (a, "cache", None),
+                (b, "cache", None),
+                (orphan, "cache", None),
+            ]
+        )
         rc, out, _ = cli(db, "verify", "--settle", "0")
         assert rc == 1
         assert f"{a}: [ledger] on_hand is 12 in products, but the ledger sums to 7" in out.splitlines()
-        assert f"{a}: [reservations] reserved is 3 in products, but active reservations hold 2" in out.splitlines()
+        assert (
+            f"{a}: [reservations] reserved is 3 in products, but active reservations hold 2"
+            in out.splitlines()
+        )
     finally:
         cache.client.delete(cache.key(orphan))
         with pg(db) as cur:
-            cur.execute("UPDATE products SET on_hand = on_hand - 5, reserved = reserved - 1 WHERE product_id = %s", (a,))
+            cur.execute(
+                "UPDATE products SET on_hand = on_hand - 5, reserved = reserved - 1 WHERE product_id = %s",
+                (a,),
+            )
             cur.execute("SELECT product_figures(p) FROM products p WHERE product_id IN (%s, %s)", (a, b))
             figures = [r[0] for r in cur.fetchall()]
         for f in figures:  # the versions moved on: put_many refreshes both entries

@@ -42,8 +42,12 @@ def stock(cur, on_hand: int) -> str:
 
 def place(cur, *lines: tuple[str, int]) -> tuple[str, str]:
     order, placed_id = uid("o"), str(uuid.uuid4())
-    r = apply(cur, "order.placed", {"order_id": order, "lines": [{"product_id": p, "quantity": q} for p, q in lines]},
-              placed_id)
+    r = apply(
+        cur,
+        "order.placed",
+        {"order_id": order, "lines": [{"product_id": p, "quantity": q} for p, q in lines]},
+        placed_id,
+    )
     assert r["outcome"] == "reserved"
     return order, placed_id
 
@@ -59,10 +63,16 @@ def test_a_cancel_from_zero_is_back_in_stock(cur):
     cancel_id = str(uuid.uuid4())
     r = apply(cur, "order.cancelled", {"order_id": order}, cancel_id)
     assert typed(r) == [
-        ("inventory.released", {"order_id": order, "lines": [{"product_id": a, "quantity": 3},
-                                                             {"product_id": b, "quantity": 2}],
-                                "reason": "cancelled"}),
-        ("inventory.back_in_stock", {"product_id": a, "available": 3})]  # b was at 3: no transition
+        (
+            "inventory.released",
+            {
+                "order_id": order,
+                "lines": [{"product_id": a, "quantity": 3}, {"product_id": b, "quantity": 2}],
+                "reason": "cancelled",
+            },
+        ),
+        ("inventory.back_in_stock", {"product_id": a, "available": 3}),
+    ]  # b was at 3: no transition
     assert {m["body"]["causation_id"] for m in r["messages"]} == {cancel_id}
 
 
@@ -75,7 +85,9 @@ def test_no_back_in_stock_when_available_was_above_zero(cur):
 
 
 def _sweep(cur, orders: list[str]) -> dict[str, Any]:
-    cur.execute("UPDATE orders SET expires_at = now() - interval '1 millisecond' WHERE order_id = ANY(%s)", (orders,))
+    cur.execute(
+        "UPDATE orders SET expires_at = now() - interval '1 millisecond' WHERE order_id = ANY(%s)", (orders,)
+    )
     cur.execute("SELECT expire_reservations(500)")
     return cur.fetchone()[0]
 
@@ -91,13 +103,22 @@ def test_a_sweep_from_zero_is_back_in_stock_once_per_product(cur):
     out = typed(swept)
     # The orders' own messages first (as before), then one back_in_stock per product that rose
     # from 0 (p: two orders released it; q was at 5), in product_id order.
-    assert [(t, d.get("order_id")) for t, d in out[:3]] == [("inventory.expired", o) for o in sorted([o1, o2, o3])]
+    assert [(t, d.get("order_id")) for t, d in out[:3]] == [
+        ("inventory.expired", o) for o in sorted([o1, o2, o3])
+    ]
     back = sorted([(p, 6, sorted([(o1, id1), (o2, id2)])[0][1]), (r, 4, id3)])
-    assert [(m["routing_key"], m["body"]["data"], m["body"]["causation_id"]) for m in swept["messages"][3:]] == [
-        ("inventory.back_in_stock", {"product_id": pid, "available": n}, caused_by) for pid, n, caused_by in back]
+    assert [
+        (m["routing_key"], m["body"]["data"], m["body"]["causation_id"]) for m in swept["messages"][3:]
+    ] == [
+        ("inventory.back_in_stock", {"product_id": pid, "available": n}, caused_by)
+        for pid, n, caused_by in back
+    ]
     assert {f["product_id"]: f["available"] for f in swept["products"]} == {p: 6, q: 10, r: 4}
-    cur.execute("SELECT count(*) FROM outbox WHERE routing_key = 'inventory.back_in_stock'"
-                " AND body->'data'->>'product_id' = ANY(%s)", ([p, q, r],))
+    cur.execute(
+        "SELECT count(*) FROM outbox WHERE routing_key = 'inventory.back_in_stock'"
+        " AND body->'data'->>'product_id' = ANY(%s)",
+        ([p, q, r],),
+    )
     assert cur.fetchone()[0] == 2
 
 
@@ -105,11 +126,21 @@ def test_a_sweep_that_leaves_available_at_zero_or_above_it_says_nothing(cur):
     # q: at 5 before the sweep; s: below its safety stock floor before and after.
     q, s = stock(cur, 10), stock(cur, 5)
     o1, _ = place(cur, (q, 5))
-    apply(cur, "product.configured", {"product_id": s, "safety_stock": [{"location_id": "default", "quantity": 2}]})
+    apply(
+        cur,
+        "product.configured",
+        {"product_id": s, "safety_stock": [{"location_id": "default", "quantity": 2}]},
+    )
     o2, _ = place(cur, (s, 1))
     o3, _ = place(cur, (s, 2))
-    assert apply(cur, "product.configured", {"product_id": s, "safety_stock": [
-        {"location_id": "default", "quantity": 4}]})["outcome"] == "configured"
+    assert (
+        apply(
+            cur,
+            "product.configured",
+            {"product_id": s, "safety_stock": [{"location_id": "default", "quantity": 4}]},
+        )["outcome"]
+        == "configured"
+    )
     assert (available(cur, q), available(cur, s)) == (5, 0)  # s: 5 - 3 reserved - 4 = -2, floored
     swept = _sweep(cur, [o1, o2])  # s: 5 - 2 - 4 = -1: still 0
     assert [t for t, _ in typed(swept)] == ["inventory.expired", "inventory.expired"]

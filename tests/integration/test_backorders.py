@@ -19,7 +19,7 @@ from inventory_worker.adapters.postgres import Outcome, Store, TransientError
 from inventory_worker.contract import validate_output
 
 from ..support import pg, uid
-from .test_locations_orders import Db, ev, msgs, reserved, store  # noqa: F401 (fixture)
+from .test_locations_orders import Db, ev, msgs, reserved
 
 
 class BackorderDb(Db):
@@ -47,8 +47,11 @@ class BackorderDb(Db):
 
     def lines(self, order_id: str) -> list[tuple[str, int, int]]:
         with pg(self.settings) as cur:
-            cur.execute("SELECT product_id, quantity, backordered FROM order_lines WHERE order_id = %s"
-                        " ORDER BY line_no", (order_id,))
+            cur.execute(
+                "SELECT product_id, quantity, backordered FROM order_lines WHERE order_id = %s"
+                " ORDER BY line_no",
+                (order_id,),
+            )
             return cur.fetchall()
 
     def detail(self, pid: str) -> dict[str, Any]:
@@ -58,26 +61,63 @@ class BackorderDb(Db):
 
 
 @pytest.fixture
+def store(settings) -> Any:
+    s = Store(settings.database, settings.worker.default_reservation_ttl_seconds)
+    yield s
+    s.close()
+
+
+@pytest.fixture
 def db(settings, store) -> BackorderDb:
     return BackorderDb(settings, store)
 
 
-def allocated(order_id: str, pid: str, quantity: int, allocations: list[tuple[str, int]], backordered: int,
-              channel: str = "default") -> tuple[str, dict[str, Any]]:
-    return ("inventory.allocated", {"order_id": order_id, "channel_id": channel, "lines": [
-        {"product_id": pid, "quantity": quantity, "tracked": True,
-         "allocations": [{"location_id": loc, "quantity": q} for loc, q in allocations], "backordered": backordered}]})
+def allocated(
+    order_id: str,
+    pid: str,
+    quantity: int,
+    allocations: list[tuple[str, int]],
+    backordered: int,
+    channel: str = "default",
+) -> tuple[str, dict[str, Any]]:
+    return (
+        "inventory.allocated",
+        {
+            "order_id": order_id,
+            "channel_id": channel,
+            "lines": [
+                {
+                    "product_id": pid,
+                    "quantity": quantity,
+                    "tracked": True,
+                    "allocations": [{"location_id": loc, "quantity": q} for loc, q in allocations],
+                    "backordered": backordered,
+                }
+            ],
+        },
+    )
 
 
 def filled(order_id: str, lines: list[tuple[str, str, int]], remaining: list[tuple[str, int]]):
-    return ("inventory.backorder_filled", {
-        "order_id": order_id, "lines": [{"product_id": p, "location_id": loc, "quantity": q} for p, loc, q in lines],
-        "backordered_remaining": [{"product_id": p, "quantity": q} for p, q in remaining]})
+    return (
+        "inventory.backorder_filled",
+        {
+            "order_id": order_id,
+            "lines": [{"product_id": p, "location_id": loc, "quantity": q} for p, loc, q in lines],
+            "backordered_remaining": [{"product_id": p, "quantity": q} for p, q in remaining],
+        },
+    )
 
 
 def shortage(order_id: str, pid: str, requested: int, available: int):
-    return ("inventory.rejected", {"order_id": order_id, "reason": "insufficient_stock",
-                                   "shortages": [{"product_id": pid, "requested": requested, "available": available}]})
+    return (
+        "inventory.rejected",
+        {
+            "order_id": order_id,
+            "reason": "insufficient_stock",
+            "shortages": [{"product_id": pid, "requested": requested, "available": available}],
+        },
+    )
 
 
 # ==== acceptance check 5: allow, limit 10 =======================================================
@@ -89,8 +129,11 @@ def test_allow_backorders_within_the_limit_then_fill_fifo_and_complete(db):
 
     out = db.place(a, (pid, 12))
     assert out.outcome == "reserved"
-    assert msgs(out) == [reserved(a, (pid, 12)), allocated(a, pid, 12, [("default", 5)], 7),
-                         ("inventory.low_stock", {"product_id": pid, "available": 0, "threshold": 0})]
+    assert msgs(out) == [
+        reserved(a, (pid, 12)),
+        allocated(a, pid, 12, [("default", 5)], 7),
+        ("inventory.low_stock", {"product_id": pid, "available": 0, "threshold": 0}),
+    ]
     assert db.backordered(pid) == 7 and db.lines(a) == [(pid, 12, 7)]
     assert db.totals(pid) == (5, 5, 0)
     d = db.detail(pid)
@@ -103,24 +146,40 @@ def test_allow_backorders_within_the_limit_then_fill_fifo_and_complete(db):
 
     # backordered units cannot be committed
     out = db.one("order.completed", {"order_id": a})
-    assert msgs(out) == [("inventory.rejected", {"order_id": a, "reason": "backorder_pending", "shortages": []})]
+    assert msgs(out) == [
+        ("inventory.rejected", {"order_id": a, "reason": "backorder_pending", "shortages": []})
+    ]
     assert db.totals(pid) == (5, 5, 0)
 
     # receiving 7 fills the order in the same transaction
     out = db.one("stock.adjusted", {"product_id": pid, "delta": 7})
     assert out.outcome == "adjusted"
-    assert [t for t, _ in msgs(out)] == ["inventory.adjusted", "inventory.back_in_stock",
-                                         "inventory.backorder_filled", "inventory.low_stock"]
+    assert [t for t, _ in msgs(out)] == [
+        "inventory.adjusted",
+        "inventory.back_in_stock",
+        "inventory.backorder_filled",
+        "inventory.low_stock",
+    ]
     assert msgs(out)[2] == filled(a, [(pid, "default", 7)], [])
-    assert out.products == [{"product_id": pid, "on_hand": 12, "reserved": 12, "available": 0,
-                             "version": out.products[0]["version"]}]
+    assert out.products == [
+        {
+            "product_id": pid,
+            "on_hand": 12,
+            "reserved": 12,
+            "available": 0,
+            "version": out.products[0]["version"],
+        }
+    ]
     assert db.backordered(pid) == 0 and db.lines(a) == [(pid, 12, 0)]
     assert db.allocations(a) == [(pid, "default", 1, 12, 0)]
     db.verify()
 
     out = db.one("order.completed", {"order_id": a})
     assert out.outcome == "committed"
-    assert msgs(out)[0] == ("inventory.committed", {"order_id": a, "lines": [{"product_id": pid, "quantity": 12}]})
+    assert msgs(out)[0] == (
+        "inventory.committed",
+        {"order_id": a, "lines": [{"product_id": pid, "quantity": 12}]},
+    )
     assert db.totals(pid) == (0, 0, 0)
     db.verify()
 
@@ -136,7 +195,9 @@ def test_fill_is_fifo_by_placement_and_partial_fills_report_what_remains(db):
 
     out = db.one("stock.adjusted", {"product_id": pid, "delta": 5})
     assert [m for m in msgs(out) if m[0] == "inventory.backorder_filled"] == [
-        filled(first, [(pid, "default", 3)], []), filled(second, [(pid, "default", 2)], [(pid, 2)])]
+        filled(first, [(pid, "default", 3)], []),
+        filled(second, [(pid, "default", 2)], [(pid, 2)]),
+    ]
     assert db.backordered(pid) == 2 and db.lines(second) == [(pid, 4, 2)]
     db.verify()
 
@@ -151,8 +212,10 @@ def test_fill_is_fifo_by_placement_and_partial_fills_report_what_remains(db):
 def test_a_backorder_placed_earlier_in_the_same_batch_is_filled_by_a_later_receipt(db):
     pid = db.product(mode="allow", limit=3)
     o = uid("o")
-    placed, adjusted = db.apply(ev("order.placed", {"order_id": o, "lines": [{"product_id": pid, "quantity": 2}]}),
-                                ev("stock.adjusted", {"product_id": pid, "delta": 5}))
+    placed, adjusted = db.apply(
+        ev("order.placed", {"order_id": o, "lines": [{"product_id": pid, "quantity": 2}]}),
+        ev("stock.adjusted", {"product_id": pid, "delta": 5}),
+    )
     assert placed.outcome == "reserved" and placed.detail == {}  # apply_events' marker does not leak
     assert filled(o, [(pid, "default", 2)], []) in msgs(adjusted)
     assert adjusted.products[0]["reserved"] == 2
@@ -163,16 +226,26 @@ def test_an_order_of_two_backordered_products_completes_once_both_are_filled(db)
     x, y = db.product(mode="allow"), db.product(mode="incoming", limit=5)
     db.one("stock.adjusted", {"product_id": y, "incoming": 1})
     o = uid("o")
-    out = db.one("order.placed", {"order_id": o, "lines": [{"product_id": x, "quantity": 2},
-                                                            {"product_id": y, "quantity": 1}]})
-    assert [line["backordered"] for t, d in msgs(out) if t == "inventory.allocated" for line in d["lines"]] == [2, 1]
-    assert msgs(db.one("stock.adjusted", {"product_id": x, "delta": 2}))[2] == filled(o, [(x, "default", 2)], [(y, 1)])
+    out = db.one(
+        "order.placed",
+        {"order_id": o, "lines": [{"product_id": x, "quantity": 2}, {"product_id": y, "quantity": 1}]},
+    )
+    assert [
+        line["backordered"] for t, d in msgs(out) if t == "inventory.allocated" for line in d["lines"]
+    ] == [2, 1]
+    assert msgs(db.one("stock.adjusted", {"product_id": x, "delta": 2}))[2] == filled(
+        o, [(x, "default", 2)], [(y, 1)]
+    )
     assert msgs(db.one("order.completed", {"order_id": o}))[0][1]["reason"] == "backorder_pending"
-    assert filled(o, [(y, "default", 1)], []) in msgs(db.one("stock.received", {"product_id": y, "quantity": 1}))
+    assert filled(o, [(y, "default", 1)], []) in msgs(
+        db.one("stock.received", {"product_id": y, "quantity": 1})
+    )
     db.verify()
     out = db.one("order.completed", {"order_id": o})
-    assert msgs(out)[0] == ("inventory.committed", {"order_id": o, "lines": [{"product_id": x, "quantity": 2},
-                                                                             {"product_id": y, "quantity": 1}]})
+    assert msgs(out)[0] == (
+        "inventory.committed",
+        {"order_id": o, "lines": [{"product_id": x, "quantity": 2}, {"product_id": y, "quantity": 1}]},
+    )
     assert db.totals(x) == (0, 0, 0) and db.totals(y) == (0, 0, 0)
     db.verify()
 
@@ -190,8 +263,10 @@ def test_a_product_without_policy_is_refused_as_today(db):
     pid = db.product(stock=2, mode="deny")
     o = uid("o")
     assert msgs(db.place(o, (pid, 5))) == [shortage(o, pid, 5, 2)]
-    assert msgs(db.place(o, (pid, 2))) == [reserved(o, (pid, 2)),
-                                          ("inventory.low_stock", {"product_id": pid, "available": 0, "threshold": 0})]
+    assert msgs(db.place(o, (pid, 2))) == [
+        reserved(o, (pid, 2)),
+        ("inventory.low_stock", {"product_id": pid, "available": 0, "threshold": 0}),
+    ]
     assert db.order(o) == ("reserved", False, None)  # held implicitly, as today
 
 
@@ -259,7 +334,9 @@ def test_expiry_releases_backordered_units_and_completion_after_it_is_refused(db
     assert db.backordered(pid) == 0 and db.totals(pid) == (1, 0, 1)
     db.verify()
     out = db.one("order.completed", {"order_id": o})
-    assert msgs(out) == [("inventory.rejected", {"order_id": o, "reason": "backorder_pending", "shortages": []})]
+    assert msgs(out) == [
+        ("inventory.rejected", {"order_id": o, "reason": "backorder_pending", "shortages": []})
+    ]
     assert db.totals(pid) == (1, 0, 1)
     db.verify()
 
@@ -270,8 +347,12 @@ def test_full_cancel_releases_backordered_units(db):
     assert db.place(o, (pid, 5)).outcome == "reserved"
     assert db.detail(pid)["orderable"] == 0
     out = db.one("order.cancelled", {"order_id": o})
-    assert msgs(out) == [("inventory.released", {"order_id": o, "lines": [{"product_id": pid, "quantity": 5}],
-                                                 "reason": "cancelled"})]
+    assert msgs(out) == [
+        (
+            "inventory.released",
+            {"order_id": o, "lines": [{"product_id": pid, "quantity": 5}], "reason": "cancelled"},
+        )
+    ]
     assert db.backordered(pid) == 0 and db.lines(o) == [(pid, 5, 0)]
     assert db.detail(pid)["orderable"] == 5
     assert out.products[0]["version"] == db.detail(pid)["version"]
@@ -285,17 +366,30 @@ def test_a_lower_limit_is_accepted_and_untracking_waits_for_backorders(db):
     assert out.outcome == "configured"
     assert db.detail(pid)["backorder"]["headroom"] == 0
     out = db.one("product.configured", {"product_id": pid, "tracked": False})
-    assert msgs(out) == [("inventory.configuration_rejected", {
-        "kind": "product", "id": pid, "reason": "has_open_reservations", "detail": "4 units backordered"})]
+    assert msgs(out) == [
+        (
+            "inventory.configuration_rejected",
+            {
+                "kind": "product",
+                "id": pid,
+                "reason": "has_open_reservations",
+                "detail": "4 units backordered",
+            },
+        )
+    ]
 
 
 def test_lowering_safety_stock_fills(db):
     pid = db.product(stock=3, mode="allow")
-    db.one("product.configured", {"product_id": pid, "safety_stock": [{"location_id": "default", "quantity": 3}]})
+    db.one(
+        "product.configured", {"product_id": pid, "safety_stock": [{"location_id": "default", "quantity": 3}]}
+    )
     o = uid("o")
     out = db.place(o, (pid, 2))
     assert msgs(out)[1] == allocated(o, pid, 2, [], 2)
-    out = db.one("product.configured", {"product_id": pid, "safety_stock": [{"location_id": "default", "quantity": 1}]})
+    out = db.one(
+        "product.configured", {"product_id": pid, "safety_stock": [{"location_id": "default", "quantity": 1}]}
+    )
     assert filled(o, [(pid, "default", 2)], []) in msgs(out)
     db.verify()
 
@@ -338,7 +432,9 @@ def test_the_sweepers_fill_pass_takes_what_an_expiry_freed(db, store):
 
 
 def test_fill_batch_setting_bounds_orders_per_transaction(settings, db):
-    small = Store(settings.database, settings.worker.default_reservation_ttl_seconds, {"backorder_fill_batch": 2})
+    small = Store(
+        settings.database, settings.worker.default_reservation_ttl_seconds, {"backorder_fill_batch": 2}
+    )
     try:
         pid = db.product(mode="allow")
         orders = [uid("o") for _ in range(3)]
@@ -346,8 +442,9 @@ def test_fill_batch_setting_bounds_orders_per_transaction(settings, db):
             assert db.place(o, (pid, 1)).outcome == "reserved"
             time.sleep(0.005)
         out = small.apply_batch([ev("stock.adjusted", {"product_id": pid, "delta": 3})])[0]
-        assert [m.body["data"]["order_id"] for m in out.messages
-                if m.body["type"] == "inventory.backorder_filled"] == orders[:2]
+        assert [
+            m.body["data"]["order_id"] for m in out.messages if m.body["type"] == "inventory.backorder_filled"
+        ] == orders[:2]
         assert db.backordered(pid) == 1
         db.verify()
     finally:
@@ -369,8 +466,15 @@ def test_concurrent_backorders_and_receipts_never_exceed_the_limit(settings, db)
         try:
             while not stop.is_set():
                 try:
-                    out = s.apply_batch([ev("order.placed", {"order_id": uid("c"), "lines": [
-                        {"product_id": pid, "quantity": 3}]}) for _ in range(3)])
+                    out = s.apply_batch(
+                        [
+                            ev(
+                                "order.placed",
+                                {"order_id": uid("c"), "lines": [{"product_id": pid, "quantity": 3}]},
+                            )
+                            for _ in range(3)
+                        ]
+                    )
                     for o in out:
                         for m in o.messages:
                             validate_output(m.body)
@@ -403,8 +507,10 @@ def test_concurrent_backorders_and_receipts_never_exceed_the_limit(settings, db)
                 cur.execute("SELECT backordered FROM products WHERE product_id = %s", (pid,))
                 samples.append(cur.fetchone()[0])
 
-    threads = [threading.Thread(target=placer) for _ in range(3)] + [threading.Thread(target=receiver),
-                                                                     threading.Thread(target=sampler)]
+    threads = [threading.Thread(target=placer) for _ in range(3)] + [
+        threading.Thread(target=receiver),
+        threading.Thread(target=sampler),
+    ]
     for t in threads:
         t.start()
     time.sleep(4)
@@ -415,7 +521,9 @@ def test_concurrent_backorders_and_receipts_never_exceed_the_limit(settings, db)
     assert samples and max(samples) <= limit
     assert max(samples) > 0  # backorders did happen
     with pg(settings) as cur:
-        cur.execute("SELECT count(*) FROM stock_movements WHERE product_id = %s AND reason = 'backorder_fill'", (pid,))
+        cur.execute(
+            "SELECT count(*) FROM stock_movements WHERE product_id = %s AND reason = 'backorder_fill'", (pid,)
+        )
         assert cur.fetchone()[0] > 0  # and fills
     db.verify()
 
@@ -425,17 +533,31 @@ def test_verify_detects_a_backordered_figure_out_of_line(db, settings):
     assert db.place(uid("o"), (pid, 2)).outcome == "reserved"
     with pg(settings) as cur:
         cur.execute("UPDATE products SET backordered = 3 WHERE product_id = %s", (pid,))
-        cur.execute("SELECT figure, recorded, expected, source FROM stock_mismatches() WHERE product_id = %s", (pid,))
-        assert sorted(cur.fetchall()) == [("backordered", 3, 2, "backorders"), ("backordered", 3, 2, "ledger")]
+        cur.execute(
+            "SELECT figure, recorded, expected, source FROM stock_mismatches() WHERE product_id = %s", (pid,)
+        )
+        assert sorted(cur.fetchall()) == [
+            ("backordered", 3, 2, "backorders"),
+            ("backordered", 3, 2, "ledger"),
+        ]
         cur.execute("UPDATE products SET backordered = 2 WHERE product_id = %s", (pid,))
     db.verify()
 
 
-@pytest.mark.parametrize("bad", [
-    {"mode": "later"}, {"mode": "allow", "limit": -1}, {"mode": "allow", "until": "2026-01-01T00:00:00"},
-    {"mode": "allow", "until": "2026-02-30T00:00:00Z"}, {"limit": 1}, {"mode": "allow", "x": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mode": "later"},
+        {"mode": "allow", "limit": -1},
+        {"mode": "allow", "until": "2026-01-01T00:00:00"},
+        {"mode": "allow", "until": "2026-02-30T00:00:00Z"},
+        {"limit": 1},
+        {"mode": "allow", "x": 1},
+    ],
+)
 def test_the_procedures_refuse_a_malformed_backorder(settings, bad):
     with pytest.raises(psycopg2.errors.InvalidParameterValue, match="data.backorder"), pg(settings) as cur:
-        cur.execute("SELECT apply_event(%s, 'product.configured', %s::jsonb)",
-                    (str(uuid.uuid4()), json.dumps({"product_id": uid("B"), "backorder": bad})))
+        cur.execute(
+            "SELECT apply_event(%s, 'product.configured', %s::jsonb)",
+            (str(uuid.uuid4()), json.dumps({"product_id": uid("B"), "backorder": bad})),
+        )

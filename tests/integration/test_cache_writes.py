@@ -11,7 +11,13 @@ from ..support import uid
 
 
 def fig(pid: str, version: int, on_hand: int) -> dict:
-    return {"product_id": pid, "version": version, "on_hand": on_hand, "reserved": 1, "available": on_hand - 1}
+    return {
+        "product_id": pid,
+        "version": version,
+        "on_hand": on_hand,
+        "reserved": 1,
+        "available": on_hand - 1,
+    }
 
 
 def cached(cache: StockCache, pid: str) -> dict | None:
@@ -35,7 +41,10 @@ def test_a_batch_writes_only_newer_versions(settings):
 
 
 def detail(pid: str, version: int, on_hand: int) -> dict:
-    return fig(pid, version, on_hand) | {"tracked": True, "locations": [{"location_id": "default", "on_hand": on_hand}]}
+    return fig(pid, version, on_hand) | {
+        "tracked": True,
+        "locations": [{"location_id": "default", "on_hand": on_hand}],
+    }
 
 
 def cached_detail(cache: StockCache, pid: str) -> dict | None:

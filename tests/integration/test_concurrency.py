@@ -17,8 +17,8 @@ from typing import Any
 import psycopg2
 import pytest
 
-from inventory_worker.contract import make_event, parse_event, validate_output
 from inventory_worker.adapters.postgres import Store, TransientError
+from inventory_worker.contract import make_event, parse_event, validate_output
 
 from ..support import http_get, pg, uid, wait_for_lock_waiter
 
@@ -58,8 +58,9 @@ def _racer(db_settings: Any, jobs: list[list[dict[str, Any]]], barrier: Any, out
 def race(settings: Any, jobs_per_process: list[list[list[dict[str, Any]]]]) -> tuple[list[dict], list[str]]:
     barrier = CTX.Barrier(len(jobs_per_process))
     out = CTX.Queue()
-    procs = [CTX.Process(target=_racer, args=(settings.database, jobs, barrier, out))
-             for jobs in jobs_per_process]
+    procs = [
+        CTX.Process(target=_racer, args=(settings.database, jobs, barrier, out)) for jobs in jobs_per_process
+    ]
     for p in procs:
         p.start()
     results: list[dict] = []
@@ -100,11 +101,15 @@ def check_books(settings: Any, pids: list[str], initial: dict[str, int]) -> dict
                       coalesce(sum(ol.quantity) FILTER (WHERE o.status = 'reserved'), 0),
                       coalesce(sum(ol.quantity) FILTER (WHERE o.status = 'committed'), 0)
                  FROM order_lines ol JOIN orders o USING (order_id)
-                WHERE ol.product_id = ANY(%s) GROUP BY ol.product_id""", (pids,))
+                WHERE ol.product_id = ANY(%s) GROUP BY ol.product_id""",
+            (pids,),
+        )
         by_orders = {r[0]: (int(r[1]), int(r[2])) for r in cur.fetchall()}
         cur.execute(
             "SELECT product_id, sum(on_hand_delta), sum(reserved_delta) FROM stock_movements"
-            " WHERE product_id = ANY(%s) GROUP BY product_id", (pids,))
+            " WHERE product_id = ANY(%s) GROUP BY product_id",
+            (pids,),
+        )
         ledger = {r[0]: (int(r[1]), int(r[2])) for r in cur.fetchall()}
     for pid in pids:
         on_hand, reserved = figs[pid]
@@ -127,8 +132,10 @@ def test_processes_racing_for_the_last_units_never_oversell(settings):
     n_proc, per_proc = 8, 4
     jobs = []
     for i in range(n_proc):
-        orders = [ev("order.placed", {"order_id": uid(f"R{i}"), "lines": [{"product_id": pid, "quantity": 3}]})
-                  for _ in range(per_proc)]
+        orders = [
+            ev("order.placed", {"order_id": uid(f"R{i}"), "lines": [{"product_id": pid, "quantity": 3}]})
+            for _ in range(per_proc)
+        ]
         # half the racers send one event per transaction, half two: both paths race
         jobs.append([[o] for o in orders] if i % 2 else [orders[:2], orders[2:]])
     results, transient = race(settings, jobs)
@@ -142,7 +149,8 @@ def test_processes_racing_for_the_last_units_never_oversell(settings):
             assert body["causation_id"] == r["id"]
         if r["outcome"] == "rejected":
             assert [b["data"]["shortages"] for b in r["bodies"]] == [
-                [{"product_id": pid, "requested": 3, "available": 2}]]
+                [{"product_id": pid, "requested": 3, "available": 2}]
+            ]
     low = [b for r in results for b in r["bodies"] if b["type"] == "inventory.low_stock"]
     assert [b["data"] for b in low] == [{"product_id": pid, "available": 2, "threshold": 2}]
     assert figures(settings, [pid]) == {pid: (20, 18)}
@@ -166,8 +174,15 @@ def test_multi_line_orders_in_any_line_order_neither_deadlock_nor_get_lost(setti
             chosen = rnd.sample(pids, rnd.randint(2, 4))  # a random subset in a random line order
             order = f"{base}-o{i}-{j}"
             orders.append(order)
-            events.append(ev("order.placed", {"order_id": order, "lines": [
-                {"product_id": p, "quantity": rnd.randint(1, 3)} for p in chosen]}))
+            events.append(
+                ev(
+                    "order.placed",
+                    {
+                        "order_id": order,
+                        "lines": [{"product_id": p, "quantity": rnd.randint(1, 3)} for p in chosen],
+                    },
+                )
+            )
         for j, order in enumerate(orders):
             if j % 3 == 0:
                 events.append(ev("order.cancelled", {"order_id": order}))
@@ -178,7 +193,7 @@ def test_multi_line_orders_in_any_line_order_neither_deadlock_nor_get_lost(setti
         batches, k = [], 0
         while k < len(events):  # batches of 1 to 3 events, as the consumer makes them
             size = rnd.randint(1, 3)
-            batches.append(events[k:k + size])
+            batches.append(events[k : k + size])
             k += size
         jobs.append(batches)
     results, transient = race(settings, jobs)
@@ -189,8 +204,13 @@ def test_multi_line_orders_in_any_line_order_neither_deadlock_nor_get_lost(setti
         for body in r["bodies"]:
             validate_output(body)
     initial = {p: 40 for p in pids}
-    adjusted = Counter(e["data"]["product_id"] for batch_list in jobs for batch in batch_list for e in batch
-                       if e["type"] == "stock.adjusted")
+    adjusted = Counter(
+        e["data"]["product_id"]
+        for batch_list in jobs
+        for batch in batch_list
+        for e in batch
+        if e["type"] == "stock.adjusted"
+    )
     for p, n in adjusted.items():
         initial[p] += 2 * n
     check_books(settings, pids, initial)
@@ -215,20 +235,31 @@ def test_four_worker_processes_race_without_overselling_or_losing_events(start_w
     hot = uid("HOT")
     base = uid("MX")
     pids = [f"{base}-{i}" for i in range(4)]
-    ids = [bus.publish("stock.adjusted", {"product_id": p, "delta": 30 if p != hot else 10})["id"]
-           for p in [hot, *pids]]
+    ids = [
+        bus.publish("stock.adjusted", {"product_id": p, "delta": 30 if p != hot else 10})["id"]
+        for p in [hot, *pids]
+    ]
     wait_processed(settings, ids)
 
     rnd = random.Random(7)
-    hot_orders = [bus.publish("order.placed", {"order_id": uid("H"), "lines": [{"product_id": hot, "quantity": 1}]})
-                  for _ in range(30)]
+    hot_orders = [
+        bus.publish("order.placed", {"order_id": uid("H"), "lines": [{"product_id": hot, "quantity": 1}]})
+        for _ in range(30)
+    ]
     orders = []
     for j in range(40):
         chosen = rnd.sample(pids, rnd.randint(2, 3))
         order = f"{base}-o{j}"
         orders.append(order)
-        ids.append(bus.publish("order.placed", {"order_id": order, "lines": [
-            {"product_id": p, "quantity": rnd.randint(1, 2)} for p in chosen]})["id"])
+        ids.append(
+            bus.publish(
+                "order.placed",
+                {
+                    "order_id": order,
+                    "lines": [{"product_id": p, "quantity": rnd.randint(1, 2)} for p in chosen],
+                },
+            )["id"]
+        )
     for j, order in enumerate(orders):  # may overtake their order.placed: also a rule to keep
         if j % 4 == 0:
             ids.append(bus.publish("order.cancelled", {"order_id": order})["id"])
@@ -238,18 +269,34 @@ def test_four_worker_processes_race_without_overselling_or_losing_events(start_w
     wait_processed(settings, ids, timeout=90)
 
     # exactly 10 of the 30 one-unit orders got the 10 units
-    bus.wait_for(lambda rs: len({r["causation_id"] for r in rs
-                                 if r["causation_id"] in {o["id"] for o in hot_orders}
-                                 and r["type"] in ("inventory.reserved", "inventory.rejected")}) == 30, 30)
+    bus.wait_for(
+        lambda rs: (
+            len(
+                {
+                    r["causation_id"]
+                    for r in rs
+                    if r["causation_id"] in {o["id"] for o in hot_orders}
+                    and r["type"] in ("inventory.reserved", "inventory.rejected")
+                }
+            )
+            == 30
+        ),
+        30,
+    )
     hot_ids = {o["id"] for o in hot_orders}
-    by_type = Counter(r["type"] for r in {r["id"]: r for r in bus.results}.values() if r["causation_id"] in hot_ids)
+    by_type = Counter(
+        r["type"] for r in {r["id"]: r for r in bus.results}.values() if r["causation_id"] in hot_ids
+    )
     assert (by_type["inventory.reserved"], by_type["inventory.rejected"]) == (10, 20)
     assert figures(settings, [hot]) == {hot: (10, 10)}
     figs = check_books(settings, [hot, *pids], {hot: 10, **{p: 30 for p in pids}})
 
     # each order reserved at most once, and the cache serves the final figures
-    reserved_per_order = Counter(r["data"]["order_id"] for r in {r["id"]: r for r in bus.results}.values()
-                                 if r["type"] == "inventory.reserved" and r["data"]["order_id"].startswith(base))
+    reserved_per_order = Counter(
+        r["data"]["order_id"]
+        for r in {r["id"]: r for r in bus.results}.values()
+        if r["type"] == "inventory.reserved" and r["data"]["order_id"].startswith(base)
+    )
     assert all(n == 1 for n in reserved_per_order.values())
     for pid, (on_hand, reserved) in figs.items():
         deadline = time.monotonic() + 15
@@ -292,8 +339,13 @@ def test_deadlock_is_retried_not_lost(worker, bus, settings):
         my_pid = cur.fetchone()[0]
         cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (b,))
         order = uid("O")
-        placed = bus.publish("order.placed", {"order_id": order, "lines": [
-            {"product_id": b, "quantity": 1}, {"product_id": a, "quantity": 2}]})
+        placed = bus.publish(
+            "order.placed",
+            {
+                "order_id": order,
+                "lines": [{"product_id": b, "quantity": 1}, {"product_id": a, "quantity": 2}],
+            },
+        )
         wait_for_lock_waiter(settings, my_pid)  # until a worker transaction holds a and waits for our b
         cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (a,))  # closes the cycle
         assert figures(settings, [a, b]) == {a: (5, 0), b: (5, 0)}  # the worker's attempt was undone

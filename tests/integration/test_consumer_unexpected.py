@@ -40,20 +40,27 @@ def test_an_unexpected_error_dead_letters_only_its_message(settings, monkeypatch
         product = uid("UX")
         bus.wait_result(bus.publish("stock.adjusted", {"product_id": product, "on_hand": 10})["id"])
         line = [{"product_id": product, "quantity": 1}]
-        sent = [bus.publish("order.placed", {"order_id": uid(prefix), "lines": line})
-                for prefix in ("ok-a", "parse-bug", "ok-b", "apply-bug", "ok-c")]
+        sent = [
+            bus.publish("order.placed", {"order_id": uid(prefix), "lines": line})
+            for prefix in ("ok-a", "parse-bug", "ok-b", "apply-bug", "ok-c")
+        ]
         for ev in sent:
             if ev["data"]["order_id"].startswith("ok"):
                 bus.wait_result(ev["id"], "inventory.reserved")
         assert figures(s, product) == (10, 3)
         reasons = {}
         for _ in range(50):
-            reasons = {json.loads(body)["id"]: props.headers["x-inventory-error"] for props, body in bus.dead_letters()}
+            reasons = {
+                json.loads(body)["id"]: props.headers["x-inventory-error"]
+                for props, body in bus.dead_letters()
+            }
             if len(reasons) == 2:
                 break
             bus.conn.sleep(0.1)
-        assert reasons == {sent[1]["id"]: "unexpected error: RuntimeError('parse bug')",
-                           sent[3]["id"]: "unexpected error: KeyError('apply bug')"}
+        assert reasons == {
+            sent[1]["id"]: "unexpected error: RuntimeError('parse bug')",
+            sent[3]["id"]: "unexpected error: KeyError('apply bug')",
+        }
         assert thread.is_alive()
     finally:
         stop.set()

@@ -28,9 +28,18 @@ def _return_unacked(settings, count: int) -> None:
 def test_redelivered_message_past_the_attempt_limit_is_dead_lettered(settings, start_worker):
     run = uuid.uuid4().hex[:8]
     r = settings.rabbitmq
-    own = settings.model_copy(update={"rabbitmq": r.model_copy(update={
-        "queue": f"{r.queue}.att{run}", "dead_letter_queue": f"{r.dead_letter_queue}.att{run}",
-        "dead_letter_exchange": f"{r.dead_letter_exchange}.att{run}", "exchange": f"{r.exchange}.att{run}"})})
+    own = settings.model_copy(
+        update={
+            "rabbitmq": r.model_copy(
+                update={
+                    "queue": f"{r.queue}.att{run}",
+                    "dead_letter_queue": f"{r.dead_letter_queue}.att{run}",
+                    "dead_letter_exchange": f"{r.dead_letter_exchange}.att{run}",
+                    "exchange": f"{r.exchange}.att{run}",
+                }
+            )
+        }
+    )
     bus = Bus(own)
     try:
         poison_sku, fine_sku = uid("ATT"), uid("ATT")
@@ -38,8 +47,10 @@ def test_redelivered_message_past_the_attempt_limit_is_dead_lettered(settings, s
         fine = bus.publish("stock.adjusted", {"product_id": fine_sku, "delta": 7})
         _return_unacked(own, 2)
         with pg(own) as cur:  # as if applying it had already been cut short `limit` times
-            cur.execute("INSERT INTO delivery_attempts (event_id, attempts) VALUES (%s, %s)",
-                        (poison["id"], own.rabbitmq.delivery_limit))
+            cur.execute(
+                "INSERT INTO delivery_attempts (event_id, attempts) VALUES (%s, %s)",
+                (poison["id"], own.rabbitmq.delivery_limit),
+            )
         start_worker(processes=1, settings_override=own)
         bus.wait_result(fine["id"], "inventory.adjusted")
         assert figures(own, fine_sku) == (7, 0), "a redelivered message under the limit is applied"
@@ -53,8 +64,10 @@ def test_redelivered_message_past_the_attempt_limit_is_dead_lettered(settings, s
         assert "interrupted" in letters[0][0].headers["x-inventory-error"]
         assert figures(own, poison_sku) is None, "the dead-lettered message changed nothing"
         with pg(own) as cur:
-            cur.execute("SELECT count(*) FROM delivery_attempts WHERE event_id = ANY(%s::uuid[])",
-                        ([poison["id"], fine["id"]],))
+            cur.execute(
+                "SELECT count(*) FROM delivery_attempts WHERE event_id = ANY(%s::uuid[])",
+                ([poison["id"], fine["id"]],),
+            )
             assert cur.fetchone()[0] == 0, "counts are forgotten once a message is settled"
     finally:
         bus.close()

@@ -38,10 +38,20 @@ def _due_order(cur, quantity=5, on_hand=5):
     sku, order = uid("RACE"), uid("o")
     apply(cur, "stock.adjusted", {"product_id": sku, "on_hand": on_hand})
     placed_id = str(uuid.uuid4())
-    r = apply(cur, "order.placed", {"order_id": order, "lines": [{"product_id": sku, "quantity": quantity}],
-                                    "reservation_ttl_seconds": 60}, placed_id)
+    r = apply(
+        cur,
+        "order.placed",
+        {
+            "order_id": order,
+            "lines": [{"product_id": sku, "quantity": quantity}],
+            "reservation_ttl_seconds": 60,
+        },
+        placed_id,
+    )
     assert r["outcome"] == "reserved"
-    cur.execute("UPDATE orders SET expires_at = now() - interval '1 millisecond' WHERE order_id = %s", (order,))
+    cur.execute(
+        "UPDATE orders SET expires_at = now() - interval '1 millisecond' WHERE order_id = %s", (order,)
+    )
     return sku, order, placed_id
 
 
@@ -70,8 +80,10 @@ class Racer(threading.Thread):
 
 def _race(db, admin, order, first, forced):
     """Runs the completion and a sweep concurrently; returns (completion result, sweep result)."""
-    complete = ("SELECT apply_event(%s::uuid, 'order.completed', %s::jsonb, 900)",
-                (str(uuid.uuid4()), f'{{"order_id": "{order}"}}'))
+    complete = (
+        "SELECT apply_event(%s::uuid, 'order.completed', %s::jsonb, 900)",
+        (str(uuid.uuid4()), f'{{"order_id": "{order}"}}'),
+    )
     sweep = ("SELECT expire_reservations(500)", ())
     conns = [_connect(db), _connect(db)]
     try:
@@ -82,8 +94,11 @@ def _race(db, admin, order, first, forced):
             try:
                 with blocker.cursor() as b:
                     b.execute("BEGIN")
-                    b.execute("SELECT 1 FROM products p JOIN order_lines ol USING (product_id)"
-                              " WHERE ol.order_id = %s FOR UPDATE OF p", (order,))
+                    b.execute(
+                        "SELECT 1 FROM products p JOIN order_lines ol USING (product_id)"
+                        " WHERE ol.order_id = %s FOR UPDATE OF p",
+                        (order,),
+                    )
                     for name in order_of_arrival:  # each queues behind the blocker, in this order
                         racers[name].start()
                         deadline = time.monotonic() + 10
@@ -107,8 +122,11 @@ def _race(db, admin, order, first, forced):
 
 
 def _reasons(cur, sku):
-    cur.execute("SELECT reason, on_hand_delta, reserved_delta, note IS NOT NULL FROM stock_movements"
-                " WHERE product_id = %s ORDER BY id", (sku,))
+    cur.execute(
+        "SELECT reason, on_hand_delta, reserved_delta, note IS NOT NULL FROM stock_movements"
+        " WHERE product_id = %s ORDER BY id",
+        (sku,),
+    )
     return cur.fetchall()
 
 
@@ -120,22 +138,32 @@ def test_completion_expiry_race_forced_order(db, first):
         for _ in range(12):
             sku, order, placed_id = _due_order(cur)
             completed, swept = _race(db, cur, order, first, forced=True)
-            expired_here = [m for m in swept["messages"]
-                            if m["routing_key"] == "inventory.expired" and m["body"]["data"]["order_id"] == order]
+            expired_here = [
+                m
+                for m in swept["messages"]
+                if m["routing_key"] == "inventory.expired" and m["body"]["data"]["order_id"] == order
+            ]
             assert completed["outcome"] == "committed"
             if first == "complete":
                 # The completion took the reservation; the sweep found it gone.
                 assert expired_here == []
-                assert _reasons(cur, sku) == [("adjust", 5, 0, False), ("reserve", 0, 5, False),
-                                              ("commit", -5, -5, False)]
+                assert _reasons(cur, sku) == [
+                    ("adjust", 5, 0, False),
+                    ("reserve", 0, 5, False),
+                    ("commit", -5, -5, False),
+                ]
             else:
                 # The sweep released it (once, with the event the placement caused); the late
                 # completion found the stock still there and took it again in the same step.
                 assert len(expired_here) == 1
                 assert expired_here[0]["body"]["causation_id"] == placed_id
-                assert _reasons(cur, sku) == [("adjust", 5, 0, False), ("reserve", 0, 5, False),
-                                              ("expire", 0, -5, False), ("reserve", 0, 5, True),
-                                              ("commit", -5, -5, False)]
+                assert _reasons(cur, sku) == [
+                    ("adjust", 5, 0, False),
+                    ("reserve", 0, 5, False),
+                    ("expire", 0, -5, False),
+                    ("reserve", 0, 5, True),
+                    ("commit", -5, -5, False),
+                ]
             assert all_figures(db, [sku]) == {sku: (0, 0)} == ledger_sums(db, [sku])
             cur.execute("SELECT status FROM orders WHERE order_id = %s", (order,))
             assert cur.fetchone()[0] == "committed"
@@ -173,18 +201,29 @@ def test_completion_after_expiry_when_the_stock_is_gone_is_rejected(db):
         sku, order, placed_id = _due_order(cur)
         swept = apply_sweep(cur)
         # The order held all 5 units: the sweep takes `available` from 0 to 5 (decision 13.7).
-        mine = [(m["routing_key"], m["body"]["data"], m["body"]["causation_id"]) for m in swept["messages"]
-                if order == m["body"]["data"].get("order_id") or sku == m["body"]["data"].get("product_id")]
-        assert [(t, c) for t, _, c in mine] == [("inventory.expired", placed_id), ("inventory.back_in_stock", placed_id)]
+        mine = [
+            (m["routing_key"], m["body"]["data"], m["body"]["causation_id"])
+            for m in swept["messages"]
+            if order == m["body"]["data"].get("order_id") or sku == m["body"]["data"].get("product_id")
+        ]
+        assert [(t, c) for t, _, c in mine] == [
+            ("inventory.expired", placed_id),
+            ("inventory.back_in_stock", placed_id),
+        ]
         assert (mine[0][1]["order_id"], mine[0][1]["lines"]) == (order, [{"product_id": sku, "quantity": 5}])
         assert mine[1][1] == {"product_id": sku, "available": 5}
-        rival = apply(cur, "order.placed", {"order_id": uid("o"), "lines": [{"product_id": sku, "quantity": 4}]})
+        rival = apply(
+            cur, "order.placed", {"order_id": uid("o"), "lines": [{"product_id": sku, "quantity": 4}]}
+        )
         assert rival["outcome"] == "reserved"
         r = apply(cur, "order.completed", {"order_id": order})
         assert r["outcome"] == "rejected"
         [msg] = r["messages"]
-        assert msg["body"]["data"] == {"order_id": order, "reason": "reservation_expired", "shortages": [
-            {"product_id": sku, "requested": 5, "available": 1}]}
+        assert msg["body"]["data"] == {
+            "order_id": order,
+            "reason": "reservation_expired",
+            "shortages": [{"product_id": sku, "requested": 5, "available": 1}],
+        }
         # Cancelling an expired order changes nothing either.
         assert apply(cur, "order.cancelled", {"order_id": order})["messages"] == []
     finally:

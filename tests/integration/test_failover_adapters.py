@@ -58,8 +58,10 @@ def test_libpq_multi_host_skips_a_server_that_is_down(settings):
 def test_the_connection_moves_on_from_a_node_that_is_down(settings):
     url = settings.rabbitmq.url
     dead = free_port()
-    for order in ([f"127.0.0.1:{dead}", f"{url.host}:{url.port or 5672}"],
-                  [f"{url.host}:{url.port or 5672}", f"127.0.0.1:{dead}"]):
+    for order in (
+        [f"127.0.0.1:{dead}", f"{url.host}:{url.port or 5672}"],
+        [f"{url.host}:{url.port or 5672}", f"127.0.0.1:{dead}"],
+    ):
         s = settings.rabbitmq.model_copy(update={"addresses": order})
         conn = rabbitmq.connect(s)
         try:
@@ -70,9 +72,14 @@ def test_the_connection_moves_on_from_a_node_that_is_down(settings):
 
 def test_the_queues_are_declared_with_their_placement_arguments(settings):
     tag = uid("hq")
-    s = settings.rabbitmq.model_copy(update={
-        "queue": f"{settings.rabbitmq.queue}.{tag}", "dead_letter_queue": f"{settings.rabbitmq.dead_letter_queue}.{tag}",
-        "quorum_initial_group_size": 1, "queue_leader_locator": "balanced"})
+    s = settings.rabbitmq.model_copy(
+        update={
+            "queue": f"{settings.rabbitmq.queue}.{tag}",
+            "dead_letter_queue": f"{settings.rabbitmq.dead_letter_queue}.{tag}",
+            "quorum_initial_group_size": 1,
+            "queue_leader_locator": "balanced",
+        }
+    )
     conn = rabbitmq.connect(s)
     try:
         ch = conn.channel()

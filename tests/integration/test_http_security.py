@@ -55,9 +55,17 @@ def serving_granian(settings: Settings) -> Iterator[str]:
     from ..support import REPO, free_port, settings_env
 
     port = free_port()
-    s = settings.model_copy(update={"http": settings.http.model_copy(update={"host": "127.0.0.1", "port": port})})
-    proc = subprocess.Popen([sys.executable, "-m", "bench.serve_http", "granian"], env=settings_env(s), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    s = settings.model_copy(
+        update={"http": settings.http.model_copy(update={"host": "127.0.0.1", "port": port})}
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.serve_http", "granian"],
+        env=settings_env(s),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -84,8 +92,13 @@ def server(request: pytest.FixtureRequest) -> str:
 
 
 def with_auth(settings: Settings, *tokens: TokenSettings, **auth) -> Settings:
-    return settings.model_copy(update={"auth": settings.auth.model_copy(
-        update={"tokens": list(settings.auth.tokens) + list(tokens), **auth})})
+    return settings.model_copy(
+        update={
+            "auth": settings.auth.model_copy(
+                update={"tokens": list(settings.auth.tokens) + list(tokens), **auth}
+            )
+        }
+    )
 
 
 def raw_request(base: str, data: bytes) -> tuple[int, bytes]:
@@ -103,8 +116,14 @@ def raw_request(base: str, data: bytes) -> tuple[int, bytes]:
             chunks.append(c)
             if b"\r\n\r\n" in b"".join(chunks):
                 head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-                length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
-                               if h.lower().startswith(b"content-length:")), 0)
+                length = next(
+                    (
+                        int(h.split(b":")[1])
+                        for h in head.split(b"\r\n")
+                        if h.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
                 if len(body) >= length:
                     break
     resp = b"".join(chunks)
@@ -116,8 +135,13 @@ def api_url(settings: Settings, request: pytest.FixtureRequest) -> Iterator[str]
     reader = token("reader", ["inventory:read"], "reader-secret-value")
     metrics_only = token("scraper", ["metrics:read"], "scraper-secret-value")
     # Its own Redis prefix per server: the anonymous bucket of 127.0.0.1 is shared by both otherwise.
-    s = settings.model_copy(update={"redis": settings.redis.model_copy(
-        update={"key_prefix": f"{settings.redis.key_prefix}{request.param}:"})})
+    s = settings.model_copy(
+        update={
+            "redis": settings.redis.model_copy(
+                update={"key_prefix": f"{settings.redis.key_prefix}{request.param}:"}
+            )
+        }
+    )
     with serving(with_auth(s, reader, metrics_only, metrics_role="metrics:read"), request.param) as base:
         yield base
 
@@ -142,8 +166,9 @@ def test_a_valid_token_reads_stock_with_rate_limit_headers(api_url, product):
 
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Basic dXNlcjpwYXNz", "Bearer", "bearer  "])
 def test_missing_or_unknown_token_is_401_with_a_bearer_challenge(api_url, product, auth):
-    status, headers, body = http_get(f"{api_url}/inventory/{product}", token=None,
-                                     headers={"Authorization": auth} if auth else None)
+    status, headers, body = http_get(
+        f"{api_url}/inventory/{product}", token=None, headers={"Authorization": auth} if auth else None
+    )
     assert status == 401
     assert headers["WWW-Authenticate"].startswith("Bearer ")
     assert json.loads(body) == {"error": "a valid bearer token is required"}
@@ -167,8 +192,10 @@ def test_metrics_behind_its_role_probes_open(api_url, bus):  # bus: declares the
     assert status == 200 and json.loads(body)["openapi"].startswith("3.")
 
 
-@pytest.mark.parametrize("path", ["a%2Fb", "..%2F..%2Fetc", "x" * 65, "SKU'%3B%20DROP%20TABLE%20products", "%00",
-                                  "caf%C3%A9", "SKU%20"])
+@pytest.mark.parametrize(
+    "path",
+    ["a%2Fb", "..%2F..%2Fetc", "x" * 65, "SKU'%3B%20DROP%20TABLE%20products", "%00", "caf%C3%A9", "SKU%20"],
+)
 def test_an_invalid_product_id_is_400(api_url, path):
     status, _, body = http_get(f"{api_url}/inventory/{path}")
     assert status == 400, body
@@ -187,8 +214,11 @@ def test_a_percent_encoded_id_is_the_same_product(api_url, product):
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "FOO"])
 def test_only_get_and_head(api_url, product, method):
-    status, raw = raw_request(api_url, f"{method} /inventory/{product} HTTP/1.1\r\nHost: x\r\n"
-                                       f"Authorization: Bearer {TEST_TOKEN}\r\nContent-Length: 0\r\n\r\n".encode())
+    status, raw = raw_request(
+        api_url,
+        f"{method} /inventory/{product} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {TEST_TOKEN}\r\nContent-Length: 0\r\n\r\n".encode(),
+    )
     assert status == 405
     assert b"\r\nallow: get, head\r\n" in raw.lower()  # granian writes header names in lowercase
 
@@ -214,7 +244,9 @@ def test_request_line_and_headers_are_bounded(api_url, settings):
     many = "".join(f"X-H{i}: v\r\n" for i in range(limits.max_headers + 1))
     status, _ = raw_request(api_url, f"GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n".encode())
     assert status == 431
-    status, _ = raw_request(api_url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Huge: " + b"y" * 70000 + b"\r\n\r\n")
+    status, _ = raw_request(
+        api_url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Huge: " + b"y" * 70000 + b"\r\n\r\n"
+    )
     assert status == 431
     status, _ = raw_request(api_url, b"\x16\x03\x01 garbage\r\n\r\n")
     assert status == 400
@@ -222,8 +254,13 @@ def test_request_line_and_headers_are_bounded(api_url, settings):
 
 def test_a_token_over_its_limit_gets_429_and_others_are_not_slowed(settings, product, server):
     slow = token("limited", ["inventory:read"], "limited-secret", rate_per_second=0.01, burst=3)
-    s = settings.model_copy(update={"redis": settings.redis.model_copy(
-        update={"key_prefix": settings.redis.key_prefix + uid("rl") + ":"})})  # a bucket of its own
+    s = settings.model_copy(
+        update={
+            "redis": settings.redis.model_copy(
+                update={"key_prefix": settings.redis.key_prefix + uid("rl") + ":"}
+            )
+        }
+    )  # a bucket of its own
     with serving(with_auth(s, slow), server) as base:
         statuses = [http_get(f"{base}/inventory/{product}", token="limited-secret") for _ in range(4)]
         assert [s for s, _, _ in statuses] == [200, 200, 200, 429]
@@ -237,9 +274,16 @@ def test_a_token_over_its_limit_gets_429_and_others_are_not_slowed(settings, pro
 
 
 def test_requests_without_a_valid_token_are_limited_per_address(settings, product, server):
-    s = settings.model_copy(update={"rate_limit": settings.rate_limit.model_copy(
-        update={"anonymous_rate_per_second": 0.01, "anonymous_burst": 2})})
-    s = s.model_copy(update={"redis": s.redis.model_copy(update={"key_prefix": s.redis.key_prefix + uid("rl") + ":"})})
+    s = settings.model_copy(
+        update={
+            "rate_limit": settings.rate_limit.model_copy(
+                update={"anonymous_rate_per_second": 0.01, "anonymous_burst": 2}
+            )
+        }
+    )
+    s = s.model_copy(
+        update={"redis": s.redis.model_copy(update={"key_prefix": s.redis.key_prefix + uid("rl") + ":"})}
+    )
     with serving(s, server) as base:
         got = [http_get(f"{base}/inventory/{product}", token=f"guess-{i}")[0] for i in range(4)]
         assert got == [401, 401, 429, 429]
@@ -275,8 +319,11 @@ def test_no_tokens_configured_everyone_gets_401_and_a_warning(settings, product,
 def test_connections_beyond_the_cap_get_503_and_idle_ones_are_dropped(settings):
     import time
 
-    s = settings.model_copy(update={"http": settings.http.model_copy(
-        update={"max_connections": 2, "client_timeout_seconds": 1.0})})
+    s = settings.model_copy(
+        update={
+            "http": settings.http.model_copy(update={"max_connections": 2, "client_timeout_seconds": 1.0})
+        }
+    )
     with serving(s) as base:
         host, port = base.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]  # say nothing
@@ -315,15 +362,24 @@ def test_wrong_credentials_leave_no_secret_in_answers_or_logs(settings, product,
 
     secret = "Wr0ng-" + uid("pw")  # sent to Redis and RabbitMQ
     configure(LoggingSettings(format="json"))
-    s = settings.model_copy(update={
-        "redis": settings.redis.model_copy(update={"password": SecretStr(secret)}),
-        "rabbitmq": settings.rabbitmq.model_copy(update={
-            "url": AnyUrl(str(settings.rabbitmq.url).replace("guest:guest@", f"guest:{secret}@"))}),
-    })
+    s = settings.model_copy(
+        update={
+            "redis": settings.redis.model_copy(update={"password": SecretStr(secret)}),
+            "rabbitmq": settings.rabbitmq.model_copy(
+                update={"url": AnyUrl(str(settings.rabbitmq.url).replace("guest:guest@", f"guest:{secret}@"))}
+            ),
+        }
+    )
     with serving(s) as base:
-        bodies = [http_get(f"{base}{path}", token=tok)[2] for path, tok in [
-            ("/readyz", None), (f"/inventory/{product}", TEST_TOKEN), (f"/inventory/{product}", secret),
-            ("/metrics", None)]]
+        bodies = [
+            http_get(f"{base}{path}", token=tok)[2]
+            for path, tok in [
+                ("/readyz", None),
+                (f"/inventory/{product}", TEST_TOKEN),
+                (f"/inventory/{product}", secret),
+                ("/metrics", None),
+            ]
+        ]
     logs = capsys.readouterr()
     assert json.loads(bodies[0])["failing"] == ["rabbitmq"]  # (this Redis takes any password)
     assert "health check failing" in logs.err  # the reasons are logged ...

@@ -28,7 +28,10 @@ def cur(settings):
 
 def configure(cur, location_id: str, **flags: Any) -> str:
     event_id = str(uuid.uuid4())
-    assert apply(cur, "location.configured", {"location_id": location_id, **flags}, event_id)["outcome"] == "configured"
+    assert (
+        apply(cur, "location.configured", {"location_id": location_id, **flags}, event_id)["outcome"]
+        == "configured"
+    )
     return event_id
 
 
@@ -41,8 +44,11 @@ def recache(cur, limit: int) -> dict[str, Any]:
 
 
 def figures(cur, pids: list[str]) -> dict[str, tuple[int, int]]:
-    cur.execute("SELECT product_id, (product_figures(p)->>'available')::int, version FROM products p"
-                " WHERE product_id = ANY(%s)", (pids,))
+    cur.execute(
+        "SELECT product_id, (product_figures(p)->>'available')::int, version FROM products p"
+        " WHERE product_id = ANY(%s)",
+        (pids,),
+    )
     return {r[0]: (r[1], r[2]) for r in cur.fetchall()}
 
 
@@ -71,16 +77,19 @@ def test_a_flip_recaches_every_product_there_in_batches(cur):
     assert after[elsewhere] == before[elsewhere]  # not re-cached
     assert [f["available"] for b in batches for f in b["products"]] == [2, 2, 0, 0, 0]
     # the three products whose `available` fell from 3 to 0 are low (threshold 0), as the flip said
-    assert [(m["routing_key"], m["body"]["data"], m["body"]["causation_id"]) for b in batches
-            for m in b["messages"]] == [
-        ("inventory.low_stock", {"product_id": p, "available": 0, "threshold": 0}, flip) for p in pids[2:]]
+    assert [
+        (m["routing_key"], m["body"]["data"], m["body"]["causation_id"])
+        for b in batches
+        for m in b["messages"]
+    ] == [("inventory.low_stock", {"product_id": p, "available": 0, "threshold": 0}, flip) for p in pids[2:]]
     assert recache(cur, 2)["count"] == 0  # done
 
     flip = configure(cur, loc, active=True)
     r = recache(cur, 10)
     assert (r["count"], r["more"]) == (5, False)
     assert [(m["routing_key"], m["body"]["data"], m["body"]["causation_id"]) for m in r["messages"]] == [
-        ("inventory.back_in_stock", {"product_id": p, "available": 3}, flip) for p in pids[2:]]
+        ("inventory.back_in_stock", {"product_id": p, "available": 3}, flip) for p in pids[2:]
+    ]
     assert {p: f[0] for p, f in figures(cur, pids).items()} == {p: before[p][0] for p in pids}
 
     # Flipped and flipped back before the pass: re-cached (the detail view shows the flags), no messages.
@@ -103,11 +112,17 @@ def test_a_flip_of_default_recaches_default_only_products(cur):
     finally:
         configure(cur, "default", fulfils_orders=True)
     assert r["more"] is False
-    got = {f["product_id"]: (f["available"], f["version"]) for f in r["products"] if f["product_id"] in (a, b)}
+    got = {
+        f["product_id"]: (f["available"], f["version"]) for f in r["products"] if f["product_id"] in (a, b)
+    }
     assert got == {a: (0, before[a][1] + 1), b: (0, before[b][1] + 1)}
     mine = [m["body"] for m in r["messages"] if m["body"]["data"]["product_id"] in (a, b)]
     assert [(m["type"], m["data"]["product_id"], m["causation_id"]) for m in mine] == [
-        ("inventory.low_stock", p, flip) for p in sorted([a, b])]
+        ("inventory.low_stock", p, flip) for p in sorted([a, b])
+    ]
     r = recache(cur, 100000)  # back on: back in stock
-    assert {m["body"]["data"]["product_id"]: m["body"]["data"]["available"] for m in r["messages"]
-            if m["body"]["data"]["product_id"] in (a, b)} == {a: 4, b: 4}
+    assert {
+        m["body"]["data"]["product_id"]: m["body"]["data"]["available"]
+        for m in r["messages"]
+        if m["body"]["data"]["product_id"] in (a, b)
+    } == {a: 4, b: 4}

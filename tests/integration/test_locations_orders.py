@@ -58,37 +58,54 @@ class Db:
         return self.apply(ev(type_, data))[0]
 
     def place(self, order_id: str, *lines: tuple, **extra: Any) -> Outcome:
-        return self.one("order.placed", {"order_id": order_id, "lines": [
-            {"product_id": x[0], "quantity": x[1], **({"location_id": x[2]} if len(x) > 2 else {})} for x in lines],
-            **extra})
+        return self.one(
+            "order.placed",
+            {
+                "order_id": order_id,
+                "lines": [
+                    {"product_id": x[0], "quantity": x[1], **({"location_id": x[2]} if len(x) > 2 else {})}
+                    for x in lines
+                ],
+                **extra,
+            },
+        )
 
     def location(self, priority: int = 0, active: bool = True, fulfils: bool = True) -> str:
         loc = uid("L")
         with pg(self.settings) as cur:
-            cur.execute("INSERT INTO locations (location_id, priority, active, fulfils_orders) VALUES (%s, %s, %s, %s)",
-                        (loc, priority, active, fulfils))
+            cur.execute(
+                "INSERT INTO locations (location_id, priority, active, fulfils_orders) VALUES (%s, %s, %s, %s)",
+                (loc, priority, active, fulfils),
+            )
         return loc
 
     def channel(self, locations: list[str] | None, strategy: str = "priority") -> str:
         ch = uid("C")
         with pg(self.settings) as cur:
-            cur.execute("INSERT INTO channels (channel_id, strategy, locations) VALUES (%s, %s, %s)",
-                        (ch, strategy, locations))
+            cur.execute(
+                "INSERT INTO channels (channel_id, strategy, locations) VALUES (%s, %s, %s)",
+                (ch, strategy, locations),
+            )
         return ch
 
     def stock(self, levels: dict[str, int], pid: str | None = None, **policy: Any) -> str:
         """A product with these on_hand figures per location (default first, by stock.adjusted)."""
         pid = pid or uid()
         self.products.add(pid)
-        assert self.one("stock.adjusted", {"product_id": pid, "delta": levels.get("default", 0)}).outcome == "adjusted"
+        assert (
+            self.one("stock.adjusted", {"product_id": pid, "delta": levels.get("default", 0)}).outcome
+            == "adjusted"
+        )
         conn = psycopg2.connect(**self.settings.database.dsn())
         try:
             with conn, conn.cursor() as cur:
                 cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (pid,))
                 for loc, qty in levels.items():
                     if loc != "default":
-                        cur.execute("SELECT change_level(%s, %s, %s, 0, 0, 0, 0, 'adjust', NULL, NULL)",
-                                    (pid, loc, qty))
+                        cur.execute(
+                            "SELECT change_level(%s, %s, %s, 0, 0, 0, 0, 'adjust', NULL, NULL)",
+                            (pid, loc, qty),
+                        )
                 for k, v in policy.items():
                     cur.execute(f"UPDATE products SET {k} = %s WHERE product_id = %s", (v, pid))
         finally:
@@ -98,21 +115,30 @@ class Db:
     def levels(self, pid: str) -> dict[str, tuple[int, int]]:
         """{location_id: (on_hand, reserved)} of every level of the product."""
         with pg(self.settings) as cur:
-            cur.execute("SELECT location_id, on_hand, reserved FROM stock_levels WHERE product_id = %s"
-                        " UNION ALL SELECT 'default', on_hand, reserved FROM products"
-                        " WHERE product_id = %s AND NOT multi_location", (pid, pid))
+            cur.execute(
+                "SELECT location_id, on_hand, reserved FROM stock_levels WHERE product_id = %s"
+                " UNION ALL SELECT 'default', on_hand, reserved FROM products"
+                " WHERE product_id = %s AND NOT multi_location",
+                (pid, pid),
+            )
             return {r[0]: (r[1], r[2]) for r in cur.fetchall()}
 
     def totals(self, pid: str) -> tuple[int, int, int]:
         with pg(self.settings) as cur:
-            cur.execute("SELECT on_hand, reserved, (product_figures(p)->>'available')::int FROM products p"
-                        " WHERE product_id = %s", (pid,))
+            cur.execute(
+                "SELECT on_hand, reserved, (product_figures(p)->>'available')::int FROM products p"
+                " WHERE product_id = %s",
+                (pid,),
+            )
             return cur.fetchone()
 
     def allocations(self, order_id: str) -> list[tuple[str, str, int, int, int]]:
         with pg(self.settings) as cur:
-            cur.execute("SELECT product_id, location_id, position, reserved, fulfilled FROM order_allocations"
-                        " WHERE order_id = %s ORDER BY product_id, position", (order_id,))
+            cur.execute(
+                "SELECT product_id, location_id, position, reserved, fulfilled FROM order_allocations"
+                " WHERE order_id = %s ORDER BY product_id, position",
+                (order_id,),
+            )
             return cur.fetchall()
 
     def order(self, order_id: str) -> tuple[str, bool, str | None] | None:
@@ -122,7 +148,9 @@ class Db:
 
     def expire(self, order_id: str) -> dict[str, Any]:
         with pg(self.settings) as cur:
-            cur.execute("UPDATE orders SET expires_at = now() - interval '1 second' WHERE order_id = %s", (order_id,))
+            cur.execute(
+                "UPDATE orders SET expires_at = now() - interval '1 second' WHERE order_id = %s", (order_id,)
+            )
             cur.execute("SELECT expire_reservations(500)")
             return cur.fetchone()[0]
 
@@ -133,7 +161,8 @@ class Db:
         with pg(self.settings) as cur:
             cur.execute("SELECT * FROM stock_mismatches() WHERE product_id = ANY(%s)", (ids,))
             assert cur.fetchall() == []
-            cur.execute("""
+            cur.execute(
+                """
                 WITH lv AS (
                     SELECT product_id, location_id, on_hand, reserved FROM stock_levels
                     UNION ALL SELECT product_id, 'default', on_hand, reserved FROM products WHERE NOT multi_location
@@ -154,7 +183,9 @@ class Db:
                   LEFT JOIN held h USING (product_id, location_id) LEFT JOIN ledger l USING (product_id, location_id)
                  WHERE lv.product_id = ANY(%s)
                    AND (lv.reserved <> coalesce(h.reserved, 0) OR lv.on_hand <> coalesce(l.on_hand, 0)
-                        OR lv.reserved <> coalesce(l.reserved, 0))""", (ids,))
+                        OR lv.reserved <> coalesce(l.reserved, 0))""",
+                (ids,),
+            )
             assert cur.fetchall() == []
 
 
@@ -172,13 +203,30 @@ def db(settings, store) -> Db:
 
 def allocated(order_id: str, channel: str, *lines: tuple) -> tuple[str, dict[str, Any]]:
     """inventory.allocated; a line is (product_id, quantity, [(location, quantity)...], tracked=True)."""
-    return ("inventory.allocated", {"order_id": order_id, "channel_id": channel, "lines": [
-        {"product_id": x[0], "quantity": x[1], "tracked": x[3] if len(x) > 3 else True,
-         "allocations": [{"location_id": loc, "quantity": q} for loc, q in x[2]], "backordered": 0} for x in lines]})
+    return (
+        "inventory.allocated",
+        {
+            "order_id": order_id,
+            "channel_id": channel,
+            "lines": [
+                {
+                    "product_id": x[0],
+                    "quantity": x[1],
+                    "tracked": x[3] if len(x) > 3 else True,
+                    "allocations": [{"location_id": loc, "quantity": q} for loc, q in x[2]],
+                    "backordered": 0,
+                }
+                for x in lines
+            ],
+        },
+    )
 
 
 def reserved(order_id: str, *lines: tuple[str, int]) -> tuple[str, dict[str, Any]]:
-    return ("inventory.reserved", {"order_id": order_id, "lines": [{"product_id": p, "quantity": q} for p, q in lines]})
+    return (
+        "inventory.reserved",
+        {"order_id": order_id, "lines": [{"product_id": p, "quantity": q} for p, q in lines]},
+    )
 
 
 # ==== acceptance check 2: strategies ============================================================
@@ -194,8 +242,15 @@ def test_priority_splits_over_locations_in_channel_order(db):
     assert msgs(out) == [reserved(oid, (pid, 7)), allocated(oid, ch, (pid, 7, [(a, 5), (b, 2)]))]
     assert db.levels(pid) == {"default": (0, 0), a: (5, 5), b: (5, 2)}
     assert db.totals(pid) == (10, 7, 3)
-    assert out.products == [{"product_id": pid, "on_hand": 10, "reserved": 7, "available": 3,
-                             "version": out.products[0]["version"]}]
+    assert out.products == [
+        {
+            "product_id": pid,
+            "on_hand": 10,
+            "reserved": 7,
+            "available": 3,
+            "version": out.products[0]["version"],
+        }
+    ]
     assert db.order(oid) == ("reserved", True, ch)
     assert db.allocations(oid) == [(pid, a, 1, 5, 0), (pid, b, 2, 2, 0)]
     db.verify()
@@ -241,8 +296,16 @@ def test_single_location_never_splits(db):
     oid = uid("o")
     out = db.place(oid, (pid, 7), channel_id=ch)
     assert out.outcome == "rejected"
-    assert msgs(out) == [("inventory.rejected", {"order_id": oid, "reason": "insufficient_stock", "shortages": [
-        {"product_id": pid, "requested": 7, "available": 5}]})]
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": oid,
+                "reason": "insufficient_stock",
+                "shortages": [{"product_id": pid, "requested": 7, "available": 5}],
+            },
+        )
+    ]
     assert db.order(oid) is None and db.levels(pid) == {"default": (0, 0), a: (5, 0), b: (5, 0)}
     out = db.place(oid, (pid, 5), channel_id=ch)
     assert msgs(out)[1] == allocated(oid, ch, (pid, 5, [(a, 5)]))
@@ -259,14 +322,27 @@ def test_pin_at_an_inactive_location_is_location_unavailable_and_holds_nothing(d
         oid = uid("o")
         out = db.place(oid, (other, 1), (pid, 2, pin))
         assert out.outcome == "rejected"
-        assert msgs(out) == [("inventory.rejected", {"order_id": oid, "reason": "location_unavailable",
-                                                     "shortages": [{"product_id": pid, "requested": 2, "available": 0}]})]
+        assert msgs(out) == [
+            (
+                "inventory.rejected",
+                {
+                    "order_id": oid,
+                    "reason": "location_unavailable",
+                    "shortages": [{"product_id": pid, "requested": 2, "available": 0}],
+                },
+            )
+        ]
         assert db.order(oid) is None
     # A pin outside the channel's list, though active, too.
     ch = db.channel([a])
     oid = uid("o")
-    assert db.place(oid, (other, 1, "default"), channel_id=ch).messages[0].body["data"]["reason"] == "location_unavailable"
-    assert db.levels(pid) == {"default": (0, 0), a: (5, 0), off: (5, 0)} and db.levels(other) == {"default": (5, 0)}
+    assert (
+        db.place(oid, (other, 1, "default"), channel_id=ch).messages[0].body["data"]["reason"]
+        == "location_unavailable"
+    )
+    assert db.levels(pid) == {"default": (0, 0), a: (5, 0), off: (5, 0)} and db.levels(other) == {
+        "default": (5, 0)
+    }
     # At an active one it holds there only.
     oid = uid("o")
     out = db.place(oid, (pid, 2, a))
@@ -278,7 +354,9 @@ def test_unknown_channel(db):
     pid = db.stock({"default": 5})
     oid = uid("o")
     out = db.place(oid, (pid, 1), channel_id=uid("C"))
-    assert msgs(out) == [("inventory.rejected", {"order_id": oid, "reason": "unknown_channel", "shortages": []})]
+    assert msgs(out) == [
+        ("inventory.rejected", {"order_id": oid, "reason": "unknown_channel", "shortages": []})
+    ]
     assert db.order(oid) is None and db.levels(pid) == {"default": (5, 0)}
 
 
@@ -286,16 +364,32 @@ def test_unknown_product_comes_before_the_channel(db):
     pid = db.stock({"default": 5})
     oid, ghost = uid("o"), uid()
     out = db.place(oid, (pid, 1), (ghost, 2), channel_id=uid("C"))
-    assert msgs(out) == [("inventory.rejected", {"order_id": oid, "reason": "unknown_product", "shortages": [
-        {"product_id": ghost, "requested": 2, "available": 0}]})]
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": oid,
+                "reason": "unknown_product",
+                "shortages": [{"product_id": ghost, "requested": 2, "available": 0}],
+            },
+        )
+    ]
 
 
 def test_quantity_limit(db):
     pid = db.stock({"default": 50}, max_per_order=3)
     oid = uid("o")
     out = db.place(oid, (pid, 4))
-    assert msgs(out) == [("inventory.rejected", {"order_id": oid, "reason": "quantity_limit", "shortages": [
-        {"product_id": pid, "requested": 4, "available": 3}]})]
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": oid,
+                "reason": "quantity_limit",
+                "shortages": [{"product_id": pid, "requested": 4, "available": 3}],
+            },
+        )
+    ]
     assert db.levels(pid) == {"default": (50, 0)}
     # Within the limit: held at default, implicitly, and nothing more said than today.
     out = db.place(oid, (pid, 3))
@@ -310,11 +404,21 @@ def test_safety_stock_2_on_5_refuses_orders_for_4(db):
     assert db.totals(pid) == (5, 0, 3)
     oid = uid("o")
     out = db.place(oid, (pid, 4))
-    assert msgs(out) == [("inventory.rejected", {"order_id": oid, "reason": "insufficient_stock", "shortages": [
-        {"product_id": pid, "requested": 4, "available": 3}]})]
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": oid,
+                "reason": "insufficient_stock",
+                "shortages": [{"product_id": pid, "requested": 4, "available": 3}],
+            },
+        )
+    ]
     out = db.place(oid, (pid, 3))
-    assert msgs(out) == [reserved(oid, (pid, 3)),
-                         ("inventory.low_stock", {"product_id": pid, "available": 0, "threshold": 0})]
+    assert msgs(out) == [
+        reserved(oid, (pid, 3)),
+        ("inventory.low_stock", {"product_id": pid, "available": 0, "threshold": 0}),
+    ]
     assert db.totals(pid) == (5, 3, 0)
     db.verify()
 
@@ -323,7 +427,9 @@ def test_safety_stock_at_a_second_location(db):
     a = db.location(5)
     pid = db.stock({"default": 2, a: 5})
     with pg(db.settings) as cur:
-        cur.execute("UPDATE stock_levels SET safety_stock = 4 WHERE product_id = %s AND location_id = %s", (pid, a))
+        cur.execute(
+            "UPDATE stock_levels SET safety_stock = 4 WHERE product_id = %s AND location_id = %s", (pid, a)
+        )
     assert db.totals(pid) == (7, 0, 3)
     oid = uid("o")
     out = db.place(oid, (pid, 4))
@@ -340,8 +446,16 @@ def test_default_location_not_selling_leaves_default_only_products_unavailable(d
     try:
         oid = uid("o")
         out = db.place(oid, (pid, 1))
-        assert msgs(out) == [("inventory.rejected", {"order_id": oid, "reason": "insufficient_stock", "shortages": [
-            {"product_id": pid, "requested": 1, "available": 0}]})]
+        assert msgs(out) == [
+            (
+                "inventory.rejected",
+                {
+                    "order_id": oid,
+                    "reason": "insufficient_stock",
+                    "shortages": [{"product_id": pid, "requested": 1, "available": 0}],
+                },
+            )
+        ]
     finally:
         with pg(settings) as cur:
             cur.execute("UPDATE locations SET fulfils_orders = true WHERE location_id = 'default'")
@@ -357,29 +471,45 @@ def test_untracked_product_orders_are_always_placed_without_touching_stock(db):
     oid = uid("o")
     out = db.place(oid, (free, 1000), (held, 4))
     assert out.outcome == "reserved"
-    assert msgs(out) == [reserved(oid, (free, 1000), (held, 4)),
-                         allocated(oid, "default", (free, 1000, [], False), (held, 4, [("default", 4)])),
-                         ("inventory.low_stock", {"product_id": held, "available": 0, "threshold": 0})]
+    assert msgs(out) == [
+        reserved(oid, (free, 1000), (held, 4)),
+        allocated(oid, "default", (free, 1000, [], False), (held, 4, [("default", 4)])),
+        ("inventory.low_stock", {"product_id": held, "available": 0, "threshold": 0}),
+    ]
     assert db.levels(free) == {"default": (0, 0)} and db.levels(held) == {"default": (4, 4)}
     assert [p["product_id"] for p in out.products] == [held] and version
     with pg(db.settings) as cur:
-        cur.execute("SELECT product_id, tracked FROM order_lines WHERE order_id = %s ORDER BY line_no", (oid,))
+        cur.execute(
+            "SELECT product_id, tracked FROM order_lines WHERE order_id = %s ORDER BY line_no", (oid,)
+        )
         assert cur.fetchall() == [(free, False), (held, True)]
     db.verify()
     out = db.one("order.completed", {"order_id": oid})
-    assert msgs(out) == [("inventory.committed", {"order_id": oid, "lines": [
-        {"product_id": free, "quantity": 1000}, {"product_id": held, "quantity": 4}]})]
+    assert msgs(out) == [
+        (
+            "inventory.committed",
+            {
+                "order_id": oid,
+                "lines": [{"product_id": free, "quantity": 1000}, {"product_id": held, "quantity": 4}],
+            },
+        )
+    ]
     assert db.levels(free) == {"default": (0, 0)} and db.levels(held) == {"default": (0, 0)}
     db.verify()
     # Alone, cancelled and expired: nothing moves either.
     for end in ("cancel", "expire"):
         oid = uid("o")
-        assert msgs(db.place(oid, (free, 3))) == [reserved(oid, (free, 3)),
-                                                 allocated(oid, "default", (free, 3, [], False))]
+        assert msgs(db.place(oid, (free, 3))) == [
+            reserved(oid, (free, 3)),
+            allocated(oid, "default", (free, 3, [], False)),
+        ]
         if end == "cancel":
             assert msgs(db.one("order.cancelled", {"order_id": oid})) == [
-                ("inventory.released", {"order_id": oid, "lines": [{"product_id": free, "quantity": 3}],
-                                        "reason": "cancelled"})]
+                (
+                    "inventory.released",
+                    {"order_id": oid, "lines": [{"product_id": free, "quantity": 3}], "reason": "cancelled"},
+                )
+            ]
         else:
             assert oid in [m["body"]["data"].get("order_id") for m in db.expire(oid)["messages"]]
         assert db.levels(free) == {"default": (0, 0)}
@@ -396,9 +526,14 @@ def two_locations(db: Db) -> tuple[str, str, str, str, str]:
     p, q = db.stock({"default": 3, loc: 3}), db.stock({loc: 5})
     oid = uid("o")
     out = db.place(oid, (p, 6), (q, 2))
-    assert msgs(out)[1:] == [allocated(oid, "default", (p, 6, [("default", 3), (loc, 3)]), (q, 2, [(loc, 2)])),
-                             ("inventory.low_stock", {"product_id": p, "available": 0, "threshold": 0})]
-    assert db.levels(p) == {"default": (3, 3), loc: (3, 3)} and db.levels(q) == {"default": (0, 0), loc: (5, 2)}
+    assert msgs(out)[1:] == [
+        allocated(oid, "default", (p, 6, [("default", 3), (loc, 3)]), (q, 2, [(loc, 2)])),
+        ("inventory.low_stock", {"product_id": p, "available": 0, "threshold": 0}),
+    ]
+    assert db.levels(p) == {"default": (3, 3), loc: (3, 3)} and db.levels(q) == {
+        "default": (0, 0),
+        loc: (5, 2),
+    }
     db.verify()
     return loc, p, q, oid, out.messages[0].body["causation_id"]
 
@@ -408,12 +543,26 @@ def test_cancel_releases_every_level(db):
     out = db.one("order.cancelled", {"order_id": oid})
     assert out.outcome == "released"
     assert msgs(out) == [
-        ("inventory.released", {"order_id": oid, "lines": [{"product_id": p, "quantity": 6},
-                                                            {"product_id": q, "quantity": 2}], "reason": "cancelled"}),
-        ("inventory.back_in_stock", {"product_id": p, "available": 6})]
-    assert db.levels(p) == {"default": (3, 0), loc: (3, 0)} and db.levels(q) == {"default": (0, 0), loc: (5, 0)}
-    assert [(f["product_id"], f["reserved"], f["available"]) for f in out.products] == sorted([(p, 0, 6), (q, 0, 5)])
-    assert sorted(db.allocations(oid)) == sorted([(p, "default", 1, 0, 0), (p, loc, 2, 0, 0), (q, loc, 1, 0, 0)])
+        (
+            "inventory.released",
+            {
+                "order_id": oid,
+                "lines": [{"product_id": p, "quantity": 6}, {"product_id": q, "quantity": 2}],
+                "reason": "cancelled",
+            },
+        ),
+        ("inventory.back_in_stock", {"product_id": p, "available": 6}),
+    ]
+    assert db.levels(p) == {"default": (3, 0), loc: (3, 0)} and db.levels(q) == {
+        "default": (0, 0),
+        loc: (5, 0),
+    }
+    assert [(f["product_id"], f["reserved"], f["available"]) for f in out.products] == sorted(
+        [(p, 0, 6), (q, 0, 5)]
+    )
+    assert sorted(db.allocations(oid)) == sorted(
+        [(p, "default", 1, 0, 0), (p, loc, 2, 0, 0), (q, loc, 1, 0, 0)]
+    )
     assert db.order(oid)[0] == "released"
     db.verify()
     assert db.one("order.cancelled", {"order_id": oid}).outcome == "ignored"
@@ -423,12 +572,23 @@ def test_complete_commits_at_every_level(db):
     loc, p, q, oid, _ = two_locations(db)
     out = db.one("order.completed", {"order_id": oid})
     assert out.outcome == "committed"
-    assert msgs(out) == [("inventory.committed", {"order_id": oid, "lines": [
-        {"product_id": p, "quantity": 6}, {"product_id": q, "quantity": 2}]})]
-    assert db.levels(p) == {"default": (0, 0), loc: (0, 0)} and db.levels(q) == {"default": (0, 0), loc: (3, 0)}
-    assert sorted(db.allocations(oid)) == sorted([(p, "default", 1, 0, 3), (p, loc, 2, 0, 3), (q, loc, 1, 0, 2)])
+    assert msgs(out) == [
+        (
+            "inventory.committed",
+            {"order_id": oid, "lines": [{"product_id": p, "quantity": 6}, {"product_id": q, "quantity": 2}]},
+        )
+    ]
+    assert db.levels(p) == {"default": (0, 0), loc: (0, 0)} and db.levels(q) == {
+        "default": (0, 0),
+        loc: (3, 0),
+    }
+    assert sorted(db.allocations(oid)) == sorted(
+        [(p, "default", 1, 0, 3), (p, loc, 2, 0, 3), (q, loc, 1, 0, 2)]
+    )
     with pg(db.settings) as cur:
-        cur.execute("SELECT product_id, fulfilled, released FROM order_lines WHERE order_id = %s ORDER BY 1", (oid,))
+        cur.execute(
+            "SELECT product_id, fulfilled, released FROM order_lines WHERE order_id = %s ORDER BY 1", (oid,)
+        )
         assert cur.fetchall() == sorted([(p, 6, 0), (q, 2, 0)])
     db.verify()
 
@@ -438,26 +598,51 @@ def test_expiry_releases_every_level_and_completion_takes_them_again(db):
     swept = db.expire(oid)
     mine = [m for m in swept["messages"] if m["body"]["causation_id"] == placed_id]
     assert [(m["routing_key"], m["body"]["data"]) for m in mine] == [
-        ("inventory.expired", {"order_id": oid, "lines": [{"product_id": p, "quantity": 6},
-                                                          {"product_id": q, "quantity": 2}],
-                               "expired_at": mine[0]["body"]["data"]["expired_at"]}),
-        ("inventory.back_in_stock", {"product_id": p, "available": 6})]
-    assert db.levels(p) == {"default": (3, 0), loc: (3, 0)} and db.levels(q) == {"default": (0, 0), loc: (5, 0)}
+        (
+            "inventory.expired",
+            {
+                "order_id": oid,
+                "lines": [{"product_id": p, "quantity": 6}, {"product_id": q, "quantity": 2}],
+                "expired_at": mine[0]["body"]["data"]["expired_at"],
+            },
+        ),
+        ("inventory.back_in_stock", {"product_id": p, "available": 6}),
+    ]
+    assert db.levels(p) == {"default": (3, 0), loc: (3, 0)} and db.levels(q) == {
+        "default": (0, 0),
+        loc: (5, 0),
+    }
     assert db.order(oid)[0] == "expired"
     db.verify()
     out = db.one("order.completed", {"order_id": oid})
     assert out.outcome == "committed"
-    assert msgs(out) == [("inventory.committed", {"order_id": oid, "lines": [
-        {"product_id": p, "quantity": 6}, {"product_id": q, "quantity": 2}]}),
-        ("inventory.low_stock", {"product_id": p, "available": 0, "threshold": 0})]
-    assert db.levels(p) == {"default": (0, 0), loc: (0, 0)} and db.levels(q) == {"default": (0, 0), loc: (3, 0)}
+    assert msgs(out) == [
+        (
+            "inventory.committed",
+            {"order_id": oid, "lines": [{"product_id": p, "quantity": 6}, {"product_id": q, "quantity": 2}]},
+        ),
+        ("inventory.low_stock", {"product_id": p, "available": 0, "threshold": 0}),
+    ]
+    assert db.levels(p) == {"default": (0, 0), loc: (0, 0)} and db.levels(q) == {
+        "default": (0, 0),
+        loc: (3, 0),
+    }
     with pg(db.settings) as cur:
-        cur.execute("SELECT location_id, reason, on_hand_delta, reserved_delta FROM stock_movements"
-                    " WHERE order_id = %s AND product_id = %s ORDER BY id", (oid, p))
-        assert cur.fetchall() == [("default", "reserve", 0, 3), (loc, "reserve", 0, 3),
-                                  ("default", "expire", 0, -3), (loc, "expire", 0, -3),
-                                  ("default", "reserve", 0, 3), (loc, "reserve", 0, 3),
-                                  ("default", "commit", -3, -3), (loc, "commit", -3, -3)]
+        cur.execute(
+            "SELECT location_id, reason, on_hand_delta, reserved_delta FROM stock_movements"
+            " WHERE order_id = %s AND product_id = %s ORDER BY id",
+            (oid, p),
+        )
+        assert cur.fetchall() == [
+            ("default", "reserve", 0, 3),
+            (loc, "reserve", 0, 3),
+            ("default", "expire", 0, -3),
+            (loc, "expire", 0, -3),
+            ("default", "reserve", 0, 3),
+            (loc, "reserve", 0, 3),
+            ("default", "commit", -3, -3),
+            (loc, "commit", -3, -3),
+        ]
     db.verify()
 
 
@@ -468,9 +653,20 @@ def test_completion_after_expiry_needs_each_original_level(db):
     rival = uid("o")
     assert db.place(rival, (p, 2, loc)).outcome == "reserved"
     out = db.one("order.completed", {"order_id": oid})
-    assert msgs(out) == [("inventory.rejected", {"order_id": oid, "reason": "reservation_expired", "shortages": [
-        {"product_id": p, "requested": 6, "available": 4}]})]
-    assert db.levels(p) == {"default": (3, 0), loc: (3, 2)} and db.levels(q) == {"default": (0, 0), loc: (5, 0)}
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": oid,
+                "reason": "reservation_expired",
+                "shortages": [{"product_id": p, "requested": 6, "available": 4}],
+            },
+        )
+    ]
+    assert db.levels(p) == {"default": (3, 0), loc: (3, 2)} and db.levels(q) == {
+        "default": (0, 0),
+        loc: (5, 0),
+    }
     assert db.order(oid)[0] == "expired"
     db.verify()
 
@@ -500,7 +696,9 @@ def test_channel_given_with_everything_at_default_is_implicit_but_said(db):
     assert msgs(out) == [reserved(oid, (pid, 2)), allocated(oid, "default", (pid, 2, [("default", 2)]))]
     assert db.order(oid) == ("reserved", False, "default") and db.allocations(oid) == []
     out = db.one("order.completed", {"order_id": oid})
-    assert msgs(out) == [("inventory.committed", {"order_id": oid, "lines": [{"product_id": pid, "quantity": 2}]})]
+    assert msgs(out) == [
+        ("inventory.committed", {"order_id": oid, "lines": [{"product_id": pid, "quantity": 2}]})
+    ]
     db.verify()
 
 
@@ -508,8 +706,13 @@ def test_a_batch_mixing_default_only_and_located_orders(db):
     loc = db.location(2)
     plain, split = db.stock({"default": 10}), db.stock({"default": 1, loc: 9})
     orders = [uid("o") for _ in range(6)]
-    events = [ev("order.placed", {"order_id": o, "lines": [{"product_id": plain if i % 2 else split, "quantity": 3}]})
-              for i, o in enumerate(orders)]
+    events = [
+        ev(
+            "order.placed",
+            {"order_id": o, "lines": [{"product_id": plain if i % 2 else split, "quantity": 3}]},
+        )
+        for i, o in enumerate(orders)
+    ]
     outs = db.apply(*events)
     assert [o.outcome for o in outs] == ["reserved"] * 6
     assert db.levels(plain) == {"default": (10, 9)} and db.levels(split) == {"default": (1, 1), loc: (9, 8)}
@@ -534,9 +737,12 @@ def test_concurrent_orders_over_two_locations_never_oversell_a_level(db, setting
         try:
             with pg(settings) as cur:
                 while not stop.is_set():
-                    cur.execute("SELECT product_id, location_id, on_hand, reserved FROM stock_levels"
-                                " WHERE product_id = ANY(%s) AND (reserved > on_hand - damaged - quality_control"
-                                " OR reserved < 0)", (pids,))
+                    cur.execute(
+                        "SELECT product_id, location_id, on_hand, reserved FROM stock_levels"
+                        " WHERE product_id = ANY(%s) AND (reserved > on_hand - damaged - quality_control"
+                        " OR reserved < 0)",
+                        (pids,),
+                    )
                     assert cur.fetchall() == []
                     samples[0] += 1
         except BaseException as exc:  # reported below
@@ -551,14 +757,23 @@ def test_concurrent_orders_over_two_locations_never_oversell_a_level(db, setting
                 batch = []
                 for _ in range(rng.randint(1, 4)):
                     if placed and rng.random() < 0.4:
-                        batch.append(ev(rng.choice(["order.cancelled", "order.completed"]),
-                                        {"order_id": placed.pop(rng.randrange(len(placed)))}))
+                        batch.append(
+                            ev(
+                                rng.choice(["order.cancelled", "order.completed"]),
+                                {"order_id": placed.pop(rng.randrange(len(placed)))},
+                            )
+                        )
                     else:
                         oid = uid("o")
                         placed.append(oid)
-                        lines = [{"product_id": p, "quantity": rng.randint(1, 5),
-                                  **({"location_id": rng.choice([a, b])} if rng.random() < 0.2 else {})}
-                                 for p in rng.sample(pids, rng.randint(1, 2))]
+                        lines = [
+                            {
+                                "product_id": p,
+                                "quantity": rng.randint(1, 5),
+                                **({"location_id": rng.choice([a, b])} if rng.random() < 0.2 else {}),
+                            }
+                            for p in rng.sample(pids, rng.randint(1, 2))
+                        ]
                         batch.append(ev("order.placed", {"order_id": oid, "lines": lines, "channel_id": ch}))
                 for attempt in range(20):
                     try:
@@ -603,10 +818,16 @@ def test_a_plain_adjustment_of_a_multi_location_product_is_checked_at_default(db
     loc = db.location(4)
     pid = db.stock({loc: 5})
     out = db.one("stock.adjusted", {"product_id": pid, "delta": -1})
-    assert msgs(out) == [("inventory.adjustment_rejected", {
-        "product_id": pid, "reason": "negative_on_hand", "on_hand": 5, "reserved": 0, "requested": -1})]
+    assert msgs(out) == [
+        (
+            "inventory.adjustment_rejected",
+            {"product_id": pid, "reason": "negative_on_hand", "on_hand": 5, "reserved": 0, "requested": -1},
+        )
+    ]
     out = db.one("stock.adjusted", {"product_id": pid, "on_hand": 2})
-    assert msgs(out) == [("inventory.adjusted", {"product_id": pid, "on_hand": 7, "reserved": 0, "available": 7})]
+    assert msgs(out) == [
+        ("inventory.adjusted", {"product_id": pid, "on_hand": 7, "reserved": 0, "available": 7})
+    ]
     assert db.levels(pid) == {"default": (2, 0), loc: (5, 0)}
     # Unsellable units at a default-only product count against below_reserved.
     other = db.stock({"default": 5})
@@ -619,7 +840,6 @@ def test_a_plain_adjustment_of_a_multi_location_product_is_checked_at_default(db
     db.verify()
 
 
-
 def test_a_batch_sees_default_stop_fulfilling_at_once(settings):
     """default_sells() caches default's flags per transaction; a location.configured of
     `default` in the same batch must be seen by the events after it. (A database of its own:
@@ -629,12 +849,14 @@ def test_a_batch_sees_default_stop_fulfilling_at_once(settings):
         try:
             p = uid("DS")
             store.apply_batch([ev("stock.adjusted", {"product_id": p, "on_hand": 5})])
-            out = store.apply_batch([
-                ev("order.placed", {"order_id": uid("O"), "lines": [{"product_id": p, "quantity": 1}]}),
-                ev("location.configured", {"location_id": "default", "fulfils_orders": False}),
-                ev("order.placed", {"order_id": uid("O"), "lines": [{"product_id": p, "quantity": 1}]}),
-                ev("stock.adjusted", {"product_id": p, "delta": 1}),
-            ])
+            out = store.apply_batch(
+                [
+                    ev("order.placed", {"order_id": uid("O"), "lines": [{"product_id": p, "quantity": 1}]}),
+                    ev("location.configured", {"location_id": "default", "fulfils_orders": False}),
+                    ev("order.placed", {"order_id": uid("O"), "lines": [{"product_id": p, "quantity": 1}]}),
+                    ev("stock.adjusted", {"product_id": p, "delta": 1}),
+                ]
+            )
             assert [o.outcome for o in out] == ["reserved", "configured", "rejected", "adjusted"]
             adjusted = out[3].messages[0].body["data"]
             assert (adjusted["on_hand"], adjusted["reserved"], adjusted["available"]) == (6, 1, 0)

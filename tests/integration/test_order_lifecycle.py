@@ -66,8 +66,14 @@ def life(settings) -> Life:
 
 
 def rejected(order_id: str, reason: str, *shortages: tuple[str, int, int]) -> tuple[str, dict[str, Any]]:
-    return ("inventory.rejected", {"order_id": order_id, "reason": reason, "shortages": [
-        {"product_id": p, "requested": r, "available": a} for p, r, a in shortages]})
+    return (
+        "inventory.rejected",
+        {
+            "order_id": order_id,
+            "reason": reason,
+            "shortages": [{"product_id": p, "requested": r, "available": a} for p, r, a in shortages],
+        },
+    )
 
 
 # ==== reservation.extended (4.2, acceptance check 8) ============================================
@@ -120,9 +126,13 @@ def test_extension_never_shortens_and_is_capped_by_the_lifetime(settings, life):
         other = uid("o")
         life.place(other, (pid, 1), reservation_ttl_seconds=600)
         _, created, _ = life.deadline(other)
-        out = short.apply_batch([ev("reservation.extended", {"order_id": other, "extend_by_seconds": 3600})])[0]
+        out = short.apply_batch([ev("reservation.extended", {"order_id": other, "extend_by_seconds": 3600})])[
+            0
+        ]
         assert out.outcome == "extended" and life.deadline(other)[0] == created + timedelta(seconds=700)
-        out = short.apply_batch([ev("reservation.extended", {"order_id": other, "extend_by_seconds": 3600})])[0]
+        out = short.apply_batch([ev("reservation.extended", {"order_id": other, "extend_by_seconds": 3600})])[
+            0
+        ]
         assert (out.outcome, msgs(out)) == ("rejected", [rejected(other, "extension_limit")])
     finally:
         short.close()
@@ -136,8 +146,16 @@ def test_until_fulfilled_is_never_swept(life):
     before, _, _ = life.deadline(oid)
     out = life.extend(oid, until_fulfilled=True)
     assert out.outcome == "extended"
-    assert msgs(out) == [("inventory.reservation_extended", {
-        "order_id": oid, "expires_at": None, "previous_expires_at": msgs(out)[0][1]["previous_expires_at"]})]
+    assert msgs(out) == [
+        (
+            "inventory.reservation_extended",
+            {
+                "order_id": oid,
+                "expires_at": None,
+                "previous_expires_at": msgs(out)[0][1]["previous_expires_at"],
+            },
+        )
+    ]
     assert ts(msgs(out)[0][1]["previous_expires_at"]) == before
     assert life.deadline(oid)[0] is None
     time.sleep(1.3)
@@ -197,8 +215,14 @@ def test_extension_and_sweeper_race_under_the_order_lock(settings, life):
     conn = psycopg2.connect(**settings.database.dsn())
     try:
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT apply_events(%s::jsonb)", (psycopg2.extras.Json(
-                [ev("reservation.extended", {"order_id": oid, "extend_by_seconds": 3600})]),))
+            cur.execute(
+                "SELECT apply_events(%s::jsonb)",
+                (
+                    psycopg2.extras.Json(
+                        [ev("reservation.extended", {"order_id": oid, "extend_by_seconds": 3600})]
+                    ),
+                ),
+            )
             assert cur.fetchone()[0][0]["outcome"] == "extended"
             time.sleep(1.3)
             assert life.sweep()["expired"] == 0
@@ -230,31 +254,55 @@ def test_extension_and_sweeper_race_under_the_order_lock(settings, life):
 
 
 def fulfilled(order_id: str, fid: str, lines: list[tuple], open_: list[tuple]) -> tuple[str, dict[str, Any]]:
-    return ("inventory.fulfilled", {"order_id": order_id, "fulfilment_id": fid,
-                                    "lines": [{"product_id": p, "location_id": loc, "quantity": q} for p, loc, q in lines],
-                                    "open": [{"product_id": p, "reserved": r, "backordered": b} for p, r, b in open_]})
+    return (
+        "inventory.fulfilled",
+        {
+            "order_id": order_id,
+            "fulfilment_id": fid,
+            "lines": [{"product_id": p, "location_id": loc, "quantity": q} for p, loc, q in lines],
+            "open": [{"product_id": p, "reserved": r, "backordered": b} for p, r, b in open_],
+        },
+    )
 
 
 def committed(order_id: str, *lines: tuple[str, int]) -> tuple[str, dict[str, Any]]:
-    return ("inventory.committed", {"order_id": order_id, "lines": [{"product_id": p, "quantity": q} for p, q in lines]})
+    return (
+        "inventory.committed",
+        {"order_id": order_id, "lines": [{"product_id": p, "quantity": q} for p, q in lines]},
+    )
 
 
 def fulfil(life: Life, order_id: str, fid: str, *lines: tuple) -> Outcome:
-    return life.one("order.fulfilled", {"order_id": order_id, "fulfilment_id": fid, "lines": [
-        {"product_id": x[0], "quantity": x[1], **({"location_id": x[2]} if len(x) > 2 else {})} for x in lines]})
+    return life.one(
+        "order.fulfilled",
+        {
+            "order_id": order_id,
+            "fulfilment_id": fid,
+            "lines": [
+                {"product_id": x[0], "quantity": x[1], **({"location_id": x[2]} if len(x) > 2 else {})}
+                for x in lines
+            ],
+        },
+    )
 
 
 def line_counters(life: Life, order_id: str) -> list[tuple]:
     with pg(life.settings) as cur:
-        cur.execute("SELECT product_id, quantity, fulfilled, released, backordered, returned FROM order_lines"
-                    " WHERE order_id = %s ORDER BY line_no", (order_id,))
+        cur.execute(
+            "SELECT product_id, quantity, fulfilled, released, backordered, returned FROM order_lines"
+            " WHERE order_id = %s ORDER BY line_no",
+            (order_id,),
+        )
         return cur.fetchall()
 
 
 def ledger(life: Life, order_id: str) -> list[tuple]:
     with pg(life.settings) as cur:
-        cur.execute("SELECT reason, product_id, location_id, on_hand_delta, reserved_delta, reference"
-                    " FROM stock_movements WHERE order_id = %s ORDER BY id", (order_id,))
+        cur.execute(
+            "SELECT reason, product_id, location_id, on_hand_delta, reserved_delta, reference"
+            " FROM stock_movements WHERE order_id = %s ORDER BY id",
+            (order_id,),
+        )
         return cur.fetchall()
 
 
@@ -270,8 +318,15 @@ def test_partial_fulfilment_3_then_2_commits_once(life):
     assert msgs(out) == [fulfilled(oid, "f1", [(pid, "default", 3)], [(pid, 2, 0)])]
     assert life.order(oid) == ("reserved", True, None) and life.deadline(oid)[0] is None
     assert life.totals(pid) == (7, 2, 5)
-    assert out.products == [{"product_id": pid, "on_hand": 7, "reserved": 2, "available": 5,
-                             "version": out.products[0]["version"]}]
+    assert out.products == [
+        {
+            "product_id": pid,
+            "on_hand": 7,
+            "reserved": 2,
+            "available": 5,
+            "version": out.products[0]["version"],
+        }
+    ]
     life.verify()
     # Reused fulfilment_id under a new message id: nothing, nothing published.
     out = fulfil(life, oid, "f1", (pid, 2))
@@ -284,8 +339,11 @@ def test_partial_fulfilment_3_then_2_commits_once(life):
     # A third fulfilment -> order_completed; the reused id stays a duplicate.
     assert msgs(fulfil(life, oid, "f3", (pid, 1))) == [rejected(oid, "order_completed")]
     assert fulfil(life, oid, "f2", (pid, 1)).outcome == "duplicate_fulfilment"
-    assert ledger(life, oid) == [("reserve", pid, "default", 0, 5, None), ("fulfil", pid, "default", -3, -3, "f1"),
-                                 ("fulfil", pid, "default", -2, -2, "f2")]
+    assert ledger(life, oid) == [
+        ("reserve", pid, "default", 0, 5, None),
+        ("fulfil", pid, "default", -3, -3, "f1"),
+        ("fulfil", pid, "default", -2, -2, "f2"),
+    ]
     life.verify()
 
 
@@ -294,7 +352,7 @@ def test_fulfilment_consumes_allocations_in_order_and_by_location(life):
     ch = life.channel([a, b])
     p, q = life.stock({a: 3, b: 5}), life.stock({a: 4})
     oid = uid("o")
-    assert life.place(oid, (p, 6), (q, 2), channel_id=ch).outcome == "reserved"   # p: a 3, b 3
+    assert life.place(oid, (p, 6), (q, 2), channel_id=ch).outcome == "reserved"  # p: a 3, b 3
     # Without location: allocation order (a first, then b); with it: that location only.
     out = fulfil(life, oid, "f1", (p, 4), (q, 1, a))
     assert msgs(out) == [fulfilled(oid, "f1", [(p, a, 3), (p, b, 1), (q, a, 1)], [(p, 2, 0), (q, 1, 0)])]
@@ -340,7 +398,7 @@ def test_completion_after_partial_fulfilment_commits_the_rest(life):
     ch = life.channel([a, "default"])
     p, q = life.stock({a: 2, "default": 5}), life.stock({"default": 5})
     oid = uid("o")
-    life.place(oid, (p, 4), (q, 3), channel_id=ch)   # p: a 2, default 2; q: default 3
+    life.place(oid, (p, 4), (q, 3), channel_id=ch)  # p: a 2, default 2; q: default 3
     fulfil(life, oid, "f1", (p, 1))
     out = life.one("order.completed", {"order_id": oid})
     assert out.outcome == "committed"
@@ -376,8 +434,10 @@ def test_untracked_line_is_fulfilled_without_stock(life):
     assert [f["product_id"] for f in out.products] == [p]
     assert msgs(fulfil(life, oid, "f2", (u, 1, "default"))) == [rejected(oid, "exceeds_reserved", (u, 1, 0))]
     assert msgs(fulfil(life, oid, "f2", (u, 2))) == [rejected(oid, "exceeds_reserved", (u, 2, 1))]
-    assert msgs(fulfil(life, oid, "f2", (u, 1))) == [fulfilled(oid, "f2", [(u, None, 1)], []),
-                                                      committed(oid, (p, 2), (u, 3))]
+    assert msgs(fulfil(life, oid, "f2", (u, 1))) == [
+        fulfilled(oid, "f2", [(u, None, 1)], []),
+        committed(oid, (p, 2), (u, 3)),
+    ]
     assert life.totals(u) == (0, 0, 0) and life.totals(p) == (3, 0, 3)
     life.verify()
 
@@ -391,12 +451,17 @@ def test_verify_checks_the_line_counters(life):
 
     def found() -> list[tuple]:
         with pg(life.settings) as cur:
-            cur.execute("SELECT figure, recorded, expected, source FROM stock_mismatches() WHERE product_id = %s", (pid,))
+            cur.execute(
+                "SELECT figure, recorded, expected, source FROM stock_mismatches() WHERE product_id = %s",
+                (pid,),
+            )
             return cur.fetchall()
 
     for change, mismatch in (
-        ("fulfilled = fulfilled + 1", [("fulfilled of order " + oid, 3, 2, "orders"),
-                                       ("quantity of order " + oid, 5, 6, "orders")]),
+        (
+            "fulfilled = fulfilled + 1",
+            [("fulfilled of order " + oid, 3, 2, "orders"), ("quantity of order " + oid, 5, 6, "orders")],
+        ),
         ("released = 1", [("quantity of order " + oid, 5, 6, "orders")]),
         ("returned = 3", [("returned of order " + oid, 3, 2, "orders")]),
     ):
@@ -410,13 +475,24 @@ def test_verify_checks_the_line_counters(life):
 
 
 def cancel(life: Life, order_id: str, *lines: tuple[str, int]) -> Outcome:
-    return life.one("order.cancelled", {"order_id": order_id, **(
-        {"lines": [{"product_id": p, "quantity": q} for p, q in lines]} if lines else {})})
+    return life.one(
+        "order.cancelled",
+        {
+            "order_id": order_id,
+            **({"lines": [{"product_id": p, "quantity": q} for p, q in lines]} if lines else {}),
+        },
+    )
 
 
 def released(order_id: str, *lines: tuple[str, int]) -> tuple[str, dict[str, Any]]:
-    return ("inventory.released", {"order_id": order_id, "lines": [{"product_id": p, "quantity": q} for p, q in lines],
-                                   "reason": "cancelled"})
+    return (
+        "inventory.released",
+        {
+            "order_id": order_id,
+            "lines": [{"product_id": p, "quantity": q} for p, q in lines],
+            "reason": "cancelled",
+        },
+    )
 
 
 def test_partial_cancel_releases_the_last_location_first(life):
@@ -424,7 +500,7 @@ def test_partial_cancel_releases_the_last_location_first(life):
     ch = life.channel([a, b])
     p, q = life.stock({a: 3, b: 5}), life.stock({a: 4})
     oid = uid("o")
-    life.place(oid, (p, 6), (q, 2), channel_id=ch)   # p: a 3, b 3
+    life.place(oid, (p, 6), (q, 2), channel_id=ch)  # p: a 3, b 3
     out = cancel(life, oid, (p, 4))
     assert out.outcome == "released"
     assert msgs(out) == [released(oid, (p, 4))]
@@ -466,8 +542,11 @@ def test_cancel_closing_a_partly_fulfilled_order_commits_it(life):
     fulfil(life, oid, "f1", (pid, 3))
     # Taking q's last unit back into stock: back_in_stock after the release.
     out = cancel(life, oid, (pid, 2), (q, 1))
-    assert msgs(out) == [released(oid, (pid, 2), (q, 1)), committed(oid, (pid, 3)),
-                         ("inventory.back_in_stock", {"product_id": q, "available": 1})]
+    assert msgs(out) == [
+        released(oid, (pid, 2), (q, 1)),
+        committed(oid, (pid, 3)),
+        ("inventory.back_in_stock", {"product_id": q, "available": 1}),
+    ]
     assert life.order(oid)[0] == "committed"
     assert line_counters(life, oid) == [(pid, 5, 3, 2, 0, 0), (q, 1, 0, 1, 0, 0)]
     life.verify()
@@ -505,10 +584,12 @@ def test_partial_cancel_takes_backordered_units_first(life):
     ch = life.channel(["default", a])
     pid = life.stock({"default": 2, a: 2})
     oid = uid("o")
-    life.place(oid, (pid, 4), channel_id=ch)   # default 2, a 2
+    life.place(oid, (pid, 4), channel_id=ch)  # default 2, a 2
     life.sql("UPDATE order_lines SET quantity = 6, backordered = 2 WHERE order_id = %s", oid)
-    assert msgs(cancel(life, oid, (pid, 3))) == [released(oid, (pid, 3)),
-                                                 ("inventory.back_in_stock", {"product_id": pid, "available": 1})]
+    assert msgs(cancel(life, oid, (pid, 3))) == [
+        released(oid, (pid, 3)),
+        ("inventory.back_in_stock", {"product_id": pid, "available": 1}),
+    ]
     assert line_counters(life, oid) == [(pid, 6, 0, 3, 0, 0)]
     assert life.levels(pid) == {"default": (2, 2), a: (2, 1)}
     life.verify()
@@ -519,21 +600,45 @@ def test_partial_cancel_takes_backordered_units_first(life):
 
 def give_back(life: Life, order_id: str, rid: str, *lines: tuple) -> Outcome:
     """A line is (product_id, quantity, condition[, location_id])."""
-    return life.one("order.returned", {"order_id": order_id, "return_id": rid, "lines": [
-        {"product_id": x[0], "quantity": x[1], "condition": x[2], **({"location_id": x[3]} if len(x) > 3 else {})}
-        for x in lines]})
+    return life.one(
+        "order.returned",
+        {
+            "order_id": order_id,
+            "return_id": rid,
+            "lines": [
+                {
+                    "product_id": x[0],
+                    "quantity": x[1],
+                    "condition": x[2],
+                    **({"location_id": x[3]} if len(x) > 3 else {}),
+                }
+                for x in lines
+            ],
+        },
+    )
 
 
 def returned(order_id: str, rid: str, *lines: tuple) -> tuple[str, dict[str, Any]]:
-    return ("inventory.returned", {"order_id": order_id, "return_id": rid, "lines": [
-        {"product_id": p, "location_id": loc, "quantity": q, "condition": c} for p, q, c, loc in lines]})
+    return (
+        "inventory.returned",
+        {
+            "order_id": order_id,
+            "return_id": rid,
+            "lines": [
+                {"product_id": p, "location_id": loc, "quantity": q, "condition": c} for p, q, c, loc in lines
+            ],
+        },
+    )
 
 
 def detail(life: Life, pid: str) -> tuple[int, int, int, int, int]:
     """(on_hand, reserved, damaged, quality_control, available) of the product."""
     with pg(life.settings) as cur:
-        cur.execute("SELECT on_hand, reserved, damaged, quality_control, (product_figures(p)->>'available')::int"
-                    " FROM products p WHERE product_id = %s", (pid,))
+        cur.execute(
+            "SELECT on_hand, reserved, damaged, quality_control, (product_figures(p)->>'available')::int"
+            " FROM products p WHERE product_id = %s",
+            (pid,),
+        )
         return cur.fetchone()
 
 
@@ -542,7 +647,7 @@ def test_return_sellable_and_damaged_restocks_where_it_was_fulfilled(life):
     ch = life.channel([a, "default"])
     pid = life.stock({a: 5, "default": 5})
     oid = uid("o")
-    life.place(oid, (pid, 5), channel_id=ch)   # all at a
+    life.place(oid, (pid, 5), channel_id=ch)  # all at a
     fulfil(life, oid, "f1", (pid, 5))
     before = detail(life, pid)
     out = give_back(life, oid, "r1", (pid, 2, "sellable"), (pid, 1, "damaged"))
@@ -552,11 +657,19 @@ def test_return_sellable_and_damaged_restocks_where_it_was_fulfilled(life):
     assert (after[0] - before[0], after[2] - before[2], after[4] - before[4]) == (3, 1, 2)
     assert life.levels(pid)[a] == (3, 0)
     assert line_counters(life, oid) == [(pid, 5, 5, 0, 0, 3)]
-    assert out.products == [{"product_id": pid, "on_hand": after[0], "reserved": 0, "available": after[4],
-                             "version": out.products[0]["version"]}]
+    assert out.products == [
+        {
+            "product_id": pid,
+            "on_hand": after[0],
+            "reserved": 0,
+            "available": after[4],
+            "version": out.products[0]["version"],
+        }
+    ]
     # More than fulfilled -> exceeds_fulfilled (available = fulfilled - returned), nothing changes.
     assert msgs(give_back(life, oid, "r2", (pid, 2, "sellable"), (pid, 1, "disposed"))) == [
-        rejected(oid, "exceeds_fulfilled", (pid, 3, 2))]
+        rejected(oid, "exceeds_fulfilled", (pid, 3, 2))
+    ]
     assert detail(life, pid) == after
     # Reused return_id: nothing, nothing published.
     out = give_back(life, oid, "r1", (pid, 1, "sellable"))
@@ -570,15 +683,17 @@ def test_return_sellable_and_damaged_restocks_where_it_was_fulfilled(life):
 
 
 def test_return_to_another_location_and_of_an_order_committed_at_default(life):
-    store = life.location(5, active=False)    # a store that sells nothing still takes returns
+    store = life.location(5, active=False)  # a store that sells nothing still takes returns
     pid = life.stock({"default": 1})
     oid = uid("o")
     life.place(oid, (pid, 1))
-    assert life.one("order.completed", {"order_id": oid}).outcome == "committed"   # fast path, no counters
+    assert life.one("order.completed", {"order_id": oid}).outcome == "committed"  # fast path, no counters
     assert life.totals(pid) == (0, 0, 0)
     out = give_back(life, oid, "r1", (pid, 1, "sellable"))
-    assert msgs(out) == [returned(oid, "r1", (pid, 1, "sellable", "default")),
-                         ("inventory.back_in_stock", {"product_id": pid, "available": 1})]
+    assert msgs(out) == [
+        returned(oid, "r1", (pid, 1, "sellable", "default")),
+        ("inventory.back_in_stock", {"product_id": pid, "available": 1}),
+    ]
     assert line_counters(life, oid) == [(pid, 1, 1, 0, 0, 1)] and life.totals(pid) == (1, 0, 1)
     life.verify()
     other = uid("o")
@@ -595,11 +710,16 @@ def test_return_refusals(life):
     oid = uid("o")
     assert msgs(give_back(life, oid, "r", (pid, 1, "sellable"))) == [rejected(oid, "unknown_order")]
     life.place(oid, (pid, 2))
-    assert msgs(give_back(life, oid, "r", (pid, 1, "sellable"))) == [rejected(oid, "exceeds_fulfilled", (pid, 1, 0))]
+    assert msgs(give_back(life, oid, "r", (pid, 1, "sellable"))) == [
+        rejected(oid, "exceeds_fulfilled", (pid, 1, 0))
+    ]
     fulfil(life, oid, "f", (pid, 1))
     other = uid("P")
-    assert msgs(give_back(life, oid, "r", (other, 1, "sellable"))) == [rejected(oid, "unknown_line", (other, 1, 0))]
+    assert msgs(give_back(life, oid, "r", (other, 1, "sellable"))) == [
+        rejected(oid, "unknown_line", (other, 1, 0))
+    ]
     assert msgs(give_back(life, oid, "r", (pid, 1, "sellable", uid("L")))) == [
-        rejected(oid, "unknown_location", (pid, 1, 0))]
-    assert give_back(life, oid, "r", (pid, 1, "sellable")).outcome == "returned"   # a refused id may be reused
+        rejected(oid, "unknown_location", (pid, 1, 0))
+    ]
+    assert give_back(life, oid, "r", (pid, 1, "sellable")).outcome == "returned"  # a refused id may be reused
     life.verify()

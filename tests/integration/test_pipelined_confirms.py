@@ -17,8 +17,14 @@ def _messages(n: int, start: int = 1) -> list[OutgoingMessage]:
     out = []
     for i in range(start, start + n):
         mid = str(uuid.uuid4())
-        out.append(OutgoingMessage(i, mid, "inventory.adjusted",
-                                   {"id": mid, "type": "inventory.adjusted", "seq": i, "causation_id": None}))
+        out.append(
+            OutgoingMessage(
+                i,
+                mid,
+                "inventory.adjusted",
+                {"id": mid, "type": "inventory.adjusted", "seq": i, "causation_id": None},
+            )
+        )
     return out
 
 
@@ -107,11 +113,17 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
 
     from ..support import pg, uid
 
-    s = settings.model_copy(update={"rabbitmq": settings.rabbitmq.model_copy(
-        update={"events_exchange": settings.rabbitmq.events_exchange + "." + uid("x")})})
+    s = settings.model_copy(
+        update={
+            "rabbitmq": settings.rabbitmq.model_copy(
+                update={"events_exchange": settings.rabbitmq.events_exchange + "." + uid("x")}
+            )
+        }
+    )
     store = Store(s.database)
-    [out] = store.apply_batch([{"id": str(uuid.uuid4()), "type": "stock.adjusted",
-                                "data": {"product_id": uid("SKU"), "delta": 5}}])
+    [out] = store.apply_batch(
+        [{"id": str(uuid.uuid4()), "type": "stock.adjusted", "data": {"product_id": uid("SKU"), "delta": 5}}]
+    )
     store.close()
     ids = [m.outbox_id for m in out.messages]
     conn = rabbitmq.connect(s.rabbitmq)
@@ -119,7 +131,9 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
     try:
         ch = conn.channel()
         rabbitmq.declare_topology(ch, s.rabbitmq)
-        full = ch.queue_declare("", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+        full = ch.queue_declare(
+            "", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
         ch.queue_bind(full.method.queue, s.rabbitmq.events_exchange, routing_key="#")
         pub = rabbitmq.Publisher(conn.channel(), s.rabbitmq)
 
@@ -168,7 +182,9 @@ def test_a_batch_goes_out_in_few_sends_and_arrives_intact(settings, monkeypatch)
         q = _queue(ch, settings)
         messages = _messages(300)
         messages[7].body["padding"] = "x" * 300_000  # > frame_max (128 KiB): several body frames
-        monkeypatch.setattr(io_services_utils._AsyncTransportBase, "_sigint_safe_send", staticmethod(counting_send))
+        monkeypatch.setattr(
+            io_services_utils._AsyncTransportBase, "_sigint_safe_send", staticmethod(counting_send)
+        )
         pub.send_results(messages)
         pub.drain()
         monkeypatch.undo()

@@ -18,15 +18,19 @@ from ..support import pg, uid
 def sku(settings) -> str:
     p = uid("SKU")
     with pg(settings) as cur:
-        cur.execute("SELECT apply_event(%s, 'stock.adjusted', %s::jsonb)",
-                    (str(uuid.uuid4()), json.dumps({"product_id": p, "delta": 10})))
+        cur.execute(
+            "SELECT apply_event(%s, 'stock.adjusted', %s::jsonb)",
+            (str(uuid.uuid4()), json.dumps({"product_id": p, "delta": 10})),
+        )
     return p
 
 
 def state(settings, product_id: str) -> tuple:
     with pg(settings) as cur:
-        cur.execute("SELECT on_hand, reserved, low_stock_threshold, version FROM products WHERE product_id = %s",
-                    (product_id,))
+        cur.execute(
+            "SELECT on_hand, reserved, low_stock_threshold, version FROM products WHERE product_id = %s",
+            (product_id,),
+        )
         row = cur.fetchone()
         cur.execute("SELECT count(*) FROM stock_movements WHERE product_id = %s", (product_id,))
         return row, cur.fetchone()[0]
@@ -40,13 +44,25 @@ BAD = [
     ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "price": 3}]}),
     ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}] * 2}),
     ("order.placed", lambda p: {"order_id": "o", "lines": []}),
-    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}] + [
-        {"product_id": f"x{i}", "quantity": 1} for i in range(100)]}),
+    (
+        "order.placed",
+        lambda p: {
+            "order_id": "o",
+            "lines": [{"product_id": p, "quantity": 1}]
+            + [{"product_id": f"x{i}", "quantity": 1} for i in range(100)],
+        },
+    ),
     ("order.placed", lambda p: {"order_id": 7, "lines": [{"product_id": p, "quantity": 1}]}),
     ("order.placed", lambda p: {"order_id": "", "lines": [{"product_id": p, "quantity": 1}]}),
     ("order.placed", lambda p: {"order_id": "o" * 201, "lines": [{"product_id": p, "quantity": 1}]}),
-    ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}],
-                                "reservation_ttl_seconds": -1}),
+    (
+        "order.placed",
+        lambda p: {
+            "order_id": "o",
+            "lines": [{"product_id": p, "quantity": 1}],
+            "reservation_ttl_seconds": -1,
+        },
+    ),
     ("order.placed", lambda p: {"order_id": "o", "lines": [{"product_id": p + "'; --", "quantity": 1}]}),
     ("order.placed", lambda p: {"order_id": "o", "lines": {"product_id": p, "quantity": 1}}),
     ("order.cancelled", lambda p: {"order_id": ["o"]}),
@@ -70,25 +86,68 @@ BAD = [
     ("reservation.extended", lambda p: {"order_id": "", "until_fulfilled": True}),
     ("reservation.extended", lambda p: {"order_id": "o", "until_fulfilled": True, "note": 1}),
     ("order.fulfilled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}]}),
-    ("order.fulfilled", lambda p: {"order_id": "o", "fulfilment_id": "", "lines": [{"product_id": p, "quantity": 1}]}),
+    (
+        "order.fulfilled",
+        lambda p: {"order_id": "o", "fulfilment_id": "", "lines": [{"product_id": p, "quantity": 1}]},
+    ),
     ("order.fulfilled", lambda p: {"order_id": "o", "fulfilment_id": "f", "lines": []}),
-    ("order.fulfilled", lambda p: {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": p, "quantity": 0}]}),
-    ("order.fulfilled", lambda p: {"order_id": "o", "fulfilment_id": "f",
-                                   "lines": [{"product_id": p, "quantity": 1, "location_id": "a b"}]}),
-    ("order.fulfilled", lambda p: {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": p, "quantity": 1}] * 2}),
-    ("order.fulfilled", lambda p: {"order_id": "o", "fulfilment_id": "f", "x": 1,
-                                   "lines": [{"product_id": p, "quantity": 1}]}),
+    (
+        "order.fulfilled",
+        lambda p: {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": p, "quantity": 0}]},
+    ),
+    (
+        "order.fulfilled",
+        lambda p: {
+            "order_id": "o",
+            "fulfilment_id": "f",
+            "lines": [{"product_id": p, "quantity": 1, "location_id": "a b"}],
+        },
+    ),
+    (
+        "order.fulfilled",
+        lambda p: {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": p, "quantity": 1}] * 2},
+    ),
+    (
+        "order.fulfilled",
+        lambda p: {
+            "order_id": "o",
+            "fulfilment_id": "f",
+            "x": 1,
+            "lines": [{"product_id": p, "quantity": 1}],
+        },
+    ),
     ("order.cancelled", lambda p: {"order_id": "o", "lines": []}),
     ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 0}]}),
     ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}] * 2}),
-    ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "location_id": "s"}]}),
+    (
+        "order.cancelled",
+        lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "location_id": "s"}]},
+    ),
     ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}], "x": 1}),
-    ("order.returned", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "condition": "sellable"}]}),
-    ("order.returned", lambda p: {"order_id": "o", "return_id": "r", "lines": [{"product_id": p, "quantity": 1}]}),
-    ("order.returned", lambda p: {"order_id": "o", "return_id": "r",
-                                  "lines": [{"product_id": p, "quantity": 1, "condition": "lost"}]}),
-    ("order.returned", lambda p: {"order_id": "o", "return_id": "r",
-                                  "lines": [{"product_id": p, "quantity": 1, "condition": "sellable"}] * 2}),
+    (
+        "order.returned",
+        lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "condition": "sellable"}]},
+    ),
+    (
+        "order.returned",
+        lambda p: {"order_id": "o", "return_id": "r", "lines": [{"product_id": p, "quantity": 1}]},
+    ),
+    (
+        "order.returned",
+        lambda p: {
+            "order_id": "o",
+            "return_id": "r",
+            "lines": [{"product_id": p, "quantity": 1, "condition": "lost"}],
+        },
+    ),
+    (
+        "order.returned",
+        lambda p: {
+            "order_id": "o",
+            "return_id": "r",
+            "lines": [{"product_id": p, "quantity": 1, "condition": "sellable"}] * 2,
+        },
+    ),
     ("order.returned", lambda p: {"order_id": "o", "return_id": "r", "lines": []}),
     ("stock.dropped", lambda p: {"product_id": p, "delta": 1}),
     (None, lambda p: {"product_id": p, "delta": 1}),
@@ -118,13 +177,25 @@ def test_the_checks_let_every_valid_form_through(settings, sku):
     order = uid("O")
     with pg(settings) as cur:
         for type_, data in [
-            ("stock.adjusted", {"product_id": sku, "on_hand": 12, "reason": "count", "low_stock_threshold": 2}),
-            ("order.placed", {"order_id": order, "lines": [{"product_id": sku, "quantity": 3}],
-                              "reservation_ttl_seconds": 60}),
+            (
+                "stock.adjusted",
+                {"product_id": sku, "on_hand": 12, "reason": "count", "low_stock_threshold": 2},
+            ),
+            (
+                "order.placed",
+                {
+                    "order_id": order,
+                    "lines": [{"product_id": sku, "quantity": 3}],
+                    "reservation_ttl_seconds": 60,
+                },
+            ),
             ("order.completed", {"order_id": order}),
             ("order.cancelled", {"order_id": uid("O")}),
         ]:
-            cur.execute("SELECT apply_event(%s, %s, %s::jsonb)->>'outcome'", (str(uuid.uuid4()), type_, json.dumps(data)))
+            cur.execute(
+                "SELECT apply_event(%s, %s, %s::jsonb)->>'outcome'",
+                (str(uuid.uuid4()), type_, json.dumps(data)),
+            )
             assert cur.fetchone()[0] in ("adjusted", "reserved", "committed", "cancel_recorded")
     assert state(settings, sku)[0][:2] == (9, 0)
 
@@ -134,10 +205,14 @@ def test_products_and_orders_with_history_cannot_be_deleted(settings):
     product with ledger rows, and an order with lines, from being deleted from under them."""
     p, o = uid("SKU"), uid("O")
     with pg(settings) as cur:
-        cur.execute("SELECT apply_event(%s, 'stock.adjusted', %s::jsonb)",
-                    (str(uuid.uuid4()), json.dumps({"product_id": p, "delta": 3})))
-        cur.execute("SELECT apply_event(%s, 'order.placed', %s::jsonb)->>'outcome'",
-                    (str(uuid.uuid4()), json.dumps({"order_id": o, "lines": [{"product_id": p, "quantity": 1}]})))
+        cur.execute(
+            "SELECT apply_event(%s, 'stock.adjusted', %s::jsonb)",
+            (str(uuid.uuid4()), json.dumps({"product_id": p, "delta": 3})),
+        )
+        cur.execute(
+            "SELECT apply_event(%s, 'order.placed', %s::jsonb)->>'outcome'",
+            (str(uuid.uuid4()), json.dumps({"order_id": o, "lines": [{"product_id": p, "quantity": 1}]})),
+        )
         assert cur.fetchone()[0] == "reserved"
     for table, key, value in (("products", "product_id", p), ("orders", "order_id", o)):
         with pytest.raises(psycopg2.errors.ForeignKeyViolation):

@@ -51,8 +51,10 @@ class Ctx:
                 assert m.message_id == m.body["id"] and m.routing_key == m.body["type"]
                 assert m.body["occurred_at"].endswith("Z")
                 with pg(self.settings) as cur:
-                    cur.execute("SELECT message_id::text, routing_key, body, published_at FROM outbox WHERE id = %s",
-                                (m.outbox_id,))
+                    cur.execute(
+                        "SELECT message_id::text, routing_key, body, published_at FROM outbox WHERE id = %s",
+                        (m.outbox_id,),
+                    )
                     assert cur.fetchone() == (m.message_id, m.routing_key, m.body, None)
             emitted += len(out.messages)
         assert self.outbox_count() - before == emitted  # nothing written that is not returned
@@ -72,15 +74,19 @@ class Ctx:
     def fig(self, pid: str) -> tuple[int, int, int, int] | None:
         """(on_hand, reserved, available, version)"""
         with pg(self.settings) as cur:
-            cur.execute("SELECT on_hand, reserved, on_hand - reserved, version FROM products WHERE product_id = %s",
-                        (pid,))
+            cur.execute(
+                "SELECT on_hand, reserved, on_hand - reserved, version FROM products WHERE product_id = %s",
+                (pid,),
+            )
             return cur.fetchone()
 
     def ledger(self, event_id: str) -> list[tuple]:
         with pg(self.settings) as cur:
             cur.execute(
                 "SELECT product_id, order_id, on_hand_delta, reserved_delta, reason, note FROM stock_movements"
-                " WHERE event_id = %s ORDER BY id", (event_id,))
+                " WHERE event_id = %s ORDER BY id",
+                (event_id,),
+            )
             return cur.fetchall()
 
     def order_status(self, order_id: str) -> str | None:
@@ -134,7 +140,9 @@ def test_adjust_creates_product_by_delta(db):
     ev = event("stock.adjusted", {"product_id": pid, "delta": 10, "reason": "received PO-7"})
     out = db.apply(ev)[0]
     assert out.outcome == "adjusted"
-    assert msgs(out) == [("inventory.adjusted", {"product_id": pid, "on_hand": 10, "reserved": 0, "available": 10})]
+    assert msgs(out) == [
+        ("inventory.adjusted", {"product_id": pid, "on_hand": 10, "reserved": 0, "available": 10})
+    ]
     assert db.fig(pid) == (10, 0, 10, 1)
     assert out.products == [{"product_id": pid, "on_hand": 10, "reserved": 0, "available": 10, "version": 1}]
     assert db.ledger(ev["id"]) == [(pid, None, 10, 0, "adjust", "received PO-7")]
@@ -146,7 +154,9 @@ def test_adjust_by_delta_up_and_down(db):
     db.stock(pid, 10)
     ev = event("stock.adjusted", {"product_id": pid, "delta": -4})
     out = db.apply(ev)[0]
-    assert msgs(out) == [("inventory.adjusted", {"product_id": pid, "on_hand": 6, "reserved": 0, "available": 6})]
+    assert msgs(out) == [
+        ("inventory.adjusted", {"product_id": pid, "on_hand": 6, "reserved": 0, "available": 6})
+    ]
     assert db.fig(pid) == (6, 0, 6, 2)
     assert db.ledger(ev["id"]) == [(pid, None, -4, 0, "adjust", None)]
 
@@ -156,7 +166,9 @@ def test_adjust_count_sets_on_hand_and_ledger_records_the_difference(db):
     db.stock(pid, 10)
     ev = event("stock.adjusted", {"product_id": pid, "on_hand": 4, "reason": "stock take"})
     out = db.apply(ev)[0]
-    assert msgs(out) == [("inventory.adjusted", {"product_id": pid, "on_hand": 4, "reserved": 0, "available": 4})]
+    assert msgs(out) == [
+        ("inventory.adjusted", {"product_id": pid, "on_hand": 4, "reserved": 0, "available": 4})
+    ]
     assert db.fig(pid) == (4, 0, 4, 2)
     assert db.ledger(ev["id"]) == [(pid, None, -6, 0, "adjust", "stock take")]
 
@@ -164,7 +176,9 @@ def test_adjust_count_sets_on_hand_and_ledger_records_the_difference(db):
 def test_adjust_count_creates_a_product(db):
     pid = uid()
     out = db.one("stock.adjusted", {"product_id": pid, "on_hand": 3})
-    assert msgs(out) == [("inventory.adjusted", {"product_id": pid, "on_hand": 3, "reserved": 0, "available": 3})]
+    assert msgs(out) == [
+        ("inventory.adjusted", {"product_id": pid, "on_hand": 3, "reserved": 0, "available": 3})
+    ]
     assert db.fig(pid) == (3, 0, 3, 1)
 
 
@@ -172,7 +186,9 @@ def test_adjust_to_zero_by_count_creates_a_sold_out_product(db):
     pid = uid()
     ev = event("stock.adjusted", {"product_id": pid, "on_hand": 0})
     out = db.apply(ev)[0]
-    assert msgs(out) == [("inventory.adjusted", {"product_id": pid, "on_hand": 0, "reserved": 0, "available": 0})]
+    assert msgs(out) == [
+        ("inventory.adjusted", {"product_id": pid, "on_hand": 0, "reserved": 0, "available": 0})
+    ]
     assert db.fig(pid) == (0, 0, 0, 1)
     assert db.ledger(ev["id"]) == []  # nothing moved
 
@@ -183,8 +199,12 @@ def test_adjust_below_zero_is_rejected_and_changes_nothing(db):
     ev = event("stock.adjusted", {"product_id": pid, "delta": -11})
     out = db.apply(ev)[0]
     assert out.outcome == "rejected"
-    assert msgs(out) == [("inventory.adjustment_rejected", {
-        "product_id": pid, "reason": "negative_on_hand", "on_hand": 10, "reserved": 0, "requested": -1})]
+    assert msgs(out) == [
+        (
+            "inventory.adjustment_rejected",
+            {"product_id": pid, "reason": "negative_on_hand", "on_hand": 10, "reserved": 0, "requested": -1},
+        )
+    ]
     assert db.fig(pid) == (10, 0, 10, 1)
     assert db.ledger(ev["id"]) == []
     assert db.processed(ev["id"]) == "rejected"
@@ -193,8 +213,12 @@ def test_adjust_below_zero_is_rejected_and_changes_nothing(db):
 def test_negative_adjustment_of_an_unknown_product_does_not_create_it(db):
     pid = uid()
     out = db.one("stock.adjusted", {"product_id": pid, "delta": -2})
-    assert msgs(out) == [("inventory.adjustment_rejected", {
-        "product_id": pid, "reason": "negative_on_hand", "on_hand": 0, "reserved": 0, "requested": -2})]
+    assert msgs(out) == [
+        (
+            "inventory.adjustment_rejected",
+            {"product_id": pid, "reason": "negative_on_hand", "on_hand": 0, "reserved": 0, "requested": -2},
+        )
+    ]
     assert db.fig(pid) is None
     assert out.products == []
 
@@ -205,8 +229,18 @@ def test_adjust_below_reserved_is_rejected(db):
     place(db, uid("O"), (pid, 6))
     for data, requested in (({"on_hand": 5}, 5), ({"delta": -5}, 5)):
         out = db.one("stock.adjusted", {"product_id": pid, **data})
-        assert msgs(out) == [("inventory.adjustment_rejected", {
-            "product_id": pid, "reason": "below_reserved", "on_hand": 10, "reserved": 6, "requested": requested})]
+        assert msgs(out) == [
+            (
+                "inventory.adjustment_rejected",
+                {
+                    "product_id": pid,
+                    "reason": "below_reserved",
+                    "on_hand": 10,
+                    "reserved": 6,
+                    "requested": requested,
+                },
+            )
+        ]
         assert db.fig(pid) == (10, 6, 4, 2)
     # down to exactly what is reserved is allowed: nothing available, nothing oversold
     out = db.one("stock.adjusted", {"product_id": pid, "on_hand": 6})
@@ -221,7 +255,9 @@ def test_low_stock_when_an_adjustment_crosses_the_threshold(db):
     pid = uid()
     ev = event("stock.adjusted", {"product_id": pid, "delta": 10, "low_stock_threshold": 3})
     out = db.apply(ev)[0]
-    assert msgs(out) == [("inventory.adjusted", {"product_id": pid, "on_hand": 10, "reserved": 0, "available": 10})]
+    assert msgs(out) == [
+        ("inventory.adjusted", {"product_id": pid, "on_hand": 10, "reserved": 0, "available": 10})
+    ]
     with pg(db.settings) as cur:
         cur.execute("SELECT low_stock_threshold FROM products WHERE product_id = %s", (pid,))
         assert cur.fetchone() == (3,)
@@ -245,7 +281,9 @@ def test_threshold_alone_changes_no_stock(db):
     db.stock(pid, 5)
     ev = event("stock.adjusted", {"product_id": pid, "delta": 0, "low_stock_threshold": 2})
     out = db.apply(ev)[0]
-    assert msgs(out) == [("inventory.adjusted", {"product_id": pid, "on_hand": 5, "reserved": 0, "available": 5})]
+    assert msgs(out) == [
+        ("inventory.adjusted", {"product_id": pid, "on_hand": 5, "reserved": 0, "available": 5})
+    ]
     assert db.fig(pid)[:3] == (5, 0, 5)
     assert db.ledger(ev["id"]) == []
     # the new threshold applies to the next change
@@ -268,7 +306,9 @@ def test_place_reserves_every_line(db):
     expires = datetime.fromisoformat(out.messages[0].body["data"]["expires_at"])
     assert started + timedelta(seconds=899) <= expires <= datetime.now(UTC) + timedelta(seconds=901)
     assert db.fig(a) == (10, 3, 7, 2) and db.fig(b) == (5, 2, 3, 2)
-    assert sorted(db.ledger(eid)) == sorted([(a, order, 0, 3, "reserve", None), (b, order, 0, 2, "reserve", None)])
+    assert sorted(db.ledger(eid)) == sorted(
+        [(a, order, 0, 3, "reserve", None), (b, order, 0, 2, "reserve", None)]
+    )
     assert db.order_status(order) == "reserved"
     assert sorted(f["product_id"] for f in out.products) == sorted([a, b])
 
@@ -313,9 +353,19 @@ def test_place_insufficient_stock_reserves_nothing(db):
     order = uid("O")
     eid, out = place(db, order, (a, 5), (b, 3), (c, 2))
     assert out.outcome == "rejected"
-    assert msgs(out) == [("inventory.rejected", {"order_id": order, "reason": "insufficient_stock", "shortages": [
-        {"product_id": b, "requested": 3, "available": 2},
-        {"product_id": c, "requested": 2, "available": 1}]})]
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": order,
+                "reason": "insufficient_stock",
+                "shortages": [
+                    {"product_id": b, "requested": 3, "available": 2},
+                    {"product_id": c, "requested": 2, "available": 1},
+                ],
+            },
+        )
+    ]
     # all or nothing: the line that fits reserved nothing either
     assert db.fig(a) == (10, 0, 10, 1) and db.fig(b) == (2, 0, 2, 1) and db.fig(c) == (1, 0, 1, 1)
     assert db.ledger(eid) == []
@@ -329,8 +379,16 @@ def test_place_counts_what_others_reserved(db):
     place(db, uid("O"), (pid, 3))
     order = uid("O")
     _, out = place(db, order, (pid, 3))
-    assert msgs(out) == [("inventory.rejected", {"order_id": order, "reason": "insufficient_stock", "shortages": [
-        {"product_id": pid, "requested": 3, "available": 2}]})]
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": order,
+                "reason": "insufficient_stock",
+                "shortages": [{"product_id": pid, "requested": 3, "available": 2}],
+            },
+        )
+    ]
     assert db.fig(pid) == (5, 3, 2, 2)
 
 
@@ -339,8 +397,16 @@ def test_place_unknown_product(db):
     db.stock(known, 10)
     order = uid("O")
     eid, out = place(db, order, (known, 1), (unknown, 2))
-    assert msgs(out) == [("inventory.rejected", {"order_id": order, "reason": "unknown_product", "shortages": [
-        {"product_id": unknown, "requested": 2, "available": 0}]})]
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": order,
+                "reason": "unknown_product",
+                "shortages": [{"product_id": unknown, "requested": 2, "available": 0}],
+            },
+        )
+    ]
     assert db.fig(known) == (10, 0, 10, 1)
     assert db.fig(unknown) is None
     assert db.ledger(eid) == []
@@ -351,9 +417,19 @@ def test_unknown_product_wins_over_a_shortage(db):
     db.stock(short, 1)
     order = uid("O")
     _, out = place(db, order, (short, 2), (unknown, 1))
-    assert msgs(out) == [("inventory.rejected", {"order_id": order, "reason": "unknown_product", "shortages": [
-        {"product_id": short, "requested": 2, "available": 1},
-        {"product_id": unknown, "requested": 1, "available": 0}]})]
+    assert msgs(out) == [
+        (
+            "inventory.rejected",
+            {
+                "order_id": order,
+                "reason": "unknown_product",
+                "shortages": [
+                    {"product_id": short, "requested": 2, "available": 1},
+                    {"product_id": unknown, "requested": 1, "available": 0},
+                ],
+            },
+        )
+    ]
 
 
 def test_a_rejected_order_may_be_placed_again(db):
@@ -385,7 +461,8 @@ def test_duplicate_id_changes_nothing_and_emits_nothing(db):
         # The current figures still come back, so a redelivery after a crash between commit
         # and cache write puts the cache right.
         assert [(f["product_id"], f["on_hand"], f["reserved"], f["version"]) for f in again.products] == [
-            (pid, 10, 3, 2)]
+            (pid, 10, 3, 2)
+        ]
     assert db.outbox_count() == outbox
     assert db.fig(pid) == (10, 3, 7, 2)
     assert len(db.ledger(ev["id"])) == 1
@@ -428,7 +505,11 @@ def test_an_id_reused_with_other_content_is_not_a_duplicate(db):
     # the same type with other data is reused too; the same content in another key order is not
     other = event("order.placed", {"order_id": order, "lines": lines((pid, 4))}, event_id=placed_id)
     assert db.apply(other)[0].outcome == "id_reused"
-    reordered = {"id": placed_id, "type": "order.placed", "data": {"lines": lines((pid, 3)), "order_id": order}}
+    reordered = {
+        "id": placed_id,
+        "type": "order.placed",
+        "data": {"lines": lines((pid, 3)), "order_id": order},
+    }
     assert db.apply(reordered)[0].outcome == "duplicate"
     assert db.outbox_count() == outbox
     assert db.fig(pid) == (10, 3, 7, 2)
@@ -439,7 +520,12 @@ def test_an_id_reused_within_one_batch(db):
     pid = uid()
     ev = event("stock.adjusted", {"product_id": pid, "delta": 2})
     other = {**ev, "data": {"product_id": pid, "delta": 3}}
-    assert [r.outcome for r in db.apply(ev, other, ev, other)] == ["adjusted", "id_reused", "duplicate", "id_reused"]
+    assert [r.outcome for r in db.apply(ev, other, ev, other)] == [
+        "adjusted",
+        "id_reused",
+        "duplicate",
+        "id_reused",
+    ]
     assert db.fig(pid) == (2, 0, 2, 1)
 
 
@@ -472,7 +558,11 @@ def test_same_order_placed_twice_under_two_ids_reserves_once(db):
     _, first = place(db, order, (pid, 3))
     eid, second = place(db, order, (pid, 3))
     assert first.outcome == "reserved"
-    assert (second.outcome, second.messages, second.detail.get("status")) == ("duplicate_order", [], "reserved")
+    assert (second.outcome, second.messages, second.detail.get("status")) == (
+        "duplicate_order",
+        [],
+        "reserved",
+    )
     assert db.fig(pid) == (10, 3, 7, 2)
     assert db.ledger(eid) == []
     # even with other lines, and after the order moved on
@@ -495,12 +585,14 @@ def test_cancel_releases_the_reservation(db):
     out = db.apply(ev)[0]
     assert out.outcome == "released"
     # a's `available` rises from 0 to 5 (back in stock, decision 13.7); b's from 4 (no message).
-    assert msgs(out) == [("inventory.released", {"order_id": order, "lines": lines((b, 1), (a, 5)),
-                                                 "reason": "cancelled"}),
-                         ("inventory.back_in_stock", {"product_id": a, "available": 5})]
+    assert msgs(out) == [
+        ("inventory.released", {"order_id": order, "lines": lines((b, 1), (a, 5)), "reason": "cancelled"}),
+        ("inventory.back_in_stock", {"product_id": a, "available": 5}),
+    ]
     assert db.fig(a) == (5, 0, 5, 3) and db.fig(b) == (5, 0, 5, 3)
-    assert sorted(db.ledger(ev["id"])) == sorted([(a, order, 0, -5, "release", None),
-                                                 (b, order, 0, -1, "release", None)])
+    assert sorted(db.ledger(ev["id"])) == sorted(
+        [(a, order, 0, -5, "release", None), (b, order, 0, -1, "release", None)]
+    )
     assert db.order_status(order) == "released"
     # cancelling again changes nothing
     out = db.one("order.cancelled", {"order_id": order})
@@ -518,7 +610,9 @@ def test_cancel_before_place_rejects_the_late_order(db):
     assert db.order_status(order) == "cancelled"
     eid, out = place(db, order, (pid, 3))
     assert out.outcome == "rejected"
-    assert msgs(out) == [("inventory.rejected", {"order_id": order, "reason": "order_cancelled", "shortages": []})]
+    assert msgs(out) == [
+        ("inventory.rejected", {"order_id": order, "reason": "order_cancelled", "shortages": []})
+    ]
     assert db.fig(pid) == (10, 0, 10, 1)
     assert db.ledger(eid) == [] and db.ledger(cancel["id"]) == []
     # and stays rejected
@@ -570,8 +664,9 @@ def test_complete_commits_the_reservation(db):
     assert out.outcome == "committed"
     assert msgs(out) == [("inventory.committed", {"order_id": order, "lines": lines((a, 4), (b, 3))})]
     assert db.fig(a) == (6, 0, 6, 3) and db.fig(b) == (0, 0, 0, 3)
-    assert sorted(db.ledger(ev["id"])) == sorted([(a, order, -4, -4, "commit", None),
-                                                 (b, order, -3, -3, "commit", None)])
+    assert sorted(db.ledger(ev["id"])) == sorted(
+        [(a, order, -4, -4, "commit", None), (b, order, -3, -3, "commit", None)]
+    )
     assert db.order_status(order) == "committed"
     # completing again changes nothing
     out = db.one("order.completed", {"order_id": order})
@@ -587,14 +682,18 @@ def test_complete_after_cancel_is_rejected(db):
     db.one("order.cancelled", {"order_id": order})
     ev = event("order.completed", {"order_id": order})
     out = db.apply(ev)[0]
-    assert msgs(out) == [("inventory.rejected", {"order_id": order, "reason": "order_cancelled", "shortages": []})]
+    assert msgs(out) == [
+        ("inventory.rejected", {"order_id": order, "reason": "order_cancelled", "shortages": []})
+    ]
     assert db.fig(pid) == (10, 0, 10, 3)
     assert db.ledger(ev["id"]) == []
     # also when the cancel came before the order was ever placed
     other = uid("O")
     db.one("order.cancelled", {"order_id": other})
     out = db.one("order.completed", {"order_id": other})
-    assert msgs(out) == [("inventory.rejected", {"order_id": other, "reason": "order_cancelled", "shortages": []})]
+    assert msgs(out) == [
+        ("inventory.rejected", {"order_id": other, "reason": "order_cancelled", "shortages": []})
+    ]
 
 
 # ==== batches =====================================================================================
@@ -612,8 +711,14 @@ def test_events_of_one_order_in_one_batch_apply_in_order(db):
     assert [r.outcome for r in results] == ["adjusted", "reserved", "released", "reserved", "committed"]
     # the cancel takes `available` from 0 to 5: back in stock (decision 13.7)
     assert [t for r in results for t, _ in msgs(r)] == [
-        "inventory.adjusted", "inventory.reserved", "inventory.low_stock", "inventory.released",
-        "inventory.back_in_stock", "inventory.reserved", "inventory.committed"]
+        "inventory.adjusted",
+        "inventory.reserved",
+        "inventory.low_stock",
+        "inventory.released",
+        "inventory.back_in_stock",
+        "inventory.reserved",
+        "inventory.committed",
+    ]
     assert db.fig(pid) == (3, 0, 3, 5)
     # figures per event are those right after it: the consumer caches the last ones
     assert [r.products[0]["version"] for r in results] == [1, 2, 3, 4, 5]
@@ -622,10 +727,14 @@ def test_events_of_one_order_in_one_batch_apply_in_order(db):
 def test_cancel_then_place_in_one_batch(db):
     pid, order = uid(), uid("O")
     db.stock(pid, 5)
-    cancel, placed = db.apply(event("order.cancelled", {"order_id": order}),
-                              event("order.placed", {"order_id": order, "lines": lines((pid, 1))}))
+    cancel, placed = db.apply(
+        event("order.cancelled", {"order_id": order}),
+        event("order.placed", {"order_id": order, "lines": lines((pid, 1))}),
+    )
     assert cancel.outcome == "cancel_recorded"
-    assert msgs(placed) == [("inventory.rejected", {"order_id": order, "reason": "order_cancelled", "shortages": []})]
+    assert msgs(placed) == [
+        ("inventory.rejected", {"order_id": order, "reason": "order_cancelled", "shortages": []})
+    ]
     assert db.fig(pid) == (5, 0, 5, 1)
 
 
@@ -667,17 +776,21 @@ BYPASS = {
     "lines missing": raw("order.placed", {"order_id": "o"}),
     "lines not an array": raw("order.placed", {"order_id": "o", "lines": _line()}),
     "lines empty": raw("order.placed", {"order_id": "o", "lines": []}),
-    "101 lines": raw("order.placed", {"order_id": "o", "lines": [_line(product_id=f"P{i}") for i in range(101)]}),
+    "101 lines": raw(
+        "order.placed", {"order_id": "o", "lines": [_line(product_id=f"P{i}") for i in range(101)]}
+    ),
     "bad product id": raw("order.placed", {"order_id": "o", "lines": [_line(product_id="a b")]}),
     "product id missing": raw("order.placed", {"order_id": "o", "lines": [{"quantity": 1}]}),
     "quantity zero": raw("order.placed", {"order_id": "o", "lines": [_line(quantity=0)]}),
     "quantity too big": raw("order.placed", {"order_id": "o", "lines": [_line(quantity=1_000_001)]}),
     "quantity fractional": raw("order.placed", {"order_id": "o", "lines": [_line(quantity=1.5)]}),
     "quantity missing": raw("order.placed", {"order_id": "o", "lines": [{"product_id": "ARG-OK"}]}),
-    "quantity missing on a second line": raw("order.placed", {"order_id": "o", "lines": [
-        _line(), {"product_id": "ARG-OTHER"}]}),
-    "quantity missing next to an unknown product": raw("order.placed", {"order_id": "o", "lines": [
-        _line(), {"product_id": "ARG-UNKNOWN"}]}),
+    "quantity missing on a second line": raw(
+        "order.placed", {"order_id": "o", "lines": [_line(), {"product_id": "ARG-OTHER"}]}
+    ),
+    "quantity missing next to an unknown product": raw(
+        "order.placed", {"order_id": "o", "lines": [_line(), {"product_id": "ARG-UNKNOWN"}]}
+    ),
     "quantity null": raw("order.placed", {"order_id": "o", "lines": [_line(quantity=None)]}),
     "line not an object": raw("order.placed", {"order_id": "o", "lines": [_line(), 5]}),
     "duplicate product": raw("order.placed", {"order_id": "o", "lines": [_line(), _line(quantity=2)]}),
@@ -687,8 +800,9 @@ BYPASS = {
     "adjust bad product id": raw("stock.adjusted", {"product_id": "no/slash", "delta": 1}),
     "adjust both": raw("stock.adjusted", {"product_id": "ARG-OK", "delta": 1, "on_hand": 1}),
     "adjust neither": raw("stock.adjusted", {"product_id": "ARG-OK"}),
-    "adjust negative threshold": raw("stock.adjusted", {"product_id": "ARG-OK", "delta": 1,
-                                                        "low_stock_threshold": -1}),
+    "adjust negative threshold": raw(
+        "stock.adjusted", {"product_id": "ARG-OK", "delta": 1, "low_stock_threshold": -1}
+    ),
     "adjust delta not a number": raw("stock.adjusted", {"product_id": "ARG-OK", "delta": "lots"}),
 }
 

@@ -79,7 +79,10 @@ def test_both_faces_send_the_script_whole_when_redis_does_not_have_it(private_re
     seen = []
     for face in ("blocking", "async", "blocking", "async"):
         rl.client.script_flush()  # as after a Redis restart: NOSCRIPT for the EVALSHA
-        seen.append(rl.check_and_get(limit, None)[0].remaining if face == "blocking"
-                    else asyncio.run(admitted_async()))
+        seen.append(
+            rl.check_and_get(limit, None)[0].remaining
+            if face == "blocking"
+            else asyncio.run(admitted_async())
+        )
     assert seen == [3, True, 1, True]  # every call counted in the one bucket
     assert not rl.check_and_get(limit, None)[0].allowed

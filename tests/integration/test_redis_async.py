@@ -46,9 +46,12 @@ def test_the_rate_limit_is_exact_under_concurrency_and_shared_with_the_blocking_
     assert all(blocking.check_and_get(limit, None)[0].allowed for _ in range(5))
 
     async def main():  # ... then 200 at once from two event-loop clients (two granian workers)
-        workers = [(RateLimiter(make_client(settings.redis), prefix), AsyncRedis(settings.redis)) for _ in range(2)]
-        replies = await asyncio.gather(*(workers[i % 2][0].acheck_and_get(limit, None, workers[i % 2][1])
-                                         for i in range(200)))
+        workers = [
+            (RateLimiter(make_client(settings.redis), prefix), AsyncRedis(settings.redis)) for _ in range(2)
+        ]
+        replies = await asyncio.gather(
+            *(workers[i % 2][0].acheck_and_get(limit, None, workers[i % 2][1]) for i in range(200))
+        )
         for _, c in workers:
             c.close()
         return [d for d, _ in replies]
@@ -154,7 +157,9 @@ def test_a_silent_server_times_out_every_waiting_command_then_the_next_connects_
                 conn.sendall(b"+PONG\r\n")
 
     threading.Thread(target=accept, daemon=True).start()
-    silent = settings.redis.model_copy(update={"port": listener.getsockname()[1], "socket_timeout_seconds": 0.4})
+    silent = settings.redis.model_copy(
+        update={"port": listener.getsockname()[1], "socket_timeout_seconds": 0.4}
+    )
 
     async def main():
         client = AsyncRedis(silent)

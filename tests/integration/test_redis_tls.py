@@ -28,26 +28,87 @@ def _openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory):
     d = tmp_path_factory.mktemp("redis-tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=inventory-test-ca", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=localhost", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=inventory-test-ca",
+        cwd=d,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=d,
+    )
     (d / "ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "1", "-extfile", "ext", cwd=d)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext",
+        cwd=d,
+    )
     port = free_port()
-    settings = RedisSettings(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(d / "ca.pem"),
-                             key_prefix=f"tls:{uid()}:")
+    settings = RedisSettings(
+        host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(d / "ca.pem"), key_prefix=f"tls:{uid()}:"
+    )
     yield from _private_redis(
-        ["--port", "0", "--tls-port", str(port), "--tls-cert-file", "server.pem", "--tls-key-file", "server.key",
-         "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"], settings, cwd=d)
+        [
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            "server.pem",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+            "--tls-auth-clients",
+            "no",
+        ],
+        settings,
+        cwd=d,
+    )
 
 
 def _private_redis(args: list[str], settings: RedisSettings, cwd: Path | None = None):
     """A redis-server of this module's own with `args`, until the fixture ends; yields
     `settings` once the cache's client gets an answer."""
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
-                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -66,10 +127,17 @@ def _private_redis(args: list[str], settings: RedisSettings, cwd: Path | None = 
 
 def test_cache_and_rate_limiter_work_over_verified_tls(tls_redis):
     cache = StockCache(tls_redis)
-    assert cache.put_many([{"product_id": "P-1", "version": 1, "on_hand": 3, "reserved": 1, "available": 2}]) == 1
+    assert (
+        cache.put_many([{"product_id": "P-1", "version": 1, "on_hand": 3, "reserved": 1, "available": 2}])
+        == 1
+    )
     assert cache.client.get(cache.key("P-1")).startswith(b'{"version":1')
     limiter = RateLimiter(cache.client, tls_redis.key_prefix)
-    assert [limiter.check_and_get(Limit("token", "t", 0.01, 2), None)[0].allowed for _ in range(3)] == [True, True, False]
+    assert [limiter.check_and_get(Limit("token", "t", 0.01, 2), None)[0].allowed for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
 
 
 def test_an_untrusted_certificate_or_plain_text_is_refused(tls_redis):

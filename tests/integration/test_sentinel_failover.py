@@ -37,8 +37,9 @@ def group() -> Iterator[RedisSentinels]:
 
 
 def _settings(g: RedisSentinels) -> RedisSettings:
-    return RedisSettings(sentinels=g.addresses(), sentinel_service=g.SERVICE, key_prefix=f"sf{os.getpid()}:",
-                         port=1)  # host/port unused with sentinels: a port nothing listens on
+    return RedisSettings(
+        sentinels=g.addresses(), sentinel_service=g.SERVICE, key_prefix=f"sf{os.getpid()}:", port=1
+    )  # host/port unused with sentinels: a port nothing listens on
 
 
 def _figures(version: int) -> dict:

@@ -26,13 +26,24 @@ NEW_MESSAGES = {
     "channel.configured": {"channel_id": "web", "strategy": "priority"},
     "product.configured": {"product_id": "SKU-1", "tracked": True},
     "stock.moved": {"product_id": "SKU-1", "quantity": 1, "from": "sellable", "to": "damaged"},
-    "stock.transferred": {"transfer_id": "t-1", "from_location_id": "a", "to_location_id": "b",
-                          "lines": [{"product_id": "SKU-1", "quantity": 1}]},
+    "stock.transferred": {
+        "transfer_id": "t-1",
+        "from_location_id": "a",
+        "to_location_id": "b",
+        "lines": [{"product_id": "SKU-1", "quantity": 1}],
+    },
     "stock.received": {"product_id": "SKU-1", "quantity": 1},
     "reservation.extended": {"order_id": "o-1", "until_fulfilled": True},
-    "order.fulfilled": {"order_id": "o-1", "fulfilment_id": "f-1", "lines": [{"product_id": "SKU-1", "quantity": 1}]},
-    "order.returned": {"order_id": "o-1", "return_id": "r-1",
-                       "lines": [{"product_id": "SKU-1", "quantity": 1, "condition": "sellable"}]},
+    "order.fulfilled": {
+        "order_id": "o-1",
+        "fulfilment_id": "f-1",
+        "lines": [{"product_id": "SKU-1", "quantity": 1}],
+    },
+    "order.returned": {
+        "order_id": "o-1",
+        "return_id": "r-1",
+        "lines": [{"product_id": "SKU-1", "quantity": 1, "condition": "sellable"}],
+    },
 }
 
 
@@ -45,8 +56,13 @@ def fresh(base_settings):
 
 def _publish(ch, settings, type_: str) -> None:
     body = make_event(type_, NEW_MESSAGES[type_])
-    ch.basic_publish(settings.rabbitmq.exchange, type_, json.dumps(body).encode(),
-                     properties=pika.BasicProperties(delivery_mode=2), mandatory=True)
+    ch.basic_publish(
+        settings.rabbitmq.exchange,
+        type_,
+        json.dumps(body).encode(),
+        properties=pika.BasicProperties(delivery_mode=2),
+        mandatory=True,
+    )
 
 
 def test_a_new_worker_adds_the_new_bindings_to_the_existing_queue(fresh, monkeypatch):

@@ -67,7 +67,9 @@ class FakeStore:
         self.closed = False
         self._outbox_ids = itertools.count(1)
 
-    def apply_batch(self, events: Sequence[dict[str, Any]], mark_published: Sequence[int] = ()) -> list[Outcome]:
+    def apply_batch(
+        self, events: Sequence[dict[str, Any]], mark_published: Sequence[int] = ()
+    ) -> list[Outcome]:
         self.calls.append(ApplyCall(self.clock(), [e["id"] for e in events], list(mark_published)))
         self.journal.append("apply")
         if self.transient:
@@ -99,15 +101,24 @@ class FakeStore:
         data = e["data"]
         if e["type"] == "stock.adjusted":
             pid = data["product_id"]
-            f = products.setdefault(pid, Figures(product_id=pid, on_hand=0, reserved=0, available=0, version=0))
+            f = products.setdefault(
+                pid, Figures(product_id=pid, on_hand=0, reserved=0, available=0, version=0)
+            )
             f["on_hand"] = data["on_hand"] if "on_hand" in data else f["on_hand"] + data["delta"]
             f["available"], f["version"] = f["on_hand"] - f["reserved"], f["version"] + 1
-            body = {"product_id": pid, "on_hand": f["on_hand"], "reserved": f["reserved"], "available": f["available"]}
+            body = {
+                "product_id": pid,
+                "on_hand": f["on_hand"],
+                "reserved": f["reserved"],
+                "available": f["available"],
+            }
             return Outcome("adjusted", [self._message(e, "inventory.adjusted", body)], [Figures(**f)])
         if e["type"] == "order.placed":
             lines = data["lines"]
-            if all(ln["product_id"] in products and products[ln["product_id"]]["available"] >= ln["quantity"]
-                   for ln in lines):
+            if all(
+                ln["product_id"] in products and products[ln["product_id"]]["available"] >= ln["quantity"]
+                for ln in lines
+            ):
                 moved = []
                 for ln in lines:
                     f = products[ln["product_id"]]
@@ -116,7 +127,9 @@ class FakeStore:
                     moved.append(Figures(**f))
                 msg = self._message(e, "inventory.reserved", {"order_id": data["order_id"], "lines": lines})
                 return Outcome("reserved", [msg], moved, order_id=data["order_id"])
-            msg = self._message(e, "inventory.rejected", {"order_id": data["order_id"], "reason": "insufficient_stock"})
+            msg = self._message(
+                e, "inventory.rejected", {"order_id": data["order_id"], "reason": "insufficient_stock"}
+            )
             return Outcome("rejected", [msg], [], order_id=data["order_id"])
         return Outcome("ignored", detail={"status": "unknown"})
 
@@ -199,7 +212,9 @@ class Arrival:
     event_id: str | None = None  # the body's id, when it has one
 
 
-def arrival(type_: str, data: dict[str, Any], event_id: str | None = None, redelivered: bool = False) -> Arrival:
+def arrival(
+    type_: str, data: dict[str, Any], event_id: str | None = None, redelivered: bool = False
+) -> Arrival:
     body = make_event(type_, data, uuid.UUID(event_id) if event_id else None)
     return Arrival(type_, json.dumps(body).encode(), redelivered, body["id"])
 
@@ -232,7 +247,9 @@ class FakeConnection:
     round lets the clock run for its time limit (idle), and after `idle_rounds` of those it
     asks the consumer to stop, as a SIGTERM would."""
 
-    def __init__(self, clock: FakeClock, stop: threading.Event, groups: list[list[Arrival]], idle_rounds: int) -> None:
+    def __init__(
+        self, clock: FakeClock, stop: threading.Event, groups: list[list[Arrival]], idle_rounds: int
+    ) -> None:
         self.clock, self.stop = clock, stop
         self.groups = list(groups)
         self.idle_rounds = idle_rounds
@@ -332,11 +349,22 @@ class Rig:
         self.conn = FakeConnection(self.clock, self.stop, self.groups, self.idle_rounds)
         self.channel = FakeChannel(self.journal)
         self.connects = 0
-        config = ConsumerConfig(queue="orders", delivery_limit=self.delivery_limit, batch_size=self.batch_size,
-                                batch_max_wait_ms=0)
-        self.consumer = Consumer(config, self.stop, store=self.store, cache=self.writer, connect=self._connect,
-                                 open_publisher=lambda conn: self.publisher, declare_topology=lambda ch: None,
-                                 clock=self.clock)
+        config = ConsumerConfig(
+            queue="orders",
+            delivery_limit=self.delivery_limit,
+            batch_size=self.batch_size,
+            batch_max_wait_ms=0,
+        )
+        self.consumer = Consumer(
+            config,
+            self.stop,
+            store=self.store,
+            cache=self.writer,
+            connect=self._connect,
+            open_publisher=lambda conn: self.publisher,
+            declare_topology=lambda ch: None,
+            clock=self.clock,
+        )
 
     def _connect(self) -> FakeConnection:
         self.connects += 1
@@ -354,4 +382,6 @@ class Rig:
 
     def reasons(self) -> dict[str | None, str]:
         """Dead letters: the message id -> the reason."""
-        return {d.properties.message_id if d.properties else None: d.reason for d in self.publisher.dead_letters}
+        return {
+            d.properties.message_id if d.properties else None: d.reason for d in self.publisher.dead_letters
+        }

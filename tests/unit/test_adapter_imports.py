@@ -30,7 +30,9 @@ def adapter_imports(path: Path) -> set[str]:
                 names = [node.module or ""]
         else:
             continue
-        found.update(n.removeprefix(PACKAGE + ".").split(".")[0] for n in names if n.startswith(PACKAGE + "."))
+        found.update(
+            n.removeprefix(PACKAGE + ".").split(".")[0] for n in names if n.startswith(PACKAGE + ".")
+        )
     return found
 
 
@@ -57,5 +59,11 @@ def test_the_check_sees_every_form_of_import(tmp_path):
         "def f():\n    from inventory_worker.adapters.rabbitmq import connect\n"
         "import inventory_worker.contract\n"
     )
-    assert adapter_imports(src) == {"postgres", "redis_cache", "migrations", "redis_async", "amqp_framing",
-                                    "rabbitmq"}
+    assert adapter_imports(src) == {
+        "postgres",
+        "redis_cache",
+        "migrations",
+        "redis_async",
+        "amqp_framing",
+        "rabbitmq",
+    }

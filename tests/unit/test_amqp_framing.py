@@ -10,11 +10,14 @@ from inventory_worker.adapters.amqp_framing import encode_publish
 BODY_MAX = 131072 - 8  # pika's default frame_max less the frame overhead
 
 
-def pika_frames(channel: int, exchange: str, routing_key: str, body: bytes, body_max: int,
-                **props: object) -> bytes:
+def pika_frames(
+    channel: int, exchange: str, routing_key: str, body: bytes, body_max: int, **props: object
+) -> bytes:
     """What pika's Connection._send_message writes for the same publish."""
-    out = [frame.Method(channel, spec.Basic.Publish(exchange=exchange, routing_key=routing_key)).marshal(),
-           frame.Header(channel, len(body), spec.BasicProperties(**props)).marshal()]
+    out = [
+        frame.Method(channel, spec.Basic.Publish(exchange=exchange, routing_key=routing_key)).marshal(),
+        frame.Header(channel, len(body), spec.BasicProperties(**props)).marshal(),
+    ]
     for start in range(0, len(body), body_max):
         out.append(frame.Body(channel, body[start : start + body_max]).marshal())
     return b"".join(out)
@@ -22,8 +25,14 @@ def pika_frames(channel: int, exchange: str, routing_key: str, body: bytes, body
 
 CASES = [
     # what the worker publishes: a result event
-    dict(content_type="application/json", delivery_mode=2, message_id="0b7e6f1c-8f0a-4d55-9d7e-1f1c2b3a4d5e",
-         type="inventory.reserved", timestamp=1_764_000_000, correlation_id="5d3c2b1a-0000-4000-8000-000000000001"),
+    dict(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id="0b7e6f1c-8f0a-4d55-9d7e-1f1c2b3a4d5e",
+        type="inventory.reserved",
+        timestamp=1_764_000_000,
+        correlation_id="5d3c2b1a-0000-4000-8000-000000000001",
+    ),
     # what the benchmark publishes: an input
     dict(content_type="application/json", delivery_mode=2),
     dict(),  # no properties at all
@@ -62,8 +71,7 @@ import math  # noqa: E402
 import inventory_worker.adapters.rabbitmq  # noqa: E402,F401  (installs robust_tables)
 from inventory_worker.adapters import amqp_framing  # noqa: E402
 
-from ..support import (amqp_array, amqp_double, amqp_longstr, amqp_table, amqp_timestamp,  # noqa: E402
-                       content_header_props)
+from ..support import amqp_array, amqp_double, amqp_longstr, amqp_table, amqp_timestamp, content_header_props  # noqa: E402
 
 FIELDS = {
     "big": (amqp_double(1e20), 1e20),
@@ -76,8 +84,13 @@ FIELDS = {
     "ts_max": (amqp_timestamp(2**63 - 1), 2**63 - 1),
     "ts_u64": (amqp_timestamp(2**64 - 1), 2**64 - 1),
     "ts_ok": (amqp_timestamp(1_764_000_000), _dt.datetime.fromtimestamp(1_764_000_000, _dt.UTC)),
-    "nested": (b"F" + amqp_table([("a", amqp_double(math.nan)), ("b", amqp_array([amqp_double(-1e300),
-                                                                                 amqp_timestamp(2**63)]))]), None),
+    "nested": (
+        b"F"
+        + amqp_table(
+            [("a", amqp_double(math.nan)), ("b", amqp_array([amqp_double(-1e300), amqp_timestamp(2**63)]))]
+        ),
+        None,
+    ),
     "longstr": (amqp_longstr(b"y" * 70_000), "y" * 70_000),
     "not_utf8": (amqp_longstr(b"\xff\xfe"), b"\xff\xfe"),
     "bytes": (amqp_longstr(b"\x00\xff", b"x"), b"\x00\xff"),
@@ -117,11 +130,14 @@ def _table_of(props: spec.BasicProperties) -> bytes:
     return encoded[2:]  # the flags word, then (only headers set) the table
 
 
-@pytest.mark.parametrize("table", [
-    amqp_table([("u", b"?")]),                                 # an unknown field type
-    amqp_table([("u", amqp_double(1.0)[:5])]),                 # a value cut short inside the table
-    amqp_table([("a", b"A" + struct.pack(">I", 3) + b"zzz")]),  # an array of unknown values
-])
+@pytest.mark.parametrize(
+    "table",
+    [
+        amqp_table([("u", b"?")]),  # an unknown field type
+        amqp_table([("u", amqp_double(1.0)[:5])]),  # a value cut short inside the table
+        amqp_table([("a", b"A" + struct.pack(">I", 3) + b"zzz")]),  # an array of unknown values
+    ],
+)
 def test_an_undecodable_table_is_kept_as_bytes_and_the_rest_is_read(table):
     props = decode_props(table)
     assert props.message_id == "m-1"

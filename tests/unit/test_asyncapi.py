@@ -22,7 +22,8 @@ SPEC_SCHEMA = REPO / ".cache/asyncapi-specs/node_modules/@asyncapi/specs/schemas
 
 def test_committed_document_matches_the_models():
     assert asyncapi.DOC_PATH.read_text() == asyncapi.render(), (
-        "docs/asyncapi.yaml has drifted from contract.py: run python -m inventory_worker.asyncapi --write")
+        "docs/asyncapi.yaml has drifted from contract.py: run python -m inventory_worker.asyncapi --write"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,10 @@ def test_document_is_valid_asyncapi_3(doc):
         pytest.skip("the AsyncAPI JSON Schema is not fetched: `make asyncapi-specs` (needs npm)")
     from jsonschema import Draft7Validator
 
-    errors = [f"{list(e.path)}: {e.message[:200]}" for e in Draft7Validator(json.loads(SPEC_SCHEMA.read_text()))
-              .iter_errors(doc)]
+    errors = [
+        f"{list(e.path)}: {e.message[:200]}"
+        for e in Draft7Validator(json.loads(SPEC_SCHEMA.read_text())).iter_errors(doc)
+    ]
     assert errors == []
 
 
@@ -73,12 +76,21 @@ def test_every_message_has_a_channel_and_operation_and_every_ref_resolves(doc):
 
 
 def _body(type_, data, **extra):
-    return {"id": str(uuid.uuid4()), "type": type_, "occurred_at": "2026-01-01T00:00:00Z", "data": data, **extra}
+    return {
+        "id": str(uuid.uuid4()),
+        "type": type_,
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "data": data,
+        **extra,
+    }
 
 
 INPUTS = [
     ("order.placed", {"order_id": "o-1", "lines": [{"product_id": "SKU-1", "quantity": 2}]}),
-    ("order.placed", {"order_id": "o-1", "lines": [{"product_id": "SKU-1", "quantity": 2}], "reservation_ttl_seconds": 60}),
+    (
+        "order.placed",
+        {"order_id": "o-1", "lines": [{"product_id": "SKU-1", "quantity": 2}], "reservation_ttl_seconds": 60},
+    ),
     ("order.placed", {"order_id": "o-1", "lines": []}),
     ("order.placed", {"order_id": "o-1", "lines": [{"product_id": "SKU 1", "quantity": 2}]}),
     ("order.placed", {"order_id": "o-1", "lines": [{"product_id": "SKU-1", "quantity": 0}]}),
@@ -97,7 +109,10 @@ INPUTS = [
     ("stock.adjusted", {"product_id": "SKU-1", "on_hand": -1}),
     ("stock.adjusted", {"product_id": "SKU-1", "on_hand": 1, "reason": "\u0000"}),
     # Part A (stock across locations): the rules the validators hold, mirrored in the schemas
-    ("stock.adjusted", {"product_id": "SKU-1", "location_id": "s-1", "incoming": 5, "change_from": 2, "reference": "PO"}),
+    (
+        "stock.adjusted",
+        {"product_id": "SKU-1", "location_id": "s-1", "incoming": 5, "change_from": 2, "reference": "PO"},
+    ),
     ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "name": "incoming"}),
     ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "name": None}),
     ("stock.adjusted", {"product_id": "SKU-1", "on_hand": 5, "name": "on_hand"}),
@@ -105,17 +120,33 @@ INPUTS = [
     ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "name": "damaged"}),
     ("stock.adjusted", {"product_id": "SKU-1", "delta": 5, "atomic": True}),
     ("stock.adjusted", {"delta": 5}),
-    ("stock.adjusted", {"items": [{"product_id": "A", "delta": 1}, {"product_id": "B", "incoming": 1}], "atomic": False}),
+    (
+        "stock.adjusted",
+        {"items": [{"product_id": "A", "delta": 1}, {"product_id": "B", "incoming": 1}], "atomic": False},
+    ),
     ("stock.adjusted", {"items": [{"product_id": "A", "delta": 1}], "product_id": "A"}),
     ("stock.adjusted", {"items": [{"product_id": "A", "delta": 1}], "reason": None}),
     ("stock.adjusted", {"items": [{"product_id": "A", "delta": 1}], "atomic": None}),
     ("stock.adjusted", {"items": [{"product_id": "A"}]}),
     ("stock.adjusted", {"items": [{"product_id": "A", "on_hand": 1, "name": "on_hand"}]}),
     ("stock.adjusted", {"items": []}),
-    ("order.placed", {"order_id": "o-1", "channel_id": "web", "lines": [{"product_id": "A", "quantity": 1, "location_id": "s"}]}),
+    (
+        "order.placed",
+        {
+            "order_id": "o-1",
+            "channel_id": "web",
+            "lines": [{"product_id": "A", "quantity": 1, "location_id": "s"}],
+        },
+    ),
     ("order.placed", {"order_id": "o-1", "channel_id": "w b", "lines": [{"product_id": "A", "quantity": 1}]}),
-    ("order.placed", {"order_id": "o-1", "lines": [{"product_id": "A", "quantity": 1}], "allow_backorder": False}),
-    ("location.configured", {"location_id": "s-1", "name": None, "priority": -5, "active": False, "fulfils_orders": True}),
+    (
+        "order.placed",
+        {"order_id": "o-1", "lines": [{"product_id": "A", "quantity": 1}], "allow_backorder": False},
+    ),
+    (
+        "location.configured",
+        {"location_id": "s-1", "name": None, "priority": -5, "active": False, "fulfils_orders": True},
+    ),
     ("location.configured", {"location_id": "s-1", "priority": None}),
     ("location.configured", {"location_id": "s-1", "active": 1}),
     ("channel.configured", {"channel_id": "web", "locations": ["a", "b"], "strategy": "most_available"}),
@@ -124,17 +155,36 @@ INPUTS = [
     ("channel.configured", {"channel_id": "default", "locations": ["a"]}),
     ("channel.configured", {"channel_id": "web", "strategy": "nearest"}),
     ("channel.configured", {"channel_id": "web", "locations": []}),
-    ("product.configured", {"product_id": "A", "tracked": False, "low_stock_threshold": 1, "max_per_order": None,
-                            "safety_stock": [{"location_id": "s", "quantity": 0}]}),
+    (
+        "product.configured",
+        {
+            "product_id": "A",
+            "tracked": False,
+            "low_stock_threshold": 1,
+            "max_per_order": None,
+            "safety_stock": [{"location_id": "s", "quantity": 0}],
+        },
+    ),
     ("product.configured", {"product_id": "A", "max_per_order": 0}),
     ("product.configured", {"product_id": "A", "tracked": None}),
     ("product.configured", {"product_id": "A", "backorder": {"mode": "allow"}}),
-    ("stock.moved", {"product_id": "A", "quantity": 1, "from": "sellable", "to": "disposed", "location_id": "s"}),
+    (
+        "stock.moved",
+        {"product_id": "A", "quantity": 1, "from": "sellable", "to": "disposed", "location_id": "s"},
+    ),
     ("stock.moved", {"product_id": "A", "quantity": 1, "from": "damaged", "to": "damaged"}),
     ("stock.moved", {"product_id": "A", "quantity": 1, "from": "disposed", "to": "sellable"}),
     ("stock.moved", {"product_id": "A", "quantity": 0, "from": "sellable", "to": "damaged"}),
-    ("stock.transferred", {"transfer_id": "t", "from_location_id": "a", "to_location_id": "b", "in_transit": True,
-                           "lines": [{"product_id": "A", "quantity": 1}]}),
+    (
+        "stock.transferred",
+        {
+            "transfer_id": "t",
+            "from_location_id": "a",
+            "to_location_id": "b",
+            "in_transit": True,
+            "lines": [{"product_id": "A", "quantity": 1}],
+        },
+    ),
     ("stock.transferred", {"transfer_id": "t", "from_location_id": "a", "to_location_id": "b", "lines": []}),
     ("stock.received", {"product_id": "A", "quantity": 1, "location_id": "s", "reference": "PO-1"}),
     ("stock.received", {"items": [{"product_id": "A", "quantity": 1}], "atomic": True}),
@@ -145,16 +195,34 @@ INPUTS = [
     ("reservation.extended", {"order_id": "o", "until_fulfilled": True}),
     ("reservation.extended", {"order_id": "o", "until_fulfilled": False}),
     ("reservation.extended", {"order_id": "o"}),
-    ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": [{"product_id": "A", "quantity": 1,
-                                                                         "location_id": "s"}]}),
+    (
+        "order.fulfilled",
+        {
+            "order_id": "o",
+            "fulfilment_id": "f",
+            "lines": [{"product_id": "A", "quantity": 1, "location_id": "s"}],
+        },
+    ),
     ("order.fulfilled", {"order_id": "o", "fulfilment_id": "f", "lines": []}),
     ("order.cancelled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
     ("order.cancelled", {"order_id": "o", "lines": []}),
-    ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1,
-                                                                     "condition": "damaged", "location_id": "s"}]}),
+    (
+        "order.returned",
+        {
+            "order_id": "o",
+            "return_id": "r",
+            "lines": [{"product_id": "A", "quantity": 1, "condition": "damaged", "location_id": "s"}],
+        },
+    ),
     ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1}]}),
-    ("order.returned", {"order_id": "o", "return_id": "r", "lines": [{"product_id": "A", "quantity": 1,
-                                                                     "condition": "lost"}]}),
+    (
+        "order.returned",
+        {
+            "order_id": "o",
+            "return_id": "r",
+            "lines": [{"product_id": "A", "quantity": 1, "condition": "lost"}],
+        },
+    ),
     ("order.fulfilled", {"order_id": "o", "lines": [{"product_id": "A", "quantity": 1}]}),
     ("reservation.extended", {"order_id": "o", "extend_by_seconds": 60, "until_fulfilled": True}),
 ]
@@ -173,8 +241,11 @@ def test_schema_accepts_exactly_what_the_worker_accepts(doc, type_, data):
 
 
 def test_output_schema_matches_validate_output(doc):
-    good = _body("inventory.adjusted", {"product_id": "SKU-1", "on_hand": 3, "reserved": 1, "available": 2},
-                 causation_id=str(uuid.uuid4()))
+    good = _body(
+        "inventory.adjusted",
+        {"product_id": "SKU-1", "on_hand": 3, "reserved": 1, "available": 2},
+        causation_id=str(uuid.uuid4()),
+    )
     validate_output(good)
     assert _validator(doc, "InventoryAdjusted").is_valid(good)
     bad = dict(good, data={"product_id": "SKU-1", "on_hand": 3})

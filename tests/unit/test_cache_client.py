@@ -57,6 +57,8 @@ def test_a_dead_redis_costs_at_most_two_connection_attempts_per_call(dead_redis,
         elif call == "get":
             cache.client.get(cache.key("SKU-1"))
         else:
-            cache.put_many([{"product_id": "SKU-1", "on_hand": 1, "reserved": 0, "available": 1, "version": 1}])
+            cache.put_many(
+                [{"product_id": "SKU-1", "on_hand": 1, "reserved": 0, "available": 1, "version": 1}]
+            )
     assert "redis" in type(exc.value).__module__
     assert 1 <= dead_redis.accepted <= 2

@@ -12,8 +12,16 @@ from pathlib import Path
 import inventory_worker
 
 PACKAGE = Path(inventory_worker.__file__).parent
-RECEIVERS = ("ops/audit.py", "ops/prune.py", "ops/cache_rebuild.py", "worker/background.py",
-             "http/api.py", "http/ratelimit.py", "http/auth.py", "http/tally.py")
+RECEIVERS = (
+    "ops/audit.py",
+    "ops/prune.py",
+    "ops/cache_rebuild.py",
+    "worker/background.py",
+    "http/api.py",
+    "http/ratelimit.py",
+    "http/auth.py",
+    "http/tally.py",
+)
 ENTRY_POINTS = ("http/server.py",)  # may read Settings, builds no adapter
 # What builds an adapter: the classes, and the client libraries' own constructors.
 BUILDERS = {
@@ -35,7 +43,10 @@ def adapters_built(path: Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call):
             name = ast.unparse(node.func)
-            if name in BUILDERS or name.rsplit(".", 1)[-1] in BUILDERS - {"rabbitmq.connect", "psycopg2.connect"}:
+            if name in BUILDERS or name.rsplit(".", 1)[-1] in BUILDERS - {
+                "rabbitmq.connect",
+                "psycopg2.connect",
+            }:
                 found.append(f"{path.name}:{node.lineno} {name}()")
         elif isinstance(node, ast.ImportFrom) and any(a.name == "Settings" for a in node.names):
             found.append(f"{path.name}:{node.lineno} imports Settings")
@@ -44,7 +55,14 @@ def adapters_built(path: Path) -> list[str]:
 
 def test_the_check_finds_what_bootstrap_builds() -> None:
     found = adapters_built(PACKAGE / "bootstrap.py")
-    for what in ("Store()", "StockCache()", "StorePool()", "RateLimiter()", "AsyncRedis()", "imports Settings"):
+    for what in (
+        "Store()",
+        "StockCache()",
+        "StorePool()",
+        "RateLimiter()",
+        "AsyncRedis()",
+        "imports Settings",
+    ):
         assert any(what in f for f in found), what
 
 
@@ -54,5 +72,7 @@ def test_tools_receive_their_adapters() -> None:
 
 
 def test_the_http_entry_point_builds_its_adapters_through_bootstrap() -> None:
-    found = [f for name in ENTRY_POINTS for f in adapters_built(PACKAGE / name) if "imports Settings" not in f]
+    found = [
+        f for name in ENTRY_POINTS for f in adapters_built(PACKAGE / name) if "imports Settings" not in f
+    ]
     assert found == [], "built outside bootstrap.py:\n" + "\n".join(found)

@@ -43,7 +43,11 @@ def refused(*args, **kwargs) -> str:
 def test_defaults_work_on_this_machine_kind():
     s = load_settings()
     assert (s.database.host, s.database.port, s.database.user, s.database.dbname) == (
-        "127.0.0.1", 5432, "postgres", "inventory")
+        "127.0.0.1",
+        5432,
+        "postgres",
+        "inventory",
+    )
     assert (s.redis.host, s.redis.port) == ("127.0.0.1", 6379)
     assert str(s.rabbitmq.url) == "amqp://guest:guest@127.0.0.1:5672/%2F"
     assert (s.rabbitmq.exchange, s.rabbitmq.queue) == ("orders", "inventory.orders")
@@ -60,11 +64,16 @@ def test_shipped_config_file_is_valid_and_points_at_the_local_services():
 
 
 def test_yaml_overrides_defaults_and_env_overrides_yaml(tmp_path, monkeypatch):
-    path = write(tmp_path, "database:\n  host: db.yaml\n  port: 6000\n  dbname: from_yaml\n"
-                           "worker:\n  batch_size: 7\n")
+    path = write(
+        tmp_path, "database:\n  host: db.yaml\n  port: 6000\n  dbname: from_yaml\nworker:\n  batch_size: 7\n"
+    )
     s = load_settings(path)
     assert (s.database.host, s.database.port, s.database.dbname, s.worker.batch_size) == (
-        "db.yaml", 6000, "from_yaml", 7)
+        "db.yaml",
+        6000,
+        "from_yaml",
+        7,
+    )
     assert s.database.user == "postgres"  # untouched keys keep their defaults
 
     monkeypatch.setenv("INVENTORY_DATABASE__HOST", "db.env")
@@ -231,9 +240,15 @@ def test_unknown_environment_variable_is_refused_with_the_likely_name(monkeypatc
         {"INVENTORY_DATABASE": '{"host": "h"}', "INVENTORY_AUTH__TOKENS": "[]"},
         {"INVENTORY_RATE_LIMIT__BURST": "5", "INVENTORY_HTTP__THREADS": "3"},
         # Not settings, but read by the project (the config path, sql/, the tests, the fuzzers).
-        {"INVENTORY_SQL_DIR": "/x", "INVENTORY_DOCS_DIR": "/x", "INVENTORY_TEST_RUN_ID": "r",
-         "INVENTORY_TEST_KEEP": "1", "INVENTORY_FUZZ_SEED": "1", "INVENTORY_HTTP_SETTINGS_JSON": "{}",
-         "INVENTORY_HTTP_HEALTH_SHM": "x"},
+        {
+            "INVENTORY_SQL_DIR": "/x",
+            "INVENTORY_DOCS_DIR": "/x",
+            "INVENTORY_TEST_RUN_ID": "r",
+            "INVENTORY_TEST_KEEP": "1",
+            "INVENTORY_FUZZ_SEED": "1",
+            "INVENTORY_HTTP_SETTINGS_JSON": "{}",
+            "INVENTORY_HTTP_HEALTH_SHM": "x",
+        },
     ],
 )
 def test_known_environment_variables_are_accepted(monkeypatch, env):

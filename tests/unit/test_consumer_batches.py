@@ -28,7 +28,9 @@ def adjust(product: str, delta: int, **kw) -> Arrival:
 
 
 def place(order: str, product: str, quantity: int, **kw) -> Arrival:
-    return arrival("order.placed", {"order_id": order, "lines": [{"product_id": product, "quantity": quantity}]}, **kw)
+    return arrival(
+        "order.placed", {"order_id": order, "lines": [{"product_id": product, "quantity": quantity}]}, **kw
+    )
 
 
 def figures(rig: Rig, product: str) -> tuple[int, int] | None:
@@ -41,14 +43,21 @@ def test_a_clean_batch_is_applied_in_one_call_then_acked_once_then_its_results_s
     rig = Rig([batch]).run()
     assert [c.event_ids for c in rig.store.calls] == [[a.event_id for a in batch]]
     assert rig.channel.acks == [(3, True)], "one ack, multiple=True, for the last tag"
-    assert [m.routing_key for m in rig.publisher.sent] == ["inventory.adjusted", "inventory.adjusted",
-                                                           "inventory.reserved"]
+    assert [m.routing_key for m in rig.publisher.sent] == [
+        "inventory.adjusted",
+        "inventory.adjusted",
+        "inventory.reserved",
+    ]
     # After the commit: cache, then the ack, then the results (the outbox keeps them if we die).
     assert rig.journal[:4] == ["apply", "cache", "ack", "send"]
     assert rig.cache.data["A"] == Figures(product_id="A", on_hand=10, reserved=3, available=7, version=2)
     assert rig.publisher.dead_letters == []
     handled = [(e["type"], e["outcome"]) for e in logs if e["event"] == "event handled"]
-    assert handled == [("stock.adjusted", "adjusted"), ("stock.adjusted", "adjusted"), ("order.placed", "reserved")]
+    assert handled == [
+        ("stock.adjusted", "adjusted"),
+        ("stock.adjusted", "adjusted"),
+        ("order.placed", "reserved"),
+    ]
 
 
 def test_an_invalid_body_is_dead_lettered_with_its_reason_and_the_rest_applied():
@@ -73,8 +82,11 @@ def test_a_batch_of_nothing_but_invalid_bodies_is_acked_without_applying():
 
 
 def test_redelivered_messages_are_applied_one_by_one_and_one_past_the_limit_dead_lettered():
-    first, poison, last = (adjust("A", 1, redelivered=True), adjust("P", 5, redelivered=True),
-                           adjust("A", 2, redelivered=True))
+    first, poison, last = (
+        adjust("A", 1, redelivered=True),
+        adjust("P", 5, redelivered=True),
+        adjust("A", 2, redelivered=True),
+    )
     rig = Rig([[first, poison, last]], delivery_limit=3)
     rig.store.attempts[poison.event_id] = 3  # applying it was cut short three times already
     rig.store.attempts[first.event_id] = 1
@@ -101,8 +113,12 @@ def test_an_event_the_store_refuses_is_isolated_and_dead_lettered_the_others_app
     rig.store.refuse.add(batch[1].event_id)
     rig.run()
     ids = [a.event_id for a in batch]
-    assert [c.event_ids for c in rig.store.calls] == [ids] + [[i] for i in ids], "whole batch, then one by one"
-    assert rig.reasons() == {ids[1]: "refused by the database: CheckViolation: new row violates check constraint"}
+    assert [c.event_ids for c in rig.store.calls] == [ids] + [[i] for i in ids], (
+        "whole batch, then one by one"
+    )
+    assert rig.reasons() == {
+        ids[1]: "refused by the database: CheckViolation: new row violates check constraint"
+    }
     assert figures(rig, "A") == (10, 1) and figures(rig, "B") == (2, 0)
     assert rig.channel.acks == [(4, True)]
     assert len(rig.publisher.sent) == 3
@@ -214,8 +230,13 @@ def test_every_event_of_a_run_is_accounted_for():
     """Many batches with a bit of everything: each message ends up applied or dead-lettered."""
     groups = []
     for n in range(20):
-        groups.append([adjust(f"P{n % 3}", 1), place(f"o-{n}", f"P{n % 3}", 1),
-                       Arrival("stock.adjusted", b"{", event_id=f"bad-{n}")])
+        groups.append(
+            [
+                adjust(f"P{n % 3}", 1),
+                place(f"o-{n}", f"P{n % 3}", 1),
+                Arrival("stock.adjusted", b"{", event_id=f"bad-{n}"),
+            ]
+        )
     rig = Rig(groups).run()
     applied = {i for c in rig.store.calls for i in c.event_ids}
     assert len(applied) == 40 and len(rig.publisher.dead_letters) == 20

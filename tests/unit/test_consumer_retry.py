@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from inventory_worker.worker.consumer import Stopping, backoff_retrying
 from inventory_worker.adapters.postgres import PermanentError, TransientError
+from inventory_worker.worker.consumer import Stopping, backoff_retrying
 
 
 def run(stop: threading.Event, attempt) -> object:

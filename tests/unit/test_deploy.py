@@ -41,8 +41,12 @@ def _unit() -> dict[str, list[str]]:
 def test_systemd_unit_verifies(tmp_path):
     # verify also checks that ExecStart exists: point it at this checkout's installed command.
     unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace("/opt/inventory-worker/bin/inventory-worker",
-                                             str(Path(sys.executable).parent / "inventory-worker")))
+    unit.write_text(
+        UNIT.read_text().replace(
+            "/opt/inventory-worker/bin/inventory-worker",
+            str(Path(sys.executable).parent / "inventory-worker"),
+        )
+    )
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
     # Unknown keys or bad values are printed (exit status 0): any line about our file fails.
     complaints = [x for x in (r.stdout + r.stderr).splitlines() if UNIT.name in x]
@@ -52,8 +56,15 @@ def test_systemd_unit_verifies(tmp_path):
 def test_systemd_unit_is_notify_hardened_and_outlasts_the_grace_period():
     keys = _unit()
     assert keys["Type"] == ["notify"] and keys["NotifyAccess"] == ["main"] and "WatchdogSec" in keys
-    for hardening in ("DynamicUser", "NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices",
-                      "RestrictSUIDSGID", "LockPersonality"):
+    for hardening in (
+        "DynamicUser",
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+    ):
         assert keys[hardening] == ["yes"], hardening
     assert keys["ProtectSystem"] == ["strict"]
     assert keys["CapabilityBoundingSet"] == [""]
@@ -87,66 +98,175 @@ def test_environment_examples_name_real_settings():
 # keda.sh/v1alpha1 ScaledObject), restricted to the fields we use and refusing any other, so a
 # typo fails; they are not the complete upstream schemas.
 _DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
-_LABEL_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
-    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
-    "matchExpressions": {"type": "array"}}}
-_METADATA = {"type": "object", "required": ["name"], "properties": {
-    "name": {"type": "string"}, "labels": {"type": "object", "additionalProperties": {"type": "string"}}}}
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {"type": "array"},
+    },
+}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-        "properties": {"apiVersion": {}, "kind": {}, "metadata": _METADATA, "spec": {
-            "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
-            "properties": {
-                "selector": _LABEL_SELECTOR,
-                "jobLabel": {"type": "string"},
-                "namespaceSelector": {"type": "object"},
-                "endpoints": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "additionalProperties": False, "properties": {
-                        "port": {"type": "string"}, "path": {"type": "string"},
-                        "scheme": {"enum": ["http", "https"]},
-                        "interval": _DURATION, "scrapeTimeout": _DURATION,
-                        "honorLabels": {"type": "boolean"}}}}}}}},
-    ("monitoring.coreos.com/v1", "PrometheusRule"): {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-        "properties": {"apiVersion": {}, "kind": {}, "metadata": _METADATA, "spec": {
-            "type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
-                "groups": {"type": "array", "items": {
-                    "type": "object", "required": ["name", "rules"], "additionalProperties": False,
-                    "properties": {"name": {"type": "string"}, "interval": _DURATION, "rules": {
-                        "type": "array", "items": {
-                            "type": "object", "required": ["expr"], "additionalProperties": False,
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {},
+            "kind": {},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": _LABEL_SELECTOR,
+                    "jobLabel": {"type": "string"},
+                    "namespaceSelector": {"type": "object"},
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
                             "properties": {
-                                "alert": {"type": "string"}, "record": {"type": "string"},
-                                "expr": {"type": ["string", "integer"]}, "for": _DURATION,
-                                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                                "annotations": {"type": "object",
-                                                "additionalProperties": {"type": "string"}}}}}}}}}}}},
+                                "port": {"type": "string"},
+                                "path": {"type": "string"},
+                                "scheme": {"enum": ["http", "https"]},
+                                "interval": _DURATION,
+                                "scrapeTimeout": _DURATION,
+                                "honorLabels": {"type": "boolean"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {},
+            "kind": {},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string"},
+                                "interval": _DURATION,
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "alert": {"type": "string"},
+                                            "record": {"type": "string"},
+                                            "expr": {"type": ["string", "integer"]},
+                                            "for": _DURATION,
+                                            "labels": {
+                                                "type": "object",
+                                                "additionalProperties": {"type": "string"},
+                                            },
+                                            "annotations": {
+                                                "type": "object",
+                                                "additionalProperties": {"type": "string"},
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
     ("keda.sh/v1alpha1", "ScaledObject"): {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-        "properties": {"apiVersion": {}, "kind": {}, "metadata": _METADATA, "spec": {
-            "type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
-            "properties": {
-                "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                   "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
-                                                  "apiVersion": {"type": "string"},
-                                                  "envSourceContainerName": {"type": "string"}}},
-                "minReplicaCount": {"type": "integer", "minimum": 0},
-                "maxReplicaCount": {"type": "integer", "minimum": 1},
-                "pollingInterval": {"type": "integer", "minimum": 1},
-                "cooldownPeriod": {"type": "integer", "minimum": 0},
-                "idleReplicaCount": {"type": "integer", "minimum": 0},
-                "triggers": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
-                    "properties": {
-                        "type": {"type": "string"}, "name": {"type": "string"},
-                        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "authenticationRef": {"type": "object", "required": ["name"]}}}}}}}},
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {},
+            "kind": {},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "apiVersion": {"type": "string"},
+                            "envSourceContainerName": {"type": "string"},
+                        },
+                    },
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "idleReplicaCount": {"type": "integer", "minimum": 0},
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": {"type": "string"},
+                                "name": {"type": "string"},
+                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "authenticationRef": {"type": "object", "required": ["name"]},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
 }
 # KEDA's rabbitmq scaler: the metadata keys it reads (anything else is a typo it would ignore).
-RABBITMQ_TRIGGER_KEYS = {"host", "hostFromEnv", "protocol", "queueName", "mode", "value", "activationValue",
-                         "vhostName", "useRegex", "excludeUnacknowledged", "unsafeSsl", "timeout"}
+RABBITMQ_TRIGGER_KEYS = {
+    "host",
+    "hostFromEnv",
+    "protocol",
+    "queueName",
+    "mode",
+    "value",
+    "activationValue",
+    "vhostName",
+    "useRegex",
+    "excludeUnacknowledged",
+    "unsafeSsl",
+    "timeout",
+}
 
 
 def _manifests() -> list[tuple[Path, dict]]:
@@ -172,8 +292,16 @@ def test_every_manifest_validates():
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(f"{path.name}: {exc.message} at {list(exc.path)}")
-    assert seen == {"ConfigMap", "Secret", "Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget",
-                    "ScaledObject", "PrometheusRule"}
+    assert seen == {
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "PrometheusRule",
+    }
 
 
 def test_kustomization_ties_every_manifest_but_the_secret_example():
@@ -272,7 +400,9 @@ def _unknown_metrics(exprs: list[str]) -> set[str]:
     exported = _exported_metric_names()
     # Labelled counters only show samples once used: compare families, with their suffixes.
     families = {re.sub(r"_(total|bucket|sum|count|created)$", "", n) for n in exported}
-    return {m for m in used if m not in exported and re.sub(r"_(total|bucket|sum|count)$", "", m) not in families}
+    return {
+        m for m in used if m not in exported and re.sub(r"_(total|bucket|sum|count)$", "", m) not in families
+    }
 
 
 def test_dashboard_uses_only_exported_metrics_and_covers_the_essentials():
@@ -281,9 +411,14 @@ def test_dashboard_uses_only_exported_metrics_and_covers_the_essentials():
     used = {m for e in exprs for m in re.findall(r"\binventory_[a-z_]+\b", e)}
     unknown = _unknown_metrics(exprs)
     assert not unknown, f"dashboard names metrics the worker does not export: {unknown}"
-    for essential in ("inventory_events_total", "inventory_event_processing_seconds_bucket",
-                      "inventory_outbox_backlog_messages", "inventory_dead_letter_queue_messages",
-                      "inventory_reservations_active", "inventory_http_requests_total"):
+    for essential in (
+        "inventory_events_total",
+        "inventory_event_processing_seconds_bucket",
+        "inventory_outbox_backlog_messages",
+        "inventory_dead_letter_queue_messages",
+        "inventory_reservations_active",
+        "inventory_http_requests_total",
+    ):
         assert essential in used
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))

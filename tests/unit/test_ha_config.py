@@ -62,15 +62,21 @@ def test_quorum_placement_arguments_only_when_set(env):
     env.setenv("INVENTORY_RABBITMQ__QUORUM_INITIAL_GROUP_SIZE", "3")
     env.setenv("INVENTORY_RABBITMQ__QUEUE_LEADER_LOCATOR", "balanced")
     args = rabbitmq.quorum_arguments(load_settings().rabbitmq)
-    assert args == {"x-queue-type": "quorum", "x-quorum-initial-group-size": 3,
-                    "x-queue-leader-locator": "balanced"}
+    assert args == {
+        "x-queue-type": "quorum",
+        "x-quorum-initial-group-size": 3,
+        "x-queue-leader-locator": "balanced",
+    }
 
 
-@pytest.mark.parametrize("var, value, key", [
-    ("INVENTORY_DATABASE__HOSTS", '["pg-a:notaport"]', "database.hosts"),
-    ("INVENTORY_RABBITMQ__ADDRESSES", '["mq:0"]', "rabbitmq.addresses"),
-    ("INVENTORY_REDIS__SENTINELS", '[":26379"]', "redis.sentinels"),
-])
+@pytest.mark.parametrize(
+    "var, value, key",
+    [
+        ("INVENTORY_DATABASE__HOSTS", '["pg-a:notaport"]', "database.hosts"),
+        ("INVENTORY_RABBITMQ__ADDRESSES", '["mq:0"]', "rabbitmq.addresses"),
+        ("INVENTORY_REDIS__SENTINELS", '[":26379"]', "redis.sentinels"),
+    ],
+)
 def test_a_bad_address_is_refused_naming_the_key(env, var, value, key):
     env.setenv(var, value)
     with pytest.raises(ConfigError) as err:
@@ -87,8 +93,10 @@ def test_sentinel_client_asks_the_sentinels_for_the_master(env):
     pool = client.connection_pool
     assert pool.service_name == "cache" and pool.is_master
     sentinels = pool.sentinel_manager.sentinels
-    assert [(c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
-            for c in sentinels] == [("s-0", 26379), ("s-1", 26380)]
+    assert [
+        (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
+        for c in sentinels
+    ] == [("s-0", 26379), ("s-1", 26380)]
     assert pool.connection_kwargs["password"] == "pw"
     assert sentinels[0].connection_pool.connection_kwargs.get("password") is None  # sentinels: their own
 
@@ -102,5 +110,7 @@ def test_failures_name_every_address(env):
     s = load_settings()
     assert describe(psycopg2.OperationalError("timeout expired"), s).address == "pg-a:5432,pg-b:5432"
     assert describe(redis.ConnectionError("x"), s).address == "sentinel mymaster via s-0:26379"
-    s = s.model_copy(update={"redis": s.redis.model_copy(update={"sentinel_password": SecretStr("sentinel-pw-123")})})
+    s = s.model_copy(
+        update={"redis": s.redis.model_copy(update={"sentinel_password": SecretStr("sentinel-pw-123")})}
+    )
     assert "sentinel-pw-123" not in repr(s.redis)

@@ -38,10 +38,13 @@ def test_an_unrelated_process_attaches_by_name_and_leaves_the_segment_alone():
     unlink an attached segment when the process ends, under the supervisor's feet."""
     health = ProcessHealth.create(3)
     try:
-        code = ("import sys; from inventory_worker.heartbeats import ProcessHealth; "
-                "h = ProcessHealth.attach(sys.argv[1], 3); h.beat(2); h.set_attached(2, True); h.close()")
-        r = subprocess.run([sys.executable, "-c", code, health.name], cwd=REPO, capture_output=True, text=True,
-                           timeout=60)
+        code = (
+            "import sys; from inventory_worker.heartbeats import ProcessHealth; "
+            "h = ProcessHealth.attach(sys.argv[1], 3); h.beat(2); h.set_attached(2, True); h.close()"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code, health.name], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert r.returncode == 0, r.stderr
         assert "leaked" not in r.stderr and "resource_tracker" not in r.stderr
         assert health.detached() == [0, 1]

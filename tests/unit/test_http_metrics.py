@@ -29,11 +29,15 @@ def test_a_flush_adds_exactly_what_observing_each_request_would():
     tally.flush()
     assert value("inventory_cache_requests_total", result="hit") == before + 2
     for status in ("200", "404", "503"):
-        assert value("inventory_http_requests_total", route=tallied, status=status) == \
-            value("inventory_http_requests_total", route=direct, status=status) > 0
+        assert (
+            value("inventory_http_requests_total", route=tallied, status=status)
+            == value("inventory_http_requests_total", route=direct, status=status)
+            > 0
+        )
     for le in ("0.0005", "0.001", "0.025", "2.5", "+Inf"):
-        assert value("inventory_http_request_duration_seconds_bucket", route=tallied, le=le) == \
-            value("inventory_http_request_duration_seconds_bucket", route=direct, le=le)
+        assert value("inventory_http_request_duration_seconds_bucket", route=tallied, le=le) == value(
+            "inventory_http_request_duration_seconds_bucket", route=direct, le=le
+        )
     assert value("inventory_http_request_duration_seconds_bucket", route=tallied, le="0.0005") == 3
     assert value("inventory_http_request_duration_seconds_count", route=tallied) == 5
     assert value("inventory_http_request_duration_seconds_sum", route=tallied) == pytest.approx(5.0212)
@@ -68,9 +72,13 @@ def test_observe_many_gives_the_samples_of_observing_each_value():
         each.observe(v)
 
     def samples(prefix):
-        return {(s.name.replace(prefix, ""), tuple(sorted(s.labels.items()))): s.value
-                for m in registry.collect() if m.name.startswith(prefix) for s in m.samples
-                if not s.name.endswith("_created")}
+        return {
+            (s.name.replace(prefix, ""), tuple(sorted(s.labels.items()))): s.value
+            for m in registry.collect()
+            if m.name.startswith(prefix)
+            for s in m.samples
+            if not s.name.endswith("_created")
+        }
 
     assert samples("many") == samples("each")
     assert samples("many")[("_seconds_count", ())] == len(values)

@@ -20,16 +20,30 @@ SNIPPET = (
 
 
 def _run(stderr: int) -> None:
-    subprocess.run([sys.executable, "-c", SNIPPET], cwd=REPO, stderr=stderr, check=True, timeout=60,
-                   env={k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")})
+    subprocess.run(
+        [sys.executable, "-c", SNIPPET],
+        cwd=REPO,
+        stderr=stderr,
+        check=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")},
+    )
 
 
 def test_json_lines_when_not_a_terminal():
     r = subprocess.run([sys.executable, "-c", SNIPPET], cwd=REPO, capture_output=True, text=True, timeout=60)
     line = json.loads(r.stderr.strip().splitlines()[-1])
-    assert {k: line[k] for k in ("event", "event_id", "order_id", "type", "outcome", "duration_ms", "process")} == {
-        "event": "event handled", "event_id": "e-1", "order_id": "o-1", "type": "order.placed",
-        "outcome": "reserved", "duration_ms": 1.5, "process": "consumer-0"}
+    assert {
+        k: line[k] for k in ("event", "event_id", "order_id", "type", "outcome", "duration_ms", "process")
+    } == {
+        "event": "event handled",
+        "event_id": "e-1",
+        "order_id": "o-1",
+        "type": "order.placed",
+        "outcome": "reserved",
+        "duration_ms": 1.5,
+        "process": "consumer-0",
+    }
 
 
 def test_console_output_on_a_terminal():
@@ -117,8 +131,9 @@ def test_standard_library_records_are_json_lines_too(monkeypatch):
     try:
         raise ConnectionResetError("peer went away")
     except ConnectionResetError:
-        logging.getLogger("pika.adapters.utils.io_services_utils").error("socket failed:\n%s", "details",
-                                                                         exc_info=True)
+        logging.getLogger("pika.adapters.utils.io_services_utils").error(
+            "socket failed:\n%s", "details", exc_info=True
+        )
     logging.getLogger("pika.connection").info("connection step")  # pika below WARNING: dropped
     logging.getLogger("somelib").warning("careful")
     lines = "".join(rec.writes).splitlines()
@@ -157,8 +172,9 @@ def test_crashes_are_one_json_line_each_in_the_supervisor_its_threads_and_childr
     script.write_text(CRASH)
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
     env["PYTHONPATH"] = str(REPO)
-    r = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env=env)
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
     assert r.returncode == 1 and r.stdout.strip() == "1", r.stderr  # the child exited 1, the supervisor too
     lines = [json.loads(line) for line in r.stderr.splitlines()]  # every line is a JSON object
     by_event = {line["event"]: line for line in lines}

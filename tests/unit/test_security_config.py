@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from inventory_worker.adapters.rabbitmq import connection_parameters
-from inventory_worker.http.auth import Authenticator, bearer_token, checked_roles, hash_token, new_token
 from inventory_worker.config import AuthSettings, ConfigError, TokenSettings, load_settings
+from inventory_worker.http.auth import Authenticator, bearer_token, checked_roles, hash_token, new_token
 
 SECRET = "s3cr3t-Pa55word-42"
 
@@ -86,7 +86,11 @@ def test_postgres_tls_settings_reach_psycopg2(clean_env):
     clean_env.setenv("INVENTORY_DATABASE__SSLKEY", "/etc/client.key")
     dsn = load_settings().database.dsn()
     assert (dsn["sslmode"], dsn["sslrootcert"], dsn["sslcert"], dsn["sslkey"]) == (
-        "verify-full", "/etc/ca.pem", "/etc/client.pem", "/etc/client.key")
+        "verify-full",
+        "/etc/ca.pem",
+        "/etc/client.pem",
+        "/etc/client.key",
+    )
     clean_env.setenv("INVENTORY_DATABASE__SSLMODE", "sometimes")
     with pytest.raises(ConfigError, match="database.sslmode"):
         load_settings()
@@ -107,8 +111,26 @@ def test_redis_tls_settings_reach_redis(clean_env):
 
 def test_amqps_verifies_the_broker_certificate(clean_env, tmp_path):
     ca = tmp_path / "ca.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k"),
-                    "-out", str(ca), "-days", "1", "-subj", "/CN=test-ca"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "k"),
+            "-out",
+            str(ca),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+        ],
+        check=True,
+        capture_output=True,
+    )
     clean_env.setenv("INVENTORY_RABBITMQ__URL", "amqps://app@mq.internal:5671/prod")
     clean_env.setenv("INVENTORY_RABBITMQ__PASSWORD", SECRET)
     clean_env.setenv("INVENTORY_RABBITMQ__CAFILE", str(ca))
@@ -129,30 +151,49 @@ def test_amqps_verifies_the_broker_certificate(clean_env, tmp_path):
 def test_tokens_are_hashed_and_compared_exactly():
     token = new_token()
     assert token.startswith("iw_") and len(token) > 40
-    auth = Authenticator(AuthSettings(tokens=[TokenSettings(name="a", roles=["inventory:read"],
-                                                            sha256=hashlib.sha256(token.encode()).hexdigest())]))
+    auth = Authenticator(
+        AuthSettings(
+            tokens=[
+                TokenSettings(
+                    name="a", roles=["inventory:read"], sha256=hashlib.sha256(token.encode()).hexdigest()
+                )
+            ]
+        )
+    )
     assert auth.authenticate({"Authorization": f"Bearer {token}"}).name == "a"
     assert auth.authenticate({"authorization": f"bearer {token}"}).name == "a"
     for bad in (token[:-1], token + "x", token.upper(), "", f"Basic {token}", f"Bearer {token} extra"):
-        assert auth.authenticate({"Authorization": bad if bad.startswith(("Basic", "Bearer")) else f"Bearer {bad}"}) is None
+        assert (
+            auth.authenticate(
+                {"Authorization": bad if bad.startswith(("Basic", "Bearer")) else f"Bearer {bad}"}
+            )
+            is None
+        )
     assert bearer_token({}) is None
     assert auth.required_role("/inventory/{product_id}") == "inventory:read"
     assert auth.required_role("/healthz") is None and auth.required_role("/metrics") is None
     with pytest.raises(ValueError, match="share a name"):
-        AuthSettings(tokens=[TokenSettings(name="a", roles=["r"], sha256="0" * 64),
-                             TokenSettings(name="a", roles=["r"], sha256="1" * 64)])
+        AuthSettings(
+            tokens=[
+                TokenSettings(name="a", roles=["r"], sha256="0" * 64),
+                TokenSettings(name="a", roles=["r"], sha256="1" * 64),
+            ]
+        )
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "inventory_worker", *args], capture_output=True, text=True,
-                          env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "inventory_worker", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_token_create_prints_a_token_that_its_config_line_accepts():
     out = _cli("token", "create", "shop-frontend", "--role", "inventory:read").stdout
     token = next(w for w in out.split() if w.startswith("iw_"))
     entry = json.loads(out.split("INVENTORY_AUTH__TOKENS='")[1].split("'\n")[0])[0]
-    assert entry["sha256"] == hashlib.sha256(token.encode()).hexdigest() and entry["roles"] == ["inventory:read"]
+    assert entry["sha256"] == hashlib.sha256(token.encode()).hexdigest() and entry["roles"] == [
+        "inventory:read"
+    ]
     assert out.count(token) == 1  # shown once
     auth = Authenticator(AuthSettings(tokens=[TokenSettings(**entry)]))
     assert auth.authenticate({"Authorization": f"Bearer {token}"}).name == "shop-frontend"
@@ -175,7 +216,11 @@ def test_token_create_refuses_a_role_nothing_checks():
 def test_checked_roles_are_the_roles_routes_require():
     auth = Authenticator(AuthSettings(metrics_role="prom"))
     routes = ("/inventory/{product_id}", "/metrics", "/healthz")
-    assert checked_roles(auth.settings) == {auth.required_role(r) for r in routes} - {None} == {"inventory:read", "prom"}
+    assert (
+        checked_roles(auth.settings)
+        == {auth.required_role(r) for r in routes} - {None}
+        == {"inventory:read", "prom"}
+    )
 
 
 def test_token_create_says_how_to_use_the_variable_and_restart(tmp_path):
@@ -185,12 +230,16 @@ def test_token_create_says_how_to_use_the_variable_and_restart(tmp_path):
     # what the text says: the variable works beside a config file, replacing its token list only
     entry = json.loads(out.split("INVENTORY_AUTH__TOKENS='")[1].split("'\n")[0])
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("auth:\n  metrics_role: prom\n  tokens:\n"
-                   "  - {name: old, roles: [inventory:read], sha256: '" + "0" * 64 + "'}\n")
+    cfg.write_text(
+        "auth:\n  metrics_role: prom\n  tokens:\n"
+        "  - {name: old, roles: [inventory:read], sha256: '" + "0" * 64 + "'}\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
     env["INVENTORY_AUTH__TOKENS"] = json.dumps(entry)
-    code = ("from inventory_worker.config import load_settings; s = load_settings('" + str(cfg) + "'); "
-            "print([t.name for t in s.auth.tokens], s.auth.metrics_role)")
+    code = (
+        "from inventory_worker.config import load_settings; s = load_settings('" + str(cfg) + "'); "
+        "print([t.name for t in s.auth.tokens], s.auth.metrics_role)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert r.stdout.strip() == "['shop'] prom", r.stderr
 
@@ -199,8 +248,11 @@ def test_help_shows_no_secret(tmp_path):
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
-    env.update(INVENTORY_DATABASE__PASSWORD=SECRET, INVENTORY_REDIS__PASSWORD=SECRET,
-               INVENTORY_RABBITMQ__URL=f"amqp://u:{SECRET}@h:5672/%2F")
+    env.update(
+        INVENTORY_DATABASE__PASSWORD=SECRET,
+        INVENTORY_REDIS__PASSWORD=SECRET,
+        INVENTORY_RABBITMQ__URL=f"amqp://u:{SECRET}@h:5672/%2F",
+    )
     for args in ([], ["run"], ["migrate"], ["publish"], ["stock"], ["token"], ["token", "create"]):
         r = _cli(*args, "--help", env=env)
         assert r.returncode == 0, r.stderr

@@ -46,4 +46,7 @@ def test_only_the_postgresql_adapter_issues_sql() -> None:
     modules = sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).as_posix() not in ADAPTER)
     assert len(modules) > 10
     found = [f for p in modules for f in sql_access(p)]
-    assert found == [], "SQL outside adapters/postgres.py and adapters/migrations.py; add a Store method instead:\n" + "\n".join(found)
+    assert found == [], (
+        "SQL outside adapters/postgres.py and adapters/migrations.py; add a Store method instead:\n"
+        + "\n".join(found)
+    )

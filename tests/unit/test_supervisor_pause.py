@@ -57,8 +57,13 @@ def supervisor(clock):
     sup.health.close()
 
 
-def run(sup: Supervisor, clock: Clock, seconds: float, beating: tuple[int, ...] = (0, 1),
-        starting: tuple[int, ...] = ()) -> dict[str, float]:
+def run(
+    sup: Supervisor,
+    clock: Clock,
+    seconds: float,
+    beating: tuple[int, ...] = (0, 1),
+    starting: tuple[int, ...] = (),
+) -> dict[str, float]:
     """The main loop for `seconds`: a check every TICK, and between two checks the consumers in
     `beating` beat (those in `starting` beat as still starting). What it kills, and when."""
     killed: dict[str, float] = {}
@@ -126,8 +131,11 @@ def test_a_consumer_that_never_beats_after_a_pause_in_its_startup_is_killed(supe
     resumed = clock.now
     killed = run(supervisor, clock, 3 * startup_allowance(TIMEOUT), beating=(1,))
     assert list(killed) == ["consumer-0"]
-    assert resumed + startup_allowance(TIMEOUT) < killed["consumer-0"] <= (
-        resumed + startup_allowance(TIMEOUT) + TICK + 1e-6)
+    assert (
+        resumed + startup_allowance(TIMEOUT)
+        < killed["consumer-0"]
+        <= (resumed + startup_allowance(TIMEOUT) + TICK + 1e-6)
+    )
 
 
 # ---- (c) without a pause, nothing changes -----------------------------------------------------
@@ -154,8 +162,11 @@ def test_a_consumer_that_never_beats_is_killed_after_the_startup_allowance(super
     started = clock.now
     killed = run(supervisor, clock, 3 * startup_allowance(TIMEOUT), beating=(1,))
     assert list(killed) == ["consumer-0"]
-    assert started + startup_allowance(TIMEOUT) < killed["consumer-0"] <= (
-        started + startup_allowance(TIMEOUT) + TICK + 1e-6)
+    assert (
+        started + startup_allowance(TIMEOUT)
+        < killed["consumer-0"]
+        <= (started + startup_allowance(TIMEOUT) + TICK + 1e-6)
+    )
 
 
 def test_a_consumer_stuck_while_starting_is_killed_after_the_startup_allowance(supervisor, clock):
@@ -163,5 +174,8 @@ def test_a_consumer_stuck_while_starting_is_killed_after_the_startup_allowance(s
     last_beat = clock.now - TICK / 2
     killed = run(supervisor, clock, 3 * startup_allowance(TIMEOUT), beating=(1,))
     assert list(killed) == ["consumer-0"]
-    assert last_beat + startup_allowance(TIMEOUT) < killed["consumer-0"] <= (
-        last_beat + startup_allowance(TIMEOUT) + TICK + 1e-6)
+    assert (
+        last_beat + startup_allowance(TIMEOUT)
+        < killed["consumer-0"]
+        <= (last_beat + startup_allowance(TIMEOUT) + TICK + 1e-6)
+    )

@@ -437,7 +437,7 @@ def fresh_state(settings: Settings, tag: str) -> Settings:
 
 def migrate_with(settings: Settings, code: Path) -> None:
     """Migrates with another version's sql/ and migration code (its `inventory-worker migrate`)."""
-    env = {**settings_env(settings), "PYTHONPATH": str(code)}
+    env = {**settings_env(settings, only_changed=True), "PYTHONPATH": str(code)}
     res = subprocess.run(
         [sys.executable, "-m", "inventory_worker", "migrate"],
         cwd=code,

@@ -95,8 +95,11 @@ def isolated_settings(base: Settings, run_id: str) -> Settings:
     )
 
 
-def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
-    """The settings as INVENTORY_* variables, for a worker started as a subprocess."""
+def settings_env(settings: Settings, only_changed: bool = False, **extra: Any) -> dict[str, str]:
+    """The settings as INVENTORY_* variables, for a worker started as a subprocess.
+
+    `only_changed`: only those that differ from their defaults, for another version's worker
+    (the benchmark's --compare), which refuses variables of settings it does not know yet."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
     env["INVENTORY_CONFIG"] = str(REPO / "config" / "config.yaml")
     data = settings.model_dump(mode="json")
@@ -110,9 +113,14 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     ):  # settings not made by isolated_settings
         tokens.append(TEST_TOKEN_SETTINGS.model_dump(mode="json"))
     for section, values in data.items():
+        fields = type(getattr(settings, section)).model_fields
         for key, value in values.items():
             if value is None:
                 continue
+            if only_changed and key in fields and not fields[key].is_required():
+                default = fields[key].get_default(call_default_factory=True)
+                if value == (default.get_secret_value() if isinstance(default, SecretStr) else default):
+                    continue
             env[f"INVENTORY_{section.upper()}__{key.upper()}"] = (
                 json.dumps(value) if isinstance(value, (dict, list)) else str(value)
             )
@@ -343,7 +351,7 @@ class WorkerProcess:
             )
         self.settings = settings
         self.processes = processes
-        self.env = settings_env(settings, **(extra_env or {}))
+        self.env = settings_env(settings, only_changed=code is not None, **(extra_env or {}))
         # Another version's inventory_worker/ and sql/ (the benchmark's --compare): run from its
         # folder, which `python -m` puts first on the path, and on PYTHONPATH for its children.
         self.code = code

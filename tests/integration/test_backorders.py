@@ -18,6 +18,7 @@ import pytest
 from inventory_worker.adapters.postgres import Outcome, Store, TransientError
 from inventory_worker.contract import validate_output
 
+from ..private_stack import private_settings
 from ..support import pg, uid
 from .test_locations_orders import Db, ev, msgs, reserved
 
@@ -58,6 +59,14 @@ class BackorderDb(Db):
         with pg(self.settings) as cur:
             cur.execute("SELECT product_detail(%s)", (pid,))
             return cur.fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def settings(settings):
+    """A database of this module's own: these tests sweep and fill by hand, and the run's shared
+    workers' sweepers would otherwise take the orders first in the shared database."""
+    with private_settings(settings, "backorders") as s:
+        yield s
 
 
 @pytest.fixture

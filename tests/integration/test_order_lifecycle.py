@@ -18,6 +18,7 @@ import pytest
 from inventory_worker.adapters.postgres import Outcome, Store
 from inventory_worker.contract import validate_output
 
+from ..private_stack import private_settings
 from ..support import pg, uid, wait_for_lock_waiter
 from .test_locations_orders import Db, ev
 
@@ -56,6 +57,14 @@ class Life(Db):
 
     def sweep(self) -> dict[str, Any]:
         return self.sql("SELECT expire_reservations(500)")
+
+
+@pytest.fixture(scope="module")
+def settings(settings):
+    """A database of this module's own: these tests sweep by hand, and the run's shared workers'
+    sweepers would otherwise take the orders first in the shared database."""
+    with private_settings(settings, "lifecycle") as s:
+        yield s
 
 
 @pytest.fixture

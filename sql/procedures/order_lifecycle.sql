@@ -295,12 +295,16 @@ BEGIN
                FROM jsonb_array_elements(v_lines) l
                JOIN order_lines ol ON ol.order_id = p_order_id AND ol.product_id = l->>'product_id'
               ORDER BY ol.product_id LOOP
-        -- Backordered units first: they hold no stock. (The product-level backordered figure
-        -- belongs to the backorders slice: until it lands no line has any.)
+        -- Backordered units first: they hold no stock; the product's `backordered` falls with
+        -- the line's (its own ledger row, at no location).
         n := least(x.quantity, x.backordered);
         v_left := x.quantity - n;
         UPDATE order_lines SET backordered = backordered - n, released = released + x.quantity
          WHERE order_id = p_order_id AND product_id = x.product_id;
+        IF n > 0 THEN
+            v_figures := v_figures || jsonb_build_array(
+                change_backordered(x.product_id, -n, 'release', p_order_id, p_event_id));
+        END IF;
         CONTINUE WHEN NOT x.tracked OR v_left = 0;  -- an untracked line holds no stock
         v_before := NULL;
         FOR a IN SELECT al.location_id, al.reserved FROM order_allocations al

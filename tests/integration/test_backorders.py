@@ -570,3 +570,24 @@ def test_the_procedures_refuse_a_malformed_backorder(settings, bad):
             "SELECT apply_event(%s, 'product.configured', %s::jsonb)",
             (str(uuid.uuid4()), json.dumps({"product_id": uid("B"), "backorder": bad})),
         )
+
+
+def test_partial_cancel_releases_the_products_backordered_units_too(db):
+    """A partial cancel takes backordered units first (spec 4.6): the product's `backordered`
+    (and its headroom) follows the line's, and verify stays clean."""
+    pid = db.product(stock=2, mode="allow", limit=5)
+    o = uid("o")
+    assert db.place(o, (pid, 6)).outcome == "reserved"  # 2 reserved, 4 backordered
+    assert db.backordered(pid) == 4
+    out = db.one("order.cancelled", {"order_id": o, "lines": [{"product_id": pid, "quantity": 3}]})
+    assert (
+        "inventory.released",
+        {"order_id": o, "lines": [{"product_id": pid, "quantity": 3}], "reason": "cancelled"},
+    ) in msgs(out)
+    assert db.backordered(pid) == 1
+    assert db.detail(pid)["backorder"]["headroom"] == 4
+    db.verify()
+    # The rest of the order, cancelled whole: the last backordered unit and the 2 reserved go.
+    db.one("order.cancelled", {"order_id": o})
+    assert db.backordered(pid) == 0 and db.totals(pid) == (2, 0, 2)
+    db.verify()

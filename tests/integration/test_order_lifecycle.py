@@ -588,13 +588,15 @@ def test_partial_cancel_refusals_by_order_state(life):
 
 
 def test_partial_cancel_takes_backordered_units_first(life):
-    """Line-level only: no placement backorders before the backorders slice (made by hand)."""
     a = life.location(0)
     ch = life.channel(["default", a])
     pid = life.stock({"default": 2, a: 2})
+    assert (
+        life.one("product.configured", {"product_id": pid, "backorder": {"mode": "allow"}}).outcome
+        == "configured"
+    )
     oid = uid("o")
-    life.place(oid, (pid, 4), channel_id=ch)  # default 2, a 2
-    life.sql("UPDATE order_lines SET quantity = 6, backordered = 2 WHERE order_id = %s", oid)
+    assert life.place(oid, (pid, 6), channel_id=ch).outcome == "reserved"  # default 2, a 2, 2 backordered
     assert msgs(cancel(life, oid, (pid, 3))) == [
         released(oid, (pid, 3)),
         ("inventory.back_in_stock", {"product_id": pid, "available": 1}),

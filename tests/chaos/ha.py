@@ -30,7 +30,16 @@ import psycopg2
 import redis
 from pydantic import AnyUrl, SecretStr
 
-from .services import GiveUp, PrivatePostgres, PrivateRabbitMQ, _port_free, _run, pick_port, wait_until
+from .services import (
+    GiveUp,
+    PrivatePostgres,
+    PrivateRabbitMQ,
+    _port_free,
+    _run,
+    pick_port,
+    stop_epmd,
+    wait_until,
+)
 
 
 def _kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -509,18 +518,7 @@ class RabbitCluster:
                     pass
                 n.proc.wait(30)
             n.proc = None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            subprocess.run(
-                ["epmd", "-port", str(self.epmd_port), "-kill"],
-                capture_output=True,
-                env=self.env,
-                timeout=30,
-                check=False,
-            )
-            if _port_free(self.epmd_port):
-                return
-            time.sleep(0.3)
+        stop_epmd(self.epmd_port, self.env)
 
 
 # ---- a network partition ------------------------------------------------------------------

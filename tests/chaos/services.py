@@ -387,20 +387,20 @@ class PrivateRabbitMQ:
                 pass
             self.proc.wait(30)
         self.proc = None
-        # epmd was started by our node on our own port. It refuses to go while the dead node is
-        # still registered, so ask until it is gone.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            subprocess.run(
-                ["epmd", "-port", str(self.epmd_port), "-kill"],
-                capture_output=True,
-                env=self.env,
-                timeout=30,
-                check=False,
-            )
-            if _port_free(self.epmd_port):
-                return
-            time.sleep(0.3)
+        stop_epmd(self.epmd_port, self.env)
+
+
+def stop_epmd(port: int, env: dict[str, str]) -> None:
+    """Stops the private epmd on `port` (started by our node). It refuses to go while a dead
+    node is still registered, so ask until it is gone."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        subprocess.run(
+            ["epmd", "-port", str(port), "-kill"], capture_output=True, env=env, timeout=30, check=False
+        )
+        if _port_free(port):
+            return
+        time.sleep(0.3)
 
 
 class PrivateServices:

@@ -62,6 +62,19 @@ END $$;
 CREATE OR REPLACE FUNCTION json_bool(v jsonb) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$ SELECT coalesce(jsonb_typeof(v) = 'boolean', false) $$;
 
+-- `lines` of 1 to p_max_lines {product_id, quantity 1..p_max_quantity}, each product once
+-- (a transfer's and a partial cancel's lines).
+CREATE OR REPLACE FUNCTION json_product_lines(v jsonb, p_max_lines integer, p_max_quantity bigint) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN jsonb_typeof(v) IS DISTINCT FROM 'array' THEN false  -- CASE: evaluated in order
+                WHEN jsonb_array_length(v) NOT BETWEEN 1 AND p_max_lines THEN false
+                ELSE coalesce((
+        SELECT bool_and(jsonb_typeof(x) = 'object' AND x - ARRAY['product_id', 'quantity'] = '{}'
+                        AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, p_max_quantity))
+               AND count(DISTINCT x->>'product_id') = count(*)
+          FROM jsonb_array_elements(v) x), false) END
+$$;
+
 -- One adjustment of stock.adjusted (the message itself, or one of its `items`), p = its path.
 CREATE OR REPLACE FUNCTION adjustment_problem(x jsonb, p text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
@@ -156,13 +169,7 @@ LANGUAGE sql IMMUTABLE AS $$
         WHEN NOT json_optional(d->'in_transit', json_bool(d->'in_transit')) THEN 'data.in_transit'
         WHEN NOT json_optional(d->'reason', json_text_between(d->'reason', 0, 500)) THEN 'data.reason'
         WHEN NOT json_optional(d->'reference', json_text_between(d->'reference', 0, 500)) THEN 'data.reference'
-        WHEN NOT (jsonb_typeof(d->'lines') = 'array' AND jsonb_array_length(d->'lines') BETWEEN 1 AND 1000)
-            THEN 'data.lines'
-        WHEN NOT coalesce((
-                SELECT bool_and(jsonb_typeof(x) = 'object' AND x - ARRAY['product_id', 'quantity'] = '{}'
-                                AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, 1000000000))
-                       AND count(DISTINCT x->>'product_id') = count(*)
-                  FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
+        WHEN NOT json_product_lines(d->'lines', 1000, 1000000000) THEN 'data.lines'
     END
     WHEN 'location.configured' THEN CASE
         WHEN d - ARRAY['location_id', 'name', 'priority', 'active', 'fulfils_orders'] <> '{}' THEN 'data: unknown field'
@@ -231,13 +238,7 @@ LANGUAGE sql IMMUTABLE AS $$
     WHEN 'order.cancelled' THEN CASE  -- with lines: a partial cancel
         WHEN d - ARRAY['order_id', 'lines'] <> '{}' THEN 'data: unknown field'
         WHEN NOT json_text_between(d->'order_id', 1, 200) THEN 'data.order_id'
-        WHEN NOT (jsonb_typeof(d->'lines') = 'array' AND jsonb_array_length(d->'lines') BETWEEN 1 AND 100)
-            THEN 'data.lines'
-        WHEN NOT coalesce((
-                SELECT bool_and(jsonb_typeof(x) = 'object' AND x - ARRAY['product_id', 'quantity'] = '{}'
-                                AND json_id(x->'product_id') AND json_int_between(x->'quantity', 1, 1000000))
-                       AND count(DISTINCT x->>'product_id') = count(*)
-                  FROM jsonb_array_elements(d->'lines') x), false) THEN 'data.lines'
+        WHEN NOT json_product_lines(d->'lines', 100, 1000000) THEN 'data.lines'
     END
     WHEN 'order.returned' THEN CASE
         WHEN d - ARRAY['order_id', 'return_id', 'lines'] <> '{}' THEN 'data: unknown field'

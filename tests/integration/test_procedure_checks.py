@@ -149,6 +149,39 @@ BAD = [
         },
     ),
     ("order.returned", lambda p: {"order_id": "o", "return_id": "r", "lines": []}),
+    # the lines of a partial cancel and of a transfer (json_product_lines)
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": []}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": {"product_id": p, "quantity": 1}}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1}] * 2}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1000001}]}),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": [{"product_id": p, "quantity": 1, "x": 1}]}),
+    (
+        "order.cancelled",
+        lambda p: {"order_id": "o", "lines": [{"product_id": f"{p}-{i}", "quantity": 1} for i in range(101)]},
+    ),
+    ("order.cancelled", lambda p: {"order_id": "o", "lines": [7]}),
+    (
+        "stock.transferred",
+        lambda p: {
+            "transfer_id": "t",
+            "from_location_id": "a",
+            "to_location_id": "b",
+            "lines": [{"product_id": p, "quantity": 1000000001}],
+        },
+    ),
+    (
+        "stock.transferred",
+        lambda p: {
+            "transfer_id": "t",
+            "from_location_id": "a",
+            "to_location_id": "b",
+            "lines": [{"product_id": p, "quantity": 1}] * 2,
+        },
+    ),
+    (
+        "stock.transferred",
+        lambda p: {"transfer_id": "t", "from_location_id": "a", "to_location_id": "b", "lines": "none"},
+    ),
     ("stock.dropped", lambda p: {"product_id": p, "delta": 1}),
     (None, lambda p: {"product_id": p, "delta": 1}),
 ]

@@ -225,14 +225,20 @@ class Store:
         )
 
     def fill_backorders(
-        self, products: int, per_product: int
-    ) -> tuple[int, list[OutgoingMessage], list[Figures]]:
-        """The sweeper's backorder fill pass (fill_backorder_pass() in sql/procedures/backorders.sql):
-        (orders filled, messages, figures after)."""
+        self, products: int, per_product: int, after: str = ""
+    ) -> tuple[int, list[OutgoingMessage], list[Figures], str]:
+        """The sweeper's backorder fill pass (fill_backorder_pass() in sql/procedures/backorders.sql)
+        over products after `after`, wrapping round: (orders filled, messages, figures after,
+        the cursor to pass as `after` next time)."""
         with self.transaction() as cur:
-            cur.execute("SELECT fill_backorder_pass(%s, %s)", (products, per_product))
+            cur.execute("SELECT fill_backorder_pass(%s, %s, %s)", (products, per_product, after))
             r = one_row(cur)[0]
-        return int(r["filled"]), [OutgoingMessage.from_json(m) for m in r["messages"]], list(r["products"])
+        return (
+            int(r["filled"]),
+            [OutgoingMessage.from_json(m) for m in r["messages"]],
+            list(r["products"]),
+            str(r["cursor"]),
+        )
 
     # -- leadership -------------------------------------------------------------------------
 

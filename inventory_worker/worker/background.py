@@ -11,7 +11,8 @@
   each, so order transactions get the product locks between batches. The same process then
   re-caches the products with a level at a location whose `active` or `fulfils_orders` flipped
   (their `available` changed with no stock change), in batches of the same size. After each sweep it
-  also runs a backorder fill pass (products with open backorders and `available`).
+  also runs a backorder fill pass (products with open backorders and `available`, up to
+  `sweep_batch_size` of them, taken round-robin from pass to pass).
 - the gauges (one process per worker, `measure=True`): outbox backlog, active reservations
   and DLQ depth, every `worker.metrics_interval_seconds`.
 """
@@ -73,6 +74,7 @@ class Maintenance(threading.Thread):
         self.stop = stop
         self.measure = measure
         self._next_measure = 0.0
+        self._fill_cursor = ""  # where the next backorder fill pass starts (fill_backorder_pass())
         self._amqp: Any = None
         self._publisher: rabbitmq.Publisher | None = None
 
@@ -174,11 +176,13 @@ class Maintenance(threading.Thread):
     def _fill_backorders(self) -> None:
         """The elected sweeper's fill pass (spec 4.3): open backorders of products that have
         `available` again (stock freed by expiry, a fill an event could not finish, a location
-        activated), one short transaction per pass, then the cache and the messages."""
+        activated), one short transaction per pass, then the cache and the messages. Each
+        pass starts after the last product the previous one visited, so products that stay
+        candidates without being filled cannot keep later ones out."""
         if not self.store.is_leader:
             return
-        filled, messages, figures = self.store.fill_backorders(
-            self.schedule.sweep_batch_size, self.schedule.backorder_fill_batch
+        filled, messages, figures, self._fill_cursor = self.store.fill_backorders(
+            self.schedule.sweep_batch_size, self.schedule.backorder_fill_batch, self._fill_cursor
         )
         if filled == 0:
             return

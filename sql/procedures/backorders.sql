@@ -216,18 +216,39 @@ END $$;
 -- (a fill an event could not finish, stock freed by expiry, a location activated), up to
 -- p_products of them, each locked in product_id order, skipped if another transaction holds
 -- it; p_limit orders per product. Writes its messages to the outbox.
--- Returns {filled: orders filled, messages, products: figures after}.
-CREATE OR REPLACE FUNCTION fill_backorder_pass(p_products integer, p_limit integer) RETURNS jsonb
+-- The products are taken in product_id order after p_after (the `cursor` the previous pass
+-- returned), wrapping round to the first ones: a product can stay a candidate without being
+-- filled (its stock only at locations outside its backorders' channels, its orders held by
+-- other transactions), and taken from the start every pass, such products would keep every
+-- later one out for good. So every candidate is visited within ceil(candidates / p_products)
+-- passes; within a product, filling stays FIFO (fill_backorders()).
+-- Returns {filled: orders filled, messages, products: figures after, cursor: the last
+-- product visited (p_after when none was)}.
+DROP FUNCTION IF EXISTS fill_backorder_pass(integer, integer);
+CREATE OR REPLACE FUNCTION fill_backorder_pass(p_products integer, p_limit integer, p_after text DEFAULT '')
+RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_ids      text[];
     v_fill     jsonb;
     v_filled   integer := 0;
     v_figures  jsonb := '[]';
     v_messages jsonb := '[]';
     v_id       text;
 BEGIN
-    FOR v_id IN SELECT p.product_id FROM products p WHERE p.backordered > 0 AND product_available(p) > 0
-                 ORDER BY p.product_id LIMIT p_products LOOP
+    -- Both halves walk the partial index products_backordered from a bound, never all of it.
+    v_ids := ARRAY(
+        SELECT c.product_id FROM (
+            (SELECT p.product_id, 0 AS lap FROM products p
+              WHERE p.backordered > 0 AND p.product_id > p_after AND product_available(p) > 0
+              ORDER BY p.product_id LIMIT p_products)
+            UNION ALL
+            (SELECT p.product_id, 1 FROM products p
+              WHERE p.backordered > 0 AND p.product_id <= p_after AND product_available(p) > 0
+              ORDER BY p.product_id LIMIT p_products)) c
+         ORDER BY c.lap, c.product_id LIMIT p_products);
+    -- Lock order (C5): the ids in product_id order, whatever lap they came from.
+    FOR v_id IN SELECT x FROM unnest(v_ids) x ORDER BY x LOOP
         PERFORM 1 FROM products WHERE product_id = v_id FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
         v_fill := fill_backorders(v_id, NULL, p_limit);
@@ -236,5 +257,6 @@ BEGIN
         v_messages := v_messages || (v_fill->'messages');
     END LOOP;
     PERFORM write_outbox(ARRAY(SELECT jsonb_array_elements(v_messages)));
-    RETURN jsonb_build_object('filled', v_filled, 'messages', v_messages, 'products', v_figures);
+    RETURN jsonb_build_object('filled', v_filled, 'messages', v_messages, 'products', v_figures,
+                              'cursor', coalesce(v_ids[cardinality(v_ids)], p_after));
 END $$;

@@ -429,7 +429,7 @@ def test_the_sweepers_fill_pass_takes_what_an_expiry_freed(db, store):
     assert db.place(waiting, (pid, 3)).outcome == "reserved"
     db.expire(holder)  # the expiry itself does not fill
     assert db.backordered(pid) == 3 and db.totals(pid) == (2, 0, 2)
-    count, messages, figures = store.fill_backorders(500, 100)
+    count, messages, figures, _ = store.fill_backorders(500, 100)
     assert count >= 1
     mine = [m.body["data"] for m in messages if m.body["data"].get("order_id") == waiting]
     for m in messages:

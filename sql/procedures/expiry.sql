@@ -14,6 +14,18 @@ LANGUAGE sql STABLE AS $$
                           WHERE ol.order_id = e.id AND o.order_id = e.id OFFSET 0) l
 $$;
 
+-- The lines of inventory.expired: what the expiry releases of each line, its units neither
+-- cancelled (a partial order.cancelled: its inventory.released listed those) nor fulfilled (a
+-- fulfilled order has no deadline, so none in practice); lines with nothing left are left
+-- out. For an order nothing was cancelled of, the lines as placed, as they always were.
+CREATE OR REPLACE FUNCTION expired_lines(p_order_id text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object('product_id', product_id,
+                                                 'quantity', quantity - released - fulfilled) ORDER BY line_no)
+                        FILTER (WHERE quantity - released - fulfilled > 0), '[]'::jsonb)
+      FROM order_lines WHERE order_id = p_order_id
+$$;
+
 -- Expiry: releases up to p_limit reservations whose deadline (PostgreSQL's clock) passed,
 -- oldest deadline first, found through the partial index orders_live_expiry.
 -- One call is one short transaction holding the locks of its own orders and products only,
@@ -62,7 +74,7 @@ BEGIN
       FROM unnest(v_expired) e(order_id) WHERE o.order_id = e.order_id;
     SELECT coalesce(jsonb_agg(m), '[]'::jsonb) INTO v_msgs FROM (
         SELECT new_message(o.placed_event_id, 'inventory.expired', jsonb_build_object(
-                   'order_id', o.order_id, 'lines', order_lines_json(o.order_id),
+                   'order_id', o.order_id, 'lines', expired_lines(o.order_id),
                    'expired_at', rfc3339(o.expires_at))) AS m
           FROM unnest(v_expired) e(order_id) JOIN orders o USING (order_id)
          ORDER BY o.order_id) x;

@@ -69,6 +69,18 @@ ACTIVE_RESERVATIONS = Gauge(
     "Orders holding a live reservation (whole database).",
     multiprocess_mode="livemostrecent",
 )
+BACKORDERED_UNITS = Gauge(
+    "inventory_backordered_units",
+    "Units promised to open orders without stock: the sum of every product's backordered units"
+    " (whole database).",
+    multiprocess_mode="livemostrecent",
+)
+HOLDS_UNTIL_FULFILLED = Gauge(
+    "inventory_holds_until_fulfilled",
+    "Live reservations without a deadline (reservation.extended until_fulfilled, or partly"
+    " fulfilled), which expiry never releases (whole database).",
+    multiprocess_mode="livemostrecent",
+)
 DLQ_DEPTH = Gauge(
     "inventory_dead_letter_queue_messages",
     "Messages waiting in the dead-letter queue.",

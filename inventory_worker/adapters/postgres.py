@@ -377,19 +377,27 @@ class Store:
             return [r[0] for r in cur.fetchall()]
 
     def operational_figures(self) -> dict[str, float]:
-        """Cluster-wide figures for the gauges; both counts walk small partial indexes."""
+        """Cluster-wide figures for the gauges; each walks a small partial index (live orders:
+        orders_live_expiry, which holds the NULL deadlines too; products_backordered)."""
         with self.transaction() as cur:
             cur.execute(
                 "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
                 "  FROM outbox WHERE published_at IS NULL"
             )
             backlog, oldest = one_row(cur)
-            cur.execute("SELECT count(*) FROM orders WHERE status = 'reserved'")
-            (reservations,) = one_row(cur)
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE expires_at IS NULL)"
+                "  FROM orders WHERE status = 'reserved'"
+            )
+            reservations, until_fulfilled = one_row(cur)
+            cur.execute("SELECT coalesce(sum(backordered), 0) FROM products WHERE backordered > 0")
+            (backordered,) = one_row(cur)
         return {
             "outbox_backlog": int(backlog),
             "outbox_oldest_age_seconds": float(oldest),
             "active_reservations": int(reservations),
+            "holds_until_fulfilled": int(until_fulfilled),
+            "backordered_units": int(backordered),
         }
 
     def ping(self) -> None:

@@ -14,7 +14,8 @@
   also runs a backorder fill pass (products with open backorders and `available`, up to
   `sweep_batch_size` of them, taken round-robin from pass to pass).
 - the gauges (one process per worker, `measure=True`): outbox backlog, active reservations
-  and DLQ depth, every `worker.metrics_interval_seconds`.
+  (and those held until fulfilled), backordered units and DLQ depth, every
+  `worker.metrics_interval_seconds`.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ class Maintenance(threading.Thread):
         metrics.OUTBOX_BACKLOG.set(f["outbox_backlog"])
         metrics.OUTBOX_OLDEST_AGE.set(f["outbox_oldest_age_seconds"])
         metrics.ACTIVE_RESERVATIONS.set(f["active_reservations"])
+        metrics.HOLDS_UNTIL_FULFILLED.set(f["holds_until_fulfilled"])
+        metrics.BACKORDERED_UNITS.set(f["backordered_units"])
         self._publisher_ready()  # the connection we publish on also answers the depth
         channel = self._amqp.channel()
         try:

@@ -34,15 +34,18 @@ def db(settings) -> Db:
 
 def expired(db: Db, order_id: str) -> dict[str, Any]:
     """Expires the order by a real sweep; its inventory.expired (data), checked against the
-    contract, and whether the outbox holds its lines as the lines as placed, in the very bytes
-    the sweep wrote before (order_lines_json(), which it used to call)."""
+    contract, and whether the outbox holds the lines as placed, in the very bytes the sweep
+    wrote before (the expression of order_lines_json(), which it used to call)."""
     swept = db.expire(order_id)
     [m] = [m for m in swept["messages"] if m["body"]["data"].get("order_id") == order_id]
     validate_output(m["body"])
     assert m["body"]["type"] == "inventory.expired"
     with pg(db.settings) as cur:
         cur.execute(
-            "SELECT (body->'data'->'lines')::text = order_lines_json(%s)::text FROM outbox WHERE message_id = %s",
+            "SELECT (body->'data'->'lines')::text = ("
+            "    SELECT jsonb_agg(jsonb_build_object('product_id', product_id, 'quantity', quantity)"
+            "                     ORDER BY line_no) FROM order_lines WHERE order_id = %s)::text"
+            "  FROM outbox WHERE message_id = %s",
             (order_id, m["body"]["id"]),
         )
         as_placed = cur.fetchone()[0]

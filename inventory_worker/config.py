@@ -367,8 +367,8 @@ class WorkerSettings(_Section):
         15.0,
         gt=0,
         description="How often the cluster-wide gauges (outbox "
-        "backlog, active reservations, DLQ depth) are measured, by one "
-        "consumer process per worker.",
+        "backlog, active reservations, holds until fulfilled, backordered units, DLQ depth) "
+        "are measured, by one consumer process per worker.",
     )
 
 

@@ -95,10 +95,16 @@ BEGIN
             || (v_moved->'messages'));
 END $$;
 
--- A run of order.placed events (consecutive in a batch, all new), applied in a few statements
--- instead of a few per order: only when that gives exactly what one by one would, which is
--- when no order id repeats and every product has stock for all of the run's orders together
--- (then none is rejected, and each event's figures are the running sums computed below).
+-- A run of order.placed events (consecutive in a batch, all new) decided in one pass in memory
+-- and written in a few statements, giving exactly what place_order() one by one would: the
+-- same outcomes (reserved, insufficient_stock with the same `available`, duplicate_order,
+-- order_cancelled), figures after each event, low_stock messages, ledger rows, and the same
+-- order of outbox ids. That holds where place_order() would reserve in products rows at
+-- `default` and nothing else: no channel, no pin, every product known, default-only, tracked,
+-- without policy (max_per_order, damaged, quality control, safety stock, backorders) and
+-- without open backorders (one by one would try to fill them after each order), `default`
+-- selling. Then a product's `available` is on_hand - reserved, and an order is reserved whole
+-- or rejected whole on that figure alone (lines name distinct products: the checks).
 -- Returns one result per event, or NULL when the run must be applied one by one.
 -- force_generic_plan: its statements are planned once per session. Left to choose, PostgreSQL
 -- planned them again on every call of a short run (a custom plan looked cheaper for a few
@@ -106,94 +112,185 @@ END $$;
 CREATE OR REPLACE FUNCTION place_orders(p_ids uuid[], p_datas jsonb[], p_default_ttl integer) RETURNS jsonb[]
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    v_ok      boolean;
-    v_placed  text[];
-    v_results jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_ids)]);
-    r         record;
+    v_results   jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_ids)]);
+    -- The lines, by event and then product_id (the order move_stock() takes them in).
+    v_line_ev   integer[];
+    v_line_pid  text[];
+    v_line_qty  bigint[];
+    v_line_no   integer[];
+    v_line_prod integer[];  -- index into the product arrays below
+    v_products  integer;    -- distinct products named
+    v_elsewhere boolean;
+    v_ok        boolean;
+    -- The run's products, by product_id, locked; figures kept current as orders are decided.
+    v_pids      text[];
+    v_on_hand   bigint[];
+    v_reserved  bigint[];
+    v_version   bigint[];
+    v_version0  bigint[];
+    v_threshold integer[];
+    -- Orders stored before the run (a duplicate, or a cancel that came first) and their status.
+    v_stored    text[];
+    v_status    text[];
+    -- What is written at the end: orders reserved, and their lines (= ledger rows, in order).
+    v_acc_order text[] := '{}';
+    v_acc_event uuid[] := '{}';
+    v_acc_exp   timestamptz[] := '{}';
+    v_w_order   text[] := '{}';
+    v_w_event   uuid[] := '{}';
+    v_w_pid     text[] := '{}';
+    v_w_no      integer[] := '{}';
+    v_w_qty     bigint[] := '{}';
+    v_written   bigint;
+    -- One event.
+    v_order_id  text;
+    v_first     integer;
+    v_last      integer := 0;
+    v_short     jsonb[];
+    v_figures   jsonb[];
+    v_low       jsonb[];
+    v_expires   timestamptz;
+    v_before    bigint;
+    v_after     bigint;
+    k           integer;
+    v_p         integer;
 BEGIN
-    WITH ev AS (
-        SELECT d->>'order_id' AS order_id, d->'lines' AS lines, d->>'channel_id' AS channel_id FROM unnest(p_datas) AS d
-    ), need AS (  -- what the orders not stored yet ask of each product
-        SELECT x->>'product_id' AS product_id, sum((x->>'quantity')::bigint) AS quantity,
-               bool_or(x ? 'location_id') AS pinned
-          FROM ev, jsonb_array_elements(ev.lines) x
-         WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = ev.order_id)
-         GROUP BY 1
-    )
-    -- Only orders held whole in products rows at `default`, as place_order() alone would: no
-    -- channel, no pin, default-only products without policy, `default` selling.
-    SELECT (SELECT count(DISTINCT order_id) = count(*) AND count(channel_id) = 0 FROM ev)
-           AND NOT EXISTS (SELECT 1 FROM need LEFT JOIN products p ON p.product_id = need.product_id
-                            WHERE p.product_id IS NULL OR p.on_hand - p.reserved < need.quantity OR need.pinned
-                               OR p.multi_location OR NOT p.tracked OR p.max_per_order IS NOT NULL
-                               OR p.damaged <> 0 OR p.quality_control <> 0 OR p.safety_stock <> 0
-                               OR p.backorder_mode <> 'deny')
-           AND (SELECT active AND fulfils_orders FROM locations WHERE location_id = 'default')
-      INTO v_ok;
-    IF v_ok IS NOT TRUE THEN
+    SELECT array_agg(t.ord::integer ORDER BY t.ord, x.line->>'product_id'),
+           array_agg(x.line->>'product_id' ORDER BY t.ord, x.line->>'product_id'),
+           array_agg((x.line->>'quantity')::bigint ORDER BY t.ord, x.line->>'product_id'),
+           array_agg(x.line_no::integer ORDER BY t.ord, x.line->>'product_id'),
+           count(DISTINCT x.line->>'product_id'),
+           coalesce(bool_or(t.d->>'channel_id' IS NOT NULL OR x.line->>'location_id' IS NOT NULL), false)
+      INTO v_line_ev, v_line_pid, v_line_qty, v_line_no, v_products, v_elsewhere
+      FROM unnest(p_datas) WITH ORDINALITY AS t(d, ord)
+     CROSS JOIN LATERAL jsonb_array_elements(t.d->'lines') WITH ORDINALITY AS x(line, line_no);
+    IF v_elsewhere OR v_line_ev IS NULL THEN
         RETURN NULL;
     END IF;
 
-    -- Orders rows in order_id order, the order concurrent runs lock them in. An order stored
-    -- meanwhile by another transaction is left out here and answered by place_order() below.
-    WITH ins AS (
-        INSERT INTO orders (order_id, status, placed_event_id, expires_at)
-        SELECT d->>'order_id', 'reserved', p_ids[ord],
-               now() + make_interval(secs => coalesce((d->>'reservation_ttl_seconds')::integer, p_default_ttl))
-          FROM unnest(p_datas) WITH ORDINALITY AS t(d, ord)
-         ORDER BY d->>'order_id'
-            ON CONFLICT (order_id) DO NOTHING
-        RETURNING order_id)
-    SELECT array_agg(order_id) INTO v_placed FROM ins;
+    -- Locked by apply_events() already, unless created since by another transaction: then
+    -- this takes the lock before the figures are read.
+    SELECT array_agg(product_id ORDER BY product_id), array_agg(on_hand ORDER BY product_id),
+           array_agg(reserved ORDER BY product_id), array_agg(version ORDER BY product_id),
+           array_agg(low_stock_threshold ORDER BY product_id),
+           count(*) = v_products
+               AND bool_and(NOT multi_location AND tracked AND max_per_order IS NULL AND damaged = 0
+                            AND quality_control = 0 AND safety_stock = 0 AND backorder_mode = 'deny'
+                            AND backordered = 0)
+      INTO v_pids, v_on_hand, v_reserved, v_version, v_threshold, v_ok
+      FROM (SELECT * FROM products WHERE product_id = ANY(v_line_pid) ORDER BY product_id FOR UPDATE) p;
+    IF v_ok IS NOT TRUE OR NOT (SELECT active AND fulfils_orders FROM locations WHERE location_id = 'default') THEN
+        RETURN NULL;
+    END IF;
+    v_version0 := v_version;
+    v_line_prod := ARRAY(SELECT array_position(v_pids, pid) FROM unnest(v_line_pid) WITH ORDINALITY AS u(pid, n)
+                          ORDER BY n);
 
-    FOR r IN
-        WITH l AS (  -- every line of the placed orders, with its product's figures before the run
-            SELECT t.ord, p_ids[t.ord] AS event_id, t.d->>'order_id' AS order_id, x.line_no,
-                   x.line->>'product_id' AS product_id, (x.line->>'quantity')::bigint AS quantity,
-                   p.on_hand, p.reserved, p.low_stock_threshold AS threshold, p.version
-              FROM unnest(p_datas) WITH ORDINALITY AS t(d, ord)
-             CROSS JOIN LATERAL jsonb_array_elements(t.d->'lines') WITH ORDINALITY AS x(line, line_no)
-              JOIN products p ON p.product_id = x.line->>'product_id'
-             WHERE t.d->>'order_id' = ANY(v_placed)
-        ), after_each AS (  -- each product's figures right after each event, as one by one would leave them
-            SELECT l.*, l.reserved + sum(l.quantity) OVER w AS reserved_after,
-                   l.version + count(*) OVER w AS version_after
-              FROM l WINDOW w AS (PARTITION BY l.product_id ORDER BY l.ord)
-        ), moved AS (
-            UPDATE products p
-               SET reserved = p.reserved + s.quantity, version = p.version + s.events, updated_at = now()
-              FROM (SELECT product_id, sum(quantity) AS quantity, count(*) AS events FROM l GROUP BY product_id) s
-             WHERE p.product_id = s.product_id
-        ), stored_lines AS (
-            INSERT INTO order_lines (order_id, product_id, line_no, quantity)
-            SELECT order_id, product_id, line_no, quantity FROM l
-        ), ledger AS (
-            INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)
-            SELECT product_id, order_id, event_id, 0, quantity, 'reserve' FROM l ORDER BY ord, product_id
-        )
-        SELECT a.ord, a.event_id, a.order_id,
-               jsonb_agg(jsonb_build_object('product_id', a.product_id, 'on_hand', a.on_hand,
-                                            'reserved', a.reserved_after, 'available', a.on_hand - a.reserved_after,
-                                            'version', a.version_after) ORDER BY a.product_id) AS figures,
-               coalesce(jsonb_agg(new_message(a.event_id, 'inventory.low_stock', jsonb_build_object(
-                                      'product_id', a.product_id, 'available', a.on_hand - a.reserved_after,
-                                      'threshold', a.threshold)) ORDER BY a.product_id)
-                            FILTER (WHERE a.on_hand - a.reserved_after <= a.threshold
-                                      AND a.on_hand - a.reserved_after + a.quantity > a.threshold),
-                        '[]'::jsonb) AS low_stock
-          FROM after_each a GROUP BY a.ord, a.event_id, a.order_id
-    LOOP
-        v_results[r.ord] := jsonb_build_object('outcome', 'reserved', 'order_id', r.order_id, 'products', r.figures,
-            'messages', jsonb_build_array(new_message(r.event_id, 'inventory.reserved', jsonb_build_object(
-                'order_id', r.order_id, 'lines', p_datas[r.ord]->'lines',
-                'expires_at', rfc3339(now() + make_interval(secs => coalesce(
-                    (p_datas[r.ord]->>'reservation_ttl_seconds')::integer, p_default_ttl)))))) || r.low_stock);
-    END LOOP;
+    -- Locked as place_order() locks a stored order (its status is the answer).
+    SELECT coalesce(array_agg(order_id), '{}'), coalesce(array_agg(status), '{}') INTO v_stored, v_status
+      FROM (SELECT order_id, status FROM orders
+             WHERE order_id = ANY(ARRAY(SELECT d->>'order_id' FROM unnest(p_datas) AS d))
+             ORDER BY order_id FOR UPDATE) o;
+
     FOR i IN 1 .. cardinality(p_ids) LOOP
-        IF v_results[i] IS NULL THEN  -- stored before: a duplicate order or a cancelled one
-            v_results[i] := place_order(p_ids[i], p_datas[i], p_default_ttl);
+        v_order_id := p_datas[i]->>'order_id';
+        v_first := v_last + 1;
+        v_last := v_first;
+        WHILE v_last < cardinality(v_line_ev) AND v_line_ev[v_last + 1] = i LOOP
+            v_last := v_last + 1;
+        END LOOP;
+        v_p := array_position(v_stored, v_order_id);
+        IF v_p IS NOT NULL THEN
+            v_results[i] := CASE WHEN v_status[v_p] = 'cancelled'
+                                 THEN rejected(p_ids[i], v_order_id, 'order_cancelled')
+                                 ELSE jsonb_build_object('outcome', 'duplicate_order', 'order_id', v_order_id,
+                                          'status', v_status[v_p], 'messages', '[]'::jsonb,
+                                          'products', '[]'::jsonb) END;
+            CONTINUE;
         END IF;
+        IF v_order_id = ANY(v_acc_order) THEN  -- reserved earlier in this run
+            v_results[i] := jsonb_build_object('outcome', 'duplicate_order', 'order_id', v_order_id,
+                                               'status', 'reserved', 'messages', '[]'::jsonb,
+                                               'products', '[]'::jsonb);
+            CONTINUE;
+        END IF;
+
+        -- Every line or none, on each product's figures before this order.
+        v_short := NULL;
+        FOR k IN v_first .. v_last LOOP
+            v_p := v_line_prod[k];
+            IF v_on_hand[v_p] - v_reserved[v_p] < v_line_qty[k] THEN
+                IF v_short IS NULL THEN
+                    v_short := array_fill(NULL::jsonb, ARRAY[v_last - v_first + 1]);
+                END IF;
+                v_short[v_line_no[k]] := jsonb_build_object('product_id', v_line_pid[k],
+                    'requested', v_line_qty[k], 'available', v_on_hand[v_p] - v_reserved[v_p]);
+            END IF;
+        END LOOP;
+        IF v_short IS NOT NULL THEN  -- shortages in the order of the lines
+            v_results[i] := rejected(p_ids[i], v_order_id, 'insufficient_stock',
+                                     to_jsonb(array_remove(v_short, NULL)));
+            CONTINUE;
+        END IF;
+
+        -- Reserved: figures and low_stock messages product by product (made before the
+        -- inventory.reserved message, as move_stock() makes them, so outbox ids run alike).
+        v_figures := '{}';
+        v_low := '{}';
+        FOR k IN v_first .. v_last LOOP
+            v_p := v_line_prod[k];
+            v_before := greatest(0, v_on_hand[v_p] - v_reserved[v_p]);
+            v_reserved[v_p] := v_reserved[v_p] + v_line_qty[k];
+            v_version[v_p] := v_version[v_p] + 1;
+            v_after := greatest(0, v_on_hand[v_p] - v_reserved[v_p]);
+            v_figures := array_append(v_figures, jsonb_build_object('product_id', v_pids[v_p],
+                'on_hand', v_on_hand[v_p], 'reserved', v_reserved[v_p], 'available', v_after,
+                'version', v_version[v_p]));
+            IF v_after <= v_threshold[v_p] AND v_before > v_threshold[v_p] THEN
+                v_low := array_append(v_low, new_message(p_ids[i], 'inventory.low_stock', jsonb_build_object(
+                    'product_id', v_pids[v_p], 'available', v_after, 'threshold', v_threshold[v_p])));
+            END IF;
+            v_w_order := array_append(v_w_order, v_order_id);
+            v_w_event := array_append(v_w_event, p_ids[i]);
+            v_w_pid := array_append(v_w_pid, v_pids[v_p]);
+            v_w_no := array_append(v_w_no, v_line_no[k]);
+            v_w_qty := array_append(v_w_qty, v_line_qty[k]);
+        END LOOP;
+        v_expires := now() + make_interval(secs => coalesce((p_datas[i]->>'reservation_ttl_seconds')::integer,
+                                                             p_default_ttl));
+        v_acc_order := array_append(v_acc_order, v_order_id);
+        v_acc_event := array_append(v_acc_event, p_ids[i]);
+        v_acc_exp := array_append(v_acc_exp, v_expires);
+        v_results[i] := jsonb_build_object('outcome', 'reserved', 'order_id', v_order_id,
+            'products', to_jsonb(v_figures),
+            'messages', jsonb_build_array(new_message(p_ids[i], 'inventory.reserved', jsonb_build_object(
+                'order_id', v_order_id, 'lines', p_datas[i]->'lines', 'expires_at', rfc3339(v_expires))))
+                || to_jsonb(v_low));
     END LOOP;
+
+    IF cardinality(v_acc_order) = 0 THEN
+        RETURN v_results;
+    END IF;
+    -- Orders rows in order_id order, the order concurrent runs lock them in. One stored by a
+    -- transaction that committed after the look-up above makes this run's decisions stale:
+    -- undo it all, and the worker retries (then it is a duplicate_order).
+    INSERT INTO orders (order_id, status, placed_event_id, expires_at)
+    SELECT o, 'reserved', e, t FROM unnest(v_acc_order, v_acc_event, v_acc_exp) AS u(o, e, t)
+     ORDER BY o
+        ON CONFLICT (order_id) DO NOTHING;
+    GET DIAGNOSTICS v_written = ROW_COUNT;
+    IF v_written < cardinality(v_acc_order) THEN
+        RAISE EXCEPTION 'an order of this run was placed concurrently' USING ERRCODE = 'serialization_failure';
+    END IF;
+    INSERT INTO order_lines (order_id, product_id, line_no, quantity)
+    SELECT * FROM unnest(v_w_order, v_w_pid, v_w_no, v_w_qty);
+    INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)
+    SELECT pid, o, e, 0, q, 'reserve'
+      FROM unnest(v_w_pid, v_w_order, v_w_event, v_w_qty) WITH ORDINALITY AS u(pid, o, e, q, n)
+     ORDER BY n;
+    UPDATE products p SET reserved = u.reserved, version = u.version, updated_at = now()
+      FROM unnest(v_pids, v_reserved, v_version, v_version0) AS u(product_id, reserved, version, version0)
+     WHERE p.product_id = u.product_id AND u.version <> u.version0;
     RETURN v_results;
 END $$;
 

@@ -313,7 +313,8 @@ def test_a_run_of_orders_that_fits_the_stock_is_applied_in_one_go(settings, stor
 def test_runs_take_the_set_based_path_when_they_can(settings):
     """The shortcut is really taken (else the equivalence above would hold trivially): a run
     of placements that fits the stock, then a run of completions, call place_orders() and
-    complete_orders() once each and the one-by-one functions never; a sell-out falls back."""
+    complete_orders() once each and the one-by-one functions never; so does a sell-out; an
+    order on a channel sends its run one by one."""
     ns = f"s{uuid.uuid4().hex[:8]}-"
     events = namespaced(
         [
@@ -357,7 +358,8 @@ def test_runs_take_the_set_based_path_when_they_can(settings):
         (6, 2, 6),
         (4, 0, 7),
     ]
-    # a sell-out: 4 orders of 3 on 10 units cannot all fit, so they go one by one
+    # a sell-out: 4 orders of 3 on 10 units, the last rejected, still in one go; with an
+    # order on a channel among them the run goes one by one
     sold = namespaced(
         [(("stock.adjusted", {"product_id": "P9", "on_hand": 10}), 1)]
         + [
@@ -370,5 +372,31 @@ def test_runs_take_the_set_based_path_when_they_can(settings):
         cur.execute("BEGIN; SET LOCAL track_functions = 'all'")
         cur.execute("SELECT apply_events(%s::jsonb)", (json.dumps(sold),))
         assert [r["outcome"] for r in cur.fetchone()[0]] == ["adjusted"] + ["reserved"] * 3 + ["rejected"]
-        assert calls(cur)["place_order"] == 4
+        assert calls(cur)["place_orders"] == 1 and calls(cur)["place_order"] == 0
+        cur.execute("COMMIT")
+    mixed = namespaced(
+        [
+            (("order.placed", {"order_id": f"O8{i}", "lines": [{"product_id": "P1", "quantity": 1}]}), 1)
+            for i in range(2)
+        ]
+        + [
+            (
+                (
+                    "order.placed",
+                    {
+                        "order_id": "O82",
+                        "channel_id": "default",
+                        "lines": [{"product_id": "P1", "quantity": 1}],
+                    },
+                ),
+                1,
+            )
+        ],
+        ns,
+    )
+    with pg(settings) as cur:
+        cur.execute("BEGIN; SET LOCAL track_functions = 'all'")
+        cur.execute("SELECT apply_events(%s::jsonb)", (json.dumps(mixed),))
+        assert [r["outcome"] for r in cur.fetchone()[0]] == ["reserved"] * 3
+        assert calls(cur)["place_order"] == 3
         cur.execute("COMMIT")

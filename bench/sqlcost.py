@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("rev")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--batches", type=int, default=30, help="batches of 100 orders per workload and round")
+    ap.add_argument(
+        "--no-analyze",
+        action="store_true",
+        help="no ANALYZE between rounds: plans made on young tables stay, as on a worker's first minute",
+    )
     args = ap.parse_args(argv)
     base = run.bench_settings()
     sides = {"rev": run.fresh_state(base, "sqlrev"), "current": run.fresh_state(base, "sqlcur")}
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             conns[side] = psycopg2.connect(**s.database.dsn())
             conns[side].autocommit = True
         for r in range(args.rounds):
-            for c in conns.values() if r else ():  # (of empty tables, plans for none)
+            for c in conns.values() if r and not args.no_analyze else ():  # (of empty tables, plans for none)
                 c.cursor().execute("ANALYZE")
             for name in ("uniform", "hot", "flash"):
                 for side in ("rev", "current") if r % 2 == 0 else ("current", "rev"):

@@ -128,8 +128,8 @@ def throughput(res: dict[str, Any]) -> Figure | None:
     ax.yaxis.set_major_formatter(THOUSANDS)
     ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the ratio labels
     ax.set_title(
-        "Full load: results per second; over each worker bar, its ratio to the naive consumer\n"
-        "with as many processes (or the nearest count run)",
+        "Full load: results per second; over each worker bar,\n"
+        "its ratio to the naive consumer with as many processes",
         fontsize=10,
     )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -233,7 +233,12 @@ def latency(res: dict[str, Any]) -> Figure | None:
                 p99 = [w["p99_ms"] if _finite(w["p99_ms"]) else math.nan for w in tl]
                 p50 = [w["p50_ms"] if _finite(w["p50_ms"]) else math.nan for w in tl]
                 ax.plot(
-                    xs, p99, color=colour, linewidth=1.4, marker=".", label=f"x{p} p99" if k == 0 else None
+                    xs,
+                    p99,
+                    color=colour,
+                    linewidth=1.4,
+                    marker=".",
+                    label=f"{p} process{'es' if p > 1 else ''}: p99" if k == 0 else None,
                 )
                 ax.plot(
                     xs,
@@ -241,33 +246,28 @@ def latency(res: dict[str, Any]) -> Figure | None:
                     color=colour,
                     linewidth=1.0,
                     linestyle="--",
-                    label=f"x{p} p50" if k == 0 else None,
+                    label=f"{p} process{'es' if p > 1 else ''}: p50" if k == 0 else None,
                 )
-        for k, x in enumerate(starts):
-            if k:
-                ax.axvline(x, color="grey", linewidth=0.8, linestyle=":")
-            ax.text(
-                x + 0.05 * spans[k],
-                0.97,
-                f"round {k + 1}",
-                transform=ax.get_xaxis_transform(),
-                fontsize=7,
-                va="top",
-                color="grey",
-            )
+        for x in starts[1:]:
+            ax.axvline(x, color="grey", linewidth=0.8, linestyle=":")
+        top = ax.secondary_xaxis("top")  # the rounds named above the plot, off the lines
+        top.set_xticks([x + span / 2 for x, span in zip(starts, spans, strict=True)])
+        top.set_xticklabels([f"round {k + 1}" for k in range(len(starts))], fontsize=7, color="grey")
+        top.tick_params(length=0)
         ax.set_xlim(0, sum(spans))
         ax.set_ylim(bottom=0)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("seconds (the rounds one after the other)")
         ax.set_ylabel("latency ms")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=len(runs), loc="lower right")
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2 * len(procs), fontsize=8, frameon=False)
     fig.suptitle(
-        "Half load: latency from occurred_at to the result's arrival, per window of sent orders\n"
-        "(p99 solid, p50 dashed; the table reports the round with the median p99)",
+        "Half load: latency from occurred_at to the result's arrival, per 0.5 s window of orders sent,\n"
+        "one colour per worker process count; the table reports the round with the median p99",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))  # the legend below the plots
     return fig
 
 
@@ -363,8 +363,9 @@ def preorder(res: dict[str, Any]) -> Figure | None:
             where="post",
             color=_colour(WORKER, procs.index(p), len(procs)),
             linewidth=1.5,
-            label=f"x{p}: {f['orders']:,} orders, last fill after {f['last_fill_s']} s ({f['fills_per_s']} fills/s;"
-            f" {f['filled_by_receipt']} in the receipt's transaction)",
+            label=f"{p} process{'es' if p > 1 else ''}: {f['orders']:,} orders, the last filled after"
+            f" {f['last_fill_s']} s ({f['fills_per_s']} fills/s; {f['filled_by_receipt']} in the"
+            " receipt's transaction)",
         )
         ax.axhline(f["orders"], color="grey", linewidth=0.6, linestyle=":")
     ax.set_xlabel("seconds since the stock.received was published")

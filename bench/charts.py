@@ -59,6 +59,11 @@ def _colour(palette: list[str], i: int, n: int) -> str:
     )
 
 
+def _procs_colour(palette: list[str], procs: int) -> str:
+    """One shade per process count (1, 2, 4, more), the same in every run's charts."""
+    return palette[min(len(palette) - 1, max(0, procs - 1).bit_length())]
+
+
 def _workloads(res: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(name for wr in res.get("worker", []) for name in wr["runs"]))
 
@@ -89,7 +94,7 @@ def throughput(res: dict[str, Any]) -> Figure | None:
         ]
         xs, ys = [x for x, _, _ in pts], [y for _, y, _ in pts]
         if kind == "worker":
-            colour = _colour(WORKER, procs.index(p), len(procs))
+            colour = _procs_colour(WORKER, p)
             label = f"worker, {p} process{'es' if p > 1 else ''}"
             ax.bar(xs, ys, width, color=colour, label=label, edgecolor="white", linewidth=0.5)
             for x, y, name in pts:
@@ -106,7 +111,7 @@ def throughput(res: dict[str, Any]) -> Figure | None:
                         rotation=90,
                     )
         else:
-            colour = _colour(NAIVE, naive_procs.index(p), len(naive_procs))
+            colour = _procs_colour(NAIVE, p)
             label = f"naive consumer, {p} process{'es' if p > 1 else ''}"
             ax.bar(xs, ys, width, color=colour, label=label, hatch="//", edgecolor="white", linewidth=0.5)
     pgb = res.get("pgbench", {}).get("tps", {})
@@ -227,7 +232,7 @@ def latency(res: dict[str, Any]) -> Figure | None:
         ]
         starts = [sum(spans[:k]) for k in range(len(spans))]
         for p, rounds in runs.items():
-            colour = _colour(WORKER, procs.index(p), len(procs))
+            colour = _procs_colour(WORKER, p)
             for k, tl in enumerate(rounds):
                 xs = [starts[k] + w["t"] + _window(tl) / 2 for w in tl]
                 p99 = [w["p99_ms"] if _finite(w["p99_ms"]) else math.nan for w in tl]
@@ -353,7 +358,6 @@ def preorder(res: dict[str, Any]) -> Figure | None:
     ]
     if not runs:
         return None
-    procs = sorted({p for p, _ in runs})
     fig, ax = plt.subplots(figsize=(8.5, 4.6))
     for p, f in runs:
         pts = [[0.0, 0], *f.get("fill_timeline", [])]
@@ -361,7 +365,7 @@ def preorder(res: dict[str, Any]) -> Figure | None:
             [t for t, _ in pts],
             [n for _, n in pts],
             where="post",
-            color=_colour(WORKER, procs.index(p), len(procs)),
+            color=_procs_colour(WORKER, p),
             linewidth=1.5,
             label=f"{p} process{'es' if p > 1 else ''}: {f['orders']:,} orders, the last filled after"
             f" {f['last_fill_s']} s ({f['fills_per_s']} fills/s; {f['filled_by_receipt']} in the"

@@ -78,10 +78,16 @@ fuzz: $(STAMP_TEST)
 	$(BIN)/pytest -o timeout=3600 tests/e2e/test_message_fuzz.py \
 	    tests/e2e/test_http_security.py::test_schemathesis_finds_no_difference_from_the_document $(PYTEST_ARGS)
 
-## The benchmark (docs/performance.md): a table, and bench/results.json. Needs pgbench and wrk.
+## The benchmark (docs/performance.md): a table, bench/results.json and PNG charts beside it
+## (bench/results-*.png; redraw them with `python -m bench.charts bench/results.json`). Needs
+## pgbench and wrk; matplotlib comes with the `bench` extra, installed for this target only.
 ## Interrupted (Ctrl-C, SIGTERM), it stops its worker and removes its names from the services.
-bench: $(STAMP_TEST)
+bench: $(STAMP_TEST) $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@
 
 ## Ten minutes of steady load: is the worker's memory flat? Writes bench/soak.json.
 soak: $(STAMP_TEST)

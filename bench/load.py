@@ -11,7 +11,7 @@ import multiprocessing
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +27,7 @@ from . import cpu
 UNIFORM_PRODUCTS = 10_000
 HOT_PRODUCTS = 10
 RESULT_KEYS = ("inventory.reserved", "inventory.rejected")
+WINDOW_SECONDS = 0.5  # the timelines' window (latency percentiles, results/s, fills)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ def location_ids(count: int = UNIFORM_PRODUCTS) -> list[str]:
 def hot_ids(tag: str) -> list[str]:
     """Fresh hot products for each run, so each run's no-oversell check stands on its own."""
     return [f"BENCH-H-{tag}-{i}" for i in range(HOT_PRODUCTS)]
+
+
+def single_id(kind: str, tag: str) -> list[str]:
+    """One fresh product for a run whose every order names it (flash, preorder)."""
+    return [f"BENCH-{kind}-{tag}"]
 
 
 def publish(settings: Settings, messages: list[tuple[str, dict[str, Any]]]) -> None:
@@ -182,7 +188,8 @@ def _publisher(
 def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: Any, out: Any) -> None:
     """Receives result events until every input in `ids` has one (or nothing arrives for
     `idle_timeout` s). Sends back ({causation_id: (arrival wall-clock, type, reserved quantity)},
-    CPU seconds spent receiving).
+    the number of inputs that got a second, different result (another event id: the relay's
+    republishing keeps the id), CPU seconds spent receiving).
     Results of other inputs (e.g. the relay republishing an earlier run's row) are ignored."""
     expected, wanted = len(ids), set(ids)
     amqp_framing.coalesce_writes()
@@ -192,21 +199,24 @@ def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: A
     for key in RESULT_KEYS:
         ch.queue_bind(q, settings.rabbitmq.events_exchange, routing_key=key)
     got: dict[str, tuple[float, str, int]] = {}
+    first_id: dict[str, str] = {}
+    extra: set[str] = set()
     last = [time.monotonic()]
 
     def on_message(_ch: Any, _m: Any, _p: Any, body: bytes) -> None:
         now = time.time()
         r = orjson.loads(body)
         cid = r["causation_id"]
-        if (
-            cid in wanted and cid not in got
-        ):  # a result may arrive twice (relay after a crash): first one counts
+        if cid in wanted and cid not in got:
             qty = (
                 sum(line["quantity"] for line in r["data"].get("lines", []))
                 if r["type"] == "inventory.reserved"
                 else 0
             )
             got[cid] = (now, r["type"], qty)
+            first_id[cid] = r["id"]
+        elif cid in got and r["id"] != first_id[cid]:  # the same one again (relay) is fine
+            extra.add(cid)
         last[0] = time.monotonic()
 
     ch.basic_qos(prefetch_count=2000)
@@ -215,8 +225,9 @@ def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: A
     cpu0 = time.process_time()
     while len(got) < expected and time.monotonic() - last[0] < idle_timeout:
         conn.process_data_events(time_limit=0.1)
+    conn.process_data_events(time_limit=0.2)  # a second result right behind the last first one
     conn.close()
-    out.send((got, time.process_time() - cpu0))
+    out.send((got, len(extra), time.process_time() - cpu0))
     out.close()
 
 
@@ -233,9 +244,49 @@ class RunResult:
     seconds: float
     load_cpu_seconds: float  # CPU the publisher and the collector used while the run went on
     cpu_us_per_event: dict[str, float]  # by component (bench/cpu.py), when asked for
+    extra_results: int = 0  # orders that got a second, different result (one result per order)
+    # Per WINDOW_SECONDS from the first send: the latency percentiles of the orders sent in the
+    # window, and the results that arrived in it per second (a stall shows in both).
+    timeline: list[dict[str, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def timeline(
+    sent: dict[str, float], arrived: dict[str, float], window: float = WINDOW_SECONDS
+) -> list[dict[str, float]]:
+    """Per window from the first send: orders sent, their p50/p99/max latency (ms), and results
+    per second arriving in the window."""
+    if not sent:
+        return []
+    t0 = min(sent.values())
+    end = max([*sent.values(), *arrived.values()])
+    windows = int((end - t0) // window) + 1
+    lat: list[list[float]] = [[] for _ in range(windows)]
+    sends = [0] * windows
+    arrivals = [0] * windows
+    for i, s in sent.items():
+        k = int((s - t0) // window)
+        sends[k] += 1
+        if i in arrived:
+            lat[k].append((arrived[i] - s) * 1000)
+    for a in arrived.values():
+        arrivals[int((a - t0) // window)] += 1
+    out = []
+    for k in range(windows):
+        ms = sorted(lat[k])
+        out.append(
+            {
+                "t": round(k * window, 2),
+                "sent": sends[k],
+                "p50_ms": round(percentile(ms, 50), 1),
+                "p99_ms": round(percentile(ms, 99), 1),
+                "max_ms": round(ms[-1], 1) if ms else float("nan"),
+                "results_per_s": round(arrivals[k] / window, 1),
+            }
+        )
+    return out
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -274,7 +325,7 @@ def drive(
     t0 = time.monotonic()
     go.set()
     sent, publisher_cpu = p_recv.recv()
-    got, collector_cpu = c_recv.recv()
+    got, extra_results, collector_cpu = c_recv.recv()
     elapsed = time.monotonic() - t0
     load_cpu = publisher_cpu + collector_cpu
     per_event = meter.per_event(len(got), load_generator_seconds=load_cpu) if meter else {}
@@ -300,7 +351,109 @@ def drive(
         seconds=elapsed,
         load_cpu_seconds=load_cpu,
         cpu_us_per_event=per_event,
+        extra_results=extra_results,
+        timeline=timeline(sent, {i: a for i, (a, _, _) in got.items()}),
     )
+
+
+# ---- backorder filling (the preorder workload) ----------------------------------------------
+
+
+def receive_and_fill(
+    settings: Settings,
+    product_id: str,
+    quantity: int,
+    expect_units: int,
+    idle_timeout: float = 20.0,
+    grace: float = 1.5,
+) -> dict[str, Any]:
+    """Publishes one stock.received of `quantity` units of `product_id` and collects the
+    inventory.backorder_filled events that follow (the receipt's own transaction fills the first
+    orders, the elected sweeper's fill pass the rest), until `expect_units` units are filled and
+    `grace` s more have passed (a second fill of an order would show), or nothing arrives for
+    `idle_timeout` s. Times are seconds from the moment the receipt was handed to the broker.
+
+    Returns the receipt's event id, its result's arrival, each fill event as (seconds, order id,
+    units, causation id, event id) in arrival order, and the fills per second until the last."""
+    conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
+    try:
+        ch = conn.channel()
+        q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        for key in ("inventory.backorder_filled", "inventory.moved"):
+            ch.queue_bind(q, settings.rabbitmq.events_exchange, routing_key=key)
+        receipt_id = str(uuid.uuid4())
+        fills: list[tuple[float, str, int, str, str]] = []
+        seen: set[str] = set()
+        moved_at: list[float] = []
+        last = [time.monotonic()]
+        t0 = [0.0]
+
+        def on_message(_ch: Any, method: Any, _p: Any, body: bytes) -> None:
+            r = orjson.loads(body)
+            now = time.time() - t0[0]
+            last[0] = time.monotonic()
+            if method.routing_key == "inventory.moved":
+                if r["causation_id"] == receipt_id:
+                    moved_at.append(now)
+                return
+            if r["id"] in seen:  # the relay's republishing of one fill: delivered twice, filled once
+                return
+            seen.add(r["id"])
+            lines = [x for x in r["data"]["lines"] if x["product_id"] == product_id]
+            if lines:
+                units = sum(x["quantity"] for x in lines)
+                fills.append((round(now, 4), r["data"]["order_id"], units, r["causation_id"], r["id"]))
+
+        ch.basic_consume(q, on_message, auto_ack=True)
+        body = orjson.dumps(
+            {
+                "id": receipt_id,
+                "type": "stock.received",
+                "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "data": {"product_id": product_id, "quantity": quantity, "reference": "bench preorder"},
+            }
+        )
+        parse_event(body, "stock.received")
+        pub = conn.channel()
+        pub.confirm_delivery()
+        t0[0] = time.time()
+        pub.basic_publish(
+            settings.rabbitmq.exchange,
+            "stock.received",
+            body,
+            properties=pika.BasicProperties(content_type="application/json", delivery_mode=2),
+        )
+        done_at: float | None = None
+        while time.monotonic() - last[0] < idle_timeout:
+            conn.process_data_events(time_limit=0.1)
+            if done_at is None and sum(f[2] for f in fills) >= expect_units:
+                done_at = time.monotonic()
+            if done_at is not None and time.monotonic() - done_at >= grace:
+                break
+    finally:
+        conn.close()
+    last_fill = max((f[0] for f in fills), default=float("nan"))
+    # Orders filled by the end of each 50 ms in which some were: the fills come in bursts (a
+    # transaction's worth each), so this stays short and still shows every burst.
+    per_window: dict[int, int] = {}
+    for f in fills:
+        per_window[int(f[0] // 0.05)] = per_window.get(int(f[0] // 0.05), 0) + 1
+    cumulative, total = [], 0
+    for k in sorted(per_window):
+        total += per_window[k]
+        cumulative.append([round((k + 1) * 0.05, 2), total])
+    return {
+        "receipt_id": receipt_id,
+        "receipt_result_s": round(moved_at[0], 3) if moved_at else None,
+        "fills": fills,
+        "fill_events": len(fills),
+        "units_filled": sum(f[2] for f in fills),
+        "filled_by_receipt": sum(1 for f in fills if f[3] == receipt_id),
+        "first_fill_s": round(min(f[0] for f in fills), 3) if fills else None,
+        "last_fill_s": round(last_fill, 3),
+        "fills_per_s": round(len(fills) / last_fill, 1) if fills and last_fill > 0 else float("nan"),
+        "fill_timeline": cumulative,  # [[seconds, orders filled by then]] (the chart's curve)
+    }
 
 
 # ---- the naive consumer (baseline) ---------------------------------------------------------

@@ -4,13 +4,17 @@
 
 1. Baselines: pgbench with one durable event-transaction (update one stock row + insert an
    idempotency key) at 1/4/16 clients (and 16 clients on 10 hot rows); a naive consumer (one
-   transaction, one ack, one confirmed publish per message) on the same workloads.
+   transaction, one ack, one confirmed publish per message) on the same workloads (but
+   locations3) with as many processes as the worker.
 2. The worker end to end (`inventory-worker run`, N consumer processes): orders published ->
    committed -> Redis updated -> result event confirmed and received by a consumer. Uniform
    SKUs (10,000 products), hot SKUs (10 products, stock for half the orders), 5-line orders,
-   and locations3 (uniform orders sent on a channel over three locations, each product stocked
-   at one of them); at full load (flat out) and half load (open loop at half the full-load
-   rate, for latency).
+   locations3 (uniform orders sent on a channel over three locations, each product stocked
+   at one of them), flash (every order for one product with stock for a third of them: sold
+   out exactly, the rest rejected) and preorder (every order for one product with no stock and
+   a backorder limit: all backordered up to the limit; then one stock.received, and the fills
+   that follow it are timed and checked); at full load (flat out) and half load (open loop at
+   half the full-load rate, for latency, per 0.5 s window too).
    With --compare REV, the worker part runs both REV's worker (its inventory_worker/ and sql/,
    exported to a temporary folder) and this checkout's, taking turns per workload and process
    count, each on a fresh database, and prints this checkout's figures over REV's.
@@ -18,6 +22,8 @@
    processes) and under the standard library's server, against the yardstick of the issue: a
    plain stdlib ThreadingHTTPServer answering from one Redis GET (bench/serve_http.py).
 4. Peak RSS of the worker's processes.
+5. PNG charts beside the results (bench/charts.py; `python -m bench.charts results.json` redraws
+   them), when matplotlib (the `bench` extra) is installed.
 
 Everything runs against the configured services (as the tests do) under names of its own
 (database inventory_test_bench..., queues and exchanges suffixed, a Redis key prefix), all
@@ -73,6 +79,12 @@ from tests.support import (
 
 from . import cpu, load
 
+# uniform: 10,000 products never running out; hot: 10 products, stock for half the orders;
+# multi5: 5-line orders; locations3: orders on a channel over three locations; flash: every order
+# for one product, stock for a third of them; preorder: every order for one product with no
+# stock, backordered, then filled by one receipt.
+WORKLOADS = ("uniform", "hot", "multi5", "locations3", "flash", "preorder")
+
 
 @dataclass
 class Plan:
@@ -84,8 +96,8 @@ class Plan:
     procs: list[int]
     wrk_rounds: int = 1
     half_rounds: int = 1  # half-load runs per workload; the one with the median p99 is reported
-    workloads: list[str] = field(default_factory=lambda: ["uniform", "hot", "multi5", "locations3"])
-    naive_procs: list[int] = field(default_factory=lambda: [1, 4])
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    naive_procs: list[int] | None = None  # None: the worker's process counts (ratios at equal counts)
     pgbench_clients: list[int] = field(default_factory=lambda: [1, 4, 16])
     location_products: int = load.UNIFORM_PRODUCTS  # products of the locations3 workload (set up by messages)
 
@@ -107,15 +119,16 @@ SMOKE = Plan(
     pgbench_seconds=1,
     wrk_seconds=2,
     procs=[2],
-    workloads=["uniform", "hot", "locations3"],
-    naive_procs=[1],
+    workloads=["uniform", "hot", "locations3", "flash", "preorder"],
     pgbench_clients=[1, 16],
     location_products=1_000,
 )
 
-# Workloads whose messages REV's worker may not know (--compare runs them on this checkout only),
-# and which the naive consumer (a baseline for default-only traffic) leaves out.
-LOCATION_WORKLOADS = {"locations3"}
+# Workloads set up by messages REV's worker may not know (--compare runs them on this checkout only).
+NEW_MESSAGE_WORKLOADS = {"locations3", "preorder"}
+LOCATION_WORKLOADS = {"locations3"}  # checked for where orders were held
+# Left out of the naive consumer's runs: it is a baseline for orders on the default location.
+NAIVE_SKIPPED = {"locations3"}
 
 
 def log(msg: str) -> None:
@@ -154,7 +167,22 @@ def workload(name: str, tag: str, location_products: int = load.UNIFORM_PRODUCTS
         return load.Workload("multi5", load.uniform_ids(), lines=5)
     if name == "locations3":
         return load.Workload("locations3", load.location_ids(location_products), channel_id=CHANNEL)
+    if name == "flash":
+        return load.Workload("flash", load.single_id("F", tag))
+    if name == "preorder":
+        return load.Workload("preorder", load.single_id("P", tag))
     raise ValueError(name)
+
+
+def flash_stock(orders: int) -> int:
+    """flash: one product, stock for a third of the orders; the rest are rejected."""
+    return max(1, orders // 3)
+
+
+def preorder_limit(orders: int) -> int:
+    """preorder: a backorder limit for all but the last 5 % of the orders (those are rejected:
+    the limit holds under load), so every order placed is backordered and the limit is reached."""
+    return orders - max(1, orders // 20)
 
 
 # locations3: channel CHANNEL lists LOCATIONS (strategy priority: each line taken from the first
@@ -230,10 +258,33 @@ def configure_locations(settings: Settings, w: load.Workload) -> None:
     )
 
 
+def configure_preorder(settings: Settings, w: load.Workload, limit: int) -> None:
+    """preorder: the product is created by product.configured, with no stock and backorder policy
+    `allow` up to `limit` units (spec 2), as a publisher would; waits until it is applied."""
+    [pid] = w.products
+    load.publish(
+        settings,
+        [("product.configured", {"product_id": pid, "backorder": {"mode": "allow", "limit": limit}})],
+    )
+    wait_for(
+        settings,
+        "SELECT count(*) FROM products WHERE product_id = %s AND backorder_mode = 'allow'"
+        " AND backorder_limit = %s AND on_hand = 0",
+        (pid, limit),
+        1,
+        "preorder product configured",
+    )
+
+
 def prepare(settings: Settings, w: load.Workload, orders: int) -> None:
-    """Hot products get stock for half the orders (a sell-out); the others never run out."""
+    """Hot products get stock for half the orders (a sell-out), the flash product for a third;
+    the preorder product none (every order is backordered); the others never run out."""
     if w.name == "hot":
         seed_products(settings, w.products, max(1, orders // (2 * len(w.products))))
+    if w.name == "flash":
+        seed_products(settings, w.products, flash_stock(orders))
+    if w.name == "preorder":
+        configure_preorder(settings, w, preorder_limit(orders))
     if w.name == "locations3":
         configure_locations(settings, w)
 
@@ -257,9 +308,9 @@ def check_locations(settings: Settings, w: load.Workload) -> dict[str, Any]:
     return {"allocations_by_location": by_location, "oversold": oversold}
 
 
-def check_hot(settings: Settings, w: load.Workload, r: load.RunResult) -> dict[str, Any]:
+def check_stocked(settings: Settings, w: load.Workload, r: load.RunResult) -> dict[str, Any]:
     """No oversell: reserved <= on_hand, and what is reserved is exactly what results announced;
-    the Redis cache shows PostgreSQL's figures."""
+    the Redis cache shows PostgreSQL's figures (hot and flash: a sell-out)."""
     with pg(settings) as cur:
         cur.execute(
             "SELECT product_id, on_hand, reserved, version FROM products WHERE product_id = ANY(%s)",
@@ -280,6 +331,124 @@ def check_hot(settings: Settings, w: load.Workload, r: load.RunResult) -> dict[s
         "sold_out": all(on_hand == reserved for _, on_hand, reserved, _ in rows),
         "cache_matches_db": cache_ok,
     }
+
+
+def answered(r: load.RunResult, orders: int) -> dict[str, Any]:
+    """Every order published got a result, and only one (a second result with another event id
+    would be a second decision)."""
+    return {"answered": r.sent == orders and r.received == r.sent, "one_result_each": r.extra_results == 0}
+
+
+def check_flash(settings: Settings, w: load.Workload, r: load.RunResult, orders: int) -> dict[str, Any]:
+    """Sold out exactly: reserved = the stock, never above it, the rest rejected, one result each."""
+    out = {**check_stocked(settings, w, r), **answered(r, orders), "stock": flash_stock(orders)}
+    out["rest_rejected"] = r.rejected == r.received - flash_stock(orders)
+    return out
+
+
+def product_row(settings: Settings, pid: str) -> dict[str, Any]:
+    with pg(settings) as cur:
+        cur.execute(
+            "SELECT on_hand, reserved, backordered, version,"
+            " (SELECT coalesce(sum(backordered), 0) FROM order_lines WHERE product_id = p.product_id)"
+            " FROM products p WHERE product_id = %s",
+            (pid,),
+        )
+        on_hand, reserved, backordered, version, lines_backordered = cur.fetchone()
+    return {
+        "on_hand": on_hand,
+        "reserved": reserved,
+        "backordered": backordered,
+        "version": version,
+        "lines_backordered": int(lines_backordered),
+    }
+
+
+def check_preorder_placed(
+    settings: Settings, w: load.Workload, r: load.RunResult, orders: int
+) -> dict[str, Any]:
+    """Every order placed is backordered (the product has no stock), up to the limit and not one
+    unit beyond it: the orders past it are rejected; one result each."""
+    [pid] = w.products
+    limit = preorder_limit(orders)
+    p = product_row(settings, pid)
+    return {
+        **answered(r, orders),
+        "limit": limit,
+        "placed": p,
+        "all_backordered": p["backordered"] == p["lines_backordered"] == r.reserved_qty
+        and p["reserved"] == 0,
+        "limit_reached": p["backordered"] == limit and r.rejected == r.received - limit,
+        "oversold": p["backordered"] > limit or p["reserved"] > p["on_hand"],
+    }
+
+
+def backordered_orders(settings: Settings, pid: str) -> dict[str, int]:
+    """{order id: units backordered} of the product's open orders, FIFO (created_at, order_id)."""
+    with pg(settings) as cur:
+        cur.execute(
+            "SELECT ol.order_id, ol.backordered FROM order_lines ol JOIN orders o USING (order_id)"
+            " WHERE ol.product_id = %s AND ol.backordered > 0 AND o.status = 'reserved'"
+            " ORDER BY o.created_at, o.order_id",
+            (pid,),
+        )
+        return dict(cur.fetchall())
+
+
+def fill_preorder(settings: Settings, w: load.Workload, r: load.RunResult, orders: int) -> dict[str, Any]:
+    """The stock for every backordered unit arrives in one stock.received: the receipt's
+    transaction fills the first worker.backorder_fill_batch orders, the elected sweeper's fill
+    pass the rest. Checks every order was filled exactly once, oldest first (the ledger's fill
+    rows in FIFO order), nothing beyond the stock, and the figures at the end: backordered 0,
+    reserved = the orders' units, the cache as PostgreSQL."""
+    [pid] = w.products
+    waiting = backordered_orders(settings, pid)
+    units = sum(waiting.values())
+    res = load.receive_and_fill(settings, pid, units, expect_units=units, idle_timeout=30)
+    fills = res.pop("fills")  # per event; too many to keep in the results
+    per_order: dict[str, list[int]] = {}
+    for _t, order_id, n, _cause, _id in fills:
+        per_order.setdefault(order_id, []).append(n)
+    with pg(settings) as cur:
+        cur.execute(
+            "SELECT order_id FROM stock_movements WHERE product_id = %s AND reason = 'backorder_fill'"
+            " AND reserved_delta > 0 ORDER BY id",
+            (pid,),
+        )
+        ledger = [row[0] for row in cur.fetchall()]
+    after = product_row(settings, pid)
+    cached = redis_client(settings).get(f"{settings.redis.key_prefix}stock:{pid}")
+    cache = json.loads(cached) if cached else {}
+    res.update(
+        {
+            "orders": len(waiting),
+            "units": units,
+            "after": after,
+            "filled_once": per_order == {o: [n] for o, n in waiting.items()},
+            "unexpected_fills": sorted(set(per_order) - set(waiting))[:5],
+            "fifo": ledger == list(waiting),
+            "within_stock": res["units_filled"] <= units and after["reserved"] <= after["on_hand"],
+            "figures_ok": after["backordered"] == after["lines_backordered"] == 0
+            and after["reserved"] == r.reserved_qty == units
+            and after["on_hand"] == units,
+            "cache_matches_db": cache.get("version") == after["version"]
+            and cache.get("reserved") == after["reserved"],
+        }
+    )
+    return res
+
+
+def check_run(settings: Settings, w: load.Workload, r: load.RunResult, orders: int) -> dict[str, Any]:
+    """What must hold after a run of `orders` orders of workload `w`, whatever the speed."""
+    if w.name == "hot":
+        return check_stocked(settings, w, r)
+    if w.name == "flash":
+        return check_flash(settings, w, r, orders)
+    if w.name == "preorder":
+        return check_preorder_placed(settings, w, r, orders)
+    if w.name in LOCATION_WORKLOADS:
+        return check_locations(settings, w)
+    return {}
 
 
 # ---- 1. baselines -------------------------------------------------------------------------------
@@ -380,9 +549,7 @@ def naive(settings: Settings, plan: Plan, name: str, procs: int) -> dict[str, An
         w = workload(name, f"naive{procs}")
         prepare(settings, w, plan.naive_count)
         r = load.drive(settings, w, plan.naive_count)
-        out = {"procs": procs, "workload": name, **r.as_dict()}
-        if name == "hot":
-            out.update(check_hot(settings, w, r))
+        out = {"procs": procs, "workload": name, **r.as_dict(), **check_run(settings, w, r, plan.naive_count)}
         log(f"naive {name} x{procs}: {r.throughput:.0f} events/s")
         return out
     finally:
@@ -490,11 +657,18 @@ def worker_runs(
             w = workload(name, f"w{procs}full", plan.location_products)
             prepare(settings, w, plan.full_count)
             full = load.drive(settings, w, plan.full_count, worker_pids=set(proc_tree(wp.proc.pid)))
-            entry: dict[str, Any] = {"full": full.as_dict()}
-            if name == "hot":
-                entry["full"].update(check_hot(settings, w, full))
-            if name in LOCATION_WORKLOADS:
-                entry["full"].update(check_locations(settings, w))
+            entry: dict[str, Any] = {
+                "full": {**full.as_dict(), **check_run(settings, w, full, plan.full_count)}
+            }
+            if name == "preorder":
+                entry["fill"] = fill_preorder(settings, w, full, plan.full_count)
+                f = entry["fill"]
+                log(
+                    f"worker x{procs} preorder: {f['fill_events']} fills of {f['orders']} orders in"
+                    f" {f['last_fill_s']} s ({f['fills_per_s']}/s, {f['filled_by_receipt']} by the"
+                    f" receipt's transaction); once each {f['filled_once']}, FIFO {f['fifo']},"
+                    f" figures {f['figures_ok']}"
+                )
             rate = 0.5 * full.throughput if math.isfinite(full.throughput) else 100.0
             count = max(50, int(rate * plan.half_seconds))
             rounds = []
@@ -502,11 +676,9 @@ def worker_runs(
                 w = workload(name, f"w{procs}half{k}", plan.location_products)
                 prepare(settings, w, count)
                 half = load.drive(settings, w, count, rate=rate, seed=2 + k)
-                rounds.append({"rate": round(rate, 1), **half.as_dict()})
-                if name == "hot":
-                    rounds[-1].update(check_hot(settings, w, half))
-                if name in LOCATION_WORKLOADS:
-                    rounds[-1].update(check_locations(settings, w))
+                rounds.append(
+                    {"rate": round(rate, 1), **half.as_dict(), **check_run(settings, w, half, count)}
+                )
             # The median round by p99 is the figure (a shared machine's stray stall aside); every
             # round is kept, and counted for lost results and oversell.
             entry["half"] = sorted(rounds, key=lambda r: r["p99_ms"])[len(rounds) // 2]
@@ -556,14 +728,15 @@ def compare_runs(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """For each process count and workload, REV's worker (from `code`) and this checkout's, one
     after the other, each with a fresh database, the one going first alternating, so that the
-    shared machine's slow spells hit both. Location workloads run on this checkout only.
+    shared machine's slow spells hit both. Workloads set up by new messages (locations3,
+    preorder) run on this checkout only.
     Returns this checkout's runs (as worker_runs() per process count) and the pairs."""
     worker: list[dict[str, Any]] = []
     pairs: list[dict[str, Any]] = []
     for procs in plan.procs:
         current: dict[str, Any] = {"procs": procs, "runs": {}}
         for name in plan.workloads:
-            if name in LOCATION_WORKLOADS:
+            if name in NEW_MESSAGE_WORKLOADS:
                 r = worker_runs(settings, plan, procs, logs, [name], tag=f"p{procs}{name}")
                 current["runs"].update(r["runs"])
                 continue
@@ -739,7 +912,11 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for wr in res["worker"]:
         for name, e in wr["runs"].items():
-            base_naive = naive.get((name, wr["procs"])) or naive.get((name, 1))
+            # The naive consumer with as many processes; else its nearest process count.
+            near = sorted((abs(n - wr["procs"]), n) for w, n in naive if w == name)
+            naive_procs = near[0][1] if near else None
+            base_naive = naive.get((name, naive_procs)) if naive_procs else None
+            runs = [e["full"], *e.get("half_rounds", [e["half"]])]
             rows.append(
                 {
                     "workload": name,
@@ -747,28 +924,73 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                     "events_per_s": e["full"]["throughput"],
                     "vs_pg_limit_c16": ratio(e["full"]["throughput"], limit16),
                     "vs_naive": ratio(e["full"]["throughput"], base_naive) if base_naive else float("nan"),
+                    "naive_procs": naive_procs,
                     "half_rate": e["half"]["rate"],
                     "half_p50_ms": e["half"]["p50_ms"],
                     "half_p95_ms": e["half"]["p95_ms"],
                     "half_p99_ms": e["half"]["p99_ms"],
                     "full_p99_ms": e["full"]["p99_ms"],
                     "half_p99_rounds_ms": [r["p99_ms"] for r in e.get("half_rounds", [e["half"]])],
-                    "lost": sum(
-                        r["sent"] - r["received"] for r in [e["full"], *e.get("half_rounds", [e["half"]])]
-                    ),
-                    "oversold": any(
-                        r.get("oversold", False) for r in [e["full"], *e.get("half_rounds", [e["half"]])]
-                    ),
+                    "lost": sum(r["sent"] - r["received"] for r in runs),
+                    "extra_results": sum(r.get("extra_results", 0) for r in runs),
+                    "oversold": any(r.get("oversold", False) for r in runs),
                     "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
                 }
             )
-    # The locations3 workload's throughput over the uniform one's, same process count, same run.
+    # Each workload's throughput over the uniform one's, same process count, same run.
     by = {(r["workload"], r["procs"]): r["events_per_s"] for r in rows}
-    locations = {
-        str(n): ratio(v, by[("uniform", n)])
-        for (w, n), v in by.items()
-        if w == "locations3" and ("uniform", n) in by
+    for r in rows:
+        r["vs_uniform"] = ratio(r["events_per_s"], by.get(("uniform", r["procs"]), float("nan")))
+    vs_uniform = {
+        name: {
+            str(n): ratio(v, by[("uniform", n)])
+            for (w, n), v in by.items()
+            if w == name and ("uniform", n) in by
+        }
+        for name in dict.fromkeys(r["workload"] for r in rows)
+        if name != "uniform"
     }
+    flash = []
+    for wr in res["worker"]:
+        if not (e := wr["runs"].get("flash")):
+            continue
+        runs = [e["full"], *e.get("half_rounds", [e["half"]])]  # every one checked
+        flash.append(
+            {
+                "procs": wr["procs"],
+                "events_per_s": e["full"]["throughput"],
+                "vs_uniform": vs_uniform.get("flash", {}).get(str(wr["procs"])),
+                "stock": [r["stock"] for r in runs],
+                "reserved": [r["reserved_qty"] for r in runs],
+                "sold_out_exactly": all(r["sold_out"] and r["reserved_matches_results"] for r in runs),
+                "rest_rejected": all(r["rest_rejected"] for r in runs),
+                "answered_once": all(r["answered"] and r["one_result_each"] for r in runs),
+                "oversold": any(r["oversold"] for r in runs),
+                "cache_matches_db": all(r["cache_matches_db"] for r in runs),
+            }
+        )
+    preorder = [
+        {
+            "procs": wr["procs"],
+            "placement_events_per_s": e["full"]["throughput"],
+            "orders": f["orders"],
+            "fills": f["fill_events"],
+            "fills_per_s": f["fills_per_s"],
+            "last_fill_s": f["last_fill_s"],
+            "filled_by_receipt": f["filled_by_receipt"],
+            "filled_once": f["filled_once"],
+            "fifo": f["fifo"],
+            "within_stock": f["within_stock"],
+            "figures_ok": f["figures_ok"],
+            "cache_matches_db": f["cache_matches_db"],
+            "placed_ok": all(
+                r["all_backordered"] and r["limit_reached"] and r["answered"] and r["one_result_each"]
+                for r in [e["full"], *e.get("half_rounds", [e["half"]])]
+            ),
+        }
+        for wr in res["worker"]
+        if (e := wr["runs"].get("preorder")) and (f := e.get("fill"))
+    ]
     compare = [
         {
             "workload": p["workload"],
@@ -801,7 +1023,15 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             for k, v in http.items()
             if k != "baseline"
         }
-    return {"rows": rows, "http": http_sum, "locations3_vs_uniform": locations, "compare": compare}
+    return {
+        "rows": rows,
+        "http": http_sum,
+        "vs_uniform": vs_uniform,
+        "locations3_vs_uniform": vs_uniform.get("locations3", {}),
+        "flash": flash,
+        "preorder": preorder,
+        "compare": compare,
+    }
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -824,6 +1054,7 @@ def print_table(res: dict[str, Any]) -> None:
         "events/s",
         "/pg16",
         "/naive",
+        "/uniform",
         "half/s",
         "p50 ms",
         "p95 ms",
@@ -840,7 +1071,10 @@ def print_table(res: dict[str, Any]) -> None:
             r["procs"],
             f"{r['events_per_s']:.0f}",
             r["vs_pg_limit_c16"],
-            r["vs_naive"],
+            # against the naive consumer with as many processes, or (xN) the nearest count run
+            f"{r['vs_naive']}"
+            + (f" x{r['naive_procs']}" if r["naive_procs"] not in (None, r["procs"]) else ""),
+            r["vs_uniform"],
             f"{r['half_rate']:.0f}",
             r["half_p50_ms"],
             r["half_p95_ms"],
@@ -851,8 +1085,22 @@ def print_table(res: dict[str, Any]) -> None:
             r["oversold"],
         )
         print("  ".join(f"{v!s:>9}" for v in vals))
-    for n, v in s["locations3_vs_uniform"].items():
-        print(f"locations3 / uniform events/s with {n} processes: {v}")
+    for r in s["flash"]:
+        print(
+            f"flash x{r['procs']}: {r['events_per_s']:.0f} events/s = {r['vs_uniform']} of uniform (target 0.8);"
+            f" stock {r['stock']}, reserved {r['reserved']}: sold out exactly {r['sold_out_exactly']},"
+            f" the rest rejected {r['rest_rejected']}, oversold {r['oversold']},"
+            f" every order answered once {r['answered_once']}, cache {r['cache_matches_db']}"
+        )
+    for r in s["preorder"]:
+        print(
+            f"preorder x{r['procs']}: placement {r['placement_events_per_s']:.0f} events/s; {r['fills']} fills"
+            f" of {r['orders']} backordered orders, the last {r['last_fill_s']} s after the receipt"
+            f" ({r['fills_per_s']} fills/s; {r['filled_by_receipt']} in the receipt's transaction, the rest"
+            f" by the sweeper); each once {r['filled_once']}, FIFO {r['fifo']}, within stock"
+            f" {r['within_stock']}, backordered 0 and reserved = units {r['figures_ok']},"
+            f" placements at the limit {r['placed_ok']}, cache {r['cache_matches_db']}"
+        )
     if s["compare"]:
         c = res["compare"]
         print()
@@ -933,6 +1181,18 @@ def print_cpu(res: dict[str, Any]) -> None:
         )
 
 
+def draw_charts(results: Path) -> None:
+    """The PNG charts beside the results (bench/charts.py), if matplotlib is installed (the
+    `bench` extra: `make bench` installs it); a run without it still has its figures."""
+    try:
+        from . import charts
+    except ImportError as exc:
+        log(f"charts skipped ({exc}): pip install -e '.[bench]', then python -m bench.charts {results}")
+        return
+    for path in charts.write_all(results):
+        log(f"chart {path}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -947,7 +1207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="which parts to run (default all)",
     )
     ap.add_argument("--count", type=int, help="orders per full-load run")
-    ap.add_argument("--workloads", nargs="*", help="uniform hot multi5 locations3 (default all)")
+    ap.add_argument("--workloads", nargs="*", choices=WORKLOADS, help=f"{' '.join(WORKLOADS)} (default all)")
     ap.add_argument(
         "--compare",
         metavar="REV",
@@ -1000,9 +1260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["naive"] = (
             [
                 naive(settings, plan, name, n)
-                for n in plan.naive_procs
+                for n in (plan.naive_procs or plan.procs)
                 for name in plan.workloads
-                if (n == 1 or name == "hot") and name not in LOCATION_WORKLOADS
+                if name not in NAIVE_SKIPPED
             ]
             if "naive" in parts
             else []
@@ -1022,6 +1282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_table(res)
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))
         log(f"written {args.out} ({res['seconds']} s)")
+        draw_charts(Path(args.out))
         completed = True
         return res
     except reaper.Interrupted as exc:

@@ -1,6 +1,7 @@
 """The benchmark in miniature (seconds), so that it cannot rot. Figures are printed, not asserted;
 what is asserted is what must hold at any speed: every order got its result, nothing oversold."""
 
+import importlib.util
 import json
 import subprocess
 import tempfile
@@ -23,8 +24,15 @@ def test_bench_smoke(tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["pgbench"]["tps"]["c16"] > 0
     assert saved["naive"] and saved["worker"]
+    # the naive consumer: the same workloads (but locations3) with as many processes as the worker
+    assert {(n["workload"], n["procs"]) for n in saved["naive"]} == {
+        (w, 2) for w in ("uniform", "hot", "flash", "preorder")
+    }
+    for n in saved["naive"]:
+        assert n["sent"] == n["received"] > 0 and n.get("oversold") is not True, n
     for row in saved["summary"]["rows"]:
         assert row["lost"] == 0, row
+        assert row["extra_results"] == 0, row  # one result per order
         assert row["oversold"] is False, row
         cpu = row["cpu_us_per_event"]  # where the CPU went (bench/cpu.py): measured, not asserted
         assert cpu["total"] > 0 and cpu["postgres"] > 0 and cpu["load generator"] > 0, cpu
@@ -33,6 +41,28 @@ def test_bench_smoke(tmp_path, monkeypatch):
         for run_ in [hot["full"], *hot["half_rounds"]]:
             assert run_["reserved_matches_results"] and run_["cache_matches_db"], run_
             assert run_["sold_out"], run_  # stock for half the orders: all of it sold
+        # flash: one product, stock for a third of the orders: sold out exactly, the rest
+        # rejected, one result per order
+        flash = wr["runs"]["flash"]
+        for run_ in [flash["full"], *flash["half_rounds"]]:
+            assert run_["sold_out"] and run_["reserved_matches_results"], run_
+            assert run_["reserved_qty"] == run_["stock"] and run_["rest_rejected"], run_
+            assert run_["answered"] and run_["one_result_each"] and not run_["oversold"], run_
+            assert run_["cache_matches_db"], run_
+        # preorder: every order placed is backordered, up to the limit exactly; one receipt
+        # fills them all, each once, oldest first, and the figures add up at the end
+        pre = wr["runs"]["preorder"]
+        for run_ in [pre["full"], *pre["half_rounds"]]:
+            assert run_["all_backordered"] and run_["limit_reached"], run_
+            assert run_["answered"] and run_["one_result_each"] and not run_["oversold"], run_
+        fill = pre["fill"]
+        assert fill["orders"] == pre["full"]["limit"] == fill["fill_events"], fill
+        assert fill["filled_once"] and fill["fifo"] and fill["within_stock"], fill
+        assert fill["figures_ok"] and fill["cache_matches_db"], fill
+        assert fill["after"]["backordered"] == 0 and fill["after"]["reserved"] == fill["units"], fill
+        assert 0 < fill["filled_by_receipt"] <= 100, fill  # worker.backorder_fill_batch, then the sweeper
+        # half load kept its per-window timeline (the latency chart)
+        assert all(r["timeline"] for r in wr["runs"]["uniform"]["half_rounds"])
         # locations3: orders on a channel over three locations, each product stocked at one of
         # them: every location took orders (order_allocations), none is oversold.
         loc = wr["runs"]["locations3"]
@@ -41,8 +71,18 @@ def test_bench_smoke(tmp_path, monkeypatch):
             assert min(run_["allocations_by_location"].values()) > 0, run_
             assert run_["oversold"] is False, run_
     assert "2" in saved["summary"]["locations3_vs_uniform"]
+    assert {"flash", "preorder", "locations3"} <= set(saved["summary"]["vs_uniform"])
     if "granian" in saved["http"]:
         assert saved["http"]["granian"]["non_2xx"] == 0
+    if importlib.util.find_spec("matplotlib"):  # the `bench` extra: charts beside the results
+        from bench import charts
+
+        drawn = {p.name for p in tmp_path.glob("results-*.png")}
+        expected = {f"results-{c}.png" for c in ("throughput", "cpu", "latency", "preorder")}
+        assert expected <= drawn, drawn
+        # redrawn from the results alone, elsewhere
+        redrawn = charts.main([str(out), "--out", str(tmp_path / "again")])
+        assert {p.name for p in redrawn} == drawn and all(p.stat().st_size > 10_000 for p in redrawn)
     assert not list(scratch.iterdir()), "a passed run leaves no temporary folder behind"
 
 

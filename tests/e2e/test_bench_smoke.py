@@ -1,7 +1,6 @@
 """The benchmark in miniature (seconds), so that it cannot rot. Figures are printed, not asserted;
 what is asserted is what must hold at any speed: every order got its result, nothing oversold."""
 
-import importlib.util
 import json
 import subprocess
 import tempfile
@@ -74,15 +73,15 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert {"flash", "preorder", "locations3"} <= set(saved["summary"]["vs_uniform"])
     if "granian" in saved["http"]:
         assert saved["http"]["granian"]["non_2xx"] == 0
-    if importlib.util.find_spec("matplotlib"):  # the `bench` extra: charts beside the results
-        from bench import charts
+    # The charts beside the results (matplotlib: the `bench` extra, also in `test`).
+    from bench import charts
 
-        drawn = {p.name for p in tmp_path.glob("results-*.png")}
-        expected = {f"results-{c}.png" for c in ("throughput", "cpu", "latency", "preorder")}
-        assert expected <= drawn, drawn
-        # redrawn from the results alone, elsewhere
-        redrawn = charts.main([str(out), "--out", str(tmp_path / "again")])
-        assert {p.name for p in redrawn} == drawn and all(p.stat().st_size > 10_000 for p in redrawn)
+    drawn = {p.name for p in tmp_path.glob("results-*.png")}
+    expected = {f"results-{c}.png" for c in ("throughput", "cpu", "latency", "preorder")}
+    assert expected <= drawn, drawn
+    # redrawn from the results alone, elsewhere
+    redrawn = charts.main([str(out), "--out", str(tmp_path / "again")])
+    assert {p.name for p in redrawn} == drawn and all(p.stat().st_size > 10_000 for p in redrawn)
     assert not list(scratch.iterdir()), "a passed run leaves no temporary folder behind"
 
 

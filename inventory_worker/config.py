@@ -351,7 +351,7 @@ class WorkerSettings(_Section):
         ge=1,
         le=10_000,
         description="Open backorders filled per product per transaction, oldest order first (after "
-        "a stock change, and in the elected sweeper's fill pass each tick); the rest wait for the next.",
+        "a stock change, and in each of the elected sweeper's fill passes); the rest wait for the next.",
     )
     shutdown_grace_seconds: float = Field(
         25.0, gt=0, description="On SIGTERM: time to finish before children are killed."

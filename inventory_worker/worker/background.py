@@ -181,16 +181,22 @@ class Maintenance(threading.Thread):
         `available` again (stock freed by expiry, a fill an event could not finish, a location
         activated), one short transaction per pass, then the cache and the messages. Each
         pass starts after the last product the previous one visited, so products that stay
-        candidates without being filled cannot keep later ones out."""
+        candidates without being filled cannot keep later ones out. Passes follow one another
+        while they fill something, for at most one sweep interval: a receipt for thousands of
+        preorders is filled at the database's pace, not `backorder_fill_batch` a tick."""
         if not self.store.is_leader:
             return
-        filled, messages, figures, self._fill_cursor = self.store.fill_backorders(
-            self.schedule.sweep_batch_size, self.schedule.backorder_fill_batch, self._fill_cursor
-        )
-        if filled == 0:
-            return
-        self._cache_and_publish(figures, messages, "backorder fill")
-        log.info("backorders filled", orders=filled)
+        deadline = time.monotonic() + self.schedule.sweep_interval_seconds
+        while not self.stop.is_set():
+            filled, messages, figures, self._fill_cursor = self.store.fill_backorders(
+                self.schedule.sweep_batch_size, self.schedule.backorder_fill_batch, self._fill_cursor
+            )
+            if filled == 0:
+                return
+            self._cache_and_publish(figures, messages, "backorder fill")
+            log.info("backorders filled", orders=filled)
+            if time.monotonic() >= deadline:
+                return  # the rest next tick: expiry and the relay get their turn
 
     def _cache_and_publish(self, figures: list[Any], messages: list[Any], what: str) -> None:
         try:

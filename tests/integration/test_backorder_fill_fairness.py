@@ -152,3 +152,39 @@ def test_the_pass_cursor_wraps_round(stack):
         assert db.one("order.cancelled", {"order_id": f"{pid}-o"}).outcome == "released"
     assert store.fill_backorders(BATCH, 100, pids[1])[3] == pids[1]
     db.verify()
+
+
+def test_one_tick_fills_past_one_pass_while_passes_fill(stack):
+    """A backlog larger than one pass (`worker.backorder_fill_batch` orders per product) is
+    filled by passes back to back within one tick, not one pass a tick: 10 preorders whose
+    stock came back by an expiry (which does not fill) are all filled by a single tick taking
+    3 a pass, oldest first, each once."""
+    s, db, bus = stack
+    s = s.model_copy(update={"worker": s.worker.model_copy(update={"backorder_fill_batch": 3})})
+    pid = f"TICK{uuid.uuid4().hex[:6]}"
+    configure(db, pid)
+    assert db.one("stock.adjusted", {"product_id": pid, "delta": 10}).outcome == "adjusted"
+    assert db.place(f"{pid}-holder", (pid, 10)).outcome == "reserved"
+    waiting = [f"{pid}-w{n:02d}" for n in range(10)]
+    for oid in waiting:
+        assert db.place(oid, (pid, 1)).outcome == "reserved"
+    db.expire(f"{pid}-holder")
+    assert backordered(s, [pid]) == {pid: 10}
+
+    maintenance = bootstrap.maintenance(s, threading.Event())
+    try:
+        maintenance.tick()
+    finally:
+        maintenance._drop_amqp()
+        maintenance.store.close()
+        maintenance.cache.close()
+
+    assert backordered(s, [pid]) == {pid: 0}
+    assert db.totals(pid) == (10, 10, 0)
+
+    def fills(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in results if r["type"] == "inventory.backorder_filled"]
+
+    published = fills(bus.wait_for(lambda rs: len(fills(rs)) >= len(waiting)))
+    assert sorted(r["data"]["order_id"] for r in published) == waiting  # each once
+    db.verify()

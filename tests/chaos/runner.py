@@ -459,19 +459,24 @@ def results_of(pg: Pg, event_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
 
 # Products whose backorders a fill can still reach (the sweeper's fill pass takes them): the
 # replay of a round waits for none to be left (only default-channel orders wait on them here).
-UNSETTLED_SQL = "SELECT count(*) FROM products p WHERE backordered > 0 AND product_available(p) > 0"
+UNSETTLED_SQL = (
+    "SELECT array_agg(product_id) FROM products p WHERE backordered > 0 AND product_available(p) > 0"
+)
 
 
-def wait_fills_settled(pg: Pg, timeout: float) -> None:
+def wait_fills_settled(pg: Pg, timeout: float) -> list[str]:
+    """[] once no backorder is left that a fill can reach; else the products still waiting."""
     deadline = time.monotonic() + timeout
+    left: list[str] = []
     while True:
         try:
-            if pg.query(UNSETTLED_SQL)[0][0] == 0:
-                return
+            left = pg.query(UNSETTLED_SQL)[0][0] or []
+            if not left:
+                return []
         except psycopg2.Error:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"backorders still fillable after {timeout}s")
+            return left
         time.sleep(0.1)
 
 
@@ -567,6 +572,7 @@ def run_chaos(
     errors: list[str] = []
     t_start = time.monotonic()
     check: Checker | None = None
+    unsettled = False  # backorders once left unfilled: later rounds do not wait as long
     progress = progress or Progress()  # not started: nobody prints it
 
     def status() -> str:
@@ -595,7 +601,11 @@ def run_chaos(
             wait_applied(pg, [m.message_id for m in batch if not m.poison], timeout=240)
             wl.resolve(lambda ids: _retry(lambda: results_of(pg, ids)))
             if wl.bo_ids:
-                wait_fills_settled(pg, timeout=240)
+                nonlocal unsettled
+                left = wait_fills_settled(pg, timeout=5 if unsettled else 120)
+                if left and not unsettled:  # backordered units and stock for them, never filled
+                    wl.replay_problems.append(f"round {wl.round_no}: still fillable after 120 s: {left}")
+                unsettled = unsettled or bool(left)
                 replay_backorders(pg, wl)
 
         for msgs in wl.setup_rounds():

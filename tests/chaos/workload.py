@@ -47,6 +47,30 @@ Locations, channels and the stock messages of "stock across locations" keep it d
     stale) and from it alone derives the level's figure; it then checks that event's figures
     (`location.on_hand` = the target, or `current` = what the other side left), so the model
     stays exact: each interleaving has one legal result and the events must show one of them.
+Orders as they really go (Part B) on plain products stay exact the same way: a shipment
+(order.fulfilled) or a partial cancel concerns an order with no other event in its round and
+takes or frees units where the model says (allocation order, reverse allocation order); a return
+is placed first in its round and its products are left to it (it raises on_hand). Two kinds of
+event race on purpose and are resolved after the round:
+  - reservation.extended of a short hold against the sweeper: extended, extension_limit (so
+    early that its seconds end before the deadline) or reservation_expired, read from its own
+    result; until_fulfilled applied makes the hold a long one from then on;
+  - everything on the BACKORDER products (BACKORDER_POLICIES: allow with or without a limit,
+    until passed, incoming), which only default-channel orders of their own touch. Whether an
+    order is placed is sure: the round's orders fit together in available + headroom at the
+    round's start (a fill moves units from one to the other; arrivals and releases add), and
+    one meant to fail asks for more than every unit that can be there plus the most that can be
+    promised. Where it is held, what it backorders, which fills happen (in the same transaction
+    or the sweeper's pass) and where a shipment leaves from depend on the order of application.
+    The runner waits until no fill is left to do, then replay() takes the round's events on
+    these products and every inventory.backorder_filled since the last round in outbox id order
+    (every message about a product is written under its row lock: the order they were applied
+    in) and applies them one by one: a placement's allocation is predicted exactly (each level
+    of the default channel in order, the rest backordered within the headroom), each fill is
+    checked (FIFO by created_at, order_id among orders already placed; each level giving what it
+    had; backordered_remaining), a completion of an order still backordered is committed or
+    refused backorder_pending as its place says; then the runner compares these products'
+    figures with PostgreSQL.
 Duplicates may be delayed to later rounds: the copy is absorbed by the message id whenever it
 arrives. `inventory.low_stock` depends on the order inside a round and is not checked;
 `inventory.back_in_stock` (decision 13.7: `available` from 0 to above it, any cause, the sweeper

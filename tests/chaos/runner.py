@@ -100,6 +100,9 @@ def chaos_settings(services: PrivateServices, run_id: str, cache_ttl_seconds: in
             "outbox_relay_min_age_seconds": 1.0,
             "outbox_relay_interval_seconds": 0.5,
             "default_reservation_ttl_seconds": 3600,
+            # one order per product per fill: an arrival for more leaves the rest to the
+            # elected sweeper's fill pass, which then races the round's new orders
+            "backorder_fill_batch": 1,
             "shutdown_grace_seconds": 10.0,
         }
     )

@@ -1329,7 +1329,7 @@ class Workload:
         expecting = [loc for loc, lv in p.levels.items() if lv.incoming > 0]
         if roll < 0.45:
             loc = rng.choice(expecting) if expecting and rng.random() < 0.7 else rng.choice(sorted(p.levels))
-            q = rng.randint(1, 8)
+            q = rng.randint(1, 14)
             data: dict[str, Any] = {"product_id": pid, "quantity": q, "reason": "chaos"}
             type_, result = "stock.received", "inventory.moved"
             raised[pid] = raised.get(pid, 0) + q
@@ -1517,7 +1517,11 @@ class Workload:
             o = self.orders[oid]
             touched.add(oid)
             roll = rng.random()
-            if roll < 0.30 and any(o.reserved(k) for k in o.lines):
+            if sum(o.bo.values()) and rng.random() < 0.25:
+                # an extension locks only the order's row: a fill meeting it skips the order and
+                # ends its pass there (FIFO), so the elected sweeper's fill pass finishes it
+                msgs.append(self._extend(oid))
+            elif roll < 0.30 and any(o.reserved(k) for k in o.lines):
                 msgs.append(self._fulfil(oid))
             elif roll < 0.48:
                 msgs.append(self._cancel_lines(oid))

@@ -1555,12 +1555,18 @@ class Workload:
             + (0 if k in raised and p.policy and p.policy[0] == "incoming" else min(40, p.headroom()))
             for k, p in ((k, self.products[k]) for k in self.bo_ids)
         }
+        stocked = {k: self.products[k].available() for k in self.bo_ids}  # to ask for more, often
         for _ in range(rng.randint(1, 3)):
             lines = {}
             for k in rng.sample(self.bo_ids, rng.randint(1, 2)):
-                if budget[k] > 0:
+                if budget[k] > stocked[k] and rng.random() < 0.6:  # more than there is: backordered
+                    lines[k] = rng.randint(stocked[k] + 1, min(budget[k], stocked[k] + 8))
+                elif budget[k] > 0:
                     lines[k] = rng.randint(1, min(budget[k], 10))
-                    budget[k] -= lines[k]
+                else:
+                    continue
+                budget[k] -= lines[k]
+                stocked[k] = max(0, stocked[k] - lines[k])
             if lines:
                 msgs.append(self._bo_place(lines))
         if rng.random() < 0.3:  # sure to be refused: above every unit there and every promise

@@ -100,6 +100,9 @@ def chaos_settings(services: PrivateServices, run_id: str, cache_ttl_seconds: in
             "outbox_relay_min_age_seconds": 1.0,
             "outbox_relay_interval_seconds": 0.5,
             "default_reservation_ttl_seconds": 3600,
+            # one order per product per fill: an arrival for more leaves the rest to the
+            # elected sweeper's fill pass, which then races the round's new orders
+            "backorder_fill_batch": 1,
             "shutdown_grace_seconds": 10.0,
         }
     )
@@ -371,6 +374,14 @@ LEVELS_SQL = """
            quality_control, incoming FROM products"""
 
 
+# Products with units backordered, and those above their limit (never: placement checks the
+# limit under the product's row lock), in the same snapshot as the levels.
+BACKORDERS_SQL = """
+    (SELECT count(*) FROM products WHERE backordered > 0),
+    (SELECT array_agg(product_id || ': ' || backordered || ' > ' || backorder_limit)
+       FROM products WHERE backordered > backorder_limit OR backordered < 0)"""
+
+
 class Sampler(threading.Thread):
     """Samples PostgreSQL during the run: no level of any product is ever oversold."""
 
@@ -381,6 +392,8 @@ class Sampler(threading.Thread):
         self.samples = 0
         self.levels_seen = 0
         self.violations: list[Any] = []
+        self.backorders_seen = 0  # products sampled while they had units backordered
+        self.backorder_violations: list[Any] = []
 
     def run(self) -> None:
         while not self.stop_event.wait(0.3):
@@ -389,11 +402,14 @@ class Sampler(threading.Thread):
                 rows = self.pg.query(
                     f"SELECT count(*), array_agg(l::text) FILTER (WHERE reserved > on_hand - damaged "
                     f"- quality_control OR damaged + quality_control > on_hand OR least(on_hand, "
-                    f"reserved, damaged, quality_control, incoming) < 0) FROM ({LEVELS_SQL}) l"
+                    f"reserved, damaged, quality_control, incoming) < 0), {BACKORDERS_SQL} "
+                    f"FROM ({LEVELS_SQL}) l"
                 )
                 self.samples += 1
                 self.levels_seen += rows[0][0]
                 self.violations.extend(rows[0][1] or [])
+                self.backorders_seen += rows[0][2]
+                self.backorder_violations.extend(rows[0][3] or [])
             except Exception:  # PostgreSQL is being restarted
                 pass
         self.pg.close()
@@ -444,6 +460,81 @@ def results_of(pg: Pg, event_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+# Products whose backorders a fill can still reach (the sweeper's fill pass takes them): the
+# replay of a round waits for none to be left (only default-channel orders wait on them here).
+UNSETTLED_SQL = (
+    "SELECT array_agg(product_id) FROM products p WHERE backordered > 0 AND product_available(p) > 0"
+)
+
+
+def wait_fills_settled(pg: Pg, timeout: float) -> list[str]:
+    """[] once no backorder is left that a fill can reach; else the products still waiting."""
+    deadline = time.monotonic() + timeout
+    left: list[str] = []
+    while True:
+        try:
+            left = pg.query(UNSETTLED_SQL)[0][0] or []
+            if not left:
+                return []
+        except psycopg2.Error:
+            pass
+        if time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def replay_backorders(pg: Pg, wl: Workload) -> None:
+    """The round's events on backorder products and every fill since the last replay, read from
+    the outbox with their ids (the order they were applied in), and when their orders were
+    created (FIFO); then the model replays them and compares the products with PostgreSQL."""
+    eids = [op.eid for op in wl.bo_pending]
+    placed = [oid for oid, o in wl.orders.items() if o.backorder and o.placed_id and o.created is None]
+
+    def read() -> tuple[int, list[tuple[int, dict[str, Any]]], dict[str, Any]]:
+        mark = pg.query("SELECT coalesce(max(id), 0) FROM outbox")[0][0]
+        rows = pg.query(
+            "SELECT id, body FROM outbox WHERE id > %s AND (body->>'causation_id' = ANY(%s) "
+            "OR body->>'type' = 'inventory.backorder_filled') ORDER BY id",
+            (wl.outbox_mark - 1000, eids),
+        )
+        created = dict(
+            pg.query("SELECT order_id, created_at FROM orders WHERE order_id = ANY(%s)", (placed,))
+        )
+        return mark, [(r[0], r[1]) for r in rows], {k: v for k, v in created.items()}
+
+    mark, rows, created = _retry(read)
+    wl.outbox_mark = mark
+    wl.replay(rows, created)
+    if wl.round_no and len(wl.replay_problems) < 30:  # (the setup rounds' figures are the model's at once)
+        wl.replay_problems.extend(_retry(lambda: backorder_figures_differ(pg, wl)))
+
+
+def backorder_figures_differ(pg: Pg, wl: Workload) -> list[str]:
+    """Each backorder product's (on_hand, reserved, backordered) and levels, model vs PostgreSQL."""
+    problems = []
+    for k, on_hand, reserved, backordered in pg.query(
+        "SELECT product_id, on_hand, reserved, backordered FROM products WHERE product_id = ANY(%s)",
+        (wl.bo_ids,),
+    ):
+        p = wl.products[k]
+        if (on_hand, reserved, backordered) != (p.on_hand, p.firm, p.backordered):
+            problems.append(
+                f"round {wl.round_no}: {k} (on_hand, reserved, backordered) {(on_hand, reserved, backordered)}, "
+                f"model {(p.on_hand, p.firm, p.backordered)}"
+            )
+    for k, loc, *fig in pg.query(
+        "SELECT product_id, location_id, on_hand, reserved, damaged, quality_control, incoming FROM stock_levels "
+        "WHERE product_id = ANY(%s)",
+        (wl.bo_ids,),
+    ):
+        want = wl.products[k].levels.get(loc)
+        if (want.figures() if want else (0, 0, 0, 0, 0)) != tuple(fig):
+            problems.append(
+                f"round {wl.round_no}: {k} at {loc} {tuple(fig)}, model {want.figures() if want else None}"
+            )
+    return problems
+
+
 def run_chaos(
     services: PrivateServices,
     *,
@@ -484,6 +575,7 @@ def run_chaos(
     errors: list[str] = []
     t_start = time.monotonic()
     check: Checker | None = None
+    unsettled = False  # backorders once left unfilled: later rounds do not wait as long
     progress = progress or Progress()  # not started: nobody prints it
 
     def status() -> str:
@@ -511,6 +603,13 @@ def run_chaos(
             rounds += 1
             wait_applied(pg, [m.message_id for m in batch if not m.poison], timeout=240)
             wl.resolve(lambda ids: _retry(lambda: results_of(pg, ids)))
+            if wl.bo_ids:
+                nonlocal unsettled
+                left = wait_fills_settled(pg, timeout=5 if unsettled else 120)
+                if left and not unsettled:  # backordered units and stock for them, never filled
+                    wl.replay_problems.append(f"round {wl.round_no}: still fillable after 120 s: {left}")
+                unsettled = unsettled or bool(left)
+                replay_backorders(pg, wl)
 
         for msgs in wl.setup_rounds():
             publish_round(msgs)
@@ -571,6 +670,8 @@ def run_chaos(
         "worker generations (supervisor restarts + 1)": fleet.generation,
         "oversell samples": f"{sampler.samples} instants, {sampler.levels_seen} levels read",
         "compare-and-set races (as resolved)": dict(sorted(wl.race_outcomes.items())),
+        "backorders and holds (as resolved)": dict(sorted(wl.partb_outcomes.items())),
+        "backorder samples": f"{sampler.backorders_seen} products seen with units backordered",
         "publish phase seconds": round(t_published - t_start, 1),
         "drain seconds": round(t_drained - t_published, 1) if drained else "did not drain",
     }
@@ -603,7 +704,9 @@ class Checker:
         return out
 
     # Results that depend on the order of application inside a round: not in the model.
-    ORDER_DEPENDENT = ("inventory.low_stock", "inventory.back_in_stock")
+    # inventory.backorder_filled: whether an event or the sweeper fills, and what, is the order of
+    # the round: the replay (workload.py) checks every one instead.
+    ORDER_DEPENDENT = ("inventory.low_stock", "inventory.back_in_stock", "inventory.backorder_filled")
     # What can raise `available` from 0: an adjustment, a receipt, a move to sellable, a
     # transfer in, a cancel, an expiry (caused by the placement of the order it releases).
     RAISERS = (
@@ -613,6 +716,7 @@ class Checker:
         "stock.transferred",
         "order.cancelled",
         "order.placed",
+        "order.returned",
     )
 
     def _back_in_stock(self) -> tuple[bool, str]:
@@ -685,6 +789,16 @@ class Checker:
         extra = set(actual) - set(want)
         if extra:
             problems.append(f"products that should not exist: {sorted(extra)}")
+        backordered = dict(
+            self.pg.query(
+                "SELECT product_id, backordered FROM products WHERE product_id = ANY(%s)", (self.wl.bo_ids,)
+            )
+        )
+        problems += [
+            f"{k}: backordered {backordered.get(k)}, model {v}"
+            for k, v in sorted(self.wl.expected_backordered().items())
+            if backordered.get(k) != v
+        ]
         multi = {r[0]: r[3] for r in rows}
         problems += [
             f"{k}: multi_location {multi.get(k)}, the model has levels {sorted(self.wl.products[k].levels)}"
@@ -751,6 +865,21 @@ class Checker:
         )
 
         inv["every order has exactly one terminal outcome"] = self._terminal()
+        inv["backordered never above a product's limit (sampled during the run)"] = (
+            not sampler.backorder_violations and sampler.samples > 0,
+            f"{sampler.samples} samples, {sampler.backorders_seen} products seen backordered, "
+            f"{len(sampler.backorder_violations)} above their limit {sampler.backorder_violations[:3]}",
+        )
+        p = self.wl.replay_problems
+        inv["backorders replayed as applied: placements, FIFO fills, completions, figures each round"] = (
+            not p,
+            f"{len(p)} problems: " + "; ".join(p[:5])
+            if p
+            else f"{len(self.wl.fills_seen)} fills, {len(self.wl.bo_ids)} backorder products",
+        )
+        inv[
+            "every order line: quantity = reserved + fulfilled + backordered + released, returned <= fulfilled, as the model"
+        ] = self._order_lines()
         inv["back_in_stock only from events that can raise available, once per product"] = (
             self._back_in_stock()
         )
@@ -790,10 +919,60 @@ class Checker:
         inv["inventory-worker verify reports nothing"] = self._verify()
         return inv
 
+    def _order_lines(self) -> tuple[bool, str]:
+        """order_lines and order_allocations of every allocated order, against the model."""
+        want = self.wl.expected_lines()
+        got: dict[str, dict[str, Any]] = defaultdict(dict)
+        for oid, k, q, ful, rel, ret, bo in self.pg.query(
+            "SELECT order_id, product_id, quantity, fulfilled, released, returned, backordered FROM order_lines "
+            "WHERE order_id = ANY(%s)",
+            (list(want),),
+        ):
+            got[oid][k] = [q, ful, rel, ret, bo, {}]
+        for oid, k, loc, r, ful in self.pg.query(
+            "SELECT order_id, product_id, location_id, reserved, fulfilled FROM order_allocations "
+            "WHERE order_id = ANY(%s)",
+            (list(want),),
+        ):
+            if k in got[oid]:
+                got[oid][k][5][loc] = (r, ful)
+        problems = []
+        for oid, lines in want.items():
+            for k, w in lines.items():
+                g = tuple(got[oid].get(k, [None] * 6))
+                reserved = sum(r for r, _ in (g[5] or {}).values())
+                if g != w:
+                    problems.append(
+                        f"{oid} {k}: (quantity, fulfilled, released, returned, backordered, "
+                        f"allocations) {g}, model {w}"
+                    )
+                elif g[0] != reserved + g[1] + g[4] + g[2] or g[3] > g[1]:
+                    problems.append(f"{oid} {k}: {g} breaks the line invariant")
+        allocated = dict(
+            self.pg.query(
+                "SELECT order_id, allocated FROM orders WHERE order_id = ANY(%s)",
+                (list(self.wl.expected_allocated()),),
+            )
+        )
+        problems += [
+            f"{oid}: allocated {allocated.get(oid)}, model {v}"
+            for oid, v in self.wl.expected_allocated().items()
+            if allocated.get(oid) != v
+        ]
+        n = sum(len(x) for x in want.values())
+        return (
+            not problems,
+            f"{len(problems)} wrong: {problems[:4]}"
+            if problems
+            else f"{n} lines of {len(want)} allocated orders",
+        )
+
     def _terminal(self) -> tuple[bool, str]:
         per: dict[str, Counter[str]] = defaultdict(Counter)
         for r in self.results.values():
             oid = r["data"].get("order_id")
+            if r["type"] == "inventory.released" and r["causation_id"] in self.wl.partial_released:
+                continue  # a partial cancel that left the order open, or closed it committed
             if oid:
                 per[oid][r["type"]] += 1
         problems = []

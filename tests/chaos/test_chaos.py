@@ -2,7 +2,9 @@
 
 Every kind of fault is injected at least once (SIGKILL of consumers and of the supervisor,
 RabbitMQ, PostgreSQL and Redis restarts, a PostgreSQL crash, Redis flushes, cut connections)
-while a seeded workload is published; then every invariant is checked against the model.
+while a seeded workload is published (Part A's locations and races, Part B's backorders and
+fills, shipments, partial cancels, returns, extensions racing the sweeper); then every
+invariant is checked against the model.
 CHAOS_SECONDS and CHAOS_SEED change the length and the seed.
 """
 
@@ -47,3 +49,22 @@ def test_chaos_bounded(private_services: PrivateServices, tmp_path: Path) -> Non
     )
     races = report.summary["compare-and-set races (as resolved)"]
     assert races.get("count vs count") and any(k.startswith("count vs completion") for k in races), races
+    # Part B: backorders, their fills, shipments, partial cancels, returns and extensions.
+    exercised = {
+        "product.configured",
+        "stock.received (backorder product)",
+        "order.fulfilled",
+        "order.fulfilled (fulfilment_id again)",
+        "order.cancelled (lines)",
+        "order.returned (sellable)",
+        "order.returned (damaged)",
+        "order.returned (quality_control)",
+        "order.returned (disposed)",
+        "reservation.extended (racing the sweeper)",
+    }
+    assert exercised <= set(report.summary["by type"]), (
+        f"not exercised: {exercised - set(report.summary['by type'])}"
+    )
+    partb = report.summary["backorders and holds (as resolved)"]
+    assert partb.get("placements partly backordered") and any(k.startswith("fills") for k in partb), partb
+    assert any(k.startswith("extension vs sweeper") for k in partb), partb

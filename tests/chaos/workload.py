@@ -47,6 +47,30 @@ Locations, channels and the stock messages of "stock across locations" keep it d
     stale) and from it alone derives the level's figure; it then checks that event's figures
     (`location.on_hand` = the target, or `current` = what the other side left), so the model
     stays exact: each interleaving has one legal result and the events must show one of them.
+Orders as they really go (Part B) on plain products stay exact the same way: a shipment
+(order.fulfilled) or a partial cancel concerns an order with no other event in its round and
+takes or frees units where the model says (allocation order, reverse allocation order); a return
+is placed first in its round and its products are left to it (it raises on_hand). Two kinds of
+event race on purpose and are resolved after the round:
+  - reservation.extended of a short hold against the sweeper: extended, extension_limit (so
+    early that its seconds end before the deadline) or reservation_expired, read from its own
+    result; until_fulfilled applied makes the hold a long one from then on;
+  - everything on the BACKORDER products (BACKORDER_POLICIES: allow with or without a limit,
+    until passed, incoming), which only default-channel orders of their own touch. Whether an
+    order is placed is sure: the round's orders fit together in available + headroom at the
+    round's start (a fill moves units from one to the other; arrivals and releases add), and
+    one meant to fail asks for more than every unit that can be there plus the most that can be
+    promised. Where it is held, what it backorders, which fills happen (in the same transaction
+    or the sweeper's pass) and where a shipment leaves from depend on the order of application.
+    The runner waits until no fill is left to do, then replay() takes the round's events on
+    these products and every inventory.backorder_filled since the last round in outbox id order
+    (every message about a product is written under its row lock: the order they were applied
+    in) and applies them one by one: a placement's allocation is predicted exactly (each level
+    of the default channel in order, the rest backordered within the headroom), each fill is
+    checked (FIFO by created_at, order_id among orders already placed; each level giving what it
+    had; backordered_remaining), a completion of an order still backordered is committed or
+    refused backorder_pending as its place says; then the runner compares these products'
+    figures with PostgreSQL.
 Duplicates may be delayed to later rounds: the copy is absorbed by the message id whenever it
 arrives. `inventory.low_stock` depends on the order inside a round and is not checked;
 `inventory.back_in_stock` (decision 13.7: `available` from 0 to above it, any cause, the sweeper
@@ -57,6 +81,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +96,21 @@ CHAINS: dict[str | None, list[str]] = {
     "web": ["west", "east"],
 }
 UNKNOWN_LOCATION = "nowhere"  # never configured
+UNLIMITED = 10**9
+FUTURE, PAST = "2099-01-01T00:00:00Z", "2020-01-01T00:00:00+00:00"
+# Backorder products (Part B): (mode, limit, until). Every one is multi-location (default and
+# east) and is placed on through the default channel only (so a fill can take any level).
+BACKORDER_POLICIES: list[tuple[str, int | None, str | None]] = [
+    ("allow", 12, None),
+    ("allow", 20, FUTURE),
+    ("allow", 8, None),
+    ("allow", None, None),
+    ("allow", 10, PAST),  # `until` passed: behaves as deny
+    ("incoming", 15, None),
+    ("incoming", None, FUTURE),
+    ("allow", 30, FUTURE),
+]
+CONDITIONS = ("sellable", "damaged", "quality_control", "disposed")
 
 
 @dataclass
@@ -123,6 +163,22 @@ class Level:
 @dataclass
 class Product:
     levels: dict[str, Level] = field(default_factory=lambda: {"default": Level()})
+    backordered: int = 0  # units promised to open orders without stock (product-level)
+    policy: tuple[str, int | None, bool] | None = None  # backorder (mode, limit, until passed); None: deny
+
+    def available(self) -> int:
+        """Product `available` (no short holds: only asked of backorder products)."""
+        return sum(max(0, lv.sellable - lv.firm) for lv in self.levels.values())
+
+    def headroom(self, incoming: int = 0) -> int:
+        """Units it may still promise without stock (spec 1); `incoming` more expected units."""
+        if self.policy is None or self.policy[2]:
+            return 0
+        mode, limit, _ = self.policy
+        cap = limit if limit is not None else UNLIMITED
+        if mode == "incoming":
+            cap = min(cap, sum(lv.incoming for lv in self.levels.values()) + incoming)
+        return max(0, cap - self.backordered)
 
     def level(self, loc: str) -> Level:
         return self.levels.setdefault(loc, Level())
@@ -152,9 +208,43 @@ class Order:
     ever_reserved: bool = False
     rejections: int = 0
     expired_maybe: bool = False  # short order completed: may have expired before
+    # Part B: per line (product) counters, as order_lines keeps them once the order is allocated
+    fulfilled: dict[str, int] = field(default_factory=dict)
+    released: dict[str, int] = field(default_factory=dict)
+    returned: dict[str, int] = field(default_factory=dict)
+    bo: dict[str, int] = field(default_factory=dict)  # backordered units per line
+    done: dict[str, dict[str, int]] = field(default_factory=dict)  # product -> location -> fulfilled there
+    allocated: bool = False  # order_allocations rows (else held implicitly at default)
+    no_expiry: bool = False  # held until fulfilled: extended so, or fulfilled once
+    fids: list[str] = field(default_factory=list)  # fulfilment ids applied
+    rids: list[str] = field(default_factory=list)  # return ids applied
+    backorder: bool = False  # on backorder products: resolved by the replay (Workload.resolve)
+    created: Any = None  # orders.created_at (FIFO), read once placed
 
     def holds(self) -> set[tuple[str, str]]:
         return {(k, loc) for k, a in self.alloc.items() for loc in a}
+
+    def open(self, k: str | None = None) -> int:
+        """Units still open (reserved or backordered) of a line, or of every line."""
+        ks = [k] if k else list(self.lines)
+        return sum(self.lines[x] - self.fulfilled.get(x, 0) - self.released.get(x, 0) for x in ks)
+
+    def reserved(self, k: str) -> int:
+        return sum(self.alloc.get(k, {}).values())
+
+
+def _qty_lines(lines: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    return [{"product_id": k, "quantity": q} for k, q in lines]
+
+
+@dataclass
+class BoOp:
+    """An accepted event on backorder products: applied by the replay after its round, at its
+    place among the round's fills (the order in which the worker applied them)."""
+
+    eid: str
+    kind: str
+    apply: Callable[..., None]  # given the event's result messages
 
 
 @dataclass
@@ -169,7 +259,9 @@ class Race:
 
 
 class Workload:
-    def __init__(self, seed: int, products: int = 40, unknown_products: int = 3) -> None:
+    def __init__(
+        self, seed: int, products: int = 40, unknown_products: int = 3, backorders: bool = True
+    ) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
         tag = uuid.UUID(int=random.Random(seed).getrandbits(128)).hex[:6]
@@ -191,6 +283,20 @@ class Workload:
         self._ceiling: dict[tuple[str, str], int] = {}  # a level's highest on_hand in the round generated
         self.counts: dict[str, int] = {}
         self.types: dict[str, str] = {}  # event id -> type
+        # Part B: backorder products, and what the replay (resolve) settles after each round
+        self.bo_ids = [f"CH{tag}-B{i:02d}" for i in range(len(BACKORDER_POLICIES) if backorders else 0)]
+        self.bo_pending: list[BoOp] = []  # this round's events on backorder products, replayed by resolve()
+        self.ext_races: list[
+            tuple[str, str, bool]
+        ] = []  # (event id, order id, until_fulfilled) vs the sweeper
+        self.partial_released: set[str] = set()  # cancels whose inventory.released ends nothing
+        self.partb_outcomes: dict[str, int] = {}
+        self.replay_problems: list[str] = []
+        self.fills_seen: set[str] = set()  # inventory.backorder_filled message ids replayed
+        self.outbox_mark = 0  # every outbox id below it was replayed or is not about backorders
+        self.round_no = 0
+        self._fid_seq = 0
+        self.started = time.monotonic()
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -307,6 +413,7 @@ class Workload:
                 ),
             )
         ]
+        config.extend(self._configure_backorders())
         stock = [self._adjust(pid) for pid in self.product_ids]
         items, want = [], []
         for pid in self.product_ids[::2]:
@@ -317,6 +424,29 @@ class Workload:
                 want.append(
                     ("inventory.adjusted", len(want), {"location_id": loc, "location": {"on_hand": q}})
                 )
+        # backorder products: a little stock at default and at east; incoming ones expect more
+        for pid in self.bo_ids:
+            p = self.products[pid]
+            q = self.rng.randint(3, 12)
+            m = self._event("stock.adjusted", {"product_id": pid, "on_hand": q})
+            p.level("default").on_hand = q
+            stock.append(
+                self._expect(
+                    m,
+                    Expect(
+                        [("inventory.adjusted", "")],
+                        product_id=pid,
+                        data=[("inventory.adjusted", None, {"on_hand": q})],
+                    ),
+                )
+            )
+            fields: list[tuple[str, str, int]] = [("east", "on_hand", self.rng.randint(2, 8))]
+            if p.policy and p.policy[0] == "incoming":
+                fields.append(("default", "incoming", self.rng.randint(5, 20)))
+            for loc, name, q in fields:
+                items.append({"product_id": pid, "location_id": loc, name: q})
+                setattr(p.level(loc), name, q)
+                want.append(("inventory.adjusted", len(want), {"location_id": loc, "location": {name: q}}))
         m = self._event("stock.adjusted", {"items": items})
         bulk = self._expect(m, Expect([("inventory.adjusted", "")] * len(items), data=want))
         return [config, channel, stock, [bulk]]
@@ -596,7 +726,9 @@ class Workload:
     def resolve(self, fetch: Callable[[list[str]], dict[str, list[dict[str, Any]]]]) -> None:
         """Follows each race's counts as their result events report them (applied or stale) and
         sets the level's figure to what that interleaving leaves; the expectation becomes the one
-        legal result set for that interleaving (an illegal one, such as two counts applied, fails)."""
+        legal result set for that interleaving (an illegal one, such as two counts applied, fails).
+        Then each extension that raced the sweeper, as its result says (see _resolve_extensions)."""
+        self._resolve_extensions(fetch)
         if not self.races:
             return
         got = fetch([eid for r in self.races for eid, _ in r.counts])
@@ -630,6 +762,41 @@ class Workload:
                         self._set_stale(eid, r, first[1])
                 self.race_outcomes["count vs count"] = self.race_outcomes.get("count vs count", 0) + 1
         self.races = []
+
+    def _resolve_extensions(self, fetch: Callable[[list[str]], dict[str, list[dict[str, Any]]]]) -> None:
+        """A short hold's extension either came first (inventory.reservation_extended: with
+        until_fulfilled the hold never expires and is long from now on), or came so early that
+        its few seconds end before the deadline (extension_limit), or the hold had lapsed
+        (inventory.rejected reservation_expired: the sweeper expires it, if it did not yet)."""
+        if not self.ext_races:
+            return
+        got = fetch([eid for eid, _, _ in self.ext_races])
+        for eid, oid, until in self.ext_races:
+            o = self.orders[oid]
+            if any(x["type"] == "inventory.reservation_extended" for x in got.get(eid, [])):
+                outcome = "extension first" + (" (until fulfilled)" if until else "")
+                e = Expect([("inventory.reservation_extended", "")], order_id=oid)
+                if until:
+                    e.data = [("inventory.reservation_extended", None, {"expires_at": None})]
+                    o.short, o.no_expiry = False, True
+                    for k, at in o.alloc.items():
+                        for loc, q in at.items():
+                            lv = self.products[k].level(loc)
+                            lv.expirable.pop(oid, None)
+                            lv.firm += q
+                    self.expect[o.placed_id].optional = []  # never expires now  # type: ignore[index]
+            elif not until and any(x["data"].get("reason") == "extension_limit" for x in got.get(eid, [])):
+                # so early that now + its seconds is not later than the deadline it has
+                outcome = "extension not later: extension_limit"
+                e = Expect([("inventory.rejected", "extension_limit")], order_id=oid)
+            else:
+                outcome = "sweeper first: reservation_expired"
+                e = Expect([("inventory.rejected", "reservation_expired")], order_id=oid)
+            self.expect[eid] = e
+            self.partb_outcomes[f"extension vs sweeper: {outcome}"] = (
+                self.partb_outcomes.get(f"extension vs sweeper: {outcome}", 0) + 1
+            )
+        self.ext_races = []
 
     def _set_applied(self, eid: str, r: Race, target: int) -> None:
         self.expect[eid] = Expect(
@@ -720,6 +887,7 @@ class Workload:
                     True,
                 )
                 e.results = [("inventory.reserved", "")]
+                o.allocated = any(set(at) != {"default"} for at in plan.values())
                 if channel or pins or any(set(at) != {"default"} for at in plan.values()):
                     e.results.append(("inventory.allocated", ""))
                     e.allocated = {
@@ -747,41 +915,732 @@ class Workload:
         return m
 
     def _cancel(self, oid: str) -> Msg:
+        """The whole order (what is still open of it: an order partly fulfilled ends committed)."""
         o = self.orders.setdefault(oid, Order())
         m = self._event("order.cancelled", {"order_id": oid})
         e = Expect([], order_id=oid)
+        self.expect[m.message_id] = e
         if o.status is None:
             o.status = "cancelled"  # remembered: the late placement is rejected
         elif o.status == "reserved":
             assert not o.short, "short-TTL orders are never cancelled (released vs expired is timing)"
-            for k, at in o.alloc.items():
-                for loc, q in at.items():
-                    self.products[k].level(loc).firm -= q
-            o.status = "released"
+            partly = o.allocated and (any(o.fulfilled.values()) or any(o.released.values()))
+            if partly:  # release_order_lines(): each open line; committed if anything was fulfilled
+                lines = [(k, o.open(k)) for k in o.lines if o.open(k) > 0]
+            else:
+                lines = list(o.lines.items())
             e.results = [("inventory.released", "")]
-        self.expect[m.message_id] = e
+            e.data = [("inventory.released", None, {"lines": _qty_lines(lines), "reason": "cancelled"})]
+            if any(o.fulfilled.values()):
+                e.results.append(("inventory.committed", ""))
+                e.data.append(("inventory.committed", None, {"lines": self._fulfilled_lines(o)}))
+                self.partial_released.add(m.message_id)
+
+            def apply(_: list[dict[str, Any]] | None = None) -> None:
+                for k in o.lines:
+                    if o.open(k):
+                        self._sm_release(o, k, o.open(k))
+                if not partly:  # cancel_order(): every line's released = its quantity
+                    o.released = dict(o.lines)
+                o.status = "committed" if any(o.fulfilled.values()) else "released"
+
+            self._apply(m.message_id, "cancel", o, apply)
         return m
 
     def _complete(self, oid: str) -> Msg:
         o = self.orders.setdefault(oid, Order())
         m = self._event("order.completed", {"order_id": oid})
         e = Expect([], order_id=oid)
+        self.expect[m.message_id] = e
         if o.status in ("cancelled", "released"):
             e.results = [("inventory.rejected", "order_cancelled")]
         elif o.status == "reserved":
-            for k, at in o.alloc.items():
-                for loc, q in at.items():
-                    lv = self.products[k].level(loc)
-                    lv.on_hand -= q
-                    if o.short:
-                        del lv.expirable[oid]
-                    else:
-                        lv.firm -= q
-            o.status = "committed"
-            o.expired_maybe = o.short
+            if o.backorder and sum(o.bo.values()):
+                # units still backordered: committed if a fill of the round reaches them first,
+                # else refused backorder_pending; the replay reads which (resolve)
+                self._apply(
+                    m.message_id,
+                    "complete (race)",
+                    o,
+                    lambda got: self._replay_complete(m.message_id, oid, got),
+                )
+                return m
             e.results = [("inventory.committed", "")]
-        self.expect[m.message_id] = e
+            self._apply(m.message_id, "complete", o, lambda _=None: self._sm_commit(oid, m.message_id))
+            o.expired_maybe = o.short
         return m
+
+    # -- Part B: the order's life after placement (spec 4.2-4.8) ----------------------------
+
+    def _apply(self, eid: str, kind: str, o: Order, apply: Callable[..., None]) -> None:
+        """Applies an accepted change at once, or, for an order on backorder products, when the
+        replay of the round reaches it (its place among the round's fills is only known then)."""
+        if o.backorder:
+            self.bo_pending.append(BoOp(eid, kind, apply))
+        else:
+            apply(None)
+
+    def _fulfilled_lines(self, o: Order, extra: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        """inventory.committed of an order closed after partial changes: each line's fulfilled total."""
+        extra = extra or {}
+        out = []
+        for k in o.lines:
+            n = o.fulfilled.get(k, 0) + extra.get(k, 0)
+            if n:
+                out.append({"product_id": k, "quantity": n})
+        return out
+
+    def _sm_commit(self, oid: str, eid: str) -> None:
+        """order.completed: every unit still held is fulfilled where it is held."""
+        o = self.orders[oid]
+        for k, at in o.alloc.items():
+            for loc, q in at.items():
+                lv = self.products[k].level(loc)
+                lv.on_hand -= q
+                if o.short:
+                    lv.expirable.pop(oid, None)
+                else:
+                    lv.firm -= q
+                o.done.setdefault(k, {})[loc] = o.done.get(k, {}).get(loc, 0) + q
+                at[loc] = 0
+        for k, q in o.lines.items():
+            o.fulfilled[k] = q - o.released.get(k, 0)
+        o.status = "committed"
+        if o.allocated:
+            self.expect[eid].data = [("inventory.committed", None, {"lines": self._fulfilled_lines(o)})]
+
+    def _sm_release(self, o: Order, k: str, q: int) -> None:
+        """Releases q units of a line: backordered ones first, then reserved ones in reverse
+        allocation order (the preferred location keeps its hold)."""
+        n = min(q, o.bo.get(k, 0))
+        if n:
+            o.bo[k] -= n
+            self.products[k].backordered -= n
+        left = q - n
+        for loc in reversed(list(o.alloc.get(k, {}))):
+            r = min(left, o.alloc[k][loc])
+            if r:
+                o.alloc[k][loc] -= r
+                self.products[k].level(loc).firm -= r
+                left -= r
+        assert left == 0, f"release of {q} {k} from {o}"
+        o.released[k] = o.released.get(k, 0) + q
+
+    def _sm_take(self, o: Order, k: str, loc: str | None, q: int) -> list[tuple[str, int]]:
+        """Fulfils q reserved units of a line, at loc or in allocation order: where they left from."""
+        chunks, left = [], q
+        for at, r in o.alloc[k].items():
+            if left == 0:
+                break
+            if r <= 0 or (loc is not None and at != loc):
+                continue
+            n = min(left, r)
+            o.alloc[k][at] -= n
+            o.done.setdefault(k, {})[at] = o.done.get(k, {}).get(at, 0) + n
+            lv = self.products[k].level(at)
+            lv.on_hand -= n
+            lv.firm -= n
+            chunks.append((at, n))
+            left -= n
+        assert left == 0, f"fulfilment of {q} {k} at {loc} from {o}"
+        o.fulfilled[k] = o.fulfilled.get(k, 0) + q
+        return chunks
+
+    def _live(self, o: Order) -> bool:
+        return o.status == "reserved" and not o.short
+
+    def _fulfil(self, oid: str, refuse: str | None = None) -> Msg:
+        """order.fulfilled: some reserved units of a live order (a shipment); refuse:
+        "exceeds_reserved" (more than the line holds: more than it has open) or "unknown_line"."""
+        o, rng = self.orders[oid], self.rng
+        self._fid_seq += 1
+        fid = f"f{self.seed}-{self._fid_seq}"
+        held = [k for k in o.lines if o.reserved(k) > 0]
+        asks: list[tuple[str, str | None, int]] = []
+        if refuse == "unknown_line":
+            other = [k for k in self.products if k not in o.lines]
+            asks = [(rng.choice(other), None, 1)]
+        elif refuse or not held:
+            refuse = "exceeds_reserved"
+            k = rng.choice(list(o.lines))
+            asks = [(k, None, o.open(k) + rng.randint(1, 3))]
+        else:
+            for k in rng.sample(held, rng.randint(1, len(held))):
+                pinned = [loc for loc, r in o.alloc[k].items() if r > 0]
+                if rng.random() < 0.35:
+                    loc = rng.choice(pinned)
+                    asks.append((k, loc, rng.randint(1, o.alloc[k][loc])))
+                else:
+                    asks.append((k, None, rng.randint(1, o.reserved(k))))
+        data = {
+            "order_id": oid,
+            "fulfilment_id": fid,
+            "lines": [
+                {"product_id": k, "quantity": q} | ({"location_id": loc} if loc else {}) for k, loc, q in asks
+            ],
+        }
+        m = self._event("order.fulfilled", data)
+        if refuse:
+            self.counts[f"order.fulfilled ({refuse})"] = self.counts.get(f"order.fulfilled ({refuse})", 0) + 1
+            return self._expect(m, Expect([("inventory.rejected", refuse)], order_id=oid))
+        closes = o.open() == sum(q for _, _, q in asks)
+        e = Expect([("inventory.fulfilled", "")], order_id=oid)
+        self._expect(m, e)
+        if closes:
+            e.results.append(("inventory.committed", ""))
+        o.fids.append(fid)
+        o.no_expiry = True
+
+        def apply(_: Any = None) -> None:
+            o.allocated = True  # make_allocated(): an implicit hold gets its rows
+            taken = [
+                {"product_id": k, "location_id": at, "quantity": n}
+                for k, loc, q in asks
+                for at, n in self._sm_take(o, k, loc, q)
+            ]
+            open_ = [
+                {"product_id": k, "reserved": o.reserved(k), "backordered": o.bo.get(k, 0)}
+                for k in o.lines
+                if o.reserved(k) + o.bo.get(k, 0) > 0
+            ]
+            e.data = [("inventory.fulfilled", None, {"fulfilment_id": fid, "lines": taken, "open": open_})]
+            if closes:
+                o.status = "committed"
+                e.data.append(("inventory.committed", None, {"lines": self._fulfilled_lines(o)}))
+
+        self._apply(m.message_id, "fulfil", o, apply)
+        return m
+
+    def _fulfil_again(self, oid: str) -> Msg:
+        """An applied fulfilment_id under a new message id: duplicate_fulfilment, nothing published."""
+        o = self.orders[oid]
+        k = next(iter(o.lines))
+        m = self._event(
+            "order.fulfilled",
+            {
+                "order_id": oid,
+                "fulfilment_id": self.rng.choice(o.fids),
+                "lines": [{"product_id": k, "quantity": 1}],
+            },
+        )
+        self.counts["order.fulfilled (fulfilment_id again)"] = (
+            self.counts.get("order.fulfilled (fulfilment_id again)", 0) + 1
+        )
+        return self._expect(m, Expect([], order_id=oid))
+
+    def _cancel_lines(self, oid: str, refuse: str | None = None) -> Msg:
+        """A partial order.cancelled: some open units of some lines (backordered ones first);
+        refuse: "exceeds_open_quantity" or "unknown_line"."""
+        o, rng = self.orders[oid], self.rng
+        if refuse == "unknown_line":
+            lines = [(rng.choice([k for k in self.products if k not in o.lines]), 1)]
+        elif refuse:
+            k = rng.choice(list(o.lines))
+            lines = [(k, o.open(k) + rng.randint(1, 3))]
+        else:
+            opened = [k for k in o.lines if o.open(k) > 0]
+            lines = [(k, rng.randint(1, o.open(k))) for k in rng.sample(opened, rng.randint(1, len(opened)))]
+        m = self._event("order.cancelled", {"order_id": oid, "lines": _qty_lines(lines)})
+        key = f"order.cancelled (lines{', ' + refuse if refuse else ''})"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if refuse:
+            return self._expect(m, Expect([("inventory.rejected", refuse)], order_id=oid))
+        e = Expect(
+            [("inventory.released", "")],
+            order_id=oid,
+            data=[("inventory.released", None, {"lines": _qty_lines(lines), "reason": "cancelled"})],
+        )
+        self._expect(m, e)
+        closes = o.open() == sum(q for _, q in lines)
+        fulfilled = any(o.fulfilled.values())
+        if closes and fulfilled:
+            e.results.append(("inventory.committed", ""))
+            e.data.append(("inventory.committed", None, {"lines": self._fulfilled_lines(o)}))
+        if not closes or fulfilled:
+            self.partial_released.add(m.message_id)  # this inventory.released ends nothing
+
+        def apply(_: Any = None) -> None:
+            o.allocated = True
+            for k, q in lines:
+                self._sm_release(o, k, q)
+            if closes:
+                o.status = "committed" if fulfilled else "released"
+
+        self._apply(m.message_id, "cancel (lines)", o, apply)
+        return m
+
+    def _returnable(self, o: Order) -> list[str]:
+        return [k for k in o.lines if o.fulfilled.get(k, 0) > o.returned.get(k, 0)]
+
+    def _return(self, oid: str, refuse: bool = False) -> tuple[Msg, list[tuple[str, str]]]:
+        """order.returned of fulfilled units, with conditions; refuse: more than fulfilled.
+        Returns the message and the levels whose on_hand it raises."""
+        o, rng = self.orders[oid], self.rng
+        ks = self._returnable(o)
+        rid = f"r{self.seed}-{self._fid_seq}-{len(o.rids)}"
+        self._fid_seq += 1
+        asks: list[tuple[str, str | None, str, int]] = []  # (product, location given or None, condition, q)
+        where: dict[tuple[str, str | None], str] = {}
+        for k in rng.sample(ks, rng.randint(1, len(ks))):
+            left = o.fulfilled[k] - o.returned.get(k, 0)
+            first = next((loc for loc in o.alloc.get(k, {}) if o.done.get(k, {}).get(loc, 0) > 0), "default")
+            if refuse:
+                asks.append((k, None, rng.choice(CONDITIONS), left + rng.randint(1, 3)))
+                break
+            for cond in rng.sample(CONDITIONS, rng.randint(1, 2)):
+                if left == 0:
+                    break
+                q = rng.randint(1, left)
+                left -= q
+                loc = rng.choice(sorted(self.products[k].levels)) if rng.random() < 0.3 else None
+                if any(a[0] == k and a[1] == loc and a[2] == cond for a in asks):
+                    continue
+                asks.append((k, loc, cond, q))
+                where[(k, loc)] = loc or first
+        data = {
+            "order_id": oid,
+            "return_id": rid,
+            "lines": [
+                {"product_id": k, "quantity": q, "condition": c} | ({"location_id": loc} if loc else {})
+                for k, loc, c, q in asks
+            ],
+        }
+        m = self._event("order.returned", data)
+        if refuse:
+            self.counts["order.returned (exceeds_fulfilled)"] = (
+                self.counts.get("order.returned (exceeds_fulfilled)", 0) + 1
+            )
+            return self._expect(m, Expect([("inventory.rejected", "exceeds_fulfilled")], order_id=oid)), []
+        o.rids.append(rid)
+        for _, _, c, _ in asks:
+            self.counts[f"order.returned ({c})"] = self.counts.get(f"order.returned ({c})", 0) + 1
+        want = [
+            {"product_id": k, "location_id": where[(k, loc)], "quantity": q, "condition": c}
+            for k, loc, c, q in asks
+        ]
+        self._expect(
+            m,
+            Expect(
+                [("inventory.returned", "")],
+                order_id=oid,
+                data=[("inventory.returned", None, {"return_id": rid, "lines": want})],
+            ),
+        )
+
+        def apply(_: Any = None) -> None:
+            if o.status == "committed" and not o.allocated:  # the rows it never kept, all fulfilled
+                o.allocated = True
+            for k, loc, c, q in asks:
+                o.returned[k] = o.returned.get(k, 0) + q
+                if c == "disposed":
+                    continue
+                lv = self.products[k].level(where[(k, loc)])
+                lv.on_hand += q
+                if c in ("damaged", "quality_control"):
+                    setattr(lv, c, getattr(lv, c) + q)
+
+        self._apply(m.message_id, "return", o, apply)
+        return m, [(k, where[(k, loc)]) for k, loc, c, _ in asks if c != "disposed"]
+
+    def _return_again(self, oid: str) -> Msg:
+        o = self.orders[oid]
+        k = next(iter(o.lines))
+        m = self._event(
+            "order.returned",
+            {
+                "order_id": oid,
+                "return_id": self.rng.choice(o.rids),
+                "lines": [{"product_id": k, "quantity": 1, "condition": "sellable"}],
+            },
+        )
+        self.counts["order.returned (return_id again)"] = (
+            self.counts.get("order.returned (return_id again)", 0) + 1
+        )
+        return self._expect(m, Expect([], order_id=oid))
+
+    def _extend(self, oid: str) -> Msg:
+        """reservation.extended. A short hold races the sweeper (resolve() reads who won); a
+        long one: until_fulfilled is applied, a few seconds more are refused extension_limit
+        (the deadline is already later); a finished order is refused."""
+        created = oid not in self.orders
+        o, rng = self.orders.setdefault(oid, Order()), self.rng
+        # a few seconds more than a long hold already has: refused while the run is well
+        # within the holds' hour (chaos_settings: default_reservation_ttl_seconds 3600)
+        until = rng.random() < 0.5 or time.monotonic() - self.started > 3000
+        data: dict[str, Any] = {"order_id": oid} | (
+            {"until_fulfilled": True}
+            if until
+            else {"extend_by_seconds": rng.randint(1, 3) if o.short else rng.randint(1, 60)}
+        )
+        m = self._event("reservation.extended", data)
+        e = Expect([], order_id=oid)
+        self._expect(m, e)
+        if o.status == "reserved" and o.short:
+            self.ext_races.append((m.message_id, oid, until))
+            self.counts["reservation.extended (racing the sweeper)"] = (
+                self.counts.get("reservation.extended (racing the sweeper)", 0) + 1
+            )
+        elif o.status == "reserved":
+            if o.no_expiry:
+                return m  # held until fulfilled already: ignored, nothing published
+            if until:
+                o.no_expiry = True
+                e.results = [("inventory.reservation_extended", "")]
+                e.data = [("inventory.reservation_extended", None, {"expires_at": None})]
+            else:
+                e.results = [("inventory.rejected", "extension_limit")]
+        else:
+            reason = {None: "unknown_order", "committed": "order_completed"}.get(o.status, "order_cancelled")
+            e.results = [("inventory.rejected", reason)]
+            if created:
+                del self.orders[oid]  # not remembered: never placed
+        return m
+
+    # -- Part B: backorder products ---------------------------------------------------------
+
+    def _configure_backorders(self) -> list[Msg]:
+        msgs = []
+        for pid, (mode, limit, until) in zip(self.bo_ids, BACKORDER_POLICIES, strict=True):
+            p = self.products[pid] = Product(policy=(mode, limit, until == PAST))
+            p.level("default")
+            policy: dict[str, Any] = {"mode": mode}
+            if limit is not None:
+                policy["limit"] = limit
+            if until:
+                policy["until"] = until
+            m = self._event("product.configured", {"product_id": pid, "backorder": policy})
+            want = {"kind": "product", "product_id": pid, "backorder": {"mode": mode, "limit": limit}}
+            msgs.append(
+                self._expect(
+                    m,
+                    Expect(
+                        [("inventory.configured", "")],
+                        product_id=pid,
+                        data=[("inventory.configured", None, want)],
+                    ),
+                )
+            )
+        return msgs
+
+    def _bo_stock(self, pid: str, raised: dict[str, int], incoming: dict[str, int]) -> Msg | None:
+        """A receipt or an increase (a fill after it races the round's orders), or more incoming."""
+        p, rng = self.products[pid], self.rng
+        roll = rng.random()
+        expecting = [loc for loc, lv in p.levels.items() if lv.incoming > 0]
+        if roll < 0.45:
+            loc = rng.choice(expecting) if expecting and rng.random() < 0.7 else rng.choice(sorted(p.levels))
+            q = rng.randint(1, 14)
+            data: dict[str, Any] = {"product_id": pid, "quantity": q, "reason": "chaos"}
+            type_, result = "stock.received", "inventory.moved"
+            raised[pid] = raised.get(pid, 0) + q
+        elif roll < 0.75 or p.policy is None or p.policy[0] != "incoming":
+            loc, q = rng.choice(sorted(p.levels)), rng.randint(1, 6)
+            data = {"product_id": pid, "delta": q, "reason": "chaos"}
+            type_, result = "stock.adjusted", "inventory.adjusted"
+            raised[pid] = raised.get(pid, 0) + q
+        else:
+            if pid in raised:  # a receipt lowers incoming: not both in one round
+                return None
+            loc, q = rng.choice(sorted(p.levels)), rng.randint(1, 8)
+            data = {"product_id": pid, "delta": q, "name": "incoming", "reason": "chaos"}
+            type_, result = "stock.adjusted", "inventory.adjusted"
+            incoming[pid] = incoming.get(pid, 0) + q
+        if loc != "default" or "name" in data or rng.random() < 0.5:
+            data["location_id"] = loc
+        m = self._event(type_, data)
+        e = Expect([(result, "")], product_id=pid)
+        self._expect(m, e)
+        self.counts[f"{type_} (backorder product)"] = self.counts.get(f"{type_} (backorder product)", 0) + 1
+
+        def apply(_: Any = None) -> None:
+            lv = p.level(loc)
+            if "name" in data:
+                lv.incoming += q
+                e.data = [(result, None, {"location_id": loc, "location": {"incoming": lv.incoming}})]
+                return
+            lv.on_hand += q
+            here = {"on_hand": lv.on_hand, "reserved": lv.firm}
+            if type_ == "stock.received":
+                unexpected = max(0, q - lv.incoming)
+                lv.incoming -= min(q, lv.incoming)
+                want = {"kind": "receipt", "location_id": loc, "unexpected": unexpected}
+                e.data = [(result, None, want | {"location": here | {"incoming": lv.incoming}})]
+            elif loc != "default":  # an explicit default level answers as before (C3)
+                e.data = [(result, None, {"location_id": loc, "location": here})]
+            else:
+                e.data = [(result, None, {"on_hand": p.on_hand, "reserved": p.firm})]
+
+        self.bo_pending.append(BoOp(m.message_id, "stock", apply))
+        return m
+
+    def _bo_place(self, lines: dict[str, int]) -> Msg:
+        """An order on backorder products (default channel), sure to be placed: what it reserves
+        where and what it backorders depends on the round's order, read by the replay."""
+        oid = self._new_order_id()
+        o = self.orders[oid] = Order(backorder=True)
+        m = self._event(
+            "order.placed",
+            {"order_id": oid, "lines": [{"product_id": k, "quantity": q} for k, q in lines.items()]},
+        )
+        self._expect(m, Expect([("inventory.reserved", "")], order_id=oid))  # completed by the replay
+        o.placed_id = m.message_id
+        self.bo_pending.append(
+            BoOp(m.message_id, "place", lambda _: self._replay_place(m.message_id, oid, lines))
+        )
+        return m
+
+    def _replay_place(self, eid: str, oid: str, lines: dict[str, int]) -> None:
+        """The placement at its place in the replay: each line at the default channel's levels in
+        order (default, east, west), the rest backordered within the product's headroom."""
+        o, e = self.orders[oid], self.expect[eid]
+        plan: dict[str, dict[str, int]] = {}
+        for k, q in lines.items():
+            p, left, at = self.products[k], q, {}
+            for loc in CHAINS[None]:
+                lv = p.levels.get(loc)
+                n = min(left, max(0, lv.sellable - lv.firm)) if lv else 0
+                if n:
+                    at[loc], left = n, left - n
+            if left > p.headroom():
+                self.replay_problems.append(f"{oid}: {k} short by {left}, headroom only {p.headroom()}")
+            plan[k] = at
+            o.bo[k] = left
+            p.backordered += left
+            for loc, n in at.items():
+                p.level(loc).firm += n
+        o.status, o.lines, o.alloc, o.ever_reserved = "reserved", dict(lines), plan, True
+        o.allocated = any(o.bo.values()) or any(set(at) != {"default"} for at in plan.values())
+        if any(o.bo.values()):
+            self.partb_outcomes["placements partly backordered"] = (
+                self.partb_outcomes.get("placements partly backordered", 0) + 1
+            )
+        if o.allocated:
+            e.results = [("inventory.reserved", ""), ("inventory.allocated", "")]
+            e.allocated = {
+                "channel_id": "default",
+                "lines": sorted(
+                    (
+                        {
+                            "product_id": k,
+                            "quantity": lines[k],
+                            "tracked": True,
+                            "backordered": o.bo[k],
+                            "allocations": sorted(
+                                ({"location_id": loc, "quantity": n} for loc, n in at.items()),
+                                key=lambda a: a["location_id"],
+                            ),
+                        }
+                        for k, at in plan.items()
+                    ),
+                    key=lambda x: x["product_id"],
+                ),
+            }
+
+    def _replay_fill(self, body: dict[str, Any]) -> None:
+        """inventory.backorder_filled at its place: the oldest waiting order first (FIFO by
+        created_at, order_id), at the levels of its channel in order, as much as each has."""
+        d = body["data"]
+        oid, o = d["order_id"], self.orders.get(d["order_id"])
+        ks = {x["product_id"] for x in d["lines"]}
+        if o is None or not o.backorder or o.status != "reserved" or len(ks) != 1:
+            self.replay_problems.append(f"a fill of an order that cannot wait: {d}")
+            return
+        (k,) = ks
+        p, need = self.products[k], o.bo.get(k, 0)
+        got = [(x["location_id"], x["quantity"]) for x in d["lines"]]
+        if sum(n for _, n in got) > need:
+            self.replay_problems.append(f"{oid}: filled {got} of {k}, only {need} backordered")
+            return
+        older = [
+            x
+            for x, ox in self.orders.items()
+            if ox.backorder
+            and x != oid
+            and ox.status == "reserved"
+            and ox.bo.get(k, 0) > 0
+            and ox.created is not None
+            and o.created is not None
+            and (ox.created, x) < (o.created, oid)
+        ]
+        if older:
+            self.replay_problems.append(f"FIFO: {oid} filled with {k} before the older {older[:3]}")
+        want = []
+        for loc in CHAINS[None]:
+            lv = p.levels.get(loc)
+            n = min(need, max(0, lv.sellable - lv.firm)) if lv else 0
+            if n:
+                want.append((loc, n))
+                need -= n
+        if got != want:
+            self.replay_problems.append(f"{oid}: filled {got} of {k}, the levels then gave {want}")
+        for loc, n in got:
+            o.alloc.setdefault(k, {})[loc] = o.alloc.get(k, {}).get(loc, 0) + n
+            p.level(loc).firm += n
+            o.bo[k] -= n
+            p.backordered -= n
+        remaining = [{"product_id": x, "quantity": o.bo[x]} for x in o.lines if o.bo.get(x, 0) > 0]
+        if d["backordered_remaining"] != remaining:
+            self.replay_problems.append(
+                f"{oid}: backordered_remaining {d['backordered_remaining']}, model {remaining}"
+            )
+        who = "by the sweeper" if body["causation_id"] == o.placed_id else "by the event"
+        self.partb_outcomes[f"fills {who}"] = self.partb_outcomes.get(f"fills {who}", 0) + 1
+
+    def _replay_complete(self, eid: str, oid: str, got: list[dict[str, Any]]) -> None:
+        """A completion of an order with backordered units, racing the fills of its round."""
+        o, e = self.orders[oid], self.expect[eid]
+        if sum(o.bo.values()) == 0:
+            e.results = [("inventory.committed", "")]
+            self._sm_commit(oid, eid)
+            outcome = "completion after its fill: committed"
+        else:
+            e.results = [("inventory.rejected", "backorder_pending")]
+            outcome = "completion before its fill: backorder_pending"
+        self.partb_outcomes[outcome] = self.partb_outcomes.get(outcome, 0) + 1
+
+    def _bo_round(self, size: int, touched: set[str]) -> list[Msg]:
+        """The round's events on backorder products: stock arriving (fills), events of their
+        orders, new orders within what is sure to be placed, orders sure to be refused."""
+        if not self.bo_ids:
+            return []
+        rng, msgs = self.rng, []
+        raised: dict[str, int] = {}  # on_hand that may arrive in the round (bounds a sure refusal)
+        incoming: dict[str, int] = {}
+        for pid in self.bo_ids:
+            if rng.random() < 0.4:
+                m = self._bo_stock(pid, raised, incoming)
+                if m:
+                    msgs.append(m)
+        orders = [oid for oid, o in self.orders.items() if o.backorder and oid not in touched]
+        live = [oid for oid in orders if self.orders[oid].status == "reserved"]
+        for oid in rng.sample(live, min(len(live), rng.randint(0, max(1, size // 8)))):
+            o = self.orders[oid]
+            touched.add(oid)
+            roll = rng.random()
+            if sum(o.bo.values()) and rng.random() < 0.25:
+                # an extension locks only the order's row: a fill meeting it skips the order and
+                # ends its pass there (FIFO), so the elected sweeper's fill pass finishes it
+                msgs.append(self._extend(oid))
+            elif roll < 0.30 and any(o.reserved(k) for k in o.lines):
+                msgs.append(self._fulfil(oid))
+            elif roll < 0.48:
+                msgs.append(self._cancel_lines(oid))
+            elif roll < 0.56:
+                msgs.append(self._cancel(oid))
+            elif roll < 0.76:
+                msgs.append(self._complete(oid))
+            elif roll < 0.84:
+                msgs.append(self._extend(oid))
+            elif roll < 0.88 and o.fids:
+                msgs.append(self._fulfil_again(oid))
+            elif roll < 0.94:
+                msgs.append(self._fulfil(oid, rng.choice(["exceeds_reserved", "unknown_line"])))
+            else:
+                msgs.append(self._cancel_lines(oid, rng.choice(["exceeds_open_quantity", "unknown_line"])))
+        done = [oid for oid in orders if oid not in touched and self._returnable(self.orders[oid])]
+        for oid in rng.sample(done, min(len(done), rng.randint(0, 2))):
+            touched.add(oid)
+            roll = rng.random()
+            if roll < 0.15 and self.orders[oid].rids:
+                msgs.append(self._return_again(oid))
+            else:
+                m, levels = self._return(oid, refuse=roll < 0.3)
+                msgs.append(m)
+                for k, _ in levels:
+                    raised[k] = raised.get(k, 0) + self.orders[oid].fulfilled[k]
+        # new orders: together within available + headroom at the start of the round (a fill
+        # only moves units from one to the other, a release or an arrival adds to them)
+        budget = {
+            k: p.available()
+            + (0 if k in raised and p.policy and p.policy[0] == "incoming" else min(40, p.headroom()))
+            for k, p in ((k, self.products[k]) for k in self.bo_ids)
+        }
+        stocked = {k: self.products[k].available() for k in self.bo_ids}  # to ask for more, often
+        for _ in range(rng.randint(1, 3)):
+            lines = {}
+            for k in rng.sample(self.bo_ids, rng.randint(1, 2)):
+                if budget[k] > stocked[k] and rng.random() < 0.6:  # more than there is: backordered
+                    lines[k] = rng.randint(stocked[k] + 1, min(budget[k], stocked[k] + 8))
+                elif budget[k] > 0:
+                    lines[k] = rng.randint(1, min(budget[k], 10))
+                else:
+                    continue
+                budget[k] -= lines[k]
+                stocked[k] = max(0, stocked[k] - lines[k])
+            if lines:
+                msgs.append(self._bo_place(lines))
+        if rng.random() < 0.3:  # sure to be refused: above every unit there and every promise
+            k = rng.choice(self.bo_ids)
+            p = self.products[k]
+            mode, limit, passed = p.policy or ("deny", 0, True)
+            most = 0 if passed else UNLIMITED if limit is None and mode == "allow" else (limit or UNLIMITED)
+            if mode == "incoming" and not passed:
+                most = min(most, sum(lv.incoming for lv in p.levels.values()) + incoming.get(k, 0))
+            ceiling = p.on_hand + raised.get(k, 0) + most
+            if ceiling + 5 <= MAX_QTY:
+                oid = self._new_order_id()
+                self.orders[oid] = Order(backorder=True)
+                q = ceiling + rng.randint(1, 5)
+                m = self._event(
+                    "order.placed", {"order_id": oid, "lines": [{"product_id": k, "quantity": q}]}
+                )
+                msgs.append(
+                    self._expect(
+                        m,
+                        Expect([("inventory.rejected", "insufficient_stock")], order_id=oid, must_short={k}),
+                    )
+                )
+                self.counts["order.placed (beyond backorder headroom)"] = (
+                    self.counts.get("order.placed (beyond backorder headroom)", 0) + 1
+                )
+        return msgs
+
+    def _bo_final(self) -> list[Msg]:
+        """Ends every order on backorder products: completes those with nothing backordered
+        (or cancels them), cancels the others."""
+        msgs = []
+        for oid, o in list(self.orders.items()):
+            if o.backorder and o.status == "reserved":
+                if not sum(o.bo.values()) and self.rng.random() < 0.5:
+                    msgs.append(self._complete(oid))
+                else:
+                    msgs.append(self._cancel(oid))
+        return msgs
+
+    def replay(self, rows: list[tuple[int, dict[str, Any]]], created: dict[str, Any]) -> None:
+        """After a round (and once no fill is due): the round's events on backorder products and
+        every fill since the last replay, in the order the worker applied them (outbox ids: every
+        message about a product is written under its row lock), each checked and applied."""
+        ops = {op.eid: op for op in self.bo_pending}
+        self.bo_pending = []
+        for oid, at in created.items():
+            self.orders[oid].created = at
+        by_cause: dict[str, list[dict[str, Any]]] = {}
+        first: dict[str, int] = {}
+        items: list[tuple[int, str, Any]] = []
+        for oid_, body in rows:
+            if body["type"] == "inventory.backorder_filled":
+                if body["id"] not in self.fills_seen:
+                    self.fills_seen.add(body["id"])
+                    items.append((oid_, "fill", body))
+            elif body.get("causation_id") in ops:
+                by_cause.setdefault(body["causation_id"], []).append(body)
+                first.setdefault(body["causation_id"], oid_)
+        items += [(at, "op", eid) for eid, at in first.items()]
+        for eid in ops:
+            if eid not in first:
+                self.replay_problems.append(f"{eid} ({ops[eid].kind}): applied, but no result was written")
+        for _, kind, x in sorted(items, key=lambda i: i[0]):
+            if kind == "fill":
+                self._replay_fill(x)
+            else:
+                ops[x].apply(by_cause[x])
+        for k in self.bo_ids:
+            p = self.products[k]
+            if p.backordered and p.available():
+                self.replay_problems.append(
+                    f"round {self.round_no}: {k} has {p.backordered} backordered and {p.available()} available"
+                )
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -812,6 +1671,7 @@ class Workload:
     def round(self, size: int, poison_rate: float = 0.03) -> list[Msg]:
         """The model's next round: `size` events (before duplication), all order-independent."""
         rng = self.rng
+        self.round_no += 1
         msgs: list[Msg] = []
         touched: set[str] = set()  # orders with an event in this round
         adjusted = set(rng.sample(self.product_ids, k=max(1, len(self.product_ids) // 10)))
@@ -834,7 +1694,31 @@ class Workload:
         cas_levels: set[tuple[str, str]] = set()  # no completion holds these but the racing one
 
         def clear(o: Order) -> bool:
-            return not (set(o.lines) & (adjusted | claimed)) and not (o.holds() & cas_levels)
+            return (
+                not o.backorder and not (set(o.lines) & (adjusted | claimed)) and not (o.holds() & cas_levels)
+            )
+
+        # returns first: they raise on_hand, so their products are left to them in the round
+        returnable = [
+            oid
+            for oid, o in self.orders.items()
+            if o.status in ("committed", "reserved") and self._returnable(o) and clear(o) and not o.short
+        ]
+        for oid in rng.sample(returnable, min(len(returnable), rng.randint(0, 2))):
+            o = self.orders[oid]
+            if not clear(o):
+                continue
+            touched.add(oid)
+            roll = rng.random()
+            if roll < 0.15 and o.rids:
+                msgs.append(self._return_again(oid))
+            else:
+                m, levels = self._return(oid, refuse=roll < 0.3)
+                msgs.append(m)
+                for k, loc in levels:
+                    self._ceiling[(k, loc)] = self._ceiling.get((k, loc), 0) + o.lines[k]
+            used.update(o.lines)
+            claimed.update(o.lines)
 
         # splits over two locations, on products nothing else touches in the round (first: they need those)
         for _ in range(rng.randint(0, 2)):
@@ -929,11 +1813,17 @@ class Workload:
                 for oid, o in self.orders.items()
                 if o.status == "reserved" and oid not in touched and clear(o)
             ]
+            if roll < 0.15:  # Part B on orders of plain products: exact, applied at once
+                m = self._partb_op(reserved, touched)
+                if m:
+                    msgs.append(m)
+                continue
+            roll = rng.random()
             if roll < 0.42:  # a new placement meant to succeed (or a rejected order placed again)
                 retry = [
                     oid
                     for oid, o in self.orders.items()
-                    if o.status is None and o.rejections and oid not in touched
+                    if o.status is None and o.rejections and oid not in touched and not o.backorder
                 ]
                 oid = rng.choice(retry) if retry and rng.random() < 0.3 else self._new_order_id()
                 channel = rng.choice([None, None, "web"])
@@ -1006,7 +1896,9 @@ class Workload:
                 done = [
                     oid
                     for oid, o in self.orders.items()
-                    if o.status in ("committed", "released", "cancelled") and oid not in touched
+                    if o.status in ("committed", "released", "cancelled")
+                    and oid not in touched
+                    and not o.backorder
                 ]
                 if not done:
                     continue
@@ -1030,9 +1922,57 @@ class Workload:
                 oid = rng.choice(placed)
                 touched.add(oid)
                 msgs.append(self._place(oid, dict(self.orders[oid].lines) or {free[0]: 1}, False, budget))
+        msgs.extend(self._bo_round(size, touched))
         n_poison = sum(1 for _ in range(size) if rng.random() < poison_rate)
         msgs.extend(self._poison() for _ in range(n_poison))
         return msgs
+
+    def _partb_op(self, reserved: list[str], touched: set[str]) -> Msg | None:
+        """One event of Part B on an order of plain products (no backorders: the outcome and
+        where units go are exact): a shipment, a partial cancel, an extension (a short hold's
+        races the sweeper), a refusal, a fulfilment_id again, an extension of a finished order."""
+        rng = self.rng
+        live = [oid for oid in reserved if self._live(self.orders[oid])]
+        short = [oid for oid in reserved if self.orders[oid].short]
+        roll = rng.random()
+        if roll < 0.30 and live:
+            oid = rng.choice(live)
+            refuse = rng.choice(["exceeds_reserved", "unknown_line"]) if rng.random() < 0.12 else None
+            m = self._fulfil(oid, refuse)
+        elif roll < 0.52 and live:
+            oid = rng.choice(live)
+            refuse = rng.choice(["exceeds_open_quantity", "unknown_line"]) if rng.random() < 0.12 else None
+            m = self._cancel_lines(oid, refuse)
+        elif roll < 0.72 and short:
+            oid = rng.choice(short)
+            m = self._extend(oid)
+        elif roll < 0.82 and live:
+            oid = rng.choice(live)
+            m = self._extend(oid)
+        elif roll < 0.90:
+            with_fids = [
+                oid for oid, o in self.orders.items() if o.fids and oid not in touched and not o.backorder
+            ]
+            if not with_fids:
+                return None
+            oid = rng.choice(with_fids)
+            m = self._fulfil_again(oid)
+        else:  # extensions refused: unknown, completed or cancelled orders
+            ended = [
+                oid
+                for oid, o in self.orders.items()
+                if o.status in ("committed", "released", "cancelled")
+                and oid not in touched
+                and not o.backorder
+            ]
+            oid = (
+                rng.choice(ended)
+                if ended and rng.random() < 0.7
+                else f"unknown-{self.seed}-{self.rng.randint(0, 10**9)}"
+            )
+            m = self._extend(oid)
+        touched.add(oid)
+        return m
 
     def pending_round(self) -> list[Msg]:
         """The placements still owed to orders cancelled or completed before them."""
@@ -1053,10 +1993,10 @@ class Workload:
     def final_round(self) -> list[Msg]:
         """Ends every long reservation, so every order reaches a terminal outcome."""
         msgs = []
-        for oid, o in self.orders.items():
-            if o.status == "reserved" and not o.short:
+        for oid, o in list(self.orders.items()):
+            if o.status == "reserved" and not o.short and not o.backorder:
                 msgs.append(self._complete(oid) if self.rng.random() < 0.5 else self._cancel(oid))
-        return msgs
+        return msgs + self._bo_final()
 
     def duplicated(self, msgs: list[Msg], delay_share: float = 0.2, reorder: bool = True) -> list[Msg]:
         """Every message twice: the copy right away or held for a later round; then shuffled."""
@@ -1089,6 +2029,39 @@ class Workload:
             for k, p in self.products.items()
             for loc, lv in p.levels.items()
             if any(lv.figures())
+        }
+
+    def expected_backordered(self) -> dict[str, int]:
+        return {k: self.products[k].backordered for k in self.bo_ids}
+
+    def expected_lines(
+        self,
+    ) -> dict[str, dict[str, tuple[int, int, int, int, int, dict[str, tuple[int, int]]]]]:
+        """Every allocated order's lines as order_lines and order_allocations must keep them:
+        product -> (quantity, fulfilled, released, returned, backordered, {location: (reserved,
+        fulfilled)}); quantity = reserved + fulfilled + backordered + released, returned <= fulfilled."""
+        out = {}
+        for oid, o in self.orders.items():
+            if o.allocated and o.status in ("reserved", "committed", "released", "expired"):
+                out[oid] = {
+                    k: (
+                        q,
+                        o.fulfilled.get(k, 0),
+                        o.released.get(k, 0),
+                        o.returned.get(k, 0),
+                        o.bo.get(k, 0),
+                        {loc: (r, o.done.get(k, {}).get(loc, 0)) for loc, r in o.alloc.get(k, {}).items()},
+                    )
+                    for k, q in o.lines.items()
+                }
+        return out
+
+    def expected_allocated(self) -> dict[str, bool]:
+        """orders.allocated of every order that holds or held stock."""
+        return {
+            oid: o.allocated
+            for oid, o in self.orders.items()
+            if o.status in ("reserved", "committed", "released", "expired") and o.ever_reserved
         }
 
     def expected_multi(self) -> dict[str, bool]:

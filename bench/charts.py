@@ -379,7 +379,7 @@ def preorder(res: dict[str, Any]) -> Figure | None:
     ax.set_xlim(left=0)
     ax.set_title(
         "preorder: backordered orders filled after one receipt (the receipt's transaction,\n"
-        "then the elected sweeper's fill pass each tick)",
+        "then the elected sweeper's fill passes)",
         fontsize=10,
     )
     ax.legend(fontsize=8, loc="lower right")

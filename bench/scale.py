@@ -29,11 +29,11 @@ PARTS = ("postgres", "rabbitmq", "worker", "redis")
 def per_process(c: dict[str, float]) -> float:
     """Events/s one worker process can do: it waits for its backend and Redis synchronously
     (publishing and acks go out without waiting)."""
-    return 1e6 / (c["worker"] + c["postgres"] + c["redis"])
+    return 1e6 / (c.get("worker", 0.0) + c.get("postgres", 0.0) + c.get("redis", 0.0))
 
 
 def machine(c: dict[str, float], cores: int, with_load: bool = True) -> float:
-    spent = sum(c[p] for p in PARTS) + (c.get("load generator", 0.0) if with_load else 0.0)
+    spent = sum(c.get(p, 0.0) for p in PARTS) + (c.get("load generator", 0.0) if with_load else 0.0)
     return cores * 1e6 / spent
 
 

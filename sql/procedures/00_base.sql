@@ -127,11 +127,3 @@ LANGUAGE sql AS $$
         SELECT 1 FROM products WHERE product_id = ANY(p_ids)
          ORDER BY product_id FOR UPDATE) locked
 $$;
-
--- The lines of a stored order, in the order they were placed, as messages carry them.
-CREATE OR REPLACE FUNCTION order_lines_json(p_order_id text) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object('product_id', product_id, 'quantity', quantity)
-                              ORDER BY line_no), '[]'::jsonb)
-      FROM order_lines WHERE order_id = p_order_id
-$$;

@@ -44,7 +44,6 @@ DECLARE
     v_types    text[] := '{}';
     v_outcomes text[] := '{}';
     v_digests  uuid[] := '{}';
-    v_written  bigint;
     -- Backorder filling after stock changes (backorders.sql): only while some product has
     -- open backorders (an empty partial index: default-only traffic pays one probe a batch).
     v_fill     boolean;
@@ -161,15 +160,18 @@ BEGIN
         i := i + 1;
     END LOOP;
 
-    -- 5. The batch's idempotency keys and outbox rows, one INSERT each.
-    INSERT INTO processed_events (event_id, type, outcome, digest)
-    SELECT * FROM unnest(v_ids, v_types, v_outcomes, v_digests) ON CONFLICT DO NOTHING;
-    GET DIAGNOSTICS v_written = ROW_COUNT;
-    IF v_written < cardinality(v_ids) THEN
+    -- 5. The batch's idempotency keys and outbox rows, one INSERT each. A plain INSERT, not
+    --    ON CONFLICT DO NOTHING: that probes the index before every row and writes a second
+    --    WAL record per row to confirm it, to handle a race that is rare. The block costs one
+    --    subtransaction per batch.
+    BEGIN
+        INSERT INTO processed_events (event_id, type, outcome, digest)
+        SELECT * FROM unnest(v_ids, v_types, v_outcomes, v_digests);
+    EXCEPTION WHEN unique_violation THEN
         -- Another transaction applied one of these events after step 3 (a redelivery racing
         -- its original). Undo it all; the worker retries and then finds a duplicate.
         RAISE EXCEPTION 'an event of this batch was applied concurrently' USING ERRCODE = 'serialization_failure';
-    END IF;
+    END;
     PERFORM write_outbox(ARRAY(SELECT m FROM unnest(v_results) r, jsonb_array_elements(r->'messages') m));
     RETURN to_jsonb(v_results);
 END $$;

@@ -141,7 +141,6 @@ DECLARE
     v_w_pid     text[] := '{}';
     v_w_no      integer[] := '{}';
     v_w_qty     bigint[] := '{}';
-    v_written   bigint;
     -- One event.
     v_order_id  text;
     v_first     integer;
@@ -273,15 +272,16 @@ BEGIN
     END IF;
     -- Orders rows in order_id order, the order concurrent runs lock them in. One stored by a
     -- transaction that committed after the look-up above makes this run's decisions stale:
-    -- undo it all, and the worker retries (then it is a duplicate_order).
-    INSERT INTO orders (order_id, status, placed_event_id, expires_at)
-    SELECT o, 'reserved', e, t FROM unnest(v_acc_order, v_acc_event, v_acc_exp) AS u(o, e, t)
-     ORDER BY o
-        ON CONFLICT (order_id) DO NOTHING;
-    GET DIAGNOSTICS v_written = ROW_COUNT;
-    IF v_written < cardinality(v_acc_order) THEN
+    -- undo it all, and the worker retries (then it is a duplicate_order). A plain INSERT in a
+    -- block (one subtransaction per run) rather than ON CONFLICT DO NOTHING, which probes the
+    -- index before each row and logs each row twice, for a race that is rare.
+    BEGIN
+        INSERT INTO orders (order_id, status, placed_event_id, expires_at)
+        SELECT o, 'reserved', e, t FROM unnest(v_acc_order, v_acc_event, v_acc_exp) AS u(o, e, t)
+         ORDER BY o;
+    EXCEPTION WHEN unique_violation THEN
         RAISE EXCEPTION 'an order of this run was placed concurrently' USING ERRCODE = 'serialization_failure';
-    END IF;
+    END;
     INSERT INTO order_lines (order_id, product_id, line_no, quantity)
     SELECT * FROM unnest(v_w_order, v_w_pid, v_w_no, v_w_qty);
     INSERT INTO stock_movements (product_id, order_id, event_id, on_hand_delta, reserved_delta, reason)

@@ -5,6 +5,7 @@ table untouched."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import psycopg2
@@ -257,3 +258,41 @@ def test_products_and_orders_with_history_cannot_be_deleted(settings):
         cur.execute("INSERT INTO products (product_id) VALUES (%s)", (bare := uid("SKU"),))
         cur.execute("DELETE FROM products WHERE product_id = %s", (bare,))
         assert cur.rowcount == 1
+
+
+# Ids and integers at the rules' edges. The checks are written without bounded regex
+# repetitions (checks.sql, migration 095: ten times cheaper); they must accept and refuse
+# exactly what the rules as written in the contract, with {1,64} and {1,19}, do.
+IDS = ["", "a", "a" * 64, "a" * 65, "A-z.0_9:x", "a b", "é", "a\n", "\na", "a$", "a" * 63 + "é", "-", None]
+NUMBERS = ["1", "-5", "0", "1.0", "1e3", "2.5", "9" * 19, "9" * 20, "-" + "9" * 19, '"5"', "true", "null"]
+
+
+def test_id_and_integer_checks_match_the_contract_rules(settings):
+    with pg(settings) as cur:
+        for x in IDS:
+            cur.execute("SELECT valid_product_id(%s), %s ~ '^[A-Za-z0-9._:-]{1,64}$'", (x, x))
+            assert cur.fetchone() in ((True, True), (False, False), (None, None)), x
+        for n in NUMBERS:
+            cur.execute(
+                "SELECT json_int_between(%s::jsonb, -1e30, 1e30),"
+                " coalesce(jsonb_typeof(%s::jsonb) = 'number' AND %s::jsonb::text ~ '^-?[0-9]{1,19}$', false)",
+                (n, n, n),
+            )
+            got, rule = cur.fetchone()
+            assert got == rule, n
+
+
+@pytest.mark.parametrize(
+    "table, column", [("products", "product_id"), ("locations", "location_id"), ("channels", "channel_id")]
+)
+def test_tables_refuse_the_ids_the_rule_refuses(settings, table, column):
+    for x in IDS[:-1]:
+        ok = re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", x) is not None
+        try:
+            with pg(settings) as cur:
+                cur.execute(f"INSERT INTO {table} ({column}) VALUES (%s)", (x,))
+                cur.execute(f"DELETE FROM {table} WHERE {column} = %s", (x,))
+        except psycopg2.errors.CheckViolation:
+            assert not ok, x
+        else:
+            assert ok, x

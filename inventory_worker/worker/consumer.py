@@ -9,7 +9,7 @@ For each batch, in this order:
      confirms are collected as they come, and the outbox rows of the confirmed results are
      marked published in the next batch's transaction (or at once when idle). Nacked or
      unconfirmed ones stay for the outbox relay;
-  6. log one line per event (written together) and count them.
+  6. log one line per event (rendered and written together) and count them.
 A crash anywhere leaves either an unacked message (redelivered, absorbed by the idempotency
 table) or an unpublished outbox row (published later by the relay with the same id).
 """
@@ -40,7 +40,7 @@ from inventory_worker.contract import (
 )
 from inventory_worker.dependencies import Failure
 from inventory_worker.heartbeats import ConsumerSlot
-from inventory_worker.logs import get_logger, lines_together
+from inventory_worker.logs import get_logger, info_lines, lines_together
 from inventory_worker.worker.cache_writer import CacheWriter
 from inventory_worker.worker.ports import AmqpChannel, AmqpConnection, EventStore, ResultPublisher, Stop
 
@@ -351,21 +351,24 @@ class Consumer:
         counts: Counter[tuple[str, str]],
     ) -> None:
         waited: list[float] = []
+        lines: list[dict[str, Any]] = []
         for (d, ev), res in zip(items, results, strict=True):
             if isinstance(res, Outcome) and res.outcome != ID_REUSED:
                 counts[ev.type, res.outcome] += 1
                 waited.append(now - d.received)
-                log.info(
-                    "event handled",
-                    event_id=str(ev.id),
-                    type=ev.type,
-                    order_id=ev.data.get("order_id"),
-                    product_id=ev.data.get("product_id"),
-                    outcome=res.outcome,
-                    results=[m.routing_key for m in res.messages],
-                    duration_ms=round((now - d.received) * 1000, 2),
-                    **({"status": res.detail["status"]} if "status" in res.detail else {}),
-                )
+                line = {
+                    "event_id": str(ev.id),
+                    "type": ev.type,
+                    "order_id": ev.data.get("order_id"),
+                    "product_id": ev.data.get("product_id"),
+                    "outcome": res.outcome,
+                    "results": [m.routing_key for m in res.messages],
+                    "duration_ms": round((now - d.received) * 1000, 2),
+                }
+                if "status" in res.detail:
+                    line["status"] = res.detail["status"]
+                lines.append(line)
+        info_lines(log, "event handled", lines)
         metrics.observe_many(metrics.EVENT_SECONDS, waited)  # one write per bucket, not two per event
 
     def _too_many_attempts(

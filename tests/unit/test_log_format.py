@@ -116,6 +116,72 @@ def test_a_value_orjson_refuses_still_gives_a_json_line(monkeypatch):
     assert line["n"] == 2**70 and line["event"] == "big" and line["keys"] == {"1": "a"}
 
 
+def test_info_lines_gives_the_lines_log_info_gives(monkeypatch):
+    """The consumer's per-event lines go through info_lines (one orjson call a line): the
+    same keys, in the same order, with the same values as log.info would write, context
+    variables included; nothing below the configured level; through `log` in console mode."""
+    import structlog
+
+    from inventory_worker import logs
+    from inventory_worker.config import LoggingSettings
+
+    rec = _Recorder()
+    monkeypatch.setattr(sys, "stderr", rec)
+    logs.configure(LoggingSettings(format="json"), process="consumer-0", pid=7)
+    log = logs.get_logger("t")
+    rows = [
+        {
+            "event_id": "e-1",
+            "type": "order.placed",
+            "order_id": "o-1",
+            "product_id": None,
+            "outcome": "reserved",
+            "results": ["inventory.reserved"],
+            "duration_ms": 1.5,
+        },
+        {
+            "event_id": "e-2",
+            "type": "order.cancelled",
+            "order_id": "o-2",
+            "product_id": None,
+            "outcome": "released",
+            "results": [],
+            "duration_ms": 2.0,
+            "status": "cancelled",
+            "process": "overridden",
+            "n": 2**70,
+        },
+    ]
+    structlog.contextvars.bind_contextvars(trace="t-1", pid=8)  # a context variable wins over pid=7
+    try:
+        for row in rows:
+            log.info("event handled", **row)
+        slow = [json.loads(x) for x in "".join(rec.writes).splitlines()]
+        rec.writes.clear()
+        with logs.lines_together():
+            logs.info_lines(log, "event handled", [dict(r) for r in rows])
+            assert rec.writes == []  # held with the block's other lines
+        fast = [json.loads(x) for x in "".join(rec.writes).splitlines()]
+    finally:
+        structlog.contextvars.clear_contextvars()
+    assert len(fast) == 2 and fast[1]["n"] == 2**70 and fast[1]["process"] == "overridden"
+    for a, b in zip(slow, fast, strict=True):
+        assert list(a) == list(b)
+        assert {k: v for k, v in a.items() if k != "timestamp"} == {
+            k: v for k, v in b.items() if k != "timestamp"
+        }
+        assert b["timestamp"].endswith("Z") and len(b["timestamp"]) == len(a["timestamp"])
+
+    rec.writes.clear()
+    logs.configure(LoggingSettings(format="json", level="WARNING"), process="consumer-0")
+    logs.info_lines(logs.get_logger("t"), "event handled", [dict(r) for r in rows])
+    assert rec.writes == []
+
+    logs.configure(LoggingSettings(format="console"), process="consumer-0")
+    logs.info_lines(logs.get_logger("t"), "event handled", [dict(rows[0])])
+    assert "event handled" in "".join(rec.writes) and "o-1" in "".join(rec.writes)
+
+
 def test_standard_library_records_are_json_lines_too(monkeypatch):
     """pika and other libraries log through the standard library: each record is one JSON line
     with the worker's fields, a traceback inside it, not lines of plain text beside the JSON."""

@@ -182,8 +182,11 @@ BEGIN
         RETURN NULL;
     END IF;
     v_version0 := v_version;
-    v_line_prod := ARRAY(SELECT array_position(v_pids, pid) FROM unnest(v_line_pid) WITH ORDINALITY AS u(pid, n)
-                          ORDER BY n);
+    -- Joined, not array_position() per line: that compared each line with half the run's
+    -- products (125,000 text comparisons for 100 orders of 5 lines, 4% of the backend's CPU).
+    v_line_prod := ARRAY(SELECT q.k FROM unnest(v_line_pid) WITH ORDINALITY AS u(pid, n)
+                           JOIN unnest(v_pids) WITH ORDINALITY AS q(pid, k) ON q.pid = u.pid
+                          ORDER BY u.n);
 
     -- Locked as place_order() locks a stored order (its status is the answer).
     SELECT coalesce(array_agg(order_id), '{}'), coalesce(array_agg(status), '{}') INTO v_stored, v_status

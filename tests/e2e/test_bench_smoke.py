@@ -136,7 +136,7 @@ def test_sqlcost_measures_both_versions():
     from bench import sqlcost
 
     res = sqlcost.main([_before_locations(), "--rounds", "1", "--batches", "2"])
-    for name in ("uniform", "hot"):
+    for name in sqlcost.WORKLOADS:  # multi5: five lines an order
         assert len(res["rounds"][name]["rev"]) == len(res["rounds"][name]["current"]) == 1, res
         assert res["ratio"][name] > 0, res
     settings = run.bench_settings()

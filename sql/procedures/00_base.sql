@@ -122,8 +122,7 @@ END $$;
 
 -- Locks the given products in the one global order. Missing ids are simply skipped.
 CREATE OR REPLACE FUNCTION lock_products(p_ids text[]) RETURNS void
-LANGUAGE sql AS $$
-    SELECT NULL::void FROM (
-        SELECT 1 FROM products WHERE product_id = ANY(p_ids)
-         ORDER BY product_id FOR UPDATE) locked
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM products WHERE product_id = ANY(p_ids) ORDER BY product_id FOR UPDATE;
+END $$;

@@ -3,14 +3,15 @@
 -- Current figures of every product an event changed (or names): what a duplicate returns, so
 -- that a redelivery after a crash between commit and cache write still refreshes the cache.
 CREATE OR REPLACE FUNCTION touched_figures(p_event_id uuid, p_data jsonb) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(jsonb_agg(product_figures(p) ORDER BY p.product_id), '[]'::jsonb)
       FROM products p
      -- = ANY(ARRAY(...)): primary-key lookups. The planner turned IN (subquery), and
      -- IN ... OR ..., into a scan of every product for every event.
      WHERE p.product_id = ANY(ARRAY(SELECT product_id FROM stock_movements WHERE event_id = p_event_id
-                                    UNION ALL SELECT p_data->>'product_id'))
-$$;
+                                    UNION ALL SELECT p_data->>'product_id')));
+END $$;
 
 -- The one entry point for input events: many events ({id, type, data}) in one transaction,
 -- applied in the order given, each at most once ever (by id).

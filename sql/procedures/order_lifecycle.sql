@@ -99,11 +99,12 @@ $$;
 
 -- inventory.committed of an order closed after partial changes: each line's fulfilled total.
 CREATE OR REPLACE FUNCTION fulfilled_lines(p_order_id text) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object('product_id', product_id, 'quantity', fulfilled) ORDER BY line_no)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(jsonb_agg(jsonb_build_object('product_id', product_id, 'quantity', fulfilled) ORDER BY line_no)
                         FILTER (WHERE fulfilled > 0), '[]'::jsonb)
-      FROM order_lines WHERE order_id = p_order_id
-$$;
+      FROM order_lines WHERE order_id = p_order_id);
+END $$;
 
 -- Each line of an order.fulfilled (n = its position, from 1) with what it may take: a line
 -- pinned to a location, what the order holds there; another, what the order holds of that

@@ -22,6 +22,12 @@ COMPONENTS = {"postgres": "postgres", "beam.smp": "rabbitmq", "redis-server": "r
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def run_time_ns(pid: int) -> int:
+    """Nanoseconds one process (a PostgreSQL backend, say) has run on a CPU, from schedstat:
+    /proc/PID/stat counts 10 ms ticks, too coarse for one backend's cost per event."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
 def process_cpu() -> dict[int, tuple[str, float]]:
     """{pid: (name, user+system seconds)} of every process now alive."""
     out: dict[int, tuple[str, float]] = {}

@@ -35,18 +35,12 @@ from inventory_worker.config import Settings
 from tests import reaper
 from tests.support import drop_database
 
-from . import load, run
+from . import cpu, load, run
 
 BATCH = 100
 
 
 WORKLOADS = ("uniform", "hot", "flash", "multi5")
-
-
-def backend_cpu(pid: int) -> float:
-    """Seconds a process (here: a PostgreSQL backend on this machine) has run on a CPU, from
-    schedstat (nanoseconds: /proc/PID/stat's ticks of 10 ms were 3 us per order in a round)."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 def measure(
@@ -57,7 +51,7 @@ def measure(
     cur = conn.cursor()
     cur.execute("SELECT pg_backend_pid()")
     pid = cur.fetchone()[0]
-    before = backend_cpu(pid)
+    before = cpu.run_time_ns(pid)
     for _ in range(batches):
         events = [
             {
@@ -74,7 +68,7 @@ def measure(
             "BEGIN; SELECT apply_events(%s::jsonb, %s); COMMIT",
             (orjson.dumps(events).decode(), settings.worker.default_reservation_ttl_seconds),
         )
-    return round((backend_cpu(pid) - before) / (batches * BATCH) * 1e6, 1)
+    return round((cpu.run_time_ns(pid) - before) / (batches * BATCH) / 1e3, 1)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from inventory_worker.config import Settings
 from tests import reaper
 from tests.support import drop_database
 
-from . import load, run
+from . import cpu, load, run
 
 BATCH = 100
 HOT_TABLES = (
@@ -72,11 +72,6 @@ HOT_TABLES = (
 )
 PHASES = ("mark", "apply", "relay", "vacuum")
 BLOCK = re.compile(r"rel \d+/(\d+)/(\d+) fork (\w+) blk (\d+)")
-
-
-def backend_cpu_ns(pid: int) -> int:
-    """Nanoseconds a process (here: a PostgreSQL backend on this machine) has run on a CPU."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def lsn(cur: Any) -> str:
@@ -160,10 +155,10 @@ class Side:
         return dict(self.cur.fetchall())
 
     def _timed(self, phase: str, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
-        before = backend_cpu_ns(self.pid)
+        before = cpu.run_time_ns(self.pid)
         self.cur.execute(sql, args)
         rows = self.cur.fetchall() if self.cur.description else []
-        self.cpu_ns[phase] += backend_cpu_ns(self.pid) - before
+        self.cpu_ns[phase] += cpu.run_time_ns(self.pid) - before
         return rows
 
     def batch(

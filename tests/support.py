@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -64,10 +65,38 @@ def uid(prefix: str = "P") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def _ephemeral_low() -> int:
+    """Where the range the kernel takes outgoing connections' local ports from begins."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default (macOS starts at 49152)
+
+
+_handed_out: set[int] = set()
+_port_rng = random.Random()  # its own: a test seeding `random` must not make runs pick alike
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, for a server a test starts, below the ephemeral range: a port the kernel
+    picked there (bind to 0) could be taken as the local port of any outgoing connection (to
+    PostgreSQL, RabbitMQ, Redis) before the server binds it, which failed a CI run ("already
+    in use"). Random, so that test runs side by side seldom pick the same one, and never one
+    this process handed out before (its server may not be listening yet)."""
+    low = _ephemeral_low()
+    for port in _port_rng.sample(range(max(1024, low - 12_000), low), 200):
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # all taken (unlikely): what the kernel picks
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def isolated_settings(base: Settings, run_id: str) -> Settings:

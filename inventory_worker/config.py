@@ -309,7 +309,10 @@ class WorkerSettings(_Section):
         5,
         ge=0,
         le=10_000,
-        description="How long a partial batch waits for more messages before it is applied anyway.",
+        description=(
+            "How long a partial batch that starts after an idle moment waits for more messages;"
+            " messages that came while the last batch was applied go at once."
+        ),
     )
     default_reservation_ttl_seconds: int = Field(
         900,

@@ -238,19 +238,26 @@ class Consumer:
             self.attached = True
             log.info("consuming", queue=w.queue, batch_size=w.batch_size)
             max_wait = w.batch_max_wait_ms / 1000.0
+            busy = False  # the last pass handled a batch
             while not self.stop.is_set():
                 self.slot.beat()
-                conn.process_data_events(time_limit=0.2 if not buffer else 0)
+                conn.process_data_events(time_limit=0 if buffer or busy else 0.2)
                 self._collect_confirms(publisher)
                 if not buffer:
+                    busy = False
                     self._idle()
                     continue
-                deadline = buffer[0].received + max_wait
-                while len(buffer) < w.batch_size and (remaining := deadline - self.clock()) > 0:
-                    conn.process_data_events(time_limit=remaining)
+                # Input after an idle moment waits a little for more to share its transaction.
+                # Input that came while a batch was being handled has waited already: a batch
+                # formed that way is applied at once (waiting again only added latency).
+                if not busy:
+                    deadline = buffer[0].received + max_wait
+                    while len(buffer) < w.batch_size and (remaining := deadline - self.clock()) > 0:
+                        conn.process_data_events(time_limit=remaining)
                 batch = buffer[: w.batch_size]
                 del buffer[: w.batch_size]
                 self._handle(conn, channel, publisher, batch)
+                busy = True
             # Graceful stop: no new deliveries; finish what we already hold.
             channel.basic_cancel(consumer_tag)
             self.attached = False

@@ -335,6 +335,7 @@ class FakePublisher:
 class Rig:
     groups: list[list[Arrival]]
     batch_size: int = 10
+    batch_max_wait_ms: int = 0
     delivery_limit: int = 3
     idle_rounds: int = 3
     journal: list[str] = field(default_factory=list)
@@ -353,7 +354,7 @@ class Rig:
             queue="orders",
             delivery_limit=self.delivery_limit,
             batch_size=self.batch_size,
-            batch_max_wait_ms=0,
+            batch_max_wait_ms=self.batch_max_wait_ms,
         )
         self.consumer = Consumer(
             config,

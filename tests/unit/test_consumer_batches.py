@@ -210,6 +210,18 @@ def test_messages_wait_for_a_full_batch_split_at_the_batch_size():
     assert rig.channel.prefetch == 10
 
 
+def test_a_partial_batch_waits_after_idle_but_not_when_its_messages_came_during_the_last_batch():
+    # A comes to an idle consumer: it waits (up to 50 ms) and B, in the next I/O round, joins
+    # it. C comes while that batch is applied: it has waited already, so it is applied at once,
+    # alone, without the clock moving (waiting for more would only add latency).
+    a, b, c = adjust("A", 1), adjust("B", 1), adjust("C", 1)
+    rig = Rig([[a], [b], [c]], batch_size=2, batch_max_wait_ms=50)
+    started = rig.clock()
+    rig.run()
+    assert [cl.event_ids for cl in rig.store.calls] == [[a.event_id, b.event_id], [c.event_id]]
+    assert [cl.at for cl in rig.store.calls] == [started, started]
+
+
 def test_messages_left_at_a_graceful_stop_are_still_handled():
     rig = Rig([[adjust("A", 1)]], idle_rounds=1)
     rig.conn.groups.append([adjust("A", 2), adjust("A", 3)])

@@ -28,6 +28,7 @@ from inventory_worker.config import RabbitMQSettings, reveal, split_address
 from inventory_worker.contract import INPUT_TYPES, OutgoingMessage
 
 amqp_framing.coalesce_writes()
+amqp_framing.read_deliveries()
 amqp_framing.robust_tables()
 
 

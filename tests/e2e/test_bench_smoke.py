@@ -5,6 +5,8 @@ import json
 import subprocess
 import tempfile
 
+import pika
+import pika.exceptions
 import pytest
 
 from bench import run
@@ -146,3 +148,18 @@ def test_sqlcost_measures_both_versions():
     with pg(maintenance) as cur:
         cur.execute("SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (res["databases"],))
         assert cur.fetchone()[0] == 0, res["databases"]
+
+
+def test_receive_measures_both_readers_and_deletes_its_queue():
+    """bench.receive: CPU per message with pika's reader and ours; its queue goes."""
+    from bench import receive
+
+    res = receive.main(["--messages", "300", "--rounds", "2"])
+    assert len(res["pika"]) == len(res["ours"]) == 2, res
+    assert all(v > 0 for v in res["pika"] + res["ours"]), res
+    conn = pika.BlockingConnection(pika.URLParameters(str(run.bench_settings().rabbitmq.url)))
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):  # 404: it is gone
+            conn.channel().queue_declare(res["queue"], passive=True)
+    finally:
+        conn.close()

@@ -193,6 +193,7 @@ def _collector(settings: Settings, ids: list[str], idle_timeout: float, ready: A
     Results of other inputs (e.g. the relay republishing an earlier run's row) are ignored."""
     expected, wanted = len(ids), set(ids)
     amqp_framing.coalesce_writes()
+    amqp_framing.read_deliveries()  # as in the worker: the load generator's CPU is the machine's too
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.rabbitmq.url)))
     ch = conn.channel()
     q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue

@@ -162,6 +162,21 @@ def test_a_delivery_not_all_there_waits_for_the_rest():
     assert [r[0] for r in reader.record] == ["deliver"] and reader.record[0][5] == b"z" * 2500
 
 
+def test_a_large_delivery_is_left_to_pika_as_its_frames_come():
+    big = bytes(range(256)) * 2048  # 512 KiB: over WHOLE_BODY_MAX
+    assert len(big) > amqp_framing.WHOLE_BODY_MAX
+    data = deliver(1, big) + deliver(2, b"small")
+    cuts = list(range(64 * 1024, len(data), 64 * 1024))  # reads of 64 KiB
+    ours = Reader(OURS)
+    at = 0
+    for cut in [*cuts, len(data)]:
+        ours.feed(data[at:cut], [])
+        at = cut
+        assert len(ours._frame_buffer) < 2 * BODY_MAX, "only a partial frame is kept between reads"
+    assert ours.record == read(PIKA, data, cuts).record
+    assert [r[5] for r in ours.record] == [big, b"small"]
+
+
 def outcome(on_data: Any, data: bytes) -> tuple[Any, ...]:
     try:
         return ("read", read(on_data, data, []).record)

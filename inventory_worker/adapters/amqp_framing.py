@@ -186,9 +186,8 @@ def publish(channel: Any, exchange: str, routing_key: str, body: bytes, **proper
 # Basic.Deliver, its content header and its body frames are all there, decodes them (the
 # method here, as `Basic.Deliver.decode` does; the properties with pika's own
 # `BasicProperties.decode`) and hands them to the channel's `_on_deliver`, as pika's assembler
-# would. Every other frame, and a delivery whose
-# frames do not follow each other on one channel, goes through pika's `decode_frame` and
-# `_process_frame` unchanged. A delivery not complete yet waits in the buffer for the next read,
+# would. Every other frame, and a delivery whose frames do not follow each other on one
+# channel, goes through pika's `decode_frame` and `_process_frame` unchanged. A delivery not complete yet waits in the buffer for the next read,
 # unless its body is large (WHOLE_BODY_MAX): pika's assembler takes that one frame by frame.
 
 _DELIVER = struct.pack(">HH", 60, 60)  # class basic, method deliver
@@ -241,9 +240,10 @@ def _frame_at(buf: bytes, at: int) -> tuple[int, int, int] | None:
     return kind, channel, end
 
 
-def _delivery(conn: Any, buf: bytes, at: int, channel_number: int, method_end: int) -> int | None:
-    """Hands the delivery whose method frame is at `at` to its channel; returns where it ends.
-    None: not all of it has come yet. -1: not a plain delivery (pika's own path takes it)."""
+def _delivery(conn: Any, buf: bytes, at: int, channel_number: int, method_end: int) -> Any:
+    """The delivery whose method frame is at `at`: (where it ends, its channel, and what the
+    channel's `_on_deliver` takes). None: not all of it has come yet. -1: not a plain delivery
+    (pika's own path takes it)."""
     channel = conn._channels.get(channel_number)
     header = _frame_at(buf, method_end)
     if header is None:
@@ -270,12 +270,13 @@ def _delivery(conn: Any, buf: bytes, at: int, channel_number: int, method_end: i
     method = _deliver_at(buf, at + 11)
     properties = pika.spec.BasicProperties().decode(buf, method_end + 19)
     conn.frames_received += 2 + len(parts)
-    channel._on_deliver(
+    return (
+        end,
+        channel,
         pika.frame.Method(channel_number, method),
         pika.frame.Header(channel_number, body_size, properties),
         parts[0] if len(parts) == 1 else b"".join(parts),
     )
-    return end
 
 
 def _on_data_available(self: Any, data_in: bytes) -> None:
@@ -293,9 +294,11 @@ def _on_data_available(self: Any, data_in: bytes) -> None:
                 taken = _delivery(self, buf, at, channel_number, end)
                 if taken is None:
                     break
-                if taken > 0:
-                    self.bytes_received += taken - at
-                    at = taken
+                if taken != -1:  # consumed before it is handed on, as pika trims before processing
+                    end, channel, method, header, body = taken
+                    self.bytes_received += end - at
+                    at = end
+                    channel._on_deliver(method, header, body)
                     continue
             _, value = pika.frame.decode_frame(buf[at:end])
             self.bytes_received += end - at

@@ -177,6 +177,26 @@ def test_a_large_delivery_is_left_to_pika_as_its_frames_come():
     assert [r[5] for r in ours.record] == [big, b"small"]
 
 
+def test_a_delivery_whose_handler_raises_is_not_handed_over_again():
+    # pika cuts a frame from its buffer before it processes it: a raising handler loses that
+    # delivery, and the next read goes on after it. So must ours.
+    data = deliver(1, b"one") + deliver(2, b"two")
+    for on_data in (OURS, PIKA):
+        reader = Reader(on_data)
+        channel = reader._channels[1]
+        handled = channel._on_deliver
+
+        def raising_once(method_frame, header_frame, body, handled=handled, channel=channel):
+            channel._on_deliver = handled
+            raise RuntimeError("the handler failed")
+
+        channel._on_deliver = raising_once
+        with pytest.raises(RuntimeError):
+            reader.feed(data, [])
+        reader.feed(b"", [])
+        assert [r[2]["delivery_tag"] for r in reader.record] == [2], on_data
+
+
 def outcome(on_data: Any, data: bytes) -> tuple[Any, ...]:
     try:
         return ("read", read(on_data, data, []).record)

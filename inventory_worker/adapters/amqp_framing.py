@@ -187,17 +187,17 @@ def publish(channel: Any, exchange: str, routing_key: str, body: bytes, **proper
 # method here, as `Basic.Deliver.decode` does; the properties with pika's own
 # `BasicProperties.decode`) and hands them to the channel's `_on_deliver`, as pika's assembler
 # would. Every other frame, and a delivery whose frames do not follow each other on one
-# channel, goes through pika's `decode_frame` and `_process_frame` unchanged. A delivery not complete yet waits in the buffer for the next read,
-# unless its body is large (WHOLE_BODY_MAX): pika's assembler takes that one frame by frame.
+# channel, goes through pika's `decode_frame` and `_process_frame` unchanged. A delivery not
+# all there yet waits in the buffer for the next read, unless its body is large.
 
 _DELIVER = struct.pack(">HH", 60, 60)  # class basic, method deliver
 _FRAME_HEAD = struct.Struct(">BHI")  # type, channel, size
 _CONTENT_HEAD = struct.Struct(">HHQ")  # class, weight, body size
 _FRAME_END_BYTE = _FRAME_END[0]
 _METHOD, _HEADER, _BODY = 1, 2, 3
-# A delivery not all there waits in the buffer, which each read extends by a copy: past this
-# body size (a few reads' worth), pika's assembler takes the delivery instead, so that a large
-# message costs linear, not quadratic, copying.
+# Each read extends the buffer by a copy, so a delivery waiting there to be whole is copied
+# again at every read: past this body size (a few reads' worth) pika's assembler takes it frame
+# by frame instead, and a large message costs linear, not quadratic, copying.
 WHOLE_BODY_MAX = 256 * 1024
 _TAG_AND_BITS = struct.Struct(">QB")
 
@@ -257,7 +257,7 @@ def _delivery(conn: Any, buf: bytes, at: int, channel_number: int, method_end: i
     parts, size, end = [], 0, header_end
     while size < body_size:
         body = _frame_at(buf, end)
-        if body is None:  # a large body is assembled by pika as its frames come, not re-joined per read
+        if body is None:
             return -1 if body_size > WHOLE_BODY_MAX else None
         kind, number, body_end = body
         if kind != _BODY or number != channel_number:

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 import pika
+import pika.connection
 
 from inventory_worker.adapters import amqp_framing
 from inventory_worker.config import load_settings

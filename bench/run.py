@@ -77,7 +77,7 @@ from tests.support import (
     settings_env,
 )
 
-from . import cpu, load
+from . import cpu, load, worker_metrics
 
 # uniform: 10,000 products never running out; hot: 10 products, stock for half the orders;
 # multi5: 5-line orders; locations3: orders on a channel over three locations; flash: every order
@@ -656,10 +656,12 @@ def worker_runs(
         for name in workloads or plan.workloads:
             w = workload(name, f"w{procs}full", plan.location_products)
             prepare(settings, w, plan.full_count)
+            seen = worker_metrics.snapshot(wp.metrics_dir)
             full = load.drive(settings, w, plan.full_count, worker_pids=set(proc_tree(wp.proc.pid)))
             entry: dict[str, Any] = {
                 "full": {**full.as_dict(), **check_run(settings, w, full, plan.full_count)}
             }
+            entry["full"]["inside"] = worker_metrics.inside(seen, worker_metrics.snapshot(wp.metrics_dir))
             if name == "preorder":
                 entry["fill"] = fill_preorder(settings, w, full, plan.full_count)
                 f = entry["fill"]
@@ -675,10 +677,11 @@ def worker_runs(
             for k in range(plan.half_rounds):  # each on fresh products: every sell-out checked on its own
                 w = workload(name, f"w{procs}half{k}", plan.location_products)
                 prepare(settings, w, count)
+                seen = worker_metrics.snapshot(wp.metrics_dir)
                 half = load.drive(settings, w, count, rate=rate, seed=2 + k)
-                rounds.append(
-                    {"rate": round(rate, 1), **half.as_dict(), **check_run(settings, w, half, count)}
-                )
+                checked = check_run(settings, w, half, count)  # also gives the last batch time to be counted
+                inside = worker_metrics.inside(seen, worker_metrics.snapshot(wp.metrics_dir))
+                rounds.append({"rate": round(rate, 1), **half.as_dict(), **checked, "inside": inside})
             # The median round by p99 is the figure (a shared machine's stray stall aside); every
             # round is kept, and counted for lost results and oversell.
             entry["half"] = sorted(rounds, key=lambda r: r["p99_ms"])[len(rounds) // 2]
@@ -935,6 +938,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                     "extra_results": sum(r.get("extra_results", 0) for r in runs),
                     "oversold": any(r.get("oversold", False) for r in runs),
                     "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
+                    "half_inside": e["half"].get("inside", {}),
                 }
             )
     # Each workload's throughput over the uniform one's, same process count, same run.
@@ -1085,6 +1089,7 @@ def print_table(res: dict[str, Any]) -> None:
             r["oversold"],
         )
         print("  ".join(f"{v!s:>9}" for v in vals))
+    print_inside(s["rows"])
     for r in s["flash"]:
         print(
             f"flash x{r['procs']}: {r['events_per_s']:.0f} events/s = {r['vs_uniform']} of uniform (target 0.8);"
@@ -1152,6 +1157,52 @@ def print_table(res: dict[str, Any]) -> None:
             print(f"peak RSS x{wr['procs']}: {wr['peak_rss_mib']}")
     print_cpu(res)
     print()
+
+
+def print_inside(rows: list[dict[str, Any]]) -> None:
+    """The reported half-load round seen from inside the worker (bench/worker_metrics.py)."""
+    rows = [r for r in rows if r.get("half_inside")]
+    if not rows:
+        return
+    print()
+    print(
+        "half load inside the worker (the reported round; from its histograms, ms): receive to ack,"
+        " a batch's wait and apply, garbage-collector pauses"
+    )
+    hdr = (
+        "workload",
+        "procs",
+        "e2e p50",
+        "e2e p99",
+        "in p50",
+        "in p99",
+        "batch",
+        "wait p50",
+        "wait p99",
+        "apply p50",
+        "apply p99",
+        "gc >10ms",
+        "gc max",
+    )
+    print("  ".join(f"{h:>9}" for h in hdr))
+    for r in rows:
+        i = r["half_inside"]
+        vals = (
+            r["workload"],
+            r["procs"],
+            r["half_p50_ms"],
+            r["half_p99_ms"],
+            i["in_worker_p50_ms"],
+            i["in_worker_p99_ms"],
+            i["batch_mean"],
+            i["wait_p50_ms"],
+            i["wait_p99_ms"],
+            i["apply_p50_ms"],
+            i["apply_p99_ms"],
+            i["gc_over_10ms"],
+            f"<={i['gc_max_bucket_ms']}",
+        )
+        print("  ".join(f"{v!s:>9}" for v in vals))
 
 
 def print_cpu(res: dict[str, Any]) -> None:

@@ -10,7 +10,9 @@ live process, so a dead process's last value does not linger.
 from __future__ import annotations
 
 import bisect
+import gc
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +40,25 @@ BATCH_SIZE = Histogram(
     "inventory_batch_size_messages",
     "Messages applied per PostgreSQL transaction.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+# Finer than the per-event buckets: at half load a batch waits and applies in a few milliseconds.
+_BATCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+BATCH_WAIT_SECONDS = Histogram(
+    "inventory_batch_wait_seconds",
+    "Time from receiving a batch's first message to applying the batch: waiting for more input"
+    " to join it, and behind the batch before it.",
+    buckets=_BATCH_BUCKETS,
+)
+BATCH_APPLY_SECONDS = Histogram(
+    "inventory_batch_apply_seconds",
+    "Time to apply one batch in PostgreSQL (its transaction, retries included).",
+    buckets=_BATCH_BUCKETS,
+)
+GC_PAUSE_SECONDS = Histogram(
+    "inventory_gc_pause_seconds",
+    "Pauses of a consumer process for Python's garbage collector, by generation (2: full).",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
 )
 DEAD_LETTERED = Counter(
     "inventory_dead_lettered_total", "Messages sent to the dead-letter queue by the worker.", ["reason"]
@@ -131,6 +152,40 @@ def observe_many(histogram: Any, values: list[float]) -> None:
         i = bucket_index(histogram, v)
         counts[i] = counts.get(i, 0) + 1
     add_observations(histogram, counts.items(), sum(values))
+
+
+class GcPauses:
+    """Times the garbage collector's pauses (gc.callbacks) and adds them to GC_PAUSE_SECONDS in
+    bulk (`flush()`): a young collection runs hundreds of times a second under load, and an
+    observe() in multiprocess mode takes a lock and writes a shared file."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self._pending: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._pending[info["generation"]].append(time.perf_counter() - self._started)
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def uninstall(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def flush(self) -> None:
+        for generation, pauses in self._pending.items():
+            if pauses:
+                taken = pauses[:]
+                del pauses[: len(taken)]
+                observe_many(GC_PAUSE_SECONDS.labels(str(generation)), taken)
+
+
+GC_PAUSES = GcPauses()  # a consumer process installs it (supervisor) and flushes it (consumer)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -85,7 +85,7 @@ def _child_run(
         os.setpgrp()
         serve(settings, stop, health)
         return
-    from inventory_worker import bootstrap
+    from inventory_worker import bootstrap, metrics
 
     index = int(role.rsplit("-", 1)[1])
     slot = ConsumerSlot(health, index)
@@ -98,6 +98,7 @@ def _child_run(
     # in the middle of a batch, three times a minute at full load; the batches' own garbage is
     # still collected.
     gc.freeze()
+    metrics.GC_PAUSES.install()  # what is left to collect, and how long it stops the loop
     consumer.run()
     maintenance.join(timeout=5)
     log.info("consumer stopped")

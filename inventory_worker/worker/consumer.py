@@ -323,7 +323,9 @@ class Consumer:
         items: list[tuple[Delivery, Event]],
         ack_tag: int,
     ) -> None:
+        started = self.clock()
         results = self._apply(conn, items)
+        applied = self.clock()
         products: dict[str, Figures] = {}
         outgoing: list[OutgoingMessage] = []
         for (d, _), res in zip(items, results, strict=True):
@@ -349,6 +351,9 @@ class Consumer:
         for (type_, outcome), n in counts.items():  # one update per kind, not per event
             metrics.EVENTS.labels(type_, outcome).inc(n)
         metrics.BATCH_SIZE.observe(len(items))
+        metrics.BATCH_WAIT_SECONDS.observe(started - items[0][0].received)
+        metrics.BATCH_APPLY_SECONDS.observe(applied - started)
+        metrics.GC_PAUSES.flush()
 
     def _log_handled(
         self,
@@ -479,6 +484,7 @@ class Consumer:
         )
 
     def _idle(self) -> None:
+        metrics.GC_PAUSES.flush()
         self._flush_marks()
         self.cache.refill(self.store.figures)
 

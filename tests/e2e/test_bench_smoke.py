@@ -64,6 +64,17 @@ def test_bench_smoke(tmp_path, monkeypatch):
         assert 0 < fill["filled_by_receipt"] <= 100, fill  # worker.backorder_fill_batch, then the sweeper
         # half load kept its per-window timeline (the latency chart)
         assert all(r["timeline"] for r in wr["runs"]["uniform"]["half_rounds"])
+        # what went on inside the worker in each run, from its own histograms: every order
+        # counted once, in batches of at most worker.batch_size
+        uniform = wr["runs"]["uniform"]
+        for run_ in [uniform["full"], *uniform["half_rounds"]]:
+            inside = run_["inside"]
+            assert inside["events"] == run_["sent"], inside
+            assert 1 <= inside["batches"] <= inside["events"], inside
+            assert 1 <= inside["batch_mean"] <= 100, inside
+            assert 0 < inside["apply_p50_ms"] <= inside["apply_p99_ms"], inside
+            assert 0 < inside["in_worker_p50_ms"] <= inside["in_worker_p99_ms"], inside
+            assert inside["gc_pauses"] >= inside["gc_over_10ms"] >= 0, inside
         # locations3: orders on a channel over three locations, each product stocked at one of
         # them: every location took orders (order_allocations), none is oversold.
         loc = wr["runs"]["locations3"]

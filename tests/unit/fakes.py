@@ -64,6 +64,7 @@ class FakeStore:
         self.refuse: set[str] = set()
         self.explode: dict[str, Exception] = {}
         self.transient = 0
+        self.apply_seconds = 0.0  # how long a call takes, on the clock
         self.closed = False
         self._outbox_ids = itertools.count(1)
 
@@ -72,6 +73,7 @@ class FakeStore:
     ) -> list[Outcome]:
         self.calls.append(ApplyCall(self.clock(), [e["id"] for e in events], list(mark_published)))
         self.journal.append("apply")
+        self.clock.advance(self.apply_seconds)
         if self.transient:
             self.transient -= 1
             raise TransientError("TransactionRollbackError: deadlock detected")

@@ -11,6 +11,7 @@ import uuid
 import pytest
 from structlog.testing import capture_logs
 
+from inventory_worker import metrics
 from inventory_worker.contract import Figures
 
 from .fakes import Arrival, Rig, arrival
@@ -220,6 +221,34 @@ def test_a_partial_batch_waits_after_idle_but_not_when_its_messages_came_during_
     rig.run()
     assert [cl.event_ids for cl in rig.store.calls] == [[a.event_id, b.event_id], [c.event_id]]
     assert [cl.at for cl in rig.store.calls] == [started, started]
+
+
+def test_each_batch_reports_its_wait_and_its_apply_time():
+    """The histograms that split a batch's latency (the benchmark reads them per round)."""
+
+    def seen(histogram):
+        return histogram._sum.get(), sum(b.get() for b in histogram._buckets)
+
+    (wait_sum, waits), (apply_sum, applies) = (
+        seen(metrics.BATCH_WAIT_SECONDS),
+        seen(metrics.BATCH_APPLY_SECONDS),
+    )
+    # One message to an idle consumer: nothing joins it, so it waits the whole 20 ms. The next
+    # is read right after that batch's apply (7 ms): it goes at once, without waiting.
+    rig = Rig([[adjust("A", 1)]], batch_max_wait_ms=20)
+    rig.store.apply_seconds = 0.007
+    real_apply = rig.store.apply_batch
+
+    def apply_then_more_arrive(events, mark_published=()):
+        if len(rig.store.calls) == 0:
+            rig.conn.groups.append([adjust("B", 1)])
+        return real_apply(events, mark_published)
+
+    rig.store.apply_batch = apply_then_more_arrive
+    rig.run()
+    assert len(rig.store.calls) == 2
+    assert seen(metrics.BATCH_APPLY_SECONDS) == pytest.approx((apply_sum + 0.014, applies + 2))
+    assert seen(metrics.BATCH_WAIT_SECONDS) == pytest.approx((wait_sum + 0.020, waits + 2))
 
 
 def test_messages_left_at_a_graceful_stop_are_still_handled():

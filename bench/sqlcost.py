@@ -1,6 +1,6 @@
 """PostgreSQL's CPU per event on default-only orders: REV's stored procedures against this checkout's.
 
-  python -m bench.sqlcost REV [--rounds 6] [--batches 30] [--workloads uniform hot flash multi5]
+  python -m bench.sqlcost REV [--rounds 6] [--batches 30] [--batch 100] [--workloads uniform hot flash multi5]
 
 `bench.run --compare REV` measures the whole pipeline's throughput and latency, which on a
 shared machine swing with everyone else's load. This measures the part a schema change can
@@ -10,7 +10,9 @@ through apply_events() as the worker sends them, on `uniform` (10,000 stocked pr
 (10 products with stock for half the orders: half rejected), `flash` (one product with
 stock for a third of the orders: a flash sale, sold out in the first third of each round) and
 `multi5` (5 lines of distinct products out of the 10,000), REV's database (migrated by REV's own code) and this one's taking turns.
-Both databases grow alike round by round, so the rounds are compared pairwise. Each round
+`--batch 1` measures what a call costs whatever its size (executor start-up of each
+statement, the CHECKs read again, the commit): at half load batches are small, and that fixed
+cost is most of a batch's time. Both databases grow alike round by round, so the rounds are compared pairwise. Each round
 after the first starts with ANALYZE of both, as autovacuum does now and then in production: without it the
 backend kept the generic plan apply_events() cached while processed_events was small (a merge
 join reading the table's whole index for every batch), and each round cost both sides more
@@ -37,16 +39,23 @@ from tests.support import drop_database
 
 from . import cpu, load, run
 
-BATCH = 100
+BATCH = 100  # orders per apply_events() call, as the worker's full batches
 
 
 WORKLOADS = ("uniform", "hot", "flash", "multi5")
 
 
 def measure(
-    settings: Settings, conn: Any, products: list[str], batches: int, seed: int, lines: int = 1
+    settings: Settings,
+    conn: Any,
+    products: list[str],
+    batches: int,
+    seed: int,
+    lines: int = 1,
+    batch: int = BATCH,
 ) -> float:
-    """Microseconds of the backend's CPU per order.placed, over `batches` committed batches."""
+    """Microseconds of the backend's CPU per order.placed, over `batches` committed batches of
+    `batch` orders."""
     rng = random.Random(seed)
     cur = conn.cursor()
     cur.execute("SELECT pg_backend_pid()")
@@ -62,20 +71,21 @@ def measure(
                     "lines": [{"product_id": p, "quantity": 1} for p in rng.sample(products, lines)],
                 },
             }
-            for _ in range(BATCH)
+            for _ in range(batch)
         ]
         cur.execute(
             "BEGIN; SELECT apply_events(%s::jsonb, %s); COMMIT",
             (orjson.dumps(events).decode(), settings.worker.default_reservation_ttl_seconds),
         )
-    return round((cpu.run_time_ns(pid) - before) / (batches * BATCH) / 1e3, 1)
+    return round((cpu.run_time_ns(pid) - before) / (batches * batch) / 1e3, 1)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("rev")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--batches", type=int, default=30, help="batches of 100 orders per workload and round")
+    ap.add_argument("--batches", type=int, default=30, help="batches per workload and round")
+    ap.add_argument("--batch", type=int, default=BATCH, help=f"orders per batch (default {BATCH})")
     ap.add_argument(
         "--no-analyze",
         action="store_true",
@@ -104,17 +114,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     products = load.uniform_ids()
                     if name == "hot":  # fresh hot products each round, stock for half the orders
                         products = [f"BENCH-H-sql{r}-{i}" for i in range(load.HOT_PRODUCTS)]
-                        run.seed_products(sides[side], products, args.batches * BATCH // (2 * len(products)))
+                        run.seed_products(
+                            sides[side], products, max(1, args.batches * args.batch // (2 * len(products)))
+                        )
                     if name == "flash":  # a fresh product each round, stock for a third of the orders
                         products = [f"BENCH-F-sql{r}"]
-                        run.seed_products(sides[side], products, args.batches * BATCH // 3)
+                        run.seed_products(sides[side], products, max(1, args.batches * args.batch // 3))
                     lines = 5 if name == "multi5" else 1
-                    us = measure(sides[side], conns[side], products, args.batches, seed=r, lines=lines)
+                    us = measure(
+                        sides[side],
+                        conns[side],
+                        products,
+                        args.batches,
+                        seed=r,
+                        lines=lines,
+                        batch=args.batch,
+                    )
                     out["rounds"].setdefault(name, {}).setdefault(side, []).append(us)
             run.log(f"round {r + 1}/{args.rounds}: {out['rounds']}")
         print()
+        out["batch"] = args.batch
         print(
-            f"PostgreSQL backend CPU per order.placed, us (this checkout / {args.rev} = {out['rev'][:12]}):"
+            f"PostgreSQL backend CPU per order.placed in batches of {args.batch}, us"
+            f" (this checkout / {args.rev} = {out['rev'][:12]}):"
         )
         for name, v in out["rounds"].items():
             ratios = [c / p for c, p in zip(v["current"], v["rev"], strict=True)]

@@ -148,7 +148,8 @@ def test_sqlcost_measures_both_versions():
     """bench.sqlcost: the backend CPU per order on REV's procedures and on these; its databases go."""
     from bench import sqlcost
 
-    res = sqlcost.main([_before_locations(), "--rounds", "1", "--batches", "2"])
+    res = sqlcost.main([_before_locations(), "--rounds", "1", "--batches", "2", "--batch", "10"])
+    assert res["batch"] == 10
     for name in sqlcost.WORKLOADS:  # multi5: five lines an order
         assert len(res["rounds"][name]["rev"]) == len(res["rounds"][name]["current"]) == 1, res
         assert res["ratio"][name] > 0, res

@@ -661,7 +661,7 @@ def worker_runs(
             entry: dict[str, Any] = {
                 "full": {**full.as_dict(), **check_run(settings, w, full, plan.full_count)}
             }
-            entry["full"]["inside"] = worker_metrics.inside(seen, worker_metrics.snapshot(wp.metrics_dir))
+            entry["full"]["inside"] = worker_metrics.inside(seen, worker_metrics.settled(wp.metrics_dir))
             if name == "preorder":
                 entry["fill"] = fill_preorder(settings, w, full, plan.full_count)
                 f = entry["fill"]
@@ -679,9 +679,15 @@ def worker_runs(
                 prepare(settings, w, count)
                 seen = worker_metrics.snapshot(wp.metrics_dir)
                 half = load.drive(settings, w, count, rate=rate, seed=2 + k)
-                checked = check_run(settings, w, half, count)  # also gives the last batch time to be counted
-                inside = worker_metrics.inside(seen, worker_metrics.snapshot(wp.metrics_dir))
-                rounds.append({"rate": round(rate, 1), **half.as_dict(), **checked, "inside": inside})
+                inside = worker_metrics.inside(seen, worker_metrics.settled(wp.metrics_dir))
+                rounds.append(
+                    {
+                        "rate": round(rate, 1),
+                        **half.as_dict(),
+                        **check_run(settings, w, half, count),
+                        "inside": inside,
+                    }
+                )
             # The median round by p99 is the figure (a shared machine's stray stall aside); every
             # round is kept, and counted for lost results and oversell.
             entry["half"] = sorted(rounds, key=lambda r: r["p99_ms"])[len(rounds) // 2]

@@ -11,7 +11,9 @@ Quantiles are read from the buckets as Prometheus's `histogram_quantile()` reads
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,8 +108,28 @@ def snapshot(metrics_dir: Path | str) -> Snapshot:
     return out
 
 
+def settled(metrics_dir: Path | str, quiet: float = 0.1, timeout: float = 2.0) -> Snapshot:
+    """A snapshot once the worker has stopped counting events: the last batch's results can
+    reach the load generator a moment before the worker records that batch."""
+    last = snapshot(metrics_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = snapshot(metrics_dir)
+        if _count(now, IN_WORKER) == _count(last, IN_WORKER):
+            return now
+        last = now
+    return last
+
+
+def _count(snap: Snapshot, name: str) -> float:
+    h = snap.get((name, ""))
+    return h.count if h else 0.0
+
+
 def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 1) if math.isfinite(seconds) else math.nan
+    """Milliseconds; NaN stays NaN, +Inf (a value past the last bucket) stays +Inf."""
+    return seconds if math.isnan(seconds) or math.isinf(seconds) else round(seconds * 1000, 1)
 
 
 def inside(before: Snapshot, after: Snapshot) -> dict[str, Any]:
@@ -119,9 +141,7 @@ def inside(before: Snapshot, after: Snapshot) -> dict[str, Any]:
 
     sizes, wait, apply, event = diff(BATCH_SIZE), diff(WAIT), diff(APPLY), diff(IN_WORKER)
     gcs = [h for g in "012" if (h := diff(GC, g))]
-    gc = gcs[0] if gcs else None
-    for h in gcs[1:]:
-        gc = gc.plus(h) if gc else h
+    gc = functools.reduce(Histogram.plus, gcs) if gcs else None
     full = diff(GC, "2")
     out: dict[str, Any] = {
         "events": int(event.count) if event else 0,

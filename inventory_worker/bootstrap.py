@@ -102,6 +102,7 @@ def consumer(settings: Settings, stop: Stop, slot: ConsumerSlot | None = None) -
         connect=connect,
         open_publisher=open_publisher,
         declare_topology=declare_topology,
+        open_channel=lambda conn: rabbitmq.InputChannel(conn.channel()),
         slot=slot,
         describe=lambda exc: describe(exc, settings),
     )

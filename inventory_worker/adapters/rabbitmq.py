@@ -153,6 +153,29 @@ def _nothing() -> None:
     pass
 
 
+class InputChannel:
+    """The consuming channel: pika's BlockingChannel, with acks queued instead of flushed.
+
+    BlockingChannel.basic_ack writes the ack at once, running the connection's I/O loop until
+    it is sent: a poll and a send() of its own for each batch, just before the batch's results
+    are written with another. Queued on the channel beneath, the ack goes out in the
+    connection's next write (the results' send, or the consumer's next read of deliveries),
+    in order with everything else on the connection. Only the broker waits for an ack (it
+    holds the message until then); a process that dies before that write leaves the batch
+    unacked, as a death between the commit and the ack always did: redelivered, and absorbed
+    by the idempotency table. Everything else is the BlockingChannel's own.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self._channel._impl.basic_ack(delivery_tag=delivery_tag, multiple=multiple)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+
 class Publisher:
     """Publishes persistent messages with publisher confirms.
 

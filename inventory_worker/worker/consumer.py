@@ -4,7 +4,8 @@ For each batch, in this order:
   1. parse every body; one that breaks the contract goes to the DLQ with the reason;
   2. apply the valid events in ONE PostgreSQL transaction (stored procedures; idempotent);
   3. write the new figures to Redis (version-checked);
-  4. ack the whole batch with one `multiple=True` ack: only after the commit;
+  4. ack the whole batch with one `multiple=True` ack: only after the commit (queued, it goes
+     out in the same write as the results);
   5. send the batch's result events without waiting for their confirms (pipelined); the
      confirms are collected as they come, and the outbox rows of the confirmed results are
      marked published in the next batch's transaction (or at once when idle). Nacked or
@@ -149,6 +150,7 @@ class Consumer:
         connect: Callable[[], AmqpConnection],
         open_publisher: Callable[[AmqpConnection], ResultPublisher],
         declare_topology: Callable[[AmqpChannel], None],
+        open_channel: Callable[[AmqpConnection], AmqpChannel] = lambda conn: conn.channel(),
         slot: ConsumerSlot | None = None,
         describe: Callable[[BaseException], Failure | None] = lambda exc: None,
         clock: Callable[[], float] = time.monotonic,
@@ -160,6 +162,7 @@ class Consumer:
         self.cache = cache
         self.connect = connect
         self.open_publisher = open_publisher
+        self.open_channel = open_channel
         self.declare_topology = declare_topology
         self.describe = describe  # which dependency failed, for the reconnect log line
         self.clock = clock
@@ -225,7 +228,7 @@ class Consumer:
         w = self.config
         conn = self.connect()
         try:
-            channel: AmqpChannel = conn.channel()
+            channel = self.open_channel(conn)
             self.declare_topology(channel)
             channel.basic_qos(prefetch_count=max(2 * w.batch_size, 10))
             publisher = self.open_publisher(conn)

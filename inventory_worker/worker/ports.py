@@ -39,7 +39,8 @@ class FiguresCache(Protocol):
 
 
 class AmqpChannel(Protocol):
-    """The consuming channel (pika's BlockingChannel)."""
+    """The consuming channel (rabbitmq.InputChannel: pika's BlockingChannel, whose acks go out
+    with the connection's next write)."""
 
     def basic_qos(self, *, prefetch_count: int) -> Any: ...
 

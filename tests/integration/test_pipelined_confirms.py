@@ -195,3 +195,50 @@ def test_a_batch_goes_out_in_few_sends_and_arrives_intact(settings, monkeypatch)
             got.append(json.loads(r[2]))
         assert [b["seq"] for b in got] == list(range(1, 301))
         assert got[7]["padding"] == "x" * 300_000 and "padding" not in got[8]
+
+
+def test_a_batch_ack_is_queued_and_goes_out_with_its_results(settings, monkeypatch):
+    """InputChannel.basic_ack writes nothing by itself; the results' send carries it, in the
+    same send(). The broker then has the inputs acked: after the connection closes, none comes
+    back to the queue."""
+    from pika.adapters.utils import io_services_utils
+
+    sends: list[bytes] = []
+    real_send = io_services_utils._AsyncTransportBase._sigint_safe_send
+
+    def counting_send(sock, data):
+        sends.append(bytes(data))
+        return real_send(sock, data)
+
+    admin = rabbitmq.connect(settings.rabbitmq)
+    inputs = admin.channel().queue_declare("", auto_delete=False).method.queue
+    try:
+        with _publisher(settings) as (ch, pub):
+            results = _queue(ch, settings)
+            pub.send_results(_messages(1))  # as after a consumer's first batch: its results channel is open
+            for i in range(5):
+                ch.basic_publish("", inputs, json.dumps({"n": i}).encode())
+            consuming = rabbitmq.InputChannel(ch.connection.channel())
+            tags: list[int] = []
+            consuming.basic_qos(prefetch_count=10)  # the BlockingChannel's own methods pass through
+            consuming.basic_consume(inputs, lambda _c, m, _p, _b: tags.append(m.delivery_tag))
+            while len(tags) < 5:
+                ch.connection.process_data_events(time_limit=0.1)
+            monkeypatch.setattr(
+                io_services_utils._AsyncTransportBase, "_sigint_safe_send", staticmethod(counting_send)
+            )
+            consuming.basic_ack(tags[-1], multiple=True)
+            assert sends == []  # queued, not written
+            pub.send_results(_messages(3, start=2))
+            monkeypatch.undo()
+            assert len(sends) == 1, [len(s) for s in sends]  # the ack and three publishes
+            ack = pika.frame.Method(consuming.channel_number, pika.spec.Basic.Ack(tags[-1], multiple=True))
+            assert sends[0].startswith(ack.marshal())
+            pub.drain()
+            assert pub.take_confirmed() == [1, 2, 3, 4]
+            assert _received(ch, results) == [1, 2, 3, 4]
+        # The connection is closed: unacked inputs would be back in the queue now.
+        assert admin.channel().queue_declare(inputs, passive=True).method.message_count == 0
+    finally:
+        admin.channel().queue_delete(inputs)
+        admin.close()

@@ -231,8 +231,23 @@ def latency(res: dict[str, Any]) -> Figure | None:
             for k in range(max(len(r) for r in runs.values()))
         ]
         starts = [sum(spans[:k]) for k in range(len(spans))]
-        for p, rounds in runs.items():
+        for i, (p, rounds) in enumerate(runs.items()):
             colour = _procs_colour(WORKER, p)
+            # The machine's own slowdowns in each round (bench/machine.py): a band at the
+            # bottom, one row per process count.
+            for k, spans_s in enumerate(
+                _slowdowns(next(wr for wr in res["worker"] if wr["procs"] == p)["runs"][name])
+            ):
+                for a, b in spans_s:
+                    ax.axvspan(
+                        starts[k] + a,
+                        starts[k] + max(b, a + 0.06),
+                        ymin=0.04 * i,
+                        ymax=0.04 * (i + 1),
+                        color=colour,
+                        alpha=0.8,
+                        linewidth=0,
+                    )
             for k, tl in enumerate(rounds):
                 xs = [starts[k] + w["t"] + _window(tl) / 2 for w in tl]
                 p99 = [w["p99_ms"] if _finite(w["p99_ms"]) else math.nan for w in tl]
@@ -269,7 +284,8 @@ def latency(res: dict[str, Any]) -> Figure | None:
     fig.legend(handles, labels, loc="lower center", ncol=2 * len(procs), fontsize=8, frameon=False)
     fig.suptitle(
         "Half load: latency from occurred_at to the result's arrival, per 0.5 s window of orders sent,\n"
-        "one colour per worker process count; the table reports the round with the median p99",
+        "one colour per worker process count; the table reports the round with the median p99;\n"
+        "bands at the bottom: when the machine itself slowed down (bench/machine.py)",
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1))  # the legend below the plots
@@ -279,6 +295,14 @@ def latency(res: dict[str, Any]) -> Figure | None:
 def _rounds(entry: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return [
         r.get("timeline") or [] for r in entry.get("half_rounds", [entry["half"]] if "half" in entry else [])
+    ]
+
+
+def _slowdowns(entry: dict[str, Any]) -> list[list[list[float]]]:
+    """Per half-load round, the machine's slowdowns: [start, end] seconds from its first send."""
+    return [
+        (r.get("slowdowns") or {}).get("spans_s") or []
+        for r in entry.get("half_rounds", [entry["half"]] if "half" in entry else [])
     ]
 
 

@@ -22,7 +22,7 @@ from inventory_worker.adapters import amqp_framing
 from inventory_worker.config import Settings
 from inventory_worker.contract import parse_event
 
-from . import cpu
+from . import cpu, machine
 
 UNIFORM_PRODUCTS = 10_000
 HOT_PRODUCTS = 10
@@ -249,6 +249,11 @@ class RunResult:
     # Per WINDOW_SECONDS from the first send: the latency percentiles of the orders sent in the
     # window, and the results that arrived in it per second (a stall shows in both).
     timeline: list[dict[str, float]] = field(default_factory=list)
+    # With a machine probe (bench/machine.py): the host's slowdowns during the run, the orders
+    # in flight during one, and the p99 of the others.
+    slowdowns: dict[str, Any] = field(default_factory=dict)
+    in_slowdown: int = 0
+    p99_clear_ms: float = float("nan")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
@@ -305,34 +310,46 @@ def drive(
     seed: int = 1,
     idle_timeout: float = 20.0,
     worker_pids: set[int] | None = None,
+    probe: bool = False,
 ) -> RunResult:
     """Publishes `count` orders (at `rate`/s, or flat out) while something consumes the input
     queue; waits for every result; returns throughput and latency from occurred_at to result.
-    With `worker_pids`, also the CPU the whole machine spent per event, by component."""
+    With `worker_pids`, also the CPU the whole machine spent per event, by component; with
+    `probe`, the machine's own slowdowns meanwhile (bench/machine.py)."""
     ctx = multiprocessing.get_context("spawn")
-    ids = [str(uuid.uuid4()) for _ in range(count)]
-    ready, go = ctx.Event(), ctx.Event()
-    c_recv, c_send = ctx.Pipe(duplex=False)
-    p_recv, p_send = ctx.Pipe(duplex=False)
-    collector = ctx.Process(target=_collector, args=(settings, ids, idle_timeout, ready, c_send), daemon=True)
-    publisher = ctx.Process(
-        target=_publisher, args=(settings, workload, ids, rate, seed, go, p_send), daemon=True
-    )
-    collector.start()
-    publisher.start()
-    if not ready.wait(30):
-        raise RuntimeError("result collector did not start")
-    meter = cpu.CpuMeter(worker_pids) if worker_pids is not None else None
-    t0 = time.monotonic()
-    go.set()
-    sent, publisher_cpu = p_recv.recv()
-    got, extra_results, collector_cpu = c_recv.recv()
-    elapsed = time.monotonic() - t0
+    sampler = machine.Probe().start() if probe else None  # started (and its start-up over) first
+    try:
+        ids = [str(uuid.uuid4()) for _ in range(count)]
+        ready, go = ctx.Event(), ctx.Event()
+        c_recv, c_send = ctx.Pipe(duplex=False)
+        p_recv, p_send = ctx.Pipe(duplex=False)
+        collector = ctx.Process(
+            target=_collector, args=(settings, ids, idle_timeout, ready, c_send), daemon=True
+        )
+        publisher = ctx.Process(
+            target=_publisher, args=(settings, workload, ids, rate, seed, go, p_send), daemon=True
+        )
+        collector.start()
+        publisher.start()
+        if not ready.wait(30):
+            raise RuntimeError("result collector did not start")
+        meter = cpu.CpuMeter(worker_pids) if worker_pids is not None else None
+        t0 = time.monotonic()
+        go.set()
+        sent, publisher_cpu = p_recv.recv()
+        got, extra_results, collector_cpu = c_recv.recv()
+        elapsed = time.monotonic() - t0
+    finally:
+        eps, slowdowns = sampler.stop() if sampler else ([], {})
     load_cpu = publisher_cpu + collector_cpu
     per_event = meter.per_event(len(got), load_generator_seconds=load_cpu) if meter else {}
     publisher.join(10)
     collector.join(10)
     arrivals = sorted(a for a, _, _ in got.values())
+    clear, hit = machine.clear_of(eps, sent, {i: a for i, (a, _, _) in got.items()}) if probe else ([], 0)
+    if probe and sent:  # when they were, on the timeline's clock (seconds from the first send)
+        t_first = min(sent.values())
+        slowdowns["spans_s"] = [[round(e.start - t_first, 3), round(e.end - t_first, 3)] for e in eps]
     lat = sorted((got[i][0] - s) * 1000 for i, s in sent.items() if i in got)
     if len(arrivals) >= 10:
         lo, hi = arrivals[len(arrivals) // 10], arrivals[(len(arrivals) * 9) // 10]
@@ -354,6 +371,9 @@ def drive(
         cpu_us_per_event=per_event,
         extra_results=extra_results,
         timeline=timeline(sent, {i: a for i, (a, _, _) in got.items()}),
+        slowdowns=slowdowns,
+        in_slowdown=hit,
+        p99_clear_ms=percentile(clear, 99),
     )
 
 

@@ -77,7 +77,7 @@ from tests.support import (
     settings_env,
 )
 
-from . import cpu, load, worker_metrics
+from . import cpu, load, machine, worker_metrics
 
 # uniform: 10,000 products never running out; hot: 10 products, stock for half the orders;
 # multi5: 5-line orders; locations3: orders on a channel over three locations; flash: every order
@@ -100,6 +100,7 @@ class Plan:
     naive_procs: list[int] | None = None  # None: the worker's process counts (ratios at equal counts)
     pgbench_clients: list[int] = field(default_factory=lambda: [1, 4, 16])
     location_products: int = load.UNIFORM_PRODUCTS  # products of the locations3 workload (set up by messages)
+    machine_seconds: float = 15.0  # the machine alone, probed for slowdowns first (bench/machine.py)
 
 
 FULL = Plan(
@@ -122,6 +123,7 @@ SMOKE = Plan(
     workloads=["uniform", "hot", "locations3", "flash", "preorder"],
     pgbench_clients=[1, 16],
     location_products=1_000,
+    machine_seconds=2.0,
 )
 
 # Workloads set up by messages REV's worker may not know (--compare runs them on this checkout only).
@@ -678,7 +680,7 @@ def worker_runs(
                 w = workload(name, f"w{procs}half{k}", plan.location_products)
                 prepare(settings, w, count)
                 seen = worker_metrics.snapshot(wp.metrics_dir)
-                half = load.drive(settings, w, count, rate=rate, seed=2 + k)
+                half = load.drive(settings, w, count, rate=rate, seed=2 + k, probe=True)
                 inside = worker_metrics.inside(seen, worker_metrics.settled(wp.metrics_dir))
                 rounds.append(
                     {
@@ -945,6 +947,14 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                     "oversold": any(r.get("oversold", False) for r in runs),
                     "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
                     "half_inside": e["half"].get("inside", {}),
+                    "half_p99_clear_ms": e["half"].get("p99_clear_ms", float("nan")),
+                    "half_p99_clear_rounds_ms": [
+                        r.get("p99_clear_ms", float("nan")) for r in e.get("half_rounds", [e["half"]])
+                    ],
+                    "half_in_slowdown": round(
+                        e["half"].get("in_slowdown", 0) / max(1, e["half"]["received"]), 3
+                    ),
+                    "half_slowdowns": e["half"].get("slowdowns", {}),
                 }
             )
     # Each workload's throughput over the uniform one's, same process count, same run.
@@ -1162,7 +1172,56 @@ def print_table(res: dict[str, Any]) -> None:
         if "peak_rss_mib" in wr:
             print(f"peak RSS x{wr['procs']}: {wr['peak_rss_mib']}")
     print_cpu(res)
+    print_slowdowns(res)
     print()
+
+
+def print_slowdowns(res: dict[str, Any]) -> None:
+    """The half-load p99 beside the machine's own slowdowns (bench/machine.py) in the same round."""
+    alone = res["machine"].get("slowdowns_alone")
+    rows = [r for r in res["summary"]["rows"] if r.get("half_slowdowns")]
+    if not alone and not rows:
+        return
+    print()
+    if alone:
+        print(
+            f"the machine alone ({alone['seconds']} s, a {alone['chunk_cpu_us']} us chunk of CPU work every"
+            f" 10 ms): {alone['per_minute']} slowdowns a minute, {alone['slowed_share'] * 100:.1f} % of the"
+            f" time; median episode >= {alone['episode_ms_p50']} ms (max {alone['episode_ms_max']}),"
+            f" {alone['factor_p50']}x slower"
+        )
+    if not rows:
+        return
+    print(
+        "half load and the machine's slowdowns (the reported round): the p99 of the orders in flight"
+        " during none, and how many were"
+    )
+    hdr = (
+        "workload",
+        "procs",
+        "p99 ms",
+        "clear p99",
+        "clear rounds",
+        "in one",
+        "per min",
+        "slowed",
+        "factor",
+    )
+    print("  ".join(f"{h:>12}" for h in hdr))
+    for r in rows:
+        m = r["half_slowdowns"]
+        vals = (
+            r["workload"],
+            r["procs"],
+            r["half_p99_ms"],
+            r["half_p99_clear_ms"],
+            "/".join(f"{v:.0f}" for v in r["half_p99_clear_rounds_ms"]),
+            f"{r['half_in_slowdown'] * 100:.1f} %",
+            m.get("per_minute", ""),
+            f"{m.get('slowed_share', float('nan')) * 100:.1f} %",
+            m.get("factor_p50", ""),
+        )
+        print("  ".join(f"{v!s:>12}" for v in vals))
 
 
 def print_inside(rows: list[dict[str, Any]]) -> None:
@@ -1309,6 +1368,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         declare_topology(conn.channel(), settings.rabbitmq)
         conn.close()
         parts = set(args.parts)
+        # First, with nothing else of the benchmark running: how often the machine itself slows
+        # down, and by how much (the half-load rounds are probed the same way).
+        res["machine"]["slowdowns_alone"] = machine.alone(plan.machine_seconds)
+        log(f"the machine alone: {res['machine']['slowdowns_alone']}")
         res["pgbench"] = (
             pgbench(settings, plan)
             if "pgbench" in parts

@@ -24,6 +24,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     run.main(["--smoke", "--out", str(out)])  # its table is printed (shown with -s or on failure)
     saved = json.loads(out.read_text())
     assert saved["pgbench"]["tps"]["c16"] > 0
+    assert saved["machine"]["slowdowns_alone"]["chunk_cpu_us"] > 0  # the machine alone, probed first
     assert saved["naive"] and saved["worker"]
     # the naive consumer: the same workloads (but locations3) with as many processes as the worker
     assert {(n["workload"], n["procs"]) for n in saved["naive"]} == {
@@ -75,6 +76,13 @@ def test_bench_smoke(tmp_path, monkeypatch):
             assert 0 < inside["apply_p50_ms"] <= inside["apply_p99_ms"], inside
             assert 0 < inside["in_worker_p50_ms"] <= inside["in_worker_p99_ms"], inside
             assert inside["gc_pauses"] >= inside["gc_over_10ms"] >= 0, inside
+        # every half-load round was probed for the machine's own slowdowns (bench/machine.py):
+        # each answered order counted as in flight during one, or in the clear p99
+        for run_ in uniform["half_rounds"]:
+            m = run_["slowdowns"]
+            assert m["chunk_cpu_us"] > 0 and m["seconds"] > 0 and 0 <= m["slowed_share"] < 1, m
+            assert 0 <= run_["in_slowdown"] <= run_["received"], run_
+            assert run_["in_slowdown"] == run_["received"] or run_["p99_clear_ms"] > 0, run_
         # locations3: orders on a channel over three locations, each product stocked at one of
         # them: every location took orders (order_allocations), none is oversold.
         loc = wr["runs"]["locations3"]

@@ -345,8 +345,9 @@ def drive(
     per_event = meter.per_event(len(got), load_generator_seconds=load_cpu) if meter else {}
     publisher.join(10)
     collector.join(10)
-    arrivals = sorted(a for a, _, _ in got.values())
-    clear, hit = machine.clear_of(eps, sent, {i: a for i, (a, _, _) in got.items()}) if probe else ([], 0)
+    arrived = {i: a for i, (a, _, _) in got.items()}
+    arrivals = sorted(arrived.values())
+    clear, hit = machine.clear_of(eps, sent, arrived) if probe else ([], 0)
     if probe and sent:  # when they were, on the timeline's clock (seconds from the first send)
         t_first = min(sent.values())
         slowdowns["spans_s"] = [[round(e.start - t_first, 3), round(e.end - t_first, 3)] for e in eps]
@@ -370,7 +371,7 @@ def drive(
         load_cpu_seconds=load_cpu,
         cpu_us_per_event=per_event,
         extra_results=extra_results,
-        timeline=timeline(sent, {i: a for i, (a, _, _) in got.items()}),
+        timeline=timeline(sent, arrived),
         slowdowns=slowdowns,
         in_slowdown=hit,
         p99_clear_ms=percentile(clear, 99),

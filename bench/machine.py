@@ -20,6 +20,7 @@ replace it. `python -m bench.machine [SECONDS]` measures the machine alone.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,17 +39,21 @@ def _chunk() -> int:
     return s
 
 
-def _sample(ready: Any, stop: Any, out: Any) -> None:
-    """Runs in the probe's process: (wall start, wall end, CPU seconds) of each chunk."""
+def _sample(parent: int, ready: Any, stop: Any, out: Any) -> None:
+    """Runs in the probe's process: (wall start, wall end, CPU seconds) of each chunk, until
+    stopped or its parent is gone (a benchmark killed outright must not leave it running)."""
     samples: list[tuple[float, float, float]] = []
     ready.set()
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent:
         c0, t0 = time.thread_time(), time.time()
         _chunk()
         samples.append((t0, time.time(), time.thread_time() - c0))
         time.sleep(PERIOD_S)
-    out.send(samples)
-    out.close()
+    try:
+        out.send(samples)
+        out.close()
+    except OSError:  # the parent is gone
+        pass
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,9 @@ class Probe:
         ctx = multiprocessing.get_context("spawn")
         self._ready, self._stop = ctx.Event(), ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_sample, args=(self._ready, self._stop, send), daemon=True)
+        self._proc = ctx.Process(
+            target=_sample, args=(os.getpid(), self._ready, self._stop, send), daemon=True
+        )
         self._send = send
         self.started = 0.0
 

@@ -62,3 +62,28 @@ def test_a_probe_samples_in_its_own_process_and_leaves_nothing_running():
     assert not probe._proc.is_alive()
     assert figures["chunk_cpu_us"] > 0 and 0.1 < figures["seconds"] < 5
     assert figures["episodes"] == len(eps) and 0 <= figures["slowed_share"] < 1
+
+
+def test_a_probe_whose_benchmark_is_killed_stops_by_itself():
+    """SIGKILL leaves no chance to stop the probe: it notices its parent is gone and exits."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; from bench.machine import Probe\n"
+        "if __name__ == '__main__':\n"
+        "    p = Probe().start(); print(p._proc.pid, flush=True); os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the probe outlived its parent")

@@ -129,7 +129,6 @@ class Probe:
             target=_sample, args=(os.getpid(), self._ready, self._stop, send), daemon=True
         )
         self._send = send
-        self.started = 0.0
 
     def start(self) -> Probe:
         """Returns once the probe samples: its process's start-up (a Python interpreter) is
@@ -139,7 +138,6 @@ class Probe:
         if not self._ready.wait(30):
             self.stop()
             raise RuntimeError("the machine probe did not start")
-        self.started = time.time()
         return self
 
     def stop(self) -> tuple[list[Episode], dict[str, Any]]:

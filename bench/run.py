@@ -1054,6 +1054,11 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _columns(values: Any, width: int) -> str:
+    """One line of a printed table: every value right-aligned in `width` characters."""
+    return "  ".join(f"{v!s:>{width}}" for v in values)
+
+
 def print_table(res: dict[str, Any]) -> None:
     s = res["summary"]
     pgb = res["pgbench"]
@@ -1084,7 +1089,7 @@ def print_table(res: dict[str, Any]) -> None:
         "lost",
         "oversold",
     )
-    print("  ".join(f"{h:>9}" for h in hdr))
+    print(_columns(hdr, 9))
     for r in s["rows"]:
         vals = (
             r["workload"],
@@ -1104,7 +1109,7 @@ def print_table(res: dict[str, Any]) -> None:
             r["lost"],
             r["oversold"],
         )
-        print("  ".join(f"{v!s:>9}" for v in vals))
+        print(_columns(vals, 9))
     print_inside(s["rows"])
     for r in s["flash"]:
         print(
@@ -1142,7 +1147,7 @@ def print_table(res: dict[str, Any]) -> None:
             "REV CPU",
             "lost",
         )
-        print("  ".join(f"{h:>9}" for h in hdr))
+        print(_columns(hdr, 9))
         for r in s["compare"]:
             vals = (
                 r["workload"],
@@ -1158,7 +1163,7 @@ def print_table(res: dict[str, Any]) -> None:
                 r["cpu_us_per_event"][1],
                 r["lost"],
             )
-            print("  ".join(f"{v!s:>9}" for v in vals))
+            print(_columns(vals, 9))
     http = res.get("http", {})
     if "baseline" in http:
         print()
@@ -1207,7 +1212,7 @@ def print_slowdowns(res: dict[str, Any]) -> None:
         "slowed",
         "factor",
     )
-    print("  ".join(f"{h:>12}" for h in hdr))
+    print(_columns(hdr, 12))
     for r in rows:
         m = r["half_slowdowns"]
         vals = (
@@ -1221,7 +1226,7 @@ def print_slowdowns(res: dict[str, Any]) -> None:
             f"{m.get('slowed_share', float('nan')) * 100:.1f} %",
             m.get("factor_p50", ""),
         )
-        print("  ".join(f"{v!s:>12}" for v in vals))
+        print(_columns(vals, 12))
 
 
 def print_inside(rows: list[dict[str, Any]]) -> None:
@@ -1249,7 +1254,7 @@ def print_inside(rows: list[dict[str, Any]]) -> None:
         "gc >10ms",
         "gc max",
     )
-    print("  ".join(f"{h:>9}" for h in hdr))
+    print(_columns(hdr, 9))
     for r in rows:
         i = r["half_inside"]
         vals = (
@@ -1267,7 +1272,7 @@ def print_inside(rows: list[dict[str, Any]]) -> None:
             i["gc_over_10ms"],
             f"<={i['gc_max_bucket_ms']}",
         )
-        print("  ".join(f"{v!s:>9}" for v in vals))
+        print(_columns(vals, 9))
 
 
 def print_cpu(res: dict[str, Any]) -> None:
@@ -1280,19 +1285,14 @@ def print_cpu(res: dict[str, Any]) -> None:
     kinds = ["postgres", "rabbitmq", "worker", "redis", "load generator", "other", "total"]
     print()
     print(f"CPU per event at full load, us (whole machine; pgbench c16: {per_txn} us per transaction):")
-    print(
-        "  ".join(f"{h:>9}" for h in ("workload", "procs"))
-        + "  "
-        + "  ".join(f"{k:>14}" for k in kinds)
-        + "  pg16 txn/event"
-    )
+    print(_columns(("workload", "procs"), 9) + "  " + _columns(kinds, 14) + "  pg16 txn/event")
     for r in rows:
         c = r["cpu_us_per_event"]
         bound = ratio(per_txn, c.get("total", float("nan"))) if per_txn else float("nan")
         print(
-            "  ".join(f"{v!s:>9}" for v in (r["workload"], r["procs"]))
+            _columns((r["workload"], r["procs"]), 9)
             + "  "
-            + "  ".join(f"{c.get(k, ''):>14}" for k in kinds)
+            + _columns((c.get(k, "") for k in kinds), 14)
             + f"  {bound:>14}"
         )
 

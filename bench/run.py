@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -680,7 +681,15 @@ def worker_runs(
                 w = workload(name, f"w{procs}half{k}", plan.location_products)
                 prepare(settings, w, count)
                 seen = worker_metrics.snapshot(wp.metrics_dir)
-                half = load.drive(settings, w, count, rate=rate, seed=2 + k, probe=True)
+                half = load.drive(
+                    settings,
+                    w,
+                    count,
+                    rate=rate,
+                    seed=2 + k,
+                    probe=True,
+                    worker_pids=set(proc_tree(wp.proc.pid)),
+                )
                 inside = worker_metrics.inside(seen, worker_metrics.settled(wp.metrics_dir))
                 rounds.append(
                     {
@@ -780,10 +789,12 @@ def compare_runs(
                 }
             )
             c, r_ = pairs[-1]["current"], pairs[-1]["rev"]
+            hc, hr = half_cpu(c).get("pipeline", float("nan")), half_cpu(r_).get("pipeline", float("nan"))
             log(
                 f"compare x{procs} {name}: events/s {c['full']['throughput']:.0f} / {r_['full']['throughput']:.0f}"
                 f" = {ratio(c['full']['throughput'], r_['full']['throughput'])}; half p99"
-                f" {c['half']['p99_ms']:.0f} / {r_['half']['p99_ms']:.0f} ms"
+                f" {c['half']['p99_ms']:.0f} / {r_['half']['p99_ms']:.0f} ms; half CPU per event"
+                f" {hc:.0f} / {hr:.0f} us = {ratio(hc, hr)}"
             )
         worker.append(current)
     return worker, pairs
@@ -916,6 +927,21 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 2) if b and math.isfinite(a) and math.isfinite(b) else float("nan")
 
 
+PIPELINE = ("postgres", "rabbitmq", "worker", "redis")  # issue #16's CPU per event: the load generator apart
+
+
+def half_cpu(entry: dict[str, Any]) -> dict[str, float]:
+    """CPU per event at half load by component, each the median of the rounds, and `pipeline`
+    (PostgreSQL, RabbitMQ, the worker and Redis): what the machine spends per event at a
+    load it keeps up with, where a batch is a few events rather than a hundred."""
+    rounds = [r["cpu_us_per_event"] for r in entry.get("half_rounds", []) if r.get("cpu_us_per_event")]
+    if not rounds:
+        return {}
+    out = {k: statistics.median(c.get(k, 0.0) for c in rounds) for k in rounds[0]}
+    out["pipeline"] = round(statistics.median(sum(c.get(k, 0.0) for k in PIPELINE) for c in rounds), 1)
+    return out
+
+
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
     pgb = res["pgbench"]["tps"]
     limit16 = pgb.get("c16", float("nan"))
@@ -946,6 +972,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                     "extra_results": sum(r.get("extra_results", 0) for r in runs),
                     "oversold": any(r.get("oversold", False) for r in runs),
                     "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
+                    "half_cpu_us_per_event": half_cpu(e),
                     "half_inside": e["half"].get("inside", {}),
                     "half_p99_clear_ms": e["half"].get("p99_clear_ms", float("nan")),
                     "half_p99_clear_rounds_ms": [
@@ -1027,6 +1054,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             "cpu_us_per_event": [
                 p[side]["full"].get("cpu_us_per_event", {}).get("total") for side in ("current", "rev")
             ],
+            "half_pipeline_us": [half_cpu(p[side]).get("pipeline") for side in ("current", "rev")],
             "lost": sum(
                 r["sent"] - r["received"]
                 for side in ("current", "rev")
@@ -1145,6 +1173,8 @@ def print_table(res: dict[str, Any]) -> None:
             "p99 ratio",
             "CPU us/ev",
             "REV CPU",
+            "half CPU",
+            "REV half",
             "lost",
         )
         print(_columns(hdr, 9))
@@ -1161,6 +1191,8 @@ def print_table(res: dict[str, Any]) -> None:
                 r["half_p99_ratio"],
                 r["cpu_us_per_event"][0],
                 r["cpu_us_per_event"][1],
+                r["half_pipeline_us"][0],
+                r["half_pipeline_us"][1],
                 r["lost"],
             )
             print(_columns(vals, 9))
@@ -1295,6 +1327,19 @@ def print_cpu(res: dict[str, Any]) -> None:
             + _columns((c.get(k, "") for k in kinds), 14)
             + f"  {bound:>14}"
         )
+    half = [r for r in rows if r.get("half_cpu_us_per_event")]
+    if half:
+        kinds = [*PIPELINE, "pipeline", "load generator", "total"]
+        print()
+        print(
+            "CPU per event at half load, us (median of the rounds; pipeline: the first four; total includes the probe):"
+        )
+        print(_columns(("workload", "procs"), 9) + "  " + _columns(kinds, 14))
+        for r in half:
+            c = r["half_cpu_us_per_event"]
+            print(
+                _columns((r["workload"], r["procs"]), 9) + "  " + _columns((c.get(k, "") for k in kinds), 14)
+            )
 
 
 def draw_charts(results: Path) -> None:

@@ -38,6 +38,9 @@ def test_bench_smoke(tmp_path, monkeypatch):
         assert row["oversold"] is False, row
         cpu = row["cpu_us_per_event"]  # where the CPU went (bench/cpu.py): measured, not asserted
         assert cpu["total"] > 0 and cpu["postgres"] > 0 and cpu["load generator"] > 0, cpu
+        half = row["half_cpu_us_per_event"]  # the same at half load, median of the rounds
+        assert half["postgres"] > 0 and half["worker"] > 0, half
+        assert 0 < half["pipeline"] <= 1.1 * half["total"], half  # a part of the machine's (ticks: 10 ms)
     for wr in saved["worker"]:
         hot = wr["runs"]["hot"]
         for run_ in [hot["full"], *hot["half_rounds"]]:

@@ -9,7 +9,10 @@ pgbench spends per transaction (the baseline of the same run) shows what limits 
   cpu.per_event(events)            # {"postgres": us, "rabbitmq": us, ..., "total": us}
 
 Components are told apart by process name; the load generator's CPU is what its processes
-report (their start-up left out). Linux only: elsewhere it reports nothing rather than fail the
+report (their start-up left out). A process that ends during the run (a PostgreSQL backend or
+autovacuum worker, a consumer) is no longer there to be read at the end: its CPU is found in
+what its parent has reaped (cutime, cstime), minus what it had used before the run, and counted
+with the parent's component. Linux only: elsewhere it reports nothing rather than fail the
 benchmark.
 """
 
@@ -28,9 +31,10 @@ def run_time_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
-def process_cpu() -> dict[int, tuple[str, float]]:
-    """{pid: (name, user+system seconds)} of every process now alive."""
-    out: dict[int, tuple[str, float]] = {}
+def process_cpu() -> dict[int, tuple[str, float, float]]:
+    """{pid: (name, user+system seconds, those of its ended children it has reaped)} of every
+    process now alive."""
+    out: dict[int, tuple[str, float, float]] = {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -40,7 +44,11 @@ def process_cpu() -> dict[int, tuple[str, float]]:
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(p.name)] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
+        out[int(p.name)] = (
+            name,
+            (int(fields[11]) + int(fields[12])) / _TICK,
+            (int(fields[13]) + int(fields[14])) / _TICK,
+        )
     return out
 
 
@@ -66,14 +74,20 @@ class CpuMeter:
             return {}
         procs, busy = process_cpu(), machine_busy()
         used: dict[str, float] = {}
-        for pid, (name, seconds) in procs.items():
-            before = self._procs.get(pid)
-            delta = seconds - (before[1] if before and before[0] == name else 0.0)
-            if delta <= 0:
-                continue
+
+        def add(pid: int, name: str, seconds: float) -> None:
             kind = "worker" if pid in self.worker_pids else COMPONENTS.get(name)
             if kind:
-                used[kind] = used.get(kind, 0.0) + delta
+                used[kind] = used.get(kind, 0.0) + seconds
+
+        for pid, (name, seconds, reaped) in procs.items():
+            before = self._procs.get(pid)
+            if before and before[0] == name:
+                seconds, reaped = seconds - before[1], reaped - before[2]
+            add(pid, name, seconds + reaped)
+        for pid, (name, seconds, _) in self._procs.items():
+            if procs.get(pid, ("",))[0] != name:  # ended: its parent reaped all of its CPU
+                add(pid, name, -seconds)
         used["load generator"] = load_generator_seconds
         used["total"] = busy - self._busy
         used["other"] = max(0.0, used["total"] - sum(v for k, v in used.items() if k != "total"))

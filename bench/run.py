@@ -102,6 +102,7 @@ class Plan:
     pgbench_clients: list[int] = field(default_factory=lambda: [1, 4, 16])
     location_products: int = load.UNIFORM_PRODUCTS  # products of the locations3 workload (set up by messages)
     machine_seconds: float = 15.0  # the machine alone, probed for slowdowns first (bench/machine.py)
+    half_rate: float | None = None  # orders/s of every half-load round; None: half the full-load rate
 
 
 FULL = Plan(
@@ -674,7 +675,10 @@ def worker_runs(
                     f" receipt's transaction); once each {f['filled_once']}, FIFO {f['fifo']},"
                     f" figures {f['figures_ok']}"
                 )
-            rate = 0.5 * full.throughput if math.isfinite(full.throughput) else 100.0
+            if plan.half_rate:  # one rate for every side of a --compare: a latency change alone
+                rate = plan.half_rate
+            else:
+                rate = 0.5 * full.throughput if math.isfinite(full.throughput) else 100.0
             count = max(50, int(rate * plan.half_seconds))
             rounds = []
             for k in range(plan.half_rounds):  # each on fresh products: every sell-out checked on its own
@@ -1368,6 +1372,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="which parts to run (default all)",
     )
     ap.add_argument("--count", type=int, help="orders per full-load run")
+    ap.add_argument(
+        "--half-rate",
+        type=float,
+        metavar="N",
+        help="orders/s of the half-load rounds (default half the full-load rate of the same"
+        " worker; one rate for both sides of --compare)",
+    )
     ap.add_argument("--workloads", nargs="*", choices=WORKLOADS, help=f"{' '.join(WORKLOADS)} (default all)")
     ap.add_argument(
         "--compare",
@@ -1383,6 +1394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plan.workloads = args.workloads
     if args.procs:
         plan.procs = args.procs
+    if args.half_rate:
+        plan.half_rate = args.half_rate
     settings = bench_settings()
     logs = Path(tempfile.mkdtemp(prefix="inventory-bench-"))
     completed = interrupted = False

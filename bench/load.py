@@ -254,9 +254,16 @@ class RunResult:
     slowdowns: dict[str, Any] = field(default_factory=dict)
     in_slowdown: int = 0
     p99_clear_ms: float = float("nan")
+    # Each order's send and its result's arrival (wall clock), for bench/order_split.py; not saved.
+    sent_at: dict[str, float] = field(default_factory=dict, repr=False)
+    arrived_at: dict[str, float] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        return {
+            k: round(v, 2) if isinstance(v, float) else v
+            for k, v in self.__dict__.items()
+            if k not in ("sent_at", "arrived_at")
+        }
 
 
 def timeline(
@@ -375,6 +382,8 @@ def drive(
         slowdowns=slowdowns,
         in_slowdown=hit,
         p99_clear_ms=percentile(clear, 99),
+        sent_at=sent,
+        arrived_at=arrived,
     )
 
 

@@ -78,7 +78,7 @@ from tests.support import (
     settings_env,
 )
 
-from . import cpu, load, machine, worker_metrics
+from . import cpu, load, machine, order_split, worker_metrics
 
 # uniform: 10,000 products never running out; hot: 10 products, stock for half the orders;
 # multi5: 5-line orders; locations3: orders on a channel over three locations; flash: every order
@@ -685,6 +685,7 @@ def worker_runs(
                 w = workload(name, f"w{procs}half{k}", plan.location_products)
                 prepare(settings, w, count)
                 seen = worker_metrics.snapshot(wp.metrics_dir)
+                log_offset = wp.log_path.stat().st_size if wp.log_path else 0
                 half = load.drive(
                     settings,
                     w,
@@ -695,12 +696,14 @@ def worker_runs(
                     worker_pids=set(proc_tree(wp.proc.pid)),
                 )
                 inside = worker_metrics.inside(seen, worker_metrics.settled(wp.metrics_dir))
+                lines = order_split.handled(wp.log_path, log_offset) if wp.log_path else {}
                 rounds.append(
                     {
                         "rate": round(rate, 1),
                         **half.as_dict(),
                         **check_run(settings, w, half, count),
                         "inside": inside,
+                        "split": order_split.split(half.sent_at, half.arrived_at, lines),
                     }
                 )
             # The median round by p99 is the figure (a shared machine's stray stall aside); every
@@ -978,6 +981,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                     "cpu_us_per_event": e["full"].get("cpu_us_per_event", {}),
                     "half_cpu_us_per_event": half_cpu(e),
                     "half_inside": e["half"].get("inside", {}),
+                    "half_split": e["half"].get("split", {}),
                     "half_p99_clear_ms": e["half"].get("p99_clear_ms", float("nan")),
                     "half_p99_clear_rounds_ms": [
                         r.get("p99_clear_ms", float("nan")) for r in e.get("half_rounds", [e["half"]])
@@ -1309,6 +1313,27 @@ def print_inside(rows: list[dict[str, Any]]) -> None:
             f"<={i['gc_max_bucket_ms']}",
         )
         print(_columns(vals, 9))
+    split = [r for r in rows if r.get("half_split", {}).get("orders")]
+    if split:
+        print()
+        print(
+            "where the slowest 1 % of the reported round's orders spent their time, mean ms"
+            " (bench/order_split.py): before the read (of which the batch in hand), in the worker, after"
+        )
+        print(_columns(("workload", "procs", "p99", "slowest", "in hand", "before", "in worker", "after"), 9))
+        for r in split:
+            t = r["half_split"]["slowest_1pct_ms"]
+            vals = (
+                r["workload"],
+                r["procs"],
+                r["half_split"]["p99_ms"],
+                t["total"],
+                t["batch_in_hand"],
+                t["before_read_other"],
+                t["in_worker"],
+                t["after"],
+            )
+            print(_columns(vals, 9))
 
 
 def print_cpu(res: dict[str, Any]) -> None:

@@ -31,8 +31,11 @@ PREFETCH, ACK_EVERY = 200, 100
 
 
 def fill(url: str, queue: str, n: int) -> None:
+    """n messages in the queue, each confirmed by the broker: one it did not take would leave
+    drain() waiting for it."""
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()
+    ch.confirm_delivery()  # basic_publish now waits for the broker's ack, and raises on a nack
     props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
     for _ in range(n):
         body = orjson.dumps(
@@ -50,8 +53,9 @@ def fill(url: str, queue: str, n: int) -> None:
     conn.close()
 
 
-def drain(url: str, queue: str, n: int) -> float:
-    """Microseconds of this process's CPU per message, receiving and acking `n`."""
+def drain(url: str, queue: str, n: int, timeout: float = 120.0) -> float:
+    """Microseconds of this process's CPU per message, receiving and acking `n` (an error if
+    they do not all come within `timeout` seconds)."""
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()
     ch.basic_qos(prefetch_count=PREFETCH)
@@ -63,7 +67,11 @@ def drain(url: str, queue: str, n: int) -> float:
     ch.basic_consume(queue, on_message)
     acked = 0
     started = time.process_time()
+    deadline = time.monotonic() + timeout
     while len(tags) < n:
+        if time.monotonic() > deadline:
+            conn.close()
+            raise RuntimeError(f"only {len(tags)} of {n} messages came back from {queue} in {timeout:.0f} s")
         conn.process_data_events(time_limit=0.05)
         if len(tags) - acked >= ACK_EVERY or (len(tags) == n and acked < n):
             ch.basic_ack(tags[-1], multiple=True)
@@ -88,8 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     installed = conn_class._on_data_available
     res: dict[str, Any] = {name: [] for name in readers}
     res["queue"] = queue
+    # Connections of their own for the declare and the delete: one held open through the rounds
+    # without running its I/O loop misses its heartbeats, and the broker closes it.
     admin = pika.BlockingConnection(pika.URLParameters(url))
     admin.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    admin.close()
     try:
         for r in range(args.rounds):
             for name in list(readers) if r % 2 == 0 else list(readers)[::-1]:
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         reaper.hold()
         try:
+            admin = pika.BlockingConnection(pika.URLParameters(url))
             admin.channel().queue_delete(queue)
             admin.close()
         except Exception as exc:  # the broker went away: nothing left to delete from here

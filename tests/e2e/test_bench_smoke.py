@@ -195,3 +195,23 @@ def test_receive_measures_both_readers_and_deletes_its_queue():
             conn.channel().queue_declare(res["queue"], passive=True)
     finally:
         conn.close()
+
+
+def test_receive_stops_waiting_for_messages_that_never_come():
+    """bench.receive's drain gives up with an error instead of waiting for ever (a lost
+    message once hung the suite until its timeout)."""
+    import uuid
+
+    from bench import receive
+
+    url = str(run.bench_settings().rabbitmq.url)
+    queue = f"bench.receive.{uuid.uuid4().hex[:8]}"
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        conn.channel().queue_declare(queue)
+        receive.fill(url, queue, 2)
+        with pytest.raises(RuntimeError, match="only 2 of 5 messages"):
+            receive.drain(url, queue, 5, timeout=1.0)
+    finally:
+        conn.channel().queue_delete(queue)
+        conn.close()

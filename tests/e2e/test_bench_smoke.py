@@ -79,15 +79,15 @@ def test_bench_smoke(tmp_path, monkeypatch):
             assert 0 < inside["apply_p50_ms"] <= inside["apply_p99_ms"], inside
             assert 0 < inside["in_worker_p50_ms"] <= inside["in_worker_p99_ms"], inside
             assert inside["gc_pauses"] >= inside["gc_over_10ms"] >= 0, inside
-        # each order's time split by the worker's log lines (bench/order_split.py): all of them
-        # found, and the slowest orders' parts add up to their time
+        # each order's time split by the worker's log lines (bench/order_split.py): every
+        # order's line found, so the split's p99 is the round's own
         for run_ in uniform["half_rounds"]:
             split = run_["split"]
             assert split["orders"] == run_["received"], split
+            assert split["p99_ms"] == pytest.approx(run_["p99_ms"], abs=0.1), (split, run_["p99_ms"])
             t = split["slowest_1pct_ms"]
-            parts = t["batch_in_hand"] + t["before_read_other"] + t["in_worker"] + t["after"]
-            assert parts == pytest.approx(t["total"], abs=0.5), t
-            assert t["batch_in_hand"] >= 0 and t["in_worker"] > 0, t
+            assert t["total"] >= split["p99_ms"] - 0.1, t
+            assert t["batch_in_hand"] >= 0 and 0 < t["in_worker"] < t["total"], t
         # every half-load round was probed for the machine's own slowdowns (bench/machine.py):
         # each answered order counted as in flight during one, or in the clear p99
         for run_ in uniform["half_rounds"]:

@@ -52,6 +52,17 @@ BEGIN
       FROM unnest(p_messages) AS m;
 END $$;
 
+-- The outbox rows of the messages a batch's results carry (apply_events()). Generic plan: the
+-- planner costs a join of two set-returning functions over the results lower when it sees the
+-- array, so it planned this anew for every batch (35 to 45 us) instead of keeping a plan.
+CREATE OR REPLACE FUNCTION write_outbox_of(p_results jsonb[]) RETURNS void
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    INSERT INTO outbox (id, message_id, routing_key, body)
+    SELECT (m->>'outbox_id')::bigint, (m->>'message_id')::uuid, m->>'routing_key', m->'body'
+      FROM unnest(p_results) AS r, jsonb_array_elements(r->'messages') AS m;
+END $$;
+
 -- A level's `available`: sellable units (on hand, neither damaged nor in quality control) not
 -- reserved, above the safety stock floor; never negative (a count may take it below the floor).
 CREATE OR REPLACE FUNCTION level_available(p_on_hand bigint, p_reserved bigint, p_damaged bigint,

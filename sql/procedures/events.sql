@@ -51,7 +51,11 @@ DECLARE
     v_fill_batch integer := coalesce((p_options->>'backorder_fill_batch')::integer, 100);
 BEGIN
     -- 1. Every event is checked (checks.sql) before anything is written.
-    SELECT ord, problem INTO v_bad FROM event_problems(p_events) WHERE problem IS NOT NULL ORDER BY ord LIMIT 1;
+    --    OFFSET 0 keeps the filter out of the inlined function: pushed into it, the filter
+    --    held a second copy of the whole CASE, and compiling both, at every batch, was most
+    --    of this query's cost (104 against 66 us for one event).
+    SELECT ord, problem INTO v_bad FROM (SELECT * FROM event_problems(p_events) OFFSET 0) e
+     WHERE problem IS NOT NULL ORDER BY ord LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'invalid event: %', v_bad.problem USING ERRCODE = 'invalid_parameter_value',
             DETAIL = format('event %s of %s in the batch', v_bad.ord, jsonb_array_length(p_events));
@@ -79,13 +83,15 @@ BEGIN
     --    the others, which carry other content than their id did the first time (compared
     --    with the stored digest, else with the id's first event in this batch; a stored row
     --    from before digests were kept has none: a duplicate, as it always was).
+    --    The events' ids, types and data come out as arrays in the same query.
     SELECT array_agg(e.n = 1 AND p.event_id IS NULL ORDER BY e.ord),
            array_agg(coalesce(CASE WHEN p.event_id IS NOT NULL THEN p.digest <> e.digest
                                    ELSE e.first_digest <> e.digest END, false) ORDER BY e.ord),
-           array_agg(e.digest ORDER BY e.ord)
-      INTO v_fresh, v_reused, v_event_digests
-      FROM (SELECT ord, id, digest, row_number() OVER w AS n, first_value(digest) OVER w AS first_digest
-              FROM (SELECT ord, (ev->>'id')::uuid AS id,
+           array_agg(e.digest ORDER BY e.ord), array_agg(e.id ORDER BY e.ord),
+           array_agg(e.type ORDER BY e.ord), array_agg(e.data ORDER BY e.ord)
+      INTO v_fresh, v_reused, v_event_digests, v_event_ids, v_event_types, v_event_data
+      FROM (SELECT ord, id, type, data, digest, row_number() OVER w AS n, first_value(digest) OVER w AS first_digest
+              FROM (SELECT ord, (ev->>'id')::uuid AS id, ev->>'type' AS type, ev->'data' AS data,
                            md5((ev->>'type') || ' ' || (ev->'data')::text)::uuid AS digest
                       FROM jsonb_array_elements(p_events) WITH ORDINALITY AS t(ev, ord)) i
             WINDOW w AS (PARTITION BY id ORDER BY ord)) e
@@ -97,10 +103,6 @@ BEGIN
 
     -- 4. The events, in order; a run of new order.placed (or order.completed) events at once
     --    where place_orders() (or complete_orders()) can take it.
-    SELECT array_agg((ev->>'id')::uuid ORDER BY ord), array_agg(ev->>'type' ORDER BY ord),
-           array_agg(ev->'data' ORDER BY ord)
-      INTO v_event_ids, v_event_types, v_event_data
-      FROM jsonb_array_elements(p_events) WITH ORDINALITY AS t(ev, ord);
     WHILE i <= coalesce(cardinality(v_event_ids), 0) LOOP
         IF i > v_one_by_one_until AND v_fresh[i] AND v_event_types[i] IN ('order.placed', 'order.completed') THEN
             j := i;
@@ -173,7 +175,7 @@ BEGIN
         -- its original). Undo it all; the worker retries and then finds a duplicate.
         RAISE EXCEPTION 'an event of this batch was applied concurrently' USING ERRCODE = 'serialization_failure';
     END;
-    PERFORM write_outbox(ARRAY(SELECT m FROM unnest(v_results) r, jsonb_array_elements(r->'messages') m));
+    PERFORM write_outbox_of(v_results);
     RETURN to_jsonb(v_results);
 END $$;
 

@@ -77,8 +77,7 @@ def measure(
         ]
         # The worker's statement: the previous batch's marks and this batch in one transaction.
         cur.execute(
-            ("SELECT mark_published(%s::bigint[]); " if marks else "")
-            + "SELECT apply_events(%s::jsonb, %s)",
+            ("SELECT mark_published(%s::bigint[]); " if marks else "") + "SELECT apply_events(%s::jsonb, %s)",
             ((marks,) if marks else ())
             + (orjson.dumps(events).decode(), settings.worker.default_reservation_ttl_seconds),
         )

@@ -15,6 +15,13 @@ close together make an episode. With the episodes the benchmark reports, beside 
 the p99 of the orders that were *not* in flight during one, and how many were: what the
 pipeline gives while the machine runs at speed. That figure explains the p99; it does not
 replace it. `python -m bench.machine [SECONDS]` measures the machine alone.
+
+`idle_cost()` measures another trait of these VMs: the same piece of work costs more CPU
+after a pause of a few milliseconds than right after the last one (about 1.4x for a Python
+loop of 0.8 ms after 7 ms asleep, on 2026-11-30; a PostgreSQL backend applying batches of 20
+orders: 1.35x after 7 ms, nothing after 1 ms). At half load every process of the pipeline
+sleeps between small batches, so its CPU per event includes that price; at full load nobody
+sleeps. Reported beside the half-load CPU, it tells how much of the gap is the machine's.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ CHUNK_LOOPS = 3000  # about 0.2 ms of CPU here
 PERIOD_S = 0.01  # a chunk every 10 ms: 2 % of one core
 SLOW_FACTOR = 3.0  # a chunk this many times slower than the median is slowed down
 GAP_S = 0.05  # slow chunks closer than this belong to one episode
+
+
+IDLE_DATA = 200_000  # floats walked with a stride by idle_cost()'s piece of work (a few MB)
+IDLE_STRIDE = 7  # about 0.8 ms of CPU here
+IDLE_PAUSE_S = 0.007  # about a half-load batch's cycle at 2 processes
 
 
 def _chunk() -> int:
@@ -157,6 +169,42 @@ class Probe:
         return eps, summary(eps, median, seconds)
 
 
+def idle_cost(rounds: int = 6, chunks: int = 150, pause_s: float = IDLE_PAUSE_S) -> dict[str, Any]:
+    """CPU per piece of work done back to back and after `pause_s` asleep, in alternating
+    rounds (medians), and their ratio."""
+    data = [float(i % 1000) for i in range(IDLE_DATA)]
+
+    def work() -> float:  # a loop, not sum(data[::7]): a slice allocates, and page faults count
+        s = 0.0
+        for i in range(0, IDLE_DATA, IDLE_STRIDE):
+            s += data[i]
+        return s
+
+    per: dict[str, list[float]] = {"busy": [], "after_pause": []}
+    for r in range(rounds):
+        for mode in ("busy", "after_pause") if r % 2 == 0 else ("after_pause", "busy"):
+            c0 = time.thread_time()
+            for _ in range(chunks):
+                if mode == "after_pause":
+                    c0 += _sleep_uncounted(pause_s)
+                work()
+            per[mode].append((time.thread_time() - c0) / chunks)
+    busy, after = (sorted(v)[len(v) // 2] for v in per.values())
+    return {
+        "pause_ms": round(pause_s * 1000, 1),
+        "busy_us": round(busy * 1e6, 1),
+        "after_pause_us": round(after * 1e6, 1),
+        "ratio": round(after / busy, 2),
+    }
+
+
+def _sleep_uncounted(seconds: float) -> float:
+    """Sleeps; returns the thread's CPU time the sleep call itself took, to leave out."""
+    c0 = time.thread_time()
+    time.sleep(seconds)
+    return time.thread_time() - c0
+
+
 def alone(seconds: float) -> dict[str, Any]:
     """The machine's episodes with nothing of the benchmark running."""
     probe = Probe().start()
@@ -169,3 +217,4 @@ def alone(seconds: float) -> dict[str, Any]:
 
 if __name__ == "__main__":
     print(alone(float(sys.argv[1]) if len(sys.argv) > 1 else 15.0))
+    print(idle_cost())

@@ -102,6 +102,7 @@ class Plan:
     pgbench_clients: list[int] = field(default_factory=lambda: [1, 4, 16])
     location_products: int = load.UNIFORM_PRODUCTS  # products of the locations3 workload (set up by messages)
     machine_seconds: float = 15.0  # the machine alone, probed for slowdowns first (bench/machine.py)
+    idle_chunks: int = 150  # pieces of work per round of machine.idle_cost()
     half_rate: float | None = None  # orders/s of every half-load round; None: half the full-load rate
 
 
@@ -126,6 +127,7 @@ SMOKE = Plan(
     pgbench_clients=[1, 16],
     location_products=1_000,
     machine_seconds=2.0,
+    idle_chunks=20,
 )
 
 # Workloads set up by messages REV's worker may not know (--compare runs them on this checkout only).
@@ -1225,7 +1227,7 @@ def print_slowdowns(res: dict[str, Any]) -> None:
     """The half-load p99 beside the machine's own slowdowns (bench/machine.py) in the same round."""
     alone = res["machine"].get("slowdowns_alone")
     rows = [r for r in res["summary"]["rows"] if r.get("half_slowdowns")]
-    if not alone and not rows:
+    if not alone and not rows and not res["machine"].get("idle_cost"):
         return
     print()
     if alone:
@@ -1234,6 +1236,13 @@ def print_slowdowns(res: dict[str, Any]) -> None:
             f" 10 ms): {alone['per_minute']} slowdowns a minute, {alone['slowed_share'] * 100:.1f} % of the"
             f" time; median episode >= {alone['episode_ms_p50']} ms (max {alone['episode_ms_max']}),"
             f" {alone['factor_p50']}x slower"
+        )
+    idle = res["machine"].get("idle_cost")
+    if idle:
+        print(
+            f"the same work after a {idle['pause_ms']} ms pause: {idle['after_pause_us']} us of CPU against"
+            f" {idle['busy_us']} back to back ({idle['ratio']}x); the half-load CPU per event includes"
+            " that price, paid by every process that sleeps between small batches"
         )
     if not rows:
         return
@@ -1455,6 +1464,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # down, and by how much (the half-load rounds are probed the same way).
         res["machine"]["slowdowns_alone"] = machine.alone(plan.machine_seconds)
         log(f"the machine alone: {res['machine']['slowdowns_alone']}")
+        # And what a pause costs the work after it: the half-load rounds pay it at every batch.
+        res["machine"]["idle_cost"] = machine.idle_cost(chunks=plan.idle_chunks)
+        log(f"work after a pause: {res['machine']['idle_cost']}")
         res["pgbench"] = (
             pgbench(settings, plan)
             if "pgbench" in parts

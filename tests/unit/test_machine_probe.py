@@ -87,3 +87,20 @@ def test_a_probe_whose_benchmark_is_killed_stops_by_itself():
     else:
         os.kill(pid, 9)
         pytest.fail("the probe outlived its parent")
+
+
+def test_idle_cost_leaves_the_pause_itself_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the work is counted: a pause that burns CPU itself (here, a busy wait of 7 ms
+    against about 1 ms of work) must not show in the work's cost after it."""
+    from bench import machine
+
+    def busy_wait(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    monkeypatch.setattr(machine.time, "sleep", busy_wait)
+    figures = machine.idle_cost(rounds=2, chunks=5, pause_s=0.007)
+    assert figures["pause_ms"] == 7.0 and figures["busy_us"] > 0
+    assert figures["ratio"] == round(figures["after_pause_us"] / figures["busy_us"], 2)
+    assert figures["ratio"] < 3, figures  # with the 7 ms counted it would be about 8

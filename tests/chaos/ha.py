@@ -383,8 +383,8 @@ class RedisSentinels:
         new_port = self.master_port()
         old.start(["--replicaof", self.address, str(new_port)])
         # Replicated again, whichever is master by then: on a slow machine the sentinels (1 s
-        # down-after) have judged the new master down too and promoted the old one, just back
-        # and empty, which then never reported a link to a master.
+        # down-after) may judge the new master down too and promote the old one, just back and
+        # empty, which then never reports a link to a master (seen once in CI).
         wait_until(self.replicated, 60, "the old master back, the pair replicated again")
         return {
             "promoted_after": round(t_promoted - t0, 2),
@@ -453,16 +453,6 @@ class RabbitCluster:
             n.ctl("join_cluster", first.node)
             n.start_app()
         wait_until(lambda: all(m.node in first.ctl("cluster_status") for m in self.nodes), 60, "cluster")
-
-    def replicated(self) -> bool:
-        """The master the sentinels name has the other server as a replica, in sync."""
-        port = self.master_port()
-        replica = next(s for s in self.servers if s.port != port).client().info("replication")
-        return (
-            replica["role"] == "slave"
-            and int(replica["master_port"]) == port
-            and replica["master_link_status"] == "up"
-        )
 
     def addresses(self, address: str = "127.0.0.1") -> list[str]:
         return [f"{address}:{n.port}" for n in self.nodes]

@@ -21,7 +21,7 @@ after a pause of a few milliseconds than right after the last one (about 1.4x fo
 loop of 0.8 ms after 7 ms asleep, on 2026-11-30; a PostgreSQL backend applying batches of 20
 orders: 1.35x after 7 ms, nothing after 1 ms). At half load every process of the pipeline
 sleeps between small batches, so its CPU per event includes that price; at full load nobody
-sleeps. Reported beside the half-load CPU, it tells how much of the gap is the machine's.
+sleeps. `make bench` prints it with the machine's slowdowns: read the half-load CPU against it.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ GAP_S = 0.05  # slow chunks closer than this belong to one episode
 
 IDLE_DATA = 200_000  # floats walked with a stride by idle_cost()'s piece of work (a few MB)
 IDLE_STRIDE = 7  # about 0.8 ms of CPU here
+IDLE_SMALL = 256  # floats of the same walk's small variant (a few KB, cached throughout)
 IDLE_PAUSE_S = 0.007  # about a half-load batch's cycle at 2 processes
 
 
@@ -171,31 +172,45 @@ class Probe:
 
 def idle_cost(rounds: int = 6, chunks: int = 150, pause_s: float = IDLE_PAUSE_S) -> dict[str, Any]:
     """CPU per piece of work done back to back and after `pause_s` asleep, in alternating
-    rounds (medians), and their ratio."""
-    data = [float(i % 1000) for i in range(IDLE_DATA)]
+    rounds (medians), and their ratio; the same for a loop of as many steps over a few KB
+    (`small_*`): where only the large one pays, the price is the caches."""
+    large = [float(i % 1000) for i in range(IDLE_DATA)]
+    small = large[:IDLE_SMALL]
+    steps = len(range(0, IDLE_DATA, IDLE_STRIDE))
 
-    def work() -> float:  # a loop, not sum(data[::7]): a slice allocates, and page faults count
+    def walk_large() -> float:  # a loop, not sum(data[::7]): a slice allocates, and page faults count
         s = 0.0
         for i in range(0, IDLE_DATA, IDLE_STRIDE):
-            s += data[i]
+            s += large[i]
         return s
 
-    per: dict[str, list[float]] = {"busy": [], "after_pause": []}
-    for r in range(rounds):
-        for mode in ("busy", "after_pause") if r % 2 == 0 else ("after_pause", "busy"):
-            c0 = time.thread_time()
-            for _ in range(chunks):
-                if mode == "after_pause":
-                    c0 += _sleep_uncounted(pause_s)
-                work()
-            per[mode].append((time.thread_time() - c0) / chunks)
-    busy, after = (sorted(v)[len(v) // 2] for v in per.values())
-    return {
-        "pause_ms": round(pause_s * 1000, 1),
-        "busy_us": round(busy * 1e6, 1),
-        "after_pause_us": round(after * 1e6, 1),
-        "ratio": round(after / busy, 2),
-    }
+    def walk_small() -> float:
+        s = 0.0
+        for i in range(steps):
+            s += small[i % IDLE_SMALL]
+        return s
+
+    out: dict[str, Any] = {"pause_ms": round(pause_s * 1000, 1)}
+    for prefix, work in (("", walk_large), ("small_", walk_small)):
+        per: dict[str, list[float]] = {"busy": [], "after_pause": []}
+        for r in range(rounds):
+            for mode in ("busy", "after_pause") if r % 2 == 0 else ("after_pause", "busy"):
+                c0 = time.thread_time()
+                for _ in range(chunks):
+                    if mode == "after_pause":
+                        c0 += _sleep_uncounted(pause_s)
+                    work()
+                per[mode].append((time.thread_time() - c0) / chunks)
+        busy, after = (round(sorted(v)[len(v) // 2] * 1e6, 1) for v in per.values())
+        # The ratio of the figures as reported, so that they agree to the last digit.
+        out.update(
+            {
+                prefix + "busy_us": busy,
+                prefix + "after_pause_us": after,
+                prefix + "ratio": round(after / busy, 2),
+            }
+        )
+    return out
 
 
 def _sleep_uncounted(seconds: float) -> float:

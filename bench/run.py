@@ -1241,7 +1241,8 @@ def print_slowdowns(res: dict[str, Any]) -> None:
     if idle:
         print(
             f"the same work after a {idle['pause_ms']} ms pause: {idle['after_pause_us']} us of CPU against"
-            f" {idle['busy_us']} back to back ({idle['ratio']}x); the half-load CPU per event includes"
+            f" {idle['busy_us']} back to back ({idle['ratio']}x; over a few KB {idle['small_ratio']}x: the"
+            " caches); the half-load CPU per event includes"
             " that price, paid by every process that sleeps between small batches"
         )
     if not rows:

@@ -27,6 +27,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert saved["machine"]["slowdowns_alone"]["chunk_cpu_us"] > 0  # the machine alone, probed first
     idle = saved["machine"]["idle_cost"]  # and the price of a pause
     assert idle["busy_us"] > 0 and idle["ratio"] == round(idle["after_pause_us"] / idle["busy_us"], 2)
+    assert idle["small_ratio"] == round(idle["small_after_pause_us"] / idle["small_busy_us"], 2)
     assert saved["naive"] and saved["worker"]
     # the naive consumer: the same workloads (but locations3) with as many processes as the worker
     assert {(n["workload"], n["procs"]) for n in saved["naive"]} == {

@@ -314,6 +314,16 @@ class WorkerSettings(_Section):
             " messages that came while the last batch was applied go at once."
         ),
     )
+    fill_lowest_process_first: bool = Field(
+        True,
+        description=(
+            "Consumer process N consumes with RabbitMQ consumer priority -N: the broker gives"
+            " input to the lowest-numbered process with room in its prefetch window, and to the"
+            " next only when that one's is full. Below full load fewer processes take bigger"
+            " batches (less CPU per event, a shorter tail); at full load all of them work."
+            " false: round-robin over all processes."
+        ),
+    )
     default_reservation_ttl_seconds: int = Field(
         900,
         ge=1,

@@ -74,6 +74,7 @@ class ConsumerConfig:
     batch_size: int = 100
     batch_max_wait_ms: int = 5
     max_message_bytes: int = 1_048_576
+    fill_lowest_process_first: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsumerConfig:
@@ -84,6 +85,7 @@ class ConsumerConfig:
             batch_size=w.batch_size,
             batch_max_wait_ms=w.batch_max_wait_ms,
             max_message_bytes=w.max_message_bytes,
+            fill_lowest_process_first=w.fill_lowest_process_first,
         )
 
 
@@ -237,7 +239,11 @@ class Consumer:
             def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
                 buffer.append(Delivery(method, properties, body, self.clock()))
 
-            consumer_tag = channel.basic_consume(w.queue, on_message_callback=on_message)
+            # Lowest-numbered process first (RabbitMQ consumer priorities): below full load
+            # fewer processes take bigger batches; the next gets input once this one's
+            # prefetch window is full.
+            arguments = {"x-priority": -self.slot.slot} if w.fill_lowest_process_first else None
+            consumer_tag = channel.basic_consume(w.queue, on_message_callback=on_message, arguments=arguments)
             self.attached = True
             log.info("consuming", queue=w.queue, batch_size=w.batch_size)
             max_wait = w.batch_max_wait_ms / 1000.0

@@ -45,7 +45,10 @@ class AmqpChannel(Protocol):
     def basic_qos(self, *, prefetch_count: int) -> Any: ...
 
     def basic_consume(
-        self, queue: str, on_message_callback: Callable[[Any, Any, Any, bytes], None]
+        self,
+        queue: str,
+        on_message_callback: Callable[[Any, Any, Any, bytes], None],
+        arguments: dict[str, Any] | None = None,
     ) -> Any: ...
 
     def basic_cancel(self, consumer_tag: Any) -> Any: ...

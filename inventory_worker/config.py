@@ -314,14 +314,17 @@ class WorkerSettings(_Section):
             " messages that came while the last batch was applied go at once."
         ),
     )
-    fill_lowest_process_first: bool = Field(
-        True,
+    round_robin_processes: int | None = Field(
+        None,
+        ge=1,
+        le=256,
         description=(
-            "Consumer process N consumes with RabbitMQ consumer priority -N: the broker gives"
-            " input to the lowest-numbered process with room in its prefetch window, and to the"
-            " next only when that one's is full. Below full load fewer processes take bigger"
-            " batches (less CPU per event, a shorter tail); at full load all of them work."
-            " false: round-robin over all processes."
+            "How many consumer processes share the input round-robin. Process N consumes with"
+            " RabbitMQ consumer priority -(N // this): processes 0 to this - 1 share the input,"
+            " the next as many get some only while all of those have full prefetch windows, and"
+            " so on. Below full load the processes beyond them wait idle and the busy ones take"
+            " bigger batches; at full load all work. null: one per CPU (with the default"
+            " `processes`, plain round-robin); 1: the lowest-numbered process first."
         ),
     )
     default_reservation_ttl_seconds: int = Field(

@@ -17,6 +17,7 @@ table) or an unpublished outbox row (published later by the relay with the same 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -74,7 +75,7 @@ class ConsumerConfig:
     batch_size: int = 100
     batch_max_wait_ms: int = 5
     max_message_bytes: int = 1_048_576
-    fill_lowest_process_first: bool = True
+    round_robin_processes: int | None = None  # None: all share the input (from_settings: one per CPU)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsumerConfig:
@@ -85,7 +86,7 @@ class ConsumerConfig:
             batch_size=w.batch_size,
             batch_max_wait_ms=w.batch_max_wait_ms,
             max_message_bytes=w.max_message_bytes,
-            fill_lowest_process_first=w.fill_lowest_process_first,
+            round_robin_processes=w.round_robin_processes or os.cpu_count() or 1,
         )
 
 
@@ -239,11 +240,13 @@ class Consumer:
             def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
                 buffer.append(Delivery(method, properties, body, self.clock()))
 
-            # Lowest-numbered process first (RabbitMQ consumer priorities): below full load
-            # fewer processes take bigger batches; the next gets input once this one's
-            # prefetch window is full.
-            arguments = {"x-priority": -self.slot.slot} if w.fill_lowest_process_first else None
-            consumer_tag = channel.basic_consume(w.queue, on_message_callback=on_message, arguments=arguments)
+            # Processes beyond the first `round_robin_processes` take input only while those
+            # have full prefetch windows (RabbitMQ consumer priorities): below full load fewer
+            # processes take bigger batches instead of all of them small ones.
+            priority = -(self.slot.slot // w.round_robin_processes) if w.round_robin_processes else 0
+            consumer_tag = channel.basic_consume(
+                w.queue, on_message_callback=on_message, arguments={"x-priority": priority}
+            )
             self.attached = True
             log.info("consuming", queue=w.queue, batch_size=w.batch_size)
             max_wait = w.batch_max_wait_ms / 1000.0

@@ -1,9 +1,10 @@
-"""Input goes to the lowest-numbered consumer process with room (`worker.fill_lowest_process_first`).
+"""Processes beyond the first `worker.round_robin_processes` get input only as overflow.
 
-Each consumer process N consumes with RabbitMQ consumer priority -N. Below full load the first
-process takes everything (fewer, bigger batches); the next gets input as soon as the first's
-prefetch window is full, so a process stuck in a long transaction holds up no more than its
-window. Two real consumers on one quorum queue, told apart by the events each applied."""
+Consumer process N consumes with RabbitMQ consumer priority -(N // round_robin_processes).
+With 1, process 0 takes everything below full load (fewer, bigger batches); process 1 gets input
+as soon as process 0's prefetch window is full, so a process stuck in a long transaction holds
+up no more than its window. With 2, the two share it round-robin. Two real consumers on one
+quorum queue, told apart by the events each applied."""
 
 from __future__ import annotations
 
@@ -65,9 +66,9 @@ def _with(settings: Any, tag: str, **worker: Any) -> Any:
     return s.model_copy(update={"worker": s.worker.model_copy(update=worker)})
 
 
-@pytest.mark.parametrize("lowest_first", [True, False])
-def test_light_input_goes_to_the_first_process_only_when_asked(settings, lowest_first):
-    s = _with(settings, "prio-light", fill_lowest_process_first=lowest_first)
+@pytest.mark.parametrize("round_robin", [1, 2])
+def test_light_input_goes_to_the_first_process_unless_they_share(settings, round_robin):
+    s = _with(settings, "prio-light", round_robin_processes=round_robin)
     with _two_consumers(s) as (bus, applied):
         product = uid("PRIO")
         sent = []
@@ -77,7 +78,7 @@ def test_light_input_goes_to_the_first_process_only_when_asked(settings, lowest_
             sent.append(ev["id"])
         assert figures(s, product) == (20, 0)
         assert sorted(applied[0] + applied[1]) == sorted(sent)  # each applied once
-        if lowest_first:
+        if round_robin == 1:
             assert (len(applied[0]), len(applied[1])) == (20, 0)
         else:  # round-robin: both take a share
             assert applied[0] and applied[1]
@@ -86,7 +87,7 @@ def test_light_input_goes_to_the_first_process_only_when_asked(settings, lowest_
 def test_the_next_process_takes_over_once_the_first_is_full(settings):
     """The first consumer stuck on a row lock holds its prefetch window (2 x batch_size) and no
     more: the rest of the input is applied by the second meanwhile, and nothing twice."""
-    s = _with(settings, "prio-full", batch_size=10)  # a window of 20
+    s = _with(settings, "prio-full", batch_size=10, round_robin_processes=1)  # a window of 20
     window = 2 * s.worker.batch_size
     with _two_consumers(s) as (bus, applied):
         stuck, free = uid("STUCK"), uid("FREE")

@@ -227,7 +227,6 @@ class FakeChannel:
         self.acks: list[tuple[int, bool]] = []
         self.callback: Callable[[Any, Any, Any, bytes], None] | None = None
         self.prefetch = 0
-        self.consume_arguments: dict[str, Any] | None = None
         self.cancelled = False
 
     def basic_qos(self, *, prefetch_count: int) -> None:
@@ -240,7 +239,6 @@ class FakeChannel:
         arguments: dict[str, Any] | None = None,
     ) -> str:
         self.callback = on_message_callback
-        self.consume_arguments = arguments
         return "ctag-1"
 
     def basic_cancel(self, consumer_tag: str) -> None:

@@ -15,8 +15,8 @@
    a backorder limit: all backordered up to the limit; then one stock.received, and the fills
    that follow it are timed and checked); at full load (flat out) and half load (open loop at
    half the full-load rate, for latency, per 0.5 s window too).
-   With --compare REV, the worker part runs both REV's worker (its inventory_worker/ and sql/,
-   exported to a temporary folder) and this checkout's, taking turns per workload and process
+   With --compare REV, the worker part runs both REV's worker (its inventory_worker/, sql/ and
+   config/, exported to a temporary folder) and this checkout's, taking turns per workload and process
    count, each on a fresh database, and prints this checkout's figures over REV's.
 3. GET /inventory/{id} under wrk (32 connections): the API under granian (2 and 1 worker
    processes) and under the standard library's server, against the yardstick of the issue: a
@@ -68,6 +68,7 @@ from tests.support import (
     REPO,
     TEST_TOKEN,
     WorkerProcess,
+    config_of,
     delete_redis_keys,
     delete_topology,
     drop_database,
@@ -610,7 +611,11 @@ def fresh_state(settings: Settings, tag: str) -> Settings:
 
 def migrate_with(settings: Settings, code: Path) -> None:
     """Migrates with another version's sql/ and migration code (its `inventory-worker migrate`)."""
-    env = {**settings_env(settings, only_changed=True), "PYTHONPATH": str(code)}
+    env = {
+        **settings_env(settings, only_changed=True),
+        "PYTHONPATH": str(code),
+        "INVENTORY_CONFIG": str(config_of(code)),
+    }
     res = subprocess.run(
         [sys.executable, "-m", "inventory_worker", "migrate"],
         cwd=code,
@@ -733,7 +738,7 @@ def worker_runs(
 
 
 def export_rev(rev: str, dest: Path) -> str:
-    """REV's inventory_worker/ and sql/ into dest (git archive); returns REV's commit."""
+    """REV's inventory_worker/, sql/ and config/ into dest (git archive); returns REV's commit."""
     sha = subprocess.run(
         ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
         cwd=REPO,
@@ -741,8 +746,14 @@ def export_rev(rev: str, dest: Path) -> str:
         text=True,
         check=True,
     ).stdout.strip()
+    paths = ["inventory_worker", "sql"]
+    has_config = subprocess.run(
+        ["git", "cat-file", "-e", f"{sha}:config/config.yaml"], cwd=REPO, capture_output=True
+    )
+    if has_config.returncode == 0:  # its own: this checkout's may hold keys REV refuses
+        paths.append("config")
     archive = subprocess.run(
-        ["git", "archive", "--format=tar", sha, "inventory_worker", "sql"],
+        ["git", "archive", "--format=tar", sha, *paths],
         cwd=REPO,
         capture_output=True,
         check=True,

@@ -35,6 +35,7 @@ from inventory_worker.config import Settings, TokenSettings
 from inventory_worker.contract import make_event
 
 REPO = Path(__file__).resolve().parent.parent
+CONFIG_FILE = REPO / "config" / "config.yaml"  # what workers started by the tests read
 
 # The bearer token every test worker accepts with the role inventory:read: isolated_settings puts
 # it in the settings, settings_env in every worker's environment (INVENTORY_AUTH__TOKENS='[]'
@@ -130,7 +131,7 @@ def settings_env(settings: Settings, only_changed: bool = False, **extra: Any) -
     `only_changed`: only those that differ from their defaults, for another version's worker
     (the benchmark's --compare), which refuses variables of settings it does not know yet."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
-    env["INVENTORY_CONFIG"] = str(REPO / "config" / "config.yaml")
+    env["INVENTORY_CONFIG"] = str(CONFIG_FILE)
     data = settings.model_dump(mode="json")
     for section, model in settings:  # secrets are masked by model_dump: take their real values
         for key, value in model:
@@ -361,6 +362,13 @@ def figures(settings: Settings, product_id: str) -> tuple[int, int] | None:
 # ---- the worker as a real process ---------------------------------------------------------
 
 
+def config_of(code: Path) -> Path:
+    """Another version's own config file (a key this checkout's file adds would stop it), or
+    this checkout's if that version has none."""
+    own = code / "config" / "config.yaml"
+    return own if own.exists() else CONFIG_FILE
+
+
 class WorkerProcess:
     """`inventory-worker run` in a subprocess, configured only through the environment."""
 
@@ -386,6 +394,7 @@ class WorkerProcess:
         self.code = code
         if code is not None:
             self.env["PYTHONPATH"] = str(code)
+            self.env["INVENTORY_CONFIG"] = str(config_of(code))
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None

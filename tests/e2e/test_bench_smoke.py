@@ -135,7 +135,16 @@ def _before_locations() -> str:
 
 @pytest.mark.slow
 def test_bench_compare_runs_the_other_version(tmp_path, monkeypatch):
-    """--compare REV: REV's worker runs from its own exported code and schema, beside this one."""
+    """--compare REV: REV's worker runs from its own exported code, schema and config file,
+    beside this one; this checkout's file may set a key REV does not know (REV refuses those)."""
+    from tests import support
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        support.CONFIG_FILE.read_text().replace("\nworker:\n", "\nworker:\n  round_robin_processes: 2\n", 1)
+    )
+    assert "round_robin_processes" in config.read_text()
+    monkeypatch.setattr(support, "CONFIG_FILE", config)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))

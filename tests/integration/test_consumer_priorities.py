@@ -9,7 +9,6 @@ quorum queue, told apart by the events each applied."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 from inventory_worker import bootstrap
 from inventory_worker.heartbeats import ConsumerSlot
 
-from ..support import Bus, delete_topology, figures, uid, wait_for_lock_waiter, with_own_queues
+from ..support import Bus, delete_topology, figures, poll, uid, wait_for_lock_waiter, with_own_queues
 
 
 @contextmanager
@@ -48,10 +47,7 @@ def _two_consumers(settings: Any) -> Iterator[tuple[Bus, list[list[str]]]]:
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 30
-        while not all(c.attached for c in consumers):
-            assert time.monotonic() < deadline, "consumers not attached within 30 s"
-            time.sleep(0.05)
+        poll(lambda: all(c.attached for c in consumers), 30, 0.05, "both consumers attached")
         yield bus, applied
     finally:
         stop.set()
@@ -108,12 +104,12 @@ def test_the_next_process_takes_over_once_the_first_is_full(settings):
                 ]
                 # All but what fits in consumer 0's window (the order and window - 1 more) go to
                 # consumer 1, which applies them while consumer 0 waits.
-                deadline = time.monotonic() + 30
-                while len(set(applied[1]) & set(sent)) < 50 - (window - 1):
-                    assert time.monotonic() < deadline, (
-                        f"consumer 1 applied {len(applied[1])} of the overflow"
-                    )
-                    time.sleep(0.05)
+                poll(
+                    lambda: len(set(applied[1]) & set(sent)) >= 50 - (window - 1),
+                    30,
+                    0.05,
+                    "consumer 1 to apply the overflow",
+                )
                 assert figures(s, free) == (len(set(applied[1]) & set(sent)), 0)
             conn.rollback()  # the lock goes; consumer 0 applies what it holds
         finally:

@@ -3,8 +3,8 @@
 -- apply_events), outbox.sql, checks.sql (argument checks), audit.sql, delivery.sql,
 -- housekeeping.sql. Re-applied by `inventory-worker migrate` whenever a file changes (CREATE
 -- OR REPLACE), so they always hold the whole, current truth. `migrate` applies them in name
--- order; this file is named 00_ to come first, since a LANGUAGE sql function elsewhere
--- (touched_figures) needs product_figures() to exist already.
+-- order; this file is named 00_ to come first, since LANGUAGE sql functions elsewhere
+-- (backorder_json) need its helpers (rfc3339) to exist already.
 --
 -- Locking discipline, which keeps concurrent transactions free of deadlocks:
 --   1. product rows, in product_id order;  2. then order rows.

@@ -8,8 +8,8 @@ For each batch, in this order:
      out in the same write as the results);
   5. send the batch's result events without waiting for their confirms (pipelined); the
      confirms are collected as they come, and the outbox rows of the confirmed results are
-     marked published in the next batch's transaction (or at once when idle). Nacked or
-     unconfirmed ones stay for the outbox relay;
+     marked published in the next batch's transaction (alone, if none comes within a
+     second). Nacked or unconfirmed ones stay for the outbox relay;
   6. log one line per event (rendered and written together) and count them.
 A crash anywhere leaves either an unacked message (redelivered, absorbed by the idempotency
 table) or an unpublished outbox row (published later by the relay with the same id).
@@ -51,6 +51,13 @@ log = get_logger(__name__)
 # apply_events' outcome for a message id seen before with another type or data; also the
 # dead letter's reason.
 ID_REUSED = "id_reused"
+
+# Confirmed results are marked published in the next batch's transaction; only marks this old
+# get a transaction of their own (when the consumer is idle). Marked at the first idle moment,
+# they cost a transaction and a WAL flush after many batches below full load, where a consumer
+# is idle between most of them. Well under outbox_relay_min_age_seconds (5 s by default): the
+# relay does not take these rows.
+MARK_ALONE_AFTER_SECONDS = 1.0
 
 
 @dataclass
@@ -170,6 +177,7 @@ class Consumer:
         self.describe = describe  # which dependency failed, for the reconnect log line
         self.clock = clock
         self._to_mark: list[int] = []  # confirmed outbox ids not yet marked published
+        self._to_mark_since = 0.0  # when the oldest of them was confirmed
         self._attached = False
         # Result events sent and not yet confirmed, at most; past that, publishing waits.
         self._max_in_flight = max(10 * config.batch_size, 1000)
@@ -469,6 +477,8 @@ class Consumer:
         confirmed = publisher.take_confirmed()
         if confirmed:
             metrics.RESULTS_PUBLISHED.labels("direct").inc(len(confirmed))
+            if not self._to_mark:
+                self._to_mark_since = self.clock()
             self._to_mark.extend(confirmed)
         if refused := publisher.take_refused():
             log.warning("results not confirmed; the outbox relay will publish them", count=refused)
@@ -501,7 +511,11 @@ class Consumer:
         self.cache.refill(self.store.figures)
 
     def _flush_marks(self, final: bool = False) -> None:
+        """Marks the confirmed results published in a transaction of their own: on the way
+        out, or when they have waited MARK_ALONE_AFTER_SECONDS for a batch to go with."""
         if not self._to_mark:
+            return
+        if not final and self.clock() - self._to_mark_since < MARK_ALONE_AFTER_SECONDS:
             return
         marks = list(self._to_mark)
         try:

@@ -146,7 +146,7 @@ def test_the_consumer_marks_only_confirmed_results_published(settings):
             consumer._publish(pub, out.messages)  # sent; confirms come while the loop goes on
             pub.drain()  # (the consumer's loop runs the I/O; here we wait for them)
             consumer._collect_confirms(pub)
-            consumer._flush_marks()
+            consumer._flush_marks(final=True)  # as on the way out: not waiting
 
         publish_and_settle()  # every one nacked
         assert published() == [None] * len(ids)

@@ -191,7 +191,34 @@ def test_confirmed_results_are_marked_published_in_the_next_batchs_transaction()
     rig.run()
     [sent_1] = [m.outbox_id for m in rig.publisher.sent[:1]]
     assert [c.mark_published for c in rig.store.calls] == [[], [sent_1]]
-    assert rig.journal.count("mark_published") == 1, "the second batch's results: marked when idle"
+    assert rig.journal.count("mark_published") == 1, "the second batch's results: marked on the way out"
+    assert rig.store.published == set(rig.store.outbox)
+
+
+def test_an_idle_moment_between_batches_does_not_mark_results_in_a_transaction_of_their_own():
+    """Below full load a consumer is idle between most batches: the confirmed results of one
+    still ride with the next batch's transaction."""
+    first, second = adjust("A", 10), adjust("A", 1)
+    rig = Rig([[first], [], [second]])  # [] is a pass of the loop that finds no input
+    rig.run()
+    [sent_1] = [m.outbox_id for m in rig.publisher.sent[:1]]
+    assert [c.mark_published for c in rig.store.calls] == [[], [sent_1]]
+    assert rig.journal.count("mark_published") == 1  # the second batch's, on the way out
+
+
+def test_results_left_waiting_for_a_second_are_marked_in_a_transaction_of_their_own():
+    rig = Rig([[adjust("A", 10)]], idle_rounds=10)  # 2 s idle, in passes of 0.2 s
+    marked_at: list[float] = []
+    mark = rig.store.mark_published
+
+    def timed_mark(ids):
+        marked_at.append(rig.clock())
+        mark(ids)
+
+    rig.store.mark_published = timed_mark  # type: ignore[method-assign]
+    start = rig.clock()
+    rig.run()
+    assert [round(t - start, 1) for t in marked_at] == [1.0]
     assert rig.store.published == set(rig.store.outbox)
 
 

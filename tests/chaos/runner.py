@@ -246,7 +246,13 @@ class Fleet:
     def start(self, wait_ready: bool = True) -> WorkerProcess:
         self.generation += 1
         s = self.settings.model_copy(
-            update={"http": self.settings.http.model_copy(update={"port": free_port()})}
+            update={
+                "http": self.settings.http.model_copy(update={"port": free_port()}),
+                # Every process takes input round-robin, however many cores the machine has:
+                # the suite is here to race them (by default, processes beyond one per core
+                # get input only as overflow).
+                "worker": self.settings.worker.model_copy(update={"round_robin_processes": self.processes}),
+            }
         )
         w = WorkerProcess(
             s, processes=self.processes, log_path=self.log_dir / f"worker-{self.generation}.log"

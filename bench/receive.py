@@ -27,6 +27,8 @@ from inventory_worker.adapters import amqp_framing
 from inventory_worker.config import load_settings
 from tests import reaper
 
+from .exclusive import exclusive
+
 PREFETCH, ACK_EVERY = 200, 100
 
 
@@ -129,4 +131,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     reaper.install()
-    main()
+    with exclusive("bench.receive"):
+        main()

@@ -80,6 +80,7 @@ from tests.support import (
 )
 
 from . import cpu, load, machine, order_split, worker_metrics
+from .exclusive import exclusive
 
 # uniform: 10,000 products never running out; hot: 10 products, stock for half the orders;
 # multi5: 5-line orders; locations3: orders on a channel over three locations; flash: every order
@@ -1532,4 +1533,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     reaper.install()
-    main()
+    if "--smoke" in sys.argv:  # a check of the code, run by the tests: not a measurement
+        main()
+    else:
+        with exclusive("bench.run " + " ".join(sys.argv[1:])):
+            main()

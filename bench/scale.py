@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .exclusive import exclusive
+
 PARTS = ("postgres", "rabbitmq", "worker", "redis")
 
 
@@ -102,4 +104,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with exclusive("bench.scale"):
+        main()

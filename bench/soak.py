@@ -24,6 +24,7 @@ from tests import reaper
 from tests.support import REPO, WorkerProcess, delete_redis_keys, delete_topology, drop_database
 
 from . import load
+from .exclusive import exclusive
 from .run import bench_settings, log, prepare_database, proc_tree, rss_kib
 
 
@@ -111,4 +112,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     reaper.install()
-    main()
+    with exclusive("bench.soak"):
+        main()

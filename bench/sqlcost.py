@@ -39,6 +39,7 @@ from tests import reaper
 from tests.support import drop_database
 
 from . import cpu, load, run
+from .exclusive import exclusive
 
 BATCH = 100  # orders per apply_events() call, as the worker's full batches
 
@@ -161,4 +162,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     reaper.install()
-    main()
+    with exclusive("bench.sqlcost"):
+        main()

@@ -58,6 +58,7 @@ from tests import reaper
 from tests.support import drop_database
 
 from . import cpu, load, run
+from .exclusive import exclusive
 
 BATCH = 100
 HOT_TABLES = (
@@ -495,4 +496,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     reaper.install()
-    main()
+    with exclusive("bench.walcost"):
+        main()

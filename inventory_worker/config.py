@@ -297,7 +297,10 @@ class WorkerSettings(_Section):
         None,
         ge=1,
         le=256,
-        description="Consumer processes; null: one per CPU (`run --processes N` overrides).",
+        description=(
+            "Consumer processes; null: one per CPU this process may use (a container's CPU"
+            " limit, rounded up, where it has one; `run --processes N` overrides)."
+        ),
     )
     batch_size: int = Field(
         100,
@@ -323,8 +326,9 @@ class WorkerSettings(_Section):
             " RabbitMQ consumer priority -(N // this): processes 0 to this - 1 share the input,"
             " the next as many get some only while all of those have full prefetch windows, and"
             " so on. Below full load the processes beyond them wait idle and the busy ones take"
-            " bigger batches; at full load all work. null: one per CPU (with the default"
-            " `processes`, plain round-robin); 1: the lowest-numbered process first."
+            " bigger batches; at full load all work. null: one per CPU this process may use, as"
+            " for `processes` (with the default `processes`, plain round-robin); 1: the"
+            " lowest-numbered process first."
         ),
     )
     default_reservation_ttl_seconds: int = Field(

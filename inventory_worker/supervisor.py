@@ -27,6 +27,7 @@ from typing import Any
 
 from inventory_worker import systemd
 from inventory_worker.config import Settings
+from inventory_worker.cpus import usable_cpus
 from inventory_worker.heartbeats import ConsumerSlot, ProcessHealth, startup_allowance
 from inventory_worker.logs import configure, get_logger
 
@@ -124,7 +125,7 @@ class Child:
 class Supervisor:
     def __init__(self, settings: Settings, processes: int | None = None) -> None:
         self.settings = settings
-        self.processes = processes or settings.worker.processes or os.cpu_count() or 1
+        self.processes = processes or settings.worker.processes or usable_cpus()
         self.ctx = multiprocessing.get_context("spawn")
         # A plain shared byte, polled by the children. Not a multiprocessing.Event: its set()
         # waits for every waiter to wake, and blocks for ever on a child killed while waiting.

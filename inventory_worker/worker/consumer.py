@@ -17,7 +17,6 @@ table) or an unpublished outbox row (published later by the relay with the same 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -40,6 +39,7 @@ from inventory_worker.contract import (
     OutgoingMessage,
     parse_event,
 )
+from inventory_worker.cpus import usable_cpus
 from inventory_worker.dependencies import Failure
 from inventory_worker.heartbeats import ConsumerSlot
 from inventory_worker.logs import get_logger, info_lines, lines_together
@@ -93,7 +93,7 @@ class ConsumerConfig:
             batch_size=w.batch_size,
             batch_max_wait_ms=w.batch_max_wait_ms,
             max_message_bytes=w.max_message_bytes,
-            round_robin_processes=w.round_robin_processes or os.cpu_count() or 1,
+            round_robin_processes=w.round_robin_processes or usable_cpus(),
         )
 
 

@@ -1,0 +1,65 @@
+""" "One per CPU" counts the CPUs this process may use: a container's limit, not the node's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from inventory_worker.cpus import cgroup_cpu_limit, usable_cpus
+
+
+def v2(tmp_path, text: str):
+    (tmp_path / "cpu.max").write_text(text)
+    return tmp_path
+
+
+def v1(tmp_path, quota: int, period: int = 100_000):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(f"{period}\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None)],
+)
+def test_cgroup_v2_limit_in_whole_cpus_rounded_up(tmp_path, text, cpus):
+    assert cgroup_cpu_limit(v2(tmp_path, text)) == cpus
+
+
+@pytest.mark.parametrize(("quota", "cpus"), [(400_000, 4), (250_000, 3), (-1, None)])
+def test_cgroup_v1_limit(tmp_path, quota, cpus):
+    assert cgroup_cpu_limit(v1(tmp_path, quota)) == cpus
+
+
+def test_no_cgroup_files_no_limit(tmp_path):
+    assert cgroup_cpu_limit(tmp_path) is None
+    assert cgroup_cpu_limit(v2(tmp_path, "garbage")) is None
+
+
+def test_usable_cpus_is_the_smallest_of_machine_affinity_and_limit(tmp_path):
+    machine = min(os.cpu_count() or 1, len(os.sched_getaffinity(0)))
+    assert usable_cpus(tmp_path) == machine  # no limit
+    assert usable_cpus(v2(tmp_path, "100000 100000")) == 1
+    assert usable_cpus(v2(tmp_path, f"{(machine + 8) * 100000} 100000")) == machine
+
+
+def test_the_process_defaults_follow_the_usable_cpus(monkeypatch):
+    from inventory_worker import supervisor
+    from inventory_worker.config import load_settings
+    from inventory_worker.worker import consumer
+
+    monkeypatch.setattr(supervisor, "usable_cpus", lambda: 3)
+    monkeypatch.setattr(consumer, "usable_cpus", lambda: 3)
+    s = load_settings()
+    s = s.model_copy(
+        update={
+            "http": s.http.model_copy(update={"enabled": False}),
+            "worker": s.worker.model_copy(update={"processes": None, "round_robin_processes": None}),
+        }
+    )
+    sup = supervisor.Supervisor(s)
+    assert [c.role for c in sup.children] == ["consumer-0", "consumer-1", "consumer-2"]
+    assert consumer.ConsumerConfig.from_settings(s).round_robin_processes == 3

@@ -42,19 +42,18 @@ def test_benchmark_commands_do_not_start_while_another_runs(tmp_path, command):
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        second = subprocess.run(
-            [sys.executable, "-m", command, "--help"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        second = _help(command, env)
         assert second.returncode == 2
         assert f"another benchmark is running (bench.run, pid {holder.pid})" in second.stderr
     finally:
         holder.communicate("", timeout=30)  # EOF: the holder ends, and its lock with it
-    after = subprocess.run(
+    after = _help(command, env)
+    assert after.returncode == 0, after.stderr
+
+
+def _help(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m COMMAND --help`: it starts, takes the lock (or not) and exits at once."""
+    return subprocess.run(
         [sys.executable, "-m", command, "--help"],
         cwd=REPO,
         env=env,
@@ -62,4 +61,3 @@ def test_benchmark_commands_do_not_start_while_another_runs(tmp_path, command):
         text=True,
         timeout=60,
     )
-    assert after.returncode == 0, after.stderr

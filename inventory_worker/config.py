@@ -298,8 +298,9 @@ class WorkerSettings(_Section):
         ge=1,
         le=256,
         description=(
-            "Consumer processes; null: one per CPU this process may use (a container's CPU"
-            " limit, rounded up, where it has one; `run --processes N` overrides)."
+            "Consumer processes; null: one per CPU this process may use (a container's or a"
+            " systemd unit's CPU limit, rounded up, where it has one; `run --processes N`"
+            " overrides)."
         ),
     )
     batch_size: int = Field(

@@ -63,3 +63,37 @@ def test_the_process_defaults_follow_the_usable_cpus(monkeypatch):
     sup = supervisor.Supervisor(s)
     assert [c.role for c in sup.children] == ["consumer-0", "consumer-1", "consumer-2"]
     assert consumer.ConsumerConfig.from_settings(s).round_robin_processes == 3
+
+
+def nested(tmp_path, limits: dict[str, str], own: str):
+    """A cgroup v2 tree with `cpu.max` where `limits` says, and /proc/self/cgroup naming `own`."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    for path, text in limits.items():
+        (root / path).mkdir(parents=True, exist_ok=True)
+        (root / path / "cpu.max").write_text(text)
+    (tmp_path / "proc-cgroup").write_text(f"0::{own}\n")
+    return root, tmp_path / "proc-cgroup"
+
+
+def test_a_systemd_services_own_cgroup_and_those_above_it_count(tmp_path):
+    root, own = nested(
+        tmp_path,
+        {"system.slice": "max 100000", "system.slice/w.service": "150000 100000"},
+        "/system.slice/w.service",
+    )
+    assert cgroup_cpu_limit(root, own) == 2  # CPUQuota=150% on the service
+
+
+def test_the_tightest_limit_above_the_process_wins(tmp_path):
+    root, own = nested(
+        tmp_path,
+        {"system.slice": "100000 100000", "system.slice/w.service": "max 100000"},
+        "/system.slice/w.service",
+    )
+    assert cgroup_cpu_limit(root, own) == 1  # the slice's
+
+
+def test_a_cgroup_path_not_mounted_here_falls_back_to_the_root(tmp_path):
+    root, own = nested(tmp_path, {"": "300000 100000"}, "/kubepods/pod1/abc")  # no cgroup namespace
+    assert cgroup_cpu_limit(root, own) == 3

@@ -13,6 +13,7 @@ systemd (Type=notify) it reports READY, WATCHDOG and STOPPING.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import multiprocessing
 import os
@@ -43,6 +44,11 @@ log = get_logger(__name__)
 # age of a healthy consumer's heartbeat).
 PAUSE_SECONDS = 2.0
 
+# A child about to be killed (stuck, or still running after the grace period) is first asked
+# for every thread's stack (SIGUSR1, faulthandler, on its stderr): the log then says where it
+# hung. This long for it to write them.
+STACKS_SECONDS = 0.3
+
 
 def _child_stop_event(shared_stop: Any, parent_pid: int) -> threading.Event:
     """A local event set by the supervisor's stop flag, a SIGTERM to this child, or orphaning."""
@@ -66,6 +72,7 @@ def child_main(
     role: str, settings: Settings, shared_stop: Any, parent_pid: int, health: ProcessHealth | None = None
 ) -> None:
     configure(settings.logging, process=role, pid=os.getpid())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # see STACKS_SECONDS
     try:
         _child_run(role, settings, shared_stop, parent_pid, health)
     except Exception:
@@ -103,6 +110,18 @@ def _child_run(
     consumer.run()
     maintenance.join(timeout=5)
     log.info("consumer stopped")
+
+
+def _kill_after_stacks(processes: list[Any]) -> None:
+    """Kills the processes, each having been asked for its threads' stacks first."""
+    for p in processes:
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+        except ProcessLookupError:  # gone meanwhile
+            pass
+    time.sleep(STACKS_SECONDS)
+    for p in processes:
+        p.kill()
 
 
 def _kill_group(pgid: int) -> None:
@@ -231,8 +250,9 @@ class Supervisor:
                             role=child.role,
                             child_pid=p.pid,
                             heartbeat_age_seconds=round(self.health.age(slot), 1),
+                            stacks="its threads' stacks follow on stderr",
                         )
-                        p.kill()
+                        _kill_after_stacks([p])
                         stuck_reason[child.role] = "stuck"
                     continue
                 if p is not None:  # it died on its own, or was killed as stuck
@@ -283,15 +303,16 @@ class Supervisor:
         for child in self.children:
             if child.process is not None:
                 child.process.join(max(0.0, deadline - time.monotonic()))
-        killed = []
-        for child in self.children:
-            p = child.process
-            if p is not None and p.is_alive():
-                p.kill()
-                p.join()
-                killed.append(child.role)
-        if killed:
-            log.error("killed after the grace period", roles=killed)
+        late = [c for c in self.children if c.process is not None and c.process.is_alive()]
+        if late:
+            _kill_after_stacks([c.process for c in late])
+            for c in late:
+                c.process.join()
+            log.error(
+                "killed after the grace period",
+                roles=[c.role for c in late],
+                stacks="their threads' stacks are on stderr, just above",
+            )
         log.info("worker stopped")
         return self._exit_code
 

@@ -279,15 +279,22 @@ class Consumer:
                 self._handle(conn, channel, publisher, batch)
                 busy = True
             # Graceful stop: no new deliveries; finish what we already hold.
+            stopping = self.clock()
             channel.basic_cancel(consumer_tag)
             self.attached = False
+            finished = 0
             while buffer:
                 batch = buffer[: w.batch_size]
                 del buffer[: w.batch_size]
                 self._handle(conn, channel, publisher, batch)
+                finished += len(batch)
             publisher.drain()
             self._collect_confirms(publisher)
             self._flush_marks(final=True)
+            # How long a stop takes, and on what: what the grace period must cover.
+            log.info(
+                "stopped consuming", finished_messages=finished, seconds=round(self.clock() - stopping, 2)
+            )
         finally:
             self.attached = False
             try:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pika
+import psycopg2
 import pytest
 
 from inventory_worker.config import Settings
@@ -70,6 +71,15 @@ def own_settings(settings: Settings, **worker: object) -> Settings:
             "http": settings.http.model_copy(update={"port": free_port()}),
         }
     )
+
+
+def stop_lines(log_path: Path, limit: int = 80) -> str:
+    """The log from the worker's "stopping" on, without the per-event lines: what a failed stop
+    test shows (with the stacks of the processes killed after the grace period)."""
+    lines = log_path.read_text().splitlines()
+    start = max((i for i, line in enumerate(lines) if '"event":"stopping"' in line), default=0)
+    story = [line for line in lines[start:] if '"event handled"' not in line]
+    return "\n".join(story[-limit:])
 
 
 def scrape(worker: WorkerProcess) -> str:
@@ -437,7 +447,7 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
         w.stop()
         assert rc == 0
         print(f"SIGTERM to exit: {elapsed:.2f}s (grace {grace}s)")
-        assert elapsed < grace, f"took {elapsed:.1f}s, grace is {grace}s"
+        assert elapsed < grace, f"took {elapsed:.1f}s, grace is {grace}s; the stop:\n{stop_lines(w.log_path)}"
         assert "killed after the grace period" not in w.log_path.read_text()
         msgs = notify.drain()
         assert msgs[0].startswith("READY=1") and "WATCHDOG=1" in msgs and msgs[-1] == "STOPPING=1"
@@ -468,6 +478,65 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(settings, logs_dir, t
             assert cur.fetchone()[0] == n  # each +1 applied exactly once
         assert {r["causation_id"] for r in bus.results} == set(ids)
     finally:
+        bus.close()
+        delete_topology(s)
+
+
+def test_a_stop_past_the_grace_period_is_killed_and_says_where(settings, logs_dir):
+    """A consumer that cannot finish its batch (it waits for a row lock held elsewhere) is killed
+    at the grace period, its threads' stacks in the log; its message was never acked, so the
+    next worker has it, and it counts once."""
+    grace = 2.0
+    s = own_settings(settings, shutdown_grace_seconds=grace)
+    bus = Bus(s)
+    sku = uid("SKU")
+    w = WorkerProcess(s, processes=1, log_path=logs_dir / f"past-grace-{uuid.uuid4().hex[:6]}.log").start()
+    w2 = None
+    try:
+        first = bus.publish("stock.adjusted", {"product_id": sku, "delta": 5})
+        assert bus.wait_result(first["id"], "inventory.adjusted")["data"]["on_hand"] == 5
+        holder = psycopg2.connect(**s.database.dsn())
+        try:
+            with holder.cursor() as cur:
+                cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (sku,))
+            second = bus.publish("stock.adjusted", {"product_id": sku, "delta": 3})
+
+            def worker_waits() -> bool:
+                with pg(s) as cur:
+                    cur.execute(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                    return cur.fetchone()[0] > 0
+
+            poll(worker_waits, what="the worker waiting for the row lock")
+            started = time.monotonic()
+            w.proc.send_signal(signal.SIGTERM)
+            rc = w.proc.wait(grace + 20)
+            elapsed = time.monotonic() - started
+        finally:
+            holder.close()
+        assert rc == 0
+        assert grace <= elapsed < grace + 5, elapsed
+        (killed,) = [x for x in log_lines(w.log_path) if x.get("event") == "killed after the grace period"]
+        assert killed["roles"] == ["consumer-0"]
+        # faulthandler's dump of the consumer's threads: where it hung, down to the adapter.
+        text = w.log_path.read_text()
+        assert "most recent call first" in text
+        assert "inventory_worker/worker/consumer.py" in text and "in _apply" in text
+        # Its database session lives on: once the lock is free it may commit the batch, which
+        # was never acked. Either way the next worker gets the message again and it counts once.
+        w2 = WorkerProcess(
+            s, processes=1, log_path=logs_dir / f"past-grace2-{uuid.uuid4().hex[:6]}.log"
+        ).start()
+        assert bus.wait_result(second["id"], "inventory.adjusted")["data"]["on_hand"] == 8
+        with pg(s) as cur:
+            cur.execute("SELECT on_hand FROM products WHERE product_id = %s", (sku,))
+            assert cur.fetchone()[0] == 8
+    finally:
+        w.stop()
+        if w2 is not None:
+            assert w2.stop() == 0
         bus.close()
         delete_topology(s)
 

@@ -375,7 +375,11 @@ class WorkerSettings(_Section):
         "a stock change, and in each of the elected sweeper's fill passes); the rest wait for the next.",
     )
     shutdown_grace_seconds: float = Field(
-        25.0, gt=0, description="On SIGTERM: time to finish before children are killed."
+        25.0,
+        gt=0,
+        description="On SIGTERM: time to finish before children are killed. Consumers spend at most "
+        "half of it on the messages they hold and the confirms of their results, and leave the rest "
+        "(back to the queue, or to the outbox relay).",
     )
     heartbeat_timeout_seconds: float = Field(
         60.0,

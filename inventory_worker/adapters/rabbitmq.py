@@ -293,10 +293,12 @@ class Publisher:
             if len(self._pending) > max_in_flight:
                 self._give_up_pending()
 
-    def drain(self) -> None:
-        """Waits (at most `confirm_timeout`) until every message sent has its ack or nack."""
+    def drain(self, timeout: float | None = None) -> None:
+        """Waits (at most `timeout`, by default `confirm_timeout`) until every message sent has
+        its ack or nack; the rest are given up (take_refused counts them)."""
         if self._pending and self._results is not None:
-            self._wait(lambda: not self._pending, self.confirm_timeout, self._results)
+            wait = self.confirm_timeout if timeout is None else min(timeout, self.confirm_timeout)
+            self._wait(lambda: not self._pending, wait, self._results)
             if self._pending:
                 self._give_up_pending()
 

@@ -83,6 +83,7 @@ class ConsumerConfig:
     batch_max_wait_ms: int = 5
     max_message_bytes: int = 1_048_576
     round_robin_processes: int | None = None  # None: all share the input (from_settings: one per CPU)
+    shutdown_grace_seconds: float = 25.0  # the supervisor kills a child still running after it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsumerConfig:
@@ -94,6 +95,7 @@ class ConsumerConfig:
             batch_max_wait_ms=w.batch_max_wait_ms,
             max_message_bytes=w.max_message_bytes,
             round_robin_processes=w.round_robin_processes or usable_cpus(),
+            shutdown_grace_seconds=w.shutdown_grace_seconds,
         )
 
 
@@ -278,17 +280,24 @@ class Consumer:
                 del buffer[: w.batch_size]
                 self._handle(conn, channel, publisher, batch)
                 busy = True
-            # Graceful stop: no new deliveries; finish what we already hold.
+            # Graceful stop: no new deliveries; finish what we already hold, for at most half
+            # the grace period. What is left then is safe to leave (unacked messages go back to
+            # the queue when the connection closes, unconfirmed results stay in the outbox for
+            # the relay); the other half covers closing, and a batch that was in hand.
             stopping = self.clock()
+            give_up_at = stopping + w.shutdown_grace_seconds / 2
             channel.basic_cancel(consumer_tag)
             self.attached = False
             finished = 0
-            while buffer:
+            while buffer and self.clock() < give_up_at:
                 batch = buffer[: w.batch_size]
                 del buffer[: w.batch_size]
                 self._handle(conn, channel, publisher, batch)
                 finished += len(batch)
-            publisher.drain()
+            if buffer:
+                log.warning("stopping with messages unhandled; they go back to the queue", count=len(buffer))
+                buffer.clear()
+            publisher.drain(timeout=max(0.0, give_up_at - self.clock()))
             self._collect_confirms(publisher)
             self._flush_marks(final=True)
             # How long a stop takes, and on what: what the grace period must cover.

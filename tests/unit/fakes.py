@@ -307,6 +307,7 @@ class FakePublisher:
         self.sent: list[OutgoingMessage] = []
         self.dead_letters: list[DeadLetter] = []
         self.nack: set[int] = set()
+        self.drains: list[float | None] = []  # the timeout of each drain()
         self._acked: list[int] = []
         self._refused = 0
 
@@ -319,8 +320,8 @@ class FakePublisher:
             else:
                 self._acked.append(m.outbox_id)
 
-    def drain(self) -> None:
-        pass
+    def drain(self, timeout: float | None = None) -> None:
+        self.drains.append(timeout)
 
     def take_confirmed(self) -> list[int]:
         acked, self._acked = self._acked, []
@@ -345,6 +346,7 @@ class Rig:
     batch_max_wait_ms: int = 0
     delivery_limit: int = 3
     idle_rounds: int = 3
+    shutdown_grace_seconds: float = 25.0
     journal: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -362,6 +364,7 @@ class Rig:
             delivery_limit=self.delivery_limit,
             batch_size=self.batch_size,
             batch_max_wait_ms=self.batch_max_wait_ms,
+            shutdown_grace_seconds=self.shutdown_grace_seconds,
         )
         self.consumer = Consumer(
             config,

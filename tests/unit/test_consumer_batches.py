@@ -292,6 +292,34 @@ def test_messages_left_at_a_graceful_stop_are_still_handled():
     assert rig.store.published == set(rig.store.outbox), "confirmed at the stop, marked before closing"
 
 
+def test_a_graceful_stop_leaves_what_half_the_grace_period_cannot_finish():
+    """Batches held at the stop are applied for at most half the grace period; the rest stay
+    unacked (back to the queue) and the wait for confirms gets only what is left of it."""
+    rig = Rig([[adjust("A", 1)]], idle_rounds=1, batch_size=2, shutdown_grace_seconds=10.0)
+    rig.conn.groups.append([adjust("A", 10) for _ in range(8)])
+    real = rig.conn.process_data_events
+
+    def stop_with_the_burst(time_limit=0):
+        real(time_limit)
+        if not rig.conn.groups:
+            rig.stop.set()
+
+    real_apply = rig.store.apply_batch
+
+    def slow_apply(events, mark_published=()):  # every batch takes 3 s
+        rig.clock.advance(3.0)
+        return real_apply(events, mark_published)
+
+    rig.conn.process_data_events = stop_with_the_burst
+    rig.store.apply_batch = slow_apply
+    rig.run()
+    # The batch in hand, then two of the three held ones (at 0 and 3 s of the 5 s); the third
+    # (tags 8 and 9) is neither applied nor acked.
+    assert figures(rig, "A") == (61, 0)
+    assert rig.channel.acks[-1] == (7, True)
+    assert rig.publisher.drains == [0.0]
+
+
 def test_every_event_of_a_run_is_accounted_for():
     """Many batches with a bit of everything: each message ends up applied or dead-lettered."""
     groups = []

@@ -421,6 +421,10 @@ def _serve_granian(settings: Settings, stop: threading.Event | Any, health: Proc
         loop=Loops.auto,  # uvloop (a dependency) when it is installed: ~1.5x the requests of asyncio's loop
         http=HTTPModes.http1,  # the API speaks HTTP/1.1, like the stdlib server
         **granian_limits(settings),
+        # A granian worker that does not stop (a kept-alive connection still in use, a hung
+        # request) is killed by granian after half the grace period; waiting without limit, it
+        # would hold the http process until the supervisor kills that at the grace period.
+        workers_kill_timeout=max(1, int(settings.worker.shutdown_grace_seconds / 2)),
         log_access=False,
         log_level=LogLevels.warning,
     )

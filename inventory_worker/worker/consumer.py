@@ -55,8 +55,8 @@ ID_REUSED = "id_reused"
 # Confirmed results are marked published in the next batch's transaction; only marks this old
 # get a transaction of their own (when the consumer is idle). Marked at the first idle moment,
 # they cost a transaction and a WAL flush after many batches below full load, where a consumer
-# is idle between most of them. Well under outbox_relay_min_age_seconds (5 s by default): the
-# relay does not take these rows.
+# is idle between most of them. At most half of outbox_relay_min_age_seconds (5 s by default),
+# so that the relay does not take these rows and publish them a second time.
 MARK_ALONE_AFTER_SECONDS = 1.0
 
 
@@ -84,6 +84,7 @@ class ConsumerConfig:
     max_message_bytes: int = 1_048_576
     round_robin_processes: int | None = None  # None: all share the input (from_settings: one per CPU)
     shutdown_grace_seconds: float = 25.0  # the supervisor kills a child still running after it
+    outbox_relay_min_age_seconds: float = 5.0  # unmarked rows older than this are the relay's
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsumerConfig:
@@ -96,6 +97,7 @@ class ConsumerConfig:
             max_message_bytes=w.max_message_bytes,
             round_robin_processes=w.round_robin_processes or usable_cpus(),
             shutdown_grace_seconds=w.shutdown_grace_seconds,
+            outbox_relay_min_age_seconds=w.outbox_relay_min_age_seconds,
         )
 
 
@@ -180,6 +182,7 @@ class Consumer:
         self.clock = clock
         self._to_mark: list[int] = []  # confirmed outbox ids not yet marked published
         self._to_mark_since = 0.0  # when the oldest of them was confirmed
+        self._mark_alone_after = min(MARK_ALONE_AFTER_SECONDS, config.outbox_relay_min_age_seconds / 2)
         self._attached = False
         # Result events sent and not yet confirmed, at most; past that, publishing waits.
         self._max_in_flight = max(10 * config.batch_size, 1000)
@@ -528,10 +531,11 @@ class Consumer:
 
     def _flush_marks(self, final: bool = False) -> None:
         """Marks the confirmed results published in a transaction of their own: on the way
-        out, or when they have waited MARK_ALONE_AFTER_SECONDS for a batch to go with."""
+        out, or when they have waited MARK_ALONE_AFTER_SECONDS (or half the relay's minimum age,
+        if less) for a batch to go with."""
         if not self._to_mark:
             return
-        if not final and self.clock() - self._to_mark_since < MARK_ALONE_AFTER_SECONDS:
+        if not final and self.clock() - self._to_mark_since < self._mark_alone_after:
             return
         marks = list(self._to_mark)
         try:

@@ -347,6 +347,7 @@ class Rig:
     delivery_limit: int = 3
     idle_rounds: int = 3
     shutdown_grace_seconds: float = 25.0
+    outbox_relay_min_age_seconds: float = 5.0
     journal: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -365,6 +366,7 @@ class Rig:
             batch_size=self.batch_size,
             batch_max_wait_ms=self.batch_max_wait_ms,
             shutdown_grace_seconds=self.shutdown_grace_seconds,
+            outbox_relay_min_age_seconds=self.outbox_relay_min_age_seconds,
         )
         self.consumer = Consumer(
             config,

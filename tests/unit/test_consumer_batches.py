@@ -206,8 +206,10 @@ def test_an_idle_moment_between_batches_does_not_mark_results_in_a_transaction_o
     assert rig.journal.count("mark_published") == 1  # the second batch's, on the way out
 
 
-def test_results_left_waiting_for_a_second_are_marked_in_a_transaction_of_their_own():
-    rig = Rig([[adjust("A", 10)]], idle_rounds=10)  # 2 s idle, in passes of 0.2 s
+@pytest.mark.parametrize(("relay_min_age", "after"), [(5.0, 1.0), (0.8, 0.4)])
+def test_results_left_waiting_for_a_second_are_marked_in_a_transaction_of_their_own(relay_min_age, after):
+    """After a second, or half the relay's minimum age if less: the relay must not take them."""
+    rig = Rig([[adjust("A", 10)]], idle_rounds=10, outbox_relay_min_age_seconds=relay_min_age)  # 2 s idle
     marked_at: list[float] = []
     mark = rig.store.mark_published
 
@@ -218,7 +220,7 @@ def test_results_left_waiting_for_a_second_are_marked_in_a_transaction_of_their_
     rig.store.mark_published = timed_mark  # type: ignore[method-assign]
     start = rig.clock()
     rig.run()
-    assert [round(t - start, 1) for t in marked_at] == [1.0]
+    assert [round(t - start, 1) for t in marked_at] == [after]
     assert rig.store.published == set(rig.store.outbox)
 
 

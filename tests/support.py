@@ -338,13 +338,14 @@ def pg(settings: Settings) -> Iterator[Any]:
 
 
 def wait_for_lock_waiter(settings: Settings, my_pid: int, timeout: float = 20.0) -> None:
-    """Until another session of this database waits for a row lock (the worker, on ours)."""
+    """Until another session waits for a lock that session `my_pid` holds (the worker, on ours;
+    not any waiter: other tests' workers share this database)."""
 
     def waiting() -> bool:
         with pg(settings) as watch:
             watch.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND pid <> %s",
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND %s = ANY(pg_blocking_pids(pid))",
                 (my_pid,),
             )
             return watch.fetchone()[0] > 0

@@ -46,6 +46,7 @@ from ..support import (
     redis_client,
     settings_env,
     uid,
+    wait_for_lock_waiter,
 )
 
 pytestmark = pytest.mark.slow
@@ -502,15 +503,7 @@ def test_a_stop_past_the_grace_period_is_killed_and_says_where(settings, logs_di
                 cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (sku,))
             second = bus.publish("stock.adjusted", {"product_id": sku, "delta": 3})
 
-            def worker_waits() -> bool:
-                with pg(s) as cur:
-                    cur.execute(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                    return cur.fetchone()[0] > 0
-
-            poll(worker_waits, what="the worker waiting for the row lock")
+            wait_for_lock_waiter(s, holder.get_backend_pid())
             started = time.monotonic()
             w.proc.send_signal(signal.SIGTERM)
             rc = w.proc.wait(grace + 20)

@@ -3,8 +3,8 @@
 os.cpu_count() is the machine's count. In a container with a CPU limit (Kubernetes
 `resources.limits.cpu`, `docker run --cpus`) that is the node's, so a pod limited to 2 CPUs on
 a 64-core node would start 64 consumers. The limit is the cgroup's CPU quota over its period
-(cgroup v2 `cpu.max` of the process's cgroup and those above it, v1 `cpu.cfs_quota_us` /
-`cpu.cfs_period_us`), rounded up; the affinity mask (`taskset`, cpusets) can lower the count
+(cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`, of the process's cgroup
+and those above it), rounded up; the affinity mask (`taskset`, cpusets) can lower the count
 too. The smallest of the three is taken.
 """
 
@@ -30,27 +30,42 @@ def usable_cpus(cgroup: Path = CGROUP) -> int:
 def cgroup_cpu_limit(cgroup: Path = CGROUP, own: Path = Path("/proc/self/cgroup")) -> int | None:
     """The cgroup's CPU quota in whole CPUs (rounded up), or None when there is none.
 
-    cgroup v2: the process's own cgroup (named in /proc/self/cgroup: `/` in a container with
-    its own cgroup namespace, `/system.slice/x.service` under systemd's `CPUQuota=`) and every
-    cgroup above it, the tightest `cpu.max`. cgroup v1: the `cpu` controller's root."""
-    limits = [n for d in _own_and_above(cgroup, own) if (n := _cpu_max(d / "cpu.max")) is not None]
-    if limits:
-        return min(limits)
-    try:  # cgroup v1: a quota of -1 is no limit
-        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota_us <= 0 else _whole(quota_us, period_us)
+    The process's own cgroup, as /proc/self/cgroup names it (`/` in a container with its own
+    cgroup namespace, `/system.slice/x.service` under systemd's `CPUQuota=`), and every cgroup
+    above it: the tightest quota. cgroup v2: `cpu.max`; v1: the `cpu` controller's
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`. A path not found here (a container without its
+    own cgroup namespace sees its own cgroup at the root) counts the root."""
+    limits = [n for d in _own_and_above(cgroup, own, None) if (n := _cpu_max(d / "cpu.max")) is not None]
+    if not limits:
+        limits = [n for d in _own_and_above(cgroup / "cpu", own, "cpu") if (n := _cfs_quota(d)) is not None]
+    return min(limits) if limits else None
+
+
+def _own_and_above(root: Path, own: Path, controller: str | None) -> list[Path]:
+    """The process's cgroup under `root` and the cgroups above it, up to `root`. v2 (no
+    controller): the `0::` line of /proc/self/cgroup; v1: the line listing `controller`."""
+    path = "/"
+    try:
+        for line in own.read_text().splitlines():
+            hierarchy, controllers, rest = line.split(":", 2)
+            if (controller is None and hierarchy == "0" and not controllers) or (
+                controller is not None and controller in controllers.split(",")
+            ):
+                path = rest
+                break
+    except (OSError, ValueError):
+        pass
+    here = root / path.strip().lstrip("/")
+    return [here, *here.parents[: len(here.relative_to(root).parts)]] if here.is_dir() else [root]
+
+
+def _cfs_quota(directory: Path) -> int | None:
+    try:  # a quota of -1 is no limit
+        quota_us = int((directory / "cpu.cfs_quota_us").read_text())
+        period_us = int((directory / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
-
-
-def _own_and_above(cgroup: Path, own: Path) -> list[Path]:
-    try:
-        path = next(line[3:] for line in own.read_text().splitlines() if line.startswith("0::"))
-    except (OSError, StopIteration):
-        path = "/"
-    here = cgroup / path.strip().lstrip("/")
-    return [here, *here.parents[: len(here.relative_to(cgroup).parts)]] if here.is_dir() else [cgroup]
+    return None if quota_us <= 0 else _whole(quota_us, period_us)
 
 
 def _cpu_max(file: Path) -> int | None:

@@ -97,3 +97,34 @@ def test_the_tightest_limit_above_the_process_wins(tmp_path):
 def test_a_cgroup_path_not_mounted_here_falls_back_to_the_root(tmp_path):
     root, own = nested(tmp_path, {"": "300000 100000"}, "/kubepods/pod1/abc")  # no cgroup namespace
     assert cgroup_cpu_limit(root, own) == 3
+
+
+def nested_v1(tmp_path, quotas: dict[str, int], line: str):
+    """A cgroup v1 `cpu` hierarchy with `cfs_quota_us` where `quotas` says (period 100 ms), and
+    /proc/self/cgroup holding `line` (beside other controllers' lines)."""
+    root = tmp_path / "cgroup"
+    for path, quota in quotas.items():
+        d = root / "cpu" / path
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+        (d / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "proc-cgroup").write_text(f"12:memory:/elsewhere\n{line}\n1:name=systemd:/x\n")
+    return root, tmp_path / "proc-cgroup"
+
+
+def test_cgroup_v1_a_systemd_services_own_quota_counts(tmp_path):
+    root, own = nested_v1(
+        tmp_path,
+        {"": -1, "system.slice": -1, "system.slice/w.service": 250_000},
+        "4:cpu,cpuacct:/system.slice/w.service",
+    )
+    assert cgroup_cpu_limit(root, own) == 3  # CPUQuota=250% on a cgroup v1 host
+
+
+def test_cgroup_v1_the_tightest_quota_above_wins_and_unmounted_paths_count_the_root(tmp_path):
+    root, own = nested_v1(
+        tmp_path, {"": -1, "kubepods": 200_000, "kubepods/pod1": -1}, "4:cpuacct,cpu:/kubepods/pod1"
+    )
+    assert cgroup_cpu_limit(root, own) == 2
+    root, own = nested_v1(tmp_path / "b", {"": 100_000}, "4:cpu,cpuacct:/docker/abc")  # no namespace
+    assert cgroup_cpu_limit(root, own) == 1

@@ -308,6 +308,8 @@ class Supervisor:
             _kill_after_stacks([c.process for c in late])
             for c in late:
                 c.process.join()
+                if c.role == "http":  # and granian's workers, in its process group
+                    _kill_group(c.process.pid)
             log.error(
                 "killed after the grace period",
                 roles=[c.role for c in late],

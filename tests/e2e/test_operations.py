@@ -589,6 +589,7 @@ def test_an_http_worker_that_does_not_stop_is_killed_within_the_grace_period(set
         for pid in granian:  # the stopped one, should the test have failed before it was killed
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+        delete_topology(s)
 
 
 @pytest.mark.parametrize("server", HTTP_SERVERS)

@@ -21,7 +21,8 @@ def test_bench_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setenv("TMPDIR", str(scratch))
     out = tmp_path / "results.json"
-    run.main(["--smoke", "--out", str(out)])  # its table is printed (shown with -s or on failure)
+    # its table is printed (shown with -s or on failure); two half-load rounds, not the smoke's one
+    run.main(["--smoke", "--half-rounds", "2", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["pgbench"]["tps"]["c16"] > 0
     assert saved["machine"]["slowdowns_alone"]["chunk_cpu_us"] > 0  # the machine alone, probed first
@@ -45,6 +46,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
         assert half["postgres"] > 0 and half["worker"] > 0, half
         assert 0 < half["pipeline"] <= 1.1 * half["total"], half  # a part of the machine's (ticks: 10 ms)
     for wr in saved["worker"]:
+        assert all(len(r["half_rounds"]) == 2 for r in wr["runs"].values()), "--half-rounds 2"
         hot = wr["runs"]["hot"]
         for run_ in [hot["full"], *hot["half_rounds"]]:
             assert run_["reserved_matches_results"] and run_["cache_matches_db"], run_

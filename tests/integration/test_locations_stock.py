@@ -5,7 +5,6 @@ apply_events (the Python contract for the new types comes later), on a private d
 from __future__ import annotations
 
 import subprocess
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -448,8 +447,9 @@ def test_default_only_traffic_writes_no_level_or_allocation_rows(db):
         assert cur.fetchall() == [("default", "C-1"), ("default", None)]
 
 
-def _base_sql() -> Path:
-    """The sql/ folder as it was just before 080_locations.sql was added (from git history)."""
+def _base_sql(out: Path) -> Path:
+    """The sql/ folder as it was just before 080_locations.sql was added (from git history),
+    written under `out`."""
     added = subprocess.run(
         ["git", "log", "--diff-filter=A", "--format=%H", "-1", "--", "sql/migrations/080_locations.sql"],
         cwd=REPO,
@@ -459,7 +459,6 @@ def _base_sql() -> Path:
     ).stdout.strip()
     assert added, "the git history of sql/migrations/080_locations.sql is needed"
     base = f"{added}^"
-    out = Path(tempfile.mkdtemp(prefix="sql-before-locations-"))
     archive = subprocess.run(
         ["git", "archive", base, "sql"], cwd=REPO, capture_output=True, check=True
     ).stdout
@@ -467,7 +466,7 @@ def _base_sql() -> Path:
     return out / "sql"
 
 
-def test_verify_passes_right_after_migrating_an_existing_database(settings):
+def test_verify_passes_right_after_migrating_an_existing_database(settings, tmp_path):
     s = settings.model_copy(
         update={
             "database": settings.database.model_copy(
@@ -476,7 +475,7 @@ def test_verify_passes_right_after_migrating_an_existing_database(settings):
         }
     )
     try:
-        migrate(s.database, _base_sql())
+        migrate(s.database, _base_sql(tmp_path))
         p = uid("MIG")
         with pg(s) as cur:
             apply(cur, "stock.adjusted", {"product_id": p, "on_hand": 20})

@@ -84,6 +84,15 @@ def stop_lines(log_path: Path, limit: int = 80) -> str:
     return "\n".join(story[-limit:])
 
 
+def started_pids(log_path: Path, role: str) -> list[int]:
+    """The pids the supervisor logged starting for `role` (e.g. "http", "consumer-0"), in order."""
+    return [
+        x["child_pid"]
+        for x in log_lines(log_path)
+        if x.get("event") == "process started" and x.get("role") == role
+    ]
+
+
 def scrape(worker: WorkerProcess) -> str:
     status, _, body = http_get(worker.base_url + "/metrics")
     assert status == 200
@@ -502,7 +511,6 @@ def test_a_stop_past_the_grace_period_is_killed_and_says_where(settings, logs_di
             with holder.cursor() as cur:
                 cur.execute("SELECT 1 FROM products WHERE product_id = %s FOR UPDATE", (sku,))
             second = bus.publish("stock.adjusted", {"product_id": sku, "delta": 3})
-
             wait_for_lock_waiter(s, holder.get_backend_pid())
             started = time.monotonic()
             w.proc.send_signal(signal.SIGTERM)
@@ -561,11 +569,7 @@ def test_an_http_worker_that_does_not_stop_is_killed_within_the_grace_period(set
     w = WorkerProcess(s, processes=1, log_path=logs_dir / f"http-stop-{uuid.uuid4().hex[:6]}.log").start()
     granian: list[str] = []
     try:
-        (http_pid,) = [
-            x["child_pid"]
-            for x in log_lines(w.log_path)
-            if x.get("event") == "process started" and x.get("role") == "http"
-        ]
+        (http_pid,) = started_pids(w.log_path, "http")
         granian = subprocess.run(
             ["pgrep", "-P", str(http_pid)], capture_output=True, text=True
         ).stdout.split()
@@ -604,13 +608,6 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, serve
     try:
         assert http_get(w.base_url + "/healthz")[0] == 200
 
-        def consumer_pids() -> list[int]:
-            return [
-                x["child_pid"]
-                for x in log_lines(w.log_path)
-                if x.get("event") == "process started" and x.get("role") == "consumer-0"
-            ]
-
         def fails_on_consumers(route: str, logged: str) -> None:
             """route answers 503 naming the consumers, and the log says `logged` of them."""
             _, _, body = poll(
@@ -628,12 +625,15 @@ def test_stuck_consumer_fails_healthz_and_is_restarted(settings, logs_dir, serve
                 what=f"the log saying {logged!r}",
             )
 
-        (stuck_pid,) = consumer_pids()
+        (stuck_pid,) = started_pids(w.log_path, "consumer-0")
         os.kill(stuck_pid, signal.SIGSTOP)
         fails_on_consumers("/healthz", "consumer-0")
         # killed, and until its successor attaches to the queue: not ready, naming it
         fails_on_consumers("/readyz", "not attached to the queue: consumer-0")
-        new_pid = poll(lambda: [p for p in consumer_pids() if p != stuck_pid], what="a new consumer-0")[0]
+        new_pid = poll(
+            lambda: [p for p in started_pids(w.log_path, "consumer-0") if p != stuck_pid],
+            what="a new consumer-0",
+        )[0]
         poll(lambda: http_get(w.base_url + "/healthz")[0] == 200, what="/healthz 200 again")
         poll(lambda: http_get(w.base_url + "/readyz")[0] == 200, what="/readyz 200 again")
         assert (
